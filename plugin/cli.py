@@ -1,0 +1,86 @@
+"""The `radgate` command: one subcommand per job an operator has (serve, studies, run, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from plugin.config import Config, ConfigError, load_config
+
+Command = Callable[[argparse.Namespace, Config], int]
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML configuration file (default: embedded defaults)")
+    p.add_argument("--data-dir", type=Path, help="where the spool and the job database live")
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    return config.with_overrides(
+        data_dir=getattr(args, "data_dir", None),
+        **{
+            "dicom.port": getattr(args, "port", None),
+            "dicom.ae_title": getattr(args, "ae_title", None),
+        },
+    )
+
+
+def _cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from plugin.node import serve
+
+    return serve(config)
+
+
+def _cmd_studies(args: argparse.Namespace, config: Config) -> int:
+    from plugin.reports import print_studies
+
+    return print_studies(config, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radgate",
+        description="radgate: a DICOM AI node. Receives studies from a PACS, runs the AI pipeline "
+        "that fits each one, and sends SEG, SR and SC results back into the archive.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the node: DICOM listener, spool, completion (the main job)",
+        description="Run the node: accept C-ECHO and C-STORE, write every instance durably to the spool "
+        "and the job store before acknowledging it, and declare studies complete after a quiet period.",
+    )
+    _add_config_options(serve)
+    serve.add_argument("--port", type=int, help="DICOM port (default 11112)")
+    serve.add_argument("--ae-title", help="our AE title (default RADGATE)")
+    serve.set_defaults(func=_cmd_serve)
+
+    studies = sub.add_parser(
+        "studies",
+        help="list received studies: UID, instance count, state",
+        description="List every study the node has received, with its instance count and state.",
+    )
+    _add_config_options(studies)
+    studies.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    studies.set_defaults(func=_cmd_studies)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = _config_from(args)
+    except ConfigError as err:
+        print(f"radgate: {err}", file=sys.stderr)
+        return 2
+    func: Command = args.func
+    return func(args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
