@@ -69,7 +69,9 @@ class TLSConfig(_Strict):
     enabled: bool = False
     cert_file: Path | None = None
     key_file: Path | None = None
-    ca_file: Path | None = Field(default=None, description="CA bundle; when set, peers must present a certificate")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle; when set, peers must present a certificate"
+    )
 
     @model_validator(mode="after")
     def _files(self) -> TLSConfig:
