@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) set-up of radgate on a Debian machine, as root:
+# the Debian packages it talks to and tests against, and a virtual environment with its Python deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools pixelmed-apps dcm2niix python3-venv)
+missing=()
+for pkg in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: run as root (or install these packages yourself): ${missing[*]}" >&2
+    exit 1
+  fi
+  # The packaged Orthanc service must not start on its own: radgate starts Orthanc where it needs one.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] >= (3, 11), "radgate needs Python 3.11+"'
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.radgate-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing Python dependencies into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  # The CPU build of torch lies on disk here; a bare 'torch' would pull a multi-GB CUDA build.
+  # On a GPU machine install the CUDA build of the same version first (see docker/).
+  .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
+  .venv/bin/pip install -q -e ".[dev,brain]"
+  echo "$want" > "$stamp"
+fi
+echo "setup: ready (.venv/bin/radgate)"
