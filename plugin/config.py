@@ -7,11 +7,28 @@ typo in a hospital's config never turns into a silently ignored setting.
 from __future__ import annotations
 
 import ipaddress
+import re
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 
 class ConfigError(ValueError):
@@ -113,6 +130,216 @@ class LoggingConfig(_Strict):
     json_lines: bool = False
 
 
+# --- destinations: where results go ------------------------------------------------------------
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+DEFAULT_RULE_NAME = "default_rule"
+"""The rule name a decision carries when `default_rule` handled a series (reserved for that)."""
+
+
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value.rstrip("/")
+
+
+class ClientTLS(_Strict):
+    """TLS towards a DICOM peer; present means on. ca_file verifies the peer, cert/key identify us."""
+
+    ca_file: Path | None = Field(default=None, description="CA bundle; default: the system trust store")
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class DicomDestination(_Strict):
+    """A DICOM peer (PACS, archive) that receives results by C-STORE."""
+
+    kind: Literal["dicom"]
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(description="the peer's AE title")
+    calling_ae_title: str | None = Field(default=None, description="our AE title; default dicom.ae_title")
+    tls: ClientTLS | None = Field(default=None, description="absent: plain TCP")
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ae_title(v)
+
+
+class BasicAuth(_Strict):
+    type: Literal["basic"]
+    username: str = Field(min_length=1)
+    password: SecretStr
+
+
+class BearerAuth(_Strict):
+    type: Literal["bearer"]
+    token: SecretStr
+
+
+class DicomWebDestination(_Strict):
+    """A DICOMweb server that receives results by STOW-RS (POST {url}/studies)."""
+
+    kind: Literal["dicomweb"]
+    url: str = Field(description="the DICOMweb root, e.g. https://pacs/dicom-web")
+    auth: Annotated[BasicAuth | BearerAuth, Field(discriminator="type")] | None = None
+
+    _url = field_validator("url")(_check_http_url)
+
+
+class OrthancDestination(_Strict):
+    """An Orthanc server that receives results through its REST API (POST {url}/instances)."""
+
+    kind: Literal["orthanc"]
+    url: str = Field(description="Orthanc's REST root, e.g. http://orthanc:8042")
+    username: str | None = None
+    password: SecretStr | None = None
+
+    _url = field_validator("url")(_check_http_url)
+
+    @model_validator(mode="after")
+    def _pair(self) -> OrthancDestination:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+
+Destination = Annotated[
+    DicomDestination | DicomWebDestination | OrthancDestination, Field(discriminator="kind")
+]
+
+
+# --- rules: which pipeline runs on a series (evaluated in plugin/route.py) --------------------
+
+Scalar = StrictStr | StrictInt | StrictFloat
+
+_MATCHER_TESTS = ("equals", "one_of", "regex", "range", "present", "absent")
+
+
+class NumericRange(_Strict):
+    """Inclusive numeric bounds; either one may be left open."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> NumericRange:
+        if self.min is None and self.max is None:
+            raise ValueError("a range needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"range min {self.min} is above max {self.max}")
+        return self
+
+
+class Matcher(_Strict):
+    """One test on one DICOM attribute: exactly one of equals, one_of, regex, range, present, absent.
+
+    A number in equals/one_of compares numerically; a string compares as text. ignore_case applies
+    to equals, one_of and regex. The regex is compiled here so a bad one fails at load.
+    """
+
+    equals: Scalar | None = None
+    one_of: list[Scalar] | None = Field(default=None, min_length=1)
+    regex: str | None = Field(default=None, description="re.search: matches anywhere unless anchored")
+    ignore_case: bool = False
+    range: NumericRange | None = None
+    present: Literal[True] | None = None
+    absent: Literal[True] | None = None
+    _pattern: re.Pattern[str] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_test(self) -> Matcher:
+        given = [name for name in _MATCHER_TESTS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a matcher needs exactly one of {', '.join(_MATCHER_TESTS)}, got {given}")
+        if self.regex is not None:
+            try:
+                self._pattern = re.compile(self.regex, re.IGNORECASE if self.ignore_case else 0)
+            except re.error as err:
+                raise ValueError(f"invalid regex {self.regex!r}: {err}") from None
+        return self
+
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        """The compiled regex (None unless this is a regex matcher)."""
+        return self._pattern
+
+
+MatchGroup = dict[str, Matcher]
+"""DICOM keyword -> test; every test of a group must hold (AND)."""
+
+
+def _check_keywords(rule: str, group: MatchGroup) -> MatchGroup:
+    for keyword in group:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            close = get_close_matches(keyword, keyword_dict, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"rule {rule!r}: unknown DICOM keyword {keyword!r}{hint}")
+        if dictionary_VR(tag) == "SQ":
+            raise ValueError(f"rule {rule!r}: {keyword} is a sequence; match on an attribute with a value")
+    return group
+
+
+class RuleAction(_Strict):
+    """What a rule does: the pipeline to run and where its results go."""
+
+    pipeline: str = Field(min_length=1, description="checked against the installed pipelines at start")
+    destinations: list[str] | None = Field(
+        default=None, description="names from `destinations`; absent: all of them; []: keep results locally"
+    )
+
+
+class DefaultRule(RuleAction):
+    """What happens to a series no rule matches (series scope). No default_rule: no job for it."""
+
+
+class Rule(RuleAction):
+    """A named routing rule: all of `match` and, when given, at least one `any_of` group must hold."""
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    enabled: bool = True
+    scope: Literal["series", "study"] = Field(
+        default="series", description="series: one job per matching series; study: one per study"
+    )
+    match: MatchGroup = Field(default_factory=dict)
+    any_of: list[MatchGroup] = Field(default_factory=list, description="OR of groups, ANDed with match")
+
+    @field_validator("match")
+    @classmethod
+    def _match_keywords(cls, v: MatchGroup, info: ValidationInfo) -> MatchGroup:
+        return _check_keywords(info.data.get("name", "?"), v)
+
+    @field_validator("any_of")
+    @classmethod
+    def _any_of_keywords(cls, v: list[MatchGroup], info: ValidationInfo) -> list[MatchGroup]:
+        if any(not group for group in v):
+            raise ValueError("an any_of group must not be empty")
+        return [_check_keywords(info.data.get("name", "?"), group) for group in v]
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Rule:
+        if not self.match and not self.any_of:
+            raise ValueError(f"rule {self.name!r} has no matcher; use default_rule for a catch-all")
+        return self
+
+
+def _check_destination_names(owner: str, names: list[str] | None, known: dict[str, Destination]) -> None:
+    for name in names or ():
+        if name not in known:
+            listed = ", ".join(known) or "none are configured"
+            raise ValueError(f"{owner} destinations: unknown destination {name!r} (known: {listed})")
+
+
 class Config(_Strict):
     """The whole node configuration (see radgate.example.yaml for every key, commented)."""
 
@@ -121,10 +348,54 @@ class Config(_Strict):
     dicom: DicomConfig = DicomConfig()
     completion: CompletionConfig = CompletionConfig()
     logging: LoggingConfig = LoggingConfig()
+    destinations: dict[str, Destination] = Field(
+        default_factory=dict, description="name -> destination; empty: results stay in data_dir only"
+    )
+    rules: list[Rule] | None = Field(
+        default=None, description="ordered, first match wins; absent: the shipped default rules"
+    )
+    default_rule: DefaultRule | None = None
+
+    @field_validator("destinations")
+    @classmethod
+    def _destination_names(cls, v: dict[str, Destination]) -> dict[str, Destination]:
+        for name in v:
+            if not re.match(_NAME_PATTERN, name):
+                raise ValueError(f"destination name {name!r}: use letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("rules")
+    @classmethod
+    def _rules_refer_to_known(cls, v: list[Rule] | None, info: ValidationInfo) -> list[Rule] | None:
+        seen: set[str] = set()
+        for rule in v or ():
+            if rule.name in seen or rule.name == DEFAULT_RULE_NAME:
+                raise ValueError(f"rule name {rule.name!r} is used twice or reserved")
+            seen.add(rule.name)
+            if "destinations" in info.data:
+                _check_destination_names(f"rule {rule.name!r}", rule.destinations, info.data["destinations"])
+        return v
+
+    @field_validator("default_rule")
+    @classmethod
+    def _default_refers_to_known(cls, v: DefaultRule | None, info: ValidationInfo) -> DefaultRule | None:
+        if v is not None and "destinations" in info.data:
+            _check_destination_names(DEFAULT_RULE_NAME, v.destinations, info.data["destinations"])
+        return v
 
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Temporary files being received; on the spool's file system so they can be linked in."""
+        return self.data_dir / "incoming"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Spool files found at start that are not usable instances."""
+        return self.data_dir / "quarantine"
 
     @property
     def db_url(self) -> str:
@@ -151,7 +422,9 @@ def _format_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{shown}")
     return "\n".join(lines)
 
 
