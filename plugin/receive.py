@@ -1,0 +1,143 @@
+"""The handlers the DICOM transport calls: store one instance durably, note a released association.
+
+The transport may call these from several receiving processes at once (forked or spawned), so a
+``Receiver`` opens its own database engine lazily in each process and keeps no shared state; the
+store serialises writers (SQLite: BEGIN IMMEDIATE + busy timeout; PostgreSQL: row locks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_io.net import Peer, ReceivedInstance
+from plugin.config import AllowedPeer, Config
+from plugin.spool import Spool
+from plugin.store import Store, utcnow
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # the spool or the database could not take the instance
+STATUS_CANNOT_UNDERSTAND = 0xC000  # not a storable instance (unreadable header, unsafe UID)
+
+
+def make_spool(config: Config) -> Spool:
+    return Spool(config.spool_dir, config.incoming_dir, config.quarantine_dir)
+
+
+class Receiver:
+    """``InstanceHandler`` (``handle``) and ``ReleaseHandler`` (``release``) for the storage SCP."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._run_token = uuid.uuid4().hex[:12]  # association ids are only unique per process run
+        self._pid: int | None = None
+        self._spool: Spool | None = None
+        self._store: Store | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle only the configuration: a spawned receiver opens its own database engine."""
+        return {"_config": self._config, "_run_token": self._run_token}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._config = state["_config"]
+        self._run_token = state["_run_token"]
+        self._pid, self._spool, self._store = None, None, None
+
+    def _parts(self) -> tuple[Spool, Store]:
+        if self._pid != os.getpid() or self._spool is None or self._store is None:
+            self._pid = os.getpid()
+            self._spool = make_spool(self._config)
+            self._store = Store(self._config.db_url)  # an engine must not cross a fork
+        return self._spool, self._store
+
+    def association_key(self, peer: Peer) -> str:
+        return f"{self._run_token}:{os.getpid()}:{peer.association_id}"
+
+    def handle(self, instance: ReceivedInstance) -> int:
+        """Store one instance: durable in the spool and recorded, or a failure status. Never raises."""
+        try:
+            return self._handle(instance)
+        except Exception:  # the peer must get a status, whatever went wrong
+            log.exception("unexpected error storing SOP %s", instance.sop_instance_uid)
+            return STATUS_OUT_OF_RESOURCES
+        finally:
+            try:
+                instance.path.unlink(missing_ok=True)
+            except OSError as err:
+                log.warning("cannot remove temporary file %s: %s", instance.path.name, err.strerror)
+
+    def _handle(self, instance: ReceivedInstance) -> int:
+        spool, store = self._parts()
+        peer = instance.peer
+        sop = instance.sop_instance_uid
+        now = utcnow()
+        peer_fields: dict[str, Any] = {
+            "calling_ae": peer.ae_title.strip()[:16],
+            "address": peer.address,
+            "association_key": self.association_key(peer),
+        }
+        try:
+            rec = replace(spool.describe(instance.path, now), **peer_fields)
+            placed = spool.place(instance.path, rec)
+            if not placed.created:
+                known_sha = store.instance_sha256(rec.sop_instance_uid)
+                if known_sha is not None:
+                    _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=known_sha == rec.sha256)
+                    return STATUS_SUCCESS
+                # the file is there but unrecorded (a crash, or another receiver mid-way): record it
+                rec = replace(spool.describe(placed.path, now), **peer_fields)
+            if not store.record_instance(rec):
+                _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=True)
+        except (InvalidDicomError, AttributeError, ValueError) as err:
+            log.warning("refused SOP %s from %s: not a storable instance (%s)", sop, peer.ae_title, err)
+            return STATUS_CANNOT_UNDERSTAND
+        except OSError as err:
+            log.error(
+                "cannot write SOP %s of study %s to the spool: %s (%s); answered 0xA700",
+                *(sop, instance.study_uid, err.strerror or err, err.filename or ""),
+            )
+            return STATUS_OUT_OF_RESOURCES
+        except SQLAlchemyError as err:
+            log.error(
+                "cannot record SOP %s of study %s in the job store: %s; answered 0xA700",
+                *(sop, instance.study_uid, type(err).__name__),
+            )
+            return STATUS_OUT_OF_RESOURCES
+        log.debug("stored SOP %s of study %s from %s", sop, rec.study_uid, peer.ae_title)
+        return STATUS_SUCCESS
+
+    def release(self, peer: Peer) -> None:
+        """An association ended: its studies may complete after the short after-release period."""
+        _, store = self._parts()
+        try:
+            store.release_association(self.association_key(peer), utcnow())
+        except SQLAlchemyError as err:  # completion falls back to the quiet period
+            log.error("cannot record the release of association %s: %s", peer.association_id, err)
+
+
+def _log_duplicate(sop: str, study_uid: str, same: bool) -> None:
+    if same:
+        log.info("SOP %s of study %s received again; kept the stored copy", sop, study_uid)
+    else:
+        log.warning("SOP %s of study %s received again with other content; kept the first", sop, study_uid)
+
+
+class PeerFilter:
+    """Admits a peer if the allow-list is empty or one entry matches its calling AE and address."""
+
+    def __init__(self, allowed: list[AllowedPeer]) -> None:
+        self._allowed = list(allowed)
+
+    def __call__(self, peer: Peer) -> bool:
+        if not self._allowed or any(p.admits(peer.ae_title, peer.address) for p in self._allowed):
+            return True
+        log.warning("refused association from AE %r at %s: not an allowed peer", peer.ae_title, peer.address)
+        return False

@@ -1,0 +1,438 @@
+"""The job store: every received instance, study state, job and delivery, in one SQL database.
+
+The store is the truth the node recovers from, so it is written before a C-STORE is acknowledged.
+SQLite (the default) runs in WAL mode with ``synchronous=FULL``: in WAL mode NORMAL only syncs the
+log at checkpoints, so a power cut could roll back commits whose C-STOREs were already acknowledged
+(and jobs or deliveries already acted upon); FULL costs one fsync of the WAL per commit, the same
+order as the fsync of the instance file itself. Write transactions start with ``BEGIN IMMEDIATE`` so
+that several receiving processes queue on the busy timeout instead of failing with SQLITE_BUSY
+when a read transaction tries to become a writer. Any other SQLAlchemy URL (PostgreSQL) works too:
+the code relies on unique constraints and row locks (``FOR UPDATE``), not on SQLite's global lock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored as naive UTC (SQLite has no time zones) and returned timezone-aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use plugin.store.utcnow()")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "RECEIVING"
+    COMPLETE = "COMPLETE"
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "PENDING"
+    SENDING = "SENDING"
+    SENT = "SENT"
+    DEAD = "DEAD"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    """One study; ``revision`` grows when instances arrive after it was declared complete."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revision_started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Instance(Base):
+    """One stored SOP instance; ``spool_path`` is relative to the spool directory."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    study_revision: Mapped[int] = mapped_column(Integer)
+    spool_path: Mapped[str] = mapped_column(String(240))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+
+
+class Reception(Base):
+    """An association that brought instances of one study revision; released_at drives completion."""
+
+    __tablename__ = "receptions"
+    __table_args__ = (UniqueConstraint("association_key", "study_id", "study_revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    association_key: Mapped[str] = mapped_column(String(100), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    study_revision: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    address: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Job(Base):
+    """Work on one study revision: QUEUED → RUNNING → SUCCEEDED / FAILED / CANCELLED, leased to a worker."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_lease", "state", "lease_expires_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_revision: Mapped[int] = mapped_column(Integer)
+    pipeline: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Delivery(Base):
+    """One result instance to one destination; retried with backoff until SENT or DEAD."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("job_id", "sop_instance_uid", "destination"),
+        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the spool knows about a file it made durable, ready to be recorded."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    spool_path: str
+    size: int
+    sha256: str
+    received_at: datetime
+    calling_ae: str | None = None
+    address: str | None = None
+    association_key: str | None = None
+    accession_number: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    study_uid: str
+    accession_number: str | None
+    revision: int
+    state: str
+    instance_count: int
+    series_count: int
+    first_received_at: datetime
+    last_received_at: datetime
+    completed_at: datetime | None
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the SQLite settings the node's durability and concurrency rely on."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    database = url.split(":///", 1)[1] if ":///" in url else ""
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (below)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _alembic_config(connection: Any) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+class Store:
+    """Sessions on one database, plus the few multi-row operations the receiving side needs."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision`` (Alembic); safe to run at every start."""
+        from alembic import command
+
+        with self.engine.begin() as connection:
+            command.upgrade(_alembic_config(connection), revision)
+
+    def schema_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One short transaction: committed on success, rolled back on any exception."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def instance_sha256(self, sop_instance_uid: str) -> str | None:
+        """The content hash of a recorded instance; None if it is not recorded."""
+        with self.session() as s:
+            return s.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_instance_uid))
+
+    def record_instance(self, rec: InstanceRecord) -> bool:
+        """Record a durable spool file; False if that SOP Instance UID was already recorded.
+
+        An instance of a study that is no longer RECEIVING opens the study's next revision.
+        """
+        failures = 0
+        while True:
+            try:
+                with self.session() as s:
+                    return self._record(s, rec)
+            except IntegrityError:  # a concurrent writer (PostgreSQL: no global write lock) won a race
+                failures += 1
+                if failures >= 3:
+                    raise
+
+    def _record(self, s: Session, rec: InstanceRecord) -> bool:
+        if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)) is not None:
+            return False
+        now = rec.received_at
+        study = s.scalar(select(Study).where(Study.study_uid == rec.study_uid).with_for_update())
+        if study is None:
+            study = Study(
+                study_uid=rec.study_uid,
+                accession_number=rec.accession_number,
+                revision=1,
+                state=StudyState.RECEIVING,
+                instance_count=0,
+                first_received_at=now,
+                last_received_at=now,
+                revision_started_at=now,
+            )
+            s.add(study)
+            s.flush()
+        elif study.state != StudyState.RECEIVING:
+            study.revision += 1
+            study.state = StudyState.RECEIVING
+            study.revision_started_at = now
+            study.completed_at = None
+        series = s.scalar(select(Series).where(Series.series_uid == rec.series_uid))
+        if series is None:
+            series = Series(
+                study_id=study.id,
+                series_uid=rec.series_uid,
+                modality=rec.modality,
+                series_number=rec.series_number,
+                instance_count=0,
+                first_received_at=now,
+                last_received_at=now,
+            )
+            s.add(series)
+            s.flush()
+        s.add(
+            Instance(
+                study_id=study.id,
+                series_id=series.id,
+                sop_instance_uid=rec.sop_instance_uid,
+                sop_class_uid=rec.sop_class_uid,
+                transfer_syntax=rec.transfer_syntax,
+                study_revision=study.revision,
+                spool_path=rec.spool_path,
+                size=rec.size,
+                sha256=rec.sha256,
+                received_at=now,
+                calling_ae=rec.calling_ae,
+            )
+        )
+        study.instance_count += 1
+        study.last_received_at = max(study.last_received_at, now)
+        series.instance_count += 1
+        series.last_received_at = max(series.last_received_at, now)
+        if study.accession_number is None and rec.accession_number:
+            study.accession_number = rec.accession_number
+        if rec.association_key is not None:
+            known = s.scalar(
+                select(Reception.id).where(
+                    Reception.association_key == rec.association_key,
+                    Reception.study_id == study.id,
+                    Reception.study_revision == study.revision,
+                )
+            )
+            if known is None:
+                s.add(
+                    Reception(
+                        association_key=rec.association_key,
+                        study_id=study.id,
+                        study_revision=study.revision,
+                        calling_ae=rec.calling_ae,
+                        address=rec.address,
+                        started_at=now,
+                    )
+                )
+        return True
+
+    def release_association(self, association_key: str, when: datetime) -> int:
+        """Mark every study revision this association brought as released; returns how many."""
+        with self.session() as s:
+            result = s.execute(
+                update(Reception)
+                .where(Reception.association_key == association_key, Reception.released_at.is_(None))
+                .values(released_at=when)
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def recorded_paths(self, study_uid: str) -> set[str]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(Instance.spool_path).join(Study, Study.id == Instance.study_id).where(
+                    Study.study_uid == study_uid
+                )
+            )
+            return set(rows)
+
+    def studies(self) -> list[StudySummary]:
+        series_count = (
+            select(Series.study_id, func.count(Series.id).label("n")).group_by(Series.study_id).subquery()
+        )
+        with self.session() as s:
+            rows = s.execute(
+                select(Study, func.coalesce(series_count.c.n, 0))
+                .outerjoin(series_count, series_count.c.study_id == Study.id)
+                .order_by(Study.last_received_at)
+            ).all()
+            return [
+                StudySummary(
+                    study_uid=st.study_uid,
+                    accession_number=st.accession_number,
+                    revision=st.revision,
+                    state=st.state,
+                    instance_count=st.instance_count,
+                    series_count=int(n),
+                    first_received_at=st.first_received_at,
+                    last_received_at=st.last_received_at,
+                    completed_at=st.completed_at,
+                )
+                for st, n in rows
+            ]

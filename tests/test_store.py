@@ -1,0 +1,134 @@
+"""The job store: schema migrations, SQLite settings, recording instances, concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from pydicom.uid import generate_uid
+from sqlalchemy import select, text
+
+from plugin.store import Base, InstanceRecord, Job, Store, Study, StudyState, utcnow
+
+
+def _record(
+    study_uid: str, series_uid: str | None = None, sop: str | None = None, key: str | None = "a1"
+) -> InstanceRecord:
+    sop = sop or generate_uid()
+    series_uid = series_uid or generate_uid()
+    return InstanceRecord(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        spool_path=f"{study_uid}/{series_uid}/{sop}.dcm",
+        size=1,
+        sha256="0" * 64,
+        received_at=utcnow(),
+        calling_ae="SCU",
+        association_key=key,
+        accession_number="ACC1",
+    )
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path / 'radgate.db'}")
+    s.migrate()
+    yield s
+    s.dispose()
+
+
+def test_migrated_schema_matches_the_models(store: Store) -> None:
+    with store.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    assert store.schema_revision() == "0002"
+
+
+def test_sqlite_runs_in_wal_mode_with_full_sync(store: Store) -> None:
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+def test_an_old_database_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
+    old = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    old.migrate("0001")
+    assert old.record_instance(_record("1.2.3"))
+    with old.engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")
+        tables = {r[0] for r in rows}
+    assert "jobs" not in tables
+    old.dispose()
+
+    upgraded = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    upgraded.migrate()
+    assert upgraded.schema_revision() == "0002"
+    assert [s.study_uid for s in upgraded.studies()] == ["1.2.3"]
+    with upgraded.session() as s:
+        study = s.scalars(select(Study)).one()
+        s.add(Job(study_id=study.id, study_revision=1, state="QUEUED", attempts=0,
+                  created_at=utcnow(), updated_at=utcnow()))
+    with upgraded.session() as s:
+        assert s.execute(text("SELECT count(*) FROM jobs")).scalar() == 1
+    upgraded.dispose()
+
+
+def test_the_same_instance_is_recorded_once(store: Store) -> None:
+    rec = _record("1.2.3")
+    assert store.record_instance(rec) is True
+    assert store.record_instance(rec) is False
+    [summary] = store.studies()
+    assert (summary.instance_count, summary.series_count, summary.revision) == (1, 1, 1)
+    assert summary.accession_number == "ACC1"
+    assert store.instance_sha256(rec.sop_instance_uid) == "0" * 64
+    assert store.instance_sha256("9.9.9") is None
+
+
+def test_an_instance_after_completion_opens_a_new_revision(store: Store) -> None:
+    series = generate_uid()
+    store.record_instance(_record("1.2.3", series))
+    with store.session() as s:
+        study = s.scalars(select(Study)).one()
+        study.state = StudyState.COMPLETE
+        study.completed_at = utcnow()
+    store.record_instance(_record("1.2.3", series))
+    [summary] = store.studies()
+    assert (summary.revision, summary.state, summary.instance_count) == (2, "RECEIVING", 2)
+    assert summary.completed_at is None
+
+
+def test_release_marks_the_associations_receptions(store: Store) -> None:
+    store.record_instance(_record("1.2.3", key="assoc-1"))
+    store.record_instance(_record("1.2.3", key="assoc-1"))
+    store.record_instance(_record("1.2.4", key="assoc-1"))
+    assert store.release_association("assoc-1", utcnow() + timedelta(seconds=1)) == 2
+    assert store.release_association("assoc-1", utcnow()) == 0
+
+
+def _write_many(url: str, study_uid: str, series_uid: str, count: int) -> None:
+    s = Store(url)
+    key = f"proc-{multiprocessing.current_process().pid}"
+    for _ in range(count):
+        assert s.record_instance(_record(study_uid, series_uid, key=key))
+    s.dispose()
+
+
+def test_concurrent_processes_record_into_one_study(store: Store) -> None:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(store.url, study_uid, series_uid, 40)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    [summary] = store.studies()
+    assert (summary.instance_count, summary.series_count) == (120, 1)
