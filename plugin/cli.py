@@ -40,6 +40,18 @@ def _cmd_studies(args: argparse.Namespace, config: Config) -> int:
     return print_studies(config, as_json=args.json)
 
 
+def _cmd_rules_check(args: argparse.Namespace, config: Config) -> int:
+    from plugin.route import rules_check
+
+    if args.pipelines is not None:
+        available = {name.strip() for name in args.pipelines.split(",") if name.strip()}
+    else:
+        from ai_models.registry import available_pipelines
+
+        available = set(available_pipelines())
+    return rules_check(config, args.paths, available, destinations=args.destination, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="radgate",
@@ -67,6 +79,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(studies)
     studies.add_argument("--json", action="store_true", help="print JSON instead of a table")
     studies.set_defaults(func=_cmd_studies)
+
+    rules = sub.add_parser(
+        "rules",
+        help="routing rules: check them with a dry run over DICOM files",
+        description="Routing rules decide which pipeline runs on a series and where its results go.",
+    )
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="RULES_COMMAND")
+    check = rules_sub.add_parser(
+        "check",
+        help="validate the rules and show, per series on disk, which rule matches and why others do not",
+        description="Validate the rules against the installed pipelines and the configured destinations, "
+        "then route every series found under PATH (headers only, nothing runs) and print, per series, "
+        "the matching rule, its pipeline and destinations, and why each earlier rule did not match. "
+        "Exit status 2 for bad rules, 1 when no DICOM series was found.",
+    )
+    _add_config_options(check)
+    check.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders")
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
+    check.add_argument(
+        "--destination",
+        action="append",
+        metavar="NAME",
+        help="send to this configured destination instead of the rules' own (repeatable)",
+    )
+    check.add_argument(
+        "--pipelines",
+        metavar="NAMES",
+        help="comma-separated pipeline names to check against instead of the installed ones",
+    )
+    check.set_defaults(func=_cmd_rules_check)
     return parser
 
 
