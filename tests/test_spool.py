@@ -1,0 +1,209 @@
+"""The spool and the receive handler: durable placement, duplicates, write failures, crash recovery."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from node_support import write_series
+
+from dicom_io.net import Peer, ReceivedInstance
+from plugin.config import Config
+from plugin.receive import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    PeerFilter,
+    Receiver,
+    make_spool,
+)
+from plugin.spool import InvalidUID, check_uid
+from plugin.store import Store
+
+PEER = Peer(ae_title="SCU", address="127.0.0.1", port=40000, association_id="1")
+
+
+@pytest.fixture()
+def config(tmp_path: Path) -> Config:
+    return Config(data_dir=tmp_path / "data")
+
+
+@pytest.fixture()
+def store(config: Config) -> Iterator[Store]:
+    s = Store(config.db_url)
+    s.migrate()
+    make_spool(config).prepare()
+    yield s
+    s.dispose()
+
+
+def _received(config: Config, source: Path, name: str = "tmp-1") -> ReceivedInstance:
+    """What the transport hands over: a temporary copy in the incoming directory."""
+    temp = config.incoming_dir / name
+    shutil.copyfile(source, temp)
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    return ReceivedInstance(
+        path=temp,
+        study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        peer=PEER,
+        size=temp.stat().st_size,
+    )
+
+
+def _final(config: Config, inst: ReceivedInstance) -> Path:
+    return config.spool_dir / inst.study_uid / inst.series_uid / f"{inst.sop_instance_uid}.dcm"
+
+
+def test_uids_must_be_safe_file_names() -> None:
+    assert check_uid("1.2.840.10008") == "1.2.840.10008"
+    for bad in ["..", "1..2", "1.2/3", "../1", "", "1." * 40 + "1"]:
+        with pytest.raises(InvalidUID):
+            check_uid(bad)
+
+
+def test_an_instance_is_spooled_recorded_and_its_temp_file_removed(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    [source] = write_series(tmp_path / "src", 1)
+    inst = _received(config, source)
+    assert Receiver(config).handle(inst) == STATUS_SUCCESS
+    assert not inst.path.exists()
+    assert _final(config, inst).read_bytes() == source.read_bytes()
+    [study] = store.studies()
+    assert (study.study_uid, study.instance_count, study.state) == (inst.study_uid, 1, "RECEIVING")
+
+
+def test_the_same_instance_twice_is_stored_once_and_the_first_copy_kept(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    [source] = write_series(tmp_path / "src", 1)
+    receiver = Receiver(config)
+    first = _received(config, source, "tmp-1")
+    assert receiver.handle(first) == STATUS_SUCCESS
+    original = _final(config, first).read_bytes()
+    changed = pydicom.dcmread(source)
+    changed.InstanceNumber = 99
+    changed.save_as(tmp_path / "changed.dcm")
+    second = _received(config, tmp_path / "changed.dcm", "tmp-2")
+    assert receiver.handle(second) == STATUS_SUCCESS
+    assert not second.path.exists()
+    assert _final(config, first).read_bytes() == original
+    assert store.studies()[0].instance_count == 1
+
+
+def test_a_write_failure_answers_out_of_resources_and_cleans_up(
+    config: Config,
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    [source] = write_series(tmp_path / "src", 1)
+    inst = _received(config, source)
+
+    def disk_full(src: object, dst: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(os, "link", disk_full)
+    assert Receiver(config).handle(inst) == STATUS_OUT_OF_RESOURCES
+    assert not inst.path.exists()
+    assert not _final(config, inst).exists()
+    assert store.studies() == []
+    [line] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "No space left on device" in line.getMessage() and inst.sop_instance_uid in line.getMessage()
+
+
+def test_a_study_directory_that_cannot_be_created_answers_out_of_resources(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    [source] = write_series(tmp_path / "src", 1)
+    inst = _received(config, source)
+    (config.spool_dir / inst.study_uid).write_bytes(b"not a directory")
+    assert Receiver(config).handle(inst) == STATUS_OUT_OF_RESOURCES
+    assert not inst.path.exists()
+
+
+def test_a_database_failure_answers_out_of_resources(config: Config, tmp_path: Path) -> None:
+    make_spool(config).prepare()
+    config.data_dir.joinpath("radgate.db").mkdir()  # the database cannot be opened
+    [source] = write_series(tmp_path / "src", 1)
+    inst = _received(config, source)
+    assert Receiver(config).handle(inst) == STATUS_OUT_OF_RESOURCES
+    assert not inst.path.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not dicom at all", b"\0" * 128 + b"DICM" + b"\xff" * 50])
+def test_a_file_that_is_not_dicom_is_refused(config: Config, store: Store, content: bytes) -> None:
+    temp = config.incoming_dir / "tmp-bad"
+    temp.write_bytes(content)
+    inst = ReceivedInstance(
+        temp,
+        "1.2.3",
+        "1.2.3.4",
+        "1.2.3.4.5",
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.1.2.1",
+        PEER,
+        len(content),
+    )
+    assert Receiver(config).handle(inst) in (STATUS_CANNOT_UNDERSTAND,)
+    assert not temp.exists()
+    assert store.studies() == []
+
+
+def test_a_receiver_can_be_pickled_for_spawned_receiving_processes(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    receiver = Receiver(config)
+    clone = pickle.loads(pickle.dumps(receiver))
+    assert clone.association_key(PEER) == receiver.association_key(PEER)
+    [source] = write_series(tmp_path / "src", 1)
+    assert clone.handle(_received(config, source)) == STATUS_SUCCESS
+
+
+def test_peer_filter() -> None:
+    from plugin.config import AllowedPeer
+
+    assert PeerFilter([])(PEER)
+    only_pacs = PeerFilter([AllowedPeer(ae_title="PACS", address="10.0.0.0/8")])
+    assert not only_pacs(PEER)
+    assert only_pacs(Peer("PACS", "10.1.2.3", 104, "2"))
+    assert not only_pacs(Peer("PACS", "127.0.0.1", 104, "3"))
+
+
+def test_recovery_removes_temp_files_rerecords_and_quarantines(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    spool = make_spool(config)
+    (config.incoming_dir / "half-received").write_bytes(b"partial")
+    # a crash after the link but before the commit: a complete spool file the store does not know
+    [source, other] = write_series(tmp_path / "src", 2)
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    orphan = config.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    orphan.parent.mkdir(parents=True)
+    shutil.copyfile(source, orphan)
+    misplaced = orphan.parent / "1.2.3.dcm"  # its UIDs say it belongs elsewhere
+    shutil.copyfile(other, misplaced)
+    junk = orphan.parent / "junk.dcm"
+    junk.write_bytes(b"garbage")
+
+    report = spool.recover(store)
+
+    assert (report.temp_removed, report.rerecorded, report.quarantined) == (1, 1, 2)
+    assert list(config.incoming_dir.iterdir()) == []
+    assert orphan.exists() and not misplaced.exists() and not junk.exists()
+    quarantined = sorted(p.name for p in config.quarantine_dir.rglob("*.dcm"))
+    assert quarantined == ["1.2.3.dcm", "junk.dcm"]
+    [study] = store.studies()
+    assert study.instance_count == 1
+    assert spool.recover(store).rerecorded == 0  # idempotent
