@@ -1,14 +1,16 @@
 """The handlers the DICOM transport calls: store one instance durably, note a released association.
 
-The transport may call these from several receiving processes at once (forked or spawned), so a
-``Receiver`` opens its own database engine lazily in each process and keeps no shared state; the
-store serialises writers (SQLite: BEGIN IMMEDIATE + busy timeout; PostgreSQL: row locks).
+The transport calls these from many threads at once (one per association), and could call them
+from other processes: a ``Receiver`` opens its database engine lazily, once per process, keeps no
+other shared state, and the store serialises writers (SQLite: BEGIN IMMEDIATE + busy timeout;
+PostgreSQL: row locks), so concurrent calls are safe.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -38,6 +40,7 @@ class Receiver:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._run_token = uuid.uuid4().hex[:12]  # association ids are only unique per process run
+        self._lock = threading.Lock()
         self._pid: int | None = None
         self._spool: Spool | None = None
         self._store: Store | None = None
@@ -49,14 +52,22 @@ class Receiver:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._config = state["_config"]
         self._run_token = state["_run_token"]
+        self._lock = threading.Lock()
         self._pid, self._spool, self._store = None, None, None
 
     def _parts(self) -> tuple[Spool, Store]:
-        if self._pid != os.getpid() or self._spool is None or self._store is None:
-            self._pid = os.getpid()
-            self._spool = make_spool(self._config)
-            self._store = Store(self._config.db_url)  # an engine must not cross a fork
-        return self._spool, self._store
+        with self._lock:
+            if self._pid != os.getpid() or self._spool is None or self._store is None:
+                self._pid = os.getpid()
+                self._spool = make_spool(self._config)
+                self._store = Store(self._config.db_url)  # an engine must not cross a fork
+            return self._spool, self._store
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.dispose()
+            self._pid, self._spool, self._store = None, None, None
 
     def association_key(self, peer: Peer) -> str:
         return f"{self._run_token}:{os.getpid()}:{peer.association_id}"
@@ -137,7 +148,4 @@ class PeerFilter:
         self._allowed = list(allowed)
 
     def __call__(self, peer: Peer) -> bool:
-        if not self._allowed or any(p.admits(peer.ae_title, peer.address) for p in self._allowed):
-            return True
-        log.warning("refused association from AE %r at %s: not an allowed peer", peer.ae_title, peer.address)
-        return False
+        return not self._allowed or any(p.admits(peer.ae_title, peer.address) for p in self._allowed)

@@ -1,0 +1,94 @@
+"""``radgate serve``: the receiving node — store, spool recovery, DICOM listener, completion loop.
+
+Start order matters for durability: the schema is migrated and the spool recovered (leftover
+temporary files removed, unrecorded files recorded or quarantined) before the listener accepts
+anything, so recovery never races a live transfer.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_io.net import StorageSCP, TlsFiles
+from plugin.completion import CompletionMonitor
+from plugin.config import Config
+from plugin.logs import setup_logging
+from plugin.receive import PeerFilter, Receiver, make_spool
+from plugin.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """The running parts of one node; ``start`` brings them up in order, ``stop`` takes them down."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(config.db_url)
+        self.receiver = Receiver(config)
+        self.completion = CompletionMonitor(self.store, config.completion)
+        dicom = config.dicom
+        tls = dicom.tls
+        self.scp = StorageSCP(
+            dicom.ae_title,
+            dicom.host,
+            dicom.port,
+            config.incoming_dir,
+            self.receiver.handle,
+            self.receiver.release,
+            PeerFilter(dicom.allowed_peers),
+            max_pdu=dicom.max_pdu,
+            max_associations=dicom.max_associations,
+            tls=TlsFiles(tls.cert_file, tls.key_file, tls.ca_file)
+            if tls.enabled and tls.cert_file and tls.key_file
+            else None,
+            require_called_ae_title=dicom.require_called_ae_title,
+            workers=dicom.receivers,
+        )
+
+    def start(self) -> None:
+        self.store.migrate()
+        make_spool(self.config).recover(self.store)
+        self.scp.start()
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.receiver.close()
+        self.store.dispose()
+
+
+def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 if the node could not start."""
+    setup_logging(config.logging)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_signal)
+    node = Node(config)
+    try:
+        node.start()
+    except (OSError, SQLAlchemyError) as err:
+        log.error("cannot start the node: %s", err)
+        node.stop()
+        return 1
+    dicom = config.dicom
+    log.info(
+        "radgate serving: AE %s on %s:%d, data dir %s, %d receiving process(es)%s",
+        *(dicom.ae_title, dicom.host, node.scp.port, config.data_dir.resolve(), dicom.receivers),
+        ", TLS" if dicom.tls.enabled else "",
+    )
+    try:
+        node.completion.run(stop)
+    finally:
+        node.stop()
+        log.info("radgate stopped")
+    return 0
