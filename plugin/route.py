@@ -191,7 +191,7 @@ def validate_rules(
     for name in override or ():
         if name not in config.destinations:
             known = ", ".join(config.destinations) or "none are configured"
-            raise ConfigError(f"--destination {name!r} is not a configured destination (known: {known})")
+            raise ConfigError(f"destination override {name!r} is not configured (known: {known})")
     return RuleSet(
         rules=rules,
         default=config.default_rule,

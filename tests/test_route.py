@@ -167,7 +167,7 @@ def test_destinations_default_to_all_and_empty_keeps_locally(tmp_path: Path) -> 
     assert route_series({"Modality": "PT"}, rules).destinations == ("web",)
     override = validate_rules(config, PIPELINES, destinations=["orthanc"])
     assert route_series({"Modality": "MR"}, override).destinations == ("orthanc",)
-    with pytest.raises(ConfigError, match="--destination 'nope'"):
+    with pytest.raises(ConfigError, match="destination override 'nope' is not configured"):
         validate_rules(config, PIPELINES, destinations=["nope"])
     orthanc = config.destinations["orthanc"]
     assert isinstance(orthanc, OrthancDestination) and orthanc.password is not None
@@ -341,5 +341,5 @@ def test_rules_check_refuses_unknown_pipeline_and_destination(
     assert main([*base, "--pipelines", "mr-brain"]) == 2
     assert "rule 'chest-ct': unknown pipeline 'ct-lung'" in capsys.readouterr().err
     assert main([*base, "--pipelines", "ct-lung", "--destination", "archive"]) == 2
-    assert "--destination 'archive'" in capsys.readouterr().err
+    assert "destination override 'archive'" in capsys.readouterr().err
     assert main([*base[:-1], "--pipelines", "ct-lung", str(data / "missing")]) == 2
