@@ -274,18 +274,19 @@ def _read_instance(source: Path | Dataset) -> Instance | Excluded:
             raise SeriesError(f"cannot parse the DICOM header of file {name}: {type(exc).__name__}") from exc
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
-    uid = str(ds.get("SOPInstanceUID", "") or name)
+    uid = str(ds.get("SOPInstanceUID", "") or (meta.get("MediaStorageSOPInstanceUID", "") if meta else ""))
+    what = uid or name
     if sop_class == _DICOMDIR_UID or "DirectoryRecordSequence" in ds:
-        return Excluded(uid, "DICOMDIR (media directory, not an image)")
+        return Excluded(what, "DICOMDIR (media directory, not an image)")
     modality = str(ds.get("Modality", "")).upper()
     if modality in _NON_IMAGE_MODALITIES:
-        return Excluded(uid, f"non-image object (Modality {modality})")
+        return Excluded(what, f"non-image object (Modality {modality})")
     if _PIXEL_DATA not in ds:
-        return Excluded(uid, "no pixel data")
-    if "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
-        return Excluded(uid, "no Series or SOP Instance UID")
+        return Excluded(what, "no pixel data")
+    if "SeriesInstanceUID" not in ds or not uid:
+        return Excluded(what, "no Series or SOP Instance UID")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        return Excluded(uid, f"colour image (SamplesPerPixel {ds.SamplesPerPixel})")
+        return Excluded(what, f"colour image (SamplesPerPixel {ds.SamplesPerPixel})")
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)
