@@ -1,0 +1,135 @@
+"""The DICOM Segmentation (SEG): one segment per non-empty finding segment, on the source grid.
+
+Frames are taken from the source plane each mask slice came from (`Volume.sources`), empty frames
+are kept (OHIF has shifted segments when they were omitted), and the pixel data stay uncompressed
+Explicit VR Little Endian, which every viewer decodes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from dicom_io.results.common import Context
+from dicom_io.types import Code, Segment
+
+
+@dataclass(frozen=True)
+class SegInfo:
+    """The written SEG and, per finding segment number, its segment number in the SEG (1..n)."""
+
+    dataset: hd.seg.Segmentation
+    segment_numbers: dict[int, int]
+    tracking_uids: dict[int, str]
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def _label_array(ctx: Context, segments: list[Segment]) -> npt.NDArray[np.uint8]:
+    """Segments as one label array (z, y, x), which highdicom encodes ~5x faster than a 4-D stack."""
+    labels = np.zeros(ctx.volume.shape, dtype=np.uint8)
+    for index, segment in enumerate(segments, start=1):
+        np.copyto(labels, np.uint8(index), where=segment.mask)
+    return labels
+
+
+def _stacked_array(ctx: Context, segments: list[Segment]) -> npt.NDArray[np.uint8]:
+    """Segments stacked on the last axis (z, y, x, n): the only form that keeps overlaps."""
+    return np.stack([s.mask.view(np.uint8) for s in segments], axis=-1)
+
+
+def _overlap(segments: list[Segment]) -> bool:
+    if len(segments) < 2:
+        return False
+    total = sum(int(np.count_nonzero(s.mask)) for s in segments)
+    union = np.logical_or.reduce([s.mask for s in segments])
+    return total != int(np.count_nonzero(union))
+
+
+def _to_source_frames(ctx: Context, array: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Put mask slice k at the frame of its source; single-frame sources are already in slice order."""
+    if ctx.frames[0] is None:
+        return array
+    frames = np.zeros((int(ctx.first_source.NumberOfFrames), *array.shape[1:]), dtype=array.dtype)
+    for k, frame in enumerate(ctx.frames):
+        assert frame is not None  # checked in make_context: all or none
+        frames[frame - 1] = array[k]
+    return frames
+
+
+def _content_label(name: str) -> str:
+    """ContentLabel is a CS: upper-case letters, digits, space and underscore, 16 characters."""
+    return (re.sub(r"[^A-Z0-9_ ]", "_", name.upper()) or "RADGATE")[:16]
+
+
+def build_seg(ctx: Context) -> SegInfo | None:
+    """The SEG for the non-empty segments, or None when nothing was found (no empty SEG is written)."""
+    segments = ctx.non_empty_segments()
+    if not segments:
+        return None
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=ctx.algorithm_name,
+        family=coded(ctx.options.algorithm_family),
+        version=ctx.algorithm_version,
+    )
+    tracking_uids = {s.number: ctx.uid(f"segment-{s.number}") for s in segments}
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=index,
+            segment_label=s.label[:64],
+            segmented_property_category=coded(s.category),
+            segmented_property_type=coded(s.property_type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=tracking_uids[s.number],
+            tracking_id=s.label[:64],
+            anatomic_regions=[coded(s.anatomic_region)] if s.anatomic_region else None,
+            display_color=hd.color.CIELabColor.from_rgb(*s.color_rgb),
+        )
+        for index, s in enumerate(segments, start=1)
+    ]
+    labelmap = ctx.options.segmentation_type == "LABELMAP"
+    array = _stacked_array(ctx, segments) if _overlap(segments) else _label_array(ctx, segments)
+    seg = hd.seg.Segmentation(
+        source_images=ctx.source_instances,
+        pixel_array=_to_source_frames(ctx, array),
+        segmentation_type=(
+            hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
+        ),
+        segment_descriptions=descriptions,
+        series_instance_uid=ctx.uid("seg-series"),
+        series_number=ctx.series_number_base,
+        sop_instance_uid=ctx.uid("seg"),
+        instance_number=1,
+        manufacturer=ctx.options.manufacturer,
+        manufacturer_model_name=ctx.options.model_name,
+        software_versions=ctx.options.software_version,
+        device_serial_number=ctx.options.serial_number,
+        content_description=f"{ctx.algorithm_name} {ctx.algorithm_version}"[:64],
+        content_label=_content_label(ctx.findings.pipeline),
+        omit_empty_frames=False,
+    )
+    ctx.stamp(seg, "SEG")
+    return SegInfo(
+        dataset=seg,
+        segment_numbers={s.number: index for index, s in enumerate(segments, start=1)},
+        tracking_uids=tracking_uids,
+    )
+
+
+def segment_reference(info: SegInfo, finding_segment: int) -> hd.sr.ReferencedSegment:
+    """The TID 1411 reference of one finding segment into the SEG, with the source series."""
+    seg: Dataset = info.dataset
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=info.segment_numbers[finding_segment],
+        source_series=hd.sr.SourceSeriesForSegmentation(seg.ReferencedSeriesSequence[0].SeriesInstanceUID),
+    )

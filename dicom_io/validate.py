@@ -1,0 +1,174 @@
+"""The real validators (dciodvfy, pixelmed DicomSRValidator, dsrdump, OHIF's loaders) as functions.
+
+Each returns a `Validation`: whether the tool ran, whether the object passed, and the lines that
+say why not. Tests and the node's self-check use these instead of parsing tool output themselves.
+A missing tool gives `ran=False` with the reason, never a silent pass.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Debian's JDK 17 stops pixelmed's XPath-heavy template checks at the default JAXP limits.
+_PIXELMED_JAVA_OPTIONS = (
+    "-Djdk.xml.xpathExprOpLimit=0 -Djdk.xml.xpathExprGrpLimit=0 -Djdk.xml.xpathTotalOpLimit=0"
+)
+_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Validation:
+    """One validator run: `ok` only when the tool ran and reported no error."""
+
+    tool: str
+    ran: bool
+    ok: bool
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    output: str = field(default="", repr=False)
+
+    def __str__(self) -> str:
+        if not self.ran:
+            return f"{self.tool}: did not run: {'; '.join(self.errors)}"
+        verdict = "ok" if self.ok else "FAILED"
+        head = f"{self.tool}: {verdict} ({len(self.errors)} errors, {len(self.warnings)} warnings)"
+        return "\n".join([head, *self.errors])
+
+
+def _run(
+    tool: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[int, str] | Validation:
+    """Run a tool; a Validation that says it did not run when it is missing or hangs."""
+    if shutil.which(argv[0]) is None:
+        return Validation(tool, ran=False, ok=False, errors=(f"{argv[0]} not installed",))
+    try:
+        done = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=_TIMEOUT_S,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return Validation(tool, ran=False, ok=False, errors=(f"timed out after {_TIMEOUT_S} s",))
+    return done.returncode, done.stdout + done.stderr
+
+
+def dciodvfy(path: Path) -> Validation:
+    """dicom3tools' IOD check (`-new`): lines starting `Error` fail, `Warning` lines are reported."""
+    result = _run("dciodvfy", ["dciodvfy", "-new", str(path)])
+    if isinstance(result, Validation):
+        return result
+    _, output = result
+    lines = output.splitlines()
+    errors = tuple(line for line in lines if line.startswith("Error"))
+    warnings = tuple(line for line in lines if line.startswith("Warning"))
+    return Validation("dciodvfy", ran=True, ok=not errors, errors=errors, warnings=warnings, output=output)
+
+
+def dcentvfy(paths: Sequence[Path]) -> Validation:
+    """dicom3tools' consistency check across instances of one study (patient/study attributes agree)."""
+    result = _run("dcentvfy", ["dcentvfy", *map(str, paths)])
+    if isinstance(result, Validation):
+        return result
+    _, output = result
+    lines = output.splitlines()
+    errors = tuple(line for line in lines if line.startswith("Error"))
+    warnings = tuple(line for line in lines if line.startswith("Warning"))
+    return Validation("dcentvfy", ran=True, ok=not errors, errors=errors, warnings=warnings, output=output)
+
+
+def pixelmed_sr(path: Path) -> Validation:
+    """pixelmed's DicomSRValidator (IOD + TID 1500 templates); no `IOD validation complete` = not run."""
+    options = " ".join(filter(None, [os.environ.get("JAVA_TOOL_OPTIONS", ""), _PIXELMED_JAVA_OPTIONS]))
+    result = _run("DicomSRValidator", ["DicomSRValidator", str(path)], env={"JAVA_TOOL_OPTIONS": options})
+    if isinstance(result, Validation):
+        return result
+    _, output = result
+    lines = output.splitlines()
+    if not any("IOD validation complete" in line for line in lines):
+        tail = tuple(lines[-5:]) or ("no output",)
+        return Validation("DicomSRValidator", ran=False, ok=False, errors=tail, output=output)
+    errors = tuple(line for line in lines if line.startswith("Error") or "Error:" in line)
+    warnings = tuple(line for line in lines if line.startswith("Warning") or "Warning:" in line)
+    return Validation(
+        "DicomSRValidator", ran=True, ok=not errors, errors=errors, warnings=warnings, output=output
+    )
+
+
+def dsrdump(path: Path) -> Validation:
+    """DCMTK's SR dump with codes, units and long text: the SR must parse and print without errors."""
+    result = _run("dsrdump", ["dsrdump", "+Pt", "+Pc", "+Pu", str(path)])
+    if isinstance(result, Validation):
+        return result
+    code, output = result
+    errors = tuple(line for line in output.splitlines() if line.startswith(("E:", "F:")))
+    if code != 0 and not errors:
+        errors = (f"exit status {code}",)
+    warnings = tuple(line for line in output.splitlines() if line.startswith("W:"))
+    return Validation("dsrdump", ran=True, ok=not errors, errors=errors, warnings=warnings, output=output)
+
+
+def viewercheck(tool_dir: Path, seg: Path | None, sr: Path | None, source_dir: Path) -> Validation:
+    """OHIF 3.13's own SEG and SR loaders, headless (`check.js`, after `npm ci` in tool_dir)."""
+    script = tool_dir / "check.js"
+    if not (tool_dir / "node_modules").is_dir():
+        return Validation(
+            "viewercheck", ran=False, ok=False, errors=(f"no node_modules in {tool_dir} (npm ci)",)
+        )
+    argv = ["node", str(script), "--source", str(source_dir)]
+    if seg is not None:
+        argv += ["--seg", str(seg)]
+    if sr is not None:
+        argv += ["--sr", str(sr)]
+    result = _run("viewercheck", argv, cwd=tool_dir)
+    if isinstance(result, Validation):
+        return result
+    code, output = result
+    lines = output.splitlines()
+    if not any(line.startswith("viewercheck:") for line in lines):
+        return Validation(
+            "viewercheck", ran=False, ok=False, errors=tuple(lines[-5:]) or ("no output",), output=output
+        )
+    errors = tuple(line for line in lines if line.startswith("FAIL"))
+    warnings = tuple(line for line in lines if line.startswith("WARN"))
+    return Validation(
+        "viewercheck", ran=True, ok=code == 0 and not errors, errors=errors, warnings=warnings, output=output
+    )
+
+
+def prepare_viewercheck(source: Path, cache: Path) -> Path:
+    """Copy the read-only viewercheck tool to `cache` and `npm ci` there once; returns the copy.
+
+    Raises RuntimeError with npm's last lines when the install fails (no registry, no node).
+    """
+    target = cache / "viewercheck"
+    if (target / "node_modules").is_dir():
+        return target
+    if shutil.which("npm") is None:
+        raise RuntimeError("npm is not installed")
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("node_modules"))
+    for path in [target, *target.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o200)
+    done = subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund"],
+        cwd=target,
+        capture_output=True,
+        text=True,
+        timeout=_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        shutil.rmtree(target / "node_modules", ignore_errors=True)
+        raise RuntimeError("npm ci failed: " + " | ".join((done.stdout + done.stderr).splitlines()[-5:]))
+    return target

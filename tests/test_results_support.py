@@ -1,0 +1,146 @@
+"""Shared builders for the results tests: small source series with known geometry, findings, validators.
+
+The series are built here (not by dicom_io.synthetic) so each test controls the exact geometry;
+the datasets come back shuffled so nothing can map mask slices to sources by list position.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from dicom_io.types import Code, Findings, Measurement, Segment, SourceRef, Volume
+
+ORGAN = Code("123037004", "SCT", "Anatomical Structure")
+LUNG = Code("39607008", "SCT", "Lung")
+RIGHT = Code("24028007", "SCT", "Right")
+LEFT = Code("7771000", "SCT", "Left")
+VOLUME = Code("118565006", "SCT", "Volume")
+ML = Code("mL", "UCUM", "milliliter")
+ATTENUATION = Code("112031", "DCM", "Attenuation Coefficient")
+HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+MEAN = Code("373098007", "SCT", "Mean")
+LAA = Code("RG-LAA950", "99RADGATE", "Low attenuation area below -950 HU")
+PERCENT = Code("%", "UCUM", "percent")
+
+ORIENTATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "axial": ((1, 0, 0), (0, 1, 0)),
+    "sagittal": ((0, 1, 0), (0, 0, -1)),
+    "oblique": (
+        (np.cos(0.3), np.sin(0.3), 0.0),
+        (-np.sin(0.3) * np.cos(0.4), np.cos(0.3) * np.cos(0.4), -np.sin(0.4)),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Series:
+    datasets: list[Dataset]  # shuffled
+    volume: Volume
+
+
+def make_series(
+    orientation: str = "axial",
+    shape: tuple[int, int, int] = (12, 40, 48),
+    spacing: tuple[float, float] = (0.8, 0.6),
+    slice_step: float = 2.5,
+    modality: str = "CT",
+    seed: int = 0,
+) -> Series:
+    """A CT (or MR) series whose voxels are a bright ellipsoid in air, with its exact Volume."""
+    slices, rows, columns = shape
+    row_dir, col_dir = (np.asarray(v, dtype=float) for v in ORIENTATIONS[orientation])
+    normal = np.cross(row_dir, col_dir)
+    origin = np.array([-100.0, -80.0, 50.0])
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * spacing[1]
+    affine[:3, 1] = col_dir * spacing[0]
+    affine[:3, 2] = normal * slice_step
+    affine[:3, 3] = origin
+    z, y, x = np.ogrid[:slices, :rows, :columns]
+    body = ((z - slices / 2) / (slices / 2.2)) ** 2 + ((y - rows / 2) / (rows / 2.5)) ** 2 + (
+        (x - columns / 2) / (columns / 2.5)
+    ) ** 2 <= 1
+    voxels = np.where(body, 40, -1000).astype(np.int16)
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    datasets, refs = [], []
+    for k in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage if modality == "CT" else "1.2.840.10008.5.1.4.1.1.4"
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
+        ds.Modality = modality
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Phantom", "PHANTOM1", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "ACC1"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "Phantom study"
+        ds.SeriesNumber, ds.InstanceNumber = 3, slices - k  # instance numbers run against the normal
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_dir, *col_dir)]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in origin + k * slice_step * normal]
+        ds.PixelSpacing = list(spacing)
+        ds.SliceThickness = slice_step
+        ds.Rows, ds.Columns = rows, columns
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        if modality == "CT":
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+            ds.KVP = 120
+        ds.PixelData = voxels[k].tobytes()
+        datasets.append(ds)
+        refs.append(SourceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    volume = Volume(voxels, affine, tuple(refs), {"Modality": modality})
+    random.Random(seed).shuffle(datasets)
+    return Series(datasets, volume)
+
+
+def ellipsoid(
+    shape: tuple[int, int, int], centre: Sequence[float], radii: Sequence[float]
+) -> npt.NDArray[np.bool_]:
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + (
+        (x - centre[2]) / radii[2]
+    ) ** 2 <= 1
+
+
+def lung_findings(volume: Volume, empty: Sequence[str] = (), overlap: bool = False) -> Findings:
+    """Right and left lung (left lung overlapping the right one when `overlap`), with measurements."""
+    shape = volume.shape
+    z, y, x = shape
+    right = ellipsoid(shape, (z / 2, y / 2, x * 0.3), (z / 3, y / 4, x / 6))
+    left = ellipsoid(shape, (z / 2, y / 2, x * (0.45 if overlap else 0.7)), (z / 3, y / 4, x / 6))
+    masks = {"Right lung": right, "Left lung": left}
+    for label in empty:
+        masks[label] = np.zeros(shape, bool)
+    segments = (
+        Segment(
+            1, "Right lung", ORGAN, LUNG, masks["Right lung"], laterality=RIGHT, color_rgb=(80, 160, 255)
+        ),
+        Segment(2, "Left lung", ORGAN, LUNG, masks["Left lung"], laterality=LEFT, color_rgb=(255, 170, 40)),
+    )
+    measurements = []
+    for s in segments:
+        if not s.is_empty:
+            ml = float(s.mask.sum()) * volume.voxel_volume_ml
+            measurements += [
+                Measurement(VOLUME, round(ml, 3), ML, s.number),
+                Measurement(ATTENUATION, -850.5, HU, s.number, MEAN),
+                Measurement(LAA, 12.5, PERCENT, s.number),
+            ]
+    return Findings("ct-lung", "1.2.0", shape, segments, tuple(measurements))
+
+
+def read(path: Path) -> Dataset:
+    return pydicom.dcmread(path)
