@@ -1,0 +1,79 @@
+"""Shared fixtures: the test data folder, small written phantoms, and a real Orthanc.
+
+Session-scoped phantom folders are shared by every test: read them, never modify them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
+from dicom_io.tools import ToolNotFoundError
+from plugin.orthanc_server import OrthancError, OrthancServer, find_plugin
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    """The shared test data: shared/testdata beside the repository clone; RADGATE_TESTDATA overrides."""
+    path = Path(
+        os.environ.get("RADGATE_TESTDATA") or Path(__file__).resolve().parents[2] / "shared" / "testdata"
+    )
+    if not path.is_dir():
+        pytest.skip(f"test data folder {path} is missing (set RADGATE_TESTDATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ct_phantom() -> SyntheticSeries:
+    """A small axial chest CT (96x96x40, about 4.2 x 4.2 x 7.5 mm) with its truth."""
+    return ct_chest_phantom(rows=96, columns=96, slices=40, seed=1)
+
+
+@pytest.fixture(scope="session")
+def ct_phantom_dir(ct_phantom: SyntheticSeries, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ct_phantom written as one file per slice (IM00001.dcm ...)."""
+    out = tmp_path_factory.mktemp("ct_phantom")
+    ct_phantom.write(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mr_phantom() -> SyntheticSeries:
+    """A small axial T1 head MR (96x96x40, 2.5 x 2.5 x 5.5 mm) with its truth."""
+    return mr_head_phantom(rows=96, columns=96, slices=40, seed=2)
+
+
+@pytest.fixture(scope="session")
+def mr_phantom_dir(mr_phantom: SyntheticSeries, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mr_phantom")
+    mr_phantom.write(out)
+    return out
+
+
+def _dicomweb_available() -> bool:
+    try:
+        find_plugin("libOrthancDicomWeb.so")
+    except OrthancError:
+        return False
+    return True
+
+
+@pytest.fixture()
+def orthanc() -> Iterator[OrthancServer]:
+    """A fresh, empty Orthanc (AE "ORTHANC", DICOMweb when installed) on free loopback ports.
+
+    It starts in well under a second, so each test gets its own; stopped and deleted afterwards.
+    """
+    server = OrthancServer(dicomweb=_dicomweb_available())
+    try:
+        server.start()
+    except ToolNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
