@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from dicom_io import validate
 from dicom_io.types import Code, Findings, Measurement, Segment, SourceRef, Volume
 
 ORGAN = Code("123037004", "SCT", "Anatomical Structure")
@@ -144,3 +146,36 @@ def lung_findings(volume: Volume, empty: Sequence[str] = (), overlap: bool = Fal
 
 def read(path: Path) -> Dataset:
     return pydicom.dcmread(path)
+
+
+def load_real(directory: Path) -> tuple[list[Dataset], Volume]:
+    """A real series from the shared test data, through the node's own loader.
+
+    The TotalSegmentator CT has empty SOP, study and series UIDs (its file meta carries the SOP ones):
+    they are restored, because results cannot reference an instance, series or study without UIDs.
+    """
+    from dicom_io.volume import load_series
+
+    datasets = []
+    for path in sorted(directory.iterdir()):
+        ds = pydicom.dcmread(path)
+        for keyword, meta in (
+            ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+            ("SOPClassUID", "MediaStorageSOPClassUID"),
+        ):
+            if not ds.get(keyword):
+                setattr(ds, keyword, ds.file_meta[meta].value)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+            if not ds.get(keyword):
+                setattr(ds, keyword, generate_uid(entropy_srcs=[str(directory), keyword]))
+        datasets.append(ds)
+    return datasets, load_series(datasets)
+
+
+def require(result: validate.Validation) -> validate.Validation:
+    """Skip when the validator is not installed; fail when it is but did not validate anything."""
+    if not result.ran:
+        if any("not installed" in e for e in result.errors):
+            pytest.skip(f"{result.tool} is not installed")
+        pytest.fail(f"{result.tool} did not run: {result.errors}")
+    return result

@@ -222,7 +222,7 @@ def _source_map(volume: Volume, source_datasets: Sequence[Dataset]) -> tuple[lis
     sources: list[Dataset] = []
     frames: list[int | None] = []
     for k, ref in enumerate(volume.sources):
-        ds = by_uid.get(ref.sop_instance_uid)
+        ds = by_uid.get(ref.sop_instance_uid) if ref.sop_instance_uid else None
         if ds is None:
             raise ResultError(
                 f"slice {k}: source instance {ref.sop_instance_uid} is not among the datasets given"
@@ -256,9 +256,9 @@ def _source_map(volume: Volume, source_datasets: Sequence[Dataset]) -> tuple[lis
         raise ResultError("multi-frame sources must all be frames of one instance")
     if len(set(zip((str(ds.SOPInstanceUID) for ds in sources), frames, strict=True))) != len(sources):
         raise ResultError("two mask slices name the same source plane")
-    for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):
-        if keyword not in sources[0]:
-            raise ResultError(f"the source series has no {keyword}")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        if not sources[0].get(keyword):
+            raise ResultError(f"the source series has no {keyword}: results could not reference it")
     return sources, frames
 
 

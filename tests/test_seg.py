@@ -1,0 +1,163 @@
+"""SEG: valid (dciodvfy), read back by highdicom with the masks written, every frame on its source plane."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from test_results_support import (
+    LUNG,
+    ORGAN,
+    Series,
+    load_real,
+    lung_findings,
+    make_series,
+    require,
+)
+
+from dicom_io import validate
+from dicom_io.results import ResultOptions, build_results
+from dicom_io.types import Findings, Segment, Volume
+
+TESTDATA = Path("/work/shared/testdata")
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _check_frames_on_sources(seg: Dataset, sources: list[Dataset]) -> None:
+    """Every frame's position/orientation equals that of the source image it derives from."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    shared_orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    for number, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        derivation = frame.DerivationImageSequence
+        assert len(derivation) == 1 and len(derivation[0].SourceImageSequence) == 1, f"frame {number}"
+        source = by_uid[derivation[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose(
+            np.array(position, float), np.array(source.ImagePositionPatient, float), atol=1e-3
+        )
+        np.testing.assert_allclose(
+            np.array(shared_orientation, float), np.array(source.ImageOrientationPatient, float), atol=1e-5
+        )
+
+
+def _check_masks(seg_path: Path, findings: Findings, volume: Volume) -> None:
+    """highdicom reads back, per source instance, exactly the mask slice that came from it."""
+    seg = hd.seg.segread(seg_path)
+    uids = [ref.sop_instance_uid for ref in volume.sources]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=None)
+    found = [s for s in findings.segments if not s.is_empty]
+    assert pixels.shape == (*volume.shape, len(found))
+    for index, segment in enumerate(found):
+        np.testing.assert_array_equal(pixels[..., index].astype(bool), segment.mask)
+
+
+@pytest.fixture(scope="module", params=["axial", "sagittal", "oblique"])
+def synthetic(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Series, Path]:
+    series = make_series(request.param)
+    findings = lung_findings(series.volume)
+    results = build_results(findings, series.volume, series.datasets, ResultOptions(write_sc=False))
+    assert results.seg is not None
+    path = _write(results.seg, tmp_path_factory.mktemp("seg") / "seg.dcm")
+    return series, path
+
+
+def test_seg_passes_dciodvfy(synthetic: tuple[Series, Path]) -> None:
+    result = require(validate.dciodvfy(synthetic[1]))
+    assert result.ok, str(result)
+
+
+def test_seg_masks_read_back(synthetic: tuple[Series, Path]) -> None:
+    series, path = synthetic
+    _check_masks(path, lung_findings(series.volume), series.volume)
+
+
+def test_seg_frames_lie_on_their_source_planes(synthetic: tuple[Series, Path]) -> None:
+    series, path = synthetic
+    _check_frames_on_sources(pydicom.dcmread(path), series.datasets)
+
+
+def test_seg_header(synthetic: tuple[Series, Path]) -> None:
+    series, path = synthetic
+    seg = pydicom.dcmread(path)
+    source = series.datasets[0]
+    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert seg.SeriesInstanceUID != source.SeriesInstanceUID
+    assert seg.SeriesNumber == source.SeriesNumber + 1000
+    assert seg.PatientID == source.PatientID and seg.AccessionNumber == source.AccessionNumber
+    assert seg.Manufacturer == "radgate" and seg.SeriesDescription == "radgate ct-lung SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    # empty frames are kept: one frame per source slice and segment
+    assert seg.NumberOfFrames == 2 * len(series.datasets)
+    for number, item in enumerate(seg.SegmentSequence, start=1):
+        assert item.SegmentNumber == number
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        assert item.SegmentAlgorithmName == "ct-lung"
+        algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
+        assert algorithm.AlgorithmVersion == "1.2.0"
+        assert len(item.RecommendedDisplayCIELabValue) == 3
+        assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == LUNG.value
+        assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == ORGAN.value
+
+
+def test_overlapping_segments_stay_binary() -> None:
+    series = make_series()
+    findings = lung_findings(series.volume, overlap=True)
+    seg = build_results(findings, series.volume, series.datasets, ResultOptions(write_sc=False)).seg
+    assert seg is not None and seg.SegmentsOverlap == "YES"
+    pixels = seg.get_pixels_by_source_instance([r.sop_instance_uid for r in series.volume.sources])
+    for index, segment in enumerate(findings.segments):
+        np.testing.assert_array_equal(pixels[..., index].astype(bool), segment.mask)
+
+
+def test_labelmap_when_configured(tmp_path: Path) -> None:
+    series = make_series("oblique")
+    findings = lung_findings(series.volume)
+    options = ResultOptions(segmentation_type="LABELMAP", write_sc=False)
+    seg = build_results(findings, series.volume, series.datasets, options).seg
+    assert seg is not None
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    path = _write(seg, tmp_path / "labelmap.dcm")
+    _check_masks(path, findings, series.volume)
+    _check_frames_on_sources(pydicom.dcmread(path), series.datasets)
+
+
+def test_segment_numbers_are_renumbered_and_empty_segments_left_out() -> None:
+    series = make_series()
+    base = lung_findings(series.volume, empty=["Trachea"])
+    trachea = Segment(7, "Trachea", ORGAN, LUNG, np.zeros(series.volume.shape, bool))
+    findings = Findings(base.pipeline, base.version, base.shape, (*base.segments, trachea), base.measurements)
+    seg = build_results(findings, series.volume, series.datasets, ResultOptions(write_sc=False)).seg
+    assert seg is not None
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["Right lung", "Left lung"]
+
+
+@pytest.mark.parametrize("name", ["ct-abdomen-totalseg", "mr-brain-t1-mprage"])
+def test_real_series(name: str, tmp_path: Path) -> None:
+    """Real J2K CT and sagittal MR: frames on the source planes, masks back, dciodvfy clean."""
+    datasets, volume = load_real(TESTDATA / name)
+    z, y, x = volume.shape
+    zz, yy, xx = np.ogrid[:z, :y, :x]
+    mask = ((zz - z / 2) / (z / 4)) ** 2 + ((yy - y / 2) / (y / 5)) ** 2 + ((xx - x / 3) / (x / 6)) ** 2 <= 1
+    findings = Findings("test", "1", volume.shape, (Segment(1, "Blob", ORGAN, LUNG, mask),))
+    seg = build_results(findings, volume, datasets, ResultOptions(write_sc=False)).seg
+    assert seg is not None
+    path = _write(seg, tmp_path / "seg.dcm")
+    _check_frames_on_sources(pydicom.dcmread(path), datasets)
+    _check_masks(path, findings, volume)
+    result = require(validate.dciodvfy(path))
+    assert result.ok, str(result)
