@@ -129,7 +129,7 @@ class CtLungPipeline:
         inner_air = air & body
 
         side_labels = self._lung_cores(inner_air, coarse_hu, grid, volume, body)
-        growth = max(grid.steps(CORE_ERODE_MM)) + 2
+        growth = grid.steps(CORE_ERODE_MM + COARSE_MM)
         lungs = self._fill_pockets(morph.grow(side_labels, inner_air, growth))
         # One coarse voxel more around each lung is the band where the boundary is decided at full
         # resolution; the core (one coarse voxel in) is lung whatever its HU. All coarse maps go into
@@ -201,7 +201,7 @@ class CtLungPipeline:
         flat = labels.reshape(-1).to(torch.int64)
         hu_sum = torch.bincount(flat, weights=coarse_hu.reshape(-1).to(torch.float64), minlength=n + 1)
         # the grown lung is about twice the core; judge size on the core grown by the erosion depth
-        grown = morph.grow(labels.to(torch.int32), inner_air, max(grid.steps(CORE_ERODE_MM)))
+        grown = morph.grow(labels, inner_air, grid.steps(CORE_ERODE_MM))
         grown_sizes = morph.component_sizes(grown, n)
         x_mm = _lps_x_mm(volume.affine, grid, tuple(labels.shape), labels.device)
         x_sum = torch.bincount(grown.reshape(-1).to(torch.int64), weights=x_mm.reshape(-1), minlength=n + 1)
@@ -247,8 +247,11 @@ class CtLungPipeline:
         voxel_ml = volume.voxel_volume_ml
         both = [stats[SEG_RIGHT][i] + stats[SEG_LEFT][i] for i in range(3)]
         measurements: list[Measurement] = []
-        for segment, (count, low, hu_sum) in ((SEG_RIGHT, stats[SEG_RIGHT]), (SEG_LEFT, stats[SEG_LEFT]),
-                                              (None, both)):
+        for segment, (count, low, hu_sum) in (
+            (SEG_RIGHT, stats[SEG_RIGHT]),
+            (SEG_LEFT, stats[SEG_LEFT]),
+            (None, both),
+        ):
             if count == 0:
                 continue
             measurements += [
@@ -257,12 +260,33 @@ class CtLungPipeline:
                 Measurement(ATTENUATION, hu_sum / count, UNIT_HU, segment, modifier=MEAN),
             ]
         segments = (
-            Segment(SEG_RIGHT, "Right lung", ANATOMICAL_STRUCTURE, LUNG, masks[SEG_RIGHT],
-                    laterality=RIGHT, color_rgb=(128, 174, 128)),
-            Segment(SEG_LEFT, "Left lung", ANATOMICAL_STRUCTURE, LUNG, masks[SEG_LEFT],
-                    laterality=LEFT, color_rgb=(111, 184, 210)),
-            Segment(SEG_EMPHYSEMA, "Emphysema (LAA-950)", MORPHOLOGICALLY_ALTERED, EMPHYSEMA,
-                    masks[SEG_EMPHYSEMA], anatomic_region=LUNG, color_rgb=(241, 214, 145)),
+            Segment(
+                SEG_RIGHT,
+                "Right lung",
+                ANATOMICAL_STRUCTURE,
+                LUNG,
+                masks[SEG_RIGHT],
+                laterality=RIGHT,
+                color_rgb=(128, 174, 128),
+            ),
+            Segment(
+                SEG_LEFT,
+                "Left lung",
+                ANATOMICAL_STRUCTURE,
+                LUNG,
+                masks[SEG_LEFT],
+                laterality=LEFT,
+                color_rgb=(111, 184, 210),
+            ),
+            Segment(
+                SEG_EMPHYSEMA,
+                "Emphysema (LAA-950)",
+                MORPHOLOGICALLY_ALTERED,
+                EMPHYSEMA,
+                masks[SEG_EMPHYSEMA],
+                anatomic_region=LUNG,
+                color_rgb=(241, 214, 145),
+            ),
             Segment(SEG_BODY, "Body", ANATOMICAL_STRUCTURE, BODY, masks[SEG_BODY], color_rgb=(177, 122, 101)),
         )
         missing = [name for side, name in ((SEG_RIGHT, "right"), (SEG_LEFT, "left")) if stats[side][0] == 0]
@@ -282,13 +306,13 @@ def _hu(volume: Volume, z0: int, z1: int, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(volume.voxels[z0:z1]), device=device)
 
 
-def _lps_x_mm(
-    affine: np.ndarray, grid: _Grid, shape: tuple[int, ...], device: torch.device
-) -> torch.Tensor:
+def _lps_x_mm(affine: np.ndarray, grid: _Grid, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Patient x (LPS, + is patient left) in mm of each coarse voxel centre (approximately: pool centres)."""
     f = grid.factors
-    centres = [torch.arange(n, device=device, dtype=torch.float64) * f[d] + (f[d] - 1) / 2 for d, n in
-               enumerate(shape)]
+    centres = [
+        torch.arange(n, device=device, dtype=torch.float64) * f[d] + (f[d] - 1) / 2
+        for d, n in enumerate(shape)
+    ]
     z, y, x = torch.meshgrid(*centres, indexing="ij")
     a = affine[0]
     return float(a[0]) * x + float(a[1]) * y + float(a[2]) * z + float(a[3])

@@ -93,14 +93,19 @@ def touching(labels: torch.Tensor, n: int, dims: Sequence[int]) -> torch.Tensor:
     return hit
 
 
-def grow(labels: torch.Tensor, allowed: torch.Tensor, steps: int) -> torch.Tensor:
-    """Geodesic growth of non-zero labels into `allowed` voxels, one box step at a time.
+def grow(labels: torch.Tensor, allowed: torch.Tensor, reach: int | Sequence[int]) -> torch.Tensor:
+    """Geodesic growth of non-zero labels into `allowed` voxels, at most `reach` voxels along each axis.
 
-    Where two labels meet in the same step the larger label value wins.
+    A per-axis reach keeps the growth about equal in millimetres on anisotropic grids: each step
+    advances only along the axes whose share of the distance is due. Where two labels meet in the
+    same step the larger label value wins.
     """
+    reach = (reach,) * 3 if isinstance(reach, int) else tuple(reach)
+    steps = max(reach)
     out = labels.clone()
-    for _ in range(steps):
-        grown = box_max(out)
+    for i in range(1, steps + 1):
+        radius = [(i * r) // steps - ((i - 1) * r) // steps for r in reach]
+        grown = box_max(out, radius)
         new = (out == 0) & allowed & (grown > 0)
         if not bool(new.any()):
             break
