@@ -1,0 +1,140 @@
+"""Benchmark: series → Volume with dicom_io.volume versus plain pydicom one file at a time.
+
+Writes a synthetic chest CT (dicom_io.synthetic, default 300 slices of 512x512) into a temporary
+folder, uncompressed and JPEG 2000 lossless, then loads each variant in a fresh Python process so
+that peak memory (VmHWM) belongs to that variant alone ("base": resident after imports, before
+loading; "worker": the largest decoding worker process, if any). Variants marked "1 core" are pinned
+to one CPU. Files are in the page cache (just written): this measures parsing and decoding, not disk.
+Prints figures; never fails on time. Run: .venv/bin/python bench/volume.py [--slices N] [--size N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "radgate, uncompressed, 1 core": ("radgate", "plain", 1),
+    "pydicom one-by-one, uncompressed, 1 core": ("pydicom", "plain", 1),
+    "radgate, J2K lossless, 1 core": ("radgate", "j2k", 1),
+    "radgate, J2K lossless, 2 processes": ("radgate", "j2k", 2),
+    "pydicom one-by-one, J2K lossless, 1 core": ("pydicom", "j2k", 1),
+}
+
+
+def pydicom_one_by_one(folder: Path) -> npt.NDArray[Any]:
+    """What a script typically does: dcmread + pixel_array + rescale per file, sort by position, stack."""
+    from pydicom import dcmread
+
+    planes = []
+    for path in folder.iterdir():
+        ds = dcmread(path)
+        cosines = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        along = float(np.asarray(ds.ImagePositionPatient, dtype=float) @ np.cross(cosines[:3], cosines[3:]))
+        planes.append((along, ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)))
+    planes.sort(key=lambda item: item[0])
+    return np.stack([plane for _, plane in planes])
+
+
+def status_mb(field: str) -> float:
+    """A memory figure of this process from /proc (VmHWM, unlike ru_maxrss, is not inherited over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def run_one(tool: str, folder: Path, workers: int, repeats: int) -> dict[str, float]:
+    """Load `folder` `repeats` times in this process; best time and peak resident memory."""
+    if workers == 1:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    from dicom_io.volume import load_series
+
+    baseline_mb = status_mb("VmRSS")
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        voxels = (
+            load_series([folder], workers=workers).voxels if tool == "radgate" else pydicom_one_by_one(folder)
+        )
+        best = min(best, time.perf_counter() - start)
+        del voxels
+    peak_mb = status_mb("VmHWM")
+    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"seconds": best, "peak_mb": peak_mb, "baseline_mb": baseline_mb, "worker_mb": worker_mb}
+
+
+def write_series(root: Path, slices: int, size: int) -> dict[str, Path]:
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+    from dicom_io.synthetic import ct_chest_phantom
+
+    folders = {}
+    for name, syntax in (("plain", ExplicitVRLittleEndian), ("j2k", JPEG2000Lossless)):
+        start = time.perf_counter()
+        series = ct_chest_phantom(rows=size, columns=size, slices=slices, transfer_syntax=syntax)
+        folders[name] = root / name
+        series.write(folders[name])
+        print(f"wrote {slices} x {size}² {name} in {time.perf_counter() - start:.1f} s", flush=True)
+    return folders
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3, help="best of N for uncompressed variants")
+    parser.add_argument(
+        "--child", nargs=4, metavar=("TOOL", "FOLDER", "WORKERS", "REPEATS"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.child:
+        tool, folder, workers, repeats = args.child
+        print(json.dumps(run_one(tool, Path(folder), int(workers), int(repeats))))
+        return
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model()}, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="radgate-bench-volume-") as tmp:
+        folders = write_series(Path(tmp), args.slices, args.size)
+        print(f"{'variant':44} {'time s':>8} {'peak MB':>8} {'base MB':>8} {'worker MB':>9}")
+        for label, (tool, kind, workers) in VARIANTS.items():
+            repeats = args.repeats if kind == "plain" else 1
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                tool,
+                str(folders[kind]),
+                str(workers),
+                str(repeats),
+            ]
+            done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            print(
+                f"{label:44} {result['seconds']:8.2f} {result['peak_mb']:8.0f} {result['baseline_mb']:8.0f} "
+                f"{result['worker_mb']:9.0f}"
+            )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
