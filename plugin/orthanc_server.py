@@ -88,6 +88,7 @@ class OrthancServer:
     ) -> None:
         self.aet = aet
         self.modalities = dict(modalities or {})
+        self._configured_modalities = dict(self.modalities)
         self.dicomweb = dicomweb
         self.python_script = Path(python_script).resolve() if python_script else None
         self.credentials = credentials
@@ -315,9 +316,13 @@ class OrthancServer:
         self.modalities[name] = modality
 
     def reset(self) -> None:
-        """Delete every patient, so a shared server starts a test empty."""
+        """Delete every patient and each modality added at runtime, so a shared server starts a test clean."""
         for patient in self.rest_get("/patients"):
             self.rest_delete(f"/patients/{patient}")
+        for name in self.rest_get("/modalities"):
+            if name not in self._configured_modalities:
+                self.rest_delete(f"/modalities/{name}")
+        self.modalities = dict(self._configured_modalities)
 
 
 def _walk(paths: Iterable[str | Path]) -> list[Path]:

@@ -62,11 +62,11 @@ def _dicomweb_available() -> bool:
     return True
 
 
-@pytest.fixture()
-def orthanc() -> Iterator[OrthancServer]:
-    """A fresh, empty Orthanc (AE "ORTHANC", DICOMweb when installed) on free loopback ports.
+@pytest.fixture(scope="session")
+def orthanc_session() -> Iterator[OrthancServer]:
+    """One Orthanc (AE "ORTHANC", DICOMweb when installed) on free loopback ports for the whole run.
 
-    It starts in well under a second, so each test gets its own; stopped and deleted afterwards.
+    Shared because Orthanc takes about 3 s to shut down; use the `orthanc` fixture, which empties it.
     """
     server = OrthancServer(dicomweb=_dicomweb_available())
     try:
@@ -77,3 +77,12 @@ def orthanc() -> Iterator[OrthancServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture()
+def orthanc(orthanc_session: OrthancServer) -> OrthancServer:
+    """The shared Orthanc, emptied of studies and runtime-added modalities; restarted if a test stopped it."""
+    if not orthanc_session.running:
+        orthanc_session.start()
+    orthanc_session.reset()
+    return orthanc_session
