@@ -85,7 +85,12 @@ class OrthancServer:
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 60.0,
         workdir: str | Path | None = None,
+        extra_config: Mapping[str, Any] | None = None,
     ) -> None:
+        """python_script loads the Debian Python plugin with that script (env reaches its interpreter);
+        extra_config is merged over the rendered template's top level (e.g. a section for the script);
+        workdir keeps storage and log in a folder of yours instead of a removed temporary one.
+        """
         self.aet = aet
         self.modalities = dict(modalities or {})
         self._configured_modalities = dict(self.modalities)
@@ -96,6 +101,7 @@ class OrthancServer:
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
         self._workdir_arg = Path(workdir) if workdir else None
+        self.extra_config = dict(extra_config or {})
         self.host = LOOPBACK
         self.http_port = 0
         self.dicom_port = 0
@@ -151,6 +157,7 @@ class OrthancServer:
         }
         text = string.Template(TEMPLATE.read_text()).substitute({k: json.dumps(v) for k, v in values.items()})
         config: dict[str, Any] = json.loads(text)
+        config.update(self.extra_config)
         return config
 
     def start(self, attempts: int = 3) -> OrthancServer:

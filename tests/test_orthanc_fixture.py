@@ -81,6 +81,20 @@ def test_orthanc_sends_to_a_declared_modality(orthanc: OrthancServer, ct_phantom
         assert len(peer.instances_of_study(ct_phantom.study_uid)) == 3
 
 
+def test_python_plugin_runs_the_given_script(tmp_path: Path) -> None:
+    script = tmp_path / "hello.py"
+    script.write_text(
+        "import json, orthanc\n"
+        "def hello(output, uri, **request):\n"
+        "    section = json.loads(orthanc.GetConfiguration())['RadgateTest']\n"
+        "    output.AnswerBuffer(section['greeting'], 'text/plain')\n"
+        "orthanc.RegisterRestCallback('/radgate-hello', hello)\n"
+    )
+    with OrthancServer(python_script=script, extra_config={"RadgateTest": {"greeting": "hi"}}) as server:
+        assert "python" in server.rest_get("/plugins")
+        assert server.rest_get_bytes("/radgate-hello") == b"hi"
+
+
 def test_credentials_switch_on_authentication() -> None:
     with OrthancServer(credentials=("radgate", "s3cret")) as server:
         assert requests.get(f"{server.url}/system", timeout=5).status_code == 401
