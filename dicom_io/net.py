@@ -173,10 +173,29 @@ _LONG_VRS = frozenset(
 )
 _SHORT_VRS = frozenset(
     {
-        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
-        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+        b"AE",
+        b"AS",
+        b"AT",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"FL",
+        b"FD",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"PN",
+        b"SH",
+        b"SL",
+        b"SS",
+        b"ST",
+        b"TM",
+        b"UI",
+        b"UL",
+        b"US",
     }
-)  # fmt: skip
+)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _STUDY_UID, _SERIES_UID, _SOP_INSTANCE_UID, _SOP_CLASS_UID = 0x0020000D, 0x0020000E, 0x00080018, 0x00080016
 _NUMBER_OF_FRAMES = 0x00280008
@@ -322,6 +341,7 @@ def _identity(values: dict[int, bytes], u16: struct.Struct) -> DatasetIdentity:
 # --- pynetdicom, narrowed for speed ---------------------------------------------------------------
 
 _IDLE_WAIT_S = 0.02  # upper bound of an idle DUL/association loop; events end the wait at once
+_PREALLOCATE_LIMIT = 4 << 20  # PDU lengths up to this are read into one buffer allocated up front
 
 
 class _WakingQueue(queue.Queue[Any]):
@@ -365,6 +385,9 @@ class _FastDUL(DULServiceProvider):
     def _is_transport_event(self) -> bool:
         """Block until the peer's bytes arrive (True after reading a PDU) or something is queued."""
         assoc_sock = cast(AssociationSocket, self.socket)
+        if self.state_machine.current_state == "Sta13" and self.assoc.requestor.primitive is None:
+            assoc_sock.close()  # aborted a peer that never sent a request: read no more of its bytes
+            return False
         sock = assoc_sock.socket if assoc_sock is not None else None
         if sock is None or not assoc_sock._is_connected:
             if select.select([self._wake_r], [], [], _IDLE_WAIT_S)[0]:
@@ -384,6 +407,19 @@ class _FastDUL(DULServiceProvider):
             self._read_pdu_data()
             return True
         return False
+
+    def run_reactor(self) -> None:
+        """pynetdicom's loop; when it ends before any A-ASSOCIATE-RQ, free the acceptor thread.
+
+        After garbage bytes or a bare connect-and-close the acceptor would wait `acse_timeout` for
+        a request, holding the connection and a slot of `max_associations`. `None` on the user
+        queue is what that wait returns on timeout, so it ends at once.
+        """
+        try:
+            super().run_reactor()
+        finally:
+            if self.assoc.requestor.primitive is None:
+                self.to_user_queue.put(cast(Any, None))
 
     def kill_dul(self) -> None:
         super().kill_dul()
@@ -408,6 +444,8 @@ class _FastSocket(AssociationSocket):
     """Reads a whole PDU with `recv_into` into one buffer instead of 4 KiB `recv` calls."""
 
     def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > _PREALLOCATE_LIMIT:  # a length from an unchecked header: grow as bytes come
+            return super().recv(nr_bytes)
         sock = cast(socket.socket, self.socket)
         buf = bytearray(nr_bytes)
         view = memoryview(buf)
@@ -539,8 +577,14 @@ class _ReceiverConfig:
 class _Connection:
     """State of one accepted TCP connection and the association on it."""
 
-    def __init__(self, receiver: _Receiver, sock: socket.socket, address: tuple[str, int], conn_id: int,
-                 over_limit: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        receiver: _Receiver,
+        sock: socket.socket,
+        address: tuple[str, int],
+        conn_id: int,
+        over_limit: bool,
+    ) -> None:
         self.receiver = receiver
         self.sock = sock
         self.address = address
@@ -597,8 +641,9 @@ class _Connection:
             assoc.start()
             assoc.join()
         except (OSError, ssl.SSLError) as exc:
-            LOGGER.warning("connection %d from %s closed before an association: %s", self.conn_id,
-                           self.address[0], exc)  # fmt: skip
+            LOGGER.warning(
+                "connection %d from %s closed before an association: %s", self.conn_id, self.address[0], exc
+            )
         except Exception:
             LOGGER.exception("connection %d from %s failed", self.conn_id, self.address[0])
         finally:
@@ -639,8 +684,12 @@ class _Connection:
             association_id=f"{self.receiver.tag}-{self.conn_id}",
         )
         if self.over_limit:
-            LOGGER.warning("rejecting association %s from %s (%s): too many associations",
-                           self.peer.association_id, self.peer.ae_title, self.peer.address)  # fmt: skip
+            LOGGER.warning(
+                "rejecting association %s from %s (%s): too many associations",
+                self.peer.association_id,
+                self.peer.ae_title,
+                self.peer.address,
+            )
             self._reject(assoc, (0x02, 0x03, 0x02))
             return
         try:
@@ -649,8 +698,12 @@ class _Connection:
             LOGGER.exception("peer filter failed; rejecting %s", self.peer.association_id)
             allowed = False
         if not allowed:
-            LOGGER.warning("rejecting association %s from %s (%s): peer filter",
-                           self.peer.association_id, self.peer.ae_title, self.peer.address)  # fmt: skip
+            LOGGER.warning(
+                "rejecting association %s from %s (%s): peer filter",
+                self.peer.association_id,
+                self.peer.ae_title,
+                self.peer.address,
+            )
             self._reject(assoc, (0x01, 0x01, 0x03))
 
     @staticmethod
@@ -674,9 +727,15 @@ class _Connection:
             sop_class = _same_uid(ident.sop_class_uid, req.AffectedSOPClassUID, "SOPClassUID")
             sop_instance = _same_uid(ident.sop_instance_uid, req.AffectedSOPInstanceUID, "SOPInstanceUID")
         except InstanceRefused as exc:
-            LOGGER.warning("refused C-STORE sop_instance=%s from %s (%s, association %s), status 0x%04X: %s",
-                           req.AffectedSOPInstanceUID, peer.ae_title, peer.address, peer.association_id,
-                           exc.status, exc.reason)  # fmt: skip
+            LOGGER.warning(
+                "refused C-STORE sop_instance=%s from %s (%s, association %s), status 0x%04X: %s",
+                req.AffectedSOPInstanceUID,
+                peer.ae_title,
+                peer.address,
+                peer.association_id,
+                exc.status,
+                exc.reason,
+            )
             spool.discard()
             return exc.status
         except OSError as exc:
@@ -731,8 +790,9 @@ def _same_uid(in_dataset: str, in_request: object, name: str) -> str:
 class _Receiver:
     """Runs associations on accepted sockets: in the SCP's own process or in a worker process."""
 
-    def __init__(self, config: _ReceiverConfig, callbacks: _Callbacks, ssl_context: ssl.SSLContext | None,
-                 tag: str) -> None:  # fmt: skip
+    def __init__(
+        self, config: _ReceiverConfig, callbacks: _Callbacks, ssl_context: ssl.SSLContext | None, tag: str
+    ) -> None:
         self.config = config
         self.callbacks = callbacks
         self.ssl_context = ssl_context
@@ -952,10 +1012,16 @@ class StorageSCP:
         else:
             self._start_workers()
         self._spawn(self._accept_loop, "radgate-accept")
-        LOGGER.info("storage SCP %s listening on %s:%d (%d receiving process%s, max PDU %d%s)",
-                    self.config.ae_title, self.host, self.port, self.workers,
-                    "es" if self.workers > 1 else "", self.config.max_pdu,
-                    ", TLS" if self._ssl_context else "")  # fmt: skip
+        LOGGER.info(
+            "storage SCP %s listening on %s:%d (%d receiving process%s, max PDU %d%s)",
+            self.config.ae_title,
+            self.host,
+            self.port,
+            self.workers,
+            "es" if self.workers > 1 else "",
+            self.config.max_pdu,
+            ", TLS" if self._ssl_context else "",
+        )
 
     def serve_forever(self) -> None:
         """Blocking form for the node's main thread."""
@@ -1063,8 +1129,11 @@ class StorageSCP:
         try:
             return int(self.handler(instance))
         except Exception:
-            LOGGER.exception("instance handler failed for sop_instance=%s (association %s)",
-                             instance.sop_instance_uid, instance.peer.association_id)  # fmt: skip
+            LOGGER.exception(
+                "instance handler failed for sop_instance=%s (association %s)",
+                instance.sop_instance_uid,
+                instance.peer.association_id,
+            )
             with contextlib.suppress(OSError):
                 instance.path.unlink()
             return STATUS_OUT_OF_RESOURCES

@@ -1,0 +1,485 @@
+"""The storage SCP against real peers: DCMTK echoscu/storescu and pynetdicom SCUs.
+
+Each test starts its own SCP on a free loopback port and stops it. Sending broken datasets needs
+their exact bytes on the wire, which DCMTK refuses to send; pynetdicom's chunked send streams a
+file's dataset bytes untouched, so those tests wrap the raw bytes in a fresh file meta.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLossless,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from dicom_io.net import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    Peer,
+    ReceivedInstance,
+    StorageSCP,
+    TlsFiles,
+)
+
+TESTDATA = Path(os.environ.get("RADGATE_TESTDATA", "/work/shared/testdata"))
+PYDICOM_FILES = TESTDATA / "pydicom-testfiles"
+CT_J2K = TESTDATA / "ct-abdomen-totalseg"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+pytestmark = pytest.mark.skipif(not PYDICOM_FILES.is_dir(), reason=f"test data missing at {TESTDATA}")
+
+
+@dataclass
+class Recorder:
+    """An instance handler that keeps each file under its SOP Instance UID, as the node would."""
+
+    keep: Path
+    status: int = 0
+    fail: bool = False
+    instances: list[ReceivedInstance] = field(default_factory=list)
+    released: list[Peer] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def __call__(self, inst: ReceivedInstance) -> int:
+        if self.fail:
+            raise RuntimeError("handler broke")
+        dst = self.keep / f"{inst.sop_instance_uid}.dcm"
+        os.replace(inst.path, dst)
+        with self.cond:
+            self.instances.append(inst)
+            self.pids.add(os.getpid())
+            self.cond.notify_all()
+        return self.status
+
+    def on_release(self, peer: Peer) -> None:
+        with self.cond:
+            self.released.append(peer)
+            self.cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), "condition not met before the deadline"
+
+
+@pytest.fixture
+def recorder(tmp_path: Path) -> Recorder:
+    keep = tmp_path / "kept"
+    keep.mkdir()
+    return Recorder(keep)
+
+
+@pytest.fixture
+def start_scp(tmp_path: Path, recorder: Recorder) -> Iterator[Callable[..., StorageSCP]]:
+    """Start an SCP with the recorder (keyword arguments override); every SCP is stopped after."""
+    started: list[StorageSCP] = []
+
+    def start(**kwargs: object) -> StorageSCP:
+        args: dict[str, object] = {
+            "ae_title": "RADGATE",
+            "host": "127.0.0.1",
+            "port": 0,
+            "incoming_dir": tmp_path / "incoming",
+            "handler": recorder,
+            "on_release": recorder.on_release,
+        }
+        args.update(kwargs)
+        scp = StorageSCP(**args)  # type: ignore[arg-type]
+        scp.start()
+        started.append(scp)
+        return scp
+
+    yield start
+    for scp in started:
+        scp.stop()
+
+
+def dcmtk(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [f"/usr/bin/{tool}", *args], env=DCMTK_ENV, capture_output=True, text=True, timeout=60
+    )
+
+
+def dataset_offset(data: bytes) -> int:
+    """Where the dataset starts in a file's bytes (0 when there is no Part 10 header)."""
+    if data[128:132] != b"DICM":
+        return 0
+    return 132 + 12 + int.from_bytes(data[140:144], "little")
+
+
+def with_uids(src: Path, dst_dir: Path) -> Path:
+    """A copy of `src` with Study/Series/SOP UIDs filled in where the original has them empty."""
+    ds = dcmread(src)
+    ds.StudyInstanceUID = ds.get("StudyInstanceUID") or generate_uid()
+    ds.SeriesInstanceUID = ds.get("SeriesInstanceUID") or generate_uid()
+    ds.SOPClassUID = ds.get("SOPClassUID") or ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.get("SOPInstanceUID") or ds.file_meta.MediaStorageSOPInstanceUID
+    out = dst_dir / src.name
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def raw_part10(src: Path, dst: Path, transfer_syntax: str, sop_class: str, sop_instance: str) -> bytes:
+    """Write `src`'s dataset bytes, untouched, behind a new file meta; return those bytes."""
+    data = src.read_bytes()
+    body = data[dataset_offset(data) :]
+    out = DicomBytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    meta = create_file_meta(
+        sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(transfer_syntax)
+    )
+    write_file_meta_info(out, meta)
+    dst.write_bytes(out.getvalue() + body)
+    return body
+
+
+@pytest.fixture
+def chunked_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom sends a file's dataset bytes as they are instead of re-encoding a Dataset."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+def scu(contexts: list[tuple[str, str]], ae_title: str = "TESTSCU") -> AE:
+    ae = AE(ae_title=ae_title)
+    for sop_class, ts in contexts:
+        ae.add_requested_context(sop_class, ts)
+    ae.add_requested_context(Verification)
+    return ae
+
+
+# --- DCMTK peers --------------------------------------------------------------------------------
+
+
+def test_echo_with_dcmtk(start_scp: Callable[..., StorageSCP]) -> None:
+    scp = start_scp()
+    result = dcmtk("echoscu", "-aec", "RADGATE", "127.0.0.1", str(scp.port))
+    assert result.returncode == 0, result.stderr
+
+
+# (file, storescu proposal option, needs UIDs filled in)
+TRANSFER_SYNTAX_CASES = [
+    ("pydicom-testfiles/MR_small_bigendian.dcm", "-xb", False),
+    ("pydicom-testfiles/image_dfl.dcm", "-xd", False),
+    ("pydicom-testfiles/SC_rgb_jpeg_dcmtk.dcm", "-xy", False),
+    ("pydicom-testfiles/JPGExtended.dcm", "-xx", False),
+    ("pydicom-testfiles/SC_rgb_jpeg_gdcm.dcm", "-xs", False),
+    ("pydicom-testfiles/MR_small_jpeg_ls_lossless.dcm", "-xt", False),
+    ("pydicom-testfiles/JPEGLSNearLossless_16.dcm", "-xu", True),
+    ("pydicom-testfiles/MR_small_jp2klossless.dcm", "-xv", False),
+    ("pydicom-testfiles/JPEG2000.dcm", "-xw", False),
+    ("pydicom-testfiles/MR_small_RLE.dcm", "-xr", False),
+    ("dcmqi/segmentations/ct-3slice/01.dcm", "-xi", False),
+    ("mr-brain-t1-mprage/00001.dcm", "-xe", False),
+    ("ct-abdomen-totalseg/CT.1.3.12.2.1107.5.1.4.60064.30000022120808113428000016583", "-xv", True),
+]
+
+
+@pytest.mark.parametrize(("name", "proposal", "fill_uids"), TRANSFER_SYNTAX_CASES)
+def test_storescu_transfer_syntaxes_arrive_unchanged(
+    start_scp: Callable[..., StorageSCP],
+    recorder: Recorder,
+    tmp_path: Path,
+    name: str,
+    proposal: str,
+    fill_uids: bool,
+) -> None:
+    src = TESTDATA / name
+    if fill_uids:
+        src = with_uids(src, tmp_path)
+    original = dcmread(src)
+    scp = start_scp()
+    result = dcmtk("storescu", proposal, "-aec", "RADGATE", "127.0.0.1", str(scp.port), str(src))
+    assert result.returncode == 0, result.stderr
+    recorder.wait_for(lambda: len(recorder.instances) == 1)
+    inst = recorder.instances[0]
+    ts = original.file_meta.TransferSyntaxUID
+    assert inst.transfer_syntax == ts, "stored in another transfer syntax than the sender's"
+    assert (inst.study_uid, inst.series_uid) == (original.StudyInstanceUID, original.SeriesInstanceUID)
+    assert inst.sop_instance_uid == original.SOPInstanceUID
+    assert inst.peer.ae_title == "STORESCU"
+    received = dcmread(recorder.keep / f"{inst.sop_instance_uid}.dcm")
+    assert received.file_meta.TransferSyntaxUID == ts
+    assert received.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    assert received.file_meta.SourceApplicationEntityTitle == "STORESCU"
+    for elem in original:
+        # DCMTK drops dataset trailing padding and group lengths when it sends: not content
+        if elem.tag.group > 0x0002 and elem.tag not in (0x7FE00010, 0xFFFCFFFC) and elem.tag.element:
+            assert received[elem.tag] == elem, f"{elem.tag} changed"
+    assert received.PixelData == original.PixelData  # compressed bytes compared, nothing decoded
+    assert not list((tmp_path / "incoming").iterdir()), "temporary files left behind"
+
+
+def test_storescu_series_and_release_handler(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path
+) -> None:
+    series = tmp_path / "series"
+    series.mkdir()
+    for f in sorted(CT_J2K.iterdir())[:5]:
+        with_uids(f, series)
+    scp = start_scp()
+    result = dcmtk("storescu", "-xv", "+sd", "127.0.0.1", str(scp.port), str(series))
+    assert result.returncode == 0, result.stderr
+    recorder.wait_for(lambda: len(recorder.released) == 1)
+    assert len(recorder.instances) == 5
+    assert {i.peer.association_id for i in recorder.instances} == {recorder.released[0].association_id}
+
+
+def test_handler_status_and_exception(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path
+) -> None:
+    src = TESTDATA / "dcmqi/segmentations/ct-3slice/01.dcm"
+    scp = start_scp()
+    ae = scu([(CTImageStorage, ImplicitVRLittleEndian)])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADGATE")
+    assert assoc.is_established
+    try:
+        recorder.status = 0xB000
+        assert assoc.send_c_store(src).Status == 0xB000  # the handler's status goes back as it is
+        recorder.fail = True
+        assert assoc.send_c_store(src).Status == STATUS_OUT_OF_RESOURCES
+        recorder.fail = False
+        recorder.status = 0
+        assert assoc.send_c_store(src).Status == 0  # the association survived the failure
+    finally:
+        assoc.release()
+    assert not list((tmp_path / "incoming").iterdir()), "the failed handler's file was left behind"
+
+
+# --- broken input -------------------------------------------------------------------------------
+
+# (file, transfer syntax the bytes are announced in, expected status)
+BROKEN_CASES = [
+    ("MR_truncated.dcm", ExplicitVRLittleEndian, STATUS_CANNOT_UNDERSTAND),
+    ("rtplan_truncated.dcm", ImplicitVRLittleEndian, STATUS_CANNOT_UNDERSTAND),
+    ("badVR.dcm", ExplicitVRLittleEndian, STATUS_CANNOT_UNDERSTAND),
+    ("meta_missing_tsyntax.dcm", ImplicitVRLittleEndian, STATUS_CANNOT_UNDERSTAND),
+    ("no_meta.dcm", ExplicitVRLittleEndian, STATUS_CANNOT_UNDERSTAND),  # implicit bytes, explicit announced
+]
+
+
+@pytest.mark.usefixtures("chunked_send")
+def test_broken_datasets_refused_association_continues(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = TESTDATA / "dcmqi/segmentations/ct-3slice/01.dcm"
+    good_ds = dcmread(good)
+    scp = start_scp()
+    ae = scu([(CTImageStorage, ExplicitVRLittleEndian), (CTImageStorage, ImplicitVRLittleEndian)])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADGATE")
+    assert assoc.is_established
+    statuses: dict[str, int] = {}
+    try:
+        for name, ts, _ in BROKEN_CASES:
+            wire = tmp_path / f"wire-{name}"
+            raw_part10(PYDICOM_FILES / name, wire, ts, CTImageStorage, generate_uid())
+            statuses[name] = assoc.send_c_store(wire).Status
+        # no Study/Series UID at all: the real J2K CT as published
+        ct = sorted(CT_J2K.iterdir())[0]
+        wire = tmp_path / "wire-ct"
+        raw_part10(
+            ct, wire, ExplicitVRLittleEndian, CTImageStorage, dcmread(ct).file_meta.MediaStorageSOPInstanceUID
+        )
+        statuses["ct-without-uids"] = assoc.send_c_store(wire).Status
+        # a sound dataset announced under another SOP Instance UID
+        wire = tmp_path / "wire-mismatch"
+        raw_part10(good, wire, ImplicitVRLittleEndian, CTImageStorage, generate_uid())
+        statuses["mismatch"] = assoc.send_c_store(wire).Status
+        # and a good one still goes through on the same association
+        wire = tmp_path / "wire-good"
+        body = raw_part10(good, wire, ImplicitVRLittleEndian, CTImageStorage, good_ds.SOPInstanceUID)
+        statuses["good"] = assoc.send_c_store(wire).Status
+    finally:
+        assoc.release()
+    expected = {name: status for name, _, status in BROKEN_CASES}
+    expected |= {"ct-without-uids": STATUS_CANNOT_UNDERSTAND, "mismatch": STATUS_DATASET_MISMATCH, "good": 0}
+    assert statuses == expected
+    assert [i.sop_instance_uid for i in recorder.instances] == [good_ds.SOPInstanceUID]
+    kept = (recorder.keep / f"{good_ds.SOPInstanceUID}.dcm").read_bytes()
+    assert kept[dataset_offset(kept) :] == body, "dataset bytes changed on the way"
+    assert not list((tmp_path / "incoming").iterdir()), "refused files left behind"
+    refusals = [r for r in caplog.records if r.getMessage().startswith("refused C-STORE")]
+    assert len(refusals) == len(expected) - 1  # one line per refusal
+    assert all("truncated" in r.getMessage() for r in refusals[:2])
+
+
+@pytest.mark.usefixtures("chunked_send")
+def test_jpeg_lossless_non_sv1_bytes_identical(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path
+) -> None:
+    """No file in testdata uses process 14 (non-SV1); SV1 bytes are valid process 14 bytes."""
+    src = PYDICOM_FILES / "SC_rgb_jpeg_gdcm.dcm"
+    ds = dcmread(src)
+    scp = start_scp()
+    ae = scu([(ds.SOPClassUID, JPEGLossless)])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADGATE")
+    wire = tmp_path / "wire.dcm"
+    body = raw_part10(src, wire, JPEGLossless, ds.SOPClassUID, ds.SOPInstanceUID)
+    try:
+        assert assoc.send_c_store(wire).Status == 0
+    finally:
+        assoc.release()
+    assert recorder.instances[0].transfer_syntax == JPEGLossless
+    kept = (recorder.keep / f"{ds.SOPInstanceUID}.dcm").read_bytes()
+    assert kept[dataset_offset(kept) :] == body
+
+
+# --- who may connect ----------------------------------------------------------------------------
+
+
+def test_peer_filter_rejects(start_scp: Callable[..., StorageSCP]) -> None:
+    seen: list[Peer] = []
+
+    def only_friends(peer: Peer) -> bool:
+        seen.append(peer)
+        return peer.ae_title == "FRIEND"
+
+    scp = start_scp(peer_filter=only_friends)
+    assert dcmtk("echoscu", "-aet", "STRANGER", "127.0.0.1", str(scp.port)).returncode != 0
+    assert dcmtk("echoscu", "-aet", "FRIEND", "127.0.0.1", str(scp.port)).returncode == 0
+    assoc = scu([]).associate("127.0.0.1", scp.port)
+    assert assoc.is_rejected
+    assert [p.ae_title for p in seen] == ["STRANGER", "FRIEND", "TESTSCU"]
+    assert all(p.address == "127.0.0.1" and p.port > 0 for p in seen)
+    assert len({p.association_id for p in seen}) == 3
+
+
+def test_called_ae_title_required(start_scp: Callable[..., StorageSCP]) -> None:
+    scp = start_scp(require_called_ae_title=True)
+    assert dcmtk("echoscu", "-aec", "SOMEONE", "127.0.0.1", str(scp.port)).returncode != 0
+    assert dcmtk("echoscu", "-aec", "RADGATE", "127.0.0.1", str(scp.port)).returncode == 0
+
+
+def test_association_limit(start_scp: Callable[..., StorageSCP]) -> None:
+    scp = start_scp(max_associations=1)
+    ae = scu([])
+    first = ae.associate("127.0.0.1", scp.port)
+    assert first.is_established
+    try:
+        second = ae.associate("127.0.0.1", scp.port)
+        assert second.is_rejected
+    finally:
+        first.release()
+    deadline = time.monotonic() + 10
+    while scp.active_associations and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling a counter, bounded; no other event to wait on from outside
+    third = ae.associate("127.0.0.1", scp.port)
+    assert third.is_established
+    third.release()
+
+
+def test_garbage_on_the_port_does_no_harm(start_scp: Callable[..., StorageSCP]) -> None:
+    scp = start_scp()
+    payloads = [os.urandom(4096), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"", b"\x01\x00\xff\xff\xff\xff"]
+    for payload in payloads:
+        with socket.create_connection(("127.0.0.1", scp.port), timeout=5) as s:
+            if payload:
+                s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            while s.recv(4096):  # the SCP answers (A-ABORT) or closes; never hangs the client
+                pass
+    result = dcmtk("echoscu", "127.0.0.1", str(scp.port))
+    assert result.returncode == 0, result.stderr
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> TlsFiles:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return TlsFiles(cert=cert, key=key)
+
+
+def test_tls_association(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, self_signed: TlsFiles
+) -> None:
+    scp = start_scp(tls=self_signed)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self_signed.cert))
+    ae = scu([(CTImageStorage, ImplicitVRLittleEndian)])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADGATE", tls_args=(client, "localhost"))
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0
+        assert assoc.send_c_store(TESTDATA / "dcmqi/segmentations/ct-3slice/01.dcm").Status == 0
+    finally:
+        assoc.release()
+    assert len(recorder.instances) == 1
+    plain = ae.associate("127.0.0.1", scp.port, ae_title="RADGATE")  # no TLS: no association
+    assert not plain.is_established
+
+
+# --- worker processes ---------------------------------------------------------------------------
+
+
+def test_worker_processes_feed_the_handler_in_this_process(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path
+) -> None:
+    dirs = []
+    for part in range(2):
+        d = tmp_path / f"part{part}"
+        d.mkdir()
+        for f in sorted(CT_J2K.iterdir())[part * 3 : part * 3 + 3]:
+            with_uids(f, d)
+        dirs.append(d)
+    scp = start_scp(workers=2)
+    procs = [
+        subprocess.Popen(
+            ["/usr/bin/storescu", "-xv", "+sd", "127.0.0.1", str(scp.port), str(d)],
+            env=DCMTK_ENV,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for d in dirs
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    recorder.wait_for(lambda: len(recorder.instances) == 6 and len(recorder.released) == 2)
+    assert recorder.pids == {os.getpid()}
+    assert len({i.peer.association_id for i in recorder.instances}) == 2
+    assert dcmtk("echoscu", "127.0.0.1", str(scp.port)).returncode == 0
