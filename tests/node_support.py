@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
+import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -80,3 +86,109 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+RADGATE = Path(sys.executable).with_name("radgate")
+STORESCU = "/usr/bin/storescu"
+ECHOSCU = "/usr/bin/echoscu"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+class NodeProcess:
+    """``radgate serve`` as a real subprocess on a free port, with its own data dir and log file."""
+
+    def __init__(self, workdir: Path, settings: dict[str, Any] | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.data_dir = workdir / "data"
+        self.config_path = workdir / "radgate.yaml"
+        config: dict[str, Any] = {
+            "data_dir": str(self.data_dir),
+            "dicom": {"port": self.port, "host": "127.0.0.1"},
+            "completion": {"quiet_period_s": 2.0, "after_release_s": 0.5},
+        }
+        for key, value in (settings or {}).items():
+            if isinstance(value, dict):
+                config.setdefault(key, {}).update(value)
+            else:
+                config[key] = value
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "node.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, preexec_fn: Callable[[], None] | None = None) -> NodeProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(RADGATE), "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
+        )
+        log.close()
+        wait_for(self._listening, 30, "radgate serve to listen")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"radgate serve exited with {self.process.returncode}:\n{self.log()}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM and wait; the exit status (SIGKILL after 20 s, which fails the caller's check)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+    def studies(self) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [str(RADGATE), "studies", "--json", "--config", str(self.config_path)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        return list(json.loads(out.stdout))
+
+    def storescu(self, *files: Path, calling_ae: str = "STORESCU") -> subprocess.CompletedProcess[str]:
+        """Send files with DCMTK storescu (verbose, so every response status is in the output)."""
+        return subprocess.run(
+            [
+                STORESCU,
+                "-v",
+                "-aet",
+                calling_ae,
+                "-aec",
+                "RADGATE",
+                "127.0.0.1",
+                str(self.port),
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=DCMTK_ENV,
+        )
+
+    def echoscu(self, calling_ae: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [ECHOSCU, "-v", "-aet", calling_ae, "-aec", "RADGATE", "127.0.0.1", str(self.port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=DCMTK_ENV,
+        )
