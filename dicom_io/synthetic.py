@@ -64,6 +64,7 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
+from pydicom.valuerep import format_number_as_ds
 
 Orientation = str | Sequence[float]
 FloatArray = npt.NDArray[np.float64]
@@ -400,8 +401,8 @@ class SyntheticSeries:
 
 
 def _fmt(values: Sequence[float] | FloatArray) -> list[str]:
-    """Decimal strings that fit DS's 16 characters."""
-    return [f"{float(v):.10g}"[:16] for v in values]
+    """Decimal strings that fit DS's 16 characters; rounding noise such as 6e-17 becomes 0."""
+    return [format_number_as_ds(0.0 if abs(float(v)) < 1e-9 else float(v)) for v in values]
 
 
 def _base_dataset(sop_class: UID, ident: _Identity, grid: _Grid, k: int, instance: int) -> Dataset:
@@ -472,7 +473,7 @@ class _Kind:
 
     sop_class: UID
     intercept: int  # modality value = stored value + intercept
-    noise: tuple[int, int]  # inclusive bounds of the seeded integer noise added to every voxel
+    noise: tuple[int, int]  # inclusive bounds (int8) of the seeded noise added to every voxel
     voxel_dtype: type[np.integer[Any]]
     field_of_view_mm: float  # default in-plane extent (larger matrix side)
     coverage_mm: float  # default extent along the slices
@@ -541,7 +542,7 @@ def _build(
     )
     values, truth = anatomy.sample(grid)
     rng = np.random.default_rng(seed)
-    values += rng.integers(kind.noise[0], kind.noise[1] + 1, size=values.shape, dtype=np.int16)
+    values += rng.integers(kind.noise[0], kind.noise[1] + 1, size=values.shape, dtype=np.int8)
     stored = (values - np.int16(kind.intercept) if kind.intercept else values).view(np.uint16)
     ts = UID(transfer_syntax)
     datasets = []
