@@ -23,10 +23,11 @@ from dicom_io.types import Code, Findings, Measurement, Segment, SourceRef, Volu
 
 ORGAN = Code("123037004", "SCT", "Anatomical Structure")
 LUNG = Code("39607008", "SCT", "Lung")
+TRACHEA = Code("44567001", "SCT", "Trachea")
 RIGHT = Code("24028007", "SCT", "Right")
 LEFT = Code("7771000", "SCT", "Left")
 VOLUME = Code("118565006", "SCT", "Volume")
-ML = Code("mL", "UCUM", "milliliter")
+ML = Code("cm3", "UCUM", "cubic centimeter")
 ATTENUATION = Code("112031", "DCM", "Attenuation Coefficient")
 HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 MEAN = Code("373098007", "SCT", "Mean")
@@ -118,20 +119,27 @@ def ellipsoid(
 
 
 def lung_findings(volume: Volume, empty: Sequence[str] = (), overlap: bool = False) -> Findings:
-    """Right and left lung (left lung overlapping the right one when `overlap`), with measurements."""
+    """Right and left lung (overlapping when `overlap`) with measurements; labels in `empty` not found.
+
+    An `empty` label other than the lungs' is an extra segment (a structure looked for, not found).
+    """
     shape = volume.shape
     z, y, x = shape
-    right = ellipsoid(shape, (z / 2, y / 2, x * 0.3), (z / 3, y / 4, x / 6))
-    left = ellipsoid(shape, (z / 2, y / 2, x * (0.45 if overlap else 0.7)), (z / 3, y / 4, x / 6))
-    masks = {"Right lung": right, "Left lung": left}
+    masks = {
+        "Right lung": ellipsoid(shape, (z / 2, y / 2, x * 0.3), (z / 3, y / 4, x / 6)),
+        "Left lung": ellipsoid(shape, (z / 2, y / 2, x * (0.45 if overlap else 0.7)), (z / 3, y / 4, x / 6)),
+    }
     for label in empty:
         masks[label] = np.zeros(shape, bool)
-    segments = (
+    segments = [
         Segment(
-            1, "Right lung", ORGAN, LUNG, masks["Right lung"], laterality=RIGHT, color_rgb=(80, 160, 255)
+            1, "Right lung", ORGAN, LUNG, masks.pop("Right lung"), laterality=RIGHT, color_rgb=(80, 160, 255)
         ),
-        Segment(2, "Left lung", ORGAN, LUNG, masks["Left lung"], laterality=LEFT, color_rgb=(255, 170, 40)),
-    )
+        Segment(
+            2, "Left lung", ORGAN, LUNG, masks.pop("Left lung"), laterality=LEFT, color_rgb=(255, 170, 40)
+        ),
+    ]
+    segments += [Segment(3 + i, label, ORGAN, TRACHEA, mask) for i, (label, mask) in enumerate(masks.items())]
     measurements = []
     for s in segments:
         if not s.is_empty:
@@ -141,7 +149,7 @@ def lung_findings(volume: Volume, empty: Sequence[str] = (), overlap: bool = Fal
                 Measurement(ATTENUATION, -850.5, HU, s.number, MEAN),
                 Measurement(LAA, 12.5, PERCENT, s.number),
             ]
-    return Findings("ct-lung", "1.2.0", shape, segments, tuple(measurements))
+    return Findings("ct-lung", "1.2.0", shape, tuple(segments), tuple(measurements))
 
 
 def read(path: Path) -> Dataset:

@@ -138,12 +138,10 @@ def test_labelmap_when_configured(tmp_path: Path) -> None:
 
 def test_segment_numbers_are_renumbered_and_empty_segments_left_out() -> None:
     series = make_series()
-    base = lung_findings(series.volume, empty=["Trachea"])
-    trachea = Segment(7, "Trachea", ORGAN, LUNG, np.zeros(series.volume.shape, bool))
-    findings = Findings(base.pipeline, base.version, base.shape, (*base.segments, trachea), base.measurements)
+    findings = lung_findings(series.volume, empty=["Right lung", "Trachea"])
     seg = build_results(findings, series.volume, series.datasets, ResultOptions(write_sc=False)).seg
     assert seg is not None
-    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["Right lung", "Left lung"]
+    assert [(item.SegmentNumber, item.SegmentLabel) for item in seg.SegmentSequence] == [(1, "Left lung")]
 
 
 @pytest.mark.parametrize("name", ["ct-abdomen-totalseg", "mr-brain-t1-mprage"])

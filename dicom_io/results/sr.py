@@ -1,7 +1,9 @@
 """The TID 1500 Measurement Report (Comprehensive 3D SR) that carries the numbers.
 
 One volumetric group (TID 1411) per segment with measurements, referencing its SEG segment, and one
-plain group (TID 1501) for measurements that belong to no segment. Every NUM is INFERRED FROM a
+for measurements that belong to no segment, whose ROI is a Volume Surface POINT inside what was
+found. (Not a plain TID 1501 group: pixelmed picks one template for all groups of a report, so it
+rejects 1411 and 1501 groups side by side.) Every NUM is INFERRED FROM a
 SCOORD3D POINT inside its segment (world LPS, the source frame of reference): OHIF 3.13's SR loader
 drops a whole report whose groups carry no coordinates. Segments the pipeline looked for but did not
 find, and the pipeline's notes, go into the root "Qualitative Evaluations" container as text, so an
@@ -122,14 +124,22 @@ def _segment_group(
     return group
 
 
-def _unsegmented_group(ctx: Context, found: Sequence[Segment]) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _unsegmented_group(
+    ctx: Context, found: Sequence[Segment]
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """Measurements of no segment, located at a point of what was found (or the volume centre)."""
     if found:
         point = inside_point(np.logical_or.reduce([s.mask for s in found]))
     else:
         point = (np.array(ctx.volume.shape, dtype=np.float64) - 1) / 2
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=ctx.uid("whole-volume"), identifier="Whole volume"),
+        referenced_volume_surface=hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=ctx.voxel_to_patient(point[np.newaxis, :]),
+            frame_of_reference_uid=ctx.frame_of_reference_uid,
+            source_series=hd.sr.SourceSeriesForSegmentation(str(ctx.first_source.SeriesInstanceUID)),
+        ),
         algorithm_id=_algorithm(ctx),
         measurements=_measurements(ctx, ctx.findings.measurements_for(None)),
     )
@@ -162,9 +172,7 @@ def _qualitative_container(ctx: Context) -> hd.sr.ContainerContentItem | None:
 def build_sr(ctx: Context, seg: SegInfo | None) -> hd.sr.Comprehensive3DSR:
     """The measurement report; `seg` is None when nothing was segmented."""
     found = ctx.non_empty_segments()
-    groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = []
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     if seg is not None:
         groups += [_segment_group(ctx, seg, s) for s in found if ctx.findings.measurements_for(s.number)]
     if ctx.findings.measurements_for(None):
