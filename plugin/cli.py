@@ -40,6 +40,14 @@ def _cmd_studies(args: argparse.Namespace, config: Config) -> int:
     return print_studies(config, as_json=args.json)
 
 
+def _cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
+    from plugin.dispatch import print_deliveries, retry_command
+
+    if args.deliveries_command == "retry":
+        return retry_command(config, args.ids, args.all_dead)
+    return print_deliveries(config, as_json=args.json, state=args.state)
+
+
 def _cmd_rules_check(args: argparse.Namespace, config: Config) -> int:
     from plugin.route import rules_check
 
@@ -79,6 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(studies)
     studies.add_argument("--json", action="store_true", help="print JSON instead of a table")
     studies.set_defaults(func=_cmd_studies)
+
+    deliveries = sub.add_parser(
+        "deliveries",
+        help="list result deliveries: SOP UID, destination, state, attempts, next attempt, last error",
+        description="List every result delivery (one result instance to one destination): its job, "
+        "SOP Instance UID, destination, state (PENDING, SENDING, SENT, DEAD), attempts, the next "
+        "attempt and the last error.",
+    )
+    _add_config_options(deliveries)
+    deliveries.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    deliveries.add_argument("--state", choices=["PENDING", "SENDING", "SENT", "DEAD"], help="only these")
+    deliveries.set_defaults(func=_cmd_deliveries, deliveries_command=None)
+    deliveries_sub = deliveries.add_subparsers(dest="deliveries_command", metavar="DELIVERIES_COMMAND")
+    deliveries_retry = deliveries_sub.add_parser(
+        "retry",
+        help="re-queue DEAD deliveries (attempts start again from 0)",
+        description="Re-queue DEAD deliveries: by id, or all of them with --all-dead. They become "
+        "PENDING, due now, with their attempts reset. Exit status 1 when a named id is not DEAD.",
+    )
+    _add_config_options(deliveries_retry)
+    deliveries_retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="delivery ids")
+    deliveries_retry.add_argument("--all-dead", action="store_true", help="every DEAD delivery")
 
     rules = sub.add_parser(
         "rules",

@@ -130,6 +130,34 @@ class LoggingConfig(_Strict):
     json_lines: bool = False
 
 
+class DispatchConfig(_Strict):
+    """Sending results (plugin/dispatch.py): batches, capped exponential backoff, then DEAD."""
+
+    workers: int = Field(
+        default=1, ge=1, le=16, description="sending threads; destinations are sent in parallel"
+    )
+    batch_size: int = Field(
+        default=32, ge=1, le=64, description="deliveries per association / STOW-RS request"
+    )
+    poll_interval_s: float = Field(default=1.0, gt=0, description="how often an idle sender looks for work")
+    retry_base_s: float = Field(default=10.0, gt=0, description="delay after the first failure; doubles")
+    retry_max_s: float = Field(default=3600.0, gt=0, description="the longest delay between attempts")
+    retry_jitter: float = Field(
+        default=0.2, ge=0, le=1, description="each delay is shortened by up to this fraction, at random"
+    )
+    max_attempts: int = Field(default=10, ge=1, description="attempts before a delivery is DEAD")
+    claim_timeout_s: float = Field(
+        default=600.0, gt=0, description="a SENDING claim older than this (its node died) is sent again"
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="network timeout per connection and request")
+
+    @model_validator(mode="after")
+    def _delays(self) -> DispatchConfig:
+        if self.retry_max_s < self.retry_base_s:
+            raise ValueError("retry_max_s must not be below retry_base_s")
+        return self
+
+
 # --- destinations: where results go ------------------------------------------------------------
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -351,6 +379,7 @@ class Config(_Strict):
     destinations: dict[str, Destination] = Field(
         default_factory=dict, description="name -> destination; empty: results stay in data_dir only"
     )
+    dispatch: DispatchConfig = DispatchConfig()
     rules: list[Rule] | None = Field(
         default=None, description="ordered, first match wins; absent: the shipped default rules"
     )
