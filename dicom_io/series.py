@@ -150,14 +150,6 @@ class Stack:
         """What messages name: the SeriesInstanceUID (or the first instance when it is empty)."""
         return self.series_uid or f"(no SeriesInstanceUID, instance {self.frames[0].instance.label})"
 
-    @property
-    def orientation(self) -> npt.NDArray[np.float64]:
-        return self.frames[0].orientation
-
-    @property
-    def first_header(self) -> Dataset:
-        return self.frames[0].instance.header
-
 
 @dataclass(frozen=True)
 class Excluded:
@@ -434,7 +426,7 @@ def _frame(
 
 
 def _group_by(items: Sequence[Frame], key: Callable[[Frame], Any]) -> list[tuple[Any, list[Frame]]]:
-    """Group preserving first-seen order (keys may be unhashable-free plain values)."""
+    """Group by a hashable key, keeping the order in which keys are first seen."""
     groups: dict[Any, list[Frame]] = {}
     for item in items:
         groups.setdefault(key(item), []).append(item)

@@ -96,7 +96,7 @@ class _Slot:
 @dataclass(frozen=True, eq=False)
 class _Layout:
     slots: tuple[_Slot, ...]
-    duplicates: tuple[tuple[int, Frame], ...]
+    duplicates: tuple[tuple[int, Frame], ...]  # (output slice of the plane kept, the duplicate plane)
     affine: npt.NDArray[np.float64]
     tilt_deg: float
 
@@ -227,7 +227,10 @@ def _layout(stack: Stack, allow_gaps: bool, tolerance: float) -> _Layout:
         log.info("series %s: slice step tilted %.2f° from the normal; sheared affine kept", uid, tilt)
     else:
         tilt = 0.0
-    return _Layout(_slots(unique, grid), tuple(duplicates), _affine(columns, rows, step, positions[0]), tilt)
+    slots = _slots(unique, grid)
+    real_slot = [k for k, slot in enumerate(slots) if slot.lower < 0]
+    moved = tuple((real_slot[kept], frame) for kept, frame in duplicates)
+    return _Layout(slots, moved, _affine(columns, rows, step, positions[0]), tilt)
 
 
 def _slots(unique: Sequence[Frame], grid: npt.NDArray[Any]) -> tuple[_Slot, ...]:
@@ -270,13 +273,20 @@ def _voxel_dtype(frames: Sequence[Frame]) -> type[np.int16] | type[np.float32]:
 
 
 def _rescale(plane: npt.NDArray[Any], frame: Frame, out: npt.NDArray[Any]) -> None:
-    """Stored values → modality units, written into the output slice (one pass)."""
-    if frame.slope == 1.0 and frame.intercept == 0.0:
-        out[...] = plane
-    elif out.dtype == np.int16:
+    """Stored values → modality units, written into the output slice without a full-size temporary.
+
+    int16 output is proven in range by `_voxel_dtype`, so the in-place add cannot overflow; only a
+    slope other than 1 goes through int32, where stored × slope may leave int16 before the intercept.
+    """
+    if out.dtype == np.int16 and frame.slope != 1.0:
         np.add(plane.astype(np.int32) * int(frame.slope), int(frame.intercept), out=out, casting="unsafe")
+        return
+    if frame.slope == 1.0:
+        out[...] = plane
     else:
-        np.add(plane.astype(np.float32) * np.float32(frame.slope), np.float32(frame.intercept), out=out)
+        np.multiply(plane, np.float32(frame.slope), out=out, dtype=np.float32)
+    if frame.intercept:
+        out += out.dtype.type(frame.intercept)
 
 
 def _check_duplicate(

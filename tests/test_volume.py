@@ -213,6 +213,13 @@ def test_missing_slice_is_an_error_unless_allowed() -> None:
     }
 
 
+def test_duplicate_after_a_filled_gap_is_compared_with_its_own_slice() -> None:
+    series = small_ct()
+    datasets = [ds for ds in with_copy(series, 8, lambda ds: None) if ds is not series.datasets[3]]
+    volume = load_series(datasets, allow_gaps=True)
+    np.testing.assert_array_equal(volume.voxels[8], series.voxels[8])
+
+
 def test_uneven_spacing_is_an_error_within_tolerance_is_not() -> None:
     series = small_ct()
     shifted = with_shift(series, 3, 0.3 * series.affine[2, 2])
