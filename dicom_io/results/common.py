@@ -41,7 +41,6 @@ PATIENT_STUDY_KEYWORDS = (
     "AccessionNumber",
     "ReferringPhysicianName",
     "StudyDescription",
-    "SpecificCharacterSet",
 )
 
 # Positions may be rounded to DS precision by the loader or the modality: allow this much (mm).
@@ -137,7 +136,12 @@ class Context:
         return f"{self.options.series_description_prefix} {self.findings.pipeline} {kind}"[:64]
 
     def stamp(self, ds: Dataset, kind: str) -> None:
-        """Set what every result object carries: description, equipment, software, content time."""
+        """Set what every result object carries: patient/study, description, equipment, software, time.
+
+        Text is written as UTF-8 (ISO_IR 192), which holds any name the source's character set held.
+        """
+        copy_patient_study(self.first_source, ds)
+        ds.SpecificCharacterSet = "ISO_IR 192"
         ds.SeriesDescription = self.series_description(kind)
         ds.Manufacturer = self.options.manufacturer
         ds.ManufacturerModelName = self.options.model_name
@@ -148,8 +152,6 @@ class Context:
         ]
         ds.ContentDate = self.content_date
         ds.ContentTime = self.content_time
-        if "StudyDescription" in self.first_source and "StudyDescription" not in ds:
-            ds.StudyDescription = self.first_source.StudyDescription
 
     def non_empty_segments(self) -> list[Segment]:
         return [s for s in sorted(self.findings.segments, key=lambda s: s.number) if not s.is_empty]
