@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_io.net import StorageSCP, TlsFiles
 from plugin.completion import CompletionMonitor
 from plugin.config import Config
+from plugin.dispatch import Dispatcher
 from plugin.logs import setup_logging
 from plugin.receive import PeerFilter, Receiver, make_spool
 from plugin.store import Store
@@ -32,6 +33,7 @@ class Node:
         self.store = Store(config.db_url)
         self.receiver = Receiver(config)
         self.completion = CompletionMonitor(self.store, config.completion)
+        self.dispatcher = Dispatcher(self.store, config)
         dicom = config.dicom
         tls = dicom.tls
         self.scp = StorageSCP(
@@ -55,8 +57,10 @@ class Node:
         self.store.migrate()
         make_spool(self.config).recover(self.store)
         self.scp.start()
+        self.dispatcher.start()
 
     def stop(self) -> None:
+        self.dispatcher.stop()
         self.scp.stop()
         self.receiver.close()
         self.store.dispose()

@@ -154,12 +154,14 @@ class CountingSCP:
         self.port = free_port()
         ae = AE(ae_title="COUNTER")
         ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(
+        server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )
+        assert server is not None
+        self.server = server
 
     def _on_store(self, event: evt.Event) -> int:
-        uid = str(event.request.AffectedSOPInstanceUID)
+        uid = str(event.dataset.SOPInstanceUID)
         self.received[uid] += 1
         return self.statuses.get(uid, 0x0000)
 
