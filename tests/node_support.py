@@ -99,6 +99,7 @@ class NodeProcess:
 
     def __init__(self, workdir: Path, settings: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.data_dir = workdir / "data"
         self.config_path = workdir / "radgate.yaml"
