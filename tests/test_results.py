@@ -1,0 +1,200 @@
+"""write_results end to end: files, OHIF's loaders (viewercheck), KOS, stable UIDs, and bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from test_results_support import Series, load_real, lung_findings, make_series, require
+
+from dicom_io import validate
+from dicom_io.results import ResultError, ResultOptions, build_results, write_results
+from dicom_io.types import Findings, Volume
+
+VIEWERCHECK = Path("/work/shared/tools/viewercheck")
+TESTDATA = Path("/work/shared/testdata")
+
+
+@pytest.fixture(scope="session")
+def viewercheck_dir() -> Path:
+    """The viewercheck tool, copied and `npm ci`-ed once into the user's cache (it is read-only)."""
+    cache = Path(os.environ.get("RADGATE_CACHE", Path.home() / ".cache" / "radgate"))
+    try:
+        return validate.prepare_viewercheck(VIEWERCHECK, cache)
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"viewercheck cannot be installed here: {exc}")
+
+
+def _save_sources(datasets: list[Dataset], directory: Path) -> Path:
+    directory.mkdir()
+    for ds in datasets:
+        ds.save_as(directory / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    return directory
+
+
+def _by_kind(paths: list[Path]) -> dict[str, list[Path]]:
+    kinds: dict[str, list[Path]] = {}
+    for path in paths:
+        kinds.setdefault(path.name.split("-")[0], []).append(path)
+    return kinds
+
+
+def test_write_results_writes_valid_files(tmp_path: Path) -> None:
+    series = make_series("sagittal")
+    paths = write_results(
+        lung_findings(series.volume),
+        series.volume,
+        series.datasets,
+        tmp_path / "out",
+        ResultOptions(write_kos=True),
+    )
+    kinds = _by_kind(paths)
+    assert {k: len(v) for k, v in kinds.items()} == {"SEG": 1, "SR": 1, "SC": 2, "KO": 1}
+    assert paths[0] == kinds["SEG"][0]  # the SEG goes before the SR that references it
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
+    numbers = {kind: {int(pydicom.dcmread(p).SeriesNumber) for p in ps} for kind, ps in kinds.items()}
+    assert numbers == {"SEG": {1003}, "SR": {1004}, "SC": {1005}, "KO": {1006}}
+    for path in paths:
+        result = require(validate.dciodvfy(path))
+        assert result.ok, f"{path.name}: {result}"
+    sources = _save_sources(series.datasets, tmp_path / "src")
+    consistency = require(validate.dcentvfy([*paths, *sorted(sources.iterdir())]))
+    assert consistency.ok, str(consistency)
+    kos = pydicom.dcmread(kinds["KO"][0])
+    listed = {
+        item.ReferencedSOPInstanceUID
+        for study in kos.CurrentRequestedProcedureEvidenceSequence
+        for s in study.ReferencedSeriesSequence
+        for item in s.ReferencedSOPSequence
+    }
+    assert listed == {pydicom.dcmread(p).SOPInstanceUID for p in kinds["SC"]}
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "oblique"])
+def test_ohif_loads_seg_and_sr(orientation: str, tmp_path: Path, viewercheck_dir: Path) -> None:
+    series = make_series(orientation)
+    paths = _by_kind(
+        write_results(lung_findings(series.volume), series.volume, series.datasets, tmp_path / "out")
+    )
+    sources = _save_sources(series.datasets, tmp_path / "src")
+    result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
+    assert result.ok, result.output
+    assert not result.warnings, result.warnings
+
+
+def test_ohif_loads_results_on_real_mr(tmp_path: Path, viewercheck_dir: Path) -> None:
+    datasets, volume = load_real(TESTDATA / "mr-brain-t1-mprage")
+    findings = lung_findings(volume)
+    paths = _by_kind(
+        write_results(findings, volume, datasets, tmp_path / "out", ResultOptions(write_sc=False))
+    )
+    sources = _save_sources(datasets, tmp_path / "src")
+    result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
+    assert result.ok, result.output
+
+
+def test_same_input_gives_the_same_uids() -> None:
+    series = make_series()
+    findings = lung_findings(series.volume)
+    first = build_results(findings, series.volume, series.datasets)
+    again = build_results(findings, series.volume, series.datasets)
+    other = build_results(findings, series.volume, series.datasets, ResultOptions(uid_seed="rerun-2"))
+    uids = [ds.SOPInstanceUID for ds in first.datasets]
+    assert uids == [ds.SOPInstanceUID for ds in again.datasets]
+    assert not set(uids) & {ds.SOPInstanceUID for ds in other.datasets}
+    assert len(set(uids)) == len(uids)
+
+
+# --- bad input: a clear ResultError, and nothing written ---------------------------------------
+
+
+def _shifted(volume: Volume, millimetres: float) -> Volume:
+    affine = volume.affine.copy()
+    affine[:3, 3] += millimetres
+    return Volume(volume.voxels, affine, volume.sources, volume.attributes)
+
+
+def _with(ds: Dataset, **changes: object) -> Dataset:
+    copy = ds.copy()
+    for keyword, value in changes.items():
+        setattr(copy, keyword, value)
+    return copy
+
+
+def _edit(series: Series, index: int, **changes: object) -> list[Dataset]:
+    """The series with one dataset changed."""
+    return [_with(ds, **changes) if i == index else ds for i, ds in enumerate(series.datasets)]
+
+
+BAD_INPUTS = {
+    "mask grid is not the volume grid": (
+        lambda s: (Findings("ct-lung", "1", (3, 4, 5)), s.volume, s.datasets),
+        "findings shape",
+    ),
+    "volume not on the source positions": (
+        lambda s: (lung_findings(s.volume), _shifted(s.volume, 1.0), s.datasets),
+        "position",
+    ),
+    "source grid differs": (
+        lambda s: (lung_findings(s.volume), s.volume, _edit(s, 0, Rows=41)),
+        "source grid",
+    ),
+    "source pixel spacing differs": (
+        lambda s: (lung_findings(s.volume), s.volume, _edit(s, 0, PixelSpacing=[0.9, 0.6])),
+        "pixel spacing",
+    ),
+    "a source is missing": (
+        lambda s: (lung_findings(s.volume), s.volume, s.datasets[1:]),
+        "not among the datasets",
+    ),
+    "sources from two series": (
+        lambda s: (lung_findings(s.volume), s.volume, _edit(s, 0, SeriesInstanceUID="1.2.3.4")),
+        "2 series",
+    ),
+    "source without a study UID": (
+        lambda s: (lung_findings(s.volume), s.volume, [_with(ds, StudyInstanceUID="") for ds in s.datasets]),
+        "StudyInstanceUID",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_before_anything_is_written(case: str, tmp_path: Path) -> None:
+    series = make_series()
+    make, message = BAD_INPUTS[case]
+    findings, volume, datasets = make(series)
+    with pytest.raises(ResultError, match=message):
+        write_results(findings, volume, datasets, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_labelmap_refuses_overlapping_segments(tmp_path: Path) -> None:
+    series = make_series()
+    findings = lung_findings(series.volume, overlap=True)
+    with pytest.raises(ResultError, match="overlap"):
+        write_results(
+            findings,
+            series.volume,
+            series.datasets,
+            tmp_path / "out",
+            ResultOptions(segmentation_type="LABELMAP"),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_series_number_collision_is_refused() -> None:
+    series = make_series()
+    with pytest.raises(ResultError, match="collides"):
+        build_results(
+            lung_findings(series.volume), series.volume, series.datasets, ResultOptions(series_number_base=3)
+        )
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="segmentation_type"):
+        ResultOptions(segmentation_type="FRACTIONAL")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="series_number_base"):
+        ResultOptions(series_number_base=0)
