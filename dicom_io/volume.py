@@ -315,16 +315,17 @@ def _decode(frames: Sequence[Frame], uid: str, workers: int | None) -> Iterator[
     native = [k for k, f in enumerate(frames) if _is_native(f.instance)]
     for k in native:
         yield from _checked(frames, [k], uid, partial(_read_native, frames[k]))
-    chunks = _chunks(frames, set(native))
-    if not chunks:
+    pending = len(frames) - len(native)
+    if not pending:
         return
-    count = workers or len(os.sched_getaffinity(0))
-    if count < 2 or sum(len(c) for c in chunks) < _PARALLEL_MIN_PLANES:
-        for chunk in chunks:
+    count = min(workers or len(os.sched_getaffinity(0)), pending)
+    if count < 2 or pending < _PARALLEL_MIN_PLANES:
+        for chunk in _chunks(frames, set(native), pending):
             yield from _checked(frames, chunk, uid, partial(_decode_planes, *_task(frames, chunk)))
         return
+    chunks = _chunks(frames, set(native), -(-pending // count))
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(min(count, len(chunks)), mp_context=context) as pool:
+    with ProcessPoolExecutor(count, mp_context=context) as pool:
         futures = [(chunk, pool.submit(_decode_planes, *_task(frames, chunk))) for chunk in chunks]
         for chunk, future in futures:
             yield from _checked(frames, chunk, uid, future.result)
@@ -334,13 +335,17 @@ def _is_native(inst: Instance) -> bool:
     return inst.transfer_syntax in NATIVE_LITTLE_ENDIAN and inst.bits_allocated in (8, 16, 32)
 
 
-def _chunks(frames: Sequence[Frame], skip: set[int]) -> list[list[int]]:
-    """Frames to decode elsewhere, grouped by instance so each file is parsed once."""
+def _chunks(frames: Sequence[Frame], skip: set[int], most: int) -> list[list[int]]:
+    """Frames to decode elsewhere, grouped by instance so a file is parsed once per chunk.
+
+    A multi-frame instance is cut into chunks of at most `most` frames so its frames, too, are
+    shared between the worker processes.
+    """
     by_instance: dict[int, list[int]] = {}
     for k, frame in enumerate(frames):
         if k not in skip:
             by_instance.setdefault(id(frame.instance), []).append(k)
-    return list(by_instance.values())
+    return [ks[i : i + most] for ks in by_instance.values() for i in range(0, len(ks), most)]
 
 
 def _task(frames: Sequence[Frame], chunk: Sequence[int]) -> tuple[Path | Dataset, list[int | None]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
@@ -20,6 +21,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
+    generate_uid,
 )
 
 from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
@@ -314,6 +316,41 @@ def test_legacy_converted_enhanced_ct_equals_its_single_frames() -> None:
     assert {s.sop_instance_uid for s in multi.sources} == {
         pydicom.dcmread(TINY / "multiframe/mf.dcm").SOPInstanceUID
     }
+
+
+def enhanced(series: SyntheticSeries, order: list[int]) -> Dataset:
+    """A Legacy Converted Enhanced CT (highdicom) of the phantom's slices given in `order`."""
+    return LegacyConvertedEnhancedCTImage(
+        [series.datasets[k] for k in order], generate_uid(), 9, generate_uid(), 1
+    )
+
+
+def test_enhanced_ct_with_per_frame_rescale_and_shuffled_frames() -> None:
+    series = small_ct(orientation="oblique")
+    mf = enhanced(series, [3, 1, 7, 0, 9, 2, 8, 4, 6, 5])
+    shared = mf.SharedFunctionalGroupsSequence[0]
+    transform = shared.PixelValueTransformationSequence[0]
+    del shared.PixelValueTransformationSequence
+    stored = np.frombuffer(mf.PixelData, "<u2").reshape(10, 32, 40).copy()
+    for k, item in enumerate(mf.PerFrameFunctionalGroupsSequence):
+        own = deepcopy(transform)
+        own.RescaleIntercept = -1024 - k
+        item.PixelValueTransformationSequence = [own]
+        stored[k] += k
+    mf.PixelData = stored.tobytes()
+    volume = load_series([mf])
+    np.testing.assert_array_equal(volume.voxels, series.voxels)
+    np.testing.assert_allclose(volume.affine, series.affine, atol=1e-4)
+    assert sorted(s.frame for s in volume.sources) == list(range(1, 11))  # type: ignore[type-var]
+
+
+def test_compressed_enhanced_frames_decode_in_parallel(tmp_path: Path) -> None:
+    series = small_ct(reverse_order=True)
+    mf = enhanced(series, list(range(10)))
+    mf.compress(JPEG2000Lossless, generate_instance_uid=False)
+    mf.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+    for workers in (1, 2):
+        np.testing.assert_array_equal(load_series([tmp_path], workers=workers).voxels, series.voxels)
 
 
 def _with_geometry(name: str, tmp_path: Path) -> Path:
