@@ -34,6 +34,8 @@ VARIANTS = {
     "radgate, J2K lossless, 1 core": ("radgate", "j2k", 1),
     "radgate, J2K lossless, 2 processes": ("radgate", "j2k", 2),
     "pydicom one-by-one, J2K lossless, 1 core": ("pydicom", "j2k", 1),
+    "pydicom pixel_array only, 1 thread, J2K": ("threads", "j2k", 1),
+    "pydicom pixel_array only, 2 threads, J2K": ("threads", "j2k", 2),
 }
 
 
@@ -49,6 +51,16 @@ def pydicom_one_by_one(folder: Path) -> npt.NDArray[Any]:
         planes.append((along, ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)))
     planes.sort(key=lambda item: item[0])
     return np.stack([plane for _, plane in planes])
+
+
+def decode_in_threads(folder: Path, threads: int) -> npt.NDArray[Any]:
+    """Decode only, in a thread pool: shows whether the codec releases the GIL (it scales if it does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pydicom.pixels import pixel_array
+
+    with ThreadPoolExecutor(threads) as pool:
+        return np.stack(list(pool.map(pixel_array, sorted(folder.iterdir()))))
 
 
 def cpu_seconds() -> float:
@@ -77,6 +89,8 @@ def run_one(tool: str, folder: Path, workers: int, repeats: int) -> dict[str, fl
         start, start_cpu = time.perf_counter(), cpu_seconds()
         if tool == "radgate":
             voxels = load_series([folder], workers=workers).voxels
+        elif tool == "threads":
+            voxels = decode_in_threads(folder, workers)
         else:
             voxels = pydicom_one_by_one(folder)
         best = min(best, time.perf_counter() - start)
