@@ -157,16 +157,18 @@ def _first_file(paths: Sequence[str]) -> Path | None:
     return None
 
 
+def _transfer_syntax(path: Path) -> str:
+    """A file's transfer syntax from its meta header alone; "" when unreadable or absent."""
+    try:
+        return str(pydicom.filereader.read_file_meta_info(path).get("TransferSyntaxUID", ""))
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return ""
+
+
 def _propose_flag(paths: Sequence[str]) -> list[str]:
     """The storescu flag proposing the first file's transfer syntax, when it is not the default."""
     first = _first_file(paths)
-    if first is None:
-        return []
-    try:
-        ts = str(pydicom.filereader.read_file_meta_info(first).get("TransferSyntaxUID", ""))
-    except (OSError, pydicom.errors.InvalidDicomError):
-        return []
-    flag = _PROPOSE_FLAGS.get(ts)
+    flag = _PROPOSE_FLAGS.get(_transfer_syntax(first)) if first is not None else None
     return [flag] if flag else []
 
 
@@ -255,10 +257,10 @@ def dciodvfy(path: str | Path, timeout: float = 120.0) -> Validation:
     dciodvfy cannot read deflated files, so those are checked as an Explicit VR Little Endian copy.
     """
     exe = tool_path("dciodvfy")
+    target = Path(path)
     with tempfile.TemporaryDirectory(prefix="radgate-dciodvfy-") as tmp:
-        target = Path(path)
-        ds = pydicom.dcmread(target, stop_before_pixels=False)
-        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        if _transfer_syntax(target) == DeflatedExplicitVRLittleEndian:
+            ds = pydicom.dcmread(target)
             plain = Dataset()
             plain.update(ds)
             plain.file_meta = ds.file_meta
