@@ -41,7 +41,10 @@ with parenchyma at -850 HU; the emphysema is a sphere inside the right lung at -
 included in "lung_right". The noise is bounded to +/-5 HU, so "emphysema" equals exactly the voxels
 below -950 HU inside the lungs, and every lung voxel is below -500 HU while the body wall is above.
 "bone" is the vertebral body plus the sternum; "trachea" is the air column in the midline above the
-lungs' centre.
+lungs' centre. Body, spine and trachea are open-ended along z: the grid cuts them.
+
+MR truth: "head" is everything inside the scalp; "brain" is grey + white matter + the two lateral
+ventricles (what skull stripping keeps), inside CSF, skull and scalp shells. Noise is 0..16.
 """
 
 from __future__ import annotations
@@ -299,6 +302,7 @@ class _Anatomy:
 
 
 def _ellipsoid_ml(semi: Sequence[float]) -> float:
+    """Exact ellipsoid volume in mL from its semi-axes in mm."""
     return float(4.0 / 3.0 * np.pi * np.prod(semi) / 1000.0)
 
 
