@@ -119,7 +119,7 @@ class Receiver:
         except SQLAlchemyError as err:
             log.error(
                 "cannot record SOP %s of study %s in the job store: %s; answered 0xA700",
-                *(sop, instance.study_uid, type(err).__name__),
+                *(sop, instance.study_uid, getattr(err, "orig", None) or type(err).__name__),
             )
             return STATUS_OUT_OF_RESOURCES
         log.debug("stored SOP %s of study %s from %s", sop, rec.study_uid, peer.ae_title)

@@ -165,24 +165,23 @@ class NodeProcess:
         )
         return list(json.loads(out.stdout))
 
-    def storescu(self, *files: Path, calling_ae: str = "STORESCU") -> subprocess.CompletedProcess[str]:
+    def storescu(
+        self, *files: Path, calling_ae: str = "STORESCU", options: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
         """Send files with DCMTK storescu (verbose, so every response status is in the output)."""
+        command = [
+            STORESCU,
+            "-v",
+            *options,
+            "-aet",
+            calling_ae,
+            "-aec",
+            "RADGATE",
+            "127.0.0.1",
+            str(self.port),
+        ]
         return subprocess.run(
-            [
-                STORESCU,
-                "-v",
-                "-aet",
-                calling_ae,
-                "-aec",
-                "RADGATE",
-                "127.0.0.1",
-                str(self.port),
-                *map(str, files),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=DCMTK_ENV,
+            [*command, *map(str, files)], capture_output=True, text=True, timeout=120, env=DCMTK_ENV
         )
 
     def echoscu(self, calling_ae: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:

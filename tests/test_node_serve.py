@@ -56,7 +56,7 @@ def test_a_sent_study_is_stored_and_listed_complete(node: NodeProcess, tmp_path:
     assert (study["series_count"], study["revision"], study["accession_number"]) == (1, 1, "ACC1")
     assert all(_same_dataset(f, _spooled(node, f)) for f in files)
     listing = subprocess.run(
-        [str(RADGATE), "studies", "--config", str(node.config_path)],
+        [str(RADGATE), "studies", "--data-dir", str(node.data_dir)],
         capture_output=True,
         text=True,
         check=True,
