@@ -3,6 +3,13 @@
 The executor queues one ``Delivery`` row per (result instance, destination) in the same
 transaction that marks its job SUCCEEDED, so a result is either queued durably or not produced at
 all; nothing about pending sends lives only in memory.
+
+A delivery's life: PENDING (due at ``next_attempt_at``) -> SENDING (claimed by one dispatcher
+under a lease, attempts+1) -> SENT; a failure puts it back to PENDING with a capped exponential
+backoff and the reason in ``last_error``, and after ``dispatch.max_attempts`` it is DEAD (the dead
+letter; ``radgate deliveries retry`` re-queues it). Each destination gets one association or one
+STOW-RS request per batch. Delivery is at least once, which is safe because receivers are
+idempotent per SOP Instance UID (see ``Dispatcher``).
 """
 
 from __future__ import annotations

@@ -169,13 +169,15 @@ class DicomSender:
         contexts = [build_context(sop_class, list(syntaxes)) for sop_class, syntaxes in wanted]
         return contexts, failed
 
-    def _association_failure(self, assoc: Any) -> str:
+    def _association_failure(self, assoc: Any, tls: ssl.SSLContext | None) -> str:
         if assoc.is_rejected:
             return f"association rejected by {self.where} (A-ASSOCIATE-RJ; check the AE titles)"
-        try:  # pynetdicom only logs why the TCP connection failed (and calls it an abort): ask again
-            with socket.create_connection((self.destination.host, self.destination.port), self.timeout_s):
-                pass
-        except OSError as err:
+        host, port = self.destination.host, self.destination.port
+        try:  # pynetdicom only logs why the connection failed (and calls it an abort): try once more
+            with socket.create_connection((host, port), self.timeout_s) as sock:
+                if tls is not None:
+                    tls.wrap_socket(sock, server_hostname=host).close()
+        except OSError as err:  # ssl.SSLError is an OSError
             return describe_network_error(err, self.where)
         if assoc.is_aborted:
             return f"association aborted by {self.where}"
@@ -191,7 +193,8 @@ class DicomSender:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         ae.connection_timeout = self.timeout_s
         tls = self.destination.tls
-        tls_args = (_client_ssl_context(tls), self.destination.host) if tls is not None else None
+        context = _client_ssl_context(tls) if tls is not None else None
+        tls_args = (context, self.destination.host) if context is not None else None
         try:
             assoc = ae.associate(
                 self.destination.host,
@@ -202,7 +205,7 @@ class DicomSender:
         except (OSError, ssl.SSLError) as err:
             return outcomes | _all(todo, describe_network_error(err, self.where))
         if not assoc.is_established:
-            return outcomes | _all(todo, self._association_failure(assoc))
+            return outcomes | _all(todo, self._association_failure(assoc, context))
         try:
             for item in todo:
                 if not assoc.is_established:

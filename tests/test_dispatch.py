@@ -9,6 +9,8 @@ import itertools
 import json
 import logging
 import random
+import ssl
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -148,14 +150,17 @@ def start(server: OrthancServer) -> None:
 class CountingSCP:
     """A pynetdicom Storage SCP that counts C-STOREs per SOP Instance UID and answers chosen statuses."""
 
-    def __init__(self, statuses: dict[str, int]) -> None:
+    def __init__(self, statuses: dict[str, int], tls: ssl.SSLContext | None = None) -> None:
         self.statuses = statuses
         self.received: Counter[str] = Counter()
         self.port = free_port()
         ae = AE(ae_title="COUNTER")
         ae.supported_contexts = AllStoragePresentationContexts
         server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ssl_context=tls,
         )
         assert server is not None
         self.server = server
@@ -431,3 +436,37 @@ def test_node_threads_send_and_stop(orthanc: OrthancServer, store: Store, tmp_pa
     finally:
         dispatcher.stop()
     assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("dispatch-"))
+
+
+def test_cstore_over_tls_verifies_the_peer(store: Store, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    _, files = queue_results(store, tmp_path, ["trusted", "untrusted"], count=1)
+    scp = CountingSCP({}, tls=server_context)
+    try:
+        trusted = {**dicom_destination(scp.port, "COUNTER"), "tls": {"ca_file": str(cert)}}
+        untrusted = {**dicom_destination(scp.port, "COUNTER"), "tls": {}}  # the system CAs do not know it
+        config = load(make_config(tmp_path, {"trusted": trusted, "untrusted": untrusted}, max_attempts=1))
+        Dispatcher(store, config).run_once()
+    finally:
+        scp.shutdown()
+    by_dest = {r.destination: r for r in rows(store)}
+    assert by_dest["trusted"].state == DeliveryState.SENT
+    assert by_dest["untrusted"].state == DeliveryState.DEAD
+    assert "TLS error" in (by_dest["untrusted"].last_error or "")
+    assert "CERTIFICATE_VERIFY_FAILED" in (by_dest["untrusted"].last_error or "")
+    assert "TLS" in (by_dest["untrusted"].last_error or "") or "association" in (
+        by_dest["untrusted"].last_error or ""
+    )
+    assert scp.received == {files[0].stem: 1}
