@@ -153,6 +153,7 @@ class CountingSCP:
     def __init__(self, statuses: dict[str, int], tls: ssl.SSLContext | None = None) -> None:
         self.statuses = statuses
         self.received: Counter[str] = Counter()
+        self._lock = threading.Lock()
         self.port = free_port()
         ae = AE(ae_title="COUNTER")
         ae.supported_contexts = AllStoragePresentationContexts
@@ -167,7 +168,8 @@ class CountingSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         uid = str(event.dataset.SOPInstanceUID)
-        self.received[uid] += 1
+        with self._lock:
+            self.received[uid] += 1
         return self.statuses.get(uid, 0x0000)
 
     def shutdown(self) -> None:
@@ -470,3 +472,24 @@ def test_cstore_over_tls_verifies_the_peer(store: Store, tmp_path: Path) -> None
         by_dest["untrusted"].last_error or ""
     )
     assert scp.received == {files[0].stem: 1}
+
+
+def test_two_nodes_on_one_store_send_each_instance_once(store: Store, tmp_path: Path) -> None:
+    """Two dispatchers (as two node processes would), two threads each, on one SQLite store."""
+    _, files = queue_results(store, tmp_path, ["pacs"], count=12)
+    scp = CountingSCP({})
+    nodes = []
+    try:
+        counter = {"pacs": dicom_destination(scp.port, "COUNTER")}
+        config = load(make_config(tmp_path, counter, workers=2, batch_size=2, poll_interval_s=0.05))
+        nodes = [Dispatcher(Store(store.url), config) for _ in range(2)]
+        for node in nodes:
+            node.start()
+        wait_until(lambda: states(store) == {DeliveryState.SENT}, 30, "every delivery SENT")
+    finally:
+        for node in nodes:
+            node.stop()
+            node.store.dispose()
+        scp.shutdown()
+    assert scp.received == {f.stem: 1 for f in files}
+    assert {r.attempts for r in rows(store)} == {1}
