@@ -12,9 +12,13 @@ from plugin.config import Config, ConfigError, load_config
 Command = Callable[[argparse.Namespace, Config], int]
 
 
-def _add_config_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML configuration file (default: embedded defaults)")
-    p.add_argument("--data-dir", type=Path, help="where the spool and the job database live")
+def _add_config_options(p: argparse.ArgumentParser, default: object = None) -> None:
+    """--config and --data-dir; a nested subcommand passes argparse.SUPPRESS so that its
+    unset options do not overwrite those given before the subcommand's name."""
+    p.add_argument(
+        "--config", type=Path, default=default, help="YAML configuration file (default: embedded defaults)"
+    )
+    p.add_argument("--data-dir", type=Path, default=default, help="where the spool and the job database live")
 
 
 def _config_from(args: argparse.Namespace) -> Config:
@@ -38,6 +42,14 @@ def _cmd_studies(args: argparse.Namespace, config: Config) -> int:
     from plugin.reports import print_studies
 
     return print_studies(config, as_json=args.json)
+
+
+def _cmd_jobs(args: argparse.Namespace, config: Config) -> int:
+    from plugin.jobs import print_jobs, retry_command
+
+    if args.jobs_command == "retry":
+        return retry_command(config, args.job_id)
+    return print_jobs(config, as_json=args.json)
 
 
 def _cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
@@ -87,6 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(studies)
     studies.add_argument("--json", action="store_true", help="print JSON instead of a table")
     studies.set_defaults(func=_cmd_studies)
+
+    jobs = sub.add_parser(
+        "jobs",
+        help="list jobs: study, pipeline, state, attempts, error, step times, deliveries; retry one",
+        description="List every job: study UID, pipeline, state, attempts, the reason of a failure, "
+        "seconds per step (load, infer, encode) and its deliveries per state.",
+    )
+    _add_config_options(jobs)
+    jobs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    jobs.set_defaults(func=_cmd_jobs, jobs_command=None)
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", metavar="JOBS_COMMAND")
+    retry = jobs_sub.add_parser(
+        "retry",
+        help="re-queue a FAILED job, or the DEAD deliveries of a job",
+        description="Re-queue a FAILED job (its attempts start again from 0) or, for a job that "
+        "succeeded, its DEAD deliveries. Exit status 1 when there is nothing to retry.",
+    )
+    _add_config_options(retry, default=argparse.SUPPRESS)
+    retry.add_argument("job_id", type=int, metavar="JOB_ID")
 
     deliveries = sub.add_parser(
         "deliveries",

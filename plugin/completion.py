@@ -5,8 +5,8 @@ after the last instance once every association that brought instances of that re
 released, whichever comes first. Everything is read from the store, so it survives a restart:
 a study still RECEIVING when the node starts gets its quiet period counted from the start (its
 sender may be retrying), unless all its associations had already been released. Completing a
-study and queuing its job happen in one transaction, through one hook (``on_complete``) that
-routing will replace.
+study and queuing its jobs happen in one transaction, through one hook (``on_complete``); the
+node routes there (`plugin.jobs.routing_hook`), the default queues one job without a pipeline.
 """
 
 from __future__ import annotations

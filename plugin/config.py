@@ -125,6 +125,19 @@ class CompletionConfig(_Strict):
     )
 
 
+class ExecutorConfig(_Strict):
+    """How jobs run: worker processes, the time limit and retries, and where results are written."""
+
+    workers: int = Field(default=1, ge=1, le=64, description="worker processes; with CUDA, one per GPU")
+    job_timeout_s: float = Field(default=600.0, gt=0, description="a run longer than this is killed")
+    lease_s: float = Field(
+        default=60.0, gt=0, description="a job whose worker stops renewing for this long is taken over"
+    )
+    max_attempts: int = Field(default=3, ge=1, description="runs of a job before it is FAILED for good")
+    poll_s: float = Field(default=1.0, gt=0, description="how often an idle worker looks for queued jobs")
+    results_dir: Path | None = Field(default=None, description="default: <data_dir>/results")
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_lines: bool = False
@@ -375,6 +388,7 @@ class Config(_Strict):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
     dicom: DicomConfig = DicomConfig()
     completion: CompletionConfig = CompletionConfig()
+    executor: ExecutorConfig = ExecutorConfig()
     logging: LoggingConfig = LoggingConfig()
     destinations: dict[str, Destination] = Field(
         default_factory=dict, description="name -> destination; empty: results stay in data_dir only"
@@ -425,6 +439,11 @@ class Config(_Strict):
     def quarantine_dir(self) -> Path:
         """Spool files found at start that are not usable instances."""
         return self.data_dir / "quarantine"
+
+    @property
+    def results_dir(self) -> Path:
+        """Where each job writes its result files, in ``<results_dir>/<job id>/``."""
+        return self.executor.results_dir or self.data_dir / "results"
 
     @property
     def db_url(self) -> str:

@@ -1,8 +1,10 @@
-"""``radgate serve``: the receiving node — store, spool recovery, DICOM listener, completion loop.
+"""``radgate serve``: the node — store, spool recovery, DICOM listener, completion loop, executor.
 
 Start order matters for durability: the schema is migrated and the spool recovered (leftover
 temporary files removed, unrecorded files recorded or quarantined) before the listener accepts
-anything, so recovery never races a live transfer.
+anything, so recovery never races a live transfer. The routing rules are checked against the
+installed pipelines before anything starts, so a rule naming an unknown pipeline stops the node
+instead of failing every job later.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ from types import FrameType
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from ai_models.registry import available_pipelines
 from dicom_io.net import StorageSCP, TlsFiles
 from plugin.completion import CompletionMonitor
-from plugin.config import Config
+from plugin.config import Config, ConfigError
 from plugin.dispatch import Dispatcher
+from plugin.execute import JobRunner
+from plugin.executor import LocalExecutor
+from plugin.jobs import routing_hook
 from plugin.logs import setup_logging
 from plugin.receive import PeerFilter, Receiver, make_spool
+from plugin.route import validate_rules
 from plugin.store import Store
 
 log = logging.getLogger(__name__)
@@ -30,9 +37,15 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.rules = validate_rules(config, available_pipelines())  # ConfigError: unknown pipeline
+        for note in self.rules.notes:
+            log.info("routing: %s", note)
         self.store = Store(config.db_url)
         self.receiver = Receiver(config)
-        self.completion = CompletionMonitor(self.store, config.completion)
+        self.completion = CompletionMonitor(
+            self.store, config.completion, on_complete=routing_hook(self.rules, config.spool_dir)
+        )
+        self.jobs = JobRunner(self.store, config, LocalExecutor(config.executor.workers, config.logging))
         self.dispatcher = Dispatcher(self.store, config)
         dicom = config.dicom
         tls = dicom.tls
@@ -57,10 +70,12 @@ class Node:
         self.store.migrate()
         make_spool(self.config).recover(self.store)
         self.scp.start()
+        self.jobs.start()
         self.dispatcher.start()
 
     def stop(self) -> None:
         self.dispatcher.stop()
+        self.jobs.stop()
         self.scp.stop()
         self.receiver.close()
         self.store.dispose()
@@ -77,7 +92,11 @@ def serve(config: Config) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _on_signal)
-    node = Node(config)
+    try:
+        node = Node(config)
+    except ConfigError as err:
+        log.error("cannot start the node: %s", err)
+        return 2
     try:
         node.start()
     except (OSError, SQLAlchemyError) as err:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     DateTime,
     Engine,
     ForeignKey,
@@ -173,6 +174,11 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # migration 0004 (plugin/jobs.py, plugin/execute.py): what routing decided, per-step seconds
+    series_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    rule: Mapped[str | None] = mapped_column(String(64))
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
 
 
 class Delivery(Base):

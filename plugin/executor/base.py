@@ -1,0 +1,90 @@
+"""The executor seam: the node hands a `Task` to an `Executor` and gets a `TaskResult` back.
+
+The node keeps all job-store bookkeeping (leases, retries, recording); an executor only runs
+tasks somewhere — local worker processes now, Ray later — and must be able to stop one. So the
+interface is one blocking call per slot that watches the clock and the caller's `Watch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Task:
+    """One run of a pipeline on one series: plain data, so it crosses process (and machine) borders.
+
+    ``out_dir`` is where the results must appear, whole or not at all; if it already exists, an
+    earlier attempt finished writing it and its files are the results (nothing runs again).
+    """
+
+    job_id: int
+    pipeline: str
+    study_uid: str
+    series_uid: str
+    revision: int
+    files: tuple[str, ...]
+    out_dir: str
+    supersedes: int | None = None
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Result files as (SOP Instance UID, path), seconds per step, or the reason it failed."""
+
+    results: tuple[tuple[str, str], ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    retry: bool = False  # True: not the input's fault (a bug, a full disk); another attempt may work
+    reused: bool = False  # the files of an earlier attempt were found complete and used
+
+
+class TaskTimeout(Exception):
+    """The task ran past its time limit and was killed."""
+
+    def __init__(self, seconds: float, step: str, timings: dict[str, float]) -> None:
+        super().__init__(f"timed out after {seconds:g} s (in {step})")
+        self.timings = timings
+
+
+class WorkerLost(Exception):
+    """The process running the task died (killed, out of memory, crashed) before answering."""
+
+    def __init__(self, reason: str, timings: dict[str, float]) -> None:
+        super().__init__(reason)
+        self.timings = timings
+
+
+class Stopped(Exception):
+    """The caller's watch asked to stop (the node is stopping or the lease was lost); the task was killed."""
+
+
+class Watch(Protocol):
+    """What the caller wants to hear while a task runs."""
+
+    def keep_going(self) -> bool:
+        """Called about every second: renew the lease, say whether to go on."""
+        ...
+
+    def step_done(self, step: str, seconds: float) -> None:
+        """A step (``load_s``, ``infer_s``, ``encode_s``) finished after ``seconds``."""
+        ...
+
+
+class Executor(Protocol):
+    """Runs tasks on ``slots`` parallel workers; each slot runs one task at a time."""
+
+    @property
+    def slots(self) -> int: ...
+
+    def run(self, slot: int, task: Task, timeout_s: float, watch: Watch) -> TaskResult:
+        """Run ``task`` on worker ``slot`` and wait for it.
+
+        Raises TaskTimeout, WorkerLost or Stopped; the task's worker is gone in each case.
+        """
+        ...
+
+    def close(self) -> None:
+        """Stop every worker (killing running tasks)."""
+        ...
