@@ -240,24 +240,36 @@ def _http_status(response: requests.Response, where: str) -> str:
     return f"HTTP {response.status_code} {response.reason} from {where}"
 
 
-def _sequence_uids(answer: dict[str, Any], tag: str) -> dict[str, str]:
-    """SOP Instance UID -> FailureReason (or "") of the items of a STOW-RS response sequence."""
-    found: dict[str, str] = {}
-    for entry in answer.get(tag, {}).get("Value", []):
-        uid = entry.get("00081155", {}).get("Value", [""])[0]
-        reason = entry.get("00081197", {}).get("Value", [""])[0]
-        found[str(uid)] = str(reason)
-    return found
+def _stow_answer(response: requests.Response) -> tuple[set[str], dict[str, str]]:
+    """(stored, refused) SOP Instance UIDs of a STOW-RS answer: ReferencedSOPSequence (0008,1199)
+    and FailedSOPSequence (0008,1198) with each FailureReason; empty when the body says nothing."""
+    try:
+        answer = response.json() if response.content else {}
+    except ValueError:
+        return set(), {}
+    if not isinstance(answer, dict):
+        return set(), {}
 
+    def items(tag: str) -> list[dict[str, Any]]:
+        return list(answer.get(tag, {}).get("Value", []))
 
-FAILED_SOP_SEQUENCE = "00081198"
+    def uid(entry: dict[str, Any]) -> str:
+        return str(entry.get("00081155", {}).get("Value", [""])[0])
+
+    stored = {uid(entry) for entry in items("00081199")}
+    refused: dict[str, str] = {}
+    for entry in items("00081198"):
+        reason = entry.get("00081197", {}).get("Value", [None])[0]
+        refused[uid(entry)] = f"0x{reason:04X}" if isinstance(reason, int) else "?"
+    return stored, refused
 
 
 class StowSender:
     """DICOMweb STOW-RS: one multipart/related POST to {url}/studies per batch, files sent byte for byte.
 
-    The response's FailedSOPSequence names instances the server refused (HTTP 202 or 409); the
-    rest of a 200/202 answer counts as stored.
+    Per instance: listed in the answer's FailedSOPSequence, refused; in its ReferencedSOPSequence,
+    stored, whatever the HTTP status (Orthanc answers 400 for a batch with one bad part and still
+    stores the others); neither, stored only when the status is 200.
     """
 
     def __init__(self, destination: DicomWebDestination, timeout_s: float) -> None:
@@ -274,11 +286,8 @@ class StowSender:
             if (reason := _missing(item)) is not None:
                 outcomes[item.delivery_id] = reason
                 continue
-            parts += [
-                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(),
-                item.path.read_bytes(),
-            ]
-            parts.append(b"\r\n")
+            part_header = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            parts += [part_header, item.path.read_bytes(), b"\r\n"]
             todo.append(item)
         if not todo:
             return outcomes
@@ -297,21 +306,15 @@ class StowSender:
                 )
         except requests.RequestException as err:
             return outcomes | _all(todo, describe_network_error(err, self.where))
-        if response.status_code not in (200, 202, 409):
-            return outcomes | _all(todo, _http_status(response, self.where))
-        try:
-            answer = response.json() if response.content else {}
-        except ValueError:
-            answer = {}
-        failed = _sequence_uids(answer if isinstance(answer, dict) else {}, FAILED_SOP_SEQUENCE)
+        stored, refused = _stow_answer(response)
         for item in todo:
-            if item.sop_instance_uid in failed:
-                code = failed[item.sop_instance_uid]
-                outcomes[item.delivery_id] = f"STOW-RS refused by {self.where}, FailureReason {code or '?'}"
-            elif response.status_code == 409:
-                outcomes[item.delivery_id] = _http_status(response, self.where)
-            else:
+            uid = item.sop_instance_uid
+            if uid in refused:
+                outcomes[item.delivery_id] = f"STOW-RS refused by {self.where}, FailureReason {refused[uid]}"
+            elif uid in stored or response.status_code == 200:
                 outcomes[item.delivery_id] = None
+            else:
+                outcomes[item.delivery_id] = f"{_http_status(response, self.where)}; not listed as stored"
         return outcomes
 
 

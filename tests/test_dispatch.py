@@ -493,3 +493,22 @@ def test_two_nodes_on_one_store_send_each_instance_once(store: Store, tmp_path: 
         scp.shutdown()
     assert scp.received == {f.stem: 1 for f in files}
     assert {r.attempts for r in rows(store)} == {1}
+
+
+def test_stow_batch_with_a_bad_part_stores_the_rest(
+    orthanc: OrthancServer, store: Store, tmp_path: Path
+) -> None:
+    if not orthanc.dicomweb:
+        pytest.skip("the Orthanc DICOMweb plugin is not installed")
+    config = load(
+        make_config(tmp_path, {"web": {"kind": "dicomweb", "url": orthanc.dicomweb_url}}, max_attempts=1)
+    )
+    study_uid, files = queue_results(store, tmp_path, ["web"], count=2)
+    files[1].write_bytes(b"\0" * 128 + b"DICM" + b"not a data set")
+    Dispatcher(store, config).run_once()
+    good, bad = rows(store)
+    assert (good.state, good.last_error) == (DeliveryState.SENT, None)
+    assert bad.state == DeliveryState.DEAD and "not listed as stored" in (bad.last_error or "")
+    assert [i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.instances_of_study(study_uid)] == [
+        files[0].stem
+    ]
