@@ -213,7 +213,7 @@ def key_slices(ctx: Context) -> list[int]:
     found = ctx.non_empty_segments()
     if not found:
         return []
-    area = sum(np.count_nonzero(s.mask, axis=(1, 2)) for s in found)
+    area = sum(ctx.slice_counts(s) for s in found)
     return [int(np.argmax(area))]
 
 

@@ -32,25 +32,12 @@ def coded(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
-def _label_array(ctx: Context, segments: list[Segment]) -> npt.NDArray[np.uint8]:
-    """Segments as one label array (z, y, x), which highdicom encodes ~5x faster than a 4-D stack."""
-    labels = np.zeros(ctx.volume.shape, dtype=np.uint8)
-    for index, segment in enumerate(segments, start=1):
-        np.copyto(labels, np.uint8(index), where=segment.mask)
-    return labels
+def _stacked_array(segments: list[Segment]) -> npt.NDArray[np.uint8]:
+    """Segments stacked on the last axis (z, y, x, n): the only form that keeps overlaps.
 
-
-def _stacked_array(ctx: Context, segments: list[Segment]) -> npt.NDArray[np.uint8]:
-    """Segments stacked on the last axis (z, y, x, n): the only form that keeps overlaps."""
+    Without overlap the label array is passed instead, which highdicom encodes ~5x faster.
+    """
     return np.stack([s.mask.view(np.uint8) for s in segments], axis=-1)
-
-
-def _overlap(segments: list[Segment]) -> bool:
-    if len(segments) < 2:
-        return False
-    total = sum(int(np.count_nonzero(s.mask)) for s in segments)
-    union = np.logical_or.reduce([s.mask for s in segments])
-    return total != int(np.count_nonzero(union))
 
 
 def _to_source_frames(ctx: Context, array: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
@@ -96,7 +83,8 @@ def build_seg(ctx: Context) -> SegInfo | None:
         for index, s in enumerate(segments, start=1)
     ]
     labelmap = ctx.options.segmentation_type == "LABELMAP"
-    array = _stacked_array(ctx, segments) if _overlap(segments) else _label_array(ctx, segments)
+    labels, overlap = ctx.labels()
+    array = _stacked_array(segments) if overlap else labels
     seg = hd.seg.Segmentation(
         source_images=ctx.source_instances,
         pixel_array=_to_source_frames(ctx, array),

@@ -35,18 +35,21 @@ _PROCEDURES = {
 _IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 
 
-def inside_point(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
-    """A voxel (z, y, x) of the mask near its centroid: the centroid itself may fall outside (a ring)."""
-    counts = [mask.sum(axis=axes, dtype=np.int64) for axes in ((1, 2), (0, 2), (0, 1))]
-    centroid = np.array([np.dot(c, np.arange(len(c))) / c.sum() for c in counts])
-    z, y, x = np.round(centroid).astype(int)
-    if mask[z, y, x]:
-        return centroid
-    filled = np.flatnonzero(counts[0])
-    z = int(filled[np.argmin(np.abs(filled - centroid[0]))])
+def inside_point(mask: npt.NDArray[np.bool_], counts: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """A voxel (z, y, x) of the mask near its centroid, on a source slice (`counts`: voxels per slice).
+
+    The slice nearest the centroid's z, then the in-plane centroid, or the mask pixel nearest to it
+    when the centroid falls outside (a ring, a crescent): a viewer jumps to a slice that shows it.
+    """
+    filled = np.flatnonzero(counts)
+    centre_z = float(np.dot(counts, np.arange(len(counts))) / counts.sum())
+    z = int(filled[np.argmin(np.abs(filled - centre_z))])
     ys, xs = np.nonzero(mask[z])
-    nearest = int(np.argmin((ys - centroid[1]) ** 2 + (xs - centroid[2]) ** 2))
-    return np.array([z, ys[nearest], xs[nearest]], dtype=np.float64)
+    y, x = round(float(ys.mean())), round(float(xs.mean()))
+    if not mask[z, y, x]:
+        nearest = int(np.argmin((ys - y) ** 2 + (xs - x) ** 2))
+        y, x = int(ys[nearest]), int(xs[nearest])
+    return np.array([z, y, x], dtype=np.float64)
 
 
 def _observation_context(ctx: Context) -> hd.sr.ObservationContext:
@@ -120,7 +123,7 @@ def _segment_group(
         algorithm_id=_algorithm(ctx),
         measurements=_measurements(ctx, ctx.findings.measurements_for(segment.number)),
     )
-    _locate(ctx, group, inside_point(segment.mask))
+    _locate(ctx, group, inside_point(segment.mask, ctx.slice_counts(segment)))
     return group
 
 
@@ -129,7 +132,8 @@ def _unsegmented_group(
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """Measurements of no segment, located at a point of what was found (or the volume centre)."""
     if found:
-        point = inside_point(np.logical_or.reduce([s.mask for s in found]))
+        labels = ctx.labels()[0]
+        point = inside_point(labels > 0, np.array([np.count_nonzero(plane) for plane in labels]))
     else:
         point = (np.array(ctx.volume.shape, dtype=np.float64) - 1) / 2
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
