@@ -17,7 +17,9 @@ Conventions (other modules rely on them):
 
 Native little-endian pixel data is read with one seek + `np.fromfile` per plane straight from the
 offset the header pass remembered. Compressed planes are decoded by pydicom/pylibjpeg in a process
-pool: measured here, openjpeg holds the GIL (2 threads: no gain; 2 processes: 1.9x).
+pool ("fork": workers start at once and need no `__main__` guard in the caller; they run only
+pydicom and the codecs): measured here, openjpeg holds the GIL, so threads do not scale and
+processes do (bench/README.md, "## volume").
 """
 
 from __future__ import annotations
@@ -134,13 +136,13 @@ def load_stack(
     Raises SeriesError (gaps, uneven spacing, different pixels at one position) or DecodeError.
     """
     layout = _layout(stack, allow_gaps, spacing_tolerance)
-    real = [slot.frame for slot in layout.slots if slot.lower < 0]
+    out_index = [k for k, slot in enumerate(layout.slots) if slot.lower < 0]
     interpolated = [k for k, slot in enumerate(layout.slots) if slot.lower >= 0]
+    real = [layout.slots[k].frame for k in out_index]
     dtype = np.float32 if interpolated else _voxel_dtype(real)
     first = stack.frames[0].instance
     voxels = np.empty((len(layout.slots), first.rows, first.columns), dtype=dtype)
     needed = real + [frame for _, frame in layout.duplicates]
-    out_index = [k for k, slot in enumerate(layout.slots) if slot.lower < 0]
     for position, plane in _decode(needed, stack.label, workers):
         if position < len(real):
             _rescale(plane, needed[position], voxels[out_index[position]])
@@ -319,6 +321,8 @@ def _decode(frames: Sequence[Frame], uid: str, workers: int | None) -> Iterator[
     if not pending:
         return
     count = min(workers or len(os.sched_getaffinity(0)), pending)
+    if multiprocessing.current_process().daemon:
+        count = 1  # a multiprocessing.Pool worker may not start processes of its own
     if count < 2 or pending < _PARALLEL_MIN_PLANES:
         for chunk in _chunks(frames, set(native), pending):
             yield from _checked(frames, chunk, uid, partial(_decode_planes, *_task(frames, chunk)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -144,6 +145,16 @@ def test_parallel_and_serial_decoding_agree() -> None:
     series = small_ct(transfer_syntax=JPEG2000Lossless)
     serial, parallel = load_series(series.datasets, workers=1), load_series(series.datasets, workers=2)
     np.testing.assert_array_equal(serial.voxels, parallel.voxels)
+
+
+def _load_shape(folder: Path) -> tuple[int, int, int]:
+    return load_series([folder], workers=2).shape
+
+
+def test_compressed_series_loads_inside_a_daemonic_pool_worker(tmp_path: Path) -> None:
+    small_ct(transfer_syntax=JPEG2000Lossless).write(tmp_path)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map(_load_shape, [tmp_path]) == [(10, 32, 40)]
 
 
 def test_int16_when_exact_float32_otherwise() -> None:
