@@ -208,23 +208,20 @@ def _runnable(now: datetime, max_attempts: int) -> Any:
     )
 
 
-def fail_abandoned(store: Store, max_attempts: int, now: datetime | None = None) -> int:
-    """FAIL the RUNNING jobs whose lease expired after their last allowed attempt; returns how many."""
-    now = now or utcnow()
-    with store.session() as s:
-        result = s.execute(
-            update(Job)
-            .where(Job.state == JobState.RUNNING, Job.lease_expires_at < now, Job.attempts >= max_attempts)
-            .values(
-                state=JobState.FAILED,
-                error=f"worker lost (lease expired) and all {max_attempts} attempts used",
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-                finished_at=now,
-            )
+def _fail_abandoned(s: Session, max_attempts: int, now: datetime) -> None:
+    """FAIL the RUNNING jobs whose lease expired after their last allowed attempt."""
+    s.execute(
+        update(Job)
+        .where(Job.state == JobState.RUNNING, Job.lease_expires_at < now, Job.attempts >= max_attempts)
+        .values(
+            state=JobState.FAILED,
+            error=f"worker lost (lease expired) and all {max_attempts} attempts used",
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+            finished_at=now,
         )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+    )
 
 
 def claim_job(
@@ -232,8 +229,8 @@ def claim_job(
 ) -> ClaimedJob | None:
     """Lease the oldest runnable job to ``owner``; None when there is none (or others took them all)."""
     now = now or utcnow()
-    fail_abandoned(store, max_attempts, now)
     with store.session() as s:
+        _fail_abandoned(s, max_attempts, now)
         candidates = list(
             s.scalars(select(Job.id).where(_runnable(now, max_attempts)).order_by(Job.id).limit(8))
         )

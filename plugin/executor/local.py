@@ -13,6 +13,7 @@ node's end of its pipe closes, so a killed node leaves no worker behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import signal
@@ -44,14 +45,18 @@ def _worker_main(conn: Connection, slot: int, logging_config: LoggingConfig) -> 
     setup_logging(logging_config)
     device = worker_device(slot)
     pipelines: dict[str, Pipeline] = {}
-    conn.send(("ready", str(device)))
-    while True:
-        try:
+
+    def report(step: str, seconds: float) -> None:
+        with contextlib.suppress(OSError):  # the node is gone: the result cannot be sent either
+            conn.send(("step", step, seconds))
+
+    try:
+        conn.send(("ready", str(device)))
+        while True:
             task = conn.recv()
-        except (EOFError, OSError):  # the node closed our pipe or died
-            return
-        result = run_task(task, device, pipelines, lambda step, s: conn.send(("step", step, s)))
-        conn.send(("result", result))
+            conn.send(("result", run_task(task, device, pipelines, report)))
+    except (EOFError, OSError):  # the node closed our pipe or died: nobody is waiting for us
+        return
 
 
 @dataclass

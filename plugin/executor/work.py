@@ -70,8 +70,9 @@ def read_manifest(out_dir: Path) -> tuple[tuple[str, str], ...]:
 def _write_whole(out_dir: Path, write: Callable[[Path], list[Path]]) -> tuple[tuple[str, str], ...]:
     """Write into a temporary sibling folder, make it durable, rename it to ``out_dir``."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for left in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # from attempts killed while encoding
+        shutil.rmtree(left, ignore_errors=True)
     temp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temp, ignore_errors=True)
     paths = write(temp)
     entries = [(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p.name) for p in paths]
     (temp / MANIFEST).write_text(json.dumps(entries))
