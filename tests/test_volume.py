@@ -15,7 +15,6 @@ import pytest
 from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
@@ -170,7 +169,7 @@ def test_int16_when_exact_float32_otherwise() -> None:
 def with_copy(series: SyntheticSeries, k: int, change: Callable[[Dataset], None]) -> list[Dataset]:
     """The series plus a copy of slice k (new SOP Instance UID) changed by `change`."""
     copy = deepcopy(series.datasets[k])
-    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = UID(f"{copy.SOPInstanceUID}.9")
+    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     change(copy)
     return [*series.datasets, copy]
 
@@ -199,7 +198,7 @@ def test_duplicate_positions_split_by_echo_number() -> None:
     for echo in (1, 2):
         for ds in series.datasets:
             copy = deepcopy(ds)
-            copy.SOPInstanceUID = f"{ds.SOPInstanceUID}.{echo}"
+            copy.SOPInstanceUID = generate_uid()
             copy.EchoNumbers = echo
             if echo == 2:
                 _brighter(copy)
