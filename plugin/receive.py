@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_io.net import Peer, ReceivedInstance
 from plugin.config import AllowedPeer, Config
-from plugin.spool import Spool
+from plugin.spool import InstanceIds, Spool
 from plugin.store import Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Receiver:
         self._config = config
         self._run_token = uuid.uuid4().hex[:12]  # association ids are only unique per process run
         self._lock = threading.Lock()
+        self._seen_series: set[str] = set()
         self._pid: int | None = None
         self._spool: Spool | None = None
         self._store: Store | None = None
@@ -53,6 +54,7 @@ class Receiver:
         self._config = state["_config"]
         self._run_token = state["_run_token"]
         self._lock = threading.Lock()
+        self._seen_series = set()
         self._pid, self._spool, self._store = None, None, None
 
     def _parts(self) -> tuple[Spool, Store]:
@@ -62,6 +64,12 @@ class Receiver:
                 self._spool = make_spool(self._config)
                 self._store = Store(self._config.db_url)  # an engine must not cross a fork
             return self._spool, self._store
+
+    def _remember_series(self, series_uid: str) -> None:
+        """Series whose rows exist: later instances skip reading the header (bounded memory)."""
+        if len(self._seen_series) > 100_000:
+            self._seen_series.clear()
+        self._seen_series.add(series_uid)
 
     def close(self) -> None:
         with self._lock:
@@ -95,8 +103,13 @@ class Receiver:
             "address": peer.address,
             "association_key": self.association_key(peer),
         }
+        ids = InstanceIds(
+            instance.study_uid, instance.series_uid, sop, instance.sop_class_uid, instance.transfer_syntax
+        )
         try:
-            rec = replace(spool.describe(instance.path, now), **peer_fields)
+            # the transport has checked the UIDs; the header is read once per series, for its rows
+            tags = None if instance.series_uid in self._seen_series else spool.read_tags(instance.path)
+            rec = replace(spool.record_for(instance.path, ids, now, tags), **peer_fields)
             placed = spool.place(instance.path, rec)
             if not placed.created:
                 known_sha = store.instance_sha256(rec.sop_instance_uid)
@@ -104,9 +117,12 @@ class Receiver:
                     _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=known_sha == rec.sha256)
                     return STATUS_SUCCESS
                 # the file is there but unrecorded (a crash, or another receiver mid-way): record it
-                rec = replace(spool.describe(placed.path, now), **peer_fields)
+                rec = replace(
+                    spool.record_for(placed.path, ids, now, spool.read_tags(placed.path)), **peer_fields
+                )
             if not store.record_instance(rec):
                 _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=True)
+            self._remember_series(instance.series_uid)
         except (InvalidDicomError, AttributeError, ValueError) as err:
             log.warning("refused SOP %s from %s: not a storable instance (%s)", sop, peer.ae_title, err)
             return STATUS_CANNOT_UNDERSTAND

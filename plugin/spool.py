@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from plugin.store import InstanceRecord, Store
@@ -58,6 +59,38 @@ def _size_and_hash(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class InstanceIds:
+    """The UIDs that place an instance in the spool and the store."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class HeaderTags:
+    """Study and series attributes recorded with the first instance of a series (no patient data)."""
+
+    accession_number: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+
+
+_TAG_KEYWORDS = ("AccessionNumber", "Modality", "SeriesNumber")
+
+
+def _tags(ds: Dataset) -> HeaderTags:
+    series_number = ds.get("SeriesNumber")
+    return HeaderTags(
+        accession_number=str(ds.get("AccessionNumber") or "") or None,
+        modality=str(ds.get("Modality") or "") or None,
+        series_number=int(series_number) if series_number not in (None, "") else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -118,29 +151,48 @@ class Spool:
         return Placed(final, created)
 
     def describe(self, path: Path, received_at: datetime) -> InstanceRecord:
-        """Read what the store records about a DICOM file: UIDs, a few header tags (no pixels), hash.
+        """Everything the store records about a DICOM file, read from the file itself (recovery).
 
-        ``spool_path`` is where the file belongs (from its UIDs), not where it lies now.
         Raises InvalidDicomError, InvalidUID, AttributeError (a UID missing) or OSError.
         """
-        size, sha = _size_and_hash(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
-        final = self.final_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-        series_number = ds.get("SeriesNumber")
-        return InstanceRecord(
+        ids = InstanceIds(
             study_uid=str(ds.StudyInstanceUID),
             series_uid=str(ds.SeriesInstanceUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(meta.get("MediaStorageSOPClassUID") or ds.SOPClassUID),
+            sop_instance_uid=str(ds.get("SOPInstanceUID") or meta.MediaStorageSOPInstanceUID),
+            sop_class_uid=str(ds.get("SOPClassUID") or meta.MediaStorageSOPClassUID),
             transfer_syntax=str(meta.TransferSyntaxUID),
+        )
+        return self.record_for(path, ids, received_at, _tags(ds))
+
+    def read_tags(self, path: Path) -> HeaderTags:
+        """The study and series attributes the store keeps (header only, no pixels)."""
+        return _tags(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_TAG_KEYWORDS)))
+
+    def record_for(
+        self, path: Path, ids: InstanceIds, received_at: datetime, tags: HeaderTags | None
+    ) -> InstanceRecord:
+        """The store's record of ``path``: ``spool_path`` is where it belongs (from its UIDs), size, hash.
+
+        ``tags`` None: the study and series rows exist already, their attributes are not needed.
+        """
+        size, sha = _size_and_hash(path)
+        final = self.final_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
+        tags = tags or HeaderTags()
+        return InstanceRecord(
+            study_uid=ids.study_uid,
+            series_uid=ids.series_uid,
+            sop_instance_uid=ids.sop_instance_uid,
+            sop_class_uid=ids.sop_class_uid,
+            transfer_syntax=ids.transfer_syntax,
             spool_path=self.relative(final),
             size=size,
             sha256=sha,
             received_at=received_at,
-            accession_number=str(ds.get("AccessionNumber") or "") or None,
-            modality=str(ds.get("Modality") or "") or None,
-            series_number=int(series_number) if series_number not in (None, "") else None,
+            accession_number=tags.accession_number,
+            modality=tags.modality,
+            series_number=tags.series_number,
         )
 
     def recover(self, store: Store) -> RecoveryReport:

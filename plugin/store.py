@@ -31,13 +31,16 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    bindparam,
+    case,
     create_engine,
     event,
     func,
+    insert,
     select,
     update,
 )
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -241,6 +244,59 @@ class StudySummary:
     completed_at: datetime | None
 
 
+def _insert(conn: Connection, table: type[Base], **values: Any) -> int:
+    """INSERT one row and return its primary key."""
+    result = conn.execute(insert(table), values)
+    return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def _later(column: Any) -> Any:
+    """The later of a timestamp column and :now (instances may commit out of order)."""
+    now = bindparam("now", type_=UTCDateTime())
+    return case((column < now, now), else_=column)
+
+
+class _Sql:
+    """Statements built once: building them per call cost more than running them."""
+
+    find_instance = select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop"))
+    find_study = (
+        select(Study.id, Study.revision, Study.state)
+        .where(Study.study_uid == bindparam("uid"))
+        .with_for_update()
+    )
+    count_study = (
+        update(Study)
+        .where(Study.id == bindparam("row"))
+        .values(
+            instance_count=Study.instance_count + 1,
+            last_received_at=_later(Study.last_received_at),
+            accession_number=func.coalesce(Study.accession_number, bindparam("accession", type_=String())),
+        )
+    )
+    reopen_study = (
+        update(Study)
+        .where(Study.id == bindparam("row"))
+        .values(
+            revision=bindparam("new_revision"),
+            state=StudyState.RECEIVING,
+            revision_started_at=bindparam("now", type_=UTCDateTime()),
+            completed_at=None,
+        )
+    )
+    find_series = select(Series.id).where(Series.series_uid == bindparam("uid"))
+    count_series = (
+        update(Series)
+        .where(Series.id == bindparam("row"))
+        .values(instance_count=Series.instance_count + 1, last_received_at=_later(Series.last_received_at))
+    )
+    find_reception = select(Reception.id).where(
+        Reception.association_key == bindparam("key"),
+        Reception.study_id == bindparam("study_id"),
+        Reception.study_revision == bindparam("revision"),
+    )
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the SQLite settings the node's durability and concurrency rely on."""
     if not url.startswith("sqlite"):
@@ -327,80 +383,74 @@ class Store:
                     raise
 
     def _record(self, s: Session, rec: InstanceRecord) -> bool:
-        if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid)) is not None:
+        """Prepared Core statements (see ``_Sql``), not the ORM: this runs once per received instance."""
+        conn = s.connection()
+        if conn.execute(_Sql.find_instance, {"sop": rec.sop_instance_uid}).first() is not None:
             return False
         now = rec.received_at
-        study = s.scalar(select(Study).where(Study.study_uid == rec.study_uid).with_for_update())
+        study = conn.execute(_Sql.find_study, {"uid": rec.study_uid}).first()
         if study is None:
-            study = Study(
+            revision = 1
+            study_id = _insert(
+                conn,
+                Study,
                 study_uid=rec.study_uid,
                 accession_number=rec.accession_number,
-                revision=1,
+                revision=revision,
                 state=StudyState.RECEIVING,
-                instance_count=0,
+                instance_count=1,
                 first_received_at=now,
                 last_received_at=now,
                 revision_started_at=now,
             )
-            s.add(study)
-            s.flush()
-        elif study.state != StudyState.RECEIVING:
-            study.revision += 1
-            study.state = StudyState.RECEIVING
-            study.revision_started_at = now
-            study.completed_at = None
-        series = s.scalar(select(Series).where(Series.series_uid == rec.series_uid))
-        if series is None:
-            series = Series(
-                study_id=study.id,
+        else:
+            study_id, revision, state = study
+            conn.execute(_Sql.count_study, {"row": study_id, "now": now, "accession": rec.accession_number})
+            if state != StudyState.RECEIVING:
+                revision += 1
+                conn.execute(_Sql.reopen_study, {"row": study_id, "new_revision": revision, "now": now})
+        series_id = conn.execute(_Sql.find_series, {"uid": rec.series_uid}).scalar()
+        if series_id is None:
+            series_id = _insert(
+                conn,
+                Series,
+                study_id=study_id,
                 series_uid=rec.series_uid,
                 modality=rec.modality,
                 series_number=rec.series_number,
-                instance_count=0,
+                instance_count=1,
                 first_received_at=now,
                 last_received_at=now,
             )
-            s.add(series)
-            s.flush()
-        s.add(
-            Instance(
-                study_id=study.id,
-                series_id=series.id,
-                sop_instance_uid=rec.sop_instance_uid,
-                sop_class_uid=rec.sop_class_uid,
-                transfer_syntax=rec.transfer_syntax,
-                study_revision=study.revision,
-                spool_path=rec.spool_path,
-                size=rec.size,
-                sha256=rec.sha256,
-                received_at=now,
-                calling_ae=rec.calling_ae,
-            )
+        else:
+            conn.execute(_Sql.count_series, {"row": series_id, "now": now})
+        _insert(
+            conn,
+            Instance,
+            study_id=study_id,
+            series_id=series_id,
+            sop_instance_uid=rec.sop_instance_uid,
+            sop_class_uid=rec.sop_class_uid,
+            transfer_syntax=rec.transfer_syntax,
+            study_revision=revision,
+            spool_path=rec.spool_path,
+            size=rec.size,
+            sha256=rec.sha256,
+            received_at=now,
+            calling_ae=rec.calling_ae,
         )
-        study.instance_count += 1
-        study.last_received_at = max(study.last_received_at, now)
-        series.instance_count += 1
-        series.last_received_at = max(series.last_received_at, now)
-        if study.accession_number is None and rec.accession_number:
-            study.accession_number = rec.accession_number
         if rec.association_key is not None:
-            known = s.scalar(
-                select(Reception.id).where(
-                    Reception.association_key == rec.association_key,
-                    Reception.study_id == study.id,
-                    Reception.study_revision == study.revision,
-                )
-            )
-            if known is None:
-                s.add(
-                    Reception(
-                        association_key=rec.association_key,
-                        study_id=study.id,
-                        study_revision=study.revision,
-                        calling_ae=rec.calling_ae,
-                        address=rec.address,
-                        started_at=now,
-                    )
+            reception = {"key": rec.association_key, "study_id": study_id, "revision": revision}
+            if conn.execute(_Sql.find_reception, reception).first() is None:
+                _insert(
+                    conn,
+                    Reception,
+                    association_key=rec.association_key,
+                    study_id=study_id,
+                    study_revision=revision,
+                    calling_ae=rec.calling_ae,
+                    address=rec.address,
+                    started_at=now,
                 )
         return True
 
@@ -417,9 +467,9 @@ class Store:
     def recorded_paths(self, study_uid: str) -> set[str]:
         with self.session() as s:
             rows = s.scalars(
-                select(Instance.spool_path).join(Study, Study.id == Instance.study_id).where(
-                    Study.study_uid == study_uid
-                )
+                select(Instance.spool_path)
+                .join(Study, Study.id == Instance.study_id)
+                .where(Study.study_uid == study_uid)
             )
             return set(rows)
 

@@ -80,8 +80,16 @@ def test_an_old_database_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
     assert [s.study_uid for s in upgraded.studies()] == ["1.2.3"]
     with upgraded.session() as s:
         study = s.scalars(select(Study)).one()
-        s.add(Job(study_id=study.id, study_revision=1, state="QUEUED", attempts=0,
-                  created_at=utcnow(), updated_at=utcnow()))
+        s.add(
+            Job(
+                study_id=study.id,
+                study_revision=1,
+                state="QUEUED",
+                attempts=0,
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
     with upgraded.session() as s:
         assert s.execute(text("SELECT count(*) FROM jobs")).scalar() == 1
     upgraded.dispose()
