@@ -30,6 +30,7 @@ import numpy.typing as npt
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "radgate, uncompressed, 1 core": ("radgate", "plain", 1),
+    "  of which header pass (group_series)": ("headers", "plain", 1),
     "pydicom one-by-one, uncompressed, 1 core": ("pydicom", "plain", 1),
     "radgate, J2K lossless, 1 core": ("radgate", "j2k", 1),
     "radgate, J2K lossless, 2 processes": ("radgate", "j2k", 2),
@@ -81,21 +82,23 @@ def run_one(tool: str, folder: Path, workers: int, repeats: int) -> dict[str, fl
     """Load `folder` `repeats` times in this process; best time and peak resident memory."""
     if workers == 1:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    from dicom_io.volume import load_series
+    from dicom_io.volume import group_series, load_series
 
     baseline_mb = status_mb("VmRSS")
     best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), cpu_seconds()
         if tool == "radgate":
-            voxels = load_series([folder], workers=workers).voxels
+            result: object = load_series([folder], workers=workers).voxels
+        elif tool == "headers":
+            result = group_series([folder])
         elif tool == "threads":
-            voxels = decode_in_threads(folder, workers)
+            result = decode_in_threads(folder, workers)
         else:
-            voxels = pydicom_one_by_one(folder)
+            result = pydicom_one_by_one(folder)
         best = min(best, time.perf_counter() - start)
         best_cpu = min(best_cpu, cpu_seconds() - start_cpu)
-        del voxels
+        del result
     peak_mb = status_mb("VmHWM")
     worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {
