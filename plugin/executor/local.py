@@ -43,6 +43,7 @@ def _worker_main(conn: Connection, slot: int, logging_config: LoggingConfig) -> 
     from plugin.logs import setup_logging
 
     setup_logging(logging_config)
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))  # per object
     device = worker_device(slot)
     pipelines: dict[str, Pipeline] = {}
 

@@ -1,0 +1,75 @@
+"""End to end, lite: `radgate serve` receives by DCMTK, routes at completion, runs ct-lung, lists the job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from node_support import RADGATE, NodeProcess, wait_for, write_series
+
+from dicom_io.synthetic import ct_chest_phantom
+
+RULES = [{"name": "chest", "match": {"Modality": {"equals": "CT"}}, "pipeline": "ct-lung"}]
+
+
+def _jobs(node: NodeProcess) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [str(RADGATE), "jobs", "--json", "--config", str(node.config_path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return list(json.loads(out.stdout))
+
+
+def _finished(node: NodeProcess, count: int) -> list[dict[str, Any]] | None:
+    jobs = _jobs(node)
+    done = [j for j in jobs if j["state"] in ("SUCCEEDED", "FAILED")]
+    return jobs if len(done) == count else None
+
+
+def test_a_sent_study_is_routed_run_and_listed_and_a_bad_one_fails_with_its_reason(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path, {"rules": RULES, "executor": {"poll_s": 0.2}}).start()
+    try:
+        bad = write_series(tmp_path / "bad", 3)  # CT, matches the rule, too few slices for ct-lung
+        assert node.storescu(*bad).returncode == 0
+        phantom = ct_chest_phantom(rows=64, columns=64, slices=40, seed=5)
+        sent = node.storescu(*phantom.write(tmp_path / "phantom"))
+        assert sent.returncode == 0, sent.stderr
+        failed, succeeded = wait_for(lambda: _finished(node, 2), 240, "both jobs to finish", interval=0.5)
+    finally:
+        assert node.stop() == 0, node.log()
+
+    bad_study = pydicom.dcmread(bad[0], stop_before_pixels=True).StudyInstanceUID
+    assert (failed["study_uid"], failed["state"], failed["attempts"]) == (bad_study, "FAILED", 1)
+    assert failed["error"] == "ct-lung: only 3 slices, this pipeline needs at least 5"
+
+    assert (succeeded["study_uid"], succeeded["series_uid"]) == (phantom.study_uid, phantom.series_uid)
+    assert (succeeded["state"], succeeded["pipeline"], succeeded["rule"]) == ("SUCCEEDED", "ct-lung", "chest")
+    assert succeeded["error"] is None and succeeded["deliveries"] == {}
+    assert set(succeeded["timings"]) == {"load_s", "infer_s", "encode_s"}
+    files = sorted(Path(succeeded["results_dir"]).glob("*.dcm"))
+    kinds = {str(pydicom.dcmread(f, stop_before_pixels=True).Modality) for f in files}
+    assert kinds == {"SEG", "SR", "OT"}, files
+    assert Path(succeeded["results_dir"]).parent == node.data_dir / "results"
+    log = node.log()
+    assert "Traceback" not in log and "PatientName" not in log
+    table = subprocess.run(
+        [str(RADGATE), "jobs", "--config", str(node.config_path)], capture_output=True, text=True, check=True
+    )
+    assert "SUCCEEDED" in table.stdout and "only 3 slices" in table.stdout
+
+
+def test_a_rule_naming_an_unknown_pipeline_stops_the_start(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path, {"rules": [{**RULES[0], "pipeline": "ct-lunk"}]})
+    result = subprocess.run(
+        [str(RADGATE), "serve", "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "rule 'chest': unknown pipeline 'ct-lunk'" in result.stderr
