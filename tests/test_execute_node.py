@@ -25,10 +25,11 @@ def _jobs(node: NodeProcess) -> list[dict[str, Any]]:
     return list(json.loads(out.stdout))
 
 
-def _finished(node: NodeProcess, count: int) -> list[dict[str, Any]] | None:
+def _finished(node: NodeProcess, count: int) -> list[dict[str, Any]]:
+    """Every job once ``count`` of them have ended; empty until then."""
     jobs = _jobs(node)
     done = [j for j in jobs if j["state"] in ("SUCCEEDED", "FAILED")]
-    return jobs if len(done) == count else None
+    return jobs if len(done) == count else []
 
 
 def test_a_sent_study_is_routed_run_and_listed_and_a_bad_one_fails_with_its_reason(tmp_path: Path) -> None:
