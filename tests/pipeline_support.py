@@ -35,7 +35,9 @@ def flipped(volume: Volume, axis: int) -> Volume:
     affine[:3, 3] += affine[:3, column] * (n - 1)
     affine[:3, column] *= -1
     sources = volume.sources[::-1] if axis == 0 else volume.sources
-    return Volume(np.flip(volume.voxels, axis), affine, sources, dict(volume.attributes))
+    return Volume(
+        np.ascontiguousarray(np.flip(volume.voxels, axis)), affine, sources, dict(volume.attributes)
+    )
 
 
 def flip_mask(mask: npt.NDArray[np.bool_], axis: int) -> npt.NDArray[np.bool_]:
