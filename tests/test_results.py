@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from test_results_support import Series, load_real, lung_findings, make_series, require
+from test_results_support import (
+    EMPHYSEMA,
+    ML,
+    ORGAN,
+    VOLUME,
+    Series,
+    check_frames_on_sources,
+    check_masks,
+    load_real,
+    lung_findings,
+    make_series,
+    require,
+)
 
 from dicom_io import validate
 from dicom_io.results import ResultError, ResultOptions, build_results, write_results
-from dicom_io.types import Findings, Volume
+from dicom_io.synthetic import ct_chest_phantom
+from dicom_io.types import Findings, Measurement, Segment, Volume
+from dicom_io.volume import load_series
 
 VIEWERCHECK = Path("/work/shared/tools/viewercheck")
 TESTDATA = Path("/work/shared/testdata")
@@ -198,3 +214,48 @@ def test_options_are_checked() -> None:
         ResultOptions(segmentation_type="FRACTIONAL")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="series_number_base"):
         ResultOptions(series_number_base=0)
+
+
+# --- the synthetic chest phantom through the node's own loader --------------------------------
+
+PHANTOM_CASES = {
+    "axial": {},
+    "sagittal": {"orientation": "sagittal"},
+    "coronal": {"orientation": "coronal"},
+    "oblique": {"orientation": "oblique"},
+    "reversed": {"reverse_order": True},
+    "tilted": {"gantry_tilt_deg": 15.0},
+}
+
+
+def _phantom_findings(truth: dict[str, np.ndarray], volume: Volume) -> Findings:
+    """Lungs, trachea and emphysema (inside the right lung: overlapping) from the phantom's truth."""
+    lungs = lung_findings(volume)
+    structures = [("lung_right", lungs.segments[0]), ("lung_left", lungs.segments[1])]
+    segments = [replace(template, mask=truth[name]) for name, template in structures]
+    segments.append(Segment(3, "Emphysema", ORGAN, EMPHYSEMA, truth["emphysema"], color_rgb=(230, 60, 60)))
+    measurements = [
+        Measurement(VOLUME, round(float(s.mask.sum()) * volume.voxel_volume_ml, 3), ML, s.number)
+        for s in segments
+    ]
+    return Findings("ct-lung", "1.2.0", volume.shape, tuple(segments), tuple(measurements))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(PHANTOM_CASES))
+def test_phantom_series(case: str, tmp_path: Path, viewercheck_dir: Path) -> None:
+    """Any orientation, slice order and gantry tilt: SEG frames on the planes, masks back, OHIF loads it."""
+    phantom = ct_chest_phantom(48, 48, 24, **PHANTOM_CASES[case])  # type: ignore[arg-type]
+    volume = load_series(phantom.datasets)
+    # the truth is indexed like the phantom's voxels: the loader must have found the same grid
+    np.testing.assert_allclose(volume.affine, phantom.affine, atol=1e-4)
+    findings = _phantom_findings(phantom.truth, volume)
+    paths = _by_kind(write_results(findings, volume, phantom.datasets, tmp_path / "out"))
+    check_frames_on_sources(pydicom.dcmread(paths["SEG"][0]), phantom.datasets)
+    check_masks(paths["SEG"][0], findings, volume)
+    for path in (*paths["SEG"], *paths["SR"], *paths["SC"]):
+        result = require(validate.dciodvfy(path))
+        assert result.ok, f"{path.name}: {result}"
+    sources = _save_sources(phantom.datasets, tmp_path / "src")
+    viewer = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
+    assert viewer.ok, viewer.output

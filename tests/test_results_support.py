@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pydicom
@@ -24,6 +25,7 @@ from dicom_io.types import Code, Findings, Measurement, Segment, SourceRef, Volu
 ORGAN = Code("123037004", "SCT", "Anatomical Structure")
 LUNG = Code("39607008", "SCT", "Lung")
 TRACHEA = Code("44567001", "SCT", "Trachea")
+EMPHYSEMA = Code("87433001", "SCT", "Pulmonary emphysema")
 RIGHT = Code("24028007", "SCT", "Right")
 LEFT = Code("7771000", "SCT", "Left")
 VOLUME = Code("118565006", "SCT", "Volume")
@@ -187,3 +189,32 @@ def require(result: validate.Validation) -> validate.Validation:
             pytest.skip(f"{result.tool} is not installed")
         pytest.fail(f"{result.tool} did not run: {result.errors}")
     return result
+
+
+def check_frames_on_sources(seg: Dataset, sources: list[Dataset]) -> None:
+    """Every frame's position/orientation equals that of the source image it derives from."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    shared_orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    for number, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        derivation = frame.DerivationImageSequence
+        assert len(derivation) == 1 and len(derivation[0].SourceImageSequence) == 1, f"frame {number}"
+        source = by_uid[derivation[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose(
+            np.array(position, float), np.array(source.ImagePositionPatient, float), atol=1e-3
+        )
+        np.testing.assert_allclose(
+            np.array(shared_orientation, float), np.array(source.ImageOrientationPatient, float), atol=1e-5
+        )
+
+
+def check_masks(seg_path: Path, findings: Findings, volume: Volume) -> None:
+    """highdicom reads back, per source instance, exactly the mask slice that came from it."""
+    seg = hd.seg.segread(seg_path)
+    uids = [ref.sop_instance_uid for ref in volume.sources]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=None)
+    found = [s for s in findings.segments if not s.is_empty]
+    assert pixels.shape == (*volume.shape, len(found))
+    for index, segment in enumerate(found):
+        np.testing.assert_array_equal(pixels[..., index].astype(bool), segment.mask)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -13,6 +12,8 @@ from test_results_support import (
     LUNG,
     ORGAN,
     Series,
+    check_frames_on_sources,
+    check_masks,
     load_real,
     lung_findings,
     make_series,
@@ -21,7 +22,7 @@ from test_results_support import (
 
 from dicom_io import validate
 from dicom_io.results import ResultOptions, build_results
-from dicom_io.types import Findings, Segment, Volume
+from dicom_io.types import Findings, Segment
 
 TESTDATA = Path("/work/shared/testdata")
 
@@ -29,35 +30,6 @@ TESTDATA = Path("/work/shared/testdata")
 def _write(ds: Dataset, path: Path) -> Path:
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-def _check_frames_on_sources(seg: Dataset, sources: list[Dataset]) -> None:
-    """Every frame's position/orientation equals that of the source image it derives from."""
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    shared = seg.SharedFunctionalGroupsSequence[0]
-    shared_orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
-    for number, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
-        derivation = frame.DerivationImageSequence
-        assert len(derivation) == 1 and len(derivation[0].SourceImageSequence) == 1, f"frame {number}"
-        source = by_uid[derivation[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
-        position = frame.PlanePositionSequence[0].ImagePositionPatient
-        np.testing.assert_allclose(
-            np.array(position, float), np.array(source.ImagePositionPatient, float), atol=1e-3
-        )
-        np.testing.assert_allclose(
-            np.array(shared_orientation, float), np.array(source.ImageOrientationPatient, float), atol=1e-5
-        )
-
-
-def _check_masks(seg_path: Path, findings: Findings, volume: Volume) -> None:
-    """highdicom reads back, per source instance, exactly the mask slice that came from it."""
-    seg = hd.seg.segread(seg_path)
-    uids = [ref.sop_instance_uid for ref in volume.sources]
-    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=None)
-    found = [s for s in findings.segments if not s.is_empty]
-    assert pixels.shape == (*volume.shape, len(found))
-    for index, segment in enumerate(found):
-        np.testing.assert_array_equal(pixels[..., index].astype(bool), segment.mask)
 
 
 @pytest.fixture(scope="module", params=["axial", "sagittal", "oblique"])
@@ -79,12 +51,12 @@ def test_seg_passes_dciodvfy(synthetic: tuple[Series, Path]) -> None:
 
 def test_seg_masks_read_back(synthetic: tuple[Series, Path]) -> None:
     series, path = synthetic
-    _check_masks(path, lung_findings(series.volume), series.volume)
+    check_masks(path, lung_findings(series.volume), series.volume)
 
 
 def test_seg_frames_lie_on_their_source_planes(synthetic: tuple[Series, Path]) -> None:
     series, path = synthetic
-    _check_frames_on_sources(pydicom.dcmread(path), series.datasets)
+    check_frames_on_sources(pydicom.dcmread(path), series.datasets)
 
 
 def test_seg_header(synthetic: tuple[Series, Path]) -> None:
@@ -132,8 +104,8 @@ def test_labelmap_when_configured(tmp_path: Path) -> None:
     assert seg is not None
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
     path = _write(seg, tmp_path / "labelmap.dcm")
-    _check_masks(path, findings, series.volume)
-    _check_frames_on_sources(pydicom.dcmread(path), series.datasets)
+    check_masks(path, findings, series.volume)
+    check_frames_on_sources(pydicom.dcmread(path), series.datasets)
 
 
 def test_segment_numbers_are_renumbered_and_empty_segments_left_out() -> None:
@@ -155,7 +127,7 @@ def test_real_series(name: str, tmp_path: Path) -> None:
     seg = build_results(findings, volume, datasets, ResultOptions(write_sc=False)).seg
     assert seg is not None
     path = _write(seg, tmp_path / "seg.dcm")
-    _check_frames_on_sources(pydicom.dcmread(path), datasets)
-    _check_masks(path, findings, volume)
+    check_frames_on_sources(pydicom.dcmread(path), datasets)
+    check_masks(path, findings, volume)
     result = require(validate.dciodvfy(path))
     assert result.ok, str(result)
