@@ -6,14 +6,14 @@ import logging
 import multiprocessing
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
 import torch
 from execute_support import add_job, claim_all, job_row, make_config, register_test_pipelines, spool_files
-from node_support import write_series
+from node_support import wait_for, write_series
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -117,6 +117,18 @@ def test_a_retryable_failure_is_requeued_until_max_attempts(
     job = job_row(store, job_id)
     assert (job.state, job.error, job.timings) == (JobState.FAILED, "boom (attempt 2 of 2)", {"load_s": 0.5})
     assert claim_job(store, "a", config.spool_dir, 10, 2) is None
+
+
+def test_a_later_revision_names_the_revision_whose_results_it_supersedes(
+    store: Store, config: Config, tmp_path: Path
+) -> None:
+    _study_with_jobs(store, config, tmp_path, 1)
+    first = claim_job(store, "a", config.spool_dir, 10, 2)
+    assert first is not None and first.supersedes is None
+    assert finish_job(store, first, "a", [], {}, enqueue=lambda *_: 0)
+    later = add_job(store, first.study_uid, first.series_uid, "ct-lung", revision=2)
+    second = claim_job(store, "a", config.spool_dir, 10, 2)
+    assert second is not None and (second.id, second.revision, second.supersedes) == (later, 2, 1)
 
 
 def _no_deliveries(
@@ -244,6 +256,30 @@ def test_a_pipeline_that_hangs_is_killed_at_the_time_limit(
     assert job.error is not None and job.error.startswith("timed out after 3 s (in infer)"), job.error
     assert job.timings is not None and "load_s" in job.timings
     assert not (config.results_dir / str(job_id)).exists()
+
+
+def _lease(store: Store, job_id: int) -> datetime:
+    """When the job's lease ends; the epoch while it has none."""
+    return job_row(store, job_id).lease_expires_at or datetime.fromtimestamp(0, UTC)
+
+
+def test_a_running_job_keeps_its_lease_and_is_given_back_when_the_runner_stops(
+    store: Store, tmp_path: Path, phantom: SyntheticSeries, phantom_files: list[Path], executor: LocalExecutor
+) -> None:
+    config = make_config(tmp_path / "data", lease_s=3, job_timeout_s=600)
+    spool_files(store, config, phantom_files)
+    job_id = add_job(store, phantom.study_uid, phantom.series_uid, "test-hang")
+    runner = JobRunner(store, config, executor, enqueue=_no_deliveries)
+    runner.start()
+    try:
+        first = wait_for(lambda: _lease(store, job_id), 120, "the job to be claimed")
+        renewed = first + timedelta(seconds=3)  # past the first lease: only renewals get there
+        wait_for(lambda: _lease(store, job_id) > renewed, 120, "the lease to be renewed")
+        assert claim_job(store, "intruder", config.spool_dir, 3, 3) is None
+    finally:
+        runner.stop()
+    job = job_row(store, job_id)
+    assert (job.state, job.attempts, job.lease_owner) == (JobState.QUEUED, 0, None)
 
 
 def test_a_series_the_pipeline_cannot_use_fails_with_its_reason(
