@@ -8,6 +8,7 @@ from pathlib import Path
 import pydicom
 from node_support import NodeProcess, wait_for, write_series
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -17,7 +18,7 @@ COUNT = 300
 def _send_all(port: int, files: list[Path], acked: dict[str, int], done: threading.Event) -> None:
     """C-STORE files in order, recording each response status, until the node goes away."""
     ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)  # what the files hold
     try:
         assoc = ae.associate("127.0.0.1", port, ae_title="RADGATE")
         for path in files:

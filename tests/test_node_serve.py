@@ -74,15 +74,19 @@ def test_the_same_instance_twice_is_stored_once(node: NodeProcess, tmp_path: Pat
     assert _spooled(node, first).read_bytes() == stored
 
 
-def test_a_late_instance_opens_a_new_revision_with_its_own_job(node: NodeProcess, tmp_path: Path) -> None:
+def test_a_late_instance_opens_a_new_revision_that_completes_again(node: NodeProcess, tmp_path: Path) -> None:
+    """Which jobs each revision queues is routing's business (tests/test_node_completion.py: one each)."""
     files = write_series(tmp_path / "src", 3)
     assert node.storescu(*files[:2]).returncode == 0
-    _complete(node, 2)
+    first = _complete(node, 2)
     assert node.storescu(files[2]).returncode == 0
-    _complete(node, 3, revision=2)
+    second = _complete(node, 3, revision=2)
+    assert second["completed_at"] > first["completed_at"]
     with sqlite3.connect(node.data_dir / "radgate.db") as db:
-        jobs = db.execute("SELECT study_revision, state FROM jobs ORDER BY id").fetchall()
-    assert jobs == [(1, "QUEUED"), (2, "QUEUED")]
+        revisions = db.execute(
+            "SELECT study_revision, count(*) FROM instances GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    assert revisions == [(1, 2), (2, 1)]
 
 
 def _send_raw(port: int, path: Path) -> int:

@@ -1,0 +1,43 @@
+"""DICOM TLS from the configuration: a TLS peer stores, a plain-TCP peer gets nowhere."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from node_support import NodeProcess, wait_for, write_series
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key, cert = directory / "node.key", directory / "node.crt"
+    request = [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run([*request, *files], check=True, capture_output=True, timeout=60)
+    return key, cert
+
+
+def test_tls_peers_store_and_plain_peers_do_not(tmp_path: Path) -> None:
+    key, cert = _self_signed(tmp_path)
+    tls = {"enabled": True, "cert_file": str(cert), "key_file": str(key)}
+    node = NodeProcess(tmp_path / "node", {"dicom": {"tls": tls}}).start()
+    try:
+        files = write_series(tmp_path / "src", 3)
+        plain = node.storescu(*files)
+        assert "Success" not in plain.stderr, plain.stderr
+        secure = node.storescu(*files, options=("+tla", "+cf", str(cert)))
+        assert secure.returncode == 0 and secure.stderr.count("Success") == 3, secure.stderr
+        wait_for(lambda: [s for s in node.studies() if s["state"] == "COMPLETE"], 30, "the study to complete")
+        assert node.studies()[0]["instance_count"] == 3
+    finally:
+        assert node.stop() == 0, node.log()
