@@ -259,3 +259,11 @@ def test_phantom_series(case: str, tmp_path: Path, viewercheck_dir: Path) -> Non
     sources = _save_sources(phantom.datasets, tmp_path / "src")
     viewer = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
     assert viewer.ok, viewer.output
+
+
+def test_multiframe_source_frame_out_of_range() -> None:
+    source = pydicom.dcmread(TESTDATA / "dcmqi/segmentations/23x38x3/multiframe/mf.dcm")
+    volume = load_series([source])
+    bad = Volume(volume.voxels, volume.affine, (*volume.sources[:-1], replace(volume.sources[-1], frame=4)))
+    with pytest.raises(ResultError, match="needs frame 1..3"):
+        build_results(Findings("t", "1", volume.shape), bad, [source])

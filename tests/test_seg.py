@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -129,5 +130,35 @@ def test_real_series(name: str, tmp_path: Path) -> None:
     path = _write(seg, tmp_path / "seg.dcm")
     check_frames_on_sources(pydicom.dcmread(path), datasets)
     check_masks(path, findings, volume)
+    result = require(validate.dciodvfy(path))
+    assert result.ok, str(result)
+
+
+def test_multiframe_source(tmp_path: Path) -> None:
+    """A Legacy Converted Enhanced CT (3 frames, 23 columns): each mask slice on the frame it came from."""
+    from dicom_io.volume import load_series
+
+    source = pydicom.dcmread(TESTDATA / "dcmqi/segmentations/23x38x3/multiframe/mf.dcm")
+    volume = load_series([source])
+    assert {ref.frame for ref in volume.sources} == {1, 2, 3}
+    masks = np.zeros(volume.shape, bool)
+    for k in range(volume.shape[0]):  # a different square on each slice
+        masks[k, 5 + 8 * k : 12 + 8 * k, 3 + 5 * k : 9 + 5 * k] = True
+    findings = Findings("test", "1", volume.shape, (Segment(1, "Squares", ORGAN, LUNG, masks),))
+    seg = build_results(findings, volume, [source], ResultOptions(write_sc=False)).seg
+    assert seg is not None
+    path = _write(seg, tmp_path / "seg.dcm")
+    read = hd.seg.segread(path)
+    for k, ref in enumerate(volume.sources):
+        assert ref.frame is not None
+        pixels = read.get_pixels_by_source_frame(source.SOPInstanceUID, [ref.frame])
+        np.testing.assert_array_equal(pixels[0, ..., 0].astype(bool), masks[k])
+    frames = source.PerFrameFunctionalGroupsSequence
+    for item in pydicom.dcmread(path).PerFrameFunctionalGroupsSequence:
+        number = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber
+        expected = frames[int(number) - 1].PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose(
+            np.array(item.PlanePositionSequence[0].ImagePositionPatient, float), np.array(expected, float)
+        )
     result = require(validate.dciodvfy(path))
     assert result.ok, str(result)
