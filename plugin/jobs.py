@@ -34,6 +34,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from plugin.config import Config
+from plugin.dispatch import retry_deliveries
 from plugin.route import RuleSet, SeriesInfo, StudyPlan, plan_study
 from plugin.store import Delivery, DeliveryState, Instance, Job, JobState, Series, Store, Study, utcnow
 
@@ -445,16 +446,13 @@ def retry_job(store: Store, job_id: int) -> str:
             job.finished_at = None
             log.info("job %d re-queued by the operator (was: %s)", job_id, job.error)
             return f"job {job_id} re-queued"
-        revived = s.execute(
-            update(Delivery)
-            .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.DEAD)
-            .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now, updated_at=now)
-        )
-        n = int(revived.rowcount)  # type: ignore[attr-defined]
-        if n:
-            log.info("job %d: %d dead deliveries re-queued by the operator", job_id, n)
-            return f"job {job_id}: {n} dead deliveries re-queued"
-        raise ValueError(f"job {job_id} is {job.state} and has no dead deliveries: nothing to retry")
+        dead = s.scalars(
+            select(Delivery.id).where(Delivery.job_id == job_id, Delivery.state == DeliveryState.DEAD)
+        ).all()
+        state = job.state
+    if requeued := retry_deliveries(store, dead):
+        return f"job {job_id}: {len(requeued)} dead deliveries re-queued"
+    raise ValueError(f"job {job_id} is {state} and has no dead deliveries: nothing to retry")
 
 
 def _seconds(timings: dict[str, float]) -> str:
