@@ -72,6 +72,12 @@ def _cmd_rules_check(args: argparse.Namespace, config: Config) -> int:
     return rules_check(config, args.paths, available, destinations=args.destination, as_json=args.json)
 
 
+def _cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from plugin.offline import command
+
+    return command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="radgate",
@@ -170,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated pipeline names to check against instead of the installed ones",
     )
     check.set_defaults(func=_cmd_rules_check)
+
+    run = sub.add_parser(
+        "run",
+        help="run one pipeline on a folder of DICOM files, offline (no node needed)",
+        description="Load the series in INPUT_DIR, run the pipeline and write findings.json, "
+        "segments.npz and the DICOM results (SEG, SR, SC) to OUT_DIR. Exit status 1 with the reason "
+        "when the series cannot be used.",
+    )
+    _add_config_options(run)
+    run.add_argument("input_dir", type=Path, metavar="INPUT_DIR", help="folder with the files of one series")
+    run.add_argument("--pipeline", required=True, help="pipeline name (built in or installed)")
+    run.add_argument("--out", type=Path, required=True, help="folder for findings.json, segments.npz, dicom/")
+    run.add_argument("--option", action="append", metavar="KEY=VALUE", help="pipeline option (repeatable)")
+    run.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    run.add_argument("--no-dicom", action="store_true", help="skip the SEG/SR/SC files")
+    run.set_defaults(func=_cmd_run)
     return parser
 
 
