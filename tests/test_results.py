@@ -265,5 +265,5 @@ def test_multiframe_source_frame_out_of_range() -> None:
     source = pydicom.dcmread(TESTDATA / "dcmqi/segmentations/23x38x3/multiframe/mf.dcm")
     volume = load_series([source])
     bad = Volume(volume.voxels, volume.affine, (*volume.sources[:-1], replace(volume.sources[-1], frame=4)))
-    with pytest.raises(ResultError, match="needs frame 1..3"):
+    with pytest.raises(ResultError, match=r"needs frame 1\.\.3"):
         build_results(Findings("t", "1", volume.shape), bad, [source])
