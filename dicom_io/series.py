@@ -41,6 +41,7 @@ _DICOMDIR_UID = "1.2.840.10008.1.3.10"
 _NON_IMAGE_MODALITIES = frozenset(
     {"SEG", "SR", "PR", "KO", "DOC", "REG", "RWV", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "FID", "PLAN"}
 )
+_FRAME_TYPE_GROUPS = ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence")
 _SPLIT_KEYS = ("EchoNumbers", "TemporalPositionIdentifier", "AcquisitionNumber", "StackID")
 _SERIES_ATTRIBUTES = (
     "Modality",
@@ -330,7 +331,7 @@ def _deferred_offset(ds: Dataset) -> int | None:
 def _frames_of(inst: Instance) -> list[Frame] | Excluded:
     """The image planes of an instance with their geometry, or why it has none usable."""
     ds = inst.header
-    image_type = tuple(str(v).upper() for v in (plain(ds.get("ImageType")) or ()))
+    image_type = _image_type(ds.get("ImageType"))
     if "LOCALIZER" in image_type:
         return Excluded(inst.label, "localizer (ImageType LOCALIZER)")
     try:
@@ -346,10 +347,19 @@ def _frames_of(inst: Instance) -> list[Frame] | Excluded:
         raise SeriesError(f"instance {inst.label}: invalid plane geometry ({exc})") from exc
 
 
+def _image_type(value: Any) -> tuple[str, ...]:
+    """ImageType/FrameType as upper-case strings, whether it holds one value or several."""
+    value = plain(value)
+    if value in (None, ""):
+        return ()
+    return tuple(str(v).upper() for v in (value if isinstance(value, tuple) else (value,)))
+
+
 def _enhanced_frames(inst: Instance, image_type: tuple[str, ...]) -> list[Frame] | Excluded:
     """Planes of an enhanced (or legacy converted enhanced) multi-frame instance.
 
-    Each functional group is looked up in the frame's own item first, then in the shared one.
+    Each functional group is looked up in the frame's own item first, then in the shared one. A
+    frame's FrameType stands in for ImageType, so mixed frames (magnitude and phase) form separate stacks.
     """
     ds = inst.header
     per_frame = ds.PerFrameFunctionalGroupsSequence
@@ -371,6 +381,8 @@ def _enhanced_frames(inst: Instance, image_type: tuple[str, ...]) -> list[Frame]
         if "ImagePositionPatient" not in position or "ImageOrientationPatient" not in orientation:
             return Excluded(inst.label, f"frame {index + 1} has no plane position or orientation")
         content, echo = group("FrameContentSequence"), group("MREchoSequence")
+        types = (_image_type(group(name).get("FrameType")) for name in _FRAME_TYPE_GROUPS)
+        frame_type = next((t for t in types if t), image_type)
         split = (
             plain(echo.get("EffectiveEchoTime")),
             plain(content.get("TemporalPositionIndex")),
@@ -385,7 +397,7 @@ def _enhanced_frames(inst: Instance, image_type: tuple[str, ...]) -> list[Frame]
                 orientation,
                 group("PixelMeasuresSequence"),
                 group("PixelValueTransformationSequence"),
-                image_type,
+                frame_type,
                 split,
             )
         )

@@ -354,6 +354,16 @@ def test_enhanced_ct_with_per_frame_rescale_and_shuffled_frames() -> None:
     assert sorted(s.frame for s in volume.sources) == list(range(1, 11))  # type: ignore[type-var]
 
 
+def test_enhanced_frames_of_another_frame_type_form_their_own_stack() -> None:
+    series = small_ct()
+    mf = enhanced(series, list(range(10)))
+    for item in mf.PerFrameFunctionalGroupsSequence[5:]:
+        frame_type = deepcopy(mf.SharedFunctionalGroupsSequence[0].CTImageFrameTypeSequence[0])
+        frame_type.FrameType = ["DERIVED", "SECONDARY", "AXIAL", "NONE"]
+        item.CTImageFrameTypeSequence = [frame_type]
+    assert [len(stack) for stack in group_series([mf]).stacks] == [5, 5]
+
+
 def test_compressed_enhanced_frames_decode_in_parallel(tmp_path: Path) -> None:
     series = small_ct(reverse_order=True)
     mf = enhanced(series, list(range(10)))
