@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -134,10 +135,11 @@ def _shifted(volume: Volume, millimetres: float) -> Volume:
 
 
 def _with(ds: Dataset, **changes: object) -> Dataset:
-    copy = ds.copy()
+    """A deep copy with changes (Dataset.copy() shares the elements with the original)."""
+    changed = copy.deepcopy(ds)
     for keyword, value in changes.items():
-        setattr(copy, keyword, value)
-    return copy
+        setattr(changed, keyword, value)
+    return changed
 
 
 def _edit(series: Series, index: int, **changes: object) -> list[Dataset]:
@@ -267,3 +269,13 @@ def test_multiframe_source_frame_out_of_range() -> None:
     bad = Volume(volume.voxels, volume.affine, (*volume.sources[:-1], replace(volume.sources[-1], frame=4)))
     with pytest.raises(ResultError, match=r"needs frame 1\.\.3"):
         build_results(Findings("t", "1", volume.shape), bad, [source])
+
+
+def test_headers_without_pixels_are_enough(tmp_path: Path) -> None:
+    """The executor passes headers read with stop_before_pixels: pictures come from the Volume."""
+    series = make_series()
+    headers = [_with(ds) for ds in series.datasets]
+    for ds in headers:
+        del ds.PixelData
+    paths = write_results(lung_findings(series.volume), series.volume, headers, tmp_path / "out")
+    assert sorted(_by_kind(paths)) == ["SC", "SEG", "SR"]

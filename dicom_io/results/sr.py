@@ -7,7 +7,7 @@ rejects 1411 and 1501 groups side by side.) Every NUM is INFERRED FROM a
 SCOORD3D POINT inside its segment (world LPS, the source frame of reference): OHIF 3.13's SR loader
 drops a whole report whose groups carry no coordinates. Segments the pipeline looked for but did not
 find, and the pipeline's notes, go into the root "Qualitative Evaluations" container as text, so an
-empty result is still a valid report that says so.
+empty result is still a valid report that says so. (OHIF 3.13 shows a measured value of 0 as blank.)
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _observation_context(ctx: Context) -> hd.sr.ObservationContext:
     )
 
 
-def _measurements(ctx: Context, items: Sequence[Measurement]) -> list[hd.sr.Measurement]:
+def _measurements(items: Sequence[Measurement]) -> list[hd.sr.Measurement]:
     return [
         hd.sr.Measurement(
             name=coded(m.concept),
@@ -121,7 +121,7 @@ def _segment_group(
             )
         ],
         algorithm_id=_algorithm(ctx),
-        measurements=_measurements(ctx, ctx.findings.measurements_for(segment.number)),
+        measurements=_measurements(ctx.findings.measurements_for(segment.number)),
     )
     _locate(ctx, group, inside_point(segment.mask, ctx.slice_counts(segment)))
     return group
@@ -145,7 +145,7 @@ def _unsegmented_group(
             source_series=hd.sr.SourceSeriesForSegmentation(str(ctx.first_source.SeriesInstanceUID)),
         ),
         algorithm_id=_algorithm(ctx),
-        measurements=_measurements(ctx, ctx.findings.measurements_for(None)),
+        measurements=_measurements(ctx.findings.measurements_for(None)),
     )
     _locate(ctx, group, point)
     return group
