@@ -168,7 +168,7 @@ class Grouping:
     excluded: tuple[Excluded, ...]
 
 
-def group_series(sources: Iterable[Source]) -> Grouping:
+def group_series(sources: Source | Iterable[Source]) -> Grouping:
     """Read the headers of `sources` (files, directories, datasets) and split their image planes into stacks.
 
     Non-image objects, DICOMDIR, non-DICOM files, localizers, colour images, multi-frame
@@ -236,9 +236,9 @@ def series_attributes(header: Dataset) -> dict[str, Any]:
     return out
 
 
-def _expand(sources: Iterable[Source]) -> Iterator[Path | Dataset]:
+def _expand(sources: Source | Iterable[Source]) -> Iterator[Path | Dataset]:
     """Sources with directories replaced by the files below them (sorted, recursive)."""
-    for source in sources:
+    for source in [sources] if isinstance(sources, str | Path | Dataset) else sources:
         if isinstance(source, Dataset):
             yield source
         elif Path(source).is_dir():

@@ -104,7 +104,7 @@ class _Layout:
 
 
 def load_series(
-    sources: Iterable[Source],
+    sources: Source | Iterable[Source],
     *,
     allow_gaps: bool = False,
     spacing_tolerance: float = SPACING_TOLERANCE,

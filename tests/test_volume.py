@@ -298,7 +298,7 @@ def test_to_metatensor_is_channel_first_ras() -> None:
 
 @needs_data
 def test_real_ct_j2k_loads_in_hu() -> None:
-    volume = load_series([CT_J2K])
+    volume = load_series(CT_J2K)  # one folder, not a list
     assert volume.shape == (20, 512, 512)
     assert volume.voxels.dtype == np.int16
     assert volume.spacing == pytest.approx((2.0, 0.9765625, 0.9765625))
