@@ -35,7 +35,13 @@ def _config_from(args: argparse.Namespace) -> Config:
 def _cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from plugin.node import serve
 
-    return serve(config)
+    return serve(config, execute=not args.no_executor)
+
+
+def _cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    from plugin.node import serve
+
+    return serve(config, listen=False)
 
 
 def _cmd_studies(args: argparse.Namespace, config: Config) -> int:
@@ -95,7 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(serve)
     serve.add_argument("--port", type=int, help="DICOM port (default 11112)")
     serve.add_argument("--ae-title", help="our AE title (default RADGATE)")
+    serve.add_argument(
+        "--no-executor", action="store_true", help="run no jobs here: `radgate worker` processes run them"
+    )
     serve.set_defaults(func=_cmd_serve)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run jobs and send results, without a DICOM listener (beside the Orthanc plugin or serve)",
+        description="Run the node without its DICOM listener: declare studies complete, route them, run "
+        "their jobs on this machine's GPUs (or CPU) and send the results. Point it at the data dir and "
+        "job store that a receiver (radgate serve, the Orthanc plugin) fills.",
+    )
+    _add_config_options(worker)
+    worker.set_defaults(func=_cmd_worker)
 
     studies = sub.add_parser(
         "studies",

@@ -1,5 +1,10 @@
 """``radgate serve``: the node — store, spool recovery, DICOM listener, completion loop, executor.
 
+``radgate worker`` is the same node without the DICOM listener (studies arrive some other way,
+e.g. through the Orthanc plugin, into the same data dir and store); ``serve --no-executor`` is
+the listener without the executor, when GPU workers elsewhere run the jobs. Only a node that
+listens recovers the spool at start: another receiver (the Orthanc plugin) may be writing it.
+
 Start order matters for durability: the schema is migrated and the spool recovered (leftover
 temporary files removed, unrecorded files recorded or quarantined) before the listener accepts
 anything, so recovery never races a live transfer. The routing rules are checked against the
@@ -35,7 +40,7 @@ log = logging.getLogger(__name__)
 class Node:
     """The running parts of one node; ``start`` brings them up in order, ``stop`` takes them down."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, listen: bool = True, execute: bool = True) -> None:
         self.config = config
         self.rules = validate_rules(config, available_pipelines())  # ConfigError: unknown pipeline
         for note in self.rules.notes:
@@ -45,43 +50,55 @@ class Node:
         self.completion = CompletionMonitor(
             self.store, config.completion, on_complete=routing_hook(self.rules, config.spool_dir)
         )
-        self.jobs = JobRunner(self.store, config, LocalExecutor(config.executor.workers, config.logging))
+        self.jobs = (
+            JobRunner(self.store, config, LocalExecutor(config.executor.workers, config.logging))
+            if execute
+            else None
+        )
         self.dispatcher = Dispatcher(self.store, config)
         dicom = config.dicom
         tls = dicom.tls
-        self.scp = StorageSCP(
-            dicom.ae_title,
-            dicom.host,
-            dicom.port,
-            config.incoming_dir,
-            self.receiver.handle,
-            self.receiver.release,
-            PeerFilter(dicom.allowed_peers),
-            max_pdu=dicom.max_pdu,
-            max_associations=dicom.max_associations,
-            tls=TlsFiles(tls.cert_file, tls.key_file, tls.ca_file)
-            if tls.enabled and tls.cert_file and tls.key_file
-            else None,
-            require_called_ae_title=dicom.require_called_ae_title,
-            workers=dicom.receivers,
+        self.scp = (
+            None
+            if not listen
+            else StorageSCP(
+                dicom.ae_title,
+                dicom.host,
+                dicom.port,
+                config.incoming_dir,
+                self.receiver.handle,
+                self.receiver.release,
+                PeerFilter(dicom.allowed_peers),
+                max_pdu=dicom.max_pdu,
+                max_associations=dicom.max_associations,
+                tls=TlsFiles(tls.cert_file, tls.key_file, tls.ca_file)
+                if tls.enabled and tls.cert_file and tls.key_file
+                else None,
+                require_called_ae_title=dicom.require_called_ae_title,
+                workers=dicom.receivers,
+            )
         )
 
     def start(self) -> None:
         self.store.migrate()
-        make_spool(self.config).recover(self.store)
-        self.scp.start()
-        self.jobs.start()
+        if self.scp is not None:
+            make_spool(self.config).recover(self.store)
+            self.scp.start()
+        if self.jobs is not None:
+            self.jobs.start()
         self.dispatcher.start()
 
     def stop(self) -> None:
         self.dispatcher.stop()
-        self.jobs.stop()
-        self.scp.stop()
+        if self.jobs is not None:
+            self.jobs.stop()
+        if self.scp is not None:
+            self.scp.stop()
         self.receiver.close()
         self.store.dispose()
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, listen: bool = True, execute: bool = True) -> int:
     """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 if the node could not start."""
     setup_logging(config.logging)
     stop = threading.Event()
@@ -93,7 +110,7 @@ def serve(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _on_signal)
     try:
-        node = Node(config)
+        node = Node(config, listen, execute)
     except ConfigError as err:
         log.error("cannot start the node: %s", err)
         return 2
@@ -104,11 +121,14 @@ def serve(config: Config) -> int:
         node.stop()
         return 1
     dicom = config.dicom
-    log.info(
-        "radgate serving: AE %s on %s:%d, data dir %s, %d receiving process(es)%s",
-        *(dicom.ae_title, dicom.host, node.scp.port, config.data_dir.resolve(), dicom.receivers),
-        ", TLS" if dicom.tls.enabled else "",
-    )
+    if node.scp is None:
+        log.info("radgate worker: no DICOM listener, data dir %s", config.data_dir.resolve())
+    else:
+        log.info(
+            "radgate serving: AE %s on %s:%d, data dir %s, %d receiving process(es)%s",
+            *(dicom.ae_title, dicom.host, node.scp.port, config.data_dir.resolve(), dicom.receivers),
+            ", TLS" if dicom.tls.enabled else "",
+        )
     try:
         node.completion.run(stop)
     finally:
