@@ -86,10 +86,12 @@ class OrthancServer:
         startup_timeout: float = 60.0,
         workdir: str | Path | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        ports: tuple[int, int] | None = None,
     ) -> None:
         """python_script loads the Debian Python plugin with that script (env reaches its interpreter);
         extra_config is merged over the rendered template's top level (e.g. a section for the script);
-        workdir keeps storage and log in a folder of yours instead of a removed temporary one.
+        workdir keeps storage and log in a folder of yours instead of a removed temporary one;
+        ports (HTTP, DICOM) are used instead of free ones, e.g. to restart where clients expect it.
         """
         self.aet = aet
         self.modalities = dict(modalities or {})
@@ -102,6 +104,7 @@ class OrthancServer:
         self.startup_timeout = startup_timeout
         self._workdir_arg = Path(workdir) if workdir else None
         self.extra_config = dict(extra_config or {})
+        self._ports = ports
         self.host = LOOPBACK
         self.http_port = 0
         self.dicom_port = 0
@@ -173,7 +176,7 @@ class OrthancServer:
         (self.workdir / "storage").mkdir(exist_ok=True)
         (self.workdir / "tmp").mkdir(exist_ok=True)
         for attempt in range(1, attempts + 1):
-            self.http_port, self.dicom_port = free_port(), free_port()
+            self.http_port, self.dicom_port = self._ports or (free_port(), free_port())
             config_path = self.workdir / "orthanc.json"
             config_path.write_text(json.dumps(self.render_config(), indent=2))
             with self.log_path.open("ab") as log:
