@@ -2,12 +2,14 @@
 
 The store is the truth the node recovers from, so it is written before a C-STORE is acknowledged.
 SQLite (the default) runs in WAL mode with ``synchronous=FULL``: in WAL mode NORMAL only syncs the
-log at checkpoints, so a power cut could roll back commits whose C-STOREs were already acknowledged
-(and jobs or deliveries already acted upon); FULL costs one fsync of the WAL per commit, the same
-order as the fsync of the instance file itself. Write transactions start with ``BEGIN IMMEDIATE`` so
-that several receiving processes queue on the busy timeout instead of failing with SQLITE_BUSY
-when a read transaction tries to become a writer. Any other SQLAlchemy URL (PostgreSQL) works too:
-the code relies on unique constraints and row locks (``FOR UPDATE``), not on SQLite's global lock.
+log at checkpoints, so a power cut could roll back commits already acted upon (a job finished, a
+delivery sent). Recording a received instance is the one exception and runs with NORMAL: its spool
+file is fsync'd before the commit, and spool recovery re-records any spool file the database lost,
+so a rolled-back row costs nothing, while the fsync saved is one of three per instance. Write
+transactions start with ``BEGIN IMMEDIATE`` so that several receiving threads or processes queue on
+the busy timeout instead of failing with SQLITE_BUSY when a read transaction tries to become a
+writer. Any other SQLAlchemy URL (PostgreSQL) works too: the code relies on unique constraints and
+row locks (``FOR UPDATE``), not on SQLite's global lock.
 """
 
 from __future__ import annotations
@@ -297,7 +299,7 @@ class _Sql:
     )
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, synchronous: str = "FULL") -> Engine:
     """An engine with the SQLite settings the node's durability and concurrency rely on."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
@@ -311,7 +313,7 @@ def make_engine(url: str) -> Engine:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (below)
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -339,6 +341,11 @@ class Store:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # instance rows only: spool recovery restores what a power cut rolls back (module docstring)
+        self._ingest_engine = (
+            make_engine(url, synchronous="NORMAL") if url.startswith("sqlite") else self.engine
+        )
+        self._ingest_sessions = sessionmaker(self._ingest_engine, expire_on_commit=False)
 
     def migrate(self, revision: str = "head") -> None:
         """Bring the schema to ``revision`` (Alembic); safe to run at every start."""
@@ -361,6 +368,7 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self._ingest_engine.dispose()
 
     def instance_sha256(self, sop_instance_uid: str) -> str | None:
         """The content hash of a recorded instance; None if it is not recorded."""
@@ -375,7 +383,7 @@ class Store:
         failures = 0
         while True:
             try:
-                with self.session() as s:
+                with self._ingest_sessions() as s, s.begin():
                     return self._record(s, rec)
             except IntegrityError:  # a concurrent writer (PostgreSQL: no global write lock) won a race
                 failures += 1

@@ -57,11 +57,13 @@ def test_migrated_schema_matches_the_models(store: Store) -> None:
     assert store.schema_revision() == _head()
 
 
-def test_sqlite_runs_in_wal_mode_with_full_sync(store: Store) -> None:
+def test_sqlite_runs_in_wal_mode_with_full_sync_except_for_instance_rows(store: Store) -> None:
     with store.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    with store._ingest_engine.connect() as connection:  # spool recovery restores lost instance rows
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
 
 
 def test_an_old_database_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
