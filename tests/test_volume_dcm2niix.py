@@ -62,7 +62,9 @@ def converted(volume_dir: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="shared test data not present")
-@pytest.mark.parametrize("folder", ["ct-abdomen-totalseg", "mr-brain-t1-mprage"])
+@pytest.mark.parametrize(
+    "folder", ["ct-abdomen-totalseg", "mr-brain-t1-mprage", "dcmqi/segmentations/23x38x3/multiframe"]
+)
 def test_real_series_match_dcm2niix(folder: str, tmp_path: Path) -> None:
     volume = load_series([DATA / folder])
     assert_same_in_world(volume, converted(DATA / folder, tmp_path))
