@@ -291,16 +291,19 @@ def _mine(job_id: int, owner: str) -> Any:
     return and_(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == owner)
 
 
+def _update_mine(s: Session, job_id: int, owner: str, **values: Any) -> bool:
+    """Change a job only while ``owner`` holds its lease; whether it did."""
+    result = s.execute(update(Job).where(_mine(job_id, owner)).values(updated_at=utcnow(), **values))
+    return int(result.rowcount) == 1  # type: ignore[attr-defined]
+
+
+_UNLEASED = {"lease_owner": None, "lease_expires_at": None}
+
+
 def renew_lease(store: Store, job_id: int, owner: str, lease_s: float) -> bool:
     """Push the lease forward; False when the job is no longer ours (taken over or cancelled)."""
-    now = utcnow()
     with store.session() as s:
-        result = s.execute(
-            update(Job)
-            .where(_mine(job_id, owner))
-            .values(lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
-        )
-        return int(result.rowcount) == 1  # type: ignore[attr-defined]
+        return _update_mine(s, job_id, owner, lease_expires_at=utcnow() + timedelta(seconds=lease_s))
 
 
 Enqueue = Callable[[Session, int, Sequence[tuple[str, Path]], Sequence[str]], int]
@@ -316,22 +319,9 @@ def finish_job(
     enqueue: Enqueue,
 ) -> bool:
     """Queue the deliveries and mark the job SUCCEEDED in one transaction; False if the lease was lost."""
-    now = utcnow()
     with store.session() as s:
-        won = s.execute(
-            update(Job)
-            .where(_mine(job.id, owner))
-            .values(
-                state=JobState.SUCCEEDED,
-                error=None,
-                timings=timings,
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-                finished_at=now,
-            )
-        )
-        if won.rowcount != 1:  # type: ignore[attr-defined]
+        done = {"state": JobState.SUCCEEDED, "error": None, "timings": timings, "finished_at": utcnow()}
+        if not _update_mine(s, job.id, owner, **done, **_UNLEASED):
             return False
         enqueue(s, job.id, results, job.destinations)
     return True
@@ -350,41 +340,21 @@ def fail_job(
     """Re-queue the job (``retry`` and attempts left) or FAIL it; its new state, None if not ours."""
     again = retry and job.attempts < max_attempts
     state = JobState.QUEUED if again else JobState.FAILED
-    error = f"{reason} (attempt {job.attempts} of {max_attempts})" if retry else reason
-    now = utcnow()
+    ended = {
+        "state": state,
+        "error": f"{reason} (attempt {job.attempts} of {max_attempts})" if retry else reason,
+        "timings": timings or None,
+        "finished_at": None if again else utcnow(),
+    }
     with store.session() as s:
-        won = s.execute(
-            update(Job)
-            .where(_mine(job.id, owner))
-            .values(
-                state=state,
-                error=error,
-                timings=timings or None,
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-                finished_at=None if again else now,
-            )
-        )
-        return state if won.rowcount == 1 else None  # type: ignore[attr-defined]
+        changed = _update_mine(s, job.id, owner, **ended, **_UNLEASED)
+    return state if changed else None
 
 
 def release_job(store: Store, job: ClaimedJob, owner: str) -> bool:
     """Give a job back to the queue without counting the attempt (the node is stopping)."""
-    now = utcnow()
     with store.session() as s:
-        won = s.execute(
-            update(Job)
-            .where(_mine(job.id, owner))
-            .values(
-                state=JobState.QUEUED,
-                attempts=Job.attempts - 1,
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-            )
-        )
-        return int(won.rowcount) == 1  # type: ignore[attr-defined]
+        return _update_mine(s, job.id, owner, state=JobState.QUEUED, attempts=Job.attempts - 1, **_UNLEASED)
 
 
 # --- operator commands: list and retry -----------------------------------------------------------

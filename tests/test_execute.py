@@ -12,7 +12,15 @@ from pathlib import Path
 import pydicom
 import pytest
 import torch
-from execute_support import add_job, claim_all, job_row, make_config, register_test_pipelines, spool_files
+from execute_support import (
+    add_job,
+    claim_all,
+    job_row,
+    make_config,
+    migrated_store,
+    register_test_pipelines,
+    spool_files,
+)
 from node_support import wait_for, write_series
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -48,10 +56,8 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture()
 def store(config: Config) -> Iterator[Store]:
-    s = Store(config.db_url)
-    s.migrate()
-    yield s
-    s.dispose()
+    with migrated_store(config) as s:
+        yield s
 
 
 def _study_with_jobs(store: Store, config: Config, tmp_path: Path, count: int) -> list[int]:
@@ -244,18 +250,33 @@ def test_a_job_runs_in_a_worker_and_succeeds_with_results_on_disk(
     assert [p.name for p in out.parent.iterdir()] == [str(job_id)]  # no temporary folder left
 
 
+def _hanging_job(
+    store: Store,
+    tmp_path: Path,
+    phantom: SyntheticSeries,
+    files: list[Path],
+    executor: LocalExecutor,
+    **settings: float,
+) -> tuple[JobRunner, int]:
+    """A queued job of the test pipeline that never returns, and a runner with these executor settings."""
+    config = make_config(tmp_path / "data", **settings)
+    spool_files(store, config, files)
+    job_id = add_job(store, phantom.study_uid, phantom.series_uid, "test-hang")
+    return JobRunner(store, config, executor, enqueue=_no_deliveries), job_id
+
+
 def test_a_pipeline_that_hangs_is_killed_at_the_time_limit(
     store: Store, tmp_path: Path, phantom: SyntheticSeries, phantom_files: list[Path], executor: LocalExecutor
 ) -> None:
-    config = make_config(tmp_path / "data", job_timeout_s=3, max_attempts=1)
-    spool_files(store, config, phantom_files)
-    job_id = add_job(store, phantom.study_uid, phantom.series_uid, "test-hang")
-    JobRunner(store, config, executor, enqueue=_no_deliveries).run_one()
+    runner, job_id = _hanging_job(
+        store, tmp_path, phantom, phantom_files, executor, job_timeout_s=3, max_attempts=1
+    )
+    runner.run_one()
     job = job_row(store, job_id)
     assert job.state == JobState.FAILED
     assert job.error is not None and job.error.startswith("timed out after 3 s (in infer)"), job.error
     assert job.timings is not None and "load_s" in job.timings
-    assert not (config.results_dir / str(job_id)).exists()
+    assert not (tmp_path / "data" / "results" / str(job_id)).exists()
 
 
 def _lease(store: Store, job_id: int) -> datetime:
@@ -266,16 +287,13 @@ def _lease(store: Store, job_id: int) -> datetime:
 def test_a_running_job_keeps_its_lease_and_is_given_back_when_the_runner_stops(
     store: Store, tmp_path: Path, phantom: SyntheticSeries, phantom_files: list[Path], executor: LocalExecutor
 ) -> None:
-    config = make_config(tmp_path / "data", lease_s=3, job_timeout_s=600)
-    spool_files(store, config, phantom_files)
-    job_id = add_job(store, phantom.study_uid, phantom.series_uid, "test-hang")
-    runner = JobRunner(store, config, executor, enqueue=_no_deliveries)
+    runner, job_id = _hanging_job(store, tmp_path, phantom, phantom_files, executor, lease_s=3)
     runner.start()
     try:
         first = wait_for(lambda: _lease(store, job_id), 120, "the job to be claimed")
         renewed = first + timedelta(seconds=3)  # past the first lease: only renewals get there
         wait_for(lambda: _lease(store, job_id) > renewed, 120, "the lease to be renewed")
-        assert claim_job(store, "intruder", config.spool_dir, 3, 3) is None
+        assert claim_job(store, "intruder", tmp_path / "data" / "spool", 3, 3) is None
     finally:
         runner.stop()
     job = job_row(store, job_id)

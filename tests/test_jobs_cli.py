@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from execute_support import add_job, job_row, make_config, spool_files
+from execute_support import add_job, job_row, make_config, migrated_store, spool_files
 from node_support import write_series
 from sqlalchemy import select
 
@@ -26,10 +26,8 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture()
 def store(config: Config) -> Iterator[Store]:
-    s = Store(config.db_url)
-    s.migrate()
-    yield s
-    s.dispose()
+    with migrated_store(config) as s:
+        yield s
 
 
 @pytest.fixture()

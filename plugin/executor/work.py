@@ -136,6 +136,3 @@ def worker_device(slot: int) -> torch.device:
         return torch.device("cuda", slot % torch.cuda.device_count())
     return torch.device("cpu")
 
-
-def gpu_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
