@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -123,21 +124,34 @@ def test_transfer_syntaxes_from_files_and_datasets(syntax: str, tmp_path: Path) 
     assert_matches(series, workers=2)
 
 
+def eight_bit(series: SyntheticSeries) -> SyntheticSeries:
+    """The phantom with 8-bit stored values (HU / 16 + 64, clipped), the depth JPEG baseline needs."""
+    stored = np.clip(series.voxels // 16 + 64, 0, 255).astype(np.uint8)
+    for k, ds in enumerate(series.datasets):
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        ds.RescaleSlope, ds.RescaleIntercept = 16, -1024
+        ds.PixelData = stored[k].tobytes()
+    return replace(series, voxels=stored.astype(np.int16) * 16 - 1024)
+
+
 @pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="dcmtk not installed")
 @pytest.mark.parametrize(
-    "flag, lossless", [("+e1", True), ("+ee", False)], ids=["jpeg-lossless-sv1", "jpeg-12bit"]
+    "flag, bits, lossless",
+    [("+e1", 12, True), ("+ee", 12, False), ("+eb", 8, False)],
+    ids=["jpeg-lossless-sv1", "jpeg-extended-12bit", "jpeg-baseline-8bit"],
 )
-def test_jpeg_process_1_4_14_written_by_dcmtk(flag: str, lossless: bool, tmp_path: Path) -> None:
-    series = small_ct()
+def test_jpeg_written_by_dcmtk(flag: str, bits: int, lossless: bool, tmp_path: Path) -> None:
+    series = small_ct() if bits == 12 else eight_bit(small_ct())
     plain, jpeg = tmp_path / "plain", tmp_path / "jpeg"
     jpeg.mkdir()
     for path in series.write(plain):
         subprocess.run(["dcmcjpeg", flag, str(path), str(jpeg / path.name)], check=True, capture_output=True)
-    volume = load_series([jpeg])
+    np.testing.assert_array_equal(load_series(plain).voxels, series.voxels)
+    volume = load_series(jpeg)
     assert pydicom.dcmread(next(jpeg.iterdir())).file_meta.TransferSyntaxUID.is_compressed
     np.testing.assert_allclose(volume.affine, series.affine, atol=1e-4)
     error = np.abs(volume.voxels.astype(np.int32) - series.voxels)
-    assert error.max() == 0 if lossless else error.mean() < 5
+    assert error.max() == 0 if lossless else error.mean() < 5 * (1 if bits == 12 else 16)
 
 
 def test_parallel_and_serial_decoding_agree() -> None:
