@@ -57,7 +57,8 @@ def test_a_sent_study_is_routed_run_and_listed_and_a_bad_one_fails_with_its_reas
     assert kinds == {"SEG", "SR", "OT"}, files
     assert Path(succeeded["results_dir"]).parent == node.data_dir / "results"
     log = node.log()
-    assert "Traceback" not in log and "PatientName" not in log
+    assert "Traceback" in log and "PipelineError: ct-lung: only 3 slices" in log  # the reason's origin
+    assert "Phantom" not in log and "RG-SYN-CT" not in log  # no patient name or ID
     table = subprocess.run(
         [str(RADGATE), "jobs", "--config", str(node.config_path)], capture_output=True, text=True, check=True
     )

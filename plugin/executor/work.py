@@ -117,7 +117,11 @@ def run_task(task: Task, device: torch.device, pipelines: dict[str, Pipeline], r
         results = _write_whole(out_dir, lambda d: write_results(findings, volume, headers, d, options))
         step("encode_s", started)
     except _INPUT_ERRORS as err:
-        log.warning("job %d: %s failed on series %s: %s", task.job_id, task.pipeline, task.series_uid, err)
+        log.warning(
+            "job %d: %s failed on series %s: %s",
+            *(task.job_id, task.pipeline, task.series_uid, err),
+            exc_info=True,  # the job records the message; the log keeps where it came from
+        )
         prefix = "results: " if isinstance(err, ResultError) else ""
         return TaskResult(timings=timings, error=f"{prefix}{err}")
     except Exception as err:  # a bug or the machine: logged in full, the job gets one line and a retry
@@ -135,4 +139,3 @@ def worker_device(slot: int) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", slot % torch.cuda.device_count())
     return torch.device("cpu")
-
