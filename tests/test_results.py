@@ -102,8 +102,9 @@ def test_ohif_loads_seg_and_sr(orientation: str, tmp_path: Path, viewercheck_dir
     assert not result.warnings, result.warnings
 
 
-def test_ohif_loads_results_on_real_mr(tmp_path: Path, viewercheck_dir: Path) -> None:
-    datasets, volume = load_real(TESTDATA / "mr-brain-t1-mprage")
+@pytest.mark.parametrize("name", ["ct-abdomen-totalseg", "mr-brain-t1-mprage"])
+def test_ohif_loads_results_on_real_series(name: str, tmp_path: Path, viewercheck_dir: Path) -> None:
+    datasets, volume = load_real(TESTDATA / name)
     findings = lung_findings(volume)
     paths = _by_kind(
         write_results(findings, volume, datasets, tmp_path / "out", ResultOptions(write_sc=False))
