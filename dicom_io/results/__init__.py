@@ -4,9 +4,13 @@
     write_results(findings, volume, source_datasets, out_dir, options) -> list[Path]
 
 Everything is checked before anything is built (`ResultError`): mask grid and source grid, every
-`volume.sources[k]` present in `source_datasets`, one source series, no overlap for LABELMAP.
+`volume.sources[k]` present in `source_datasets`, one source series with study/series/frame of
+reference UIDs, no overlap for LABELMAP. Mask slice k goes to the source plane `volume.sources[k]`
+names (instance, or frame of a multi-frame instance), never to a list position.
 A SEG is written only when some segment is non-empty; the SR is always written (it says what was
 not found); SC key images + a report card unless `options.write_sc` is off; a KOS when `write_kos`.
+`source_datasets` may be headers only (read with stop_before_pixels): pictures come from the Volume.
+`dicom_io.results.structure` summarises any SEG/SR as a viewer sees it (and compares with dcmqi's).
 """
 
 from __future__ import annotations
