@@ -278,9 +278,9 @@ def _read_instance(source: Path | Dataset) -> Instance | Excluded:
         return Excluded(what, "no pixel data")
     if "SeriesInstanceUID" not in ds or not uid:
         return Excluded(what, "no Series or SOP Instance UID")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        return Excluded(what, f"colour image (SamplesPerPixel {ds.SamplesPerPixel})")
     try:
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            return Excluded(what, f"colour image (SamplesPerPixel {ds.SamplesPerPixel})")
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)
         bits_allocated = int(ds.BitsAllocated)
@@ -417,16 +417,21 @@ def _frame(
     spacing = measures.get("PixelSpacing") or inst.header.get("ImagerPixelSpacing") or (1.0, 1.0)
     thickness = measures.get("SliceThickness")
     cosines = np.asarray([float(v) for v in orientation.ImageOrientationPatient], dtype=np.float64)
-    if cosines.shape != (6,):
-        raise ValueError(f"ImageOrientationPatient has {cosines.size} values")
-    cosines[:3] /= np.linalg.norm(cosines[:3])
-    cosines[3:] /= np.linalg.norm(cosines[3:])
+    origin = np.asarray([float(v) for v in position.ImagePositionPatient], dtype=np.float64)
+    if cosines.shape != (6,) or origin.shape != (3,):
+        raise ValueError(f"{cosines.size} orientation and {origin.size} position values (want 6 and 3)")
+    cosines[:3] /= np.linalg.norm(cosines[:3]) or np.nan
+    cosines[3:] /= np.linalg.norm(cosines[3:]) or np.nan
+    if not np.linalg.norm(np.cross(cosines[:3], cosines[3:])) > 0.9:  # also catches NaN
+        raise ValueError("row and column directions are zero or not perpendicular")
+    if not min(float(spacing[0]), float(spacing[1])) > 0:
+        raise ValueError("pixel spacing must be positive")
     slope = transform.get("RescaleSlope")
     intercept = transform.get("RescaleIntercept")
     return Frame(
         instance=inst,
         index=index,
-        position=np.asarray([float(v) for v in position.ImagePositionPatient], dtype=np.float64),
+        position=origin,
         orientation=cosines,
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         slice_thickness=float(thickness) if thickness not in (None, "") else None,

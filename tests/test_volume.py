@@ -293,6 +293,22 @@ def test_grouping_leaves_out_non_images_localizers_and_splits_matrix_sizes(tmp_p
     np.testing.assert_array_equal(load_stack(main_stack(grouping)).voxels, series.voxels)
 
 
+@pytest.mark.parametrize(
+    "keyword, value",
+    [
+        ("ImagePositionPatient", ["1", "2"]),
+        ("ImageOrientationPatient", ["0"] * 6),
+        ("ImageOrientationPatient", ["1", "0", "0", "1", "0", "0"]),
+        ("PixelSpacing", ["0", "0"]),
+    ],
+)
+def test_invalid_plane_geometry_is_a_series_error_naming_the_instance(keyword: str, value: list[str]) -> None:
+    datasets = small_ct().datasets
+    setattr(datasets[2], keyword, value)
+    with pytest.raises(SeriesError, match=f"{datasets[2].SOPInstanceUID}: invalid plane geometry"):
+        load_series(datasets)
+
+
 def test_no_image_stack_is_a_series_error() -> None:
     with pytest.raises(SeriesError, match="no image stack"):
         load_series([EDGE / "test-SR.dcm"])
