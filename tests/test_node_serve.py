@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_support import RADGATE, NodeProcess, wait_for, write_series
+from node_support import DCMTK_ENV, RADGATE, STORESCU, NodeProcess, wait_for, write_series
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
@@ -186,3 +187,21 @@ def test_a_file_size_limit_on_the_node_answers_out_of_resources(tmp_path: Path) 
             pytest.xfail("the transport aborts the association when it cannot write the temporary file")
     finally:
         assert node.stop() == 0
+
+
+def test_concurrent_associations_into_two_receiving_processes_fill_one_study(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path, {"dicom": {"receivers": 2}}).start()
+    try:
+        study_uid = generate_uid()
+        series = [write_series(tmp_path / name, 25, study_uid=study_uid) for name in ("a", "b")]
+        senders = [
+            subprocess.Popen(
+                [STORESCU, "-aec", "RADGATE", "127.0.0.1", str(node.port), *map(str, files)], env=DCMTK_ENV
+            )
+            for files in series
+        ]
+        assert [p.wait(120) for p in senders] == [0, 0]
+        study = _complete(node, 50)
+        assert (study["study_uid"], study["series_count"]) == (study_uid, 2)
+    finally:
+        assert node.stop() == 0, node.log()
