@@ -326,6 +326,19 @@ def test_to_metatensor_is_channel_first_ras() -> None:
     np.testing.assert_allclose(ras[:3], lps[:3] * [-1, -1, 1])
 
 
+def test_metatensor_survives_monai_reorientation() -> None:
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation
+
+    volume = load_series(small_ct(orientation="sagittal", reverse_order=True).datasets)
+    turned = Orientation(axcodes="RAS", labels=None)(to_metatensor(volume))  # labels from meta "space"
+    assert isinstance(turned, MetaTensor)
+    x, y, z = 7, 5, 3
+    ras = volume.affine @ [x, y, z, 1] * [-1, -1, 1, 1]
+    i, j, k = np.rint(np.linalg.inv(turned.affine.numpy()) @ ras).astype(int)[:3]
+    assert float(turned[0, i, j, k]) == float(volume.voxels[z, y, x])
+
+
 @needs_data
 def test_real_ct_j2k_loads_in_hu() -> None:
     volume = load_series(CT_J2K)  # one folder, not a list
