@@ -165,7 +165,8 @@ def to_metatensor(volume: Volume) -> MetaTensor:
     MONAI's readers put the column index first and use RAS world coordinates, so the voxels are
     transposed (z, y, x) → (x, y, z) (a view, no copy) and the affine becomes diag(-1, -1, 1, 1) @
     affine with its columns unchanged (they already map x, y, z). To bring a (1, x, y, z) model output
-    back to the Volume grid: `array[0].transpose(2, 1, 0)`.
+    back to the Volume grid: `array[0].transpose(2, 1, 0)`. meta["space"] is "RAS", which MONAI's
+    Orientation/Spacing read when given labels=None.
     """
     import torch
     from monai.data import MetaTensor
