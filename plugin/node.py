@@ -114,6 +114,9 @@ def serve(config: Config, listen: bool = True, execute: bool = True) -> int:
     except ConfigError as err:
         log.error("cannot start the node: %s", err)
         return 2
+    except OSError as err:  # e.g. TLS certificate or key unreadable
+        log.error("cannot start the node: %s", err)
+        return 1
     try:
         node.start()
     except (OSError, SQLAlchemyError) as err:

@@ -205,3 +205,29 @@ def test_concurrent_associations_into_two_receiving_processes_fill_one_study(tmp
         assert (study["study_uid"], study["series_count"]) == (study_uid, 2)
     finally:
         assert node.stop() == 0, node.log()
+
+
+@pytest.mark.parametrize("problem", ["port in use", "TLS key missing"])
+def test_a_node_that_cannot_start_says_why_and_exits_non_zero(tmp_path: Path, problem: str) -> None:
+    blocker = socket.create_server(("127.0.0.1", 0))
+    settings: dict = {"dicom": {"port": blocker.getsockname()[1]}}
+    if problem == "TLS key missing":
+        blocker.close()
+        missing = {
+            "enabled": True,
+            "cert_file": str(tmp_path / "no.crt"),
+            "key_file": str(tmp_path / "no.key"),
+        }
+        settings = {"dicom": {"tls": missing}}
+    node = NodeProcess(tmp_path, settings)
+    try:
+        result = subprocess.run(
+            [str(RADGATE), "serve", "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        blocker.close()
+    assert result.returncode == 1
+    assert "cannot start the node" in result.stderr and "Traceback" not in result.stderr, result.stderr
