@@ -143,12 +143,22 @@ class Spool:
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
         try:
-            os.link(temp, final)
-            created = True
-        except FileExistsError:
-            created = False
+            created = self._link(temp, final)
+        except FileNotFoundError:  # the series directory went away (a clean-up) since we made it
+            self._known_dirs.discard(final.parent)
+            self._ensure_dir(final.parent)
+            created = self._link(temp, final)
         fsync_dir(final.parent)
         return Placed(final, created)
+
+    @staticmethod
+    def _link(temp: Path, final: Path) -> bool:
+        """Link without replacing: False if the final name exists already."""
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            return False
+        return True
 
     def describe(self, path: Path, received_at: datetime) -> InstanceRecord:
         """Everything the store records about a DICOM file, read from the file itself (recovery).

@@ -209,3 +209,16 @@ def test_recovery_removes_temp_files_rerecords_and_quarantines(
     [study] = store.studies()
     assert study.instance_count == 1
     assert spool.recover(store).rerecorded == 0  # idempotent
+
+
+def test_a_series_directory_removed_while_running_is_made_again(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    first, second = write_series(tmp_path / "src", 2)
+    receiver = Receiver(config)
+    inst = _received(config, first, "tmp-1")
+    assert receiver.handle(inst) == STATUS_SUCCESS
+    shutil.rmtree(config.spool_dir / inst.study_uid)
+    again = _received(config, second, "tmp-2")
+    assert receiver.handle(again) == STATUS_SUCCESS
+    assert _final(config, again).read_bytes() == second.read_bytes()
