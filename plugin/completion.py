@@ -118,13 +118,11 @@ class CompletionMonitor:
         return [done for study_id in due if (done := self._complete(study_id, now)) is not None]
 
     def _complete(self, study_id: int, now: datetime) -> tuple[str, int] | None:
-        """Re-check inside the write transaction: an instance may have arrived since the scan."""
+        """Lock the study row (receivers lock it too), then re-check: an instance may have come since."""
         with self._store.session() as s:
-            current = self._receiving(s, study_id)
-            if not current or self.deadline(current[0]) > now:
-                return None
             study = s.get(Study, study_id, with_for_update=True)
-            if study is None:
+            current = self._receiving(s, study_id)
+            if study is None or not current or self.deadline(current[0]) > now:
                 return None
             study.state = StudyState.COMPLETE
             study.completed_at = now
