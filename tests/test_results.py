@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from test_results_support import (
     lung_findings,
     make_series,
     require,
+    viewercheck_tool,
 )
 
 from dicom_io import validate
@@ -31,18 +31,12 @@ from dicom_io.synthetic import ct_chest_phantom
 from dicom_io.types import Findings, Measurement, Segment, Volume
 from dicom_io.volume import load_series
 
-VIEWERCHECK = Path("/work/shared/tools/viewercheck")
 TESTDATA = Path("/work/shared/testdata")
 
 
 @pytest.fixture(scope="session")
 def viewercheck_dir() -> Path:
-    """The viewercheck tool, copied and `npm ci`-ed once into the user's cache (it is read-only)."""
-    cache = Path(os.environ.get("RADGATE_CACHE", Path.home() / ".cache" / "radgate"))
-    try:
-        return validate.prepare_viewercheck(VIEWERCHECK, cache)
-    except (RuntimeError, OSError) as exc:
-        pytest.skip(f"viewercheck cannot be installed here: {exc}")
+    return viewercheck_tool()
 
 
 def _save_sources(datasets: list[Dataset], directory: Path) -> Path:

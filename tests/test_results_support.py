@@ -6,6 +6,7 @@ the datasets come back shuffled so nothing can map mask slices to sources by lis
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from dicom_io import validate
 from dicom_io.types import Code, Findings, Measurement, Segment, SourceRef, Volume
 
+VIEWERCHECK = Path("/work/shared/tools/viewercheck")
 ORGAN = Code("123037004", "SCT", "Anatomical Structure")
 LUNG = Code("39607008", "SCT", "Lung")
 TRACHEA = Code("44567001", "SCT", "Trachea")
@@ -218,3 +220,15 @@ def check_masks(seg_path: Path, findings: Findings, volume: Volume) -> None:
     assert pixels.shape == (*volume.shape, len(found))
     for index, segment in enumerate(found):
         np.testing.assert_array_equal(pixels[..., index].astype(bool), segment.mask)
+
+
+def viewercheck_tool() -> Path:
+    """The viewercheck tool, copied and `npm ci`-ed once into the user's cache (the shared copy is read-only).
+
+    RADGATE_CACHE overrides the cache folder (default ~/.cache/radgate). Skips when npm cannot install it.
+    """
+    cache = Path(os.environ.get("RADGATE_CACHE", Path.home() / ".cache" / "radgate"))
+    try:
+        return validate.prepare_viewercheck(VIEWERCHECK, cache)
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"viewercheck cannot be installed here: {exc}")
