@@ -32,15 +32,25 @@ def _finished(node: NodeProcess, count: int) -> list[dict[str, Any]]:
     return jobs if len(done) == count else []
 
 
-def test_a_sent_study_is_routed_run_and_listed_and_a_bad_one_fails_with_its_reason(tmp_path: Path) -> None:
+def _seg(results_dir: Path) -> pydicom.Dataset:
+    [seg] = results_dir.glob("SEG-*.dcm")
+    return pydicom.dcmread(seg, stop_before_pixels=True)
+
+
+def test_a_study_is_routed_run_listed_and_rerun_when_it_grows_and_a_bad_one_fails(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path, {"rules": RULES, "executor": {"poll_s": 0.2}}).start()
     try:
         bad = write_series(tmp_path / "bad", 3)  # CT, matches the rule, too few slices for ct-lung
         assert node.storescu(*bad).returncode == 0
         phantom = ct_chest_phantom(rows=64, columns=64, slices=40, seed=5)
-        sent = node.storescu(*phantom.write(tmp_path / "phantom"))
+        slices = phantom.write(tmp_path / "phantom")
+        sent = node.storescu(*slices[:36])
         assert sent.returncode == 0, sent.stderr
-        failed, succeeded = wait_for(lambda: _finished(node, 2), 240, "both jobs to finish", interval=0.5)
+        first = wait_for(lambda: _finished(node, 2), 240, "both jobs to finish", interval=0.5)
+        [failed] = [j for j in first if j["study_uid"] != phantom.study_uid]
+        [succeeded] = [j for j in first if j["study_uid"] == phantom.study_uid]
+        assert node.storescu(*slices[36:]).returncode == 0  # the study grows after its results were made
+        [rerun] = [j for j in wait_for(lambda: _finished(node, 3), 240, "the rerun") if j["revision"] == 2]
     finally:
         assert node.stop() == 0, node.log()
 
@@ -56,6 +66,11 @@ def test_a_sent_study_is_routed_run_and_listed_and_a_bad_one_fails_with_its_reas
     kinds = {str(pydicom.dcmread(f, stop_before_pixels=True).Modality) for f in files}
     assert kinds == {"SEG", "SR", "OT"}, files
     assert Path(succeeded["results_dir"]).parent == node.data_dir / "results"
+    assert (rerun["revision"], rerun["state"], rerun["series_uid"]) == (2, "SUCCEEDED", phantom.series_uid)
+    old, new = (_seg(Path(job["results_dir"])) for job in (succeeded, rerun))
+    assert int(new.SeriesNumber) > int(old.SeriesNumber) and new.SOPInstanceUID != old.SOPInstanceUID
+    assert str(new.SeriesDescription).startswith("radgate (supersedes rev 1) ")
+
     log = node.log()
     assert "Traceback" in log and "PipelineError: ct-lung: only 3 slices" in log  # the reason's origin
     assert "Phantom" not in log and "RG-SYN-CT" not in log  # no patient name or ID
