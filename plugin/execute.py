@@ -96,8 +96,8 @@ class JobRunner:
         while not self._stop.is_set():
             try:
                 ran = self.run_one(slot)
-            except Exception:  # the store went away: keep the slot alive, try again
-                log.exception("executor slot %d: job store error; retrying", slot)
+            except Exception:  # the store went away, or a bug: keep the slot alive
+                log.exception("executor slot %d: unexpected error; trying again", slot)
                 ran = None
             if ran is None:
                 self._stop.wait(self._config.poll_s)
