@@ -85,11 +85,15 @@ _TAG_KEYWORDS = ("AccessionNumber", "Modality", "SeriesNumber")
 
 
 def _tags(ds: Dataset) -> HeaderTags:
-    series_number = ds.get("SeriesNumber")
+    """Lenient: a malformed value of these informative attributes must not refuse the instance."""
+    try:
+        series_number: int | None = int(ds.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        series_number = None
     return HeaderTags(
-        accession_number=str(ds.get("AccessionNumber") or "") or None,
-        modality=str(ds.get("Modality") or "") or None,
-        series_number=int(series_number) if series_number not in (None, "") else None,
+        accession_number=str(ds.get("AccessionNumber") or "")[:16] or None,  # SH, 16 characters
+        modality=str(ds.get("Modality") or "")[:16] or None,  # CS, 16 characters
+        series_number=series_number,
     )
 
 

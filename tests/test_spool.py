@@ -222,3 +222,19 @@ def test_a_series_directory_removed_while_running_is_made_again(
     again = _received(config, second, "tmp-2")
     assert receiver.handle(again) == STATUS_SUCCESS
     assert _final(config, again).read_bytes() == second.read_bytes()
+
+
+def test_malformed_informative_attributes_do_not_refuse_an_instance(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    [source] = write_series(tmp_path / "src", 1)
+    ds = pydicom.dcmread(source)
+    ds.SeriesNumber = 19
+    with pydicom.config.disable_value_validation():
+        ds.AccessionNumber = "A" * 40
+        ds.save_as(source)
+    good = b"\x20\x00\x11\x00IS\x02\x0019"  # (0020,0011) IS "19", explicit VR little endian
+    source.write_bytes(source.read_bytes().replace(good, good[:-1] + b"A"))  # "1A", as in badVR.dcm
+    assert good[:-1] + b"A" in source.read_bytes()
+    assert Receiver(config).handle(_received(config, source)) == STATUS_SUCCESS
+    assert store.studies()[0].accession_number == "A" * 16
