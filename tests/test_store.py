@@ -110,11 +110,14 @@ def test_the_same_instance_is_recorded_once(store: Store) -> None:
 
 def test_an_instance_after_completion_opens_a_new_revision(store: Store) -> None:
     series = generate_uid()
-    store.record_instance(_record("1.2.3", series))
+    first = _record("1.2.3", series)
+    store.record_instance(first)
     with store.session() as s:
         study = s.scalars(select(Study)).one()
         study.state = StudyState.COMPLETE
         study.completed_at = utcnow()
+    assert store.record_instance(first) is False  # a resend of a known instance reopens nothing
+    assert store.studies()[0].state == "COMPLETE"
     store.record_instance(_record("1.2.3", series))
     [summary] = store.studies()
     assert (summary.revision, summary.state, summary.instance_count) == (2, "RECEIVING", 2)
