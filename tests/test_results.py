@@ -274,3 +274,29 @@ def test_headers_without_pixels_are_enough(tmp_path: Path) -> None:
         del ds.PixelData
     paths = write_results(lung_findings(series.volume), series.volume, headers, tmp_path / "out")
     assert sorted(_by_kind(paths)) == ["SC", "SEG", "SR"]
+
+
+def test_ohif_keeps_every_voxel_of_overlapping_segments(tmp_path: Path, viewercheck_dir: Path) -> None:
+    """A body around two organs at different heights: OHIF's layer packing must not drop slices.
+
+    In the pipeline's order (organ lower down second) OHIF 3.13 loses the second organ's top slices;
+    dicom_io.results orders overlapping segments so that it cannot (see seg._ohif_overlap_order).
+    """
+    series = make_series("axial", shape=(12, 40, 48))
+    shape = series.volume.shape
+    body = np.ones(shape, bool)
+    upper, lower = np.zeros(shape, bool), np.zeros(shape, bool)
+    upper[3:9, 10:20, 8:18] = True
+    lower[5:11, 10:20, 28:38] = True
+    segments = tuple(
+        Segment(number, label, ORGAN, EMPHYSEMA, mask)
+        for number, (label, mask) in enumerate((("Body", body), ("Upper", upper), ("Lower", lower)), start=1)
+    )
+    findings = Findings("test", "1", shape, segments)
+    paths = _by_kind(write_results(findings, series.volume, series.datasets, tmp_path / "out"))
+    sources = _save_sources(series.datasets, tmp_path / "src")
+    result = require(
+        validate.viewercheck(viewercheck_dir, paths["SEG"][0], None, sources)
+    )  # SR: no measurements
+    assert result.ok, result.output
+    check_masks(paths["SEG"][0], findings, series.volume)

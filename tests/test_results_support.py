@@ -212,14 +212,18 @@ def check_frames_on_sources(seg: Dataset, sources: list[Dataset]) -> None:
 
 
 def check_masks(seg_path: Path, findings: Findings, volume: Volume) -> None:
-    """highdicom reads back, per source instance, exactly the mask slice that came from it."""
+    """highdicom reads back, per source instance, exactly the mask slice that came from it.
+
+    Segments are matched by label: the SEG numbers them 1..n and may reorder overlapping ones.
+    """
     seg = hd.seg.segread(seg_path)
     uids = [ref.sop_instance_uid for ref in volume.sources]
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=None)
-    found = [s for s in findings.segments if not s.is_empty]
-    assert pixels.shape == (*volume.shape, len(found))
-    for index, segment in enumerate(found):
-        np.testing.assert_array_equal(pixels[..., index].astype(bool), segment.mask)
+    found = {s.label: s for s in findings.segments if not s.is_empty}
+    labels = [str(item.SegmentLabel) for item in seg.SegmentSequence if item.SegmentNumber > 0]  # LABELMAP: 0
+    assert sorted(labels) == sorted(found) and pixels.shape == (*volume.shape, len(found))
+    for index, label in enumerate(labels):
+        np.testing.assert_array_equal(pixels[..., index].astype(bool), found[label].mask, err_msg=label)
 
 
 def viewercheck_tool() -> Path:

@@ -42,6 +42,19 @@ def _stacked_array(segments: list[Segment]) -> npt.NDArray[np.uint8]:
     return np.stack([s.mask.view(np.uint8) for s in segments], axis=0).transpose(1, 2, 3, 0)
 
 
+def _ohif_overlap_order(ctx: Context, segments: list[Segment]) -> list[Segment]:
+    """Overlapping segments ordered so that OHIF 3.13 does not drop slices of any of them.
+
+    OHIF (Cornerstone3D 5.6 adapters, compactMergeSegmentDataWithoutInformationLoss) packs
+    overlapping segments into layers of per-slice arrays indexed in its display order, which runs
+    down the slice normal, and merges a segment into a layer by iterating the longer array with
+    forEach: a sparse array skips the slices the layer lacks, so a segment that ends lower in that
+    order than the layer loses its slices there. With segments sorted by their first slice in our
+    (ascending) order, last first, every segment reaches at least as far as the layers before it.
+    """
+    return sorted(segments, key=lambda s: -int(np.flatnonzero(ctx.slice_counts(s))[0]))
+
+
 def _to_source_frames(ctx: Context, array: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """Put mask slice k at the frame of its source; single-frame sources are already in slice order."""
     if ctx.frames[0] is None:
@@ -63,6 +76,9 @@ def build_seg(ctx: Context) -> SegInfo | None:
     segments = ctx.non_empty_segments()
     if not segments:
         return None
+    labels, overlap = ctx.labels()
+    if overlap:
+        segments = _ohif_overlap_order(ctx, segments)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ctx.algorithm_name,
         family=coded(ctx.options.algorithm_family),
@@ -85,7 +101,6 @@ def build_seg(ctx: Context) -> SegInfo | None:
         for index, s in enumerate(segments, start=1)
     ]
     labelmap = ctx.options.segmentation_type == "LABELMAP"
-    labels, overlap = ctx.labels()
     array = _stacked_array(segments) if overlap else labels
     seg = hd.seg.Segmentation(
         source_images=ctx.source_instances,
