@@ -28,6 +28,7 @@ _FONT_FILES = ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.tt
 _MIN_SIDE = 512  # key images are scaled up to at least this, so text stays legible beside anatomy
 _MAX_SIDE = 1024
 _FILL_ALPHA = 0.35
+_OUTLINE_ONLY_FRACTION = 0.25  # a segment filling more of the slice (a body) is outlined, not tinted
 _CARD_SIZE = (1024, 768)
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -100,7 +101,8 @@ def render_key_image(
         plane = Image.fromarray(segment.mask[k].view(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)
         mask = np.asarray(plane) >= 128
         colour = np.array(segment.color_rgb, dtype=np.float32)
-        rgb[mask] = (1 - _FILL_ALPHA) * rgb[mask] + _FILL_ALPHA * colour
+        if mask.mean() < _OUTLINE_ONLY_FRACTION:
+            rgb[mask] = (1 - _FILL_ALPHA) * rgb[mask] + _FILL_ALPHA * colour
         rgb[_outline(mask, outline_width)] = colour
     canvas = Image.fromarray(rgb.astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
@@ -181,26 +183,37 @@ def render_report_card(ctx: Context) -> npt.NDArray[np.uint8]:
         fill=grey,
     )
     draw.line((40, 118, width - 40, 118), fill=grey, width=1)
-    y, bottom = 134, height - 110
+    y, bottom = 134, height - 104
     rows = _card_rows(ctx)
+    # shrink the table (down to 60 %) rather than cut it when a pipeline reports many values
+    needed = sum(50 if row.heading else 34 for row in rows)
+    scale = max(0.6, min(1.0, (bottom - y) / needed))
+    heading, body = font(round(28 * scale)), font(round(24 * scale))
     for index, row in enumerate(rows):
-        if y > bottom - 36 and index < len(rows) - 1:
-            draw.text((40, y), "… more in the structured report (SR)", font=font(22), fill=grey)
+        step = round((50 if row.heading else 34) * scale)
+        if y + step > bottom:
+            draw.text(
+                (76, y),
+                f"… {len(rows) - index} more lines in the structured report (SR)",
+                font=body,
+                fill=grey,
+            )
             break
         if row.heading:
-            y += 8
+            y += round(8 * scale)
             if row.colour is not None:
-                draw.rectangle((40, y + 5, 62, y + 27), fill=row.colour, outline=white)
-            draw.text((76, y), row.text, font=font(28), fill=white)
+                box = round(22 * scale)
+                draw.rectangle((40, y + 5, 40 + box, y + 5 + box), fill=row.colour, outline=white)
+            draw.text((76, y), row.text, font=heading, fill=white)
             if row.value:
-                draw.text((560, y + 2), row.value, font=font(26), fill=amber)
-            y += 42
+                draw.text((560, y + 2), row.value, font=body, fill=amber)
+            y += step - round(8 * scale)
         else:
-            draw.text((76, y), row.text, font=font(24), fill=grey)
+            draw.text((76, y), row.text, font=body, fill=grey)
             if row.value:
-                value_width = draw.textlength(row.value, font=font(24))
-                draw.text((width - 60 - value_width, y), row.value, font=font(24), fill=white)
-            y += 34
+                value_width = draw.textlength(row.value, font=body)
+                draw.text((width - 60 - value_width, y), row.value, font=body, fill=white)
+            y += step
     draw.line((40, height - 92, width - 40, height - 92), fill=grey, width=1)
     draw.text((40, height - 74), DISCLAIMER, font=font(28), fill=amber)
     return np.asarray(canvas, dtype=np.uint8)
