@@ -5,6 +5,7 @@ Each test also saves its pictures as PNG under pytest's temporary folder, for a 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,15 @@ def test_real_series_key_images(name: str, tmp_path: Path) -> None:
     assert key.pixel_array.shape[1] * float(key.PixelSpacing[1]) == pytest.approx(x * column_mm, rel=0.01)
     for path in _save(images, tmp_path):
         assert require(validate.dciodvfy(path)).ok
+
+
+def test_report_card_with_many_values_stays_above_the_disclaimer(tmp_path: Path) -> None:
+    series = make_series()
+    lungs = lung_findings(series.volume)
+    extra = tuple(replace(m, value=m.value + i) for i in range(12) for m in lungs.measurements[:2])
+    findings = replace(lungs, measurements=lungs.measurements + extra, notes=("A long note. " * 12,))
+    card = build_results(findings, series.volume, series.datasets).sc[-1]
+    _save((card,), tmp_path)
+    pixels = card.pixel_array
+    gap = pixels[768 - 104 : 768 - 93]  # between the table's last line and the disclaimer's rule
+    assert (gap == gap[0, 0]).all(), "table text runs into the disclaimer"

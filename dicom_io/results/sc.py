@@ -190,8 +190,8 @@ def render_report_card(ctx: Context) -> npt.NDArray[np.uint8]:
     scale = max(0.6, min(1.0, (bottom - y) / needed))
     heading, body = font(round(28 * scale)), font(round(24 * scale))
     for index, row in enumerate(rows):
-        step = round((50 if row.heading else 34) * scale)
-        if y + step > bottom:
+        step, line = round((50 if row.heading else 34) * scale), round(34 * scale)
+        if y + step + (line if index < len(rows) - 1 else 0) > bottom:  # keep a line for "… more"
             draw.text(
                 (76, y),
                 f"… {len(rows) - index} more lines in the structured report (SR)",
