@@ -1,0 +1,370 @@
+"""The Orthanc plugin's work, without Orthanc: copy a study into radgate, complete it, queue jobs.
+
+Why the receiver's code path: an instance copied from Orthanc is handled by the same
+`plugin.receive.Receiver` as one received by C-STORE (fsync, link into the spool, record, one row
+per SOP Instance UID), as one "association" per import that is released at its end. Orthanc's
+stable-study event is the completion signal: the study revision is declared complete and routed
+at once, in one transaction (the worker's quiet period is not needed). A study whose import
+brought nothing new stays as it is, so a stable event that fires twice queues one job.
+
+Instances radgate itself sent into Orthanc (their SOP Instance UIDs are in the deliveries) are
+not copied back; neither are instances already recorded, so a repeated import downloads nothing.
+
+Routing here cannot check the rules against the installed pipelines (that needs ``ai_models``
+and torch, which stay out of Orthanc's process); ``radgate worker`` checks them at its start, and
+a job naming a pipeline that is not installed fails with the registry's message.
+
+Crash safety: which of Orthanc's changes (``/changes``) were handled is kept in a small state
+file in the data dir, written after each stable study and each page; at start the log is
+replayed from there, so a study that became stable while the plugin was busy or down is still
+imported. Replays are harmless (see above). A first start begins at Orthanc's latest change:
+older studies are sent with the on-demand route.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_io.net import Peer, ReceivedInstance
+from plugin.config import Config, ConfigError
+from plugin.jobs import list_jobs, queue_routed_jobs
+from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, make_spool
+from plugin.route import DEFAULT_RULES, validate_rules
+from plugin.spool import fsync_dir
+from plugin.store import Delivery, Instance, Job, JobState, Series, Store, Study, StudyState, utcnow
+
+log = logging.getLogger(__name__)
+
+PEER_AE = "ORTHANC-PLUGIN"
+ON_DEMAND_RULE = "on-demand"
+PAGE = 100
+PIPELINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+_QUERY_CHUNK = 500
+
+
+class RestApi(Protocol):
+    """Orthanc's REST API as the plugin sees it: GET a path, get the body, or an exception."""
+
+    def get(self, path: str) -> bytes: ...
+
+
+class ImportFailed(RuntimeError):
+    """radgate could not take an instance (disk full, database down): try the study again later."""
+
+
+def get_json(rest: RestApi, path: str) -> Any:
+    return json.loads(rest.get(path))
+
+
+@dataclass(frozen=True)
+class Imported:
+    """One study copied from Orthanc: instances stored now, already known, refused as unusable."""
+
+    study_uid: str
+    stored: int
+    known: int
+    refused: int
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What a study's import and completion led to: the jobs queued (none: nothing new)."""
+
+    imported: Imported
+    jobs: tuple[int, ...]
+
+    def as_json(self, orthanc_id: str) -> dict[str, Any]:
+        i = self.imported
+        return {
+            "orthanc_study": orthanc_id,
+            "study_uid": i.study_uid,
+            "instances": {"stored": i.stored, "known": i.known, "refused": i.refused},
+            "jobs": list(self.jobs),
+        }
+
+
+class ChangeCursor:
+    """The sequence number of the last Orthanc change handled, in a file written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> int | None:
+        try:
+            return int(json.loads(self.path.read_text())["last_change"])
+        except FileNotFoundError:
+            return None
+
+    def save(self, seq: int) -> None:
+        temp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(temp, "w") as f:
+            json.dump({"last_change": seq}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, self.path)
+        fsync_dir(self.path.parent)
+
+
+def check_pipeline_name(name: str) -> str:
+    if not PIPELINE_NAME.match(name):
+        raise ValueError(f"not a pipeline name: {name[:80]!r}")
+    return name
+
+
+def _named_pipelines(config: Config) -> set[str]:
+    """The pipelines the routing rules name (trusted here; ``radgate worker`` checks them)."""
+    rules = DEFAULT_RULES if config.rules is None else config.rules
+    names = {rule.pipeline for rule in rules}
+    return names | ({config.default_rule.pipeline} if config.default_rule else set())
+
+
+class Bridge:
+    """Imports Orthanc studies into one radgate data dir and store and queues their jobs."""
+
+    def __init__(self, config: Config, rest: RestApi, destinations: Sequence[str] | None = None) -> None:
+        for name in destinations or ():
+            if name not in config.destinations:
+                raise ConfigError(
+                    f"Radgate.Destinations: {name!r} is not a destination in the radgate config"
+                )
+        self.config = config
+        self.rest = rest
+        self.rules = validate_rules(config, _named_pipelines(config))
+        self.destinations = tuple(config.destinations if destinations is None else destinations)
+        self.store = Store(config.db_url)
+        self.receiver = Receiver(config)
+        self.cursor = ChangeCursor(config.data_dir / "orthanc-changes.json")
+        self.incoming = (
+            config.data_dir / "incoming-orthanc"
+        )  # not serve's: its start-up recovery empties that
+        self._imports = itertools.count(1)
+
+    def prepare(self) -> None:
+        """Schema, spool folders, and no temporary file left from a copy a crash interrupted."""
+        self.store.migrate()
+        make_spool(self.config).prepare()
+        shutil.rmtree(self.incoming, ignore_errors=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        self.receiver.close()
+        self.store.dispose()
+
+    # ------------------------------------------------------------------ import
+
+    def study_uid(self, orthanc_id: str) -> str:
+        return str(get_json(self.rest, f"/studies/{orthanc_id}")["MainDicomTags"]["StudyInstanceUID"])
+
+    def known_sop_uids(self, uids: Iterable[str]) -> set[str]:
+        """The SOP Instance UIDs radgate already has: recorded instances and results it sent."""
+        wanted = list(uids)
+        known: set[str] = set()
+        with self.store.session() as s:
+            for start in range(0, len(wanted), _QUERY_CHUNK):
+                chunk = wanted[start : start + _QUERY_CHUNK]
+                known.update(
+                    s.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk)))
+                )
+                known.update(
+                    s.scalars(select(Delivery.sop_instance_uid).where(Delivery.sop_instance_uid.in_(chunk)))
+                )
+        return known
+
+    def _fetch(self, instance_id: str, peer: Peer) -> ReceivedInstance | None:
+        """Copy one instance's file into a temporary file; None when it is not a usable DICOM file."""
+        data = self.rest.get(f"/instances/{instance_id}/file")
+        path = self.incoming / f"{instance_id}.dcm"
+        path.write_bytes(data)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS)
+            return ReceivedInstance(
+                path=path,
+                study_uid=str(ds.StudyInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                peer=peer,
+                size=len(data),
+            )
+        except (InvalidDicomError, AttributeError, ValueError) as err:
+            log.warning("orthanc instance %s not taken: not a storable instance (%s)", instance_id, err)
+            path.unlink(missing_ok=True)
+            return None
+
+    def import_study(self, orthanc_id: str, stop: Callable[[], bool] = lambda: False) -> Imported:
+        """Copy the study's instances radgate does not have yet; ImportFailed if radgate cannot take one."""
+        study_uid = self.study_uid(orthanc_id)
+        instances = get_json(self.rest, f"/studies/{orthanc_id}/instances")
+        by_uid = {str(i["MainDicomTags"]["SOPInstanceUID"]): str(i["ID"]) for i in instances}
+        known = self.known_sop_uids(by_uid)
+        peer = Peer(PEER_AE, "orthanc-plugin", 0, f"orthanc-import-{next(self._imports)}")
+        stored = refused = 0
+        try:
+            for sop_uid, instance_id in by_uid.items():
+                if sop_uid in known:
+                    continue
+                if stop():
+                    raise ImportFailed("stopping")
+                received = self._fetch(instance_id, peer)
+                status = self.receiver.handle(received) if received is not None else None
+                if status == STATUS_OUT_OF_RESOURCES:
+                    raise ImportFailed(f"radgate could not store SOP {sop_uid} of study {study_uid}")
+                if status == STATUS_SUCCESS:
+                    stored += 1
+                else:
+                    refused += 1
+        finally:
+            self.receiver.release(peer)
+        return Imported(study_uid, stored, len(known), refused)
+
+    # ------------------------------------------------------------------ completion and jobs
+
+    def _queue_named(self, s: Session, study: Study, pipeline: str) -> Job:
+        """A job running ``pipeline`` on the study's largest series, whatever the rules say."""
+        series_uid = s.scalar(
+            select(Series.series_uid)
+            .where(Series.study_id == study.id)
+            .order_by(Series.instance_count.desc(), Series.series_uid)
+            .limit(1)
+        )
+        now = utcnow()
+        job = Job(
+            study_id=study.id,
+            study_revision=study.revision,
+            pipeline=pipeline,
+            series_uid=series_uid,
+            rule=ON_DEMAND_RULE,
+            destinations=list(self.destinations),
+            state=JobState.QUEUED,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+        )
+        s.add(job)
+        s.flush()
+        log.info(
+            "study %s revision %d: job %d queued on demand: %s on series %s",
+            *(study.study_uid, study.revision, job.id, pipeline, series_uid),
+        )
+        return job
+
+    def complete(self, study_uid: str, pipeline: str | None = None, force: bool = False) -> tuple[int, ...]:
+        """Declare the study's current revision complete and queue its jobs, in one transaction.
+
+        Not ``force``: only a RECEIVING revision (new instances) is completed and routed. ``force``
+        (on demand): queue again even if complete; ``pipeline`` bypasses the rules.
+        """
+        with self.store.session() as s:
+            study = s.scalars(
+                select(Study).where(Study.study_uid == study_uid).with_for_update()
+            ).one_or_none()
+            if study is None:  # e.g. only results radgate sent: nothing to complete
+                if force:
+                    raise LookupError(f"study {study_uid} has no instances radgate can use")
+                return ()
+            if study.state == StudyState.RECEIVING:
+                study.state = StudyState.COMPLETE
+                study.completed_at = utcnow()
+                log.info(
+                    "study %s revision %d complete (Orthanc): %d instances",
+                    *(study.study_uid, study.revision, study.instance_count),
+                )
+            elif not force:
+                return ()
+            if pipeline is not None:
+                jobs = [self._queue_named(s, study, pipeline)]
+            else:
+                jobs = queue_routed_jobs(s, study, self.rules, self.config.spool_dir)
+            return tuple(job.id for job in jobs)
+
+    def submit(
+        self,
+        orthanc_id: str,
+        pipeline: str | None = None,
+        force: bool = False,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> Submitted:
+        """Import an Orthanc study, then complete it and queue its jobs (see `complete`)."""
+        imported = self.import_study(orthanc_id, stop)
+        if imported.stored == 0 and imported.known == 0:  # nothing usable: nothing to run
+            log.info("orthanc study %s (%s): no usable instance", orthanc_id, imported.study_uid)
+            return Submitted(imported, ())
+        jobs = self.complete(imported.study_uid, pipeline, force)
+        log.info(
+            "orthanc study %s (%s): %d instances stored, %d known, %d refused; jobs %s",
+            *(orthanc_id, imported.study_uid, imported.stored, imported.known, imported.refused),
+            list(jobs) or "none",
+        )
+        return Submitted(imported, jobs)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list_jobs(self.store, self.config.results_dir)
+
+    # ------------------------------------------------------------------ Orthanc's change log
+
+    def _study_gone(self, orthanc_id: str) -> bool:
+        try:
+            self.rest.get(f"/studies/{orthanc_id}")
+        except Exception:  # the SDK raises one exception type for every error answer
+            return True
+        return False
+
+    def _stable_study(self, orthanc_id: str, stop: Callable[[], bool]) -> None:
+        try:
+            self.submit(orthanc_id, stop=stop)
+        except ImportFailed:
+            raise
+        except Exception:
+            if not self._study_gone(orthanc_id):
+                raise
+            log.info("orthanc study %s was deleted before radgate took it", orthanc_id)
+
+    def follow_changes(self, stop: Callable[[], bool] = lambda: False) -> int:
+        """Handle every stable study in Orthanc's change log since the cursor; returns how many.
+
+        An error leaves the cursor before the study that failed, so the next call tries it again.
+        """
+        since = self.cursor.load()
+        if since is None:
+            since = int(get_json(self.rest, "/changes?last")["Last"])
+            self.cursor.save(since)
+            log.info("following Orthanc's changes from %d (first start)", since)
+        handled = 0
+        while not stop():
+            page = get_json(self.rest, f"/changes?since={since}&limit={PAGE}")
+            if since > int(page["Last"]):
+                log.warning(
+                    "Orthanc's change log restarted (last %s < %d): reading it again", page["Last"], since
+                )
+                since = 0
+                self.cursor.save(since)
+                continue
+            for change in page["Changes"]:
+                stable = change["ChangeType"] == "StableStudy"
+                if stable:
+                    self._stable_study(str(change["ID"]), stop)
+                    handled += 1
+                since = int(change["Seq"])
+                if stable:
+                    self.cursor.save(since)
+            if page["Changes"]:
+                self.cursor.save(since)
+            if page["Done"]:
+                break
+        return handled

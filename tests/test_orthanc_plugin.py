@@ -1,0 +1,141 @@
+"""radgate inside a real Orthanc: Debian's Orthanc 1.10 runs the plugin from orthanc_config/, a
+`radgate worker` process runs the jobs, and the results come back into the same Orthanc study.
+
+Studies go into Orthanc with DCMTK's storescu; Orthanc calls them stable after 2 s.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import requests
+from node_support import wait_for, write_series
+from orthanc_plugin_support import PluginSite
+
+from dicom_io.synthetic import ct_chest_phantom, mr_head_phantom
+from dicom_io.tools import dciodvfy
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> Iterator[PluginSite]:
+    s = PluginSite(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _ended(site: PluginSite, study_uid: str) -> dict[str, Any] | None:
+    jobs = site.jobs(study_uid)
+    return jobs[0] if jobs and jobs[0]["state"] in ("SUCCEEDED", "FAILED") else None
+
+
+def _delivered(site: PluginSite, study_uid: str) -> dict[str, Any] | None:
+    """The study's one job once it SUCCEEDED and every delivery is SENT."""
+    jobs = site.jobs(study_uid)
+    done = jobs and jobs[0]["state"] == "SUCCEEDED" and set(jobs[0]["deliveries"]) == {"SENT"}
+    return jobs[0] if done else None
+
+
+@pytest.mark.slow  # ct-lung in a worker process, Orthanc started three times: about a minute on 2 cores
+def test_stable_studies_are_run_and_results_return_into_the_same_study(
+    site: PluginSite, tmp_path: Path
+) -> None:
+    orthanc = site.start_orthanc()
+    site.start_worker()
+    status = orthanc.rest_get("/radgate/status")
+    assert status["python"].startswith("3.11") and not status["torch_loaded"], status
+    assert "Run radgate" in requests.get(f"{orthanc.url}/plugins/explorer.js", timeout=10).text
+
+    # a CT with too few slices: routed to ct-lung by the rules, FAILED with the reason
+    short = write_series(tmp_path / "short", 3)
+    short_uid = str(pydicom.dcmread(short[0], stop_before_pixels=True).StudyInstanceUID)
+    site.storescu(short)
+    site.wait_stable(short_uid)
+    # an MR: no rule matches, so no job; then ct-lung on demand, which cannot use it
+    mr = mr_head_phantom(rows=32, columns=32, slices=8, seed=3)
+    site.storescu(mr.write(tmp_path / "mr"))
+    mr_id = site.wait_stable(mr.study_uid)
+    assert site.jobs(mr.study_uid) == []
+    answer = orthanc.rest_post(f"/radgate/studies/{mr_id}/run", {"pipeline": "ct-lung"})
+    assert answer["study_uid"] == mr.study_uid and len(answer["jobs"]) == 1, answer
+
+    short_job = wait_for(lambda: _ended(site, short_uid), 120, "the short CT's job to end", interval=0.5)
+    assert (short_job["state"], short_job["error"]) == (
+        "FAILED",
+        "ct-lung: only 3 slices, this pipeline needs at least 5",
+    )
+    mr_job = wait_for(lambda: _ended(site, mr.study_uid), 60, "the on-demand MR job to end", interval=0.5)
+    assert (mr_job["state"], mr_job["rule"], mr_job["id"]) == ("FAILED", "on-demand", answer["jobs"][0])
+    assert "CT" in mr_job["error"], mr_job["error"]
+    assert orthanc.rest_get("/system")["Version"]  # Orthanc kept serving
+
+    # a good chest CT; Orthanc goes down while its job is pending and comes back on the same ports
+    ct = ct_chest_phantom(rows=64, columns=64, slices=40, seed=5)
+    site.storescu(ct.write(tmp_path / "ct"))
+    ct_id = site.wait_stable(ct.study_uid)
+    [job] = site.jobs(ct.study_uid)
+    assert job["state"] in ("QUEUED", "RUNNING"), job
+    site.stop_orthanc()
+    orthanc = site.start_orthanc()
+    job = wait_for(lambda: _delivered(site, ct.study_uid), 180, "results sent to Orthanc", interval=0.5)
+    assert (job["rule"], job["destinations"]) == ("chest", ["orthanc"])
+
+    # SEG, SR and SC in the same study in Orthanc, valid
+    assert orthanc.study_id(ct.study_uid) == ct_id
+    series = orthanc.series_of_study(ct.study_uid)
+    results = [s for s in series if s["MainDicomTags"]["Modality"] in ("SEG", "SR", "OT")]
+    assert sorted(s["MainDicomTags"]["Modality"] for s in results) == ["OT", "SEG", "SR"]
+    instances = [i for s in results for i in s["Instances"]]
+    assert len(instances) == job["deliveries"]["SENT"]
+    with tempfile.TemporaryDirectory() as folder:
+        for instance in instances:
+            path = Path(folder) / f"{instance}.dcm"
+            path.write_bytes(orthanc.instance_file(instance))
+            assert pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID == ct.study_uid
+            verdict = dciodvfy(path)
+            assert verdict.ok, verdict.output
+
+    # the results arriving made the study stable again: still one job, nothing taken back into radgate
+    site.wait_stable(ct.study_uid, times=2)
+    assert [j["id"] for j in site.jobs(ct.study_uid)] == [job["id"]]
+    ours = [line for line in orthanc.log_tail(500_000).splitlines() if "radgate" in line]
+    assert ours and not any("PHANTOM" in line for line in [*ours, *site.worker_log().splitlines()])
+    assert site.stop_worker() == 0, site.worker_log()[-3000:]
+
+
+def test_a_study_stable_while_the_plugin_was_down_is_replayed_once(site: PluginSite, tmp_path: Path) -> None:
+    """Orthanc's change log since the last handled change is replayed at start; twice gives one job."""
+    orthanc = site.start_orthanc(plugin=False)
+    files = write_series(tmp_path / "ct", 6)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    site.storescu(files)
+    orthanc_id = wait_for(lambda: orthanc.study_id(study_uid), 30, "the study in Orthanc")
+    wait_for(lambda: site.stable_changes(orthanc_id), 30, "the study to be stable")
+    site.stop_orthanc()
+
+    site.data_dir.mkdir(parents=True)
+    site.cursor.save(0)  # the plugin had handled nothing of it (its queue was not drained)
+    site.start_orthanc()
+    wait_for(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the replay")
+    [job] = site.jobs(study_uid)
+    assert (job["state"], job["pipeline"], job["revision"]) == ("QUEUED", "ct-lung", 1)
+
+    site.stop_orthanc()
+    site.cursor.save(0)  # the same stable event once more
+    site.start_orthanc()
+    wait_for(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the second replay")
+    assert [j["id"] for j in site.jobs(study_uid)] == [job["id"]]
+
+
+def test_a_broken_radgate_config_leaves_orthanc_running(site: PluginSite) -> None:
+    site.config_path.write_text("data_dir: [not, a, path]\n")
+    orthanc = site.start_orthanc()
+    assert orthanc.rest_get("/system")["Version"]
+    assert requests.get(f"{orthanc.url}/radgate/jobs", timeout=10).status_code == 404
+    assert "radgate: plugin disabled: invalid configuration" in orthanc.log_tail(20_000)
