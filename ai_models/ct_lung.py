@@ -34,6 +34,8 @@ GAS_MEAN_HU = -975.0  # a lung core denser than this is parenchyma; pure gas is 
 COARSE_MM = 4.0
 CORE_ERODE_MM = 12.0
 MIN_LUNG_ML = 30.0
+STRADDLE_SHARE = 0.25  # a core with at least this share on each side of the midline is both lungs
+SPLIT = 3  # side code of such a core until it is cut at the midline
 MIN_BODY_PART = 0.05  # body pieces kept: at least this fraction of the largest (trunk + arms, not the table)
 
 SCT = "SCT"
@@ -194,7 +196,11 @@ class CtLungPipeline:
     def _lung_cores(
         inner_air: torch.Tensor, coarse_hu: torch.Tensor, grid: _Grid, volume: Volume, body: torch.Tensor
     ) -> torch.Tensor:
-        """Label map of lung cores: SEG_RIGHT / SEG_LEFT by side in patient space, 0 elsewhere."""
+        """Label map of lung cores: SEG_RIGHT / SEG_LEFT by side in patient space, 0 elsewhere.
+
+        A core is a lung when big enough and not pure gas; its side is that of its centroid relative
+        to the body's midline (patient x, LPS), and a core spreading well over both sides is cut there.
+        """
         cores = morph.erode(inner_air, grid.steps(CORE_ERODE_MM))
         labels, n = morph.label(cores)
         sizes = morph.component_sizes(labels, n)
@@ -204,8 +210,11 @@ class CtLungPipeline:
         grown = morph.grow(labels, inner_air, grid.steps(CORE_ERODE_MM))
         grown_sizes = morph.component_sizes(grown, n)
         x_mm = _lps_x_mm(volume.affine, grid, tuple(labels.shape), labels.device)
-        x_sum = torch.bincount(grown.reshape(-1).to(torch.int64), weights=x_mm.reshape(-1), minlength=n + 1)
         midline = float(x_mm[body].mean())
+        grown_flat = grown.reshape(-1).to(torch.int64)
+        x_sum = torch.bincount(grown_flat, weights=x_mm.reshape(-1), minlength=n + 1)
+        on_left = (x_mm > midline).reshape(-1).to(torch.float64)
+        left_count = torch.bincount(grown_flat, weights=on_left, minlength=n + 1)
 
         sides = torch.zeros(n + 1, dtype=torch.int32, device=labels.device)
         gas = 0
@@ -217,6 +226,9 @@ class CtLungPipeline:
                 continue
             centroid_x = float(x_sum[i] / grown_sizes[i])
             sides[i] = SEG_LEFT if centroid_x > midline else SEG_RIGHT
+            left_share = float(left_count[i] / grown_sizes[i])
+            if STRADDLE_SHARE <= left_share <= 1.0 - STRADDLE_SHARE:
+                sides[i] = SPLIT
         if not bool((sides > 0).any()):
             air_ml = float(inner_air.sum()) * grid.voxel_ml
             detail = f" ({gas} pocket(s) of pure gas, e.g. stomach or bowel)" if gas else ""
@@ -225,7 +237,10 @@ class CtLungPipeline:
                 f"no lung found in this series: {air_ml:.0f} mL of air inside the body, none of it a lung "
                 f"of at least {MIN_LUNG_ML:.0f} mL{detail}; is this a chest CT?",
             )
-        return sides[labels.to(torch.int64)]
+        cores = sides[labels.to(torch.int64)]
+        # lungs joined across the midline (even after erosion) are cut by the midsagittal plane
+        by_plane = torch.where(x_mm > midline, SEG_LEFT, SEG_RIGHT).to(cores.dtype)
+        return torch.where(cores == SPLIT, by_plane, cores)
 
     @staticmethod
     def _fill_pockets(lungs: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,11 @@ from collections.abc import Sequence
 import torch
 
 
+def _max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum; logical or for masks (every backend has it for bool)."""
+    return torch.logical_or(a, b) if a.dtype == torch.bool else torch.maximum(a, b)
+
+
 def box_max(t: torch.Tensor, radius: Sequence[int] = (1, 1, 1)) -> torch.Tensor:
     """Maximum over a box of half-widths `radius` (z, y, x), one axis at a time with shifted slices.
 
@@ -24,8 +29,8 @@ def box_max(t: torch.Tensor, radius: Sequence[int] = (1, 1, 1)) -> torch.Tensor:
         out = src.clone()
         for step in range(1, min(r, n - 1) + 1):
             ahead, behind = out.narrow(dim, step, n - step), out.narrow(dim, 0, n - step)
-            ahead.copy_(torch.maximum(ahead, src.narrow(dim, 0, n - step)))
-            behind.copy_(torch.maximum(behind, src.narrow(dim, step, n - step)))
+            ahead.copy_(_max(ahead, src.narrow(dim, 0, n - step)))
+            behind.copy_(_max(behind, src.narrow(dim, step, n - step)))
     return out
 
 

@@ -132,6 +132,24 @@ def test_trachea_and_main_bronchi_are_not_lung() -> None:
     assert float((lungs & airway).sum()) / float(airway.sum()) < 0.15
 
 
+def test_lungs_joined_across_the_midline_are_split_by_side() -> None:
+    """A thick bridge of lung tissue in front of the mediastinum: one air region, still two lungs."""
+    series = ct_chest_phantom(rows=128, columns=128, slices=60, seed=8)
+    voxels = series.voxels.copy()
+    z, y, x = np.indices(voxels.shape)
+    lps = np.einsum("ij,jzyx->izyx", series.affine[:3], np.stack([x, y, z, np.ones_like(x)]).astype(float))
+    bridge = (
+        (np.abs(lps[0] - 2.0) <= 33.0) & (np.abs(lps[1] + 20.0) <= 30.0) & (np.abs(lps[2] + 150.0) <= 25.0)
+    )
+    voxels[bridge] = -850
+    volume = Volume(voxels, series.affine, phantom_volume(series).sources, {"Modality": "CT"})
+    findings = run_pipeline(CtLungPipeline(), volume, CPU)
+    right, left = findings.segment(1).mask, findings.segment(2).mask
+    for mask, own, other in ((right, "lung_right", "lung_left"), (left, "lung_left", "lung_right")):
+        assert float((mask & series.truth[own]).sum()) / float(series.truth[own].sum()) > 0.98
+        assert not (mask & series.truth[other]).any()
+
+
 def test_real_upper_abdomen_ct_has_no_lungs_and_says_so(testdata: Path) -> None:
     """The real CT shows liver, stomach (with gas) and spleen below the lung bases: no lung to report.
 
