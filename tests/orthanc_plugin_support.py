@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from node_support import DCMTK_ENV, RADGATE, STORESCU, free_port, wait_for
+from node_support import DCMTK_ENV, RADGATE, STORESCU, free_port
 
 from plugin.orthanc.bridge import ChangeCursor
-from plugin.orthanc_server import OrthancServer
+from plugin.orthanc_server import OrthancServer, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 LOADER = REPO / "orthanc_config" / "radgate_plugin.py"
@@ -124,11 +124,12 @@ class PluginSite:
         """Wait until Orthanc called the study stable ``times`` times and the plugin handled it; its id."""
         assert self.orthanc is not None
         server = self.orthanc
-        orthanc_id = wait_for(lambda: server.study_id(study_uid), timeout, f"study {study_uid} in Orthanc")
-        seqs = wait_for(
-            lambda: (found := self.stable_changes(orthanc_id)) and len(found) >= times and found,
-            timeout,
-            f"study {study_uid} stable {times} time(s)",
-        )
-        wait_for(lambda: self.handled(seqs[-1]), timeout, "the plugin to handle the stable study")
+        orthanc_id = wait_until(lambda: server.study_id(study_uid), timeout, f"study {study_uid} in Orthanc")
+
+        def stable() -> list[int] | None:
+            found = self.stable_changes(orthanc_id)
+            return found if len(found) >= times else None
+
+        seqs = wait_until(stable, timeout, f"study {study_uid} stable {times} time(s)")
+        wait_until(lambda: self.handled(seqs[-1]), timeout, "the plugin to handle the stable study")
         return orthanc_id

@@ -14,11 +14,12 @@ from typing import Any
 import pydicom
 import pytest
 import requests
-from node_support import wait_for, write_series
+from node_support import write_series
 from orthanc_plugin_support import PluginSite
 
 from dicom_io.synthetic import ct_chest_phantom, mr_head_phantom
 from dicom_io.tools import dciodvfy
+from plugin.orthanc_server import wait_until
 
 
 @pytest.fixture()
@@ -65,12 +66,12 @@ def test_stable_studies_are_run_and_results_return_into_the_same_study(
     answer = orthanc.rest_post(f"/radgate/studies/{mr_id}/run", {"pipeline": "ct-lung"})
     assert answer["study_uid"] == mr.study_uid and len(answer["jobs"]) == 1, answer
 
-    short_job = wait_for(lambda: _ended(site, short_uid), 120, "the short CT's job to end", interval=0.5)
+    short_job = wait_until(lambda: _ended(site, short_uid), 120, "the short CT's job to end", interval=0.5)
     assert (short_job["state"], short_job["error"]) == (
         "FAILED",
         "ct-lung: only 3 slices, this pipeline needs at least 5",
     )
-    mr_job = wait_for(lambda: _ended(site, mr.study_uid), 60, "the on-demand MR job to end", interval=0.5)
+    mr_job = wait_until(lambda: _ended(site, mr.study_uid), 60, "the on-demand MR job to end", interval=0.5)
     assert (mr_job["state"], mr_job["rule"], mr_job["id"]) == ("FAILED", "on-demand", answer["jobs"][0])
     assert "CT" in mr_job["error"], mr_job["error"]
     assert orthanc.rest_get("/system")["Version"]  # Orthanc kept serving
@@ -83,7 +84,7 @@ def test_stable_studies_are_run_and_results_return_into_the_same_study(
     assert job["state"] in ("QUEUED", "RUNNING"), job
     site.stop_orthanc()
     orthanc = site.start_orthanc()
-    job = wait_for(lambda: _delivered(site, ct.study_uid), 180, "results sent to Orthanc", interval=0.5)
+    job = wait_until(lambda: _delivered(site, ct.study_uid), 180, "results sent to Orthanc", interval=0.5)
     assert (job["rule"], job["destinations"]) == ("chest", ["orthanc"])
 
     # SEG, SR and SC in the same study in Orthanc, valid
@@ -115,21 +116,21 @@ def test_a_study_stable_while_the_plugin_was_down_is_replayed_once(site: PluginS
     files = write_series(tmp_path / "ct", 6)
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     site.storescu(files)
-    orthanc_id = wait_for(lambda: orthanc.study_id(study_uid), 30, "the study in Orthanc")
-    wait_for(lambda: site.stable_changes(orthanc_id), 30, "the study to be stable")
+    orthanc_id = wait_until(lambda: orthanc.study_id(study_uid), 30, "the study in Orthanc")
+    wait_until(lambda: site.stable_changes(orthanc_id) or None, 30, "the study to be stable")
     site.stop_orthanc()
 
     site.data_dir.mkdir(parents=True)
     site.cursor.save(0)  # the plugin had handled nothing of it (its queue was not drained)
     site.start_orthanc()
-    wait_for(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the replay")
+    wait_until(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the replay")
     [job] = site.jobs(study_uid)
     assert (job["state"], job["pipeline"], job["revision"]) == ("QUEUED", "ct-lung", 1)
 
     site.stop_orthanc()
     site.cursor.save(0)  # the same stable event once more
     site.start_orthanc()
-    wait_for(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the second replay")
+    wait_until(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the second replay")
     assert [j["id"] for j in site.jobs(study_uid)] == [job["id"]]
 
 
