@@ -300,3 +300,16 @@ def test_ohif_keeps_every_voxel_of_overlapping_segments(tmp_path: Path, viewerch
     )  # SR: no measurements
     assert result.ok, result.output
     check_masks(paths["SEG"][0], findings, series.volume)
+
+
+def test_ohif_shows_labelmap_segments_in_their_colours(tmp_path: Path, viewercheck_dir: Path) -> None:
+    series = make_series("oblique")
+    options = ResultOptions(segmentation_type="LABELMAP", write_sc=False)
+    paths = _by_kind(
+        write_results(lung_findings(series.volume), series.volume, series.datasets, tmp_path / "out", options)
+    )
+    seg = pydicom.dcmread(paths["SEG"][0], stop_before_pixels=True)
+    assert [int(item.SegmentNumber) for item in seg.SegmentSequence] == [1, 2] and seg.PixelPaddingValue == 0
+    sources = _save_sources(series.datasets, tmp_path / "src")
+    result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
+    assert result.ok and not result.warnings, result.output

@@ -66,6 +66,16 @@ def _to_source_frames(ctx: Context, array: npt.NDArray[np.uint8]) -> npt.NDArray
     return frames
 
 
+def _drop_background_item(seg: Dataset) -> None:
+    """Remove highdicom's "Background" item (segment 0) from a LABELMAP SegmentSequence.
+
+    The background is already declared by PixelPaddingValue 0 (as Sup 243 intends), and OHIF 3.13
+    keys segments by number but takes colours by position, so with item 0 first every segment
+    would be drawn in the colour of the one before it (segment 1 in the background's black).
+    """
+    seg.SegmentSequence = [item for item in seg.SegmentSequence if item.SegmentNumber != 0]
+
+
 def _content_label(name: str) -> str:
     """ContentLabel is a CS: upper-case letters, digits, space and underscore, 16 characters."""
     return (re.sub(r"[^A-Z0-9_ ]", "_", name.upper()) or "RADGATE")[:16]
@@ -121,6 +131,8 @@ def build_seg(ctx: Context) -> SegInfo | None:
         content_label=_content_label(ctx.findings.pipeline),
         omit_empty_frames=False,
     )
+    if labelmap:
+        _drop_background_item(seg)
     ctx.stamp(seg, "SEG")
     return SegInfo(
         dataset=seg,
