@@ -115,7 +115,7 @@ def test_results_radgate_sent_are_not_taken_back_but_new_instances_are(
 def test_on_demand_runs_a_named_pipeline_or_the_rules_again(
     bridge: Bridge, orthanc: OrthancServer, tmp_path: Path
 ) -> None:
-    orthanc_id, study_uid = _upload(orthanc, write_series(tmp_path / "ct", 5))
+    orthanc_id, _ = _upload(orthanc, write_series(tmp_path / "ct", 5))
     bridge.submit(orthanc_id)
     named = bridge.submit(orthanc_id, pipeline="mr-brain", force=True)
     routed = bridge.submit(orthanc_id, force=True)
@@ -140,7 +140,9 @@ class ChangeLog:
     """A scripted ``/changes``: the plugin's view of Orthanc's change log."""
 
     def __init__(self, changes: list[tuple[int, str, str]]) -> None:
-        self.changes = [{"Seq": seq, "ChangeType": kind, "ID": rid} for seq, kind, rid in changes]
+        self.changes: list[dict[str, Any]] = [
+            {"Seq": seq, "ChangeType": kind, "ID": rid} for seq, kind, rid in changes
+        ]
 
     def get(self, path: str) -> bytes:
         query = dict(part.split("=") if "=" in part else (part, "") for part in path.split("?")[1].split("&"))
