@@ -145,7 +145,7 @@ class ChangeLog:
         ]
 
     def get(self, path: str) -> bytes:
-        query = dict(part.split("=") if "=" in part else (part, "") for part in path.split("?")[1].split("&"))
+        query = dict(part.partition("=")[::2] for part in path.split("?")[1].split("&"))
         last = max((c["Seq"] for c in self.changes), default=0)
         if "last" in query:
             return json.dumps({"Changes": self.changes[-1:], "Done": True, "Last": last}).encode()
