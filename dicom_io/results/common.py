@@ -66,7 +66,7 @@ class ResultOptions:
     """How results are encoded; the defaults suit a node with no configuration.
 
     series_number_base: SEG gets this series number, SR +1, SC +2, KOS +3. None means the
-        largest series number in the study's sources plus 1000, which never collides with them.
+        largest series number among the given source datasets plus 1000 (never one of theirs).
     uid_seed: UIDs are derived from it (plus the pipeline, version and source instances), so
         encoding the same input twice gives the same UIDs and no duplicates in the archive.
         None derives them from the sources alone.
