@@ -22,7 +22,7 @@ def _add_config_options(p: argparse.ArgumentParser, default: object = None) -> N
 
 
 def _config_from(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+    config = load_config(getattr(args, "config", None))  # demo has no --config
     return config.with_overrides(
         data_dir=getattr(args, "data_dir", None),
         **{
@@ -84,6 +84,12 @@ def _cmd_run(args: argparse.Namespace, config: Config) -> int:
     return command(args)
 
 
+def _cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from plugin.demo import command
+
+    return command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="radgate",
@@ -105,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-executor", action="store_true", help="run no jobs here: `radgate worker` processes run them"
     )
     serve.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job shown on this machine: local Orthanc, the node, a synthetic CT, results back",
+        description="Start a local Orthanc (Debian's) and `radgate serve` on free loopback ports, push a "
+        "synthetic chest CT with DCMTK storescu, wait until the SEG, SR and SC are in Orthanc in the "
+        "source study, and print what arrived, the measurements from the SR and Orthanc's URL. "
+        "Exit status 0 when the results came back, 1 with the reason otherwise.",
+    )
+    demo.add_argument("--keep", action="store_true", help="leave Orthanc and the node running until Ctrl-C")
+    demo.add_argument("--dir", type=Path, help="keep Orthanc's and the node's data here (default: temp)")
+    demo.add_argument("--rows", type=int, default=256, help="rows and columns of each slice (default 256)")
+    demo.add_argument("--slices", type=int, default=80, help="number of slices (default 80)")
+    demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the results")
+    demo.set_defaults(func=_cmd_demo)
 
     worker = sub.add_parser(
         "worker",

@@ -156,14 +156,24 @@ class NodeProcess:
         self.process.kill()
         self.process.wait(10)
 
-    def studies(self) -> list[dict[str, Any]]:
+    def _listing(self, command: str) -> list[dict[str, Any]]:
+        """What ``radgate COMMAND --json`` prints for this node (studies, jobs, deliveries)."""
         out = subprocess.run(
-            [str(RADGATE), "studies", "--json", "--config", str(self.config_path)],
+            [str(RADGATE), command, "--json", "--config", str(self.config_path)],
             check=True,
             capture_output=True,
             timeout=60,
         )
         return list(json.loads(out.stdout))
+
+    def studies(self) -> list[dict[str, Any]]:
+        return self._listing("studies")
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self._listing("jobs")
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        return self._listing("deliveries")
 
     def storescu(
         self, *files: Path, calling_ae: str = "STORESCU", options: tuple[str, ...] = ()

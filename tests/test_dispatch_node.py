@@ -3,15 +3,13 @@ as results, through the executor and the outbox, and every delivery ends SENT.""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from node_support import RADGATE, NodeProcess
+from node_support import NodeProcess
 
 from plugin.orthanc_server import OrthancServer, wait_until
 
@@ -25,16 +23,6 @@ def node(tmp_path: Path, orthanc: OrthancServer) -> Iterator[NodeProcess]:
     assert n.stop() == 0, n.log()
 
 
-def deliveries(node: NodeProcess) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [str(RADGATE), "deliveries", "--json", "--config", str(node.config_path)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return list(json.loads(out.stdout))
-
-
 @pytest.mark.slow  # the ct-lung pipeline in a worker process: about 45 s on 2 cores
 def test_results_of_a_received_study_arrive_in_the_archive(
     node: NodeProcess, orthanc: OrthancServer, ct_phantom_dir: Path
@@ -45,7 +33,7 @@ def test_results_of_a_received_study_arrive_in_the_archive(
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
     def all_sent() -> list[dict[str, Any]] | None:
-        found = deliveries(node)
+        found = node.deliveries()
         return found if found and all(d["state"] == "SENT" for d in found) else None
 
     done = wait_until(all_sent, 240, "every delivery SENT", interval=0.5)

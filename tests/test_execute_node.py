@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,19 +14,9 @@ from dicom_io.synthetic import ct_chest_phantom
 RULES = [{"name": "chest", "match": {"Modality": {"equals": "CT"}}, "pipeline": "ct-lung"}]
 
 
-def _jobs(node: NodeProcess) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [str(RADGATE), "jobs", "--json", "--config", str(node.config_path)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return list(json.loads(out.stdout))
-
-
 def _finished(node: NodeProcess, count: int) -> list[dict[str, Any]]:
     """Every job once ``count`` of them have ended; empty until then."""
-    jobs = _jobs(node)
+    jobs = node.jobs()
     done = [j for j in jobs if j["state"] in ("SUCCEEDED", "FAILED")]
     return jobs if len(done) == count else []
 
