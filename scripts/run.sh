@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The main job: set-up, then the node on its embedded defaults (arguments go to `radgate serve`).
+# The main job: set-up, then `radgate demo` (local Orthanc + the node + a synthetic CT, results back).
+# With arguments they go to `radgate` instead: `scripts/run.sh serve --port 104` runs the node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/radgate serve "$@"
+if [ "$#" -eq 0 ]; then
+    exec .venv/bin/radgate demo
+fi
+exec .venv/bin/radgate "$@"
