@@ -122,16 +122,24 @@ def test_a_study_stable_while_the_plugin_was_down_is_replayed_once(site: PluginS
 
     site.data_dir.mkdir(parents=True)
     site.cursor.save(0)  # the plugin had handled nothing of it (its queue was not drained)
-    site.start_orthanc()
+    orthanc = site.start_orthanc()
     wait_until(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the replay")
     [job] = site.jobs(study_uid)
     assert (job["state"], job["pipeline"], job["revision"]) == ("QUEUED", "ct-lung", 1)
 
     site.stop_orthanc()
     site.cursor.save(0)  # the same stable event once more
-    site.start_orthanc()
+    orthanc = site.start_orthanc()
     wait_until(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the second replay")
     assert [j["id"] for j in site.jobs(study_uid)] == [job["id"]]
+
+    # on demand: no body runs the rules again; a wrong body or study is refused
+    answer = orthanc.rest_post(f"/radgate/studies/{orthanc_id}/run")
+    assert answer["instances"] == {"stored": 0, "known": 6, "refused": 0} and len(answer["jobs"]) == 1
+    run = f"{orthanc.url}/radgate/studies/{orthanc_id}/run"
+    assert requests.post(run, json={"pipe": "x"}, timeout=30).status_code == 400
+    assert requests.post(run, json={"pipeline": "../x"}, timeout=30).status_code == 400
+    assert requests.post(f"{orthanc.url}/radgate/studies/nope/run", timeout=30).status_code == 404
 
 
 def test_a_broken_radgate_config_leaves_orthanc_running(site: PluginSite) -> None:

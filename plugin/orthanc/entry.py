@@ -196,6 +196,8 @@ class PluginWorker:
                     self.bridge.follow_changes(self._stopping.is_set)
                 retry = False
             except Exception:
+                if self._stopping.is_set():  # an import cut short by Orthanc stopping: replayed at start
+                    return
                 log.exception(
                     "radgate could not take Orthanc's stable studies; retrying in %g s", self.retry_s
                 )
@@ -263,7 +265,7 @@ class Routes:
             wanted = RunRequest.model_validate_json(body)
             pipeline = None if wanted.pipeline is None else check_pipeline_name(wanted.pipeline)
         except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
             return 400, {"error": problems}
         except ValueError as err:
             return 400, {"error": str(err)}
