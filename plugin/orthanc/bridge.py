@@ -121,6 +121,7 @@ class ChangeCursor:
 
 
 def check_pipeline_name(name: str) -> str:
+    """A name from an HTTP request, checked before it is stored (the worker resolves it)."""
     if not PIPELINE_NAME.match(name):
         raise ValueError(f"not a pipeline name: {name[:80]!r}")
     return name
@@ -149,9 +150,8 @@ class Bridge:
         self.store = Store(config.db_url)
         self.receiver = Receiver(config)
         self.cursor = ChangeCursor(config.data_dir / "orthanc-changes.json")
-        self.incoming = (
-            config.data_dir / "incoming-orthanc"
-        )  # not serve's: its start-up recovery empties that
+        # temporary copies; not serve's incoming folder, which its start-up recovery empties
+        self.incoming = config.data_dir / "incoming-orthanc"
         self._imports = itertools.count(1)
 
     def prepare(self) -> None:
