@@ -29,6 +29,8 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -40,6 +42,8 @@ from dicom_io.net import (
     ReceivedInstance,
     StorageSCP,
     TlsFiles,
+    c_store_rsp_command,
+    file_meta_header,
 )
 
 TESTDATA = Path(os.environ.get("RADGATE_TESTDATA", "/work/shared/testdata"))
@@ -483,3 +487,35 @@ def test_worker_processes_feed_the_handler_in_this_process(
     assert recorder.pids == {os.getpid()}
     assert len({i.peer.association_id for i in recorder.instances}) == 2
     assert dcmtk("echoscu", "127.0.0.1", str(scp.port)).returncode == 0
+
+
+# --- hand-made encodings equal the libraries' -----------------------------------------------------
+
+
+@pytest.mark.parametrize("source_ae", ["STORESCU", "ODD", ""])
+def test_file_meta_header_equals_pydicom(source_ae: str) -> None:
+    meta = create_file_meta(
+        sop_class_uid=UID(CTImageStorage),
+        sop_instance_uid=UID("1.2.3.45"),
+        transfer_syntax=ExplicitVRLittleEndian,
+    )
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    out = DicomBytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    assert file_meta_header(CTImageStorage, "1.2.3.45", ExplicitVRLittleEndian, source_ae) == out.getvalue()
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xB000])
+def test_c_store_rsp_command_equals_pynetdicom(status: int) -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = "1.2.3.45"
+    rsp.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    fragments = [pdv for p in message.encode_msg(1, 16384) for _, pdv in p.presentation_data_value_list]
+    assert [f[0] for f in fragments] == [0x03]  # one last command fragment
+    assert c_store_rsp_command(CTImageStorage, "1.2.3.45", 7, status) == fragments[0][1:]

@@ -1,0 +1,286 @@
+"""Ingest benchmark: C-STORE receive speed of radgate's SCP beside DCMTK storescp and Orthanc.
+
+One run sends the same CT series (default 300 slices of 512x512, 16-bit, Explicit VR Little
+Endian) with DCMTK storescu (TCP_NODELAY=1) over 1 and over 4 concurrent associations (4 storescu
+processes, a quarter each) to each receiver, started fresh for every run on free loopback ports:
+
+- radgate: `dicom_io.net.StorageSCP` in its own process, with a handler doing what the node does to
+  make an instance durable (fsync of the file, rename into the store folder). The node's job-store
+  write is NOT included.
+- DCMTK storescp (TCP_NODELAY=1, --fork so concurrent associations run in parallel) writing to a
+  temporary folder (no fsync).
+- Orthanc (Debian package) with a minimal configuration and a temporary storage folder.
+
+Prints images/s for each and radgate's ratio to storescp. Figures only; nothing passes or fails.
+
+    .venv/bin/python bench/ingest.py [--slices 300] [--pdu 131072] [--workers 2] [--associations 1 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dicom_io.net import ReceivedInstance, StorageSCP
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+AE_TITLE = "BENCH"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: str, probe: subprocess.Popen[bytes] | None, deadline_s: float, port: int) -> None:
+    """Wait until a C-ECHO to `port` succeeds (the receiver is up), or fail at the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if probe is not None and probe.poll() is not None:
+            raise RuntimeError(f"{check} exited with {probe.returncode} before it was ready")
+        echo = subprocess.run(
+            ["/usr/bin/echoscu", "-to", "2", "-aec", AE_TITLE, "127.0.0.1", str(port)],
+            env=DCMTK_ENV,
+            capture_output=True,
+        )
+        if echo.returncode == 0:
+            return
+        time.sleep(0.1)  # a polling interval of a readiness probe, not synchronisation
+    raise RuntimeError(f"{check} not ready on port {port} after {deadline_s} s")
+
+
+# --- receivers ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def radgate(out: Path, pdu: int, workers: int, fsync: bool) -> Iterator[int]:
+    port = free_port()
+    cmd = [sys.executable, __file__, "--serve-radgate", str(out), "--port", str(port), "--pdu", str(pdu)]
+    proc = subprocess.Popen([*cmd, "--workers", str(workers), "--fsync" if fsync else "--no-fsync"])
+    try:
+        wait_until("radgate", proc, 60, port)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+@contextlib.contextmanager
+def storescp(out: Path, pdu: int) -> Iterator[int]:
+    port = free_port()
+    cmd = ["/usr/bin/storescp", "--fork", "-aet", AE_TITLE, "--max-pdu", str(min(pdu, 131072))]
+    proc = subprocess.Popen([*cmd, "-od", str(out), str(port)], env=DCMTK_ENV)
+    try:
+        wait_until("storescp", proc, 30, port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextlib.contextmanager
+def orthanc(out: Path, pdu: int) -> Iterator[int]:
+    port, http = free_port(), free_port()
+    config = {
+        "Name": "radgate-bench",
+        "StorageDirectory": str(out / "storage"),
+        "IndexDirectory": str(out / "index"),
+        "DicomAet": AE_TITLE,
+        "DicomPort": port,
+        "HttpPort": http,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "MaximumPduLength": pdu,
+        "Plugins": [],
+    }
+    cfg = out / "orthanc.json"
+    cfg.write_text(json.dumps(config))
+    log = (out / "orthanc.log").open("wb")
+    proc = subprocess.Popen(["/usr/sbin/Orthanc", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until("Orthanc", proc, 60, port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def count_received(name: str, out: Path) -> int:
+    if name == "orthanc":
+        return sum(1 for p in (out / "storage").rglob("*") if p.is_file() and len(p.name) == 36)
+    return sum(
+        1 for p in out.rglob("*") if p.is_file() and p.suffix != ".json" and not p.name.startswith(".")
+    )
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def send(port: int, parts: list[Path]) -> float:
+    """Send each part over its own association, all at once; return the seconds until all finished."""
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["/usr/bin/storescu", "-R", "-aec", AE_TITLE, "+sd", "127.0.0.1", str(port), str(part)],
+            env=DCMTK_ENV,
+            stderr=subprocess.PIPE,
+        )
+        for part in parts
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    elapsed = time.perf_counter() - start
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    return elapsed
+
+
+def make_series(folder: Path, slices: int) -> list[Path]:
+    """Write a synthetic 512x512 CT series (the phantom module) and return its files."""
+    from dicom_io.synthetic import ct_chest_phantom
+
+    series = ct_chest_phantom(rows=512, columns=512, slices=slices, seed=7)
+    return sorted(series.write(folder))
+
+
+def split(files: list[Path], n: int, root: Path) -> list[Path]:
+    """n folders of hard links, a contiguous share of the series each."""
+    parts = []
+    for i in range(n):
+        part = root / f"{n}-{i}"
+        part.mkdir(parents=True)
+        for f in files[i * len(files) // n : (i + 1) * len(files) // n]:
+            os.link(f, part / f.name)
+        parts.append(part)
+    return parts
+
+
+def bench(args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="radgate-ingest-"))
+    try:
+        if args.data:
+            files = sorted(p for p in Path(args.data).iterdir() if p.is_file())
+        else:
+            files = make_series(root / "series", args.slices)
+        size_mb = sum(f.stat().st_size for f in files) / 1e6
+        receivers = {
+            "radgate": lambda out: radgate(out, args.pdu, args.workers, fsync=True),
+            "radgate-nofsync": lambda out: radgate(out, args.pdu, args.workers, fsync=False),
+            "storescp": lambda out: storescp(out, args.pdu),
+            "orthanc": lambda out: orthanc(out, args.pdu),
+        }
+        results: dict[tuple[str, int], float] = {}
+        for n in args.associations:
+            parts = split(files, n, root / "parts")
+            for name in args.receivers:
+                out = root / "out" / f"{name}-{n}"
+                out.mkdir(parents=True)
+                with receivers[name](out) as port:
+                    elapsed = send(port, parts)
+                received = count_received(name, out)
+                if received != len(files):
+                    print(f"WARNING: {name} holds {received} of {len(files)} instances", file=sys.stderr)
+                results[name, n] = len(files) / elapsed
+                print(
+                    f"  {name:9s} {n} assoc: {elapsed:6.2f} s  {results[name, n]:7.1f} images/s", flush=True
+                )
+                shutil.rmtree(out)
+            shutil.rmtree(root / "parts")
+        report(args, len(files), size_mb, results)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def report(
+    args: argparse.Namespace, n_files: int, size_mb: float, results: dict[tuple[str, int], float]
+) -> None:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(
+        f"\ningest, {when}, {platform.node()} ({os.cpu_count()} cores), {n_files} CT slices 512x512 "
+        f"({size_mb:.0f} MB), max PDU {args.pdu} (storescp capped at 131072), "
+        f"storescu TCP_NODELAY=1, radgate workers={args.workers}, handler fsync+rename (job store excluded)"
+    )
+    header = "| receiver | " + " | ".join(f"{n} assoc (images/s)" for n in args.associations) + " |"
+    print(header)
+    print("|---|" + "---|" * len(args.associations))
+    for name in args.receivers:
+        cells = " | ".join(f"{results[name, n]:.0f}" for n in args.associations)
+        print(f"| {name} | {cells} |")
+    for ours in ("radgate", "radgate-nofsync"):
+        if ours in args.receivers and "storescp" in args.receivers:
+            ratios = " | ".join(
+                f"{results[ours, n] / results['storescp', n]:.2f}x" for n in args.associations
+            )
+            print(f"| {ours} / storescp | {ratios} |")
+
+
+# --- radgate's receiving process -----------------------------------------------------------------
+
+
+def serve_radgate(out: Path, port: int, pdu: int, workers: int, fsync: bool) -> None:
+    """The SCP with a node-like durable handler (fsync optional, to see its cost); runs until SIGTERM."""
+    store = out / "store"
+    store.mkdir(parents=True, exist_ok=True)
+
+    def durable(inst: ReceivedInstance) -> int:
+        if fsync:
+            fd = os.open(inst.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(inst.path, store / f"{inst.sop_instance_uid}.dcm")
+        return 0
+
+    scp = StorageSCP(AE_TITLE, "127.0.0.1", port, out / "incoming", durable, max_pdu=pdu, workers=workers)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=scp.stop).start())
+    scp.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=300, help="CT slices to generate (default 300)")
+    parser.add_argument("--data", help="send the files of this folder instead of generating a series")
+    parser.add_argument("--pdu", type=int, default=131072, help="receivers' maximum PDU length")
+    parser.add_argument("--workers", type=int, default=2, help="radgate receiving processes")
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument(
+        "--receivers",
+        nargs="+",
+        default=["radgate", "radgate-nofsync", "storescp", "orthanc"],
+        help="radgate-nofsync: the same handler without the fsync (the transport's own speed)",
+    )
+    parser.add_argument(
+        "--fsync", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS
+    )
+    parser.add_argument("--serve-radgate", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_radgate:
+        serve_radgate(args.serve_radgate, args.port, args.pdu, args.workers, args.fsync)
+    else:
+        bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
