@@ -47,18 +47,19 @@ class PluginSite:
         self.orthanc: OrthancServer | None = None
         self.worker: subprocess.Popen[bytes] | None = None
 
-    def server(self, plugin: bool = True, radgate: dict[str, Any] | None = None) -> OrthancServer:
+    def server(self, plugin: bool = True, env: dict[str, str] | None = None) -> OrthancServer:
         """An Orthanc on this site's ports and storage (not started), with or without the plugin."""
         return OrthancServer(
             python_script=LOADER if plugin else None,
             stable_age=2,
             workdir=self.workdir / "orthanc",
             ports=self.ports,
-            extra_config={"Radgate": radgate or {"ConfigFile": str(self.config_path)}},
+            extra_config={"Radgate": {"ConfigFile": str(self.config_path)}},
+            env=env,
         )
 
-    def start_orthanc(self, plugin: bool = True) -> OrthancServer:
-        self.orthanc = self.server(plugin).start()
+    def start_orthanc(self, plugin: bool = True, env: dict[str, str] | None = None) -> OrthancServer:
+        self.orthanc = self.server(plugin, env).start()
         return self.orthanc
 
     def stop_orthanc(self) -> None:

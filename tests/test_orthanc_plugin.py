@@ -148,3 +148,9 @@ def test_a_broken_radgate_config_leaves_orthanc_running(site: PluginSite) -> Non
     assert orthanc.rest_get("/system")["Version"]
     assert requests.get(f"{orthanc.url}/radgate/jobs", timeout=10).status_code == 404
     assert "radgate: plugin disabled: invalid configuration" in orthanc.log_tail(20_000)
+
+
+def test_a_missing_virtual_environment_leaves_orthanc_running(site: PluginSite) -> None:
+    orthanc = site.start_orthanc(env={"RADGATE_VENV": str(site.workdir / "no-venv")})
+    assert orthanc.rest_get("/system")["Version"]
+    assert "radgate: plugin not loaded: ModuleNotFoundError" in orthanc.log_tail(20_000)
