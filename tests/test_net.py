@@ -519,3 +519,30 @@ def test_c_store_rsp_command_equals_pynetdicom(status: int) -> None:
     fragments = [pdv for p in message.encode_msg(1, 16384) for _, pdv in p.presentation_data_value_list]
     assert [f[0] for f in fragments] == [0x03]  # one last command fragment
     assert c_store_rsp_command(CTImageStorage, "1.2.3.45", 7, status) == fragments[0][1:]
+
+
+@pytest.mark.usefixtures("chunked_send")
+def test_command_split_over_fragments_takes_pynetdicom_path(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path
+) -> None:
+    """A tiny maximum PDU splits the C-STORE-RQ command, which the fast path leaves to pynetdicom."""
+    src = PYDICOM_FILES / "MR_small.dcm"
+    ds = dcmread(src)
+    scp = start_scp(max_pdu=128)
+    assoc = scu([(ds.SOPClassUID, ExplicitVRLittleEndian)]).associate(
+        "127.0.0.1", scp.port, ae_title="RADGATE"
+    )
+    wire = tmp_path / "wire.dcm"
+    body = raw_part10(src, wire, ExplicitVRLittleEndian, ds.SOPClassUID, ds.SOPInstanceUID)
+    broken = tmp_path / "broken.dcm"
+    raw_part10(
+        PYDICOM_FILES / "MR_truncated.dcm", broken, ExplicitVRLittleEndian, ds.SOPClassUID, generate_uid()
+    )
+    try:
+        assert assoc.send_c_store(wire).Status == 0
+        assert assoc.send_c_store(broken).Status == STATUS_CANNOT_UNDERSTAND
+    finally:
+        assoc.release()
+    kept = (recorder.keep / f"{ds.SOPInstanceUID}.dcm").read_bytes()
+    assert kept[dataset_offset(kept) :] == body
+    assert not list((tmp_path / "incoming").iterdir())
