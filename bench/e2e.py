@@ -259,16 +259,15 @@ def report(
     node_pid: int,
     status: int | None,
 ) -> None:
-    totals = [r["total"] for r in rows]
-    print(
-        f"\nlast instance sent -> SEG acknowledged by Orthanc, {len(rows)} studies of "
-        f"{args.slices}x{args.rows}x{args.rows}, {args.workers} worker(s):"
-    )
-    print(f"  p50 {_pct(totals, 50):.1f} s   p95 {_pct(totals, 95):.1f} s   max {max(totals):.1f} s")
-    print(
-        "  median seconds per stage: "
-        + ", ".join(f"{k} {statistics.median(r[k] for r in rows):.2f}" for k in rows[0])
-    )
+    print(f"\n{args.slices}x{args.rows}x{args.rows} CT, {args.workers} worker(s)")
+    if rows:
+        totals = [r["total"] for r in rows]
+        print(f"last instance sent -> SEG acknowledged by Orthanc, {len(rows)} studies one at a time:")
+        print(f"  p50 {_pct(totals, 50):.1f} s   p95 {_pct(totals, 95):.1f} s   max {max(totals):.1f} s")
+        print(
+            "  median seconds per stage: "
+            + ", ".join(f"{k} {statistics.median(r[k] for r in rows):.2f}" for k in rows[0])
+        )
     if queued:
         print(
             f"throughput: {queued} studies queued (sent in {sending:.0f} s), all results SENT after "
@@ -289,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--rows", type=int, default=512, help="rows and columns")
-    parser.add_argument("--studies", type=int, default=5, help="studies timed one at a time")
+    parser.add_argument("--studies", type=int, default=5, help="studies timed one at a time (0: skip)")
     parser.add_argument("--queued", type=int, default=20, help="studies sent back to back (0: skip)")
     parser.add_argument("--workers", type=int, default=1, help="executor.workers")
     parser.add_argument("--quiet-period", type=float, default=10.0, help="completion.quiet_period_s")

@@ -156,7 +156,7 @@ class SeriesArrived:
     modality: str
     number: str
     description: str
-    instances: int
+    instance_ids: tuple[str, ...]  # Orthanc's ids, for /instances/{id}/file
 
 
 def series_in_orthanc(orthanc: OrthancServer, study_uid: str) -> list[SeriesArrived]:
@@ -166,7 +166,7 @@ def series_in_orthanc(orthanc: OrthancServer, study_uid: str) -> list[SeriesArri
             str(tags.get("Modality", "")),
             str(tags.get("SeriesNumber", "")),
             str(tags.get("SeriesDescription", "")),
-            len(series["Instances"]),
+            tuple(series["Instances"]),
         )
         for series in orthanc.series_of_study(study_uid)
         for tags in [series["MainDicomTags"]]
@@ -281,12 +281,13 @@ def wait_for_results(
 def _report(orthanc: OrthancServer, study_uid: str, arrived: list[SeriesArrived]) -> None:
     print(f"\nIn Orthanc, study {study_uid}:")
     for s in arrived:
-        n = f"{s.instances} instance" + ("s" if s.instances != 1 else "")
-        print(f"  {s.modality:<4} series {s.number:>5}  {s.description:<32} {n}")
-    [sr_series] = [
-        x for x in orthanc.series_of_study(study_uid) if x["MainDicomTags"].get("Modality") == "SR"
-    ]
-    sr = pydicom.dcmread(BytesIO(orthanc.instance_file(sr_series["Instances"][0])))
+        count = len(s.instance_ids)
+        print(
+            f"  {s.modality:<4} series {s.number:>5}  {s.description:<32} {count} instance"
+            + "s" * (count != 1)
+        )
+    [sr_id] = [s.instance_ids[0] for s in arrived if s.modality == "SR"]
+    sr = pydicom.dcmread(BytesIO(orthanc.instance_file(sr_id)))
     print("ct-lung measurements, read back from the SR:")
     print("\n".join(format_measurements(sr_measurements(sr))))
     print(f"\nOpen it in Orthanc: {orthanc.url}/app/explorer.html#study?uuid={orthanc.study_id(study_uid)}")
@@ -313,8 +314,7 @@ def _wait_for_signal() -> None:
 
 def run_demo(workdir: Path, rows: int, slices: int, timeout: float, keep: bool) -> None:
     """Orthanc, the node, one synthetic chest CT, its results back; raises DemoError on failure."""
-    started = time.monotonic()
-    progress = _Progress(started)
+    progress = _Progress(time.monotonic())
     orthanc = OrthancServer(workdir=workdir / "orthanc")
     node: LocalNode | None = None
     try:
