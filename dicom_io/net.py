@@ -744,6 +744,12 @@ class _Association(Association):
         self.acse_timeout = ae.acse_timeout
         self.network_timeout = ae.network_timeout
 
+    def _bind_defaults(self) -> None:
+        """Only the intervention defaults: pynetdicom's standard handlers log every PDU at debug level,
+        formatting it whether or not debug is on."""
+        for event in evt._INTERVENTION_EVENTS:
+            self.bind(event, evt.get_default_handler(event))
+
 
 # --- one connection ------------------------------------------------------------------------------
 
