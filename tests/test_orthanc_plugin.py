@@ -43,7 +43,7 @@ def _delivered(site: PluginSite, study_uid: str) -> dict[str, Any] | None:
     return jobs[0] if done else None
 
 
-@pytest.mark.slow  # ct-lung in a worker process, Orthanc started three times: about a minute on 2 cores
+@pytest.mark.slow  # ct-lung in a worker process, Orthanc started twice: about 30 s on 2 cores
 def test_stable_studies_are_run_and_results_return_into_the_same_study(
     site: PluginSite, tmp_path: Path
 ) -> None:
