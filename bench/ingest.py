@@ -26,6 +26,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,6 +176,7 @@ def split(files: list[Path], n: int, root: Path) -> list[Path]:
 
 
 def bench(args: argparse.Namespace) -> None:
+    load_before = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="radgate-ingest-"))
     try:
         if args.data:
@@ -188,36 +190,40 @@ def bench(args: argparse.Namespace) -> None:
             "storescp": lambda out: storescp(out, args.pdu),
             "orthanc": lambda out: orthanc(out, args.pdu),
         }
-        results: dict[tuple[str, int], float] = {}
-        for n in args.associations:
-            parts = split(files, n, root / "parts")
-            for name in args.receivers:
-                out = root / "out" / f"{name}-{n}"
-                out.mkdir(parents=True)
-                with receivers[name](out) as port:
-                    elapsed = send(port, parts)
-                received = count_received(name, out)
-                if received != len(files):
-                    print(f"WARNING: {name} holds {received} of {len(files)} instances", file=sys.stderr)
-                results[name, n] = len(files) / elapsed
-                print(
-                    f"  {name:9s} {n} assoc: {elapsed:6.2f} s  {results[name, n]:7.1f} images/s", flush=True
-                )
-                shutil.rmtree(out)
-            shutil.rmtree(root / "parts")
-        report(args, len(files), size_mb, results)
+        rates: dict[tuple[str, int], list[float]] = {}
+        for _ in range(args.repeat):  # interleaved, so a burst of load elsewhere hits every receiver alike
+            for n in args.associations:
+                parts = split(files, n, root / "parts")
+                for name in args.receivers:
+                    out = root / "out" / f"{name}-{n}"
+                    out.mkdir(parents=True)
+                    with receivers[name](out) as port:
+                        elapsed = send(port, parts)
+                    received = count_received(name, out)
+                    if received != len(files):
+                        print(f"WARNING: {name} holds {received} of {len(files)} instances", file=sys.stderr)
+                    rates.setdefault((name, n), []).append(len(files) / elapsed)
+                    print(
+                        f"  {name:15s} {n} assoc: {elapsed:6.2f} s  {len(files) / elapsed:7.1f} images/s",
+                        flush=True,
+                    )
+                    shutil.rmtree(out)
+                shutil.rmtree(root / "parts")
+        results = {key: statistics.median(values) for key, values in rates.items()}
+        report(args, len(files), size_mb, results, load_before)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
 def report(
-    args: argparse.Namespace, n_files: int, size_mb: float, results: dict[tuple[str, int], float]
+    args: argparse.Namespace, n_files: int, size_mb: float, results: dict[tuple[str, int], float], load: float
 ) -> None:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"\ningest, {when}, {platform.node()} ({os.cpu_count()} cores), {n_files} CT slices 512x512 "
         f"({size_mb:.0f} MB), max PDU {args.pdu} (storescp capped at 131072), "
-        f"storescu TCP_NODELAY=1, radgate workers={args.workers}, handler fsync+rename (job store excluded)"
+        f"storescu TCP_NODELAY=1, radgate workers={args.workers}, handler fsync+rename (job store excluded), "
+        f"median of {args.repeat} interleaved runs, 1-min load average before the run {load:.1f}"
     )
     header = "| receiver | " + " | ".join(f"{n} assoc (images/s)" for n in args.associations) + " |"
     print(header)
@@ -263,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pdu", type=int, default=131072, help="receivers' maximum PDU length")
     parser.add_argument("--workers", type=int, default=2, help="radgate receiving processes")
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeat", type=int, default=3, help="runs per receiver; the median is reported")
     parser.add_argument(
         "--receivers",
         nargs="+",
