@@ -416,6 +416,7 @@ def parse_c_store_rq(command: bytes) -> tuple[int, str, str] | None:
 # --- pynetdicom, narrowed for speed ---------------------------------------------------------------
 
 _IDLE_WAIT_S = 0.02  # upper bound of an idle DUL/association loop; events end the wait at once
+_SPOOL_PREFIX = ".rx-"  # incoming files while they are received, before the handler owns them
 _PREALLOCATE_LIMIT = 4 << 20  # PDU lengths up to this are read into one buffer allocated up front
 
 
@@ -805,7 +806,7 @@ class _Connection:
             transfer_syntax,
             self.peer.ae_title if self.peer is not None else "",
         )
-        name = f".rx-{self.receiver.tag}-{self.conn_id}-{next(self.receiver.spool_seq)}.dcm"
+        name = f"{_SPOOL_PREFIX}{self.receiver.tag}-{self.conn_id}-{next(self.receiver.spool_seq)}.dcm"
         return _Spool(self.receiver.config.incoming_dir / name, header)
 
     def serve(self) -> None:
@@ -1205,7 +1206,17 @@ class StorageSCP:
     # -- lifecycle --
 
     def start(self) -> None:
-        """Listen and serve in background threads (and worker processes); returns when ready."""
+        """Listen and serve in background threads (and worker processes); returns when ready.
+
+        Partial files a previous run left in `incoming_dir` (never acknowledged) are removed first.
+        """
+        stale = list(self.config.incoming_dir.glob(f"{_SPOOL_PREFIX}*"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            LOGGER.warning(
+                "removed %d unacknowledged partial files from %s", len(stale), self.config.incoming_dir
+            )
         listener = socket.create_server((self.host, self.port), backlog=128, reuse_port=False)
         self._listener = listener
         self.port = listener.getsockname()[1]

@@ -546,3 +546,15 @@ def test_command_split_over_fragments_takes_pynetdicom_path(
     kept = (recorder.keep / f"{ds.SOPInstanceUID}.dcm").read_bytes()
     assert kept[dataset_offset(kept) :] == body
     assert not list((tmp_path / "incoming").iterdir())
+
+
+def test_start_removes_partial_files_of_a_previous_run(
+    start_scp: Callable[..., StorageSCP], tmp_path: Path
+) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / ".rx-p1-1-1.dcm").write_bytes(b"half a dataset")
+    handed_over = incoming / "owned-by-the-node.dcm"
+    handed_over.write_bytes(b"")
+    start_scp()
+    assert sorted(incoming.iterdir()) == [handed_over]
