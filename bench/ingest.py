@@ -209,15 +209,19 @@ def bench(args: argparse.Namespace) -> None:
                     )
                     shutil.rmtree(out)
                 shutil.rmtree(root / "parts")
-        results = {key: statistics.median(values) for key, values in rates.items()}
-        report(args, len(files), size_mb, results, load_before)
+        report(args, len(files), size_mb, rates, load_before)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
 def report(
-    args: argparse.Namespace, n_files: int, size_mb: float, results: dict[tuple[str, int], float], load: float
+    args: argparse.Namespace,
+    n_files: int,
+    size_mb: float,
+    rates: dict[tuple[str, int], list[float]],
+    load: float,
 ) -> None:
+    """Medians as a Markdown table; ratios are medians of the ratios within each run (pairs share the load)."""
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"\ningest, {when}, {platform.node()} ({os.cpu_count()} cores), {n_files} CT slices 512x512 "
@@ -225,18 +229,18 @@ def report(
         f"storescu TCP_NODELAY=1, radgate workers={args.workers}, handler fsync+rename (job store excluded), "
         f"median of {args.repeat} interleaved runs, 1-min load average before the run {load:.1f}"
     )
-    header = "| receiver | " + " | ".join(f"{n} assoc (images/s)" for n in args.associations) + " |"
-    print(header)
+    print("| receiver | " + " | ".join(f"{n} assoc (images/s)" for n in args.associations) + " |")
     print("|---|" + "---|" * len(args.associations))
     for name in args.receivers:
-        cells = " | ".join(f"{results[name, n]:.0f}" for n in args.associations)
+        cells = " | ".join(f"{statistics.median(rates[name, n]):.0f}" for n in args.associations)
         print(f"| {name} | {cells} |")
     for ours in ("radgate", "radgate-nofsync"):
         if ours in args.receivers and "storescp" in args.receivers:
-            ratios = " | ".join(
-                f"{results[ours, n] / results['storescp', n]:.2f}x" for n in args.associations
-            )
-            print(f"| {ours} / storescp | {ratios} |")
+            ratios = []
+            for n in args.associations:
+                paired = [a / b for a, b in zip(rates[ours, n], rates["storescp", n], strict=True)]
+                ratios.append(f"{statistics.median(paired):.2f}x")
+            print(f"| {ours} / storescp | {' | '.join(ratios)} |")
 
 
 # --- radgate's receiving process -----------------------------------------------------------------

@@ -7,11 +7,14 @@ element headers, and hands a `ReceivedInstance` to the handler. The handler make
 (fsync + rename + record) and returns the DICOM status to answer with. Nothing is acknowledged
 before the handler returns.
 
-Built on pynetdicom's ACSE/DUL/DIMSE state machines. Speed comes from a few narrow subclasses
-(see `_FastDUL`, `_FastSocket`, `_SpoolingDIMSE`): whole-PDU reads into one buffer, an event-driven
-DUL loop instead of pynetdicom's 1 ms polling sleeps, dataset bytes written straight to the
-incoming directory, and optionally several receiving processes (`workers`) fed by one acceptor
-that hands each connection to the least-busy process. Handlers always run in the calling process.
+Built on pynetdicom: association negotiation, the DUL state machine and every message other than
+a C-STORE-RQ are pynetdicom's. Speed comes from a few narrow subclasses (`_FastDUL`, `_FastSocket`,
+`_SpoolingDIMSE`, `_Association`): whole-PDU reads into one buffer; a DUL loop that blocks in
+`select` instead of pynetdicom's 1 ms polling sleeps; C-STORE requests parsed, spooled and answered
+on the DUL thread without pydicom Datasets (fixed layouts encoded by hand, checked byte-equal to
+pydicom's in the tests); no per-PDU debug logging handlers; and optionally several receiving
+processes (`workers`) fed by one acceptor that hands each connection to the least-busy one.
+Handlers always run in the process that created the `StorageSCP`.
 """
 
 from __future__ import annotations
