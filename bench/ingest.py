@@ -221,7 +221,7 @@ def report(
     rates: dict[tuple[str, int], list[float]],
     load: float,
 ) -> None:
-    """Medians as a Markdown table; ratios are medians of the ratios within each run (pairs share the load)."""
+    """Medians as a Markdown table; ratios are medians of per-run ratios (a pair shares the load)."""
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"\ningest, {when}, {platform.node()} ({os.cpu_count()} cores), {n_files} CT slices 512x512 "
