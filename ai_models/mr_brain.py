@@ -68,6 +68,11 @@ def _network(device: torch.device) -> torch.nn.Module:
     # get_network(train=False) puts dropout off and instance norm on per-image statistics, as HD-BET runs it
     net, _ = HD_BET_Config().get_network(train=False)
     state = torch.load(hd_bet_weights(), map_location="cpu", weights_only=True)
+    # Nearly half the shipped parameters are subnormal floats (|w| < 1.2e-38): they change no output
+    # but make CPU arithmetic crawl (measured here: 64x slower forward pass). Flush them to zero.
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            tensor[tensor.abs() < torch.finfo(tensor.dtype).tiny] = 0.0
     net.load_state_dict(state)
     return net.to(device)
 
@@ -77,6 +82,11 @@ class MrBrainPipeline:
 
     name = "mr-brain"
     version = "1.0.0"
+
+    def __init__(self) -> None:
+        self._networks: dict[
+            torch.device, torch.nn.Module
+        ] = {}  # loaded once per device, reused by later runs
 
     def accepts(self, volume: Volume) -> str | None:
         reason = basic_reason(volume, modalities={"MR"}, min_slices=20, max_spacing_mm=6.0)
@@ -97,7 +107,9 @@ class MrBrainPipeline:
         return None
 
     def run(self, volume: Volume, device: torch.device) -> Findings:
-        net = _network(device)
+        if device not in self._networks:
+            self._networks[device] = _network(device)
+        net = self._networks[device]
         axes, flips = patient_axes(volume.affine)
         # target array order (S, A, L): voxel axes for S, P, L; flip where they run I, P (not A), R
         order = (axes[2], axes[1], axes[0])
