@@ -29,6 +29,16 @@ def _testdata() -> Path:
     return Path(os.environ.get("RADGATE_TESTDATA") or ROOT.parent / "shared" / "testdata")
 
 
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else whatever platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def _prepare_phantom(folder: Path) -> None:
     """Generate the big phantom once (outside the measured process) and keep voxels + affine."""
     from dicom_io.synthetic import ct_chest_phantom
@@ -68,7 +78,7 @@ def _measure(pipeline: str, phantom_dir: Path | None, device_name: str | None, t
     result = {
         "pipeline": pipeline,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "shape": list(volume.shape),
         "load_s": round(load_s, 2),

@@ -49,7 +49,7 @@ def _write_bundle(root: Path, *, resample: bool, labels: bool = True) -> Path:
     postprocessing = [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
     if resample:  # change the grid on the way in, so the way back (Invertd) is tested too
         preprocessing += [
-            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": None},
             {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"},
         ]
         postprocessing = [
