@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from dicom_io.synthetic import SyntheticSeries
 from dicom_io.types import SourceRef, Volume
@@ -57,3 +59,66 @@ def overlay_png(
     for mask, colour in zip(masks, colours, strict=False):
         rgb[mask] = 0.6 * rgb[mask] + 0.4 * np.array(colour, dtype=np.float32)
     Image.fromarray(rgb.astype(np.uint8)).save(path)
+
+
+BONE = {
+    "1": {
+        "label": "Bone",
+        "category": ["123037004", "SCT", "Anatomical Structure"],
+        "type": ["272673000", "SCT", "Bone structure"],
+        "color": [241, 214, 145],
+    }
+}
+
+
+def write_threshold_bundle(root: Path, *, resample: bool, labels: bool = True) -> Path:
+    """A MONAI bundle (model zoo layout) whose 1x1x1 convolution labels HU > 200 as 1 ("Bone").
+
+    Channels background = 200 - HU and bone = HU - 200, so the argmax is exactly the threshold.
+    """
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    metadata = {
+        "name": "bone_threshold",
+        "version": "0.1.0",
+        "network_data_format": {"inputs": {"image": {"modality": "CT", "num_channels": 1}}},
+    }
+    (root / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    preprocessing: list[dict[str, Any]] = [
+        {"_target_": "LoadImaged", "keys": "image"},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+    ]
+    postprocessing = [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
+    if resample:  # change the grid on the way in, so the way back (Invertd) is tested too
+        preprocessing += [
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": None},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"},
+        ]
+        postprocessing = [
+            {
+                "_target_": "Invertd",
+                "keys": "pred",
+                "transform": "@preprocessing",
+                "orig_keys": "image",
+                "nearest_interp": False,
+            },
+            *postprocessing,
+        ]
+    inference = {
+        "bundle_root": ".",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1},
+        "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [64, 64, 64], "sw_batch_size": 2},
+        "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
+    }
+    (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
+    conv = torch.nn.Conv3d(1, 2, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([-1.0, 1.0]).reshape(2, 1, 1, 1, 1))
+        assert conv.bias is not None
+        conv.bias.copy_(torch.tensor([200.0, -200.0]))
+    torch.save(conv.state_dict(), root / "models" / "model.pt")
+    if labels:
+        (root / "configs" / "radgate_labels.json").write_text(json.dumps(BONE))
+    return root

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from pipeline_support import flip_mask, flipped, phantom_volume
+from pipeline_support import BONE, flip_mask, flipped, phantom_volume, write_threshold_bundle
 
 from ai_models import PipelineError, get_pipeline, run_pipeline
 from ai_models.monai_bundle import LabelSpec, MonaiBundlePipeline, load_label_table
@@ -22,64 +21,6 @@ from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom
 from dicom_io.types import Code
 
 CPU = torch.device("cpu")
-BONE = {
-    "1": {
-        "label": "Bone",
-        "category": ["123037004", "SCT", "Anatomical Structure"],
-        "type": ["272673000", "SCT", "Bone structure"],
-        "color": [241, 214, 145],
-    }
-}
-
-
-def _write_bundle(root: Path, *, resample: bool, labels: bool = True) -> Path:
-    """A bundle in the model zoo layout: metadata, inference config, state-dict weights, label table."""
-    (root / "configs").mkdir(parents=True)
-    (root / "models").mkdir()
-    metadata = {
-        "name": "bone_threshold",
-        "version": "0.1.0",
-        "network_data_format": {"inputs": {"image": {"modality": "CT", "num_channels": 1}}},
-    }
-    (root / "configs" / "metadata.json").write_text(json.dumps(metadata))
-    preprocessing: list[dict[str, Any]] = [
-        {"_target_": "LoadImaged", "keys": "image"},
-        {"_target_": "EnsureChannelFirstd", "keys": "image"},
-    ]
-    postprocessing = [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
-    if resample:  # change the grid on the way in, so the way back (Invertd) is tested too
-        preprocessing += [
-            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": None},
-            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"},
-        ]
-        postprocessing = [
-            {
-                "_target_": "Invertd",
-                "keys": "pred",
-                "transform": "@preprocessing",
-                "orig_keys": "image",
-                "nearest_interp": False,
-            },
-            *postprocessing,
-        ]
-    inference = {
-        "bundle_root": ".",
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1},
-        "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [64, 64, 64], "sw_batch_size": 2},
-        "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
-    }
-    (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
-    conv = torch.nn.Conv3d(1, 2, kernel_size=1)
-    with torch.no_grad():
-        conv.weight.copy_(torch.tensor([-1.0, 1.0]).reshape(2, 1, 1, 1, 1))
-        assert conv.bias is not None
-        conv.bias.copy_(torch.tensor([200.0, -200.0]))
-    torch.save(conv.state_dict(), root / "models" / "model.pt")
-    if labels:
-        (root / "configs" / "radgate_labels.json").write_text(json.dumps(BONE))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +29,7 @@ def phantom() -> SyntheticSeries:
 
 
 def test_bundle_output_is_the_bone_truth_on_the_volume_grid(phantom: SyntheticSeries, tmp_path: Path) -> None:
-    pipeline = get_pipeline("monai-bundle", bundle_dir=_write_bundle(tmp_path / "b", resample=False))
+    pipeline = get_pipeline("monai-bundle", bundle_dir=write_threshold_bundle(tmp_path / "b", resample=False))
     assert (pipeline.name, pipeline.version) == ("monai-bundle:bone_threshold", "0.1.0")
     volume = phantom_volume(phantom)
     findings = run_pipeline(pipeline, volume, CPU)
@@ -105,7 +46,7 @@ def test_bundle_with_resampling_is_inverted_back_to_the_grid(
     phantom: SyntheticSeries, tmp_path: Path, axis: int
 ) -> None:
     """Orientationd + Spacingd on the way in, Invertd on the way out: the mask lands where the bone is."""
-    pipeline = MonaiBundlePipeline(_write_bundle(tmp_path / "b", resample=True))
+    pipeline = MonaiBundlePipeline(write_threshold_bundle(tmp_path / "b", resample=True))
     volume = flipped(phantom_volume(phantom), axis)
     truth = flip_mask(phantom.truth["bone"], axis)
     [bone] = run_pipeline(pipeline, volume, CPU).segments
@@ -114,7 +55,7 @@ def test_bundle_with_resampling_is_inverted_back_to_the_grid(
 
 
 def test_label_table_from_argument_and_errors(tmp_path: Path, phantom: SyntheticSeries) -> None:
-    bundle = _write_bundle(tmp_path / "b", resample=False, labels=False)
+    bundle = write_threshold_bundle(tmp_path / "b", resample=False, labels=False)
     with pytest.raises(FileNotFoundError):
         MonaiBundlePipeline(bundle)
     custom = {

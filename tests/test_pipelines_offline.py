@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pipeline_support import write_threshold_bundle
 
 from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from plugin.cli import main
@@ -73,3 +74,19 @@ def test_run_with_an_unknown_pipeline_or_bad_option(
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_options(["bundle_dir"])
     assert parse_options(["bundle_dir=/x=y", "labels=l.json"]) == {"bundle_dir": "/x=y", "labels": "l.json"}
+
+
+def test_run_passes_options_to_the_pipeline(
+    phantom: tuple[SyntheticSeries, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    series, folder = phantom
+    bundle = write_threshold_bundle(tmp_path / "bundle", resample=False)
+    out = tmp_path / "out"
+    argv = ["run", "--pipeline", "monai-bundle", str(folder), "--out", str(out), "--no-dicom"]
+    assert main([*argv, "--option", f"bundle_dir={bundle}"]) == 0
+    document = json.loads((out / "findings.json").read_text())
+    assert document["pipeline"] == "monai-bundle:bone_threshold"
+    with np.load(out / "segments.npz") as npz:
+        assert np.array_equal(npz["segment_1"], series.truth["bone"])
+    assert main([*argv, "--option", "bundle_dir=/nonexistent"]) == 1
+    assert "not a MONAI bundle" in capsys.readouterr().err
