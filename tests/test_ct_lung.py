@@ -150,6 +150,21 @@ def test_lungs_joined_across_the_midline_are_split_by_side() -> None:
         assert not (mask & series.truth[other]).any()
 
 
+def test_stomach_gas_is_not_lung() -> None:
+    """A 65 mL bubble of pure gas below the lungs (as in the stomach) is not taken for a lung."""
+    series = ct_chest_phantom(rows=128, columns=128, slices=60, seed=9)
+    voxels = series.voxels.copy()
+    z, y, x = np.indices(voxels.shape)
+    lps = np.einsum("ij,jzyx->izyx", series.affine[:3], np.stack([x, y, z, np.ones_like(x)]).astype(float))
+    gas = np.linalg.norm(lps - np.array([0.0, -40.0, -270.0])[:, None, None, None], axis=0) <= 25.0
+    assert float(gas.sum()) * series.voxel_volume_ml > 50.0
+    voxels[gas] = -1000
+    volume = Volume(voxels, series.affine, phantom_volume(series).sources, {"Modality": "CT"})
+    findings = run_pipeline(CtLungPipeline(), volume, CPU)
+    _check_against_truth(findings, series.truth, volume.voxel_volume_ml)
+    assert not ((findings.segment(1).mask | findings.segment(2).mask) & gas).any()
+
+
 def test_real_upper_abdomen_ct_has_no_lungs_and_says_so(testdata: Path) -> None:
     """The real CT shows liver, stomach (with gas) and spleen below the lung bases: no lung to report.
 
