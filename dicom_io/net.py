@@ -790,6 +790,7 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
             isinstance(d_primitive, (C_STORE, C_ECHO))
             and d_primitive.is_valid_request
             and context_id in self.assoc._accepted_cx
+            and self.assoc.is_established  # the service classes drop the response until it is
         ):
             self.assoc._serve_request(d_primitive, context_id)
         else:  # anything else takes pynetdicom's path through the association thread

@@ -15,7 +15,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
+from typing import cast
 
 import pytest
 from pydicom import dcmread
@@ -29,7 +31,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
@@ -384,9 +386,7 @@ def test_association_limit(start_scp: Callable[..., StorageSCP]) -> None:
         assert second.is_rejected
     finally:
         first.release()
-    deadline = time.monotonic() + 10
-    while scp.active_associations and time.monotonic() < deadline:
-        time.sleep(0.01)  # polling a counter, bounded; no other event to wait on from outside
+    wait_until(lambda: scp.active_associations == 0)
     third = ae.associate("127.0.0.1", scp.port)
     assert third.is_established
     third.release()
@@ -558,3 +558,40 @@ def test_start_removes_partial_files_of_a_previous_run(
     handed_over.write_bytes(b"")
     start_scp()
     assert sorted(incoming.iterdir()) == [handed_over]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    """Poll a condition nothing signals (files, counters) until it holds or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        time.sleep(0.01)
+
+
+def test_abort_in_the_middle_of_a_dataset_leaves_no_file(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path
+) -> None:
+    scp = start_scp(max_pdu=4096)
+    incoming = tmp_path / "incoming"
+    assoc = scu([(CTImageStorage, ImplicitVRLittleEndian)]).associate(
+        "127.0.0.1", scp.port, ae_title="RADGATE"
+    )
+    assert assoc.is_established
+    data = (TESTDATA / "dcmqi/segmentations/ct-3slice/01.dcm").read_bytes()
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = generate_uid()
+    req.Priority = 2
+    req.DataSet = BytesIO(data[dataset_offset(data) :])
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    pdatas = list(message.encode_msg(cast(int, assoc.accepted_contexts[0].context_id), 4096))
+    for pdata in pdatas[: len(pdatas) // 2]:  # the command and half of the dataset
+        assoc.dul.send_pdu(pdata)
+    wait_until(lambda: any(incoming.iterdir()))  # the SCP is writing the dataset
+    assoc.abort()
+    wait_until(lambda: scp.active_associations == 0)
+    assert not list(incoming.iterdir()), "the partial dataset was left behind"
+    assert recorder.instances == []
+    assert dcmtk("echoscu", "127.0.0.1", str(scp.port)).returncode == 0
