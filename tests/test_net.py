@@ -439,10 +439,11 @@ def self_signed(tmp_path: Path) -> TlsFiles:
     return TlsFiles(cert=cert, key=key)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_tls_association(
-    start_scp: Callable[..., StorageSCP], recorder: Recorder, self_signed: TlsFiles
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, self_signed: TlsFiles, workers: int
 ) -> None:
-    scp = start_scp(tls=self_signed)
+    scp = start_scp(tls=self_signed, workers=workers)
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self_signed.cert))
     ae = scu([(CTImageStorage, ImplicitVRLittleEndian)])
     assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADGATE", tls_args=(client, "localhost"))
