@@ -172,7 +172,8 @@ def to_metatensor(volume: Volume) -> MetaTensor:
     from monai.data import MetaTensor
 
     affine = torch.as_tensor(_LPS_TO_RAS @ volume.affine, dtype=torch.float64)
-    data = torch.from_numpy(volume.voxels.transpose(2, 1, 0)[None])
+    # a flipped view has negative strides, which torch.from_numpy refuses; contiguous arrays are not copied
+    data = torch.from_numpy(np.ascontiguousarray(volume.voxels).transpose(2, 1, 0)[None])
     meta = {
         "original_affine": affine.clone(),
         "spatial_shape": np.asarray(data.shape[1:]),

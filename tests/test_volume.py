@@ -326,6 +326,16 @@ def test_to_metatensor_is_channel_first_ras() -> None:
     np.testing.assert_allclose(ras[:3], lps[:3] * [-1, -1, 1])
 
 
+def test_to_metatensor_takes_a_flipped_view_of_the_voxels() -> None:
+    """A view with negative strides (np.flip) is what a caller gets from flipping without a copy."""
+    volume = load_series(small_ct().datasets)
+    flipped = replace(volume, voxels=volume.voxels[:, ::-1, :])
+    assert flipped.voxels.strides[1] < 0
+    tensor = to_metatensor(flipped)
+    x, y, z = 5, 7, 3
+    assert float(tensor[0, x, y, z]) == float(volume.voxels[z, volume.shape[1] - 1 - y, x])
+
+
 def test_metatensor_survives_monai_reorientation() -> None:
     from monai.data import MetaTensor
     from monai.transforms import Orientation
