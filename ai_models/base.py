@@ -16,7 +16,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from dicom_io.types import Findings, GeometryError, Volume
+from dicom_io.types import Code, Findings, GeometryError, Volume
+
+VOLUME = Code("118565006", "SCT", "Volume")
+UNIT_CM3 = Code("cm3", "UCUM", "cubic centimeter")
+"""The unit of every volume: UCUM is case-sensitive and has no "ml" (its code is "mL"); cm3 is what
+CONFORMANCE.md asks for and viewers show. 1 cm3 = 1 mL, so values in mL need no conversion."""
 
 
 class PipelineError(Exception):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ai_models import morphology as morph
-from ai_models.base import PipelineError, basic_reason, patient_axes
+from ai_models.base import UNIT_CM3, VOLUME, PipelineError, basic_reason, patient_axes
 from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 
 AIR_HU = -500.0
@@ -46,12 +46,10 @@ RIGHT = Code("24028007", SCT, "Right")
 LEFT = Code("7771000", SCT, "Left")
 BODY = Code("38266002", SCT, "Entire body")
 EMPHYSEMA = Code("87433001", SCT, "Pulmonary emphysema")
-VOLUME = Code("118565006", SCT, "Volume")
 ATTENUATION = Code("112031", "DCM", "Attenuation Coefficient")
 MEAN = Code("373098007", SCT, "Mean")
 # No standard code exists for the relative area below -950 HU; a private scheme says so openly.
 LAA950 = Code("LAA950", "99RADGATE", "Percent low attenuation area below -950 HU")
-UNIT_ML = Code("ml", "UCUM", "milliliter")
 UNIT_PERCENT = Code("%", "UCUM", "percent")
 UNIT_HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 
@@ -270,7 +268,7 @@ class CtLungPipeline:
             if count == 0:
                 continue
             measurements += [
-                Measurement(VOLUME, count * voxel_ml, UNIT_ML, segment),
+                Measurement(VOLUME, count * voxel_ml, UNIT_CM3, segment),
                 Measurement(LAA950, 100.0 * low / count, UNIT_PERCENT, segment),
                 Measurement(ATTENUATION, hu_sum / count, UNIT_HU, segment, modifier=MEAN),
             ]

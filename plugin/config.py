@@ -30,6 +30,8 @@ from pydantic import (
 )
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
+from dicom_io.labels import BUNDLE_LABELS, load_label_table
+
 
 class ConfigError(ValueError):
     """The configuration file is unreadable or has a wrong key or value."""
@@ -259,6 +261,67 @@ Destination = Annotated[
 ]
 
 
+# --- pipelines: registered pipelines configured under names of their own ---------------------
+
+
+LabelTable = Path | dict[int, dict[str, Any]]
+"""A label table as the config gives it: a JSON file, or the JSON form inline (dicom_io.labels)."""
+
+
+class MonaiBundlePipelineConfig(_Strict):
+    """A MONAI bundle (ai_models.monai_bundle) run under the name it has in `pipelines`.
+
+    Checked at load, not at the first job: the folder exists and the label table parses.
+    """
+
+    kind: Literal["monai-bundle"]
+    bundle_dir: Path = Field(description="the bundle's folder (configs/, models/model.pt)")
+    labels: LabelTable | None = Field(
+        default=None,
+        description="label value -> coded segment: a JSON file or an inline table; "
+        f"absent: {BUNDLE_LABELS} in the bundle",
+    )
+    modalities: list[str] | None = Field(
+        default=None, min_length=1, description="DICOM modalities it accepts; absent: the bundle's metadata"
+    )
+    min_slices: int = Field(default=1, ge=1, description="fewer slices: the job fails with the reason")
+
+    @field_validator("bundle_dir")
+    @classmethod
+    def _bundle_exists(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(f"{v} is not a folder")
+        return v.resolve()  # workers may run elsewhere than the current directory
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_path(cls, v: LabelTable | None) -> LabelTable | None:
+        return v.resolve() if isinstance(v, Path) else v
+
+    @model_validator(mode="after")
+    def _labels_parse(self) -> MonaiBundlePipelineConfig:
+        source = self.bundle_dir / BUNDLE_LABELS if self.labels is None else self.labels
+        try:
+            load_label_table(source)
+        except (OSError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+            where = "inline table" if isinstance(source, dict) else str(source)
+            raise ValueError(f"labels ({where}): {err}") from None
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of the pipeline's constructor."""
+        return {
+            "bundle_dir": self.bundle_dir,
+            "labels": self.labels,
+            "modalities": None if self.modalities is None else tuple(self.modalities),
+            "min_slices": self.min_slices,
+        }
+
+
+PipelineConfig = MonaiBundlePipelineConfig
+"""What `pipelines` may hold; a union discriminated by `kind` once there is a second kind."""
+
+
 # --- rules: which pipeline runs on a series (evaluated in plugin/route.py) --------------------
 
 Scalar = StrictStr | StrictInt | StrictFloat
@@ -394,6 +457,9 @@ class Config(_Strict):
         default_factory=dict, description="name -> destination; empty: results stay in data_dir only"
     )
     dispatch: DispatchConfig = DispatchConfig()
+    pipelines: dict[str, PipelineConfig] = Field(
+        default_factory=dict, description="name -> a registered pipeline with its options; rules name it"
+    )
     rules: list[Rule] | None = Field(
         default=None, description="ordered, first match wins; absent: the shipped default rules"
     )
@@ -405,6 +471,14 @@ class Config(_Strict):
         for name in v:
             if not re.match(_NAME_PATTERN, name):
                 raise ValueError(f"destination name {name!r}: use letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("pipelines")
+    @classmethod
+    def _pipeline_names(cls, v: dict[str, PipelineConfig]) -> dict[str, PipelineConfig]:
+        for name in v:
+            if not re.match(_NAME_PATTERN, name) or len(name) > 64:
+                raise ValueError(f"pipeline name {name!r}: up to 64 letters, digits, '_', '.', '-'")
         return v
 
     @field_validator("rules")
@@ -425,6 +499,15 @@ class Config(_Strict):
         if v is not None and "destinations" in info.data:
             _check_destination_names(DEFAULT_RULE_NAME, v.destinations, info.data["destinations"])
         return v
+
+    def pipeline_options(self, name: str) -> tuple[str, dict[str, Any]]:
+        """The registered pipeline `name` stands for and its constructor options.
+
+        A configured name wins over a registered pipeline of the same name on this node; any other
+        name is itself, without options (the registry says whether it exists).
+        """
+        configured = self.pipelines.get(name)
+        return (name, {}) if configured is None else (configured.kind, configured.options())
 
     @property
     def spool_dir(self) -> Path:

@@ -68,6 +68,7 @@ class JobRunner:
     ) -> None:
         self._store = store
         self._config = config.executor
+        self._pipeline_options = config.pipeline_options
         self._spool_dir = config.spool_dir
         self._results_dir = config.results_dir
         self._executor = executor
@@ -124,6 +125,7 @@ class JobRunner:
         if not job.files:
             self._fail(job, owner, f"series {job.series_uid} has no instances in the store", {}, retry=False)
             return job.id
+        base, options = self._pipeline_options(job.pipeline)
         task = Task(
             job_id=job.id,
             pipeline=job.pipeline,
@@ -133,6 +135,8 @@ class JobRunner:
             files=tuple(str(f) for f in job.files),
             out_dir=str(self._results_dir / str(job.id)),
             supersedes=job.supersedes,
+            base=base,
+            options=options,
         )
         lease = _Lease(self._store, job, owner, cfg.lease_s, self._stop)
         try:

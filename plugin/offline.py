@@ -31,6 +31,7 @@ from dicom_io.results import ResultError, write_results
 from dicom_io.series import SeriesError
 from dicom_io.types import Code, Findings, Volume
 from dicom_io.volume import load_series
+from plugin.config import Config
 
 FINDINGS_JSON = "findings.json"
 SEGMENTS_NPZ = "segments.npz"
@@ -142,14 +143,18 @@ def parse_options(pairs: Sequence[str]) -> dict[str, str]:
     return options
 
 
-def command(args: argparse.Namespace) -> int:
-    """The `radgate run` command: prints the measurements; exit 1 with the reason when it cannot."""
+def command(args: argparse.Namespace, config: Config) -> int:
+    """The `radgate run` command: prints the measurements; exit 1 with the reason when it cannot.
+
+    A name from the config's `pipelines` (--config) runs with its options; --option adds or overrides.
+    """
+    base, configured = config.pipeline_options(args.pipeline)
     try:
         findings = run_offline(
-            args.pipeline,
+            base,
             args.input_dir,
             args.out,
-            options=parse_options(args.option or []),
+            options={**configured, **parse_options(args.option or [])},
             device=torch.device(args.device) if args.device else None,
             write_dicom=not args.no_dicom,
         )

@@ -165,25 +165,30 @@ def validate_rules(
     """The rules in force, or `ConfigError` naming the rule whose pipeline is not installed.
 
     Called at start by the node and by `radgate rules check`: the config model cannot know the
-    installed pipelines. Disabled rules are not checked, so a rule can wait for its pipeline.
-    `destinations` (names from the config) replaces every rule's destinations, e.g. for a test run.
+    installed pipelines. The names in the config's `pipelines` are available when the pipeline
+    they are built on (their `kind`) is. Disabled rules are not checked, so a rule can wait for its
+    pipeline. `destinations` (names from the config) replaces every rule's destinations, e.g. for a
+    test run.
     """
+    available = set(available_pipelines) | {
+        name for name, configured in config.pipelines.items() if configured.kind in available_pipelines
+    }
     notes: list[str] = []
     if config.rules is None:
-        rules = tuple(r for r in DEFAULT_RULES if r.pipeline in available_pipelines)
+        rules = tuple(r for r in DEFAULT_RULES if r.pipeline in available)
         notes = [
             f"default rule {r.name} left out: pipeline {r.pipeline!r} is not installed"
             for r in DEFAULT_RULES
-            if r.pipeline not in available_pipelines
+            if r.pipeline not in available
         ]
     else:
         rules = tuple(config.rules)
-    installed = ", ".join(sorted(available_pipelines)) or "none"
+    installed = ", ".join(sorted(available)) or "none"
     named: list[tuple[str, RuleAction]] = [(r.name, r) for r in rules if r.enabled]
     if config.default_rule is not None:
         named.append((DEFAULT_RULE_NAME, config.default_rule))
     for owner, action in named:
-        if action.pipeline not in available_pipelines:
+        if action.pipeline not in available:
             raise ConfigError(
                 f"rule {owner!r}: unknown pipeline {action.pipeline!r} (installed: {installed})"
             )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from plugin.config import Config, ConfigError, load_config
 
@@ -75,7 +77,77 @@ def test_cli_reports_config_error_and_exits_nonzero(tmp_path: Path) -> None:
     bad.write_text("dicom:\n  prot: 104\n")
     proc = subprocess.run(
         [sys.executable, "-m", "plugin.cli", "studies", "--config", str(bad)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "dicom.prot: unknown key" in proc.stderr
+
+
+BONE_LABEL = {
+    "label": "Bone",
+    "category": ["123037004", "SCT", "Anatomical Structure"],
+    "type": ["272673000", "SCT", "Bone structure"],
+}
+
+
+def _pipelines_config(tmp_path: Path, **bones: object) -> Path:
+    """A config with one configured pipeline `bones` (a folder standing in for a bundle)."""
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True, exist_ok=True)
+    (bundle / "configs" / "radgate_labels.json").write_text(json.dumps({"1": BONE_LABEL}))
+    settings = {"kind": "monai-bundle", "bundle_dir": str(bundle), **bones}
+    path = tmp_path / "radgate.yaml"
+    path.write_text(yaml.safe_dump({"pipelines": {"bones": settings}}))
+    return path
+
+
+def test_a_configured_pipeline_gives_its_kind_and_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "labels.json").write_text(json.dumps({"2": BONE_LABEL}))
+    config = load_config(_pipelines_config(tmp_path, labels="labels.json", modalities=["CT"], min_slices=5))
+    base, options = config.pipeline_options("bones")
+    assert base == "monai-bundle"
+    assert options == {  # relative paths are made absolute: workers may run in another folder
+        "bundle_dir": tmp_path / "bundle",
+        "labels": tmp_path / "labels.json",
+        "modalities": ("CT",),
+        "min_slices": 5,
+    }
+    assert config.pipeline_options("ct-lung") == ("ct-lung", {})
+    inline = load_config(_pipelines_config(tmp_path, labels={1: BONE_LABEL}))
+    assert inline.pipeline_options("bones")[1]["labels"] == {1: BONE_LABEL}
+    assert load_config(_pipelines_config(tmp_path)).pipeline_options("bones")[1]["labels"] is None
+
+
+@pytest.mark.parametrize(
+    ("bones", "named"),
+    [
+        (
+            {"bundle_dir": "/no/such/bundle"},
+            "pipelines.bones.bundle_dir: Value error, /no/such/bundle is not",
+        ),
+        ({"labels": "missing.json"}, "pipelines.bones: Value error, labels ("),
+        ({"labels": {1: {"label": "Bone"}}}, "labels (inline table): label 'Bone' needs a 'category'"),
+        ({"labels": {1: "Bone"}}, "pipelines.bones.labels"),
+        ({"labels": {0: BONE_LABEL}}, "label values >= 1"),
+        ({"labels": {1: {**BONE_LABEL, "color": [300, 0, 0]}}}, "color must be three integers"),
+        ({"kind": "monai-bundel"}, "pipelines.bones.kind"),
+        ({"weights": "x.pt"}, "pipelines.bones.weights: unknown key"),
+        ({"min_slices": 0}, "pipelines.bones.min_slices"),
+    ],
+)
+def test_a_wrong_pipeline_setting_names_its_key(tmp_path: Path, bones: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_pipelines_config(tmp_path, **bones))
+    assert named in str(err.value)
+
+
+def test_a_broken_label_file_in_the_bundle_stops_the_load(tmp_path: Path) -> None:
+    path = _pipelines_config(tmp_path)
+    (tmp_path / "bundle" / "configs" / "radgate_labels.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"pipelines\.bones: .*radgate_labels\.json\): Expecting"):
+        load_config(path)

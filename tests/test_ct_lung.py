@@ -71,7 +71,7 @@ def test_axial_phantom_volumes_laa_density_codes_and_key_slices(axial: Synthetic
     assert emphysema.property_type == EMPHYSEMA and emphysema.category.value == "49755003"
     assert _dice(body.mask, axial.truth["body"]) > 0.98
     units = {m.concept.value: m.unit.value for m in findings.measurements}
-    assert units == {"118565006": "ml", LAA950.value: "%", "112031": "[hnsf'U]"}
+    assert units == {"118565006": "cm3", LAA950.value: "%", "112031": "[hnsf'U]"}
     assert all(m.modifier == MEAN for m in findings.measurements if m.concept.value == "112031")
     largest, most_emphysema = findings.key_slices
     assert largest == int(lungs.sum(axis=(1, 2)).argmax())

@@ -22,10 +22,12 @@ from execute_support import (
     spool_files,
 )
 from node_support import wait_for, write_series
+from pipeline_support import write_threshold_bundle
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ai_models.base import Pipeline
+from ai_models.registry import available_pipelines
 from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom
 from plugin.completion import CompletionMonitor
 from plugin.config import CompletionConfig, Config
@@ -248,6 +250,57 @@ def test_a_job_runs_in_a_worker_and_succeeds_with_results_on_disk(
     kinds = {str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for _, p in results}
     assert kinds == {"SEG", "SR", "OT"}
     assert [p.name for p in out.parent.iterdir()] == [str(job_id)]  # no temporary folder left
+
+
+DENSE = {
+    "label": "Dense tissue",
+    "category": ["123037004", "SCT", "Anatomical Structure"],
+    "type": ["272673000", "SCT", "Bone structure"],
+    "color": [250, 250, 210],
+}
+
+
+def test_a_configured_monai_bundle_routed_by_a_rule_runs_in_a_worker(
+    store: Store, tmp_path: Path, phantom: SyntheticSeries, phantom_files: list[Path], executor: LocalExecutor
+) -> None:
+    """A bundle named in the config's `pipelines`, with an inline label table, from rule to SEG."""
+    bundle = write_threshold_bundle(tmp_path / "bundle", resample=False)  # its own table says "Bone"
+    config = Config.model_validate(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "executor": {"poll_s": 0.1},
+            "pipelines": {
+                "dense-ct": {
+                    "kind": "monai-bundle",
+                    "bundle_dir": str(bundle),
+                    "labels": {1: DENSE},
+                    "modalities": ["CT"],
+                    "min_slices": 10,
+                }
+            },
+            "rules": [{"name": "dense", "match": {"Modality": {"equals": "CT"}}, "pipeline": "dense-ct"}],
+        }
+    )
+    rules = validate_rules(config, available_pipelines())  # the node's own check at start
+    spool_files(store, config, phantom_files)
+    monitor = CompletionMonitor(
+        store, CompletionConfig(quiet_period_s=1), on_complete=routing_hook(rules, config.spool_dir)
+    )
+    monitor.check(utcnow() + timedelta(seconds=5))
+    assert _jobs(store) == [(1, "dense-ct", phantom.series_uid, JobState.QUEUED)]
+
+    job_id = JobRunner(store, config, executor, enqueue=_Deliveries()).run_one()
+    assert job_id is not None
+    job = job_row(store, job_id)
+    assert (job.state, job.error) == (JobState.SUCCEEDED, None)
+    [seg] = [
+        p for p in (config.results_dir / str(job.id)).glob("*.dcm") if pydicom.dcmread(p).Modality == "SEG"
+    ]
+    [segment] = pydicom.dcmread(seg).SegmentSequence
+    assert (segment.SegmentLabel, segment.SegmentedPropertyTypeCodeSequence[0].CodeValue) == (
+        "Dense tissue",
+        "272673000",
+    )
 
 
 def _hanging_job(

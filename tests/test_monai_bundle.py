@@ -16,7 +16,8 @@ import torch
 from pipeline_support import BONE, flip_mask, flipped, phantom_volume, write_threshold_bundle
 
 from ai_models import PipelineError, get_pipeline, run_pipeline
-from ai_models.monai_bundle import LabelSpec, MonaiBundlePipeline, load_label_table
+from ai_models.monai_bundle import MonaiBundlePipeline
+from dicom_io.labels import LabelSpec, load_label_table
 from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom
 from dicom_io.types import Code
 
@@ -38,7 +39,7 @@ def test_bundle_output_is_the_bone_truth_on_the_volume_grid(phantom: SyntheticSe
     assert np.array_equal(bone.mask, phantom.truth["bone"])
     [volume_ml] = findings.measurements
     assert volume_ml.value == pytest.approx(phantom.truth_ml("bone"))
-    assert (volume_ml.unit.value, volume_ml.segment) == ("ml", 1)
+    assert (volume_ml.unit.value, volume_ml.segment) == ("cm3", 1)
 
 
 @pytest.mark.parametrize("axis", [0, 2])

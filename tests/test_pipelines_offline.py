@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pipeline_support import write_threshold_bundle
+import yaml
+from pipeline_support import BONE, write_threshold_bundle
 
 from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from plugin.cli import main
@@ -90,3 +91,34 @@ def test_run_passes_options_to_the_pipeline(
         assert np.array_equal(npz["segment_1"], series.truth["bone"])
     assert main([*argv, "--option", "bundle_dir=/nonexistent"]) == 1
     assert "not a MONAI bundle" in capsys.readouterr().err
+
+
+def test_run_takes_a_configured_pipeline_from_the_config(
+    phantom: tuple[SyntheticSeries, Path], tmp_path: Path
+) -> None:
+    series, folder = phantom
+    bundle = write_threshold_bundle(tmp_path / "bundle", resample=False)
+    config = tmp_path / "radgate.yaml"
+    settings = {
+        "kind": "monai-bundle",
+        "bundle_dir": str(bundle),
+        "labels": {1: {**BONE["1"], "label": "Hard"}},
+    }
+    config.write_text(yaml.safe_dump({"pipelines": {"bones": settings}}))
+    out = tmp_path / "out"
+    argv = [
+        "run",
+        "--config",
+        str(config),
+        "--pipeline",
+        "bones",
+        str(folder),
+        "--out",
+        str(out),
+        "--no-dicom",
+    ]
+    assert main(argv) == 0
+    document = json.loads((out / "findings.json").read_text())
+    assert [s["label"] for s in document["segments"]] == ["Hard"]
+    with np.load(out / "segments.npz") as npz:
+        assert np.array_equal(npz["segment_1"], series.truth["bone"])

@@ -229,6 +229,23 @@ def test_unknown_pipeline_fails_validation_naming_the_rule(tmp_path: Path) -> No
         validate_rules(config, PIPELINES)
 
 
+def test_a_rule_may_name_a_configured_pipeline_whose_kind_is_installed(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    label = {"label": "Bone", "category": ["123037004", "SCT", "Anat"], "type": ["272673000", "SCT", "Bone"]}
+    config = _config(
+        tmp_path,
+        {
+            "pipelines": {"bones": {"kind": "monai-bundle", "bundle_dir": str(bundle), "labels": {1: label}}},
+            "rules": [_rule("ct", {"Modality": {"equals": "CT"}}, "bones")],
+        },
+    )
+    rules = validate_rules(config, {*PIPELINES, "monai-bundle"})
+    assert route_series({"Modality": "CT"}, rules).pipeline == "bones"
+    with pytest.raises(ConfigError, match=r"rule 'ct': unknown pipeline 'bones' \(installed: ct-lung, mr"):
+        validate_rules(config, PIPELINES)  # monai-bundle itself is not installed here
+
+
 def test_identifying_values_are_never_shown(tmp_path: Path) -> None:
     rules = _rules(
         tmp_path,

@@ -8,7 +8,7 @@ interface is one blocking call per slot that watches the clock and the caller's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,9 @@ class Task:
 
     ``out_dir`` is where the results must appear, whole or not at all; if it already exists, an
     earlier attempt finished writing it and its files are the results (nothing runs again).
+    ``pipeline`` is the name the job was routed to; a name from the config's ``pipelines`` comes
+    with the registered pipeline it is built on (``base``) and its ``options``, so a worker needs
+    no configuration of its own.
     """
 
     job_id: int
@@ -27,6 +30,8 @@ class Task:
     files: tuple[str, ...]
     out_dir: str
     supersedes: int | None = None
+    base: str | None = None  # None: ``pipeline`` is itself a registered pipeline
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ def run_task(task: Task, device: torch.device, pipelines: dict[str, Pipeline], r
         step("load_s", started)
         started = time.monotonic()
         if task.pipeline not in pipelines:
-            pipelines[task.pipeline] = get_pipeline(task.pipeline)
+            pipelines[task.pipeline] = get_pipeline(task.base or task.pipeline, **task.options)
         findings = run_pipeline(pipelines[task.pipeline], volume, device)
         step("infer_s", started)
         started = time.monotonic()
