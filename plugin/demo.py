@@ -44,7 +44,7 @@ RESULT_MODALITIES = ("SEG", "SR", "OT")
 """What ct-lung delivers: the segmentation, the TID 1500 report and the secondary captures (OT)."""
 
 _LABELS = {"118565006": "volume", "LAA950": "%LAA-950", "112031": "mean density"}
-_UNITS = {"[hnsf'U]": "HU", "ml": "mL"}
+_UNITS = {"[hnsf'U]": "HU", "cm3": "mL"}
 
 
 class DemoError(RuntimeError):
