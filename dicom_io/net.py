@@ -37,7 +37,7 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from io import BytesIO
+from io import BytesIO, FileIO
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
@@ -600,27 +600,47 @@ class _FastSocket(AssociationSocket):
 
 
 class _Spool:
-    """The file a C-STORE dataset streams into; shaped like the NamedTemporaryFile pynetdicom expects."""
+    """The file a C-STORE dataset streams into; shaped like the NamedTemporaryFile pynetdicom expects.
+
+    A write that fails (disk full, file size limit, permissions) must not end the association: the
+    rest of the dataset still arrives and is dropped, the partial file is removed at once, and the
+    request is answered 0xA700 (out of resources) from `error`.
+    """
 
     def __init__(self, path: Path, header: bytes) -> None:
         self.name = str(path)
         self.path = path
-        self._f = open(path, "xb", buffering=0)  # noqa: SIM115 - closed when the message completes
-        self._f.write(header)
         self.dataset_offset = len(header)
         self.file = self  # pynetdicom calls `_data_set_file.file.flush()` after each fragment
+        self.error: OSError | None = None
+        self._f: FileIO | None = None
+        try:
+            self._f = open(path, "xb", buffering=0)  # noqa: SIM115 - closed when the message completes
+        except OSError as exc:
+            self.error = exc
+            return
+        self.write(header)
 
     def write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
+        if self._f is None or self.error is not None:
+            return
+        view = memoryview(data)
+        try:
+            while view:  # an unbuffered write may be short (e.g. up to a file size limit)
+                view = view[self._f.write(view) :]
+        except OSError as exc:
+            self.error = exc
+            self.discard()
 
     def flush(self) -> None:
         """Unbuffered: nothing to flush."""
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
     def discard(self) -> None:
-        self._f.close()
+        self.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -987,6 +1007,17 @@ class _Connection:
     def store(self, spool: _Spool, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> int:
         """Check a received dataset and hand it to the handler; the status to answer with."""
         peer = cast(Peer, self.peer)
+        if spool.error is not None:
+            LOGGER.error(
+                "cannot write received sop_instance=%s from %s (association %s), status 0x%04X: %s",
+                sop_instance_uid,
+                peer.ae_title,
+                peer.association_id,
+                STATUS_OUT_OF_RESOURCES,
+                spool.error,
+            )
+            spool.discard()
+            return STATUS_OUT_OF_RESOURCES
         try:
             ident = inspect_dataset(spool.path, spool.dataset_offset, transfer_syntax)
             sop_class = _same_uid(ident.sop_class_uid, sop_class_uid, "SOPClassUID")
