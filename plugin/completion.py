@@ -21,7 +21,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from plugin.config import CompletionConfig
-from plugin.store import Job, JobState, Reception, Store, Study, StudyState, utcnow
+from plugin.store import Reception, Store, Study, StudyState, add_queued_job, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,7 @@ CompletionHook = Callable[[Session, Study], None]
 
 def queue_unrouted_job(session: Session, study: Study) -> None:
     """The job for a complete study revision; no pipeline yet (routing fills it in later)."""
-    now = utcnow()
-    session.add(
-        Job(
-            study_id=study.id,
-            study_revision=study.revision,
-            pipeline=None,
-            state=JobState.QUEUED,
-            attempts=0,
-            created_at=now,
-            updated_at=now,
-        )
-    )
+    add_queued_job(session, study)
 
 
 @dataclass(frozen=True)

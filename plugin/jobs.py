@@ -36,7 +36,18 @@ from sqlalchemy.orm import Session
 from plugin.config import Config
 from plugin.dispatch import retry_deliveries
 from plugin.route import RuleSet, SeriesInfo, StudyPlan, plan_study
-from plugin.store import Delivery, DeliveryState, Instance, Job, JobState, Series, Store, Study, utcnow
+from plugin.store import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Store,
+    Study,
+    add_queued_job,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,19 +154,9 @@ def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir:
                 finished_at=now,
             )
         )
-        job = Job(
-            study_id=study.id,
-            study_revision=study.revision,
-            pipeline=action.pipeline,
-            series_uid=planned.series_uid,
-            rule=action.rule,
-            destinations=list(action.destinations),
-            state=JobState.QUEUED,
-            attempts=0,
-            created_at=now,
-            updated_at=now,
+        job = add_queued_job(
+            session, study, action.pipeline, planned.series_uid, action.rule, action.destinations, now=now
         )
-        session.add(job)
         queued.append(job)
     session.flush()
     for job in queued:

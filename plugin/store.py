@@ -15,7 +15,7 @@ row locks (``FOR UPDATE``), not on SQLite's global lock.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -184,6 +184,39 @@ class Job(Base):
     rule: Mapped[str | None] = mapped_column(String(64))
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
+
+
+def add_queued_job(
+    session: Session,
+    study: Study,
+    pipeline: str | None = None,
+    series_uid: str | None = None,
+    rule: str | None = None,
+    destinations: Sequence[str] | None = None,
+    *,
+    revision: int | None = None,
+    now: datetime | None = None,
+) -> Job:
+    """Add a QUEUED job on the study's current revision (or ``revision``) to the session, unflushed.
+
+    Without ``destinations`` the column stays SQL NULL (a job routing has not reached yet).
+    """
+    now = now or utcnow()
+    job = Job(
+        study_id=study.id,
+        study_revision=study.revision if revision is None else revision,
+        pipeline=pipeline,
+        series_uid=series_uid,
+        rule=rule,
+        state=JobState.QUEUED,
+        attempts=0,
+        created_at=now,
+        updated_at=now,
+    )
+    if destinations is not None:  # an explicit None would be stored as JSON null
+        job.destinations = list(destinations)
+    session.add(job)
+    return job
 
 
 class Delivery(Base):

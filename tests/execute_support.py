@@ -20,7 +20,7 @@ from dicom_io.types import Findings, Volume
 from plugin.config import Config
 from plugin.jobs import claim_job
 from plugin.spool import Spool
-from plugin.store import Job, JobState, Store, Study, utcnow
+from plugin.store import Job, Store, Study, add_queued_job
 
 if TYPE_CHECKING:  # not imported at run time: claiming processes start faster without torch
     import torch
@@ -81,22 +81,9 @@ def spool_files(store: Store, config: Config, files: Sequence[Path]) -> None:
 
 def add_job(store: Store, study_uid: str, series_uid: str, pipeline: str, revision: int = 1) -> int:
     """Queue a job directly (what routing would queue), results kept locally."""
-    now = utcnow()
     with store.session() as s:
         study = s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
-        job = Job(
-            study_id=study.id,
-            study_revision=revision,
-            pipeline=pipeline,
-            series_uid=series_uid,
-            rule="test",
-            destinations=[],
-            state=JobState.QUEUED,
-            attempts=0,
-            created_at=now,
-            updated_at=now,
-        )
-        s.add(job)
+        job = add_queued_job(s, study, pipeline, series_uid, "test", [], revision=revision)
         s.flush()
         return job.id
 

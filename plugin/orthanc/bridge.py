@@ -45,7 +45,7 @@ from plugin.jobs import list_jobs, queue_routed_jobs
 from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, make_spool
 from plugin.route import DEFAULT_RULES, validate_rules
 from plugin.spool import fsync_dir
-from plugin.store import Delivery, Instance, Job, JobState, Series, Store, Study, StudyState, utcnow
+from plugin.store import Delivery, Instance, Job, Series, Store, Study, StudyState, add_queued_job, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -243,20 +243,7 @@ class Bridge:
             .order_by(Series.instance_count.desc(), Series.series_uid)
             .limit(1)
         )
-        now = utcnow()
-        job = Job(
-            study_id=study.id,
-            study_revision=study.revision,
-            pipeline=pipeline,
-            series_uid=series_uid,
-            rule=ON_DEMAND_RULE,
-            destinations=list(self.destinations),
-            state=JobState.QUEUED,
-            attempts=0,
-            created_at=now,
-            updated_at=now,
-        )
-        s.add(job)
+        job = add_queued_job(s, study, pipeline, series_uid, ON_DEMAND_RULE, self.destinations)
         s.flush()
         log.info(
             "study %s revision %d: job %d queued on demand: %s on series %s",
