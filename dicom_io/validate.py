@@ -62,28 +62,26 @@ def _run(
     return done.returncode, done.stdout + done.stderr
 
 
-def dciodvfy(path: Path) -> Validation:
-    """dicom3tools' IOD check (`-new`): lines starting `Error` fail, `Warning` lines are reported."""
-    result = _run("dciodvfy", ["dciodvfy", "-new", str(path)])
+def _dicom3tools(tool: str, args: Sequence[str]) -> Validation:
+    """Run a dicom3tools checker: lines starting `Error` fail, `Warning` lines are reported."""
+    result = _run(tool, [tool, *args])
     if isinstance(result, Validation):
         return result
     _, output = result
     lines = output.splitlines()
     errors = tuple(line for line in lines if line.startswith("Error"))
     warnings = tuple(line for line in lines if line.startswith("Warning"))
-    return Validation("dciodvfy", ran=True, ok=not errors, errors=errors, warnings=warnings, output=output)
+    return Validation(tool, ran=True, ok=not errors, errors=errors, warnings=warnings, output=output)
+
+
+def dciodvfy(path: Path) -> Validation:
+    """dicom3tools' IOD check (`-new`): lines starting `Error` fail, `Warning` lines are reported."""
+    return _dicom3tools("dciodvfy", ["-new", str(path)])
 
 
 def dcentvfy(paths: Sequence[Path]) -> Validation:
     """dicom3tools' consistency check across instances of one study (patient/study attributes agree)."""
-    result = _run("dcentvfy", ["dcentvfy", *map(str, paths)])
-    if isinstance(result, Validation):
-        return result
-    _, output = result
-    lines = output.splitlines()
-    errors = tuple(line for line in lines if line.startswith("Error"))
-    warnings = tuple(line for line in lines if line.startswith("Warning"))
-    return Validation("dcentvfy", ran=True, ok=not errors, errors=errors, warnings=warnings, output=output)
+    return _dicom3tools("dcentvfy", [str(p) for p in paths])
 
 
 def pixelmed_sr(path: Path) -> Validation:
