@@ -88,6 +88,14 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
+def self_signed_cert(key: Path, cert: Path, subject: str, *extensions: str) -> None:
+    """Write a throwaway self-signed RSA key and certificate (one day) with openssl; ``-addext`` each."""
+    request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", subject]
+    added = [arg for extension in extensions for arg in ("-addext", extension)]
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run([*request, *added, *files], check=True, capture_output=True, timeout=60)
+
+
 RADGATE = Path(sys.executable).with_name("radgate")
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"

@@ -10,7 +10,6 @@ import json
 import logging
 import random
 import ssl
-import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from node_support import write_series
+from node_support import self_signed_cert, write_series
 from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select, update
@@ -442,16 +441,7 @@ def test_node_threads_send_and_stop(orthanc: OrthancServer, store: Store, tmp_pa
 
 def test_cstore_over_tls_verifies_the_peer(store: Store, tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    self_signed_cert(key, cert, "/CN=localhost", "subjectAltName=IP:127.0.0.1")
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     _, files = queue_results(store, tmp_path, ["trusted", "untrusted"], count=1)

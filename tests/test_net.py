@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from node_support import self_signed_cert
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
@@ -413,29 +414,7 @@ def test_garbage_on_the_port_does_no_harm(start_scp: Callable[..., StorageSCP]) 
 @pytest.fixture
 def self_signed(tmp_path: Path) -> TlsFiles:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    self_signed_cert(key, cert, "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")
     return TlsFiles(cert=cert, key=key)
 
 

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from node_support import NodeProcess, wait_for, write_series
-
-
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key, cert = directory / "node.key", directory / "node.crt"
-    request = [
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]
-    files = ["-keyout", str(key), "-out", str(cert)]
-    subprocess.run([*request, *files], check=True, capture_output=True, timeout=60)
-    return key, cert
+from node_support import NodeProcess, self_signed_cert, wait_for, write_series
 
 
 def test_tls_peers_store_and_plain_peers_do_not(tmp_path: Path) -> None:
-    key, cert = _self_signed(tmp_path)
+    key, cert = tmp_path / "node.key", tmp_path / "node.crt"
+    self_signed_cert(key, cert, "/CN=127.0.0.1")
     tls = {"enabled": True, "cert_file": str(cert), "key_file": str(key)}
     node = NodeProcess(tmp_path / "node", {"dicom": {"tls": tls}}).start()
     try:
