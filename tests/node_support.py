@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,8 @@ import numpy as np
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from plugin.store import InstanceRecord, utcnow
 
 T = TypeVar("T")
 
@@ -68,6 +71,34 @@ def write_series(directory: Path, count: int, study_uid: str | None = None, size
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def instance_record(
+    study_uid: str,
+    series_uid: str | None = None,
+    sop: str | None = None,
+    key: str | None = "a1",
+    received_at: datetime | None = None,
+    calling_ae: str | None = None,
+    accession_number: str | None = None,
+) -> InstanceRecord:
+    """What the spool records for one CT instance (no file behind it); new UIDs where none are given."""
+    sop = sop or generate_uid()
+    series_uid = series_uid or generate_uid()
+    return InstanceRecord(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        spool_path=f"{study_uid}/{series_uid}/{sop}.dcm",
+        size=1,
+        sha256="0" * 64,
+        received_at=received_at or utcnow(),
+        calling_ae=calling_ae,
+        association_key=key,
+        accession_number=accession_number,
+    )
 
 
 def free_port() -> int:

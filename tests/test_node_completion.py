@@ -8,13 +8,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from node_support import wait_for
-from pydicom.uid import generate_uid
+from node_support import instance_record, wait_for
 from sqlalchemy import select
 
 from plugin.completion import CompletionMonitor
 from plugin.config import CompletionConfig
-from plugin.store import InstanceRecord, Job, Store, utcnow
+from plugin.store import Job, Store, utcnow
 
 QUIET = CompletionConfig(quiet_period_s=10, after_release_s=1)
 
@@ -28,21 +27,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def _receive(store: Store, study_uid: str, at: datetime, key: str = "assoc-1") -> None:
-    sop, series = generate_uid(), "1.2.3.4"
-    store.record_instance(
-        InstanceRecord(
-            study_uid=study_uid,
-            series_uid=series,
-            sop_instance_uid=sop,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            transfer_syntax="1.2.840.10008.1.2.1",
-            spool_path=f"{study_uid}/{series}/{sop}.dcm",
-            size=1,
-            sha256="0" * 64,
-            received_at=at,
-            association_key=key,
-        )
-    )
+    store.record_instance(instance_record(study_uid, "1.2.3.4", key=key, received_at=at))
 
 
 def _jobs(store: Store) -> list[tuple[int, str | None, str]]:

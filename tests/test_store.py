@@ -11,6 +11,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from node_support import instance_record
 from pydicom.uid import generate_uid
 from sqlalchemy import select, text
 
@@ -20,22 +21,7 @@ from plugin.store import MIGRATIONS_DIR, Base, InstanceRecord, Job, Store, Study
 def _record(
     study_uid: str, series_uid: str | None = None, sop: str | None = None, key: str | None = "a1"
 ) -> InstanceRecord:
-    sop = sop or generate_uid()
-    series_uid = series_uid or generate_uid()
-    return InstanceRecord(
-        study_uid=study_uid,
-        series_uid=series_uid,
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        spool_path=f"{study_uid}/{series_uid}/{sop}.dcm",
-        size=1,
-        sha256="0" * 64,
-        received_at=utcnow(),
-        calling_ae="SCU",
-        association_key=key,
-        accession_number="ACC1",
-    )
+    return instance_record(study_uid, series_uid, sop, key, calling_ae="SCU", accession_number="ACC1")
 
 
 def _head() -> str | None:
