@@ -311,6 +311,7 @@ class CtLungPipeline:
             measurements=tuple(measurements),
             key_slices=tuple(dict.fromkeys(key_slices)),
             notes=tuple(f"no {name} lung found" for name in missing),
+            summary_label="Both lungs",
         )
 
 

@@ -157,10 +157,13 @@ class Findings:
     measurements: tuple[Measurement, ...] = ()
     key_slices: tuple[int, ...] = ()
     notes: tuple[str, ...] = ()
+    summary_label: str = "Whole volume"  # what measurements of no segment describe, e.g. "Both lungs"
 
     def __post_init__(self) -> None:
         if not self.pipeline or not self.version:
             raise ValueError("Findings need the pipeline name and version")
+        if not self.summary_label.strip():
+            raise ValueError("Findings.summary_label must not be empty")
         object.__setattr__(self, "segments", tuple(self.segments))
         object.__setattr__(self, "measurements", tuple(self.measurements))
         object.__setattr__(self, "key_slices", tuple(int(k) for k in self.key_slices))

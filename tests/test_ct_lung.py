@@ -65,6 +65,7 @@ def test_axial_phantom_volumes_laa_density_codes_and_key_slices(axial: Synthetic
     assert _value(findings, "112031", None) == pytest.approx(expected_mld, abs=2.0)
     both = _value(findings, VOLUME.value, None)
     assert both == pytest.approx(_value(findings, VOLUME.value, 1) + _value(findings, VOLUME.value, 2))
+    assert findings.summary_label == "Both lungs"  # the SR group and report card name the totals so
     right, left, emphysema, body = findings.segments
     assert (right.property_type, right.laterality, left.laterality) == (LUNG, RIGHT, LEFT)
     assert right.category.value == left.category.value == "123037004"

@@ -153,7 +153,9 @@ def lung_findings(volume: Volume, empty: Sequence[str] = (), overlap: bool = Fal
                 Measurement(ATTENUATION, -850.5, HU, s.number, MEAN),
                 Measurement(LAA, 12.5, PERCENT, s.number),
             ]
-    return Findings("ct-lung", "1.2.0", shape, tuple(segments), tuple(measurements))
+    return Findings(
+        "ct-lung", "1.2.0", shape, tuple(segments), tuple(measurements), summary_label="Both lungs"
+    )
 
 
 def read(path: Path) -> Dataset:

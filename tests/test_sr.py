@@ -90,7 +90,7 @@ def test_sr_values_and_references_read_back(written: tuple[Series, Findings, Res
     assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.SeriesNumber == seg.SeriesNumber + 1
     report = sr.content
     groups = report.get_volumetric_roi_measurement_groups()
-    assert [g.tracking_identifier for g in groups] == ["Right lung", "Left lung", "Whole volume"]
+    assert [g.tracking_identifier for g in groups] == ["Right lung", "Left lung", "Both lungs"]
     tracking_uids = {item.SegmentLabel: item.TrackingUID for item in seg.SegmentSequence}
     inverse = np.linalg.inv(series.volume.affine)
     for group, segment, laterality in zip(groups, findings.segments, (RIGHT, LEFT), strict=False):
@@ -157,7 +157,7 @@ def test_structure_compared_with_dcmqi(written: tuple[Series, Findings, ResultSe
     for sr in (ours_sr, dcmqi_sr):
         assert sr.template == "1500"
         assert all(g.tracking_id and g.tracking_uid for g in sr.groups)
-        assert all(g.referenced_segment for g in sr.groups if g.tracking_id != "Whole volume")
+        assert all(g.referenced_segment for g in sr.groups if g.tracking_id != "Both lungs")
     # the difference that decides whether OHIF shows the report at all
     assert all(g.viewer_locatable for g in ours_sr.groups)
     assert not any(g.viewer_locatable for g in dcmqi_sr.groups)

@@ -159,7 +159,7 @@ def _card_rows(ctx: Context) -> list[_Row]:
         if not segment.is_empty:
             rows += measured(ctx.findings.measurements_for(segment.number))
     if ctx.findings.measurements_for(None):
-        rows.append(_Row("Whole volume", heading=True))
+        rows.append(_Row(ctx.findings.summary_label, heading=True))
         rows += measured(ctx.findings.measurements_for(None))
     if ctx.findings.notes:
         rows.append(_Row("Notes", heading=True))

@@ -137,7 +137,9 @@ def _unsegmented_group(
     else:
         point = (np.array(ctx.volume.shape, dtype=np.float64) - 1) / 2
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=ctx.uid("whole-volume"), identifier="Whole volume"),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=ctx.uid("whole-volume"), identifier=ctx.findings.summary_label
+        ),
         referenced_volume_surface=hd.sr.VolumeSurface(
             graphic_type=hd.sr.GraphicTypeValues3D.POINT,
             graphic_data=ctx.voxel_to_patient(point[np.newaxis, :]),
