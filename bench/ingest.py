@@ -4,9 +4,11 @@ One run sends the same CT series (default 300 slices of 512x512, 16-bit, Explici
 Endian) with DCMTK storescu (TCP_NODELAY=1) over 1 and over 4 concurrent associations (4 storescu
 processes, a quarter each) to each receiver, started fresh for every run on free loopback ports:
 
-- radgate: `dicom_io.net.StorageSCP` in its own process, with a handler doing what the node does to
-  make an instance durable (fsync of the file, rename into the store folder). The node's job-store
-  write is NOT included.
+- radgate: the real node, `radgate serve` on a fresh data dir (no rules, so no jobs): every
+  instance fsync'd, linked into the spool, hashed and recorded in the SQLite job store before the
+  success status, as in production.
+- radgate-scp / radgate-scp-nofsync: where the node's time goes. `dicom_io.net.StorageSCP` alone in
+  its own process with a stand-in handler: fsync (or not) and a rename into a folder; no job store.
 - DCMTK storescp (TCP_NODELAY=1, --fork so concurrent associations run in parallel) writing to a
   temporary folder (no fsync).
 - Orthanc (Debian package) with a minimal configuration and a temporary storage folder.
@@ -71,7 +73,26 @@ def wait_until(check: str, probe: subprocess.Popen[bytes] | None, deadline_s: fl
 
 
 @contextlib.contextmanager
-def radgate(out: Path, pdu: int, workers: int, fsync: bool) -> Iterator[int]:
+def radgate_node(out: Path, pdu: int, workers: int) -> Iterator[int]:
+    """`radgate serve` itself, spool and job store included."""
+    port = free_port()
+    config = out / "radgate.yaml"
+    node = {"dicom": {"port": port, "max_pdu": pdu, "receivers": workers}}
+    config.write_text(json.dumps({"data_dir": str(out / "data"), "rules": [], **node}))  # JSON is YAML
+    log = (out / "node.log").open("wb")
+    cmd = [sys.executable, "-m", "plugin.cli", "serve", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until("radgate serve", proc, 120, port)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+
+
+@contextlib.contextmanager
+def radgate_scp(out: Path, pdu: int, workers: int, fsync: bool) -> Iterator[int]:
     port = free_port()
     cmd = [sys.executable, __file__, "--serve-radgate", str(out), "--port", str(port), "--pdu", str(pdu)]
     proc = subprocess.Popen([*cmd, "--workers", str(workers), "--fsync" if fsync else "--no-fsync"])
@@ -128,6 +149,8 @@ def orthanc(out: Path, pdu: int) -> Iterator[int]:
 def count_received(name: str, out: Path) -> int:
     if name == "orthanc":
         return sum(1 for p in (out / "storage").rglob("*") if p.is_file() and len(p.name) == 36)
+    if name == "radgate":
+        return sum(1 for _ in (out / "data" / "spool").rglob("*.dcm"))
     return sum(
         1 for p in out.rglob("*") if p.is_file() and p.suffix != ".json" and not p.name.startswith(".")
     )
@@ -185,8 +208,9 @@ def bench(args: argparse.Namespace) -> None:
             files = make_series(root / "series", args.slices)
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         receivers = {
-            "radgate": lambda out: radgate(out, args.pdu, args.workers, fsync=True),
-            "radgate-nofsync": lambda out: radgate(out, args.pdu, args.workers, fsync=False),
+            "radgate": lambda out: radgate_node(out, args.pdu, args.workers),
+            "radgate-scp": lambda out: radgate_scp(out, args.pdu, args.workers, fsync=True),
+            "radgate-scp-nofsync": lambda out: radgate_scp(out, args.pdu, args.workers, fsync=False),
             "storescp": lambda out: storescp(out, args.pdu),
             "orthanc": lambda out: orthanc(out, args.pdu),
         }
@@ -226,7 +250,7 @@ def report(
     print(
         f"\ningest, {when}, {platform.node()} ({os.cpu_count()} cores), {n_files} CT slices 512x512 "
         f"({size_mb:.0f} MB), max PDU {args.pdu} (storescp capped at 131072), "
-        f"storescu TCP_NODELAY=1, radgate workers={args.workers}, handler fsync+rename (job store excluded), "
+        f"storescu TCP_NODELAY=1, radgate receiving processes {args.workers}, "
         f"median of {args.repeat} interleaved runs, 1-min load average before the run {load:.1f}"
     )
     print("| receiver | " + " | ".join(f"{n} assoc (images/s)" for n in args.associations) + " |")
@@ -234,7 +258,7 @@ def report(
     for name in args.receivers:
         cells = " | ".join(f"{statistics.median(rates[name, n]):.0f}" for n in args.associations)
         print(f"| {name} | {cells} |")
-    for ours in ("radgate", "radgate-nofsync"):
+    for ours in ("radgate", "radgate-scp", "radgate-scp-nofsync"):
         if ours in args.receivers and "storescp" in args.receivers:
             ratios = []
             for n in args.associations:
@@ -277,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--receivers",
         nargs="+",
-        default=["radgate", "radgate-nofsync", "storescp", "orthanc"],
-        help="radgate-nofsync: the same handler without the fsync (the transport's own speed)",
+        default=["radgate", "radgate-scp", "radgate-scp-nofsync", "storescp", "orthanc"],
+        help="radgate: the node; radgate-scp(-nofsync): the transport with a stand-in handler",
     )
     parser.add_argument(
         "--fsync", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS
