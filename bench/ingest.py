@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -270,22 +271,31 @@ def report(
 # --- radgate's receiving process -----------------------------------------------------------------
 
 
-def serve_radgate(out: Path, port: int, pdu: int, workers: int, fsync: bool) -> None:
-    """The SCP with a node-like durable handler (fsync optional, to see its cost); runs until SIGTERM."""
-    store = out / "store"
-    store.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class StandInHandler:
+    """The stand-in for the node's handler: fsync (optional, to see its cost) and a rename into a folder.
+    A picklable object, since each receiving process runs its own copy."""
 
-    def durable(inst: ReceivedInstance) -> int:
-        if fsync:
+    store: Path
+    fsync: bool
+
+    def __call__(self, inst: ReceivedInstance) -> int:
+        if self.fsync:
             fd = os.open(inst.path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.replace(inst.path, store / f"{inst.sop_instance_uid}.dcm")
+        os.replace(inst.path, self.store / f"{inst.sop_instance_uid}.dcm")
         return 0
 
-    scp = StorageSCP(AE_TITLE, "127.0.0.1", port, out / "incoming", durable, max_pdu=pdu, workers=workers)
+
+def serve_radgate(out: Path, port: int, pdu: int, workers: int, fsync: bool) -> None:
+    """The SCP with the stand-in handler; runs until SIGTERM."""
+    store = out / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    handler = StandInHandler(store, fsync)
+    scp = StorageSCP(AE_TITLE, "127.0.0.1", port, out / "incoming", handler, max_pdu=pdu, workers=workers)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=scp.stop).start())
     scp.serve_forever()
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import itertools
 import logging
 import mmap
 import multiprocessing
 import os
+import pickle
 import queue
 import re
 import select
@@ -34,8 +36,7 @@ import ssl
 import struct
 import threading
 import zlib
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO, FileIO
 from multiprocessing.connection import Connection
@@ -65,6 +66,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -203,6 +205,7 @@ _WANTED = frozenset(
     {_STUDY_UID, _SERIES_UID, _SOP_INSTANCE_UID, _SOP_CLASS_UID, _NUMBER_OF_FRAMES, *_US_TAGS}
 )
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+_META_READ = 1 << 16  # a file meta group is a few hundred bytes
 _IS_RE = re.compile(r"[+-]?[0-9]+")
 
 
@@ -303,6 +306,29 @@ def inspect_dataset(path: Path, offset: int, transfer_syntax: str) -> DatasetIde
             walker = _ElementWalker(data, little_endian=transfer_syntax != ExplicitVRBigEndian)
             walker.walk(start, len(data), transfer_syntax != ImplicitVRLittleEndian, 0)
     return _identity(walker.values, walker.u16)
+
+
+def inspect_part10(path: Path) -> DatasetIdentity:
+    """`inspect_dataset` for a whole DICOM Part 10 file, whose file meta says where and how it is encoded."""
+    with path.open("rb") as f:
+        head = f.read(_META_READ)
+    if head[128:132] != b"DICM":
+        raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM prefix)")
+    pos, transfer_syntax = 132, ""
+    while pos + 8 <= len(head) and head[pos : pos + 2] == b"\x02\x00":  # group 0002, Explicit VR LE
+        (element,) = struct.unpack_from("<H", head, pos + 2)
+        if bytes(head[pos + 4 : pos + 6]) in _LONG_VRS:
+            (length,) = struct.unpack_from("<L", head, pos + 8)
+            pos += 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            pos += 8
+        if element == 0x0010:
+            transfer_syntax = _text(head[pos : pos + length])
+        pos += length
+    if not transfer_syntax or pos > len(head):
+        raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "file meta without a transfer syntax")
+    return inspect_dataset(path, pos, transfer_syntax)
 
 
 def _identity(values: dict[int, bytes], u16: struct.Struct) -> DatasetIdentity:
@@ -446,7 +472,6 @@ class _FastDUL(DULServiceProvider):
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
-        self._run_loop_delay = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -474,7 +499,7 @@ class _FastDUL(DULServiceProvider):
                 self._drain()
             return False
         if cast(_FastSocket, assoc_sock).buffered or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-            self._read_pdu_data()
+            self._read_pdu()
             return True
         try:
             ready = select.select([sock, self._wake_r], [], [], _IDLE_WAIT_S)[0]
@@ -484,22 +509,103 @@ class _FastDUL(DULServiceProvider):
         if self._wake_r in ready:
             self._drain()
         if sock in ready:
-            self._read_pdu_data()
+            self._read_pdu()
             return True
         return False
 
     def run_reactor(self) -> None:
-        """pynetdicom's loop; when it ends before any A-ASSOCIATE-RQ, free the acceptor thread.
+        """pynetdicom's loop without its `time.sleep` between turns; frees the acceptor at the end.
 
-        After garbage bytes or a bare connect-and-close the acceptor would wait `acse_timeout` for
-        a request, holding the connection and a slot of `max_associations`. `None` on the user
-        queue is what that wait returns on timeout, so it ends at once.
+        pynetdicom sleeps `_run_loop_delay` whenever a turn queued no event. Even a zero sleep is a
+        system call that yields the core, and a P-DATA-TF taken by `_read_pdu` queues no event, so
+        it cost about a fifth of the receive rate. Here a turn blocks only in `_is_transport_event`.
+
+        When the loop ends before any A-ASSOCIATE-RQ (garbage bytes, a bare connect-and-close), the
+        acceptor would wait `acse_timeout` for a request, holding the connection and a slot of
+        `max_associations`; `None` on the user queue is what that wait returns on timeout, so it
+        ends at once.
         """
         try:
-            super().run_reactor()
+            self._idle_timer.start()
+            while not self._kill_thread:
+                if not self.assoc._dul_ready.is_set():
+                    self.assoc._dul_ready.set()
+                if self.artim_timer.expired:
+                    self.event_queue.put("Evt18")
+                try:
+                    if not self._process_recv_primitive() and self._is_transport_event():
+                        self._idle_timer.restart()
+                except Exception:
+                    self._abort_on_error()
+                    return
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    continue
+                self.state_machine.do_action(event)
         finally:
             if self.assoc.requestor.primitive is None:
                 self.to_user_queue.put(cast(Any, None))
+
+    def _abort_on_error(self) -> None:
+        """As pynetdicom's reactor does on an exception: send A-ABORT past the state machine, stop."""
+        LOGGER.exception("error in the DICOM upper layer; aborting the association")
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        cast(AssociationSocket, self.socket).send(abort_pdu.encode())
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+    def _read_pdu(self) -> None:
+        """Read one PDU; a P-DATA-TF of an established association goes straight to the DIMSE provider.
+
+        That is what the state machine's DT-2 does (Sta6 + Evt10 → Sta6), here without the event
+        queue, the PDU object and a copy: the PDV values are views of the socket buffer that the
+        provider writes to the spool file. Anything else, or anything while events are queued (they
+        must keep their order), goes through pynetdicom's reader.
+        """
+        sock = cast(_FastSocket, self.socket)
+        if self.state_machine.current_state == "Sta6" and self.event_queue.empty():
+            header = sock.peek(6)
+            if len(header) == 6 and header[0] == 0x04:
+                (length,) = struct.unpack_from(">L", header, 2)
+                if length <= _PREALLOCATE_LIMIT:
+                    sock.skip(6)
+                    self._deliver_pdata(sock.take_view(length), length)
+                    return
+        self._read_pdu_data()
+
+    def _deliver_pdata(self, body: memoryview, length: int) -> None:
+        try:
+            if len(body) < length:
+                LOGGER.error("connection closed in the middle of a P-DATA-TF PDU")
+                self.event_queue.put("Evt17")
+                return
+            try:
+                items = pdv_items(body)
+            except ValueError as exc:
+                LOGGER.error("invalid P-DATA-TF PDU: %s", exc)
+                self.event_queue.put("Evt19")
+                return
+            cast(_SpoolingDIMSE, self.assoc.dimse).receive_items(items)
+            del items
+        finally:
+            body.release()
+
+    def send_pdata_now(self, context_id: int, value: bytes) -> bool:
+        """Send one PDV at once if that keeps the DUL's order (on its own thread, nothing queued)."""
+        if (
+            threading.current_thread() is not self
+            or self.state_machine.current_state != "Sta6"
+            or not self.to_provider_queue.empty()
+        ):
+            return False
+        pdu = struct.pack(">BBLLB", 0x04, 0, 4 + 1 + len(value), 1 + len(value), context_id) + value
+        cast(AssociationSocket, self.socket).send(pdu)
+        return True
 
     def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
         """P-DATA-TF without pynetdicom's PDU objects, item copies and per-PDU events (see `_PDataTF`)."""
@@ -526,28 +632,34 @@ class _FastDUL(DULServiceProvider):
         self._wake_w.close()
 
 
+def pdv_items(pdu: memoryview) -> list[tuple[int, memoryview]]:
+    """(Presentation context ID, message control header + fragment) of each PDV item of a P-DATA-TF
+    body (the PDU without its 6-byte header), as views of `pdu`. Raises ValueError if malformed."""
+    items = []
+    offset, end = 0, len(pdu)
+    while offset < end:
+        if offset + 5 > end:
+            raise ValueError("truncated PDV item header")
+        (length,) = struct.unpack_from(">L", pdu, offset)
+        if length < 2 or offset + 4 + length > end:
+            raise ValueError(f"PDV item length {length} does not fit the PDU")
+        items.append((pdu[offset + 4], pdu[offset + 5 : offset + 4 + length]))
+        offset += 4 + length
+    return items
+
+
 class _PDataTF:
-    """A received P-DATA-TF PDU, decoded only as far as the state machine's DT-2 needs.
+    """A P-DATA-TF that came through pynetdicom's reader, decoded only as far as DT-2 needs.
 
     pynetdicom copies the PDU to bytes, builds an item object per PDV, copies each value and fires
-    EVT_DATA_RECV/EVT_PDU_RECV, at ~50 µs a PDU: 1.5 ms for one 512² slice in 16 KiB PDUs. Here
-    each value is copied once. Those two events do not fire for P-DATA (nothing here binds them).
-    A malformed item raises, which pynetdicom's reader turns into Evt19 (A-ABORT).
+    EVT_DATA_RECV/EVT_PDU_RECV, at ~50 µs a PDU. Here each value is copied once. Those two events do
+    not fire for P-DATA (nothing here binds them). A malformed item raises, which pynetdicom's reader
+    turns into Evt19 (A-ABORT).
     """
 
     def __init__(self, bytestream: bytearray) -> None:
-        view = memoryview(bytestream)
-        self.items: list[list[Any]] = []
-        offset, end = 6, len(bytestream)
-        while offset < end:
-            if offset + 5 > end:
-                raise ValueError("truncated PDV item header")
-            (length,) = struct.unpack_from(">L", bytestream, offset)
-            if length < 2 or offset + 4 + length > end:
-                raise ValueError(f"PDV item length {length} does not fit the PDU")
-            self.items.append([bytestream[offset + 4], bytes(view[offset + 5 : offset + 4 + length])])
-            offset += 4 + length
-        view.release()
+        with memoryview(bytestream) as view:
+            self.items = [[cid, bytes(value)] for cid, value in pdv_items(view[6:])]
 
     def to_primitive(self) -> P_DATA:
         primitive = P_DATA()
@@ -576,6 +688,29 @@ class _FastSocket(AssociationSocket):
         if nr_bytes > _PREALLOCATE_LIMIT:  # a length from an unchecked header: grow as bytes come
             head = self._take(self._end - self._start)
             return head + super().recv(nr_bytes - len(head))
+        self._fill(nr_bytes)
+        return self._take(min(nr_bytes, self._end - self._start))
+
+    def peek(self, nr_bytes: int) -> bytes:
+        """The next `nr_bytes` (fewer if the peer closed), left unread."""
+        self._fill(nr_bytes)
+        return bytes(self._buf[self._start : min(self._start + nr_bytes, self._end)])
+
+    def skip(self, nr_bytes: int) -> None:
+        """Drop `nr_bytes` already peeked."""
+        self._take_span(nr_bytes)
+
+    def take_view(self, nr_bytes: int) -> memoryview:
+        """The next `nr_bytes` (fewer if the peer closed) as a view of the buffer, without a copy.
+
+        Release it before reading again: the buffer cannot grow while a view of it exists.
+        """
+        self._fill(nr_bytes)
+        start, end = self._take_span(min(nr_bytes, self._end - self._start))
+        return memoryview(self._buf)[start:end]
+
+    def _fill(self, nr_bytes: int) -> None:
+        """Read until `nr_bytes` are buffered or the peer closed."""
         sock = cast(socket.socket, self.socket)
         while self._end - self._start < nr_bytes:
             if self._start:  # keep the unread tail at the front
@@ -586,17 +721,20 @@ class _FastSocket(AssociationSocket):
                 self._buf.extend(bytes(max(nr_bytes, _READ_CHUNK) - (len(self._buf) - self._end)))
             with memoryview(self._buf) as view:
                 n = sock.recv_into(view[self._end :])
-            if not n:  # closed: what there is, as AssociationSocket.recv does
-                return self._take(self._end - self._start)
+            if not n:  # closed: the caller gets what there is, as AssociationSocket.recv does
+                return
             self._end += n
-        return self._take(nr_bytes)
 
-    def _take(self, nr_bytes: int) -> bytearray:
-        data = self._buf[self._start : self._start + nr_bytes]
+    def _take_span(self, nr_bytes: int) -> tuple[int, int]:
+        start = self._start
         self._start += nr_bytes
         if self._start == self._end:
             self._start = self._end = 0
-        return data
+        return start, start + nr_bytes
+
+    def _take(self, nr_bytes: int) -> bytearray:
+        start, end = self._take_span(nr_bytes)
+        return self._buf[start:end]
 
 
 class _Spool:
@@ -693,11 +831,13 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
         if not 0 <= status <= 0xFFFF:
             LOGGER.error("handler returned status %r, answering 0x%04X", status, STATUS_CANNOT_UNDERSTAND)
             status = STATUS_CANNOT_UNDERSTAND
+        value = b"\x03" + c_store_rsp_command(
+            sop_class, sop_instance, message_id, status
+        )  # last command fragment
+        if cast(_FastDUL, self.dul).send_pdata_now(context_id, value):
+            return
         pdata = P_DATA()
-        command = c_store_rsp_command(sop_class, sop_instance, message_id, status)
-        pdata.presentation_data_value_list = [
-            cast(Any, [context_id, b"\x03" + command])
-        ]  # last command fragment
+        pdata.presentation_data_value_list = [cast(Any, [context_id, value])]
         self.dul.send_pdu(pdata)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
@@ -727,16 +867,19 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
             return None, None
 
     def receive_primitive(self, primitive: Any) -> None:
+        """A P-DATA through the state machine (DT-2)."""
+        self.receive_items(primitive.presentation_data_value_list)
+
+    def receive_items(self, items: Sequence[tuple[int, bytes | memoryview] | list[Any]]) -> None:
         """Take each fragment of a P-DATA: the fast C-STORE path when it applies, else pynetdicom's."""
-        pdvs = list(primitive.presentation_data_value_list)
+        pdvs = list(items)
         while pdvs:
             if self._store is None:
                 if self.message is None and self._start_store(*pdvs[0]):
                     pdvs.pop(0)
                     continue
-                if len(pdvs) < len(primitive.presentation_data_value_list):  # what the fast path left
-                    primitive = P_DATA()
-                    primitive.presentation_data_value_list = [[cid, bytes(data)] for cid, data in pdvs]
+                primitive = P_DATA()
+                primitive.presentation_data_value_list = cast(Any, [[cid, bytes(data)] for cid, data in pdvs])
                 self._receive_with_pynetdicom(primitive)
                 return
             context_id, data = pdvs.pop(0)
@@ -751,7 +894,7 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
             if data[0] & 2:
                 self._finish_store()
 
-    def _start_store(self, context_id: int, data: bytes) -> bool:
+    def _start_store(self, context_id: int, data: bytes | memoryview) -> bool:
         """Begin the fast path if `data` is a whole C-STORE-RQ command on a storage context."""
         cx = self.assoc._accepted_cx.get(context_id)
         if data[0] & 3 != 3 or cx is None:
@@ -840,7 +983,7 @@ class _Association(Association):
 
 
 class _Callbacks(Protocol):
-    """What a receiver needs from whoever owns the handlers (in-process or across a pipe)."""
+    """What a receiver calls: the handlers, and `closed` for the SCP's count of associations."""
 
     def allow(self, peer: Peer) -> bool: ...
     def store(self, instance: ReceivedInstance) -> int: ...
@@ -1138,74 +1281,91 @@ class _Receiver:
             thread.join(timeout=timeout)
 
 
-# --- worker processes ----------------------------------------------------------------------------
+# --- the handlers, and worker processes ----------------------------------------------------------
 
 
-class _RpcClient:
-    """The worker's side of the handler pipe: calls from many threads, replies matched by id."""
+@dataclass(frozen=True)
+class _Handlers:
+    """The SCP's handlers with the guards every caller needs; plain data, so a worker gets a copy."""
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        self._send_lock = threading.Lock()
-        self._pending: dict[int, Future[Any]] = {}
-        self._ids = itertools.count(1)
-        threading.Thread(target=self._read_replies, name="radgate-rpc-replies", daemon=True).start()
-
-    def _read_replies(self) -> None:
-        while True:
-            try:
-                call_id, result = self._conn.recv()
-            except (EOFError, OSError):
-                for fut in self._pending.values():
-                    fut.set_exception(ConnectionError("parent process gone"))
-                return
-            self._pending.pop(call_id).set_result(result)
-
-    def call(self, kind: str, payload: Any) -> Any:
-        call_id = next(self._ids)
-        fut: Future[Any] = Future()
-        self._pending[call_id] = fut
-        self.notify(kind, payload, call_id)
-        return fut.result()
-
-    def notify(self, kind: str, payload: Any, call_id: int = 0) -> None:
-        with self._send_lock:
-            self._conn.send((call_id, kind, payload))
+    handler: InstanceHandler
+    on_release: ReleaseHandler | None
+    peer_filter: PeerFilter | None
 
     def allow(self, peer: Peer) -> bool:
-        return bool(self.call("allow", peer))
+        """Peer filter; no filter accepts everyone."""
+        return self.peer_filter is None or bool(self.peer_filter(peer))
 
     def store(self, instance: ReceivedInstance) -> int:
-        return int(self.call("store", instance))
+        """Run the instance handler; an exception answers 0xA700 and removes the left-over file."""
+        try:
+            return int(self.handler(instance))
+        except Exception:
+            LOGGER.exception(
+                "instance handler failed for sop_instance=%s (association %s)",
+                instance.sop_instance_uid,
+                instance.peer.association_id,
+            )
+            with contextlib.suppress(OSError):
+                instance.path.unlink()
+            return STATUS_OUT_OF_RESOURCES
 
     def released(self, peer: Peer) -> None:
-        self.notify("released", peer)
+        if self.on_release is not None:
+            self.on_release(peer)
+
+
+class _WorkerCallbacks:
+    """A receiving process's callbacks: its own copy of the handlers; `closed` goes to the parent."""
+
+    def __init__(self, handlers: _Handlers, notify: _Notifier) -> None:
+        self.handlers = handlers
+        self.notify = notify
+        self.allow = handlers.allow
+        self.store = handlers.store
+        self.released = handlers.released
 
     def closed(self, conn_id: int) -> None:
         self.notify("closed", conn_id)
 
 
+class _Notifier:
+    """A worker's one-way messages to the parent (ready, closed, log records), from any thread."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, payload: Any) -> None:
+        with self._lock, contextlib.suppress(OSError):
+            self._conn.send((kind, payload))
+
+
 class _ForwardLogs(logging.Handler):
     """Sends a worker's log records to the parent, which logs them under the same logger name."""
 
-    def __init__(self, rpc: _RpcClient) -> None:
+    def __init__(self, notify: _Notifier) -> None:
         super().__init__(logging.INFO)
-        self._rpc = rpc
+        self._notify = notify
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
-            self._rpc.notify("log", (record.name, record.levelno, record.getMessage()))
+            self._notify("log", (record.name, record.levelno, record.getMessage()))
 
 
-def _worker_main(config: _ReceiverConfig, fd_conn: Connection, rpc_conn: Connection, index: int) -> None:
+def _worker_main(
+    config: _ReceiverConfig, handlers: _Handlers, fd_conn: Connection, notify_conn: Connection, index: int
+) -> None:
     """Entry point of a receiving process: take sockets from the parent until told to stop."""
-    rpc = _RpcClient(rpc_conn)
+    notify = _Notifier(notify_conn)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    root.addHandler(_ForwardLogs(rpc))
+    root.addHandler(_ForwardLogs(notify))
     ssl_context = config.tls.context() if config.tls is not None else None
-    receiver = _Receiver(config, rpc, ssl_context, tag=f"w{index}.{os.getpid()}")
-    rpc.notify("ready", None)
+    callbacks = _WorkerCallbacks(handlers, notify)
+    receiver = _Receiver(config, callbacks, ssl_context, tag=f"w{index}.{os.getpid()}")
+    gc.freeze()  # start-up objects live until exit: full collections need not scan them
+    notify("ready", None)
     while True:
         try:
             item = fd_conn.recv()
@@ -1223,7 +1383,7 @@ def _worker_main(config: _ReceiverConfig, fd_conn: Connection, rpc_conn: Connect
 class _Worker:
     process: multiprocessing.process.BaseProcess
     fd_conn: Connection
-    rpc_conn: Connection
+    notify_conn: Connection
     active: int = 0
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     ready: threading.Event = field(default_factory=threading.Event)
@@ -1236,10 +1396,13 @@ class StorageSCP:
     """DICOM Storage SCP (C-ECHO, C-STORE of every storage SOP class) feeding an `InstanceHandler`.
 
     `start()` serves in background threads and returns once the port is listening; `stop()` ends
-    it; `serve_forever()` blocks until `stop()` (from another thread or a signal handler). With
-    `workers` > 1, that many processes receive (the machine's cores run associations in parallel)
-    while the handlers still run in this process, on a thread pool: they must be thread-safe,
-    which they must be anyway since associations run concurrently.
+    it; `serve_forever()` blocks until `stop()` (from another thread or a signal handler). The
+    handlers run on the association's thread, concurrently for concurrent associations, so they must
+    be thread-safe. With `workers` > 1, that many processes receive (the machine's cores run
+    associations in parallel) and each runs its own copy of the handlers, where the instance was
+    received: no hop back to this process before the acknowledgement. The handlers must then be
+    picklable and keep no state that this process needs (the node's `Receiver` opens its database
+    per process).
     """
 
     def __init__(
@@ -1267,9 +1430,7 @@ class StorageSCP:
             raise ValueError("with workers > 1 give TLS as TlsFiles: an SSLContext cannot cross processes")
         self.host = host
         self.port = port
-        self.handler = handler
-        self.on_release = on_release
-        self.peer_filter = peer_filter
+        self.handlers = _Handlers(handler, on_release, peer_filter)
         self.max_associations = max_associations
         self.workers = workers
         incoming_dir = Path(incoming_dir)
@@ -1296,7 +1457,6 @@ class StorageSCP:
         self._receiver: _Receiver | None = None
         self._workers: list[_Worker] = []
         self._worker_of: dict[int, _Worker] = {}
-        self._pool: ThreadPoolExecutor | None = None
 
     # -- lifecycle --
 
@@ -1359,11 +1519,9 @@ class StorageSCP:
                 w.process.terminate()
                 w.process.join(timeout)
             w.fd_conn.close()
-            w.rpc_conn.close()
+            w.notify_conn.close()
         for t in self._threads:
             t.join(timeout)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
         self._stop_r.close()
         self._stop_w.close()
         self._stopped.set()
@@ -1426,29 +1584,16 @@ class StorageSCP:
             send_handle(worker.fd_conn, sock.fileno(), cast(int, worker.process.pid))
         sock.close()
 
-    # -- callbacks (direct in-process, or from workers through `_serve_worker`) --
+    # -- callbacks of the in-process receiver (workers call their own copy of the handlers) --
 
     def allow(self, peer: Peer) -> bool:
-        """Peer filter; no filter accepts everyone."""
-        return self.peer_filter is None or bool(self.peer_filter(peer))
+        return self.handlers.allow(peer)
 
     def store(self, instance: ReceivedInstance) -> int:
-        """Run the instance handler; an exception answers 0xA700 and removes the left-over file."""
-        try:
-            return int(self.handler(instance))
-        except Exception:
-            LOGGER.exception(
-                "instance handler failed for sop_instance=%s (association %s)",
-                instance.sop_instance_uid,
-                instance.peer.association_id,
-            )
-            with contextlib.suppress(OSError):
-                instance.path.unlink()
-            return STATUS_OUT_OF_RESOURCES
+        return self.handlers.store(instance)
 
     def released(self, peer: Peer) -> None:
-        if self.on_release is not None:
-            self.on_release(peer)
+        self.handlers.released(peer)
 
     def closed(self, conn_id: int) -> None:
         with self._lock:
@@ -1461,22 +1606,25 @@ class StorageSCP:
 
     def _start_workers(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-        self._pool = ThreadPoolExecutor(
-            max_workers=self.max_associations + 2, thread_name_prefix="radgate-handler"
-        )
         for index in range(self.workers):
             fd_parent, fd_child = ctx.Pipe(duplex=True)
-            rpc_parent, rpc_child = ctx.Pipe(duplex=True)
+            notify_parent, notify_child = ctx.Pipe(duplex=False)
             process = ctx.Process(
                 target=_worker_main,
-                args=(self.config, fd_child, rpc_child, index),
+                args=(self.config, self.handlers, fd_child, notify_child, index),
                 name=f"radgate-receiver-{index}",
                 daemon=True,
             )
-            process.start()
+            try:
+                process.start()
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                self.stop()
+                raise ValueError(
+                    f"with workers > 1 each receiving process runs the handlers, so they must pickle: {exc}"
+                ) from exc
             fd_child.close()
-            rpc_child.close()
-            worker = _Worker(process, fd_parent, rpc_parent)
+            notify_child.close()
+            worker = _Worker(process, fd_parent, notify_parent)
             self._workers.append(worker)
             self._spawn(self._serve_worker, f"radgate-worker-{index}", worker)
         for worker in self._workers:
@@ -1485,39 +1633,16 @@ class StorageSCP:
                 raise RuntimeError("a receiving process did not start")
 
     def _serve_worker(self, worker: _Worker) -> None:
-        """Answer one worker's handler calls; each call runs on the pool so a slow fsync blocks no other."""
-        reply_lock = threading.Lock()
-
-        def answer(call_id: int, fn: Callable[[Any], Any], payload: Any) -> None:
-            try:
-                result = fn(payload)
-            except Exception:
-                LOGGER.exception("callback failed")
-                result = None
-            with reply_lock, contextlib.suppress(OSError):
-                worker.rpc_conn.send((call_id, result))
-
-        calls: dict[str, Callable[[Any], Any]] = {"allow": self.allow, "store": self.store}
-        pool = cast(ThreadPoolExecutor, self._pool)
+        """Take one worker's notifications: ready, closed connections, log records."""
         while True:
             try:
-                call_id, kind, payload = worker.rpc_conn.recv()
+                kind, payload = worker.notify_conn.recv()
             except (EOFError, OSError):
                 return
-            if kind in calls:
-                pool.submit(answer, call_id, calls[kind], payload)
-            elif kind == "released":
-                pool.submit(self._released_safely, payload)
-            elif kind == "closed":
+            if kind == "closed":
                 self.closed(payload)
             elif kind == "log":
                 name, level, text = payload
                 logging.getLogger(name).log(level, "[pid %s] %s", worker.process.pid, text)
             elif kind == "ready":
                 worker.ready.set()
-
-    def _released_safely(self, peer: Peer) -> None:
-        try:
-            self.released(peer)
-        except Exception:
-            LOGGER.exception("release handler failed for association %s", peer.association_id)

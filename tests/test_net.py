@@ -7,6 +7,7 @@ file's dataset bytes untouched, so those tests wrap the raw bytes in a fresh fil
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -88,6 +89,37 @@ class Recorder:
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
         with self.cond:
             assert self.cond.wait_for(predicate, timeout), "condition not met before the deadline"
+
+
+@dataclass(frozen=True)
+class FileRecorder:
+    """A handler receiving processes can run (picklable): keeps each file and notes, in files, which
+    process stored it; an association's release leaves a marker."""
+
+    keep: Path
+
+    def __call__(self, inst: ReceivedInstance) -> int:
+        os.replace(inst.path, self.keep / f"{inst.sop_instance_uid}.dcm")
+        note = self.keep / f".{inst.sop_instance_uid}"
+        note.write_text(json.dumps({"pid": os.getpid(), "association": inst.peer.association_id}))
+        os.replace(note, self.keep / f"{inst.sop_instance_uid}.json")  # whole or not there
+        return 0
+
+    def on_release(self, peer: Peer) -> None:
+        (self.keep / f"released-{peer.association_id}").touch()
+
+    def stored(self) -> list[dict[str, object]]:
+        return [json.loads(p.read_text()) for p in self.keep.glob("*.json")]
+
+    def released(self) -> int:
+        return len(list(self.keep.glob("released-*")))
+
+
+@pytest.fixture
+def file_recorder(tmp_path: Path) -> FileRecorder:
+    keep = tmp_path / "kept-by-workers"
+    keep.mkdir()
+    return FileRecorder(keep)
 
 
 @pytest.fixture
@@ -420,9 +452,11 @@ def self_signed(tmp_path: Path) -> TlsFiles:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_tls_association(
-    start_scp: Callable[..., StorageSCP], recorder: Recorder, self_signed: TlsFiles, workers: int
+    start_scp: Callable[..., StorageSCP], file_recorder: FileRecorder, self_signed: TlsFiles, workers: int
 ) -> None:
-    scp = start_scp(tls=self_signed, workers=workers)
+    scp = start_scp(
+        tls=self_signed, workers=workers, handler=file_recorder, on_release=file_recorder.on_release
+    )
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self_signed.cert))
     ae = scu([(CTImageStorage, ImplicitVRLittleEndian)])
     assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADGATE", tls_args=(client, "localhost"))
@@ -432,7 +466,7 @@ def test_tls_association(
         assert assoc.send_c_store(TESTDATA / "dcmqi/segmentations/ct-3slice/01.dcm").Status == 0
     finally:
         assoc.release()
-    assert len(recorder.instances) == 1
+    assert len(file_recorder.stored()) == 1
     plain = ae.associate("127.0.0.1", scp.port, ae_title="RADGATE")  # no TLS: no association
     assert not plain.is_established
 
@@ -440,8 +474,8 @@ def test_tls_association(
 # --- worker processes ---------------------------------------------------------------------------
 
 
-def test_worker_processes_feed_the_handler_in_this_process(
-    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path
+def test_worker_processes_run_the_handlers_where_they_receive(
+    start_scp: Callable[..., StorageSCP], file_recorder: FileRecorder, tmp_path: Path
 ) -> None:
     dirs = []
     for part in range(2):
@@ -450,7 +484,7 @@ def test_worker_processes_feed_the_handler_in_this_process(
         for f in sorted(CT_J2K.iterdir())[part * 3 : part * 3 + 3]:
             with_uids(f, d)
         dirs.append(d)
-    scp = start_scp(workers=2)
+    scp = start_scp(workers=2, handler=file_recorder, on_release=file_recorder.on_release)
     procs = [
         subprocess.Popen(
             ["/usr/bin/storescu", "-xv", "+sd", "127.0.0.1", str(scp.port), str(d)],
@@ -463,10 +497,19 @@ def test_worker_processes_feed_the_handler_in_this_process(
     for p in procs:
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
-    recorder.wait_for(lambda: len(recorder.instances) == 6 and len(recorder.released) == 2)
-    assert recorder.pids == {os.getpid()}
-    assert len({i.peer.association_id for i in recorder.instances}) == 2
+    wait_until(lambda: len(file_recorder.stored()) == 6 and file_recorder.released() == 2, timeout=30)
+    stored = file_recorder.stored()
+    assert os.getpid() not in {s["pid"] for s in stored}  # no hop back to this process
+    assert {w.process.pid for w in scp._workers} >= {s["pid"] for s in stored}
+    assert len({s["association"] for s in stored}) == 2
     assert dcmtk("echoscu", "127.0.0.1", str(scp.port)).returncode == 0
+
+
+def test_handlers_that_cannot_go_to_receiving_processes_are_refused_at_start(
+    start_scp: Callable[..., StorageSCP],
+) -> None:
+    with pytest.raises(ValueError, match="pickle"):
+        start_scp(workers=2, handler=lambda inst: 0)
 
 
 # --- hand-made encodings equal the libraries' -----------------------------------------------------
