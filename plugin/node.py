@@ -14,6 +14,7 @@ instead of failing every job later.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -123,6 +124,7 @@ def serve(config: Config, listen: bool = True, execute: bool = True) -> int:
         log.error("cannot start the node: %s", err)
         node.stop()
         return 1
+    gc.freeze()  # start-up objects live until exit: full collections need not scan them (5 % of ingest)
     dicom = config.dicom
     if node.scp is None:
         log.info("radgate worker: no DICOM listener, data dir %s", config.data_dir.resolve())

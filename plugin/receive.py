@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_io.net import Peer, ReceivedInstance
 from plugin.config import AllowedPeer, Config
-from plugin.spool import InstanceIds, Spool
+from plugin.spool import InstanceIds, Spool, fsync_file, same_content
 from plugin.store import Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -109,17 +109,18 @@ class Receiver:
         try:
             # the transport has checked the UIDs; the header is read once per series, for its rows
             tags = None if instance.series_uid in self._seen_series else spool.read_tags(instance.path)
-            rec = replace(spool.record_for(instance.path, ids, now, tags), **peer_fields)
+            rec = replace(spool.record_for(ids, now, tags, instance.size), **peer_fields)
             placed = spool.place(instance.path, rec)
             if not placed.created:
-                known_sha = store.instance_sha256(rec.sop_instance_uid)
-                if known_sha is not None:
-                    _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=known_sha == rec.sha256)
+                if store.has_instance(rec.sop_instance_uid):
+                    same = same_content(instance.path, placed.path)
+                    _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=same)
                     return STATUS_SUCCESS
-                # the file is there but unrecorded (a crash, or another receiver mid-way): record it
-                rec = replace(
-                    spool.record_for(placed.path, ids, now, spool.read_tags(placed.path)), **peer_fields
-                )
+                # the file is there but unrecorded (another receiver mid-way, or the Orthanc bridge):
+                # make it durable and record it
+                fsync_file(placed.path)
+                tags = spool.read_tags(placed.path)
+                rec = replace(spool.record_for(ids, now, tags, placed.path.stat().st_size), **peer_fields)
             if not store.record_instance(rec):
                 _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=True)
             self._remember_series(instance.series_uid)

@@ -1,18 +1,25 @@
 """The spool: received instances on disk, durable before they are acknowledged.
 
-Layout: ``<spool>/<Study UID>/<Series UID>/<SOP Instance UID>.dcm``. A file only ever appears
-under its final name complete and fsync'd: the transport writes a temporary file in the incoming
-directory (same file system), the spool fsyncs it and *hard-links* it to the final name, then
-fsyncs the directory. ``os.link`` is atomic like ``rename`` but never replaces an existing name,
-so the first copy of a SOP Instance UID wins and a later duplicate cannot change a file that a
-job may already be reading (the same UID with different bytes is a sender error; we keep the
-first and log it). Recovery at start removes leftover temporary files and records, or moves to
-quarantine, spool files that the store does not know (a crash between link and commit).
+Layout: ``<spool>/<Study UID>/<Series UID>/<SOP Instance UID>.dcm``. The transport writes each
+instance to a temporary file in the incoming directory (same file system); the spool *hard-links*
+it to its final name, fsyncs the file, then fsyncs the directory, and only then may the instance be
+recorded and acknowledged. ``os.link`` is atomic like ``rename`` but never replaces an existing
+name, so the first copy of a SOP Instance UID wins and a later duplicate cannot change a file that a
+job may already be reading (the same UID with different bytes is a sender error; we keep the first
+and log it).
+
+Linking before the fsync lets one journal commit (ext4) make both the data and the new name durable
+(one fsync of latency per instance, not two); the directory fsync that follows is what POSIX asks
+for and costs almost nothing after it. The price is that a power cut between link and fsync can
+leave a final name over incomplete data, never acknowledged and never recorded. So recovery at start
+(before the listener) removes leftover temporary files and, for spool files the store does not know,
+records those whose every element is complete and whose UIDs match where they lie, and moves the
+rest to quarantine.
 """
 
 from __future__ import annotations
 
-import hashlib
+import filecmp
 import logging
 import os
 import re
@@ -25,12 +32,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicom_io.net import InstanceRefused, inspect_part10
 from plugin.store import InstanceRecord, Store
 
 log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_CHUNK = 1 << 20
 
 
 class InvalidUID(ValueError):
@@ -43,7 +50,7 @@ def check_uid(uid: str) -> str:
     return uid
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -51,14 +58,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _size_and_hash(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
+def fsync_file(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Byte-for-byte equal (only a duplicate SOP Instance UID ever asks)."""
+    return filecmp.cmp(a, b, shallow=False)
 
 
 @dataclass(frozen=True)
@@ -117,46 +127,53 @@ class Spool:
         self.root = root
         self.incoming = incoming
         self.quarantine = quarantine
-        self._known_dirs: set[Path] = set()
+        self._root = str(root)  # the per-instance path work is done on strings: pathlib costs more
+        self._known_dirs: set[str] = set()
 
     def prepare(self) -> None:
         for d in (self.root, self.incoming, self.quarantine):
             d.mkdir(parents=True, exist_ok=True)
 
-    def final_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
-        parts = (check_uid(study_uid), check_uid(series_uid), check_uid(sop_instance_uid))
-        return self.root / parts[0] / parts[1] / f"{parts[2]}.dcm"
+    @staticmethod
+    def spool_path(ids: InstanceIds) -> str:
+        """Where an instance lies, relative to the spool (InvalidUID if a UID is unsafe as a name)."""
+        return f"{check_uid(ids.study_uid)}/{check_uid(ids.series_uid)}/{check_uid(ids.sop_instance_uid)}.dcm"
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
-    def _ensure_dir(self, directory: Path) -> None:
+    def _ensure_dir(self, directory: str) -> None:
         """Create the series directory and make its new entries durable in their parents."""
         if directory in self._known_dirs:
             return
-        missing = [d for d in (directory.parent, directory) if not d.is_dir()]
-        for d in missing:
-            d.mkdir(exist_ok=True)
-            fsync_dir(d.parent)
+        series_dir = Path(directory)
+        for d in (series_dir.parent, series_dir):
+            if not d.is_dir():
+                d.mkdir(exist_ok=True)
+                fsync_dir(d.parent)
         self._known_dirs.add(directory)
 
     def place(self, temp: Path, rec: InstanceRecord) -> Placed:
-        """Make ``temp`` durable under its final name (fsync, link, fsync dir); temp stays for the caller."""
-        final = self.root / rec.spool_path
-        self._ensure_dir(final.parent)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
+        """Make ``temp`` durable under its final name (link, fsync, fsync dir); temp stays for the caller.
+
+        A name that exists already is left as it was (``created`` False) and nothing is synced.
+        """
+        final = os.path.join(self._root, rec.spool_path)
+        directory = os.path.dirname(final)
+        self._ensure_dir(directory)
         try:
             created = self._link(temp, final)
         except FileNotFoundError:  # the series directory went away (a clean-up) since we made it
-            self._known_dirs.discard(final.parent)
-            self._ensure_dir(final.parent)
+            self._known_dirs.discard(directory)
+            self._ensure_dir(directory)
             created = self._link(temp, final)
-        fsync_dir(final.parent)
-        return Placed(final, created)
+        if created:
+            fsync_file(final)
+            fsync_dir(directory)
+        return Placed(Path(final), created)
 
     @staticmethod
-    def _link(temp: Path, final: Path) -> bool:
+    def _link(temp: Path, final: str) -> bool:
         """Link without replacing: False if the final name exists already."""
         try:
             os.link(temp, final)
@@ -167,8 +184,11 @@ class Spool:
     def describe(self, path: Path, received_at: datetime) -> InstanceRecord:
         """Everything the store records about a DICOM file, read from the file itself (recovery).
 
-        Raises InvalidDicomError, InvalidUID, AttributeError (a UID missing) or OSError.
+        Every element's length is checked against the bytes (`dicom_io.net.inspect_part10`), so a
+        file cut short by a power cut is refused, not recorded. Raises InvalidDicomError,
+        InstanceRefused or InvalidUID (both ValueError), AttributeError (a UID missing) or OSError.
         """
+        inspect_part10(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
         ids = InstanceIds(
@@ -178,21 +198,19 @@ class Spool:
             sop_class_uid=str(ds.get("SOPClassUID") or meta.MediaStorageSOPClassUID),
             transfer_syntax=str(meta.TransferSyntaxUID),
         )
-        return self.record_for(path, ids, received_at, _tags(ds))
+        return self.record_for(ids, received_at, _tags(ds), path.stat().st_size)
 
     def read_tags(self, path: Path) -> HeaderTags:
         """The study and series attributes the store keeps (header only, no pixels)."""
         return _tags(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_TAG_KEYWORDS)))
 
     def record_for(
-        self, path: Path, ids: InstanceIds, received_at: datetime, tags: HeaderTags | None
+        self, ids: InstanceIds, received_at: datetime, tags: HeaderTags | None, size: int
     ) -> InstanceRecord:
-        """The store's record of ``path``: ``spool_path`` is where it belongs (from its UIDs), size, hash.
+        """The store's record of an instance: ``spool_path`` is where it belongs (from its UIDs).
 
         ``tags`` None: the study and series rows exist already, their attributes are not needed.
         """
-        size, sha = _size_and_hash(path)
-        final = self.final_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
         tags = tags or HeaderTags()
         return InstanceRecord(
             study_uid=ids.study_uid,
@@ -200,9 +218,8 @@ class Spool:
             sop_instance_uid=ids.sop_instance_uid,
             sop_class_uid=ids.sop_class_uid,
             transfer_syntax=ids.transfer_syntax,
-            spool_path=self.relative(final),
+            spool_path=self.spool_path(ids),
             size=size,
-            sha256=sha,
             received_at=received_at,
             accession_number=tags.accession_number,
             modality=tags.modality,
@@ -242,12 +259,13 @@ class Spool:
         mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
         try:
             rec = self.describe(path, mtime)
-        except (InvalidDicomError, AttributeError, ValueError, OSError) as err:
+        except (InvalidDicomError, InstanceRefused, AttributeError, ValueError, OSError) as err:
             log.warning("spool recovery: %s is not a usable instance (%s)", self.relative(path), err)
             return False
         if rec.spool_path != self.relative(path):
             log.warning("spool recovery: %s does not lie under its own UIDs", self.relative(path))
             return False
+        fsync_file(path)  # a killed receiver linked it but may not have synced it yet
         if store.record_instance(rec):
             log.info("spool recovery: recorded SOP %s of study %s", rec.sop_instance_uid, rec.study_uid)
         return True

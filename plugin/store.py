@@ -15,6 +15,9 @@ row locks (``FOR UPDATE``), not on SQLite's global lock.
 from __future__ import annotations
 
 import enum
+import fcntl
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -139,7 +142,6 @@ class Instance(Base):
     study_revision: Mapped[int] = mapped_column(Integer)
     spool_path: Mapped[str] = mapped_column(String(240))
     size: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     calling_ae: Mapped[str | None] = mapped_column(String(16))
 
@@ -256,7 +258,6 @@ class InstanceRecord:
     transfer_syntax: str
     spool_path: str
     size: int
-    sha256: str
     received_at: datetime
     calling_ae: str | None = None
     address: str | None = None
@@ -319,17 +320,182 @@ class _Sql:
             completed_at=None,
         )
     )
+    count_receiving_study = count_study.where(
+        Study.revision == bindparam("at_revision"), Study.state == StudyState.RECEIVING
+    )
     find_series = select(Series.id).where(Series.series_uid == bindparam("uid"))
     count_series = (
         update(Series)
         .where(Series.id == bindparam("row"))
         .values(instance_count=Series.instance_count + 1, last_received_at=_later(Series.last_received_at))
     )
+    insert_instance = insert(Instance)
     find_reception = select(Reception.id).where(
         Reception.association_key == bindparam("key"),
         Reception.study_id == bindparam("study_id"),
         Reception.study_revision == bindparam("revision"),
     )
+
+
+_INSTANCE_COLUMNS = (
+    "study_id",
+    "series_id",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "transfer_syntax",
+    "study_revision",
+    "spool_path",
+    "size",
+    "received_at",
+    "calling_ae",
+)
+
+
+def _instance_row(rec: InstanceRecord, study_id: int, series_id: int, revision: int) -> dict[str, Any]:
+    values = (study_id, series_id, rec.sop_instance_uid, rec.sop_class_uid, rec.transfer_syntax, revision)
+    rest = (rec.spool_path, rec.size, rec.received_at, rec.calling_ae)
+    return dict(zip(_INSTANCE_COLUMNS, values + rest, strict=True))
+
+
+@dataclass(frozen=True)
+class _RowIds:
+    study_id: int
+    revision: int
+    series_id: int
+
+
+class _StaleIds(Exception):
+    """A remembered study revision or series row no longer holds."""
+
+
+class _Prepared:
+    """A Core statement compiled once for one dialect and run straight on a DBAPI cursor.
+
+    SQLAlchemy's per-execution work (execution context, parameter processing, result set) cost
+    five times what SQLite took to run these statements, on the path to every acknowledgement.
+    The bind processors are SQLAlchemy's own (``UTCDateTime`` included), so the rows are the same.
+    """
+
+    def __init__(self, statement: Any, dialect: Dialect, column_keys: list[str] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+        self._sql = compiled.string
+        self._defaults = compiled.construct_params(_check=False)  # the statement's own literal values
+        self._processors = compiled._bind_processors
+        self._positions = compiled.positiontup  # None for named paramstyles (psycopg)
+
+    def run(self, cursor: Any, params: dict[str, Any]) -> int:
+        """Execute; the number of rows it changed."""
+        values = {**self._defaults, **params}
+        for key, process in self._processors.items():
+            values[key] = process(values[key])
+        cursor.execute(self._sql, values if self._positions is None else [values[k] for k in self._positions])
+        return int(cursor.rowcount)
+
+
+class _IngestIds:
+    """Row ids this process recorded instances under, so the next instance of the same study
+    revision, series and association needs no lookups: two conditional UPDATEs and one INSERT in one
+    transaction, prepared once and run on the driver's cursor (about 0.05 ms instead of 0.7 ms,
+    most of the store's share of the time to the acknowledgement).
+
+    Nothing here is trusted: the study UPDATE only counts while the study is still RECEIVING at the
+    remembered revision, and the series UPDATE only if the row is there; anything else (the study
+    completed meanwhile, a duplicate SOP Instance UID, a row removed, any database error) rolls back
+    and takes the full path, which looks everything up and reports errors as SQLAlchemy does.
+    """
+
+    _LIMIT = 10_000
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        dialect = engine.dialect
+        self._begin = "BEGIN IMMEDIATE" if dialect.name == "sqlite" else None  # as the engine's begin hook
+        self._count_study = _Prepared(_Sql.count_receiving_study, dialect)
+        self._count_series = _Prepared(_Sql.count_series, dialect)
+        self._insert_instance = _Prepared(_Sql.insert_instance, dialect, list(_INSTANCE_COLUMNS))
+        self._studies: dict[str, tuple[int, int]] = {}
+        self._series: dict[str, int] = {}
+        self._receptions: set[tuple[str, int, int]] = set()
+        self._thread_lock = threading.Lock()
+        database = engine.url.database if dialect.name == "sqlite" else None
+        self._lock_path = Path(f"{database}-ingest.lock") if database and database != ":memory:" else None
+        self._lock_fd: int | None = None
+        self._connection: Any = None  # one DBAPI connection, used under the lock only
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold while recording: one ingest transaction at a time in this process and, on SQLite, in
+        every process on the database file. SQLite's own wait for its write lock sleeps 1 ms and more
+        per retry, which two receiving processes hit at every other instance; a blocking ``flock``
+        hands over the moment the holder is done.
+        """
+        with self._thread_lock:
+            if self._lock_path is None:
+                yield
+                return
+            if self._lock_fd is None:
+                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._thread_lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def remember(self, rec: InstanceRecord, ids: _RowIds) -> None:
+        if len(self._series) > self._LIMIT:
+            self._studies.clear()
+            self._series.clear()
+            self._receptions.clear()
+        self._studies[rec.study_uid] = (ids.study_id, ids.revision)
+        self._series[rec.series_uid] = ids.series_id
+        if rec.association_key is not None:
+            self._receptions.add((rec.association_key, ids.study_id, ids.revision))
+
+    def record_known(self, rec: InstanceRecord) -> bool:
+        """Record ``rec`` if its study revision, series and association are known; False: not done.
+
+        Call under ``lock()``.
+        """
+        study, series_id = self._studies.get(rec.study_uid), self._series.get(rec.series_uid)
+        if study is None or series_id is None:
+            return False
+        study_id, revision = study
+        if (
+            rec.association_key is not None
+            and (rec.association_key, study_id, revision) not in self._receptions
+        ):
+            return False
+        now = rec.received_at
+        if self._connection is None:
+            self._connection = self._engine.raw_connection()  # kept: a pool checkout per instance costs
+        connection = self._connection
+        try:
+            cursor = connection.cursor()
+            if self._begin is not None:
+                cursor.execute(self._begin)
+            counted = self._count_study.run(
+                cursor,
+                {"row": study_id, "at_revision": revision, "now": now, "accession": rec.accession_number},
+            )
+            if counted != 1 or self._count_series.run(cursor, {"row": series_id, "now": now}) != 1:
+                raise _StaleIds
+            self._insert_instance.run(cursor, _instance_row(rec, study_id, series_id, revision))
+            connection.commit()
+        except (_StaleIds, self._engine.dialect.loaded_dbapi.Error):
+            connection.rollback()
+            self._studies.pop(rec.study_uid, None)
+            self._series.pop(rec.series_uid, None)
+            return False
+        return True
 
 
 def make_engine(url: str, synchronous: str = "FULL") -> Engine:
@@ -379,6 +545,7 @@ class Store:
             make_engine(url, synchronous="NORMAL") if url.startswith("sqlite") else self.engine
         )
         self._ingest_sessions = sessionmaker(self._ingest_engine, expire_on_commit=False)
+        self._ingest_ids = _IngestIds(self._ingest_engine)
 
     def migrate(self, revision: str = "head") -> None:
         """Bring the schema to ``revision`` (Alembic); safe to run at every start."""
@@ -400,34 +567,44 @@ class Store:
             yield session
 
     def dispose(self) -> None:
+        self._ingest_ids.close()
         self.engine.dispose()
         self._ingest_engine.dispose()
 
-    def instance_sha256(self, sop_instance_uid: str) -> str | None:
-        """The content hash of a recorded instance; None if it is not recorded."""
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        """Whether an instance of that SOP Instance UID is recorded."""
         with self.session() as s:
-            return s.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_instance_uid))
+            found = s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
+            return found is not None
 
     def record_instance(self, rec: InstanceRecord) -> bool:
         """Record a durable spool file; False if that SOP Instance UID was already recorded.
 
         An instance of a study that is no longer RECEIVING opens the study's next revision.
         """
-        failures = 0
-        while True:
-            try:
-                with self._ingest_sessions() as s, s.begin():
-                    return self._record(s, rec)
-            except IntegrityError:  # a concurrent writer (PostgreSQL: no global write lock) won a race
-                failures += 1
-                if failures >= 3:
-                    raise
+        with self._ingest_ids.lock():
+            if self._ingest_ids.record_known(rec):
+                return True
+            failures = 0
+            while True:
+                try:
+                    with self._ingest_sessions() as s, s.begin():
+                        ids = self._record(s, rec)
+                except IntegrityError:  # a concurrent writer (PostgreSQL: no global write lock) won a race
+                    failures += 1
+                    if failures >= 3:
+                        raise
+                    continue
+                if ids is None:
+                    return False
+                self._ingest_ids.remember(rec, ids)
+                return True
 
-    def _record(self, s: Session, rec: InstanceRecord) -> bool:
+    def _record(self, s: Session, rec: InstanceRecord) -> _RowIds | None:
         """Prepared Core statements (see ``_Sql``), not the ORM: this runs once per received instance."""
         conn = s.connection()
         if conn.execute(_Sql.find_instance, {"sop": rec.sop_instance_uid}).first() is not None:
-            return False
+            return None
         now = rec.received_at
         study = conn.execute(_Sql.find_study, {"uid": rec.study_uid}).first()
         if study is None:
@@ -465,21 +642,7 @@ class Store:
             )
         else:
             conn.execute(_Sql.count_series, {"row": series_id, "now": now})
-        _insert(
-            conn,
-            Instance,
-            study_id=study_id,
-            series_id=series_id,
-            sop_instance_uid=rec.sop_instance_uid,
-            sop_class_uid=rec.sop_class_uid,
-            transfer_syntax=rec.transfer_syntax,
-            study_revision=revision,
-            spool_path=rec.spool_path,
-            size=rec.size,
-            sha256=rec.sha256,
-            received_at=now,
-            calling_ae=rec.calling_ae,
-        )
+        conn.execute(_Sql.insert_instance, _instance_row(rec, study_id, series_id, revision))
         if rec.association_key is not None:
             reception = {"key": rec.association_key, "study_id": study_id, "revision": revision}
             if conn.execute(_Sql.find_reception, reception).first() is None:
@@ -493,7 +656,7 @@ class Store:
                     address=rec.address,
                     started_at=now,
                 )
-        return True
+        return _RowIds(study_id, revision, series_id)
 
     def release_association(self, association_key: str, when: datetime) -> int:
         """Mark every study revision this association brought as released; returns how many."""

@@ -93,7 +93,6 @@ def instance_record(
         transfer_syntax="1.2.840.10008.1.2.1",
         spool_path=f"{study_uid}/{series_uid}/{sop}.dcm",
         size=1,
-        sha256="0" * 64,
         received_at=received_at or utcnow(),
         calling_ae=calling_ae,
         association_key=key,

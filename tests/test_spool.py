@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pickle
 import shutil
@@ -84,18 +85,23 @@ def test_an_instance_is_spooled_recorded_and_its_temp_file_removed(
 
 
 def test_the_same_instance_twice_is_stored_once_and_the_first_copy_kept(
-    config: Config, store: Store, tmp_path: Path
+    config: Config, store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="plugin.receive")
     [source] = write_series(tmp_path / "src", 1)
     receiver = Receiver(config)
     first = _received(config, source, "tmp-1")
     assert receiver.handle(first) == STATUS_SUCCESS
     original = _final(config, first).read_bytes()
+    assert receiver.handle(_received(config, source, "tmp-2")) == STATUS_SUCCESS
+    assert "received again; kept the stored copy" in caplog.text
+    assert "other content" not in caplog.text
     changed = pydicom.dcmread(source)
     changed.InstanceNumber = 99
     changed.save_as(tmp_path / "changed.dcm")
-    second = _received(config, tmp_path / "changed.dcm", "tmp-2")
+    second = _received(config, tmp_path / "changed.dcm", "tmp-3")
     assert receiver.handle(second) == STATUS_SUCCESS
+    assert "received again with other content; kept the first" in caplog.text
     assert not second.path.exists()
     assert _final(config, first).read_bytes() == original
     assert store.studies()[0].instance_count == 1
@@ -189,7 +195,7 @@ def test_recovery_removes_temp_files_rerecords_and_quarantines(
     spool = make_spool(config)
     (config.incoming_dir / "half-received").write_bytes(b"partial")
     # a crash after the link but before the commit: a complete spool file the store does not know
-    [source, other] = write_series(tmp_path / "src", 2)
+    [source, other, cut_source] = write_series(tmp_path / "src", 3)
     ds = pydicom.dcmread(source, stop_before_pixels=True)
     orphan = config.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     orphan.parent.mkdir(parents=True)
@@ -198,14 +204,18 @@ def test_recovery_removes_temp_files_rerecords_and_quarantines(
     shutil.copyfile(other, misplaced)
     junk = orphan.parent / "junk.dcm"
     junk.write_bytes(b"garbage")
+    # a power cut between link and fsync: the name is there, its pixel data only in part
+    cut_ds = pydicom.dcmread(cut_source, stop_before_pixels=True)
+    cut = orphan.parent / f"{cut_ds.SOPInstanceUID}.dcm"
+    cut.write_bytes(cut_source.read_bytes()[:-100])
 
     report = spool.recover(store)
 
-    assert (report.temp_removed, report.rerecorded, report.quarantined) == (1, 1, 2)
+    assert (report.temp_removed, report.rerecorded, report.quarantined) == (1, 1, 3)
     assert list(config.incoming_dir.iterdir()) == []
-    assert orphan.exists() and not misplaced.exists() and not junk.exists()
+    assert orphan.exists() and not misplaced.exists() and not junk.exists() and not cut.exists()
     quarantined = sorted(p.name for p in config.quarantine_dir.rglob("*.dcm"))
-    assert quarantined == ["1.2.3.dcm", "junk.dcm"]
+    assert quarantined == sorted(["1.2.3.dcm", "junk.dcm", cut.name])
     [study] = store.studies()
     assert study.instance_count == 1
     assert spool.recover(store).rerecorded == 0  # idempotent

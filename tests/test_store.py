@@ -55,8 +55,19 @@ def test_sqlite_runs_in_wal_mode_with_full_sync_except_for_instance_rows(store: 
 def test_an_old_database_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
     old = Store(f"sqlite:///{tmp_path / 'old.db'}")
     old.migrate("0001")
-    assert old.record_instance(_record("1.2.3"))
-    with old.engine.connect() as connection:
+    with old.engine.begin() as connection:  # rows as revision 0001 wrote them (with a content hash)
+        when = "2026-11-28 08:00:00.000000"
+        connection.exec_driver_sql(
+            "INSERT INTO studies VALUES (1, '1.2.3', NULL, 1, 'RECEIVING', 1, ?, ?, ?, NULL)", (when,) * 3
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO series VALUES (1, 1, '1.2.3.4', 'CT', 1, 1, ?, ?)", (when,) * 2
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO instances VALUES (1, 1, 1, '1.2.3.4.5', '1.2.840.10008.5.1.4.1.1.2', "
+            "'1.2.840.10008.1.2.1', 1, '1.2.3/1.2.3.4/1.2.3.4.5.dcm', 1, ?, ?, 'SCU')",
+            ("0" * 64, when),
+        )
         rows = connection.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")
         tables = {r[0] for r in rows}
     assert "jobs" not in tables
@@ -90,8 +101,8 @@ def test_the_same_instance_is_recorded_once(store: Store) -> None:
     [summary] = store.studies()
     assert (summary.instance_count, summary.series_count, summary.revision) == (1, 1, 1)
     assert summary.accession_number == "ACC1"
-    assert store.instance_sha256(rec.sop_instance_uid) == "0" * 64
-    assert store.instance_sha256("9.9.9") is None
+    assert store.has_instance(rec.sop_instance_uid)
+    assert not store.has_instance("9.9.9")
 
 
 def test_an_instance_after_completion_opens_a_new_revision(store: Store) -> None:
