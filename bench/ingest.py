@@ -216,11 +216,11 @@ def bench(args: argparse.Namespace) -> None:
             "orthanc": lambda out: orthanc(out, args.pdu),
         }
         rates: dict[tuple[str, int], list[float]] = {}
-        for _ in range(args.repeat):  # interleaved, so a burst of load elsewhere hits every receiver alike
+        for run in range(args.repeat):  # interleaved, so a burst of load elsewhere hits every receiver alike
             for n in args.associations:
                 parts = split(files, n, root / "parts")
                 for name in args.receivers:
-                    out = root / "out" / f"{name}-{n}"
+                    out = root / "out" / f"{name}-{n}-{run}"
                     out.mkdir(parents=True)
                     with receivers[name](out) as port:
                         elapsed = send(port, parts)
@@ -232,7 +232,8 @@ def bench(args: argparse.Namespace) -> None:
                         f"  {name:15s} {n} assoc: {elapsed:6.2f} s  {len(files) / elapsed:7.1f} images/s",
                         flush=True,
                     )
-                    shutil.rmtree(out)
+                    # outputs stay until the end: ext4 without a journal skips inodes deleted in the last
+                    # seconds when it allocates new ones, so deleting here slowed whoever ran next
                 shutil.rmtree(root / "parts")
         report(args, len(files), size_mb, rates, load_before)
     finally:

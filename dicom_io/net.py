@@ -20,6 +20,7 @@ Handlers always run in the process that created the `StorageSCP`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import gc
 import itertools
@@ -209,15 +210,25 @@ _META_READ = 1 << 16  # a file meta group is a few hundred bytes
 _IS_RE = re.compile(r"[+-]?[0-9]+")
 
 
+class _BeyondHead(Exception):
+    """The walk needs bytes past the part of the dataset held in memory."""
+
+
 class _ElementWalker:
     """Walks element headers (nested sequences included) to prove every length fits the bytes.
 
     This catches truncated datasets and bytes encoded in another transfer syntax than negotiated,
-    at a cost of microseconds per element: values are skipped, never decoded.
+    at a cost of microseconds per element: values are skipped, never decoded. `buf` may hold only
+    the start of the data (`held` < the `end` walked to): the walk then raises `_BeyondHead` when
+    it needs more, and skipping the pixel data to the end needs none.
     """
 
-    def __init__(self, buf: bytes | mmap.mmap, little_endian: bool) -> None:
+    def __init__(
+        self, buf: bytes | bytearray | mmap.mmap, little_endian: bool, end: int | None = None
+    ) -> None:
         self.buf = buf
+        self.held = len(buf)
+        self.partial = end is not None and end > self.held
         order = "<" if little_endian else ">"
         self.tag = struct.Struct(order + "HH")
         self.u16 = struct.Struct(order + "H")
@@ -230,6 +241,8 @@ class _ElementWalker:
         while pos < end:
             if pos + 8 > end:
                 raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, f"truncated element header at byte {pos}")
+            if self.partial and pos + 12 > self.held:
+                raise _BeyondHead
             group, element = self.tag.unpack_from(buf, pos)
             if group == 0xFFFE:
                 (length,) = self.u32.unpack_from(buf, pos + 4)
@@ -244,6 +257,10 @@ class _ElementWalker:
             if explicit:
                 vr = bytes(buf[pos + 4 : pos + 6])
                 if vr in _LONG_VRS:
+                    if pos + 12 > end:
+                        raise InstanceRefused(
+                            STATUS_CANNOT_UNDERSTAND, f"truncated element header at byte {pos}"
+                        )
                     (length,) = self.u32.unpack_from(buf, pos + 8)
                     pos += 12
                 elif vr in _SHORT_VRS:
@@ -276,6 +293,8 @@ class _ElementWalker:
                 f"{end - pos} left",
             )
         if depth == 0 and tag in _WANTED:
+            if pos + length > self.held:
+                raise _BeyondHead
             self.values[tag] = bytes(self.buf[pos : pos + length])
         return pos + length
 
@@ -284,12 +303,27 @@ def _text(raw: bytes) -> str:
     return raw.rstrip(b"\x00 ").decode("ascii", errors="replace").strip()
 
 
-def inspect_dataset(path: Path, offset: int, transfer_syntax: str) -> DatasetIdentity:
+def inspect_dataset(
+    path: Path, offset: int, transfer_syntax: str, head: bytes | bytearray = b"", size: int | None = None
+) -> DatasetIdentity:
     """Check the dataset that starts at `offset` in `path` and return its identifying UIDs.
 
+    `head`, the dataset's first bytes, and `size`, the file's, spare reading the file back when the
+    walk needs nothing past `head` (the usual image: header elements, then pixel data to the end).
     Raises `InstanceRefused` for truncated or mis-encoded bytes, missing or malformed UIDs and a
     few malformed image attributes (US lengths, Number of Frames) that would break loading later.
     """
+    little_endian = transfer_syntax != ExplicitVRBigEndian
+    explicit = transfer_syntax != ImplicitVRLittleEndian
+    if head and size is not None and transfer_syntax != DeflatedExplicitVRLittleEndian:
+        if size <= offset:
+            raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "empty dataset")
+        walker = _ElementWalker(head, little_endian, end=size - offset)
+        try:
+            walker.walk(0, size - offset, explicit, 0)
+            return _identity(walker.values, walker.u16)
+        except _BeyondHead:
+            pass  # read it from the file
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size <= offset:
@@ -303,8 +337,8 @@ def inspect_dataset(path: Path, offset: int, transfer_syntax: str) -> DatasetIde
                 start = 0
             else:
                 data, start = mapped, offset
-            walker = _ElementWalker(data, little_endian=transfer_syntax != ExplicitVRBigEndian)
-            walker.walk(start, len(data), transfer_syntax != ImplicitVRLittleEndian, 0)
+            walker = _ElementWalker(data, little_endian)
+            walker.walk(start, len(data), explicit, 0)
     return _identity(walker.values, walker.u16)
 
 
@@ -737,12 +771,36 @@ class _FastSocket(AssociationSocket):
         return self._buf[start:end]
 
 
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's `sync_file_range` (not in `os`), or None where libc lacks it."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
+_WRITEBACK_STEP = 256 << 10
+_HEAD_BYTES = 64 << 10  # header elements before the pixel data; more is read back from the file
+_PAGE = 4096
+
+
 class _Spool:
     """The file a C-STORE dataset streams into; shaped like the NamedTemporaryFile pynetdicom expects.
 
     A write that fails (disk full, file size limit, permissions) must not end the association: the
     rest of the dataset still arrives and is dropped, the partial file is removed at once, and the
     request is answered 0xA700 (out of resources) from `error`.
+
+    The handler of a durable node fsyncs the file before it answers, on the path of every
+    acknowledgement. So whole pages start their way to the disk while the rest of the dataset is
+    still arriving (`sync_file_range`, asynchronous, each 256 KiB): the fsync then only writes the
+    tail and the inode (0.2 ms instead of 0.4 ms for a 512 KB slice here). Handing these calls and
+    the fsync to disk threads was slower: the threads then queue for the GIL.
     """
 
     def __init__(self, path: Path, header: bytes) -> None:
@@ -751,6 +809,9 @@ class _Spool:
         self.dataset_offset = len(header)
         self.file = self  # pynetdicom calls `_data_set_file.file.flush()` after each fragment
         self.error: OSError | None = None
+        self.size = 0
+        self.head = bytearray()  # the dataset's first bytes, for `inspect_dataset`
+        self._written_back = 0
         self._f: FileIO | None = None
         try:
             self._f = open(path, "xb", buffering=0)  # noqa: SIM115 - closed when the message completes
@@ -763,12 +824,22 @@ class _Spool:
         if self._f is None or self.error is not None:
             return
         view = memoryview(data)
+        if self.dataset_offset <= self.size and len(self.head) < _HEAD_BYTES:
+            self.head += view[: _HEAD_BYTES - len(self.head)]
         try:
             while view:  # an unbuffered write may be short (e.g. up to a file size limit)
-                view = view[self._f.write(view) :]
+                written = self._f.write(view)
+                self.size += written
+                view = view[written:]
         except OSError as exc:
             self.error = exc
             self.discard()
+            return
+        whole_pages = self.size & ~(_PAGE - 1)  # a partial page would be written twice
+        if _SYNC_FILE_RANGE is not None and whole_pages - self._written_back >= _WRITEBACK_STEP:
+            start, length = self._written_back, whole_pages - self._written_back
+            _SYNC_FILE_RANGE(self._f.fileno(), start, length, _SYNC_FILE_RANGE_WRITE)
+            self._written_back = whole_pages
 
     def flush(self) -> None:
         """Unbuffered: nothing to flush."""
@@ -1162,7 +1233,7 @@ class _Connection:
             spool.discard()
             return STATUS_OUT_OF_RESOURCES
         try:
-            ident = inspect_dataset(spool.path, spool.dataset_offset, transfer_syntax)
+            ident = inspect_dataset(spool.path, spool.dataset_offset, transfer_syntax, spool.head, spool.size)
             sop_class = _same_uid(ident.sop_class_uid, sop_class_uid, "SOPClassUID")
             sop_instance = _same_uid(ident.sop_instance_uid, sop_instance_uid, "SOPInstanceUID")
         except InstanceRefused as exc:
@@ -1189,7 +1260,7 @@ class _Connection:
             sop_class_uid=sop_class,
             transfer_syntax=transfer_syntax,
             peer=peer,
-            size=spool.path.stat().st_size,
+            size=spool.size,
         )
         return self.receiver.callbacks.store(instance)
 

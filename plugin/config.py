@@ -109,7 +109,13 @@ class DicomConfig(_Strict):
     allowed_peers: list[AllowedPeer] = Field(default_factory=list, description="empty: anyone may associate")
     require_called_ae_title: bool = False
     max_associations: int = Field(default=16, ge=1)
-    receivers: int = Field(default=1, ge=1, le=64, description="receiving processes sharing the port")
+    receivers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="receiving processes sharing the port, each storing what it receives (concurrent "
+        "associations run on several cores)",
+    )
     tls: TLSConfig = TLSConfig()
 
     @field_validator("ae_title")

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -42,12 +43,14 @@ from dicom_io.net import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
+    InstanceRefused,
     Peer,
     ReceivedInstance,
     StorageSCP,
     TlsFiles,
     c_store_rsp_command,
     file_meta_header,
+    inspect_dataset,
 )
 
 TESTDATA = Path(os.environ.get("RADGATE_TESTDATA", "/work/shared/testdata"))
@@ -257,7 +260,9 @@ def test_storescu_transfer_syntaxes_arrive_unchanged(
     assert (inst.study_uid, inst.series_uid) == (original.StudyInstanceUID, original.SeriesInstanceUID)
     assert inst.sop_instance_uid == original.SOPInstanceUID
     assert inst.peer.ae_title == "STORESCU"
-    received = dcmread(recorder.keep / f"{inst.sop_instance_uid}.dcm")
+    kept = recorder.keep / f"{inst.sop_instance_uid}.dcm"
+    assert inst.size == kept.stat().st_size
+    received = dcmread(kept)
     assert received.file_meta.TransferSyntaxUID == ts
     assert received.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
     assert received.file_meta.SourceApplicationEntityTitle == "STORESCU"
@@ -510,6 +515,49 @@ def test_handlers_that_cannot_go_to_receiving_processes_are_refused_at_start(
 ) -> None:
     with pytest.raises(ValueError, match="pickle"):
         start_scp(workers=2, handler=lambda inst: 0)
+
+
+# --- checking a dataset without decoding it -------------------------------------------------------
+
+
+def _part10_with_private_block(tmp_path: Path, block: int) -> tuple[Path, bytes]:
+    """A CT file whose Study/Series/SOP UIDs come after `block` bytes of a private OB element, and
+    that element's header up to its VR (Explicit VR Little Endian)."""
+    ds = dcmread(TESTDATA / "dcmqi/segmentations/ct-3slice/01.dcm")
+    private = ds.private_block(0x0009, "RADGATE TEST", create=True)
+    private.add_new(0x01, "OB", b"\x00" * block)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "private.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    tag = private.get_tag(0x01)
+    return path, struct.pack("<HH", tag.group, tag.element) + b"OB"
+
+
+@pytest.mark.parametrize("block", [10, 200_000])
+def test_the_dataset_check_reads_the_file_only_past_the_head_it_holds(tmp_path: Path, block: int) -> None:
+    path, _ = _part10_with_private_block(tmp_path, block)
+    data = path.read_bytes()
+    offset, ts = dataset_offset(data), str(dcmread(path).file_meta.TransferSyntaxUID)
+    from_file = inspect_dataset(path, offset, ts)
+    assert from_file.study_uid == dcmread(path).StudyInstanceUID
+    head = data[offset : offset + 65536]
+    assert inspect_dataset(path, offset, ts, head, len(data)) == from_file
+    path.unlink()  # with the UIDs inside the head, the file is not read at all
+    if block < 65536:
+        assert inspect_dataset(path, offset, ts, head, len(data)) == from_file
+    else:
+        with pytest.raises(FileNotFoundError):
+            inspect_dataset(path, offset, ts, head, len(data))
+
+
+def test_a_dataset_cut_inside_a_long_element_header_is_refused(tmp_path: Path) -> None:
+    path, element = _part10_with_private_block(tmp_path, 10)
+    data = path.read_bytes()
+    offset = dataset_offset(data)
+    cut = data.index(element, offset) + 8  # the private OB's header without its 4-byte length
+    (tmp_path / "cut.dcm").write_bytes(data[:cut])
+    with pytest.raises(InstanceRefused, match="truncated element header"):
+        inspect_dataset(tmp_path / "cut.dcm", offset, str(dcmread(path).file_meta.TransferSyntaxUID))
 
 
 # --- hand-made encodings equal the libraries' -----------------------------------------------------
