@@ -1450,11 +1450,12 @@ def _worker_main(
     receiver.abort_all(timeout=5)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Worker:
     process: multiprocessing.process.BaseProcess
     fd_conn: Connection
     notify_conn: Connection
+    index: int
     active: int = 0
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     ready: threading.Event = field(default_factory=threading.Event)
@@ -1581,10 +1582,12 @@ class StorageSCP:
             self._listener.close()
         if self._receiver is not None:
             self._receiver.abort_all(timeout)
-        for w in self._workers:
+        with self._lock:
+            workers = list(self._workers)
+        for w in workers:
             with contextlib.suppress(OSError), w.send_lock:
                 w.fd_conn.send(None)
-        for w in self._workers:
+        for w in workers:
             w.process.join(timeout)
             if w.process.is_alive():
                 w.process.terminate()
@@ -1608,6 +1611,12 @@ class StorageSCP:
     def active_associations(self) -> int:
         """Connections being served now (for health checks)."""
         return self._active
+
+    @property
+    def receiving_processes(self) -> list[int]:
+        """Process ids of the receiving processes now taking associations (empty with `workers` 1)."""
+        with self._lock:
+            return [cast(int, w.process.pid) for w in self._workers]
 
     def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -1676,39 +1685,78 @@ class StorageSCP:
     # -- worker processes --
 
     def _start_workers(self) -> None:
-        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
         for index in range(self.workers):
-            fd_parent, fd_child = ctx.Pipe(duplex=True)
-            notify_parent, notify_child = ctx.Pipe(duplex=False)
-            process = ctx.Process(
-                target=_worker_main,
-                args=(self.config, self.handlers, fd_child, notify_child, index),
-                name=f"radgate-receiver-{index}",
-                daemon=True,
-            )
             try:
-                process.start()
-            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                worker = self._start_worker(index)
+            except Exception:
                 self.stop()
-                raise ValueError(
-                    f"with workers > 1 each receiving process runs the handlers, so they must pickle: {exc}"
-                ) from exc
-            fd_child.close()
-            notify_child.close()
-            worker = _Worker(process, fd_parent, notify_parent)
-            self._workers.append(worker)
-            self._spawn(self._serve_worker, f"radgate-worker-{index}", worker)
-        for worker in self._workers:
+                raise
+            with self._lock:
+                self._workers.append(worker)
+        for worker in list(self._workers):
             if not worker.ready.wait(60):
                 self.stop()
                 raise RuntimeError("a receiving process did not start")
 
+    def _start_worker(self, index: int) -> _Worker:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+        fd_parent, fd_child = ctx.Pipe(duplex=True)
+        notify_parent, notify_child = ctx.Pipe(duplex=False)
+        process = ctx.Process(
+            target=_worker_main,
+            args=(self.config, self.handlers, fd_child, notify_child, index),
+            name=f"radgate-receiver-{index}",
+            daemon=True,
+        )
+        try:
+            process.start()
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise ValueError(
+                f"with workers > 1 each receiving process runs the handlers, so they must pickle: {exc}"
+            ) from exc
+        finally:
+            fd_child.close()
+            notify_child.close()
+        worker = _Worker(process, fd_parent, notify_parent, index)
+        self._spawn(self._serve_worker, f"radgate-worker-{index}", worker)
+        return worker
+
+    def _worker_ended(self, worker: _Worker) -> None:
+        """A receiving process is gone: forget its associations and, unless stopping, start another."""
+        if self._stopping.is_set():
+            return
+        worker.process.join(5)
+        with self._lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+            lost = [conn_id for conn_id, w in self._worker_of.items() if w is worker]
+        for conn_id in lost:
+            self.closed(conn_id)
+        LOGGER.error(
+            "receiving process %d (pid %s) ended, exit code %s (%d association(s) lost); starting another",
+            *(worker.index, worker.process.pid, worker.process.exitcode, len(lost)),
+        )
+        worker.fd_conn.close()
+        worker.notify_conn.close()
+        try:
+            replacement = self._start_worker(worker.index)
+        except Exception:
+            LOGGER.exception("cannot start a receiving process in place of pid %s", worker.process.pid)
+            return
+        if not replacement.ready.wait(60):
+            LOGGER.error("the receiving process started in place of pid %s is not ready", worker.process.pid)
+            return
+        with self._lock:
+            if not self._stopping.is_set():
+                self._workers.append(replacement)
+
     def _serve_worker(self, worker: _Worker) -> None:
-        """Take one worker's notifications: ready, closed connections, log records."""
+        """Take one worker's notifications (ready, closed connections, log records) until it ends."""
         while True:
             try:
                 kind, payload = worker.notify_conn.recv()
             except (EOFError, OSError):
+                self._worker_ended(worker)
                 return
             if kind == "closed":
                 self.closed(payload)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
 import struct
@@ -508,6 +509,25 @@ def test_worker_processes_run_the_handlers_where_they_receive(
     assert {w.process.pid for w in scp._workers} >= {s["pid"] for s in stored}
     assert len({s["association"] for s in stored}) == 2
     assert dcmtk("echoscu", "127.0.0.1", str(scp.port)).returncode == 0
+
+
+def test_a_receiving_process_that_dies_is_replaced(
+    start_scp: Callable[..., StorageSCP], file_recorder: FileRecorder, tmp_path: Path
+) -> None:
+    scp = start_scp(workers=2, handler=file_recorder, on_release=file_recorder.on_release)
+    victim = scp.receiving_processes[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: len(scp.receiving_processes) == 2 and victim not in scp.receiving_processes, timeout=60
+    )
+    files = [with_uids(f, tmp_path) for f in sorted(CT_J2K.iterdir())[:4]]
+    senders = [
+        subprocess.Popen(["/usr/bin/storescu", "-xv", "127.0.0.1", str(scp.port), str(f)], env=DCMTK_ENV)
+        for f in files
+    ]
+    assert [p.wait(60) for p in senders] == [0, 0, 0, 0]  # every association served, on either process
+    wait_until(lambda: len(file_recorder.stored()) == 4 and scp.active_associations == 0, timeout=30)
+    assert {s["pid"] for s in file_recorder.stored()} <= set(scp.receiving_processes)
 
 
 def test_handlers_that_cannot_go_to_receiving_processes_are_refused_at_start(
