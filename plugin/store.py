@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import fcntl
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -430,11 +434,15 @@ class _IngestIds:
         hands over the moment the holder is done.
         """
         with self._thread_lock:
-            if self._lock_path is None:
+            if self._lock_path is not None and self._lock_fd is None:
+                try:  # read access is enough for flock, so another user's file will do
+                    self._lock_fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                except OSError as err:  # SQLite's own (slower) locking still keeps the rows right
+                    log.warning("cannot open %s (%s); ingest goes without it", self._lock_path, err.strerror)
+                    self._lock_path = None
+            if self._lock_fd is None:
                 yield
                 return
-            if self._lock_fd is None:
-                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
                 yield

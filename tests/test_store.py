@@ -148,3 +148,19 @@ def test_concurrent_processes_record_into_one_study(store: Store) -> None:
         assert p.exitcode == 0
     [summary] = store.studies()
     assert (summary.instance_count, summary.series_count) == (120, 1)
+
+
+def test_recording_goes_on_without_the_ingest_lock_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "s.db-ingest.lock").symlink_to(tmp_path / "missing-dir" / "lock")  # cannot be created
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    try:
+        series = generate_uid()
+        assert store.record_instance(_record("1.2.3", series))
+        assert store.record_instance(_record("1.2.3", series))  # the cached path too
+        assert "ingest goes without it" in caplog.text
+        assert store.studies()[0].instance_count == 2
+    finally:
+        store.dispose()
