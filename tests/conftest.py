@@ -1,4 +1,4 @@
-"""Shared fixtures: the test data folder, small written phantoms, and a real Orthanc.
+"""Shared fixtures: the test data folder, small written phantoms, a real Orthanc, a real PostgreSQL.
 
 Session-scoped phantom folders are shared by every test: read them, never modify them.
 """
@@ -6,10 +6,13 @@ Session-scoped phantom folders are shared by every test: read them, never modify
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres_support import PostgresServer, find_initdb
 
 from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from dicom_io.tools import ToolNotFoundError
@@ -86,3 +89,19 @@ def orthanc(orthanc_session: OrthancServer) -> OrthancServer:
         orthanc_session.start()
     orthanc_session.reset()
     return orthanc_session
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the session; each test takes a new database from it."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed")
+    initdb = find_initdb()
+    if initdb is None:
+        pytest.skip("PostgreSQL's initdb is not installed")
+    root = Path(tempfile.mkdtemp(prefix="radgate-postgres-"))  # not under pytest's root-only folder
+    server = PostgresServer(root, initdb)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

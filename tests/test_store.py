@@ -29,9 +29,14 @@ def _head() -> str | None:
     return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
 
 
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'radgate.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The embedded default, and PostgreSQL where it is installed (the same code must hold on both)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'radgate.db'}"
+    else:
+        url = request.getfixturevalue("postgres").new_database()
+    s = Store(url)
     s.migrate()
     yield s
     s.dispose()
@@ -44,6 +49,8 @@ def test_migrated_schema_matches_the_models(store: Store) -> None:
 
 
 def test_sqlite_runs_in_wal_mode_with_full_sync_except_for_instance_rows(store: Store) -> None:
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite settings")
     with store.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL

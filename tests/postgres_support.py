@@ -1,0 +1,58 @@
+"""A throwaway PostgreSQL cluster (Debian's server binaries) on a free loopback port.
+
+The job store runs on PostgreSQL when its URL says so; the store tests run on both databases
+where ``initdb`` is installed and ``psycopg`` importable. As root, the cluster belongs to the
+``postgres`` user (``initdb`` refuses to run as root).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+
+def find_initdb() -> Path | None:
+    """Debian keeps the server binaries under /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    return Path(found).resolve() if found else None
+
+
+class PostgresServer:
+    def __init__(self, root: Path, initdb: Path) -> None:
+        self.root = root
+        self.bin = initdb.parent
+        self.data = root / "data"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {done.stderr[-500:]}")
+
+    def start(self) -> PostgresServer:
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "radgate")
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
+        return self
+
+    def new_database(self) -> str:
+        """An empty database; its SQLAlchemy URL."""
+        name = f"t{uuid.uuid4().hex[:12]}"
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "radgate", name)
+        return f"postgresql+psycopg://radgate@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
