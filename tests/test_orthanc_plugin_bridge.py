@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from plugin.config import Config, ConfigError, load_config
 from plugin.dispatch import enqueue_deliveries
-from plugin.orthanc.bridge import Bridge, ChangeCursor, Submitted
+from plugin.orthanc.bridge import Bridge, ChangeCursor, ImportFailed, Submitted
 from plugin.orthanc.entry import PluginSettings, RunRequest, rest_route
 from plugin.orthanc_server import OrthancServer
 from plugin.store import Study
@@ -156,16 +156,20 @@ class ChangeLog:
 
 
 class Recorder(Bridge):
-    """A bridge that records the studies it is given instead of importing them; ``fail`` raises."""
+    """A bridge that records the studies it is given instead of importing them; ``fail`` raises
+    ``error`` for that study."""
 
-    def __init__(self, config: Config, rest: ChangeLog, fail: str | None = None) -> None:
-        super().__init__(config, rest)
+    def __init__(
+        self, config: Config, rest: ChangeLog, fail: str | None = None, error: Exception | None = None
+    ) -> None:
+        super().__init__(config, rest, max_attempts=3)
         self.seen: list[str] = []
         self.fail = fail
+        self.error = error or OSError("disk full")
 
     def _stable_study(self, orthanc_id: str, stop: Any) -> None:
         if orthanc_id == self.fail:
-            raise OSError("disk full")
+            raise self.error
         self.seen.append(orthanc_id)
 
 
@@ -186,6 +190,29 @@ def test_the_change_log_is_followed_from_the_cursor_and_a_failure_is_tried_again
     ChangeCursor(config.data_dir / "orthanc-changes.json").save(500)  # Orthanc's database was replaced
     fresh = Recorder(config, ChangeLog([(1, "StableStudy", "new")]))
     assert fresh.follow_changes() == 1 and fresh.seen == ["new"] and fresh.cursor.load() == 1
+
+
+def test_a_study_that_keeps_failing_is_set_aside_unless_radgate_cannot_store(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    config.data_dir.mkdir(parents=True)
+    log = ChangeLog([(1, "StableStudy", "old")])
+    Recorder(config, log).follow_changes()  # the cursor starts at the end
+    log.changes += [{"Seq": 2 + n, "ChangeType": "StableStudy", "ID": f"s{n}"} for n in range(3)]
+    full = Recorder(config, log, fail="s1", error=ImportFailed("radgate could not store SOP 1.2.3"))
+    for _ in range(5):  # radgate cannot store: every study waits, however often it is tried
+        with pytest.raises(ImportFailed):
+            full.follow_changes()
+    assert full.seen == ["s0"] and full.cursor.set_aside_studies() == []
+    poison = Recorder(config, log, fail="s1", error=KeyError("odd header"))
+    for _ in range(2):
+        with pytest.raises(KeyError):
+            poison.follow_changes()
+    assert poison.follow_changes() == 2  # the third failure in a row sets it aside and goes on
+    assert poison.seen == ["s2"] and poison.cursor.load() == 4
+    [aside] = poison.cursor.set_aside_studies()
+    assert (aside["orthanc_id"], aside["seq"]) == ("s1", 3) and "KeyError" in aside["error"]
+    log.changes.append({"Seq": 5, "ChangeType": "StableStudy", "ID": "s1"})  # fixed, stable again
+    assert Recorder(config, log).follow_changes() == 1
 
 
 # --- the REST wrapper and the settings ---------------------------------------------------------------

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -99,25 +98,59 @@ class Submitted:
 
 
 class ChangeCursor:
-    """The sequence number of the last Orthanc change handled, in a file written atomically."""
+    """Where the plugin is in Orthanc's change log, in a file written atomically: the last change
+    handled, the stable study now failing (and how often), and the studies set aside."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self) -> int | None:
+    def _read(self) -> dict[str, Any]:
         try:
-            return int(json.loads(self.path.read_text())["last_change"])
+            state: dict[str, Any] = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return None
+            return {}
+        return state
 
-    def save(self, seq: int) -> None:
+    def _write(self, state: dict[str, Any]) -> None:
         temp = self.path.with_name(f".{self.path.name}.tmp")
         with open(temp, "w") as f:
-            json.dump({"last_change": seq}, f)
+            json.dump(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, self.path)
         fsync_dir(self.path.parent)
+
+    def load(self) -> int | None:
+        last = self._read().get("last_change")
+        return None if last is None else int(last)
+
+    def save(self, seq: int) -> None:
+        """The last change handled; a failure of an earlier change is over."""
+        state = self._read()
+        state["last_change"] = seq
+        if state.get("failing", {}).get("seq", seq + 1) <= seq:
+            del state["failing"]
+        self._write(state)
+
+    def failed(self, seq: int, orthanc_id: str) -> int:
+        """Count one more failure of the stable study at change ``seq``; how many in a row."""
+        state = self._read()
+        failing = state.get("failing", {})
+        attempts = int(failing.get("attempts", 0)) + 1 if failing.get("seq") == seq else 1
+        state["failing"] = {"seq": seq, "orthanc_id": orthanc_id, "attempts": attempts}
+        self._write(state)
+        return attempts
+
+    def set_aside(self, seq: int, orthanc_id: str, error: str) -> None:
+        state = self._read()
+        state.setdefault("set_aside", []).append(
+            {"seq": seq, "orthanc_id": orthanc_id, "error": error[:500], "at": utcnow().isoformat()}
+        )
+        self._write(state)
+
+    def set_aside_studies(self) -> list[dict[str, Any]]:
+        """Stable studies given up after repeated failures, to run on demand once the cause is fixed."""
+        return list(self._read().get("set_aside", []))
 
 
 def check_pipeline_name(name: str) -> str:
@@ -137,7 +170,13 @@ def _named_pipelines(config: Config) -> set[str]:
 class Bridge:
     """Imports Orthanc studies into one radgate data dir and store and queues their jobs."""
 
-    def __init__(self, config: Config, rest: RestApi, destinations: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        rest: RestApi,
+        destinations: Sequence[str] | None = None,
+        max_attempts: int = 5,
+    ) -> None:
         for name in destinations or ():
             if name not in config.destinations:
                 raise ConfigError(
@@ -150,6 +189,7 @@ class Bridge:
         self.store = Store(config.db_url)
         self.receiver = Receiver(config)
         self.cursor = ChangeCursor(config.data_dir / "orthanc-changes.json")
+        self.max_attempts = max_attempts
         # temporary copies; not serve's incoming folder, which its start-up recovery empties
         self.incoming = config.data_dir / "incoming-orthanc"
         self._imports = itertools.count(1)
@@ -202,8 +242,13 @@ class Bridge:
                 peer=peer,
                 size=len(data),
             )
-        except (InvalidDicomError, AttributeError, ValueError) as err:
-            log.warning("orthanc instance %s not taken: not a storable instance (%s)", instance_id, err)
+        except OSError:
+            raise
+        except Exception as err:  # pydicom on odd bytes raises many kinds: the instance is refused
+            log.warning(
+                "orthanc instance %s not taken: not a storable instance (%s: %s)",
+                *(instance_id, type(err).__name__, err),
+            )
             path.unlink(missing_ok=True)
             return None
 
@@ -322,10 +367,34 @@ class Bridge:
                 raise
             log.info("orthanc study %s was deleted before radgate took it", orthanc_id)
 
+    def _take_or_set_aside(self, seq: int, orthanc_id: str, stop: Callable[[], bool]) -> None:
+        """Import one stable study; an error is raised to be tried again later, except the
+        ``max_attempts``-th unexpected one in a row, which sets the study aside so that one study
+        cannot hold up all those after it. `ImportFailed` (radgate could not store: a full disk, a
+        database down) is never set aside: every study waits for the cause to go away."""
+        try:
+            self._stable_study(orthanc_id, stop)
+        except ImportFailed:
+            raise
+        except Exception as err:
+            if stop():
+                raise
+            attempts = self.cursor.failed(seq, orthanc_id)
+            if attempts < self.max_attempts:
+                raise
+            reason = f"{type(err).__name__}: {err}"
+            self.cursor.set_aside(seq, orthanc_id, reason)
+            log.error(
+                "orthanc study %s failed %d times (last: %s); set aside so that the studies after it are "
+                "taken; once the cause is fixed, run it with POST /radgate/studies/%s/run",
+                *(orthanc_id, attempts, reason, orthanc_id),
+            )
+
     def follow_changes(self, stop: Callable[[], bool] = lambda: False) -> int:
         """Handle every stable study in Orthanc's change log since the cursor; returns how many.
 
-        An error leaves the cursor before the study that failed, so the next call tries it again.
+        An error leaves the cursor before the study that failed, so the next call tries it again
+        (see `_take_or_set_aside` for a study that keeps failing).
         """
         since = self.cursor.load()
         if since is None:
@@ -345,7 +414,7 @@ class Bridge:
             for change in page["Changes"]:
                 stable = change["ChangeType"] == "StableStudy"
                 if stable:
-                    self._stable_study(str(change["ID"]), stop)
+                    self._take_or_set_aside(int(change["Seq"]), str(change["ID"]), stop)
                     handled += 1
                 since = int(change["Seq"])
                 if stable:

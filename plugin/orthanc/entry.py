@@ -16,6 +16,7 @@ Configuration, in Orthanc's configuration file::
       "DataDir": "/var/lib/radgate",              // optional: overrides the config's data_dir
       "Destinations": ["orthanc"],                // optional: where on-demand results go (default all)
       "RetrySeconds": 10,                         // optional: wait after an error
+      "MaxAttempts": 5,                           // optional: tries before a failing study is set aside
       "Venv": "/opt/radgate/.venv"                // read by the loader: radgate's virtual environment
     }
 """
@@ -75,6 +76,7 @@ class PluginSettings(BaseModel):
     data_dir: Path | None = Field(default=None, alias="DataDir")
     destinations: list[str] | None = Field(default=None, alias="Destinations")
     retry_s: float = Field(default=10.0, gt=0, alias="RetrySeconds")
+    max_attempts: int = Field(default=5, ge=1, alias="MaxAttempts")
     venv: Path | None = Field(default=None, alias="Venv")
 
     @classmethod
@@ -291,6 +293,7 @@ class Routes:
 
         return 200, {
             "last_change": self.bridge.cursor.load(),
+            "set_aside": self.bridge.cursor.set_aside_studies(),
             "pending": self.worker.pending(),
             "data_dir": str(self.bridge.config.data_dir.resolve()),
             "python": platform.python_version(),
@@ -310,7 +313,9 @@ def register(orthanc: ModuleType) -> PluginWorker | None:
     root.setLevel(logging.INFO)
     try:
         settings = PluginSettings.from_orthanc(json.loads(orthanc.GetConfiguration()))
-        bridge = Bridge(settings.radgate_config(), OrthancRest(orthanc), settings.destinations)
+        bridge = Bridge(
+            settings.radgate_config(), OrthancRest(orthanc), settings.destinations, settings.max_attempts
+        )
     except Exception as err:
         orthanc.LogError(f"radgate: plugin disabled: {err}")
         return None
