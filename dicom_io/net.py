@@ -500,8 +500,9 @@ class _FastDUL(DULServiceProvider):
     """DUL whose idle loop blocks in `select` on the socket and a wake pipe instead of sleeping 1 ms.
 
     pynetdicom polls: `time.sleep(_run_loop_delay)` whenever a loop found nothing to do, which costs
-    ~1 ms of latency for every response sent and every request received. Here the delay is 0 and
-    `_is_transport_event` waits until the peer sends bytes or the association queues a primitive.
+    ~1 ms of latency for every response sent and every request received. Here the loop never
+    sleeps (see `run_reactor`) and `_is_transport_event` waits until the peer sends bytes or the
+    association queues a primitive.
     """
 
     def __init__(self, assoc: Association) -> None:

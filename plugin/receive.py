@@ -1,9 +1,10 @@
 """The handlers the DICOM transport calls: store one instance durably, note a released association.
 
-The transport calls these from many threads at once (one per association), and could call them
-from other processes: a ``Receiver`` opens its database engine lazily, once per process, keeps no
-other shared state, and the store serialises writers (SQLite: BEGIN IMMEDIATE + busy timeout;
-PostgreSQL: row locks), so concurrent calls are safe.
+The transport calls these from many threads at once (one per association), in each receiving
+process (a pickled copy each): a ``Receiver`` opens its database engine lazily, once per process,
+keeps no other shared state, and the store serialises writers (one ingest transaction at a time
+per SQLite file, under a ``flock``; PostgreSQL: unique constraints and row locks), so concurrent
+calls are safe.
 """
 
 from __future__ import annotations

@@ -498,12 +498,23 @@ class _IngestIds:
                 raise _StaleIds
             self._insert_instance.run(cursor, _instance_row(rec, study_id, series_id, revision))
             connection.commit()
-        except (_StaleIds, self._engine.dialect.loaded_dbapi.Error):
+        except _StaleIds:
             connection.rollback()
-            self._studies.pop(rec.study_uid, None)
-            self._series.pop(rec.series_uid, None)
+            self._forget(rec)
+            return False
+        except self._engine.dialect.loaded_dbapi.Error:  # a duplicate, a lock, a broken connection
+            try:
+                connection.rollback()
+            except self._engine.dialect.loaded_dbapi.Error:  # broken (a database restart): a new one next
+                connection.invalidate()
+                self._connection = None
+            self._forget(rec)
             return False
         return True
+
+    def _forget(self, rec: InstanceRecord) -> None:
+        self._studies.pop(rec.study_uid, None)
+        self._series.pop(rec.series_uid, None)
 
 
 def make_engine(url: str, synchronous: str = "FULL") -> Engine:

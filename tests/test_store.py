@@ -171,3 +171,19 @@ def test_recording_goes_on_without_the_ingest_lock_file(
         assert store.studies()[0].instance_count == 2
     finally:
         store.dispose()
+
+
+def test_recording_goes_on_after_the_database_server_dropped_its_connections(store: Store) -> None:
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a database server")
+    series = generate_uid()
+    assert store.record_instance(_record("1.2.3", series))
+    assert store.record_instance(_record("1.2.3", series))  # the prepared path holds a connection now
+    with store.engine.begin() as connection:  # what a server restart does to every other session
+        connection.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    assert store.record_instance(_record("1.2.3", series))
+    assert store.record_instance(_record("1.2.3", series))
+    assert store.studies()[0].instance_count == 4
