@@ -230,7 +230,8 @@ class _ElementWalker:
         self.held = len(buf)
         self.partial = end is not None and end > self.held
         order = "<" if little_endian else ">"
-        self.tag = struct.Struct(order + "HH")
+        self.explicit_head = struct.Struct(order + "HH2sH")  # tag, VR, a short VR's length
+        self.implicit_head = struct.Struct(order + "HHL")  # tag, length (and every item header)
         self.u16 = struct.Struct(order + "H")
         self.u32 = struct.Struct(order + "L")
         self.values: dict[int, bytes] = {}
@@ -243,9 +244,13 @@ class _ElementWalker:
                 raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, f"truncated element header at byte {pos}")
             if self.partial and pos + 12 > self.held:
                 raise _BeyondHead
-            group, element = self.tag.unpack_from(buf, pos)
-            if group == 0xFFFE:
-                (length,) = self.u32.unpack_from(buf, pos + 4)
+            if explicit:
+                group, element, vr, length = self.explicit_head.unpack_from(buf, pos)
+            else:
+                group, element, length = self.implicit_head.unpack_from(buf, pos)
+            if group == 0xFFFE:  # an item or a delimiter: tag and a 4-byte length in either syntax
+                if explicit:
+                    (length,) = self.u32.unpack_from(buf, pos + 4)
                 pos += 8
                 if element in (0xE00D, 0xE0DD) and depth > 0:
                     return pos
@@ -254,29 +259,24 @@ class _ElementWalker:
                 pos = self._value(pos, end, length, explicit, depth, 0)
                 continue
             tag = group << 16 | element
-            if explicit:
-                vr = bytes(buf[pos + 4 : pos + 6])
-                if vr in _LONG_VRS:
-                    if pos + 12 > end:
-                        raise InstanceRefused(
-                            STATUS_CANNOT_UNDERSTAND, f"truncated element header at byte {pos}"
-                        )
-                    (length,) = self.u32.unpack_from(buf, pos + 8)
-                    pos += 12
-                elif vr in _SHORT_VRS:
-                    (length,) = self.u16.unpack_from(buf, pos + 6)
-                    pos += 8
-                else:
-                    raise InstanceRefused(
-                        STATUS_CANNOT_UNDERSTAND,
-                        f"invalid VR {vr!r} in element ({group:04X},{element:04X}): "
-                        "not encoded in the negotiated transfer syntax",
-                    )
-                inner_explicit = explicit and vr != b"UN"  # undefined-length UN holds implicit VR LE
-            else:
-                (length,) = self.u32.unpack_from(buf, pos + 4)
+            if not explicit:
                 pos += 8
                 inner_explicit = False
+            elif vr in _SHORT_VRS:
+                pos += 8
+                inner_explicit = True
+            elif vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, f"truncated element header at byte {pos}")
+                (length,) = self.u32.unpack_from(buf, pos + 8)
+                pos += 12
+                inner_explicit = vr != b"UN"  # undefined-length UN holds implicit VR LE
+            else:
+                raise InstanceRefused(
+                    STATUS_CANNOT_UNDERSTAND,
+                    f"invalid VR {vr!r} in element ({group:04X},{element:04X}): "
+                    "not encoded in the negotiated transfer syntax",
+                )
             pos = self._value(pos, end, length, inner_explicit, depth, tag)
         if depth > 0:
             raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "truncated: sequence or item not closed")

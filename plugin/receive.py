@@ -59,6 +59,9 @@ class Receiver:
         self._pid, self._spool, self._store = None, None, None
 
     def _parts(self) -> tuple[Spool, Store]:
+        spool, store = self._spool, self._store
+        if spool is not None and store is not None and self._pid == os.getpid():
+            return spool, store  # the usual case, without the lock
         with self._lock:
             if self._pid != os.getpid() or self._spool is None or self._store is None:
                 self._pid = os.getpid()
@@ -79,7 +82,7 @@ class Receiver:
             self._pid, self._spool, self._store = None, None, None
 
     def association_key(self, peer: Peer) -> str:
-        return f"{self._run_token}:{os.getpid()}:{peer.association_id}"
+        return f"{self._run_token}:{self._pid or os.getpid()}:{peer.association_id}"
 
     def handle(self, instance: ReceivedInstance) -> int:
         """Store one instance: durable in the spool and recorded, or a failure status. Never raises."""

@@ -109,8 +109,12 @@ def _tags(ds: Dataset) -> HeaderTags:
 
 @dataclass(frozen=True)
 class Placed:
-    path: Path
+    final: str  # where the instance lies (a string: no Path built per instance)
     created: bool  # False: a file of that SOP Instance UID was already there (kept as it was)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.final)
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ class Spool:
         if created:
             fsync_file(final)
             fsync_dir(directory)
-        return Placed(Path(final), created)
+        return Placed(final, created)
 
     @staticmethod
     def _link(temp: Path, final: str) -> bool:
