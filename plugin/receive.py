@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import uuid
-from dataclasses import replace
 from typing import Any
 
 from pydicom.errors import InvalidDicomError
@@ -29,6 +28,22 @@ log = logging.getLogger(__name__)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # the spool or the database could not take the instance
 STATUS_CANNOT_UNDERSTAND = 0xC000  # not a storable instance (unreadable header, unsafe UID)
+
+
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _this_process() -> int:
+    """os.getpid() without its system call on every instance."""
+    return _pid
 
 
 def make_spool(config: Config) -> Spool:
@@ -60,11 +75,11 @@ class Receiver:
 
     def _parts(self) -> tuple[Spool, Store]:
         spool, store = self._spool, self._store
-        if spool is not None and store is not None and self._pid == os.getpid():
+        if spool is not None and store is not None and self._pid == _this_process():
             return spool, store  # the usual case, without the lock
         with self._lock:
-            if self._pid != os.getpid() or self._spool is None or self._store is None:
-                self._pid = os.getpid()
+            if self._pid != _this_process() or self._spool is None or self._store is None:
+                self._pid = _this_process()
                 self._spool = make_spool(self._config)
                 self._store = Store(self._config.db_url)  # an engine must not cross a fork
             return self._spool, self._store
@@ -82,7 +97,7 @@ class Receiver:
             self._pid, self._spool, self._store = None, None, None
 
     def association_key(self, peer: Peer) -> str:
-        return f"{self._run_token}:{self._pid or os.getpid()}:{peer.association_id}"
+        return f"{self._run_token}:{_this_process()}:{peer.association_id}"
 
     def handle(self, instance: ReceivedInstance) -> int:
         """Store one instance: durable in the spool and recorded, or a failure status. Never raises."""
@@ -113,7 +128,7 @@ class Receiver:
         try:
             # the transport has checked the UIDs; the header is read once per series, for its rows
             tags = None if instance.series_uid in self._seen_series else spool.read_tags(instance.path)
-            rec = replace(spool.record_for(ids, now, tags, instance.size), **peer_fields)
+            rec = spool.record_for(ids, now, tags, instance.size, **peer_fields)
             placed = spool.place(instance.path, rec)
             if not placed.created:
                 if store.has_instance(rec.sop_instance_uid):
@@ -124,7 +139,7 @@ class Receiver:
                 # make it durable and record it
                 fsync_file(placed.path)
                 tags = spool.read_tags(placed.path)
-                rec = replace(spool.record_for(ids, now, tags, placed.path.stat().st_size), **peer_fields)
+                rec = spool.record_for(ids, now, tags, placed.path.stat().st_size, **peer_fields)
             if not store.record_instance(rec):
                 _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=True)
             self._remember_series(instance.series_uid)

@@ -27,6 +27,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -209,11 +210,12 @@ class Spool:
         return _tags(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_TAG_KEYWORDS)))
 
     def record_for(
-        self, ids: InstanceIds, received_at: datetime, tags: HeaderTags | None, size: int
+        self, ids: InstanceIds, received_at: datetime, tags: HeaderTags | None, size: int, **peer: Any
     ) -> InstanceRecord:
         """The store's record of an instance: ``spool_path`` is where it belongs (from its UIDs).
 
         ``tags`` None: the study and series rows exist already, their attributes are not needed.
+        ``peer``: the record's fields about the sender (``calling_ae``, ``address``, ``association_key``).
         """
         tags = tags or HeaderTags()
         return InstanceRecord(
@@ -228,6 +230,7 @@ class Spool:
             accession_number=tags.accession_number,
             modality=tags.modality,
             series_number=tags.series_number,
+            **peer,
         )
 
     def recover(self, store: Store) -> RecoveryReport:

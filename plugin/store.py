@@ -387,11 +387,20 @@ class _Prepared:
         self._processors = compiled._bind_processors
         self._positions = compiled.positiontup  # None for named paramstyles (psycopg)
 
-    def run(self, cursor: Any, params: dict[str, Any]) -> int:
-        """Execute; the number of rows it changed."""
+    def bind_value(self, key: str, value: Any) -> Any:
+        """``value`` as the driver takes it for parameter ``key`` (see ``run``'s ``bound``)."""
+        process = self._processors.get(key)
+        return value if process is None else process(value)
+
+    def run(self, cursor: Any, params: dict[str, Any], bound: dict[str, Any] | None = None) -> int:
+        """Execute; the number of rows it changed. ``bound`` holds values already processed by
+        ``bind_value`` (a timestamp used by several statements is formatted once)."""
         values = {**self._defaults, **params}
         for key, process in self._processors.items():
-            values[key] = process(values[key])
+            if bound is None or key not in bound:
+                values[key] = process(values[key])
+        if bound is not None:
+            values.update(bound)
         cursor.execute(self._sql, values if self._positions is None else [values[k] for k in self._positions])
         return int(cursor.rowcount)
 
@@ -482,21 +491,21 @@ class _IngestIds:
             and (rec.association_key, study_id, revision) not in self._receptions
         ):
             return False
-        now = rec.received_at
         if self._connection is None:
             self._connection = self._engine.raw_connection()  # kept: a pool checkout per instance costs
         connection = self._connection
         try:
+            now = {"now": self._insert_instance.bind_value("received_at", rec.received_at)}
             cursor = connection.cursor()
             if self._begin is not None:
                 cursor.execute(self._begin)
             counted = self._count_study.run(
-                cursor,
-                {"row": study_id, "at_revision": revision, "now": now, "accession": rec.accession_number},
+                cursor, {"row": study_id, "at_revision": revision, "accession": rec.accession_number}, now
             )
-            if counted != 1 or self._count_series.run(cursor, {"row": series_id, "now": now}) != 1:
+            if counted != 1 or self._count_series.run(cursor, {"row": series_id}, now) != 1:
                 raise _StaleIds
-            self._insert_instance.run(cursor, _instance_row(rec, study_id, series_id, revision))
+            row = _instance_row(rec, study_id, series_id, revision)
+            self._insert_instance.run(cursor, row, {"received_at": now["now"]})
             connection.commit()
         except _StaleIds:
             connection.rollback()
