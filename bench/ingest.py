@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicom_io.net import ReceivedInstance, StorageSCP
+from plugin.spool import fsync_file
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 AE_TITLE = "BENCH"
@@ -74,48 +75,54 @@ def wait_until(check: str, probe: subprocess.Popen[bytes] | None, deadline_s: fl
 
 
 @contextlib.contextmanager
+def serving(
+    name: str,
+    cmd: list[str],
+    port: int,
+    deadline_s: float,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[int]:
+    """Run a receiver until the block ends: started, answering C-ECHO on `port`, then SIGTERM."""
+    output = log.open("wb") if log is not None else None
+    proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT if output else None, env=env)
+    try:
+        wait_until(name, proc, deadline_s, port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        if output is not None:
+            output.close()
+
+
+@contextlib.contextmanager
 def radgate_node(out: Path, pdu: int, workers: int) -> Iterator[int]:
     """`radgate serve` itself, spool and job store included."""
     port = free_port()
     config = out / "radgate.yaml"
     node = {"dicom": {"port": port, "max_pdu": pdu, "receivers": workers}}
     config.write_text(json.dumps({"data_dir": str(out / "data"), "rules": [], **node}))  # JSON is YAML
-    log = (out / "node.log").open("wb")
     cmd = [sys.executable, "-m", "plugin.cli", "serve", "--config", str(config)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until("radgate serve", proc, 120, port)
-        yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        log.close()
+    with serving("radgate serve", cmd, port, 120, out / "node.log") as ready:
+        yield ready
 
 
 @contextlib.contextmanager
 def radgate_scp(out: Path, pdu: int, workers: int, fsync: bool) -> Iterator[int]:
     port = free_port()
     cmd = [sys.executable, __file__, "--serve-radgate", str(out), "--port", str(port), "--pdu", str(pdu)]
-    proc = subprocess.Popen([*cmd, "--workers", str(workers), "--fsync" if fsync else "--no-fsync"])
-    try:
-        wait_until("radgate", proc, 60, port)
-        yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+    cmd += ["--workers", str(workers), "--fsync" if fsync else "--no-fsync"]
+    with serving("radgate", cmd, port, 60) as ready:
+        yield ready
 
 
 @contextlib.contextmanager
 def storescp(out: Path, pdu: int) -> Iterator[int]:
     port = free_port()
     cmd = ["/usr/bin/storescp", "--fork", "-aet", AE_TITLE, "--max-pdu", str(min(pdu, 131072))]
-    proc = subprocess.Popen([*cmd, "-od", str(out), str(port)], env=DCMTK_ENV)
-    try:
-        wait_until("storescp", proc, 30, port)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with serving("storescp", [*cmd, "-od", str(out), str(port)], port, 30, env=DCMTK_ENV) as ready:
+        yield ready
 
 
 @contextlib.contextmanager
@@ -136,15 +143,8 @@ def orthanc(out: Path, pdu: int) -> Iterator[int]:
     }
     cfg = out / "orthanc.json"
     cfg.write_text(json.dumps(config))
-    log = (out / "orthanc.log").open("wb")
-    proc = subprocess.Popen(["/usr/sbin/Orthanc", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until("Orthanc", proc, 60, port)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    with serving("Orthanc", ["/usr/sbin/Orthanc", str(cfg)], port, 60, out / "orthanc.log") as ready:
+        yield ready
 
 
 def count_received(name: str, out: Path) -> int:
@@ -282,11 +282,7 @@ class StandInHandler:
 
     def __call__(self, inst: ReceivedInstance) -> int:
         if self.fsync:
-            fd = os.open(inst.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(inst.path)
         os.replace(inst.path, self.store / f"{inst.sop_instance_uid}.dcm")
         return 0
 

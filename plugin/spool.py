@@ -51,20 +51,20 @@ def check_uid(uid: str) -> str:
     return uid
 
 
-def fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: Path | str, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path | str) -> None:
+    _fsync(path, os.O_DIRECTORY)
 
 
 def fsync_file(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, 0)
 
 
 def same_content(a: Path, b: Path) -> bool:

@@ -602,8 +602,7 @@ class Store:
     def has_instance(self, sop_instance_uid: str) -> bool:
         """Whether an instance of that SOP Instance UID is recorded."""
         with self.session() as s:
-            found = s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
-            return found is not None
+            return s.execute(_Sql.find_instance, {"sop": sop_instance_uid}).first() is not None
 
     def record_instance(self, rec: InstanceRecord) -> bool:
         """Record a durable spool file; False if that SOP Instance UID was already recorded.
