@@ -5,13 +5,17 @@ Endian) with DCMTK storescu (TCP_NODELAY=1) over 1 and over 4 concurrent associa
 processes, a quarter each) to each receiver, started fresh for every run on free loopback ports:
 
 - radgate: the real node, `radgate serve` on a fresh data dir (no rules, so no jobs): every
-  instance fsync'd, linked into the spool, hashed and recorded in the SQLite job store before the
-  success status, as in production.
+  instance linked into the spool, fsync'd with its directory and recorded in the SQLite job store
+  before the success status, as in production.
 - radgate-scp / radgate-scp-nofsync: where the node's time goes. `dicom_io.net.StorageSCP` alone in
   its own process with a stand-in handler: fsync (or not) and a rename into a folder; no job store.
 - DCMTK storescp (TCP_NODELAY=1, --fork so concurrent associations run in parallel) writing to a
   temporary folder (no fsync).
 - Orthanc (Debian package) with a minimal configuration and a temporary storage folder.
+- disk-fsync: no network and no DICOM, the floor of any receiver that makes each instance durable
+  before it answers: the same files' bytes (read beforehand) written to new files and fsync'd one by
+  one, by 1 or 4 threads as the associations. storescp does not fsync; this row shows what the disk
+  itself allows a durable receiver.
 
 Prints images/s for each and radgate's ratio to storescp. Figures only; nothing passes or fails.
 
@@ -147,6 +151,30 @@ def orthanc(out: Path, pdu: int) -> Iterator[int]:
         yield ready
 
 
+def write_durably(out: Path, parts: list[Path]) -> float:
+    """Write every file of each part to `out` and fsync it, one thread per part; the seconds taken."""
+    shares = [[f.read_bytes() for f in sorted(part.iterdir())] for part in parts]
+
+    def write_share(index: int, share: list[bytes]) -> None:
+        for number, data in enumerate(share):
+            fd = os.open(out / f"{index}-{number}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    threads = [threading.Thread(target=write_share, args=item) for item in enumerate(shares)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
 def count_received(name: str, out: Path) -> int:
     if name == "orthanc":
         return sum(1 for p in (out / "storage").rglob("*") if p.is_file() and len(p.name) == 36)
@@ -222,8 +250,11 @@ def bench(args: argparse.Namespace) -> None:
                 for name in args.receivers:
                     out = root / "out" / f"{name}-{n}-{run}"
                     out.mkdir(parents=True)
-                    with receivers[name](out) as port:
-                        elapsed = send(port, parts)
+                    if name == "disk-fsync":
+                        elapsed = write_durably(out, parts)
+                    else:
+                        with receivers[name](out) as port:
+                            elapsed = send(port, parts)
                     received = count_received(name, out)
                     if received != len(files):
                         print(f"WARNING: {name} holds {received} of {len(files)} instances", file=sys.stderr)
@@ -260,7 +291,7 @@ def report(
     for name in args.receivers:
         cells = " | ".join(f"{statistics.median(rates[name, n]):.0f}" for n in args.associations)
         print(f"| {name} | {cells} |")
-    for ours in ("radgate", "radgate-scp", "radgate-scp-nofsync"):
+    for ours in ("radgate", "radgate-scp", "radgate-scp-nofsync", "disk-fsync"):
         if ours in args.receivers and "storescp" in args.receivers:
             ratios = []
             for n in args.associations:
@@ -308,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--receivers",
         nargs="+",
-        default=["radgate", "radgate-scp", "radgate-scp-nofsync", "storescp", "orthanc"],
-        help="radgate: the node; radgate-scp(-nofsync): the transport with a stand-in handler",
+        default=["radgate", "radgate-scp", "radgate-scp-nofsync", "storescp", "orthanc", "disk-fsync"],
+        help="radgate: the node; radgate-scp(-nofsync): the transport with a stand-in handler; "
+        "disk-fsync: files written and fsync'd without a network",
     )
     parser.add_argument(
         "--fsync", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS
