@@ -14,11 +14,17 @@ a C-STORE-RQ are pynetdicom's. Speed comes from a few narrow subclasses (`_FastD
 on the DUL thread without pydicom Datasets (fixed layouts encoded by hand, checked byte-equal to
 pydicom's in the tests); no per-PDU debug logging handlers; and optionally several receiving
 processes (`workers`) fed by one acceptor that hands each connection to the least-busy one.
-Handlers always run in the process that created the `StorageSCP`.
+Handlers run in the process that received the instance (each receiving process has its copy).
+
+Incoming files are made ahead, in batches, by a thread of each receiving process (`_IncomingFiles`)
+with their names already durable, and are read-protected until their dataset is complete: so a
+handler that fsyncs a file has it durable under its incoming name at once, and after a power cut
+`received_completely` tells complete datasets from partial ones.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -92,7 +98,7 @@ class Peer:
 class ReceivedInstance:
     """One received C-STORE, already on disk in a temporary file the handler now owns."""
 
-    path: Path  # temporary file in incoming_dir; the handler moves or deletes it
+    path: Path  # in incoming_dir, its name durable; the handler links or deletes it (module docstring)
     study_uid: str
     series_uid: str
     sop_instance_uid: str
@@ -100,6 +106,7 @@ class ReceivedInstance:
     transfer_syntax: str
     peer: Peer
     size: int
+    durable_name: bool = False  # the file's name survives a power cut once the file is fsync'd
 
 
 InstanceHandler = Callable[[ReceivedInstance], int]  # returns a DICOM status, 0x0000 = success
@@ -479,7 +486,25 @@ def parse_c_store_rq(command: bytes) -> tuple[int, str, str] | None:
 # --- pynetdicom, narrowed for speed ---------------------------------------------------------------
 
 _IDLE_WAIT_S = 0.02  # upper bound of an idle DUL/association loop; events end the wait at once
-_SPOOL_PREFIX = ".rx-"  # incoming files while they are received, before the handler owns them
+INCOMING_PREFIX = ".rx-"  # incoming files (made ahead, being received, or the handler's)
+_RECEIVING_MODE = 0o200  # an incoming file before its dataset is complete: write-only for its owner
+
+
+def _complete_mode() -> int:
+    """The mode of a complete incoming file: as for any new file (umask applied), owner-readable."""
+    mask = os.umask(0o022)  # read at import, before any thread of ours creates files
+    os.umask(mask)
+    return (0o666 & ~mask) | 0o400
+
+
+_COMPLETE_MODE = _complete_mode()
+
+
+def received_completely(status: os.stat_result) -> bool:
+    """Whether an incoming file holds a whole dataset (False: made ahead unused, or cut off)."""
+    return status.st_size > 0 and status.st_mode & 0o777 != _RECEIVING_MODE
+
+
 _PREALLOCATE_LIMIT = 4 << 20  # PDU lengths up to this are read through the socket's buffer
 _READ_CHUNK = 256 << 10  # the socket buffer's usual size, and so the largest single read
 
@@ -796,6 +821,82 @@ _HEAD_BYTES = 64 << 10  # header elements before the pixel data; more is read ba
 _PAGE = 4096
 
 
+class _IncomingFiles:
+    """Empty incoming files, made ahead by a thread of the receiving process with their names durable.
+
+    A C-STORE then starts writing at once, and the names cost one fsync of the directory for each
+    batch instead of one per instance: a handler that fsyncs the file after the last byte has it
+    durable under this name, so it can make the final name durable later and for many instances at
+    once. Each file is created write-only for its owner and `_Spool.complete` gives it its usual
+    mode once its dataset is whole (`received_completely`). If the thread falls behind, or cannot
+    create files, `take` creates one itself and raises what the file system says.
+    """
+
+    def __init__(self, directory: Path, tag: str, batch: int = 32) -> None:
+        self._prefix = os.path.join(directory, f"{INCOMING_PREFIX}{tag}-")
+        self._directory = str(directory)
+        self._batch = batch
+        self._numbers = itertools.count(1)
+        self._ready: collections.deque[tuple[str, int]] = collections.deque()
+        self._wanted = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="radgate-incoming-files", daemon=True)
+        self._thread.start()
+        self._wanted.set()
+
+    def take(self) -> tuple[str, int]:
+        """A new empty file: its path and a write-only descriptor, now the caller's."""
+        if len(self._ready) <= self._batch // 2:
+            self._wanted.set()
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return self._make(1)[0]
+
+    def close(self) -> None:
+        """Stop making files and remove those not taken."""
+        self._closed = True
+        self._wanted.set()
+        self._thread.join(timeout=5)
+        while self._ready:
+            path, fd = self._ready.popleft()
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wanted.wait()
+            self._wanted.clear()
+            while not self._closed and len(self._ready) < self._batch:
+                try:
+                    made = self._make(self._batch)
+                except OSError as exc:  # take() creates its own, and each C-STORE reports the error
+                    LOGGER.warning("cannot make incoming files in %s: %s", self._directory, exc)
+                    break
+                self._ready.extend(made)  # close() removes those it finds after the thread ended
+
+    def _make(self, count: int) -> list[tuple[str, int]]:
+        made: list[tuple[str, int]] = []
+        try:
+            for _ in range(count):
+                path = f"{self._prefix}{next(self._numbers)}.dcm"
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                made.append((path, os.open(path, flags, _RECEIVING_MODE)))
+            fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            for path, fd in made:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+        return made
+
+
 class _Spool:
     """The file a C-STORE dataset streams into; shaped like the NamedTemporaryFile pynetdicom expects.
 
@@ -810,22 +911,22 @@ class _Spool:
     the fsync to disk threads was slower: the threads then queue for the GIL.
     """
 
-    def __init__(self, path: Path, header: bytes) -> None:
-        self.name = str(path)
-        self.path = path
-        self.dataset_offset = len(header)
+    def __init__(self, files: _IncomingFiles, header: bytes) -> None:
         self.file = self  # pynetdicom calls `_data_set_file.file.flush()` after each fragment
+        self.dataset_offset = len(header)
         self.error: OSError | None = None
         self.size = 0
         self.head = bytearray()  # the dataset's first bytes, for `inspect_dataset`
         self._written_back = 0
         self._f: FileIO | None = None
         try:
-            self._f = open(path, "xb", buffering=0)  # noqa: SIM115 - closed when the message completes
+            self.name, fd = files.take()
         except OSError as exc:
-            self.error = exc
-            return
-        self.write(header)
+            self.name, self.error = "", exc
+        self.path = Path(self.name)
+        if self.error is None:
+            self._f = FileIO(fd, "wb")  # closed when the message completes
+            self.write(header)
 
     def write(self, data: bytes | memoryview) -> None:
         if self._f is None or self.error is not None:
@@ -855,10 +956,20 @@ class _Spool:
         if self._f is not None:
             self._f.close()
 
+    def complete(self) -> None:
+        """The whole dataset is in: give the file its usual mode (`received_completely`), close it."""
+        if self._f is not None and self.error is None:
+            try:
+                os.fchmod(self._f.fileno(), _COMPLETE_MODE)
+            except OSError as exc:
+                self.error = exc
+        self.close()
+
     def discard(self) -> None:
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self.name:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 @dataclass
@@ -989,7 +1100,7 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
     def _finish_store(self) -> None:
         store = cast(_PendingStore, self._store)
         self._store = None
-        store.spool.close()
+        store.spool.complete()
         status = self._conn.store(
             store.spool, store.transfer_syntax, store.sop_class_uid, store.sop_instance_uid
         )
@@ -1018,7 +1129,7 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
         if not done:
             return
         if msg._data_set_file is not None:
-            msg._data_set_file.close()
+            cast(_Spool, msg._data_set_file).complete()
         context_id = msg.context_id
         try:
             d_primitive = msg.message_to_primitive()
@@ -1104,15 +1215,14 @@ class _Connection:
         self.assoc: _Association | None = None
 
     def open_spool(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> _Spool:
-        """Create the incoming file for a C-STORE-RQ and write its preamble and file meta."""
+        """Take an incoming file for a C-STORE-RQ and write its preamble and file meta."""
         header = file_meta_header(
             sop_class_uid,
             sop_instance_uid,
             transfer_syntax,
             self.peer.ae_title if self.peer is not None else "",
         )
-        name = f"{_SPOOL_PREFIX}{self.receiver.tag}-{self.conn_id}-{next(self.receiver.spool_seq)}.dcm"
-        return _Spool(self.receiver.config.incoming_dir / name, header)
+        return _Spool(self.receiver.incoming, header)
 
     def serve(self) -> None:
         """Run the association to its end, then tidy up whatever it left."""
@@ -1268,6 +1378,7 @@ class _Connection:
             transfer_syntax=transfer_syntax,
             peer=peer,
             size=spool.size,
+            durable_name=True,
         )
         return self.receiver.callbacks.store(instance)
 
@@ -1315,8 +1426,8 @@ class _Receiver:
         self.config = config
         self.callbacks = callbacks
         self.ssl_context = ssl_context
-        self.tag = tag  # makes spool names and association ids unique across processes
-        self.spool_seq = itertools.count(1)
+        self.tag = tag  # makes incoming names and association ids unique across processes
+        self.incoming = _IncomingFiles(config.incoming_dir, tag)
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_pdu_size = config.max_pdu
         self.ae.require_called_aet = config.require_called_ae_title
@@ -1344,6 +1455,11 @@ class _Receiver:
         finally:
             with self._lock:
                 self._active.pop(conn.conn_id, None)
+
+    def close(self, timeout: float) -> None:
+        """Abort every association, wait (bounded) for their threads, remove the unused incoming files."""
+        self.abort_all(timeout)
+        self.incoming.close()
 
     def abort_all(self, timeout: float) -> None:
         """Abort every association and wait (bounded) for their threads."""
@@ -1454,7 +1570,7 @@ def _worker_main(
         conn_id, address, over_limit = item
         fd = recv_handle(fd_conn)
         receiver.handle(socket.socket(fileno=fd), address, conn_id, over_limit)
-    receiver.abort_all(timeout=5)
+    receiver.close(timeout=5)
 
 
 @dataclass(eq=False)
@@ -1542,9 +1658,10 @@ class StorageSCP:
     def start(self) -> None:
         """Listen and serve in background threads (and worker processes); returns when ready.
 
-        Partial files a previous run left in `incoming_dir` (never acknowledged) are removed first.
+        Incoming files a previous run left in `incoming_dir` are removed first: a handler that needs
+        them (`plugin.spool.Spool.recover`) has taken what it needs before.
         """
-        stale = list(self.config.incoming_dir.glob(f"{_SPOOL_PREFIX}*"))
+        stale = list(self.config.incoming_dir.glob(f"{INCOMING_PREFIX}*"))
         for path in stale:
             path.unlink(missing_ok=True)
         if stale:
@@ -1588,7 +1705,7 @@ class StorageSCP:
         if self._listener is not None:
             self._listener.close()
         if self._receiver is not None:
-            self._receiver.abort_all(timeout)
+            self._receiver.close(timeout)
         with self._lock:
             workers = list(self._workers)
         for w in workers:

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_io.net import Peer, ReceivedInstance
 from plugin.config import AllowedPeer, Config
-from plugin.spool import InstanceIds, Spool, fsync_file, same_content
+from plugin.spool import InstanceIds, Spool, fsync_dir, fsync_file, same_content
 from plugin.store import Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ class Receiver:
 
     def close(self) -> None:
         with self._lock:
+            if self._spool is not None:
+                self._spool.settle()
             if self._store is not None:
                 self._store.dispose()
             self._pid, self._spool, self._store = None, None, None
@@ -100,19 +102,27 @@ class Receiver:
         return f"{self._run_token}:{_this_process()}:{peer.association_id}"
 
     def handle(self, instance: ReceivedInstance) -> int:
-        """Store one instance: durable in the spool and recorded, or a failure status. Never raises."""
+        """Store one instance: durable in the spool and recorded, or a failure status. Never raises.
+
+        The temporary file is removed, or, when its name is durable, kept until the spool has synced
+        the final name's directory (`Spool.settle_later`).
+        """
+        kept = False
         try:
-            return self._handle(instance)
+            status, kept = self._handle(instance)
+            return status
         except Exception:  # the peer must get a status, whatever went wrong
             log.exception("unexpected error storing SOP %s", instance.sop_instance_uid)
             return STATUS_OUT_OF_RESOURCES
         finally:
-            try:
-                instance.path.unlink(missing_ok=True)
-            except OSError as err:
-                log.warning("cannot remove temporary file %s: %s", instance.path.name, err.strerror)
+            if not kept:
+                try:
+                    instance.path.unlink(missing_ok=True)
+                except OSError as err:
+                    log.warning("cannot remove temporary file %s: %s", instance.path.name, err.strerror)
 
-    def _handle(self, instance: ReceivedInstance) -> int:
+    def _handle(self, instance: ReceivedInstance) -> tuple[int, bool]:
+        """The status, and whether the spool keeps the temporary file (for `Spool.settle`)."""
         spool, store = self._parts()
         peer = instance.peer
         sop = instance.sop_instance_uid
@@ -129,15 +139,16 @@ class Receiver:
             # the transport has checked the UIDs; the header is read once per series, for its rows
             tags = None if instance.series_uid in self._seen_series else spool.read_tags(instance.path)
             rec = spool.record_for(ids, now, tags, instance.size, **peer_fields)
-            placed = spool.place(instance.path, rec)
+            placed = spool.place(instance.path, rec, sync_dir=not instance.durable_name)
             if not placed.created:
                 if store.has_instance(rec.sop_instance_uid):
                     same = same_content(instance.path, placed.path)
                     _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=same)
-                    return STATUS_SUCCESS
+                    return STATUS_SUCCESS, False
                 # the file is there but unrecorded (another receiver mid-way, or the Orthanc bridge):
                 # make it durable and record it
                 fsync_file(placed.path)
+                fsync_dir(os.path.dirname(placed.final))
                 tags = spool.read_tags(placed.path)
                 rec = spool.record_for(ids, now, tags, placed.path.stat().st_size, **peer_fields)
             if not store.record_instance(rec):
@@ -145,25 +156,35 @@ class Receiver:
             self._remember_series(instance.series_uid)
         except (InvalidDicomError, AttributeError, ValueError) as err:
             log.warning("refused SOP %s from %s: not a storable instance (%s)", sop, peer.ae_title, err)
-            return STATUS_CANNOT_UNDERSTAND
+            return STATUS_CANNOT_UNDERSTAND, False
         except OSError as err:
             log.error(
                 "cannot write SOP %s of study %s to the spool: %s (%s); answered 0xA700",
                 *(sop, instance.study_uid, err.strerror or err, err.filename or ""),
             )
-            return STATUS_OUT_OF_RESOURCES
+            return STATUS_OUT_OF_RESOURCES, False
         except SQLAlchemyError as err:
             log.error(
                 "cannot record SOP %s of study %s in the job store: %s; answered 0xA700",
                 *(sop, instance.study_uid, getattr(err, "orig", None) or type(err).__name__),
             )
-            return STATUS_OUT_OF_RESOURCES
+            return STATUS_OUT_OF_RESOURCES, False
         log.debug("stored SOP %s of study %s from %s", sop, rec.study_uid, peer.ae_title)
-        return STATUS_SUCCESS
+        if placed.created and instance.durable_name:
+            spool.settle_later(instance.path, placed)
+            return STATUS_SUCCESS, True
+        return STATUS_SUCCESS, False
 
     def release(self, peer: Peer) -> None:
-        """An association ended: its studies may complete after the short after-release period."""
-        _, store = self._parts()
+        """An association ended: its studies may complete after the short after-release period.
+
+        The spool's unsynced final names are made durable first (`Spool.settle`).
+        """
+        spool, store = self._parts()
+        try:
+            spool.settle()
+        except Exception:  # the release must still be recorded; recovery keeps the files safe
+            log.exception("cannot settle the spool after association %s", peer.association_id)
         try:
             store.release_association(self.association_key(peer), utcnow())
         except SQLAlchemyError as err:  # completion falls back to the quiet period

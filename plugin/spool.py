@@ -2,28 +2,36 @@
 
 Layout: ``<spool>/<Study UID>/<Series UID>/<SOP Instance UID>.dcm``. The transport writes each
 instance to a temporary file in the incoming directory (same file system); the spool *hard-links*
-it to its final name, fsyncs the file, then fsyncs the directory, and only then may the instance be
-recorded and acknowledged. ``os.link`` is atomic like ``rename`` but never replaces an existing
-name, so the first copy of a SOP Instance UID wins and a later duplicate cannot change a file that a
-job may already be reading (the same UID with different bytes is a sender error; we keep the first
-and log it).
+it to its final name and fsyncs the file, and only then may the instance be recorded and
+acknowledged. ``os.link`` is atomic like ``rename`` but never replaces an existing name, so the
+first copy of a SOP Instance UID wins and a later duplicate cannot change a file that a job may
+already be reading (the same UID with different bytes is a sender error; we keep the first and log
+it).
 
-Linking before the fsync lets one journal commit (ext4) make both the data and the new name durable
-(one fsync of latency per instance, not two); the directory fsync that follows is what POSIX asks
-for and costs almost nothing after it. The price is that a power cut between link and fsync can
-leave a final name over incomplete data, never acknowledged and never recorded. So recovery at start
-(before the listener) removes leftover temporary files and, for spool files the store does not know,
-records those whose every element is complete and whose UIDs match where they lie, and moves the
-rest to quarantine.
+The final name must reach the disk too (an fsync of its directory). When the temporary name is
+itself durable (the transport's incoming files are: `dicom_io.net`), that fsync waits: the temporary
+name keeps the fsync'd file safe meanwhile, and `settle` syncs the directories of many instances at
+once (each `SETTLE_BATCH` instances and when an association ends) and only then removes their
+temporary names. This saves one device round trip per instance. Any other temporary file (the
+Orthanc bridge's) has its directory synced before the answer, as POSIX asks.
+
+Linking before the fsync lets one journal commit (ext4) make both the data and the new name durable.
+The price is that a power cut between link and fsync can leave a final name over incomplete data,
+never acknowledged and never recorded. So recovery at start (before the listener) first links every
+complete incoming file (`dicom_io.net.received_completely`) whose final name is missing, removes the
+incoming files, and then, for spool files the store does not know, records those whose every
+element is complete and whose UIDs match where they lie, and moves the rest to quarantine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,12 +41,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicom_io.net import InstanceRefused, inspect_part10
+from dicom_io.net import INCOMING_PREFIX, InstanceRefused, inspect_part10, received_completely
 from plugin.store import InstanceRecord, Store
 
 log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+SETTLE_BATCH = 64  # placed instances whose directories are synced together (module docstring)
 
 
 class InvalidUID(ValueError):
@@ -123,6 +132,7 @@ class RecoveryReport:
     temp_removed: int = 0
     rerecorded: int = 0
     quarantined: int = 0
+    adopted: int = 0  # complete incoming files linked to a final name the crash had lost
 
 
 class Spool:
@@ -134,6 +144,8 @@ class Spool:
         self.quarantine = quarantine
         self._root = str(root)  # the per-instance path work is done on strings: pathlib costs more
         self._known_dirs: set[str] = set()
+        self._unsettled: list[tuple[str, str]] = []  # (temporary name, final directory), see settle
+        self._unsettled_lock = threading.Lock()
 
     def prepare(self) -> None:
         for d in (self.root, self.incoming, self.quarantine):
@@ -158,10 +170,12 @@ class Spool:
                 fsync_dir(d.parent)
         self._known_dirs.add(directory)
 
-    def place(self, temp: Path, rec: InstanceRecord) -> Placed:
-        """Make ``temp`` durable under its final name (link, fsync, fsync dir); temp stays for the caller.
+    def place(self, temp: Path, rec: InstanceRecord, sync_dir: bool = True) -> Placed:
+        """Link ``temp`` to its final name and fsync it; temp stays for the caller.
 
-        A name that exists already is left as it was (``created`` False) and nothing is synced.
+        ``sync_dir`` False: the directory is not fsync'd here, the caller keeps ``temp`` (a durable
+        name) until `settle` has done it (`settle_later`). A name that exists already is left as it
+        was (``created`` False) and nothing is synced.
         """
         final = os.path.join(self._root, rec.spool_path)
         directory = os.path.dirname(final)
@@ -174,8 +188,34 @@ class Spool:
             created = self._link(temp, final)
         if created:
             fsync_file(final)
-            fsync_dir(directory)
+            if sync_dir:
+                fsync_dir(directory)
         return Placed(final, created)
+
+    def settle_later(self, temp: Path, placed: Placed) -> None:
+        """Keep ``temp`` until ``placed``'s directory is fsync'd (`settle`, due every `SETTLE_BATCH`)."""
+        with self._unsettled_lock:
+            self._unsettled.append((str(temp), os.path.dirname(placed.final)))
+            due = len(self._unsettled) >= SETTLE_BATCH
+        if due:
+            self.settle()
+
+    def settle(self) -> None:
+        """Make the final names placed so far durable, one fsync per directory, then remove their
+        temporary names. A directory that cannot be synced keeps them (recovery links them again)."""
+        with self._unsettled_lock:
+            unsettled, self._unsettled = self._unsettled, []
+        synced: set[str] = set()
+        for directory in {directory for _, directory in unsettled}:
+            try:
+                fsync_dir(directory)
+                synced.add(directory)
+            except OSError as err:
+                log.error("cannot sync spool directory %s: %s", directory, err.strerror or err)
+        for temp, directory in unsettled:
+            if directory in synced:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
 
     @staticmethod
     def _link(temp: Path, final: str) -> bool:
@@ -236,11 +276,15 @@ class Spool:
     def recover(self, store: Store) -> RecoveryReport:
         """Clean up after a crash; call before the transport starts (nothing may be in flight)."""
         self.prepare()
-        temp_removed = 0
-        for entry in self.incoming.iterdir():
-            if entry.is_file() or entry.is_symlink():
-                entry.unlink()
-                temp_removed += 1
+        temp_removed = adopted = 0
+        for entry in sorted(self.incoming.iterdir()):
+            if not (entry.is_file() or entry.is_symlink()):
+                continue
+            complete = not entry.is_symlink() and received_completely(entry.stat())
+            if complete and entry.name.startswith(INCOMING_PREFIX):
+                adopted += self._adopt(entry)
+            entry.unlink()
+            temp_removed += 1
         rerecorded = quarantined = 0
         for study_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             recorded = store.recorded_paths(study_dir.name)
@@ -254,12 +298,33 @@ class Spool:
                     self._quarantine(path)
                     quarantined += 1
         fsync_dir(self.incoming)
-        report = RecoveryReport(temp_removed, rerecorded, quarantined)
+        report = RecoveryReport(temp_removed, rerecorded, quarantined, adopted)
         log.info(
-            "spool recovery: %d temporary files removed, %d unrecorded instances recorded, %d quarantined",
-            *(report.temp_removed, report.rerecorded, report.quarantined),
+            "spool recovery: %d complete incoming files put back in the spool, %d temporary files "
+            "removed, %d unrecorded instances recorded, %d quarantined",
+            *(report.adopted, report.temp_removed, report.rerecorded, report.quarantined),
         )
         return report
+
+    def _adopt(self, temp: Path) -> int:
+        """Link a complete incoming file to its final name if that name is missing (a power cut took it
+        before `settle`); 1 if linked. The spool pass of `recover` then records it if unrecorded."""
+        try:
+            rec = self.describe(temp, datetime.fromtimestamp(temp.stat().st_mtime, UTC))
+        except (InvalidDicomError, InstanceRefused, AttributeError, ValueError, OSError) as err:
+            log.warning("spool recovery: incoming %s is not a usable instance (%s)", temp.name, err)
+            return 0
+        final = os.path.join(self._root, rec.spool_path)
+        if os.path.lexists(final):
+            return 0
+        placed = self.place(temp, rec)
+        log.info(
+            "spool recovery: SOP %s of study %s put back from %s",
+            rec.sop_instance_uid,
+            rec.study_uid,
+            temp.name,
+        )
+        return int(placed.created)
 
     def _rerecord(self, store: Store, path: Path) -> bool:
         """Record an unrecorded spool file if it is a DICOM file whose UIDs match where it lies."""

@@ -100,6 +100,12 @@ def instance_record(
     )
 
 
+def held_incoming(directory: Path) -> list[Path]:
+    """Incoming files that hold bytes: partial or kept datasets. The receiving processes' files made
+    ahead (empty until a C-STORE takes one) are not leftovers."""
+    return sorted(p for p in directory.iterdir() if p.stat().st_size > 0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from node_support import self_signed_cert
+from node_support import held_incoming, self_signed_cert
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
@@ -52,6 +52,7 @@ from dicom_io.net import (
     c_store_rsp_command,
     file_meta_header,
     inspect_dataset,
+    received_completely,
 )
 
 TESTDATA = Path(os.environ.get("RADGATE_TESTDATA", "/work/shared/testdata"))
@@ -72,14 +73,17 @@ class Recorder:
     instances: list[ReceivedInstance] = field(default_factory=list)
     released: list[Peer] = field(default_factory=list)
     pids: set[int] = field(default_factory=set)
+    marked_complete: list[bool] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def __call__(self, inst: ReceivedInstance) -> int:
         if self.fail:
             raise RuntimeError("handler broke")
         dst = self.keep / f"{inst.sop_instance_uid}.dcm"
+        complete = received_completely(inst.path.stat())
         os.replace(inst.path, dst)
         with self.cond:
+            self.marked_complete.append(complete)
             self.instances.append(inst)
             self.pids.add(os.getpid())
             self.cond.notify_all()
@@ -256,6 +260,7 @@ def test_storescu_transfer_syntaxes_arrive_unchanged(
     assert result.returncode == 0, result.stderr
     recorder.wait_for(lambda: len(recorder.instances) == 1)
     inst = recorder.instances[0]
+    assert recorder.marked_complete == [True] and inst.durable_name
     ts = original.file_meta.TransferSyntaxUID
     assert inst.transfer_syntax == ts, "stored in another transfer syntax than the sender's"
     assert (inst.study_uid, inst.series_uid) == (original.StudyInstanceUID, original.SeriesInstanceUID)
@@ -272,7 +277,7 @@ def test_storescu_transfer_syntaxes_arrive_unchanged(
         if elem.tag.group > 0x0002 and elem.tag not in (0x7FE00010, 0xFFFCFFFC) and elem.tag.element:
             assert received[elem.tag] == elem, f"{elem.tag} changed"
     assert received.PixelData == original.PixelData  # compressed bytes compared, nothing decoded
-    assert not list((tmp_path / "incoming").iterdir()), "temporary files left behind"
+    assert not held_incoming(tmp_path / "incoming"), "temporary files left behind"
 
 
 def test_storescu_series_and_release_handler(
@@ -308,7 +313,7 @@ def test_handler_status_and_exception(
         assert assoc.send_c_store(src).Status == 0  # the association survived the failure
     finally:
         assoc.release()
-    assert not list((tmp_path / "incoming").iterdir()), "the failed handler's file was left behind"
+    assert not held_incoming(tmp_path / "incoming"), "the failed handler's file was left behind"
 
 
 # --- broken input -------------------------------------------------------------------------------
@@ -362,7 +367,7 @@ def test_broken_datasets_refused_association_continues(
     assert [i.sop_instance_uid for i in recorder.instances] == [good_ds.SOPInstanceUID]
     kept = (recorder.keep / f"{good_ds.SOPInstanceUID}.dcm").read_bytes()
     assert kept[dataset_offset(kept) :] == body, "dataset bytes changed on the way"
-    assert not list((tmp_path / "incoming").iterdir()), "refused files left behind"
+    assert not held_incoming(tmp_path / "incoming"), "refused files left behind"
     refusals = [r for r in caplog.records if r.getMessage().startswith("refused C-STORE")]
     assert len(refusals) == len(expected) - 1  # one line per refusal
     assert all("truncated" in r.getMessage() for r in refusals[:2])
@@ -636,7 +641,24 @@ def test_command_split_over_fragments_takes_pynetdicom_path(
         assoc.release()
     kept = (recorder.keep / f"{ds.SOPInstanceUID}.dcm").read_bytes()
     assert kept[dataset_offset(kept) :] == body
-    assert not list((tmp_path / "incoming").iterdir())
+    assert not held_incoming(tmp_path / "incoming")
+
+
+def test_incoming_files_are_made_ahead_and_removed_at_stop(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path
+) -> None:
+    scp = start_scp()
+    incoming = tmp_path / "incoming"
+    wait_until(lambda: len(list(incoming.iterdir())) >= 16)  # before any C-STORE
+    made = list(incoming.iterdir())
+    assert all(p.name.startswith(".rx-") and p.stat().st_size == 0 for p in made)
+    assert not any(received_completely(p.stat()) for p in made)
+    src = with_uids(TESTDATA / "pydicom-testfiles/CT_small.dcm", tmp_path)
+    assert dcmtk("storescu", "-aec", "RADGATE", "127.0.0.1", str(scp.port), str(src)).returncode == 0
+    recorder.wait_for(lambda: len(recorder.instances) == 1)
+    assert recorder.instances[0].path in made  # the C-STORE took one made ahead
+    scp.stop()
+    assert list(incoming.iterdir()) == []
 
 
 def test_start_removes_partial_files_of_a_previous_run(
@@ -644,11 +666,13 @@ def test_start_removes_partial_files_of_a_previous_run(
 ) -> None:
     incoming = tmp_path / "incoming"
     incoming.mkdir()
-    (incoming / ".rx-p1-1-1.dcm").write_bytes(b"half a dataset")
+    partial = incoming / ".rx-p1-1.dcm"
+    partial.write_bytes(b"half a dataset")
     handed_over = incoming / "owned-by-the-node.dcm"
     handed_over.write_bytes(b"")
     start_scp()
-    assert sorted(incoming.iterdir()) == [handed_over]
+    assert not partial.exists()
+    assert handed_over.exists()
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
@@ -680,9 +704,11 @@ def test_abort_in_the_middle_of_a_dataset_leaves_no_file(
     pdatas = list(message.encode_msg(cast(int, assoc.accepted_contexts[0].context_id), 4096))
     for pdata in pdatas[: len(pdatas) // 2]:  # the command and half of the dataset
         assoc.dul.send_pdu(pdata)
-    wait_until(lambda: any(incoming.iterdir()))  # the SCP is writing the dataset
+    wait_until(lambda: bool(held_incoming(incoming)))  # the SCP is writing the dataset
+    [partial] = held_incoming(incoming)
+    assert not received_completely(partial.stat())  # after a power cut, recovery would not take it
     assoc.abort()
     wait_until(lambda: scp.active_associations == 0)
-    assert not list(incoming.iterdir()), "the partial dataset was left behind"
+    assert not held_incoming(incoming), "the partial dataset was left behind"
     assert recorder.instances == []
     assert dcmtk("echoscu", "127.0.0.1", str(scp.port)).returncode == 0

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import pydicom
-from node_support import NodeProcess, wait_for, write_series
+from node_support import NodeProcess, held_incoming, wait_for, write_series
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -80,7 +80,7 @@ def test_instances_acknowledged_before_sigkill_survive_whole_and_the_study_compl
         after_restart = spooled()
         assert after_restart.keys() == after_crash.keys()
         assert study["instance_count"] == len(after_restart)
-        assert list((node.data_dir / "incoming").iterdir()) == []
+        assert held_incoming(node.data_dir / "incoming") == []
         for sop in stored_ok:
             assert _dataset(after_restart[sop]) == _dataset(source[sop]), sop
     finally:

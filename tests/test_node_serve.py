@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_support import DCMTK_ENV, RADGATE, STORESCU, NodeProcess, wait_for, write_series
+from node_support import DCMTK_ENV, RADGATE, STORESCU, NodeProcess, held_incoming, wait_for, write_series
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
@@ -114,7 +114,7 @@ def test_a_broken_instance_is_refused_and_the_node_keeps_serving(
     files = write_series(tmp_path / "src", 2)
     assert node.storescu(*files).returncode == 0
     _complete(node, 2)
-    assert list((node.data_dir / "incoming").iterdir()) == []
+    assert held_incoming(node.data_dir / "incoming") == []
 
 
 def test_a_disallowed_peer_is_rejected_at_association(tmp_path: Path) -> None:
@@ -165,7 +165,7 @@ def test_a_spool_write_failure_answers_out_of_resources(node: NodeProcess, tmp_p
     sent = node.storescu(*files)  # storescu stops at the first refused instance
     assert "Refused: OutOfResources" in sent.stderr and "Success" not in sent.stderr, sent.stderr
     assert "0xA700" in node.log()
-    assert list((node.data_dir / "incoming").iterdir()) == []
+    assert held_incoming(node.data_dir / "incoming") == []
     study_dir.unlink()
     assert node.storescu(*files).returncode == 0  # the node kept serving; the resend is stored
     _complete(node, 2)
@@ -181,7 +181,7 @@ def test_a_file_size_limit_on_the_node_answers_out_of_resources(tmp_path: Path) 
         sent = node.storescu(*big)
         assert "Refused: OutOfResources" in sent.stderr and "Success" not in sent.stderr, sent.stderr
         assert "0xA700" in node.log()
-        assert list((node.data_dir / "incoming").iterdir()) == []  # the partial file is gone
+        assert held_incoming(node.data_dir / "incoming") == []  # the partial file is gone
         small = write_series(tmp_path / "small", 2)
         assert node.storescu(*small).returncode == 0
         _complete(node, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -24,7 +25,7 @@ from plugin.receive import (
     Receiver,
     make_spool,
 )
-from plugin.spool import InvalidUID, check_uid
+from plugin.spool import SETTLE_BATCH, InvalidUID, check_uid
 from plugin.store import Store
 
 PEER = Peer(ae_title="SCU", address="127.0.0.1", port=40000, association_id="1")
@@ -219,6 +220,94 @@ def test_recovery_removes_temp_files_rerecords_and_quarantines(
     [study] = store.studies()
     assert study.instance_count == 1
     assert spool.recover(store).rerecorded == 0  # idempotent
+
+
+def _incoming_file(config: Config, source: Path, name: str, complete: bool) -> Path:
+    """An incoming file as the transport leaves it: write-only while its dataset arrives."""
+    path = config.incoming_dir / name
+    shutil.copyfile(source, path)
+    path.chmod(0o644 if complete else 0o200)
+    return path
+
+
+def test_recovery_puts_back_a_complete_incoming_file_whose_final_name_was_lost(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    # a power cut after the answer but before `settle` synced the directory: the final name is gone,
+    # the durable incoming name still holds the fsync'd file
+    [acknowledged, arriving] = write_series(tmp_path / "src", 2)
+    kept = _incoming_file(config, acknowledged, ".rx-w0.1-7.dcm", complete=True)
+    cut_off = _incoming_file(config, arriving, ".rx-w0.1-8.dcm", complete=False)  # whole bytes, no mark
+    made_ahead = config.incoming_dir / ".rx-w0.1-9.dcm"
+    made_ahead.touch(mode=0o200)
+
+    report = make_spool(config).recover(store)
+
+    assert (report.adopted, report.temp_removed, report.rerecorded) == (1, 3, 1)
+    assert list(config.incoming_dir.iterdir()) == []
+    ds = pydicom.dcmread(acknowledged, stop_before_pixels=True)
+    final = config.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert final.read_bytes() == acknowledged.read_bytes()
+    assert store.recorded_paths(ds.StudyInstanceUID) == {make_spool(config).relative(final)}
+    assert not kept.exists() and not cut_off.exists()
+    [study] = store.studies()
+    assert study.instance_count == 1  # the cut-off one was never acknowledged: the sender sends it again
+
+
+def test_recovery_leaves_a_final_name_that_reached_the_disk_as_it_is(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    [source] = write_series(tmp_path / "src", 1)
+    inst = _received(config, source)
+    assert Receiver(config).handle(inst) == STATUS_SUCCESS
+    final = _final(config, inst)
+    # the same SOP Instance UID with other bytes, complete in incoming: the stored copy wins
+    stray = _incoming_file(config, source, ".rx-w0.1-3.dcm", complete=True)
+    stray.write_bytes(source.read_bytes()[:-2] + b"\x01\x01")
+    report = make_spool(config).recover(store)
+    assert (report.adopted, report.temp_removed) == (0, 1)
+    assert final.read_bytes() == source.read_bytes()
+    assert not stray.exists()
+
+
+def test_durable_incoming_names_are_kept_until_their_directories_are_synced(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    sources = write_series(tmp_path / "src", 3)
+    receiver = Receiver(config)
+    instances = []
+    for number, source in enumerate(sources):
+        inst = dataclasses.replace(_received(config, source, f"tmp-{number}"), durable_name=True)
+        assert receiver.handle(inst) == STATUS_SUCCESS
+        assert _final(config, inst).read_bytes() == source.read_bytes()
+        instances.append(inst)
+    assert all(inst.path.exists() for inst in instances)  # the final names' directory is not synced yet
+    receiver.release(PEER)  # the association ended: settle
+    assert not any(inst.path.exists() for inst in instances)
+    assert all(_final(config, inst).exists() for inst in instances)
+
+
+def test_a_temporary_name_that_is_not_durable_goes_at_once(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    [source] = write_series(tmp_path / "src", 1)
+    inst = _received(config, source)  # as the Orthanc bridge hands over: durable_name False
+    assert Receiver(config).handle(inst) == STATUS_SUCCESS
+    assert not inst.path.exists()
+
+
+def test_settle_runs_by_itself_every_batch(config: Config, store: Store, tmp_path: Path) -> None:
+    sources = write_series(tmp_path / "src", SETTLE_BATCH)
+    receiver = Receiver(config)
+    instances = [
+        dataclasses.replace(_received(config, source, f"tmp-{n}"), durable_name=True)
+        for n, source in enumerate(sources)
+    ]
+    for inst in instances[:-1]:
+        assert receiver.handle(inst) == STATUS_SUCCESS
+    assert all(inst.path.exists() for inst in instances[:-1])
+    assert receiver.handle(instances[-1]) == STATUS_SUCCESS
+    assert not any(inst.path.exists() for inst in instances)
 
 
 def test_a_series_directory_removed_while_running_is_made_again(
