@@ -214,7 +214,7 @@ class Spool:
                 log.error("cannot sync spool directory %s: %s", directory, err.strerror or err)
         for temp, directory in unsettled:
             if directory in synced:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # a name left over is harmless: recovery removes it
                     os.unlink(temp)
 
     @staticmethod
