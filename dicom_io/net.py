@@ -1458,11 +1458,6 @@ class _Receiver:
 
     def close(self, timeout: float) -> None:
         """Abort every association, wait (bounded) for their threads, remove the unused incoming files."""
-        self.abort_all(timeout)
-        self.incoming.close()
-
-    def abort_all(self, timeout: float) -> None:
-        """Abort every association and wait (bounded) for their threads."""
         with self._lock:
             running = list(self._active.values())
         for conn, _ in running:
@@ -1473,6 +1468,7 @@ class _Receiver:
                 conn.sock.shutdown(socket.SHUT_RDWR)
         for _, thread in running:
             thread.join(timeout=timeout)
+        self.incoming.close()
 
 
 # --- the handlers, and worker processes ----------------------------------------------------------

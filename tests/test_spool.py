@@ -287,15 +287,6 @@ def test_durable_incoming_names_are_kept_until_their_directories_are_synced(
     assert all(_final(config, inst).exists() for inst in instances)
 
 
-def test_a_temporary_name_that_is_not_durable_goes_at_once(
-    config: Config, store: Store, tmp_path: Path
-) -> None:
-    [source] = write_series(tmp_path / "src", 1)
-    inst = _received(config, source)  # as the Orthanc bridge hands over: durable_name False
-    assert Receiver(config).handle(inst) == STATUS_SUCCESS
-    assert not inst.path.exists()
-
-
 def test_settle_runs_by_itself_every_batch(config: Config, store: Store, tmp_path: Path) -> None:
     sources = write_series(tmp_path / "src", SETTLE_BATCH)
     receiver = Receiver(config)
