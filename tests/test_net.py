@@ -40,6 +40,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+import dicom_io.net as net
 from dicom_io.net import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
@@ -659,6 +660,36 @@ def test_incoming_files_are_made_ahead_and_removed_at_stop(
     assert recorder.instances[0].path in made  # the C-STORE took one made ahead
     scp.stop()
     assert list(incoming.iterdir()) == []
+
+
+def test_writeback_starts_early_only_while_one_dataset_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone sender waits on the fsync, so its pages go to the disk as they come; with several
+    datasets arriving at once the fsync alone writes each file (less CPU), and a closed or
+    discarded file no longer counts."""
+    started: list[int] = []
+    monkeypatch.setattr(net, "_SYNC_FILE_RANGE", lambda fd, start, length, flags: started.append(fd) or 0)
+    chunk = bytes(net._WRITEBACK_STEP)
+    files = net._IncomingFiles(tmp_path, "t")
+    try:
+        alone = net._Spool(files, b"header")
+        alone.write(chunk)
+        assert len(started) == 1
+        second = net._Spool(files, b"header")
+        alone.write(chunk)
+        second.write(chunk)
+        assert len(started) == 1
+        second.discard()
+        alone.write(chunk)
+        assert len(started) == 2
+        alone.complete()
+        third = net._Spool(files, b"header")
+        third.write(chunk)
+        assert len(started) == 3
+        third.complete()
+    finally:
+        files.close()
 
 
 def test_start_removes_partial_files_of_a_previous_run(
