@@ -922,9 +922,10 @@ class _Spool:
 
     The handler of a durable node fsyncs the file before it answers, on the path of every
     acknowledgement. So whole pages start their way to the disk while the rest of the dataset is
-    still arriving (`sync_file_range`, asynchronous, each 256 KiB): the fsync then only writes the
-    tail and the inode (0.2 ms instead of 0.4 ms for a 512 KB slice here). That shortens the wait of
-    a lone sender. While other datasets arrive in the same process, the CPU is what limits, and
+    still arriving (`sync_file_range`, asynchronous, each 256 KiB), and the tail as soon as the
+    dataset is whole, while the dataset is checked and the file linked: the fsync then mostly waits
+    for the inode (0.35 ms instead of 0.6 ms for a 512 KB slice here). That shortens the wait of a
+    lone sender. While other datasets arrive in the same process, the CPU is what limits, and
     the calls are skipped: each fsync then writes its file in one go, for less CPU per instance
     (6 % more images/s over 4 associations here). Handing these calls and the fsync to disk
     threads was slower: the threads then queue for the GIL.
@@ -966,14 +967,17 @@ class _Spool:
             self.discard()
             return
         whole_pages = self.size & ~(_PAGE - 1)  # a partial page would be written twice
-        if (
-            _SYNC_FILE_RANGE is not None
-            and whole_pages - self._written_back >= _WRITEBACK_STEP
-            and not self._files.others_writing
-        ):
-            start, length = self._written_back, whole_pages - self._written_back
-            _SYNC_FILE_RANGE(self._f.fileno(), start, length, _SYNC_FILE_RANGE_WRITE)
-            self._written_back = whole_pages
+        if whole_pages - self._written_back >= _WRITEBACK_STEP:
+            self._start_writeback(whole_pages)
+
+    def _start_writeback(self, end: int) -> None:
+        """Start writing the bytes up to `end` to the disk, unless other files are being written too."""
+        if _SYNC_FILE_RANGE is None or self._f is None or self._files.others_writing:
+            return
+        start = self._written_back
+        if end > start:  # a failure shows again in the handler's fsync
+            _SYNC_FILE_RANGE(self._f.fileno(), start, end - start, _SYNC_FILE_RANGE_WRITE)
+            self._written_back = end
 
     def flush(self) -> None:
         """Unbuffered: nothing to flush."""
@@ -986,9 +990,11 @@ class _Spool:
             self._taken = False
 
     def complete(self) -> None:
-        """The whole dataset is in: give the file its usual mode (`received_completely`), close it."""
+        """The whole dataset is in: start writing back the tail, give the file its usual mode
+        (`received_completely`), close it."""
         if self._f is not None and self.error is None:
             try:
+                self._start_writeback(self.size)
                 os.fchmod(self._f.fileno(), _COMPLETE_MODE)
             except OSError as exc:
                 self.error = exc

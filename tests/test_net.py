@@ -665,28 +665,33 @@ def test_incoming_files_are_made_ahead_and_removed_at_stop(
 def test_writeback_starts_early_only_while_one_dataset_arrives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A lone sender waits on the fsync, so its pages go to the disk as they come; with several
-    datasets arriving at once the fsync alone writes each file (less CPU), and a closed or
-    discarded file no longer counts."""
-    started: list[int] = []
-    monkeypatch.setattr(net, "_SYNC_FILE_RANGE", lambda fd, start, length, flags: started.append(fd) or 0)
+    """A lone sender waits on the fsync, so its pages go to the disk as they come and its tail as
+    soon as the dataset is whole; with several datasets arriving at once the fsync alone writes each
+    file (less CPU), and a closed or discarded file no longer counts."""
+    started: list[tuple[int, int]] = []  # (start, end) of each writeback
+    monkeypatch.setattr(
+        net, "_SYNC_FILE_RANGE", lambda fd, start, length, flags: started.append((start, start + length)) or 0
+    )
     chunk = bytes(net._WRITEBACK_STEP)
     files = net._IncomingFiles(tmp_path, "t")
     try:
         alone = net._Spool(files, b"header")
         alone.write(chunk)
-        assert len(started) == 1
+        assert started == [(0, net._WRITEBACK_STEP)]  # whole pages only while more may come
         second = net._Spool(files, b"header")
         alone.write(chunk)
         second.write(chunk)
+        second.write(b"tail")
+        second.complete()
         assert len(started) == 1
-        second.discard()
         alone.write(chunk)
+        alone.write(b"tail")
         assert len(started) == 2
         alone.complete()
+        assert started[-1][1] == alone.size == Path(alone.name).stat().st_size  # the tail, at once
         third = net._Spool(files, b"header")
         third.write(chunk)
-        assert len(started) == 3
+        assert len(started) == 4
         third.complete()
     finally:
         files.close()
