@@ -510,7 +510,8 @@ _READ_CHUNK = 256 << 10  # the socket buffer's usual size, and so the largest si
 
 
 class _WakingQueue(queue.Queue[Any]):
-    """pynetdicom's to-provider queue that also wakes the DUL out of its `select`."""
+    """A pynetdicom queue that also wakes whoever waits for it (the DUL's `select`, the association
+    loop's `get_msg`)."""
 
     def __init__(self, wake: Callable[[], None]) -> None:
         super().__init__()
@@ -536,6 +537,8 @@ class _FastDUL(DULServiceProvider):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.to_provider_queue = _WakingQueue(self.wake)
+        self.for_user = threading.Event()  # set when a primitive is put for the association thread
+        self.to_user_queue = _WakingQueue(self.for_user.set)
 
     def wake(self) -> None:
         """Interrupt the idle `select`."""
@@ -597,7 +600,9 @@ class _FastDUL(DULServiceProvider):
                     self.event_queue.put("Evt18")
                 try:
                     queued = bool(self.to_provider_queue.queue) and self._process_recv_primitive()
-                    if not queued and self._is_transport_event():
+                    # events already queued go first: a blocking read would leave them until the
+                    # peer sends again (an A-ASSOCIATE-RQ behind Evt5 waited out the idle wait)
+                    if not queued and not self.event_queue.queue and self._is_transport_event():
                         self._idle_timer.restart()
                 except Exception:
                     self._abort_on_error()
@@ -1039,6 +1044,7 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
         super().__init__(assoc)
         self._conn = assoc.conn
         self._store: _PendingStore | None = None
+        self.msg_queue = _WakingQueue(cast(_FastDUL, assoc.dul).for_user.set)
 
     def discard_partial(self) -> None:
         """Remove the spool of a dataset the association ended in the middle of."""
@@ -1083,10 +1089,21 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
         super().send_msg(primitive, context_id)
 
     def get_msg(self, block: bool = False) -> Any:
+        """Without `block` (the association loop's poll): the next message, waiting at most
+        `_IDLE_WAIT_S`, and returning at once when an ACSE primitive is queued for the association
+        thread too, so that a release or abort is answered without waiting out the idle wait."""
         if block:
             return super().get_msg(True)
+        arrived = cast(_FastDUL, self.dul).for_user
+        arrived.clear()  # before looking: a put from now on sets it again
         try:
-            return self.msg_queue.get(timeout=_IDLE_WAIT_S)
+            return self.msg_queue.get_nowait()
+        except queue.Empty:
+            pass
+        if not self.dul.to_user_queue.queue:
+            arrived.wait(_IDLE_WAIT_S)
+        try:
+            return self.msg_queue.get_nowait()
         except queue.Empty:
             return None, None
 
@@ -1319,7 +1336,7 @@ class _Connection:
         rq = assoc.requestor
         request = cast(A_ASSOCIATE, rq.primitive)
         assoc.acceptor.supported_contexts = _preferring_requested(
-            self.receiver.contexts, request.presentation_context_definition_list
+            self.receiver.contexts, request.presentation_context_definition_list, self.receiver.built_contexts
         )
         self.peer = Peer(
             ae_title=str(request.calling_ae_title).strip(),
@@ -1418,15 +1435,23 @@ class _Connection:
         return self.receiver.callbacks.store(instance)
 
 
+_ContextKey = tuple[str, tuple[str, ...]]  # abstract syntax, transfer syntaxes in our preferred order
+_CONTEXT_CACHE_LIMIT = 4096
+
+
 def _preferring_requested(
-    supported: list[PresentationContext], requested: list[PresentationContext]
+    supported: list[PresentationContext],
+    requested: list[PresentationContext],
+    built: dict[_ContextKey, PresentationContext],
 ) -> list[PresentationContext]:
     """Our contexts, with transfer syntaxes reordered so negotiation picks the sender's first choice.
 
     pynetdicom picks by the acceptor's order; a sender lists the syntax its data is in first, and
     taking it spares a transcode (DCMTK cannot even transcode JPEG 2000). A syntax's rank is its
     best position in any requested context of that SOP class; ties keep our order. Only requested
-    SOP classes get new context objects: copying all of them per association costs milliseconds.
+    SOP classes get reordered contexts, and each is built once per process and kept in `built`
+    (negotiation only reads them): pynetdicom validates every UID of a new context, which cost
+    ~9 ms per association for the 120-odd SOP classes that DCMTK's storescu proposes by default.
     """
     rank: dict[str, dict[str, int]] = {}
     for cx in requested:
@@ -1439,7 +1464,10 @@ def _preferring_requested(
         if wanted:
             ours = [str(ts) for ts in cx.transfer_syntax]
             preferred = sorted(ours, key=lambda ts: (wanted.get(ts, len(ours)), ours.index(ts)))
-            cx = build_context(cast(str, cx.abstract_syntax), preferred)
+            key = (str(cx.abstract_syntax), tuple(preferred))
+            cx = built.get(key) or build_context(key[0], preferred)
+            if len(built) < _CONTEXT_CACHE_LIMIT:
+                built[key] = cx
         result.append(cx)
     return result
 
@@ -1473,6 +1501,7 @@ class _Receiver:
             build_context(cast(str, cx.abstract_syntax), list(TRANSFER_SYNTAXES))
             for cx in AllStoragePresentationContexts
         ]
+        self.built_contexts: dict[_ContextKey, PresentationContext] = {}  # see _preferring_requested
         self._lock = threading.Lock()
         self._active: dict[int, tuple[_Connection, threading.Thread]] = {}
 

@@ -398,6 +398,49 @@ def test_jpeg_lossless_non_sv1_bytes_identical(
 # --- who may connect ----------------------------------------------------------------------------
 
 
+def test_a_peer_never_waits_out_the_idle_wait(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DUL and association loops block up to `_IDLE_WAIT_S` when idle; the A-ASSOCIATE-RQ (queued
+    behind the connection's own event), the C-STORE and the A-RELEASE-RQ must each end that wait at
+    once. With the wait made 10 s, a peer that had to wait it out even once would take over 10 s."""
+    monkeypatch.setattr(net, "_IDLE_WAIT_S", 10.0)
+    scp = start_scp()
+    src = with_uids(PYDICOM_FILES / "CT_small.dcm", tmp_path)
+    started = time.monotonic()
+    result = dcmtk("storescu", "-aec", "RADGATE", "127.0.0.1", str(scp.port), str(src))
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert len(recorder.instances) == 1
+    assert elapsed < 5, f"the association took {elapsed:.1f} s: a loop waited out its idle wait"
+
+
+def test_reordered_contexts_are_built_once_per_process(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom validates every UID of a new presentation context, milliseconds for the 120-odd
+    SOP classes storescu proposes by default: the contexts reordered for a proposal are built at
+    the first association that makes it and reused by the next."""
+    built: list[str] = []
+    real_build = net.build_context
+
+    def counting_build(abstract_syntax: str, *transfer_syntax: list[str]) -> object:
+        built.append(abstract_syntax)
+        return real_build(abstract_syntax, *transfer_syntax)
+
+    monkeypatch.setattr(net, "build_context", counting_build)
+    scp = start_scp()
+    src = with_uids(PYDICOM_FILES / "CT_small.dcm", tmp_path)
+    at_start = len(built)
+    counts = []
+    for _ in range(2):  # no -R: every storage SOP class storescu knows is proposed
+        assert dcmtk("storescu", "-aec", "RADGATE", "127.0.0.1", str(scp.port), str(src)).returncode == 0
+        counts.append(len(built))
+    assert counts[0] - at_start > 50
+    assert counts[1] == counts[0]
+    assert len(recorder.instances) == 2
+
+
 def test_peer_filter_rejects(start_scp: Callable[..., StorageSCP]) -> None:
     seen: list[Peer] = []
 
