@@ -17,9 +17,16 @@ processes, a quarter each) to each receiver, started fresh for every run on free
   one, by 1 or 4 threads as the associations. storescp does not fsync; this row shows what the disk
   itself allows a durable receiver.
 
-Prints images/s for each and radgate's ratio to storescp. Figures only; nothing passes or fails.
+Then, to each receiver again, `--single` associations of one instance each, one after the other,
+with storescu -R (the one SOP class proposed) and with storescu's default proposal (120-odd
+presentation contexts): what a sender that opens an association per instance or per small series
+waits for the association itself.
+
+Prints images/s and ms per association for each, and radgate's ratio to storescp. Figures only;
+nothing passes or fails.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--pdu 131072] [--workers 2] [--associations 1 4]
+        [--single 10]
 """
 
 from __future__ import annotations
@@ -207,6 +214,25 @@ def send(port: int, parts: list[Path]) -> float:
     return elapsed
 
 
+def one_per_association(port: int, files: list[Path], only_required: bool) -> float:
+    """Send each file over its own association, one after the other; the mean ms per association.
+
+    `only_required`: storescu -R proposes the file's SOP class alone; without it, every storage
+    SOP class storescu knows (120-odd presentation contexts), as a default DCMTK sender does.
+    """
+    proposal = ["-R"] if only_required else []
+    start = time.perf_counter()
+    for f in files:
+        done = subprocess.run(
+            ["/usr/bin/storescu", *proposal, "-aec", AE_TITLE, "127.0.0.1", str(port), str(f)],
+            env=DCMTK_ENV,
+            capture_output=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"storescu failed: {done.stderr.decode(errors='replace')[-500:]}")
+    return (time.perf_counter() - start) * 1000 / len(files)
+
+
 def make_series(folder: Path, slices: int) -> list[Path]:
     """Write a synthetic 512x512 CT series (the phantom module) and return its files."""
     from dicom_io.synthetic import ct_chest_phantom
@@ -266,9 +292,44 @@ def bench(args: argparse.Namespace) -> None:
                     # outputs stay until the end: ext4 without a journal skips inodes deleted in the last
                     # seconds when it allocates new ones, so deleting here slowed whoever ran next
                 shutil.rmtree(root / "parts")
+        per_association: dict[tuple[str, bool], list[float]] = {}
+        singles = files[: 2 * args.single]
+        for run in range(args.repeat if args.single else 0):
+            for name in (r for r in args.receivers if r != "disk-fsync"):
+                out = root / "out" / f"{name}-single-{run}"
+                out.mkdir(parents=True)
+                with receivers[name](out) as port:
+                    for only_required, share in ((True, singles[::2]), (False, singles[1::2])):
+                        ms = one_per_association(port, share, only_required)
+                        per_association.setdefault((name, only_required), []).append(ms)
+                        print(f"  {name:15s} 1 instance per association: {ms:6.1f} ms", flush=True)
         report(args, len(files), size_mb, rates, load_before)
+        report_associations(args, per_association)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def report_associations(args: argparse.Namespace, ms: dict[tuple[str, bool], list[float]]) -> None:
+    """Medians of the ms per one-instance association, and storescp's time over radgate's."""
+    if not ms:
+        return
+    print(
+        f"\n{args.single} associations of one instance each, one after the other (each a storescu "
+        f"process), median of {args.repeat} runs"
+    )
+    print("| receiver | ms per association, storescu -R | ms per association, default proposal |")
+    print("|---|---|---|")
+    names = sorted({name for name, _ in ms}, key=args.receivers.index)
+    for name in names:
+        cells = " | ".join(f"{statistics.median(ms[name, required]):.1f}" for required in (True, False))
+        print(f"| {name} | {cells} |")
+    for ours in names:
+        if ours.startswith("radgate") and "storescp" in names:
+            ratios = []
+            for required in (True, False):
+                paired = [b / a for a, b in zip(ms[ours, required], ms["storescp", required], strict=True)]
+                ratios.append(f"{statistics.median(paired):.2f}x")
+            print(f"| {ours} / storescp (speed) | {' | '.join(ratios)} |")
 
 
 def report(
@@ -336,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="radgate receiving processes")
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeat", type=int, default=3, help="runs per receiver; the median is reported")
+    parser.add_argument(
+        "--single",
+        type=int,
+        default=10,
+        help="associations of one instance each, per proposal and run (0: skip that part)",
+    )
     parser.add_argument(
         "--receivers",
         nargs="+",
