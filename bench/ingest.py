@@ -5,8 +5,8 @@ Endian) with DCMTK storescu (TCP_NODELAY=1) over 1 and over 4 concurrent associa
 processes, a quarter each) to each receiver, started fresh for every run on free loopback ports:
 
 - radgate: the real node, `radgate serve` on a fresh data dir (no rules, so no jobs): every
-  instance linked into the spool, fsync'd with its directory and recorded in the SQLite job store
-  before the success status, as in production.
+  instance linked into the spool, fsync'd and recorded in the SQLite job store before the success
+  status (its directory synced with those of the next instances), as in production.
 - radgate-scp / radgate-scp-nofsync: where the node's time goes. `dicom_io.net.StorageSCP` alone in
   its own process with a stand-in handler: fsync (or not) and a rename into a folder; no job store.
 - DCMTK storescp (TCP_NODELAY=1, --fork so concurrent associations run in parallel) writing to a
