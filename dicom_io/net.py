@@ -1465,9 +1465,12 @@ def _preferring_requested(
             ours = [str(ts) for ts in cx.transfer_syntax]
             preferred = sorted(ours, key=lambda ts: (wanted.get(ts, len(ours)), ours.index(ts)))
             key = (str(cx.abstract_syntax), tuple(preferred))
-            cx = built.get(key) or build_context(key[0], preferred)
-            if len(built) < _CONTEXT_CACHE_LIMIT:
-                built[key] = cx
+            known = built.get(key)
+            if known is None:
+                known = build_context(key[0], preferred)
+                if len(built) < _CONTEXT_CACHE_LIMIT:
+                    built[key] = known
+            cx = known
         result.append(cx)
     return result
 
