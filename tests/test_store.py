@@ -15,7 +15,17 @@ from node_support import instance_record
 from pydicom.uid import generate_uid
 from sqlalchemy import select, text
 
-from plugin.store import MIGRATIONS_DIR, Base, InstanceRecord, Job, Store, Study, StudyState, utcnow
+from plugin.store import (
+    MIGRATIONS_DIR,
+    Base,
+    InstanceRecord,
+    Job,
+    Reception,
+    Store,
+    Study,
+    StudyState,
+    utcnow,
+)
 
 
 def _record(
@@ -134,6 +144,38 @@ def test_release_marks_the_associations_receptions(store: Store) -> None:
     store.record_instance(_record("1.2.4", key="assoc-1"))
     assert store.release_association("assoc-1", utcnow() + timedelta(seconds=1)) == 2
     assert store.release_association("assoc-1", utcnow()) == 0
+
+
+def test_a_new_association_of_a_known_series_takes_the_prepared_path(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Senders that open an association per instance are common: the first instance of a new
+    association, in a study revision and series this process knows, inserts its receptions row on
+    the prepared path instead of the full one. A row there already (it never is, unless another path
+    wrote it) fails the unique constraint, and the full path takes over."""
+    series = generate_uid()
+    assert store.record_instance(_record("1.2.3", series, key="assoc-1"))
+    full_path: list[str] = []
+    record = Store._record
+
+    def counted(self: Store, session: object, rec: InstanceRecord) -> object:
+        full_path.append(rec.sop_instance_uid)
+        return record(self, session, rec)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Store, "_record", counted)
+    for key in ("assoc-2", "assoc-3"):
+        assert store.record_instance(_record("1.2.3", series, key=key))
+    assert full_path == []
+    store._ingest_ids._receptions.discard(next(iter(store._ingest_ids._receptions)))  # as if never seen
+    for key in ("assoc-1", "assoc-2", "assoc-3"):
+        assert store.record_instance(_record("1.2.3", series, key=key))
+    assert len(full_path) == 1
+    with store.session() as s:
+        keys = s.scalars(select(Reception.association_key)).all()
+    assert sorted(keys) == ["assoc-1", "assoc-2", "assoc-3"]
+    assert store.release_association("assoc-2", utcnow()) == 1
+    [summary] = store.studies()
+    assert summary.instance_count == 6
 
 
 def _write_many(url: str, study_uid: str, series_uid: str, count: int) -> None:
