@@ -481,11 +481,16 @@ class _IngestIds:
         if len(self._series) > self._LIMIT:
             self._studies.clear()
             self._series.clear()
-            self._receptions.clear()
         self._studies[rec.study_uid] = (ids.study_id, ids.revision)
         self._series[rec.series_uid] = ids.series_id
         if rec.association_key is not None:
-            self._receptions.add((rec.association_key, ids.study_id, ids.revision))
+            self._note_reception((rec.association_key, ids.study_id, ids.revision))
+
+    def _note_reception(self, reception: tuple[str, int, int]) -> None:
+        """Bounded on its own: a sender that opens an association per instance adds one each time."""
+        if len(self._receptions) >= self._LIMIT:
+            self._receptions.clear()  # an association seen again inserts its row, fails, takes the full path
+        self._receptions.add(reception)
 
     def record_known(self, rec: InstanceRecord) -> bool:
         """Record ``rec`` if its study revision and series are known; False: not done. An association's
@@ -531,8 +536,8 @@ class _IngestIds:
                 self._connection = None
             self._forget(rec)
             return False
-        if reception is not None:
-            self._receptions.add(reception)
+        if reception is not None and new_reception:
+            self._note_reception(reception)
         return True
 
     def _forget(self, rec: InstanceRecord) -> None:

@@ -178,6 +178,21 @@ def test_a_new_association_of_a_known_series_takes_the_prepared_path(
     assert summary.instance_count == 6
 
 
+def test_the_remembered_associations_stay_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One association per instance, for months: the receptions this process remembers are bounded
+    on their own, and an association forgotten that sends again still gets one row."""
+    monkeypatch.setattr(type(store._ingest_ids), "_LIMIT", 3)
+    series = generate_uid()
+    for n in range(10):
+        assert store.record_instance(_record("1.2.3", series, key=f"assoc-{n}"))
+        assert len(store._ingest_ids._receptions) <= 3
+    assert store.record_instance(_record("1.2.3", series, key="assoc-0"))  # forgotten by now
+    with store.session() as s:
+        keys = s.scalars(select(Reception.association_key)).all()
+    assert sorted(keys) == sorted(f"assoc-{n}" for n in range(10))
+    assert store.studies()[0].instance_count == 11
+
+
 def _write_many(url: str, study_uid: str, series_uid: str, count: int) -> None:
     s = Store(url)
     key = f"proc-{multiprocessing.current_process().pid}"
