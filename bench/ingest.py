@@ -52,8 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_io.net import ReceivedInstance, StorageSCP
-from plugin.spool import fsync_file
+from dicom_io.net import ReceivedInstance, StorageSCP, fsync_file
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 AE_TITLE = "BENCH"

@@ -505,6 +505,23 @@ def received_completely(status: os.stat_result) -> bool:
     return status.st_size > 0 and status.st_mode & 0o777 != _RECEIVING_MODE
 
 
+def _fsync(path: Path | str, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path | str) -> None:
+    """Make a directory's entries durable (new names in it)."""
+    _fsync(path, os.O_DIRECTORY)
+
+
+def fsync_file(path: Path | str) -> None:
+    _fsync(path, 0)
+
+
 _PREALLOCATE_LIMIT = 4 << 20  # PDU lengths up to this are read through the socket's buffer
 _READ_CHUNK = 256 << 10  # the socket buffer's usual size, and so the largest single read
 
@@ -904,11 +921,7 @@ class _IncomingFiles:
                 path = f"{self._prefix}{next(self._numbers)}.dcm"
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                 made.append((path, os.open(path, flags, _RECEIVING_MODE)))
-            fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self._directory)
         except OSError:
             for path, fd in made:
                 os.close(fd)

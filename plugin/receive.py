@@ -18,9 +18,9 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_io.net import Peer, ReceivedInstance
+from dicom_io.net import Peer, ReceivedInstance, fsync_dir, fsync_file
 from plugin.config import AllowedPeer, Config
-from plugin.spool import InstanceIds, Spool, fsync_dir, fsync_file, same_content
+from plugin.spool import InstanceIds, Spool, same_content
 from plugin.store import Store, utcnow
 
 log = logging.getLogger(__name__)

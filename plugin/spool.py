@@ -41,7 +41,14 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicom_io.net import INCOMING_PREFIX, InstanceRefused, inspect_part10, received_completely
+from dicom_io.net import (
+    INCOMING_PREFIX,
+    InstanceRefused,
+    fsync_dir,
+    fsync_file,
+    inspect_part10,
+    received_completely,
+)
 from plugin.store import InstanceRecord, Store
 
 log = logging.getLogger(__name__)
@@ -58,22 +65,6 @@ def check_uid(uid: str) -> str:
     if len(uid) > 64 or not _UID.match(uid):
         raise InvalidUID(f"not a valid UID: {uid[:80]!r}")
     return uid
-
-
-def _fsync(path: Path | str, flags: int) -> None:
-    fd = os.open(path, os.O_RDONLY | flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path | str) -> None:
-    _fsync(path, os.O_DIRECTORY)
-
-
-def fsync_file(path: Path | str) -> None:
-    _fsync(path, 0)
 
 
 def same_content(a: Path, b: Path) -> bool:
@@ -309,30 +300,31 @@ class Spool:
     def _adopt(self, temp: Path) -> int:
         """Link a complete incoming file to its final name if that name is missing (a power cut took it
         before `settle`); 1 if linked. The spool pass of `recover` then records it if unrecorded."""
-        try:
-            rec = self.describe(temp, datetime.fromtimestamp(temp.stat().st_mtime, UTC))
-        except (InvalidDicomError, InstanceRefused, AttributeError, ValueError, OSError) as err:
-            log.warning("spool recovery: incoming %s is not a usable instance (%s)", temp.name, err)
+        rec = self._found(temp, f"incoming {temp.name}")
+        if rec is None:
             return 0
-        final = os.path.join(self._root, rec.spool_path)
-        if os.path.lexists(final):
-            return 0
-        placed = self.place(temp, rec)
-        log.info(
-            "spool recovery: SOP %s of study %s put back from %s",
-            rec.sop_instance_uid,
-            rec.study_uid,
-            temp.name,
-        )
+        placed = self.place(temp, rec)  # an existing final name is left as it is
+        if placed.created:
+            log.info(
+                "spool recovery: SOP %s of study %s put back from %s",
+                rec.sop_instance_uid,
+                rec.study_uid,
+                temp.name,
+            )
         return int(placed.created)
+
+    def _found(self, path: Path, name: str) -> InstanceRecord | None:
+        """`describe` of a file recovery found (received when last modified), None if unusable."""
+        try:
+            return self.describe(path, datetime.fromtimestamp(path.stat().st_mtime, UTC))
+        except (InvalidDicomError, InstanceRefused, AttributeError, ValueError, OSError) as err:
+            log.warning("spool recovery: %s is not a usable instance (%s)", name, err)
+            return None
 
     def _rerecord(self, store: Store, path: Path) -> bool:
         """Record an unrecorded spool file if it is a DICOM file whose UIDs match where it lies."""
-        mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-        try:
-            rec = self.describe(path, mtime)
-        except (InvalidDicomError, InstanceRefused, AttributeError, ValueError, OSError) as err:
-            log.warning("spool recovery: %s is not a usable instance (%s)", self.relative(path), err)
+        rec = self._found(path, self.relative(path))
+        if rec is None:
             return False
         if rec.spool_path != self.relative(path):
             log.warning("spool recovery: %s does not lie under its own UIDs", self.relative(path))

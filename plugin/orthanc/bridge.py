@@ -38,12 +38,11 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_io.net import Peer, ReceivedInstance
+from dicom_io.net import Peer, ReceivedInstance, fsync_dir
 from plugin.config import Config, ConfigError
 from plugin.jobs import list_jobs, queue_routed_jobs
 from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, make_spool
 from plugin.route import DEFAULT_RULES, validate_rules
-from plugin.spool import fsync_dir
 from plugin.store import Delivery, Instance, Job, Series, Store, Study, StudyState, add_queued_job, utcnow
 
 log = logging.getLogger(__name__)
