@@ -1561,6 +1561,17 @@ class _Handlers:
     handler: InstanceHandler
     on_release: ReleaseHandler | None
     peer_filter: PeerFilter | None
+    prepare: Callable[[], None] | None = None
+
+    def prepare_process(self) -> None:
+        """Run `prepare` where the handlers will run; a failure is logged, and the first instance
+        then pays for the set-up, as it would without `prepare`."""
+        if self.prepare is None:
+            return
+        try:
+            self.prepare()
+        except Exception:
+            LOGGER.exception("preparing the instance handler failed; it will set up on its first instance")
 
     def allow(self, peer: Peer) -> bool:
         """Peer filter; no filter accepts everyone."""
@@ -1634,6 +1645,7 @@ def _worker_main(
     ssl_context = config.tls.context() if config.tls is not None else None
     callbacks = _WorkerCallbacks(handlers, notify)
     receiver = _Receiver(config, callbacks, ssl_context, tag=f"w{index}.{os.getpid()}")
+    handlers.prepare_process()
     gc.freeze()  # start-up objects live until exit: full collections need not scan them
     notify("ready", None)
     while True:
@@ -1673,7 +1685,9 @@ class StorageSCP:
     associations in parallel) and each runs its own copy of the handlers, where the instance was
     received: no hop back to this process before the acknowledgement. The handlers must then be
     picklable and keep no state that this process needs (the node's `Receiver` opens its database
-    per process).
+    per process). `prepare`, if given, runs once in each receiving process before it takes an
+    association, so that one-time set-up (opening a database, compiling statements) is not paid for
+    by the first instance a sender waits on.
     """
 
     def __init__(
@@ -1694,6 +1708,7 @@ class StorageSCP:
         network_timeout: float = 60.0,
         acse_timeout: float = 30.0,
         dimse_timeout: float = 60.0,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -1701,7 +1716,7 @@ class StorageSCP:
             raise ValueError("with workers > 1 give TLS as TlsFiles: an SSLContext cannot cross processes")
         self.host = host
         self.port = port
-        self.handlers = _Handlers(handler, on_release, peer_filter)
+        self.handlers = _Handlers(handler, on_release, peer_filter, prepare)
         self.max_associations = max_associations
         self.workers = workers
         incoming_dir = Path(incoming_dir)
@@ -1749,6 +1764,7 @@ class StorageSCP:
         self.port = listener.getsockname()[1]
         if self.workers == 1:
             self._receiver = _Receiver(self.config, self, self._ssl_context, tag=f"p{os.getpid()}")
+            self.handlers.prepare_process()
         else:
             self._start_workers()
         self._spawn(self._accept_loop, "radgate-accept")

@@ -77,6 +77,7 @@ class Node:
                 else None,
                 require_called_ae_title=dicom.require_called_ae_title,
                 workers=dicom.receivers,
+                prepare=self.receiver.prepare,
             )
         )
 

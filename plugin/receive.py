@@ -1,10 +1,10 @@
 """The handlers the DICOM transport calls: store one instance durably, note a released association.
 
 The transport calls these from many threads at once (one per association), in each receiving
-process (a pickled copy each): a ``Receiver`` opens its database engine lazily, once per process,
-keeps no other shared state, and the store serialises writers (one ingest transaction at a time
-per SQLite file, under a ``flock``; PostgreSQL: unique constraints and row locks), so concurrent
-calls are safe.
+process (a pickled copy each): a ``Receiver`` opens its database engine once per process, in
+``prepare`` before the process takes an association (or on first use), and keeps no other shared
+state; the store serialises writers (one ingest transaction at a time per SQLite file, under a
+``flock``; PostgreSQL: unique constraints and row locks), so concurrent calls are safe.
 """
 
 from __future__ import annotations
@@ -83,6 +83,12 @@ class Receiver:
                 self._spool = make_spool(self._config)
                 self._store = Store(self._config.db_url)  # an engine must not cross a fork
             return self._spool, self._store
+
+    def prepare(self) -> None:
+        """Open this process's spool and store and warm the store's recording path (the transport
+        runs this in each receiving process before it takes an association)."""
+        _spool, store = self._parts()
+        store.warm_up()
 
     def _remember_series(self, series_uid: str) -> None:
         """Series whose rows exist: later instances skip reading the header (bounded memory)."""

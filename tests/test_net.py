@@ -8,6 +8,7 @@ file's dataset bytes untouched, so those tests wrap the raw bytes in a fresh fil
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -116,6 +117,12 @@ class FileRecorder:
 
     def on_release(self, peer: Peer) -> None:
         (self.keep / f"released-{peer.association_id}").touch()
+
+    def prepare(self) -> None:
+        (self.keep / f"prepared-{os.getpid()}").touch()
+
+    def prepared(self) -> set[int]:
+        return {int(p.name.split("-")[1]) for p in self.keep.glob("prepared-*")}
 
     def stored(self) -> list[dict[str, object]]:
         return [json.loads(p.read_text()) for p in self.keep.glob("*.json")]
@@ -563,12 +570,18 @@ def test_worker_processes_run_the_handlers_where_they_receive(
 def test_a_receiving_process_that_dies_is_replaced(
     start_scp: Callable[..., StorageSCP], file_recorder: FileRecorder, tmp_path: Path
 ) -> None:
-    scp = start_scp(workers=2, handler=file_recorder, on_release=file_recorder.on_release)
+    """The replacement serves like the others, and, like them, has run `prepare` before its first
+    association (a receiving process is only counted once it is ready)."""
+    scp = start_scp(
+        workers=2, handler=file_recorder, on_release=file_recorder.on_release, prepare=file_recorder.prepare
+    )
+    assert file_recorder.prepared() == set(scp.receiving_processes)  # start() returned: all ready
     victim = scp.receiving_processes[0]
     os.kill(victim, signal.SIGKILL)
     wait_until(
         lambda: len(scp.receiving_processes) == 2 and victim not in scp.receiving_processes, timeout=60
     )
+    assert file_recorder.prepared() >= set(scp.receiving_processes)
     files = [with_uids(f, tmp_path) for f in sorted(CT_J2K.iterdir())[:4]]
     senders = [
         subprocess.Popen(["/usr/bin/storescu", "-xv", "127.0.0.1", str(scp.port), str(f)], env=DCMTK_ENV)
@@ -577,6 +590,29 @@ def test_a_receiving_process_that_dies_is_replaced(
     assert [p.wait(60) for p in senders] == [0, 0, 0, 0]  # every association served, on either process
     wait_until(lambda: len(file_recorder.stored()) == 4 and scp.active_associations == 0, timeout=30)
     assert {s["pid"] for s in file_recorder.stored()} <= set(scp.receiving_processes)
+
+
+def _failing_prepare() -> None:
+    raise RuntimeError("database unreachable")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_prepare_is_logged_and_the_scp_serves(
+    start_scp: Callable[..., StorageSCP],
+    file_recorder: FileRecorder,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    workers: int,
+) -> None:
+    """`prepare` only saves the first instance some waiting: if it fails, the process still serves."""
+    caplog.set_level(logging.ERROR, logger="dicom_io.net")
+    scp = start_scp(
+        workers=workers, handler=file_recorder, on_release=file_recorder.on_release, prepare=_failing_prepare
+    )
+    wait_until(lambda: "preparing the instance handler failed" in caplog.text, timeout=30)
+    sent = with_uids(sorted(CT_J2K.iterdir())[0], tmp_path)
+    assert dcmtk("storescu", "-xv", "127.0.0.1", str(scp.port), str(sent)).returncode == 0
+    wait_until(lambda: len(file_recorder.stored()) == 1, timeout=30)
 
 
 def test_handlers_that_cannot_go_to_receiving_processes_are_refused_at_start(

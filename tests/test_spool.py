@@ -14,9 +14,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from node_support import write_series
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from dicom_io.net import Peer, ReceivedInstance
 from plugin.config import Config
+from plugin.node import Node
 from plugin.receive import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -178,6 +180,32 @@ def test_a_receiver_can_be_pickled_for_spawned_receiving_processes(
     assert clone.association_key(PEER) == receiver.association_key(PEER)
     [source] = write_series(tmp_path / "src", 1)
     assert clone.handle(_received(config, source)) == STATUS_SUCCESS
+
+
+def test_the_node_prepares_its_receiving_processes_so_the_first_instance_compiles_nothing(
+    config: Config, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`radgate serve` gives the transport the receiver's `prepare`, which each receiving process
+    runs on its copy of the receiver before it takes an association."""
+    node = Node(config)
+    try:
+        assert node.scp is not None and node.scp.handlers.prepare == node.receiver.prepare
+    finally:
+        node.store.dispose()
+    receiver = pickle.loads(pickle.dumps(node.receiver))  # what a receiving process gets
+    receiver.prepare()
+    compiled: list[str] = []
+    compile_statement = SQLCompiler.__init__
+
+    def counted(self: SQLCompiler, *args: object, **kwargs: object) -> None:
+        compiled.append(type(args[1]).__name__ if len(args) > 1 else "?")
+        compile_statement(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SQLCompiler, "__init__", counted)
+    [source] = write_series(tmp_path / "src", 1)
+    assert receiver.handle(_received(config, source)) == STATUS_SUCCESS
+    assert compiled == []
+    receiver.close()
 
 
 def test_peer_filter() -> None:

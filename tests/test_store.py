@@ -13,14 +13,17 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from node_support import instance_record
 from pydicom.uid import generate_uid
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from plugin.store import (
     MIGRATIONS_DIR,
     Base,
+    Instance,
     InstanceRecord,
     Job,
     Reception,
+    Series,
     Store,
     Study,
     StudyState,
@@ -176,6 +179,33 @@ def test_a_new_association_of_a_known_series_takes_the_prepared_path(
     assert store.release_association("assoc-2", utcnow()) == 1
     [summary] = store.studies()
     assert summary.instance_count == 6
+
+
+def test_a_warmed_up_store_records_its_first_instances_without_compiling(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiving process warms its store up before it takes an association (`Receiver.prepare`):
+    the first instances it records, of a new study and series, then wait for no statement to be
+    compiled. The warm-up itself leaves no row behind."""
+    store.warm_up()
+    with store.session() as s:
+        counts = [s.scalar(select(func.count()).select_from(t)) for t in (Study, Series, Instance, Reception)]
+    assert counts == [0, 0, 0, 0]
+    compiled: list[str] = []
+    compile_statement = SQLCompiler.__init__
+
+    def counted(self: SQLCompiler, *args: object, **kwargs: object) -> None:
+        compiled.append(type(args[1]).__name__ if len(args) > 1 else "?")
+        compile_statement(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SQLCompiler, "__init__", counted)
+    series = generate_uid()
+    assert store.record_instance(_record("1.2.3", series, key="assoc-1"))  # a new study and series
+    assert store.record_instance(_record("1.2.3", generate_uid(), key="assoc-2"))  # a new series of it
+    assert store.record_instance(_record("1.2.3", series, key="assoc-1"))  # the prepared path
+    assert compiled == []
+    [summary] = store.studies()
+    assert (summary.instance_count, summary.series_count) == (3, 2)
 
 
 def test_the_remembered_associations_stay_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
