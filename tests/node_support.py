@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pytest
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from plugin.store import InstanceRecord, utcnow
 
@@ -98,6 +100,19 @@ def instance_record(
         association_key=key,
         accession_number=accession_number,
     )
+
+
+def compiled_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the kind of each statement SQLAlchemy compiles (a warm path compiles none)."""
+    compiled: list[str] = []
+    compile_statement = SQLCompiler.__init__
+
+    def counted(self: SQLCompiler, *args: Any, **kwargs: Any) -> None:
+        compiled.append(type(args[1]).__name__ if len(args) > 1 else "?")
+        compile_statement(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLCompiler, "__init__", counted)
+    return compiled
 
 
 def held_incoming(directory: Path) -> list[Path]:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_support import write_series
-from sqlalchemy.sql.compiler import SQLCompiler
+from node_support import compiled_statements, write_series
 
 from dicom_io.net import Peer, ReceivedInstance
 from plugin.config import Config
@@ -194,14 +193,7 @@ def test_the_node_prepares_its_receiving_processes_so_the_first_instance_compile
         node.store.dispose()
     receiver = pickle.loads(pickle.dumps(node.receiver))  # what a receiving process gets
     receiver.prepare()
-    compiled: list[str] = []
-    compile_statement = SQLCompiler.__init__
-
-    def counted(self: SQLCompiler, *args: object, **kwargs: object) -> None:
-        compiled.append(type(args[1]).__name__ if len(args) > 1 else "?")
-        compile_statement(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(SQLCompiler, "__init__", counted)
+    compiled = compiled_statements(monkeypatch)
     [source] = write_series(tmp_path / "src", 1)
     assert receiver.handle(_received(config, source)) == STATUS_SUCCESS
     assert compiled == []

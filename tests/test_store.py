@@ -11,10 +11,9 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from node_support import instance_record
+from node_support import compiled_statements, instance_record
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, text
-from sqlalchemy.sql.compiler import SQLCompiler
 
 from plugin.store import (
     MIGRATIONS_DIR,
@@ -191,14 +190,7 @@ def test_a_warmed_up_store_records_its_first_instances_without_compiling(
     with store.session() as s:
         counts = [s.scalar(select(func.count()).select_from(t)) for t in (Study, Series, Instance, Reception)]
     assert counts == [0, 0, 0, 0]
-    compiled: list[str] = []
-    compile_statement = SQLCompiler.__init__
-
-    def counted(self: SQLCompiler, *args: object, **kwargs: object) -> None:
-        compiled.append(type(args[1]).__name__ if len(args) > 1 else "?")
-        compile_statement(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(SQLCompiler, "__init__", counted)
+    compiled = compiled_statements(monkeypatch)
     series = generate_uid()
     assert store.record_instance(_record("1.2.3", series, key="assoc-1"))  # a new study and series
     assert store.record_instance(_record("1.2.3", generate_uid(), key="assoc-2"))  # a new series of it
