@@ -23,6 +23,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import cast
 
+import pydicom.config
 import pytest
 from node_support import held_incoming, self_signed_cert
 from pydicom import dcmread
@@ -590,6 +591,32 @@ def test_a_receiving_process_that_dies_is_replaced(
     assert [p.wait(60) for p in senders] == [0, 0, 0, 0]  # every association served, on either process
     wait_until(lambda: len(file_recorder.stored()) == 4 and scp.active_associations == 0, timeout=30)
     assert {s["pid"] for s in file_recorder.stored()} <= set(scp.receiving_processes)
+
+
+@dataclass(frozen=True)
+class ValidationModeProbe:
+    """A `prepare` that notes, per receiving process, how pydicom validates the values it reads."""
+
+    keep: Path
+
+    def __call__(self) -> None:
+        mode = pydicom.config.settings.reading_validation_mode
+        (self.keep / f"mode-{os.getpid()}").write_text(str(mode))
+
+    def modes(self) -> dict[int, int]:
+        return {int(p.name.split("-")[1]): int(p.read_text()) for p in self.keep.glob("mode-*")}
+
+
+def test_receiving_processes_leave_uid_checks_to_the_transport(
+    start_scp: Callable[..., StorageSCP], file_recorder: FileRecorder, tmp_path: Path
+) -> None:
+    """pydicom's regex check of every UID pynetdicom builds (it only warns) cost each association
+    with a full proposal a third of its decoding: receiving processes switch it off and still
+    refuse what the transport checks (see the broken-dataset tests)."""
+    probe = ValidationModeProbe(tmp_path)
+    scp = start_scp(workers=2, handler=file_recorder, on_release=file_recorder.on_release, prepare=probe)
+    assert probe.modes() == {pid: pydicom.config.IGNORE for pid in scp.receiving_processes}
+    assert pydicom.config.settings.reading_validation_mode != pydicom.config.IGNORE  # not this process
 
 
 def _failing_prepare() -> None:
