@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -140,6 +142,19 @@ def test_an_instance_after_completion_opens_a_new_revision(store: Store) -> None
     assert summary.completed_at is None
 
 
+def test_an_instance_of_a_remembered_revision_that_completed_meanwhile_opens_the_next(store: Store) -> None:
+    """The prepared path remembers the study revision: it must not count into it once complete."""
+    series = generate_uid()
+    assert store.record_instance(_record("1.2.3", series))
+    with store.session() as s:
+        s.scalars(select(Study)).one().state = StudyState.COMPLETE
+    assert store.record_instance(_record("1.2.3", series))
+    [summary] = store.studies()
+    assert (summary.revision, summary.state, summary.instance_count) == (2, "RECEIVING", 2)
+    with store.session() as s:
+        assert sorted(s.scalars(select(Instance.study_revision)).all()) == [1, 2]
+
+
 def test_release_marks_the_associations_receptions(store: Store) -> None:
     store.record_instance(_record("1.2.3", key="assoc-1"))
     store.record_instance(_record("1.2.3", key="assoc-1"))
@@ -178,6 +193,61 @@ def test_a_new_association_of_a_known_series_takes_the_prepared_path(
     assert store.release_association("assoc-2", utcnow()) == 1
     [summary] = store.studies()
     assert summary.instance_count == 6
+
+
+class _CallCounter:
+    """A DBAPI connection that counts the calls the ingest path makes into the driver."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.calls: list[str] = []
+
+    def cursor(self) -> Any:
+        cursor, calls = self.connection.cursor(), self.calls
+
+        class Counted:
+            def execute(self, sql: str, *args: Any) -> Any:
+                calls.append(sql.split()[0])
+                return cursor.execute(sql, *args)
+
+        return Counted()
+
+    def __getattr__(self, name: str) -> Any:
+        self.calls.append(name)
+        return getattr(self.connection, name)
+
+
+def test_a_known_instance_is_one_call_into_sqlite_and_counts_as_the_statements_did(tmp_path: Path) -> None:
+    """On SQLite the prepared path is one INSERT whose trigger does the work (each call into the
+    driver hands the GIL over, under the ingest lock). The rows must come out as the separate
+    statements made them: counts, the later of two receive times, the first accession number seen,
+    a receptions row for each new association."""
+    store = Store(f"sqlite:///{tmp_path / 'radgate.db'}")
+    store.migrate()
+    try:
+        t0, series = utcnow(), generate_uid()
+        ids = store._ingest_ids
+        assert store.record_instance(instance_record("1.2.3", series, key="a1", received_at=t0))
+        counter = _CallCounter(ids.connection())
+        ids._connection = counter
+        later = instance_record("1.2.3", series, key="a1", received_at=t0 + timedelta(seconds=5))
+        assert store.record_instance(replace(later, accession_number="ACC1"))
+        assert counter.calls == ["INSERT"]
+        assert store.record_instance(
+            instance_record("1.2.3", series, key="a2", received_at=t0 + timedelta(seconds=2))
+        )
+        assert store.record_instance(replace(later, sop_instance_uid=generate_uid(), accession_number="ACC2"))
+        assert counter.calls == ["INSERT"] * 3
+        with store.session() as s:
+            study = s.scalars(select(Study)).one()
+            series_row = s.scalars(select(Series)).one()
+            keys = sorted(s.scalars(select(Reception.association_key)).all())
+        assert (study.instance_count, series_row.instance_count) == (4, 4)
+        assert study.last_received_at == series_row.last_received_at == t0 + timedelta(seconds=5)
+        assert study.accession_number == "ACC1"
+        assert keys == ["a1", "a2"]
+    finally:
+        store.dispose()
 
 
 def test_a_warmed_up_store_records_its_first_instances_without_compiling(
