@@ -460,7 +460,7 @@ def test_peer_filter_rejects(start_scp: Callable[..., StorageSCP]) -> None:
     assert dcmtk("echoscu", "-aet", "STRANGER", "127.0.0.1", str(scp.port)).returncode != 0
     assert dcmtk("echoscu", "-aet", "FRIEND", "127.0.0.1", str(scp.port)).returncode == 0
     assoc = scu([]).associate("127.0.0.1", scp.port)
-    assert assoc.is_rejected
+    assert assoc.is_rejected, f"not rejected: aborted {assoc.is_aborted}, established {assoc.is_established}"
     assert [p.ae_title for p in seen] == ["STRANGER", "FRIEND", "TESTSCU"]
     assert all(p.address == "127.0.0.1" and p.port > 0 for p in seen)
     assert len({p.association_id for p in seen}) == 3
