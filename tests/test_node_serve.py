@@ -164,7 +164,8 @@ def test_a_spool_write_failure_answers_out_of_resources(node: NodeProcess, tmp_p
     study_dir.write_bytes(b"a file where the study directory should be")  # mkdir fails: ENOTDIR
     sent = node.storescu(*files)  # storescu stops at the first refused instance
     assert "Refused: OutOfResources" in sent.stderr and "Success" not in sent.stderr, sent.stderr
-    assert "0xA700" in node.log()
+    # the receiving process forwards its log lines to the node's log: the line may come after the answer
+    wait_for(lambda: "0xA700" in node.log(), 10, "the refusal in the node's log")
     assert held_incoming(node.data_dir / "incoming") == []
     study_dir.unlink()
     assert node.storescu(*files).returncode == 0  # the node kept serving; the resend is stored
@@ -180,7 +181,7 @@ def test_a_file_size_limit_on_the_node_answers_out_of_resources(tmp_path: Path) 
         big = write_series(tmp_path / "big", 1, size=512)  # 512 KiB of pixels
         sent = node.storescu(*big)
         assert "Refused: OutOfResources" in sent.stderr and "Success" not in sent.stderr, sent.stderr
-        assert "0xA700" in node.log()
+        wait_for(lambda: "0xA700" in node.log(), 10, "the refusal in the node's log")
         assert held_incoming(node.data_dir / "incoming") == []  # the partial file is gone
         small = write_series(tmp_path / "small", 2)
         assert node.storescu(*small).returncode == 0
