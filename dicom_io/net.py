@@ -208,10 +208,14 @@ _SHORT_VRS = frozenset(
 )
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _STUDY_UID, _SERIES_UID, _SOP_INSTANCE_UID, _SOP_CLASS_UID = 0x0020000D, 0x0020000E, 0x00080018, 0x00080016
-_NUMBER_OF_FRAMES = 0x00280008
-_US_TAGS = (0x00280002, 0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280103)
+_NUMBER_OF_FRAMES, _PHOTOMETRIC, _PIXEL_DATA = 0x00280008, 0x00280004, 0x7FE00010
+_SAMPLES, _ROWS, _COLUMNS, _BITS_ALLOCATED = 0x00280002, 0x00280010, 0x00280011, 0x00280100
+_US_TAGS = (_SAMPLES, _ROWS, _COLUMNS, _BITS_ALLOCATED, 0x00280101, 0x00280103)
 _WANTED = frozenset(
-    {_STUDY_UID, _SERIES_UID, _SOP_INSTANCE_UID, _SOP_CLASS_UID, _NUMBER_OF_FRAMES, *_US_TAGS}
+    {_STUDY_UID, _SERIES_UID, _SOP_INSTANCE_UID, _SOP_CLASS_UID, _NUMBER_OF_FRAMES, _PHOTOMETRIC, *_US_TAGS}
+)
+_NATIVE_SYNTAXES = frozenset(
+    {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 )
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _META_READ = 1 << 16  # a file meta group is a few hundred bytes
@@ -243,6 +247,8 @@ class _ElementWalker:
         self.u16 = struct.Struct(order + "H")
         self.u32 = struct.Struct(order + "L")
         self.values: dict[int, bytes] = {}
+        self.pixel_length: int | None = None  # top-level Pixel Data: its value length, when defined
+        self.fragments: int | None = None  # its items (offset table included), when encapsulated
 
     def walk(self, pos: int, end: int, explicit: bool, depth: int) -> int:
         """Walk elements from `pos`; at depth > 0 stop after a delimiter item, else at `end`."""
@@ -285,10 +291,45 @@ class _ElementWalker:
                     f"invalid VR {vr!r} in element ({group:04X},{element:04X}): "
                     "not encoded in the negotiated transfer syntax",
                 )
+            if group == 0x7FE0 and element == 0x0010 and depth == 0:  # Pixel Data
+                pos = self._pixel_data(pos, end, length)
+                continue
             pos = self._value(pos, end, length, inner_explicit, depth, tag)
         if depth > 0:
             raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "truncated: sequence or item not closed")
         return pos
+
+    def _pixel_data(self, pos: int, end: int, length: int) -> int:
+        """Skip the top-level Pixel Data value, noting its length or, encapsulated, its item count.
+
+        An encapsulated value must be items of defined length closed by a sequence delimiter.
+        """
+        if length != _UNDEFINED_LENGTH:
+            self.pixel_length = length
+            return self._value(pos, end, length, False, 0, _PIXEL_DATA)
+        items = 0
+        while pos + 8 <= end:
+            if self.partial and pos + 8 > self.held:
+                raise _BeyondHead
+            group, element, length = self.implicit_head.unpack_from(self.buf, pos)
+            pos += 8
+            if (group, element) == (0xFFFE, 0xE0DD):
+                self.fragments = items
+                return pos
+            if (group, element) != (0xFFFE, 0xE000) or length == _UNDEFINED_LENGTH:
+                raise InstanceRefused(
+                    STATUS_CANNOT_UNDERSTAND,
+                    f"encapsulated Pixel Data holds ({group:04X},{element:04X}) of length {length:#x} "
+                    f"at byte {pos - 8} where an item of defined length belongs",
+                )
+            if pos + length > end:
+                raise InstanceRefused(
+                    STATUS_CANNOT_UNDERSTAND,
+                    f"truncated: encapsulated Pixel Data item {items} needs {length} bytes, {end - pos} left",
+                )
+            items += 1
+            pos += length
+        raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "truncated: encapsulated Pixel Data not closed")
 
     def _value(self, pos: int, end: int, length: int, explicit: bool, depth: int, tag: int) -> int:
         """Skip one value (recursing into undefined lengths); remember wanted top-level values."""
@@ -329,7 +370,7 @@ def inspect_dataset(
         walker = _ElementWalker(head, little_endian, end=size - offset)
         try:
             walker.walk(0, size - offset, explicit, 0)
-            return _identity(walker.values, walker.u16)
+            return _checked_identity(walker, transfer_syntax)
         except _BeyondHead:
             pass  # read it from the file
     with path.open("rb") as f:
@@ -347,7 +388,7 @@ def inspect_dataset(
                 data, start = mapped, offset
             walker = _ElementWalker(data, little_endian)
             walker.walk(start, len(data), explicit, 0)
-    return _identity(walker.values, walker.u16)
+    return _checked_identity(walker, transfer_syntax)
 
 
 def inspect_part10(path: Path) -> DatasetIdentity:
@@ -371,6 +412,72 @@ def inspect_part10(path: Path) -> DatasetIdentity:
     if not transfer_syntax or pos > len(head):
         raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "file meta without a transfer syntax")
     return inspect_dataset(path, pos, transfer_syntax)
+
+
+def _checked_identity(walker: _ElementWalker, transfer_syntax: str) -> DatasetIdentity:
+    """The walked dataset's identity, once its attributes and its Pixel Data are found sound."""
+    identity = _identity(walker.values, walker.u16)
+    _check_pixel_data(walker, transfer_syntax)
+    return identity
+
+
+def _check_pixel_data(walker: _ElementWalker, transfer_syntax: str) -> None:
+    """Refuse Pixel Data that cannot hold the image its attributes describe.
+
+    Native: at least Rows x Columns x Samples per Pixel x Bits Allocated / 8 x Number of Frames bytes
+    (YBR_FULL_422 keeps two samples a pixel; 1-bit data is packed); a longer value is accepted, as
+    readers ignore the tail. Encapsulated: an offset table item and at least one fragment a frame.
+    Raises `InstanceRefused` with 0xA900 (the value does not fit the image) or 0xC000 (wrong form).
+    """
+    if walker.pixel_length is None and walker.fragments is None:
+        return  # no Pixel Data: nothing to check
+    native = transfer_syntax in _NATIVE_SYNTAXES
+    frames = _number_of_frames(walker.values.get(_NUMBER_OF_FRAMES))
+    if not native:
+        if walker.fragments is None:
+            raise InstanceRefused(
+                STATUS_CANNOT_UNDERSTAND, "Pixel Data is not encapsulated, as its transfer syntax requires"
+            )
+        if walker.fragments < 1 + frames:
+            raise InstanceRefused(
+                STATUS_DATASET_MISMATCH,
+                f"encapsulated Pixel Data has {max(0, walker.fragments - 1)} fragment(s) "
+                f"for {frames} frame(s)",
+            )
+        return
+    if walker.pixel_length is None:
+        raise InstanceRefused(
+            STATUS_CANNOT_UNDERSTAND, "Pixel Data is encapsulated, but the transfer syntax is native"
+        )
+    image = [_us(walker, tag) for tag in (_ROWS, _COLUMNS, _BITS_ALLOCATED)]
+    if None in image:
+        return  # not described: a later step says what is missing
+    rows, columns, bits = cast(list[int], image)
+    samples = _us(walker, _SAMPLES) or 1
+    if _text(walker.values.get(_PHOTOMETRIC, b"")) in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+        samples = 2
+    needed = (rows * columns * samples * bits * frames + 7) // 8
+    if walker.pixel_length < needed:
+        raise InstanceRefused(
+            STATUS_DATASET_MISMATCH,
+            f"Pixel Data holds {walker.pixel_length} bytes; Rows {rows} x Columns {columns} x "
+            f"Samples per Pixel {samples} x Bits Allocated {bits} / 8 x Number of Frames {frames} "
+            f"needs {needed}",
+        )
+
+
+def _us(walker: _ElementWalker, tag: int) -> int | None:
+    """A remembered top-level US value, or None when absent or malformed (`_identity` refuses those)."""
+    raw = walker.values.get(tag)
+    if raw is None or len(raw) != walker.u16.size:
+        return None
+    return int(walker.u16.unpack(raw)[0])
+
+
+def _number_of_frames(raw: bytes | None) -> int:
+    """Number of Frames as an integer; 1 when absent or empty (malformed values: `_identity` refuses)."""
+    text = _text(raw or b"")
+    return max(1, int(text)) if _IS_RE.fullmatch(text) else 1
 
 
 def _identity(values: dict[int, bytes], u16: struct.Struct) -> DatasetIdentity:

@@ -30,6 +30,7 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -40,7 +41,12 @@ from pynetdicom import AE, _config
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    RTDoseStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
 
 import dicom_io.net as net
 from dicom_io.net import (
@@ -55,6 +61,7 @@ from dicom_io.net import (
     c_store_rsp_command,
     file_meta_header,
     inspect_dataset,
+    inspect_part10,
     received_completely,
 )
 
@@ -690,6 +697,139 @@ def test_a_dataset_cut_inside_a_long_element_header_is_refused(tmp_path: Path) -
     (tmp_path / "cut.dcm").write_bytes(data[:cut])
     with pytest.raises(InstanceRefused, match="truncated element header"):
         inspect_dataset(tmp_path / "cut.dcm", offset, str(dcmread(path).file_meta.TransferSyntaxUID))
+
+
+# --- pixel data that cannot hold its image ------------------------------------------------------
+
+CHEST_CT = TESTDATA / "ct-chest-nsclc-lung1-001/ct"
+_ITEM, _SEQUENCE_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _item(value: bytes) -> bytes:
+    return _ITEM + struct.pack("<L", len(value)) + value
+
+
+def _with_pixel_bytes(
+    src: Path, dst: Path, transfer_syntax: str, pixel_value: bytes, **attrs: object
+) -> Path:
+    """`src` re-encoded in `transfer_syntax` with Pixel Data's value replaced by `pixel_value` as it is
+    (undefined length when it starts with an item, as an encapsulated value does)."""
+    ds = dcmread(src)
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    del ds.PixelData
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    ds.save_as(dst, enforce_file_format=True)
+    length = 0xFFFFFFFF if pixel_value.startswith(_ITEM) else len(pixel_value)
+    if transfer_syntax == ImplicitVRLittleEndian:
+        header = struct.pack("<HHL", 0x7FE0, 0x0010, length)
+    else:
+        header = struct.pack("<HH2s2xL", 0x7FE0, 0x0010, b"OB", length)
+    dst.write_bytes(dst.read_bytes() + header + pixel_value)
+    return dst
+
+
+def _short_pixel_cases(tmp_path: Path) -> dict[str, tuple[Path, int]]:
+    """Files whose Pixel Data is sound as bytes but cannot be the image, with the status each gets."""
+    ct = sorted(CHEST_CT.iterdir())[0]
+    pixels = dcmread(ct).PixelData
+    j2k = PYDICOM_FILES / "JPEG2000.dcm"
+    dose = dcmread(PYDICOM_FILES / "rtdose.dcm")
+    frame = len(dose.PixelData) // int(dose.NumberOfFrames)
+    return {
+        # a slice cut short on the sender's disk, then re-encoded whole around what was left
+        "ct-half": (
+            _with_pixel_bytes(
+                ct, tmp_path / "ct-half.dcm", ExplicitVRLittleEndian, pixels[: len(pixels) // 2]
+            ),
+            STATUS_DATASET_MISMATCH,
+        ),
+        "ct-implicit-one-byte-short": (
+            _with_pixel_bytes(ct, tmp_path / "ct-short.dcm", ImplicitVRLittleEndian, pixels[:-2]),
+            STATUS_DATASET_MISMATCH,
+        ),
+        "multiframe-missing-a-frame": (
+            _with_pixel_bytes(
+                PYDICOM_FILES / "rtdose.dcm",
+                tmp_path / "dose.dcm",
+                ExplicitVRLittleEndian,
+                dose.PixelData[:-frame],
+            ),
+            STATUS_DATASET_MISMATCH,
+        ),
+        "encapsulated-offset-table-only": (
+            _with_pixel_bytes(j2k, tmp_path / "j2k-empty.dcm", JPEG2000, _item(b"") + _SEQUENCE_END),
+            STATUS_DATASET_MISMATCH,
+        ),
+        "encapsulated-unclosed": (
+            _with_pixel_bytes(
+                j2k, tmp_path / "j2k-open.dcm", JPEG2000, _item(b"") + _item(b"\xff\x4f\xff\x51")
+            ),
+            STATUS_CANNOT_UNDERSTAND,
+        ),
+        "encapsulated-in-native-syntax": (
+            _with_pixel_bytes(
+                ct,
+                tmp_path / "ct-encaps.dcm",
+                ExplicitVRLittleEndian,
+                _item(b"") + _item(pixels) + _SEQUENCE_END,
+            ),
+            STATUS_CANNOT_UNDERSTAND,
+        ),
+    }
+
+
+SOUND_IMAGES = [
+    "CT_small.dcm",
+    "MR_small_bigendian.dcm",
+    "SC_ybr_full_422_uncompressed.dcm",  # two samples a pixel on the wire
+    "SC_rgb_small_odd.dcm",  # odd length, padded
+    "SC_rgb_rle_2frame.dcm",
+    "examples_ybr_color.dcm",  # 30 JPEG frames
+    "rtdose.dcm",  # 15 native frames
+    "liver_1frame.dcm",  # 1-bit SEG, packed
+    "JPEG2000.dcm",
+    "image_dfl.dcm",  # deflated
+]
+
+
+@pytest.mark.parametrize("name", SOUND_IMAGES)
+def test_sound_images_of_every_encoding_pass_the_pixel_data_check(name: str) -> None:
+    assert (
+        inspect_part10(PYDICOM_FILES / name).sop_instance_uid == dcmread(PYDICOM_FILES / name).SOPInstanceUID
+    )
+
+
+@pytest.mark.usefixtures("chunked_send")
+def test_pixel_data_that_cannot_hold_the_image_is_refused(
+    start_scp: Callable[..., StorageSCP], recorder: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cases = _short_pixel_cases(tmp_path)
+    scp = start_scp()
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000]
+    ae = scu(
+        [
+            (sop, ts)
+            for sop in (CTImageStorage, RTDoseStorage, SecondaryCaptureImageStorage)
+            for ts in syntaxes
+        ]
+    )
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="RADGATE")
+    assert assoc.is_established
+    statuses: dict[str, int] = {}
+    try:
+        for name, (path, _) in cases.items():
+            statuses[name] = assoc.send_c_store(path).Status
+        good = sorted(CHEST_CT.iterdir())[1]  # the same association still takes a whole slice
+        statuses["good"] = assoc.send_c_store(good).Status
+    finally:
+        assoc.release()
+    assert statuses == {name: status for name, (_, status) in cases.items()} | {"good": 0}
+    assert [i.sop_instance_uid for i in recorder.instances] == [dcmread(good).SOPInstanceUID]
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused C-STORE")]
+    assert len(refusals) == len(cases)  # one line each
+    assert "Pixel Data holds 262144 bytes" in refusals[0] and "needs 524288" in refusals[0]
+    assert not held_incoming(tmp_path / "incoming"), "refused files left behind"
 
 
 # --- hand-made encodings equal the libraries' -----------------------------------------------------
