@@ -47,7 +47,7 @@ PLANE_TOL_MM = 0.05
 GRID_TOL = 1e-2
 """How far (in voxels) a reference's grid may be from the volume's and still count as the same grid."""
 _COSINE_TOL = 1e-3
-_ROUND = 3  # voxel index kept to 1/1000 voxel: points written with a few decimals on a pixel centre stay on it
+_ROUND = 3  # indices kept to 1/1000 voxel: points written with few decimals on a pixel centre stay on it
 
 
 class ReferenceInputError(ValueError):

@@ -96,6 +96,9 @@ def pair_cases(cases: Sequence[Path], references: Sequence[Path] | None) -> list
                 f"{len(references)} --reference for {len(cases)} cases: give one per case, in the same "
                 "order, or none to find each case's reference inside its folder"
             )
+        missing = [str(r) for r in references if not r.is_file()]
+        if missing:
+            raise UnusableCaseError(f"no such reference file: {', '.join(missing)}")
         return list(zip(cases, references, strict=True))
     out = []
     for case in cases:
