@@ -34,6 +34,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from dicom_io.types import Code, Volume
 
@@ -403,7 +404,9 @@ def _seg_slices(path: Path, ds: Dataset, volume: Volume, count: int) -> list[int
                 raise GridMismatchError(
                     f"{path}: SEG frame {i + 1} does not lie on a pixel grid of the series"
                 )
-            k = round(float(index[2])) if k is None else k
+            if k is not None and k != round(float(index[2])):
+                raise GridMismatchError(f"{path}: SEG frame {i + 1} lies elsewhere than its source image")
+            k = round(float(index[2]))
         if k is None:
             raise ReferenceInputError(f"{path}: SEG frame {i + 1} has neither a source image nor a position")
         if not 0 <= k < volume.shape[0]:
@@ -416,10 +419,8 @@ def _source_slice(groups: Dataset, slice_of: dict[tuple[str, int], int]) -> int 
     for derivation in groups.get("DerivationImageSequence", []):
         for source in derivation.get("SourceImageSequence", []):
             frame = source.get("ReferencedFrameNumber")
-            key = (
-                str(source.get("ReferencedSOPInstanceUID", "")),
-                int(frame[0] if isinstance(frame, list) else frame or 1),
-            )
+            number = int(frame[0]) if isinstance(frame, MultiValue | list) else int(frame or 1)
+            key = (str(source.get("ReferencedSOPInstanceUID", "")), number)
             if key in slice_of:
                 return slice_of[key]
     return None

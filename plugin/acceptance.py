@@ -135,7 +135,7 @@ def validate_case(
     started = time.perf_counter()
     try:
         findings = run_pipeline(pipeline, volume, device)
-    except PipelineError as err:
+    except (PipelineError, GeometryError) as err:  # refused the series, or findings off its grid
         result.error = str(err)
         return result
     result.seconds = time.perf_counter() - started
@@ -227,6 +227,8 @@ def print_report(document: dict[str, Any]) -> None:
                 f"{_fmt(s['hd95_mm'], 1):>8} {s['reference_ml']:>9.1f} {s['pipeline_ml']:>9.1f} "
                 f"{s['difference_percent']:>+7.1f}"
             )
+        if case["unmatched_reference_structures"]:
+            print("  not scored (no segment): " + ", ".join(case["unmatched_reference_structures"]))
         for note in case["notes"]:
             print(f"  note: {note}")
     print(f"\nsummary over {len(document['cases'])} case(s)")
