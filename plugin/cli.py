@@ -84,6 +84,12 @@ def _cmd_run(args: argparse.Namespace, config: Config) -> int:
     return command(args, config)
 
 
+def _cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    from plugin.acceptance import command
+
+    return command(args, config)
+
+
 def _cmd_demo(args: argparse.Namespace, config: Config) -> int:
     from plugin.demo import command
 
@@ -234,6 +240,52 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     run.add_argument("--no-dicom", action="store_true", help="skip the SEG/SR/SC files")
     run.set_defaults(func=_cmd_run)
+
+    validate = sub.add_parser(
+        "validate",
+        help="score a pipeline against reference segmentations of your own cases (Dice, HD95, volumes)",
+        description="Run the pipeline on each CASE_DIR (the series `radgate run` would pick) and score "
+        "its segments against the case's reference: an RTSTRUCT, a DICOM SEG, or a NIfTI label map on "
+        "the series' grid. Give --reference once per case, in the order of the cases, or not at all: "
+        "each case's reference is then the one RTSTRUCT or SEG file inside its folder, else the one "
+        ".nii/.nii.gz file. Reference structures are paired with segments by code (segmented property "
+        "type and laterality), else by name ('Lung L' = 'Left lung'), or as --map says. Prints Dice, "
+        "95th-percentile Hausdorff distance (mm) and volumes per case and segment, and the mean and "
+        "worst per segment. Exit status 0 when scored, 1 when a Dice is below --min-dice or the "
+        "pipeline refused a case, 2 for input that cannot be scored (the reason is printed).",
+    )
+    _add_config_options(validate)
+    validate.add_argument(
+        "cases", nargs="+", type=Path, metavar="CASE_DIR", help="folder with one case's DICOM files"
+    )
+    validate.add_argument(
+        "--pipeline", required=True, help="pipeline name: built in, installed, or from the --config pipelines"
+    )
+    validate.add_argument(
+        "--reference",
+        action="append",
+        type=Path,
+        metavar="REF",
+        help="reference file of a case (RTSTRUCT, SEG, .nii/.nii.gz); repeat once per CASE_DIR, same order",
+    )
+    validate.add_argument(
+        "--map",
+        action="append",
+        metavar="REFERENCE=SEGMENT",
+        help="score this reference structure (ROI name, SEG segment label or number, NIfTI label value) "
+        "against this segment (label or number); repeatable; when given, only these pairs are scored",
+    )
+    validate.add_argument(
+        "--out", type=Path, help="write validation.json, validation.csv and validation-summary.csv here"
+    )
+    validate.add_argument(
+        "--min-dice", type=float, metavar="X", help="exit status 1 when any Dice is below X"
+    )
+    validate.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="pipeline option (repeatable)"
+    )
+    validate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    validate.set_defaults(func=_cmd_validate)
     return parser
 
 

@@ -96,6 +96,11 @@ def _headers(files: Iterable[Path], wanted: set[str]) -> list[Dataset]:
     return headers
 
 
+def input_files(input_dir: Path) -> list[Path]:
+    """Every file below `input_dir`; `load_series` picks the series a pipeline runs on from them."""
+    return sorted(p for p in input_dir.rglob("*") if p.is_file())
+
+
 def run_offline(
     pipeline_name: str,
     input_dir: Path,
@@ -111,7 +116,7 @@ def run_offline(
     Raises SeriesError (unusable files), PipelineError (unusable series), ResultError (DICOM results).
     """
     device = device or select_device()
-    files = sorted(p for p in input_dir.rglob("*") if p.is_file())
+    files = input_files(input_dir)
     with tqdm(total=3 if write_dicom else 2, desc=pipeline_name, unit="step", disable=not progress) as bar:
         bar.set_postfix_str(f"loading {len(files)} files")
         volume = load_series(files)
