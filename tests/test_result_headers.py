@@ -203,6 +203,13 @@ def _japanese(ds: Dataset) -> None:
     ds.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
 
 
+def _long_utf8(ds: Dataset) -> None:
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Yamada^Tarou=" + "山" * 10 + "^" + "太" * 5 + "=" + "や" * 10 + "^" + "た" * 5
+    ds.StudyDescription = "é" * 40
+    ds.StudyID = "ü" * 10
+
+
 def _latin1_bytes_declared_utf8(ds: Dataset) -> None:
     ds.SpecificCharacterSet = "ISO_IR 192"
     _raw(ds, "PatientName", "PN", "Müller^Jürgen".encode("latin_1"))
@@ -305,27 +312,27 @@ MUTATIONS = (
         "long-study-description",
         _set(StudyDescription="Thorax " + "x" * 63),
         {"StudyDescription": "Thorax " + "x" * 57},
-        ("StudyDescription truncated to the 64 characters LO allows",),
+        ("StudyDescription truncated to the 64 bytes LO allows",),
     ),
     Mutation(
         "long-study-id",
         _set(StudyID="S" * 20),
         {"StudyID": ""},
-        ("StudyID emptied (longer than the 16 characters SH allows)",),
+        ("StudyID emptied (longer than the 16 bytes SH allows)",),
     ),
     Mutation(
         "long-accession-number",
         _set(AccessionNumber="A" * 20),
         {"AccessionNumber": ""},
-        ("AccessionNumber emptied (longer than the 16 characters SH allows)",),
+        ("AccessionNumber emptied (longer than the 16 bytes SH allows)",),
     ),
     Mutation(
         "long-person-name",
         _set(PatientName="F" * 70 + "^G^M^P^S^X^Y", ReferringPhysicianName="R" * 65 + "^Ref"),
         {"PatientName": "F" * 64, "ReferringPhysicianName": "R" * 64},
         (
-            "PatientName components beyond 5 dropped, truncated to the 64 characters a PN component group",
-            "ReferringPhysicianName truncated",
+            "PatientName components beyond 5 dropped, truncated to the 64 bytes PN allows",
+            "ReferringPhysicianName truncated to the 64 bytes PN allows",
         ),
         secret="F" * 64,
         pixelmed=True,
@@ -334,7 +341,7 @@ MUTATIONS = (
         "long-issuer-of-patient-id",
         _set(IssuerOfPatientID="I" * 70),
         {"IssuerOfPatientID": None},
-        ("IssuerOfPatientID dropped (longer than the 64 characters LO allows)",),
+        ("IssuerOfPatientID dropped (longer than the 64 bytes LO allows)",),
     ),
     Mutation(
         "latin-1-names",
@@ -352,6 +359,20 @@ MUTATIONS = (
         _japanese,
         {"PatientName": "Yamada^Tarou=山田^太郎=やまだ^たろう"},
         pixelmed=True,
+    ),
+    Mutation(
+        "utf-8-text-over-its-byte-limit",
+        _long_utf8,
+        {
+            "PatientName": "Yamada^Tarou=" + "山" * 10 + "^" + "太" * 5,
+            "StudyDescription": "é" * 32,
+            "StudyID": "",
+        },
+        (
+            "PatientName component groups dropped to fit 64 bytes",
+            "StudyDescription truncated to the 64 bytes LO allows",
+            "StudyID emptied (longer than the 16 bytes SH allows)",
+        ),
     ),
     Mutation(
         "bytes-invalid-for-declared-utf-8",

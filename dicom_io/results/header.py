@@ -193,7 +193,9 @@ _STUDY_LEVEL_KEYWORDS = (
 )
 _STUDY_LEVEL_TAGS = frozenset(Tag(keyword) for keyword in _STUDY_LEVEL_KEYWORDS)
 
-_MAX_CHARACTERS = {"LO": 64, "SH": 16, "ST": 1024, "CS": 16, "DS": 16, "UI": 64, "PN": 64}
+# Maximum lengths, counted in bytes of the UTF-8 we write: dciodvfy counts bytes (the standard says
+# characters, which bytes never exceed), and it holds a whole PN value, not each group, to 64.
+_MAX_BYTES = {"LO": 64, "SH": 16, "ST": 1024, "CS": 16, "DS": 16, "UI": 64, "PN": 64}
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _ACR_NEMA_DATE = re.compile(r"(\d{4})[-./](\d{2})[-./](\d{2})")
 _ACR_NEMA_TIME = re.compile(r"(\d{2}):(\d{2})(?::(\d{2}(?:\.\d{1,6})?))?")
@@ -302,7 +304,7 @@ def _copy(
     vr = dictionary_VR(tag)
     if tag not in source:
         if attribute.type == "2":
-            target.add_new(tag, vr, [] if vr == "SQ" else None)
+            target.add_new(tag, vr, None)
             notes.append(f"{path} missing, written empty")
         return f"{attribute.keyword} missing" if attribute.type == "1" else None
     if vr == "SQ":
@@ -330,7 +332,7 @@ def _copy_sequence(
     items: list[Dataset] = []
     given = source[attribute.keyword].value or []
     for index, item in enumerate(given, start=1):
-        copied, item_notes = Dataset(), []
+        copied, item_notes = Dataset(), list[str]()
         item_terms = _charset_terms(item) if "SpecificCharacterSet" in item else terms
         failure = next(
             (
@@ -469,7 +471,7 @@ def _check_time(text: str, vr: str, attribute: Attribute) -> tuple[str | None, s
 def _check_code(text: str, vr: str, attribute: Attribute) -> tuple[str | None, str | None]:
     upper = text.upper()
     note = "upper-cased" if upper != text else None
-    if len(upper) > _MAX_CHARACTERS[vr] or not _CODE.fullmatch(upper):
+    if len(upper) > _MAX_BYTES[vr] or not _CODE.fullmatch(upper):
         return None, "not a valid code string"
     if attribute.enumerated and upper not in attribute.enumerated:
         return None, f"not one of {', '.join(attribute.enumerated)}"
@@ -481,9 +483,18 @@ def _check_age(text: str, vr: str, attribute: Attribute) -> tuple[str | None, st
 
 
 def _check_decimal(text: str, vr: str, attribute: Attribute) -> tuple[str | None, str | None]:
-    if len(text) > _MAX_CHARACTERS[vr] or not _DECIMAL.fullmatch(text) or not math.isfinite(float(text)):
+    if len(text) > _MAX_BYTES[vr] or not _DECIMAL.fullmatch(text) or not math.isfinite(float(text)):
         return None, "not a decimal string"
     return text, None
+
+
+def _fit(text: str, limit: int) -> str:
+    """The longest start of text whose UTF-8 takes at most `limit` bytes (never half a character)."""
+    return text.encode("utf_8")[:limit].decode("utf_8", errors="ignore")
+
+
+def _too_long(text: str, limit: int) -> bool:
+    return len(text.encode("utf_8")) > limit
 
 
 def _check_text(text: str, vr: str, attribute: Attribute) -> tuple[str | None, str | None]:
@@ -492,35 +503,40 @@ def _check_text(text: str, vr: str, attribute: Attribute) -> tuple[str | None, s
     cleaned = (_TEXT_CONTROL if vr == "ST" else _CONTROL).sub(" ", text)
     if cleaned != text:
         notes.append("control characters replaced")
-    limit = _MAX_CHARACTERS[vr]
-    if len(cleaned) > limit:
+    limit = _MAX_BYTES[vr]
+    if _too_long(cleaned, limit):
         if attribute.identifier:
-            return None, f"longer than the {limit} characters {vr} allows"
-        cleaned = cleaned[:limit].rstrip()
-        notes.append(f"truncated to the {limit} characters {vr} allows")
+            return None, f"longer than the {limit} bytes {vr} allows"
+        cleaned = _fit(cleaned, limit).rstrip()
+        notes.append(f"truncated to the {limit} bytes {vr} allows")
     return cleaned, ", ".join(notes) or None
 
 
 def _check_person_name(text: str, vr: str, attribute: Attribute) -> tuple[str | None, str | None]:
-    """At most 3 component groups of at most 5 components and 64 characters each."""
+    """At most 3 component groups of at most 5 components, 64 bytes in all (as dciodvfy checks).
+
+    Groups that do not fit are dropped from the end (phonetic, then ideographic), then the first is cut.
+    """
     cleaned = _CONTROL.sub(" ", text)
     notes = ["control characters replaced"] if cleaned != text else []
     groups = cleaned.split("=")
     if len(groups) > 3:
         groups = groups[:3]
         notes.append("component groups beyond 3 dropped")
-    fixed = []
-    for group in groups:
+    for index, group in enumerate(groups):
         components = group.split("^")
         if len(components) > 5:
-            components = components[:5]
+            groups[index] = "^".join(components[:5])
             notes.append("components beyond 5 dropped")
-        joined = "^".join(components)
-        if len(joined) > _MAX_CHARACTERS[vr]:
-            joined = joined[: _MAX_CHARACTERS[vr]].rstrip(" ^")
-            notes.append(f"truncated to the {_MAX_CHARACTERS[vr]} characters a PN component group allows")
-        fixed.append(joined)
-    return "=".join(fixed).rstrip("="), ", ".join(dict.fromkeys(notes)) or None
+    limit = _MAX_BYTES[vr]
+    while len(groups) > 1 and _too_long("=".join(groups).rstrip("="), limit):
+        groups.pop()
+        notes.append("component groups dropped to fit 64 bytes")
+    name = "=".join(groups).rstrip("=")
+    if _too_long(name, limit):
+        name = _fit(name, limit).rstrip(" ^")
+        notes.append(f"truncated to the {limit} bytes PN allows")
+    return name, ", ".join(dict.fromkeys(notes)) or None
 
 
 _CHECKS: dict[str, _Check] = {
