@@ -278,6 +278,29 @@ def _uncopied_garbage(ds: Dataset) -> None:
     ds.OtherPatientIDs = "O" * 80
 
 
+def _equipment_defects(ds: Dataset) -> None:
+    _raw(ds, "Manufacturer", "LO", b"SIEMENS " + b"M" * 62)
+    _raw(ds, "StationName", "SH", b"CT-SCANNER-ROOM-12")
+    _raw(ds, "InstitutionName", "LO", "Universitätsspital Basel".encode("latin_1"))  # ISO_IR 100: valid
+    _raw(ds, "AcquisitionDateTime", "DT", b"2023-01-01 10:00")
+    _raw(ds, "SoftwareVersions", "LO", b"VG60A\\" + b"V" * 70)
+
+
+def _acquisition_equipment_checked(objects: list[Dataset]) -> None:
+    """The SEG lists the source's scanner as acquisition equipment, with the checked values."""
+    seg = next(ds for ds in objects if ds.Modality == "SEG")
+    item = next(
+        i
+        for i in seg.ContributingEquipmentSequence
+        if i.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
+    )
+    assert item.Manufacturer == "SIEMENS " + "M" * 56
+    assert item.StationName == "CT-SCANNER-ROOM-"
+    assert item.InstitutionName == "Universitätsspital Basel"
+    assert "ContributionDateTime" not in item
+    assert list(item.SoftwareVersions) == ["VG60A", "V" * 64]
+
+
 @dataclass(frozen=True)
 class Mutation:
     """One field defect: how to make it, what the results must carry, what their log line must say."""
@@ -287,6 +310,7 @@ class Mutation:
     expected: dict[str, object]  # keyword -> value every object carries (None: absent)
     logged: tuple[str, ...] = ()  # in each object's log line; () means no line at all
     secret: str | None = None  # a patient value that must never reach the log
+    check: Callable[[list[Dataset]], None] | None = None  # more assertions on the objects
     pixelmed: bool = False  # DicomSRValidator on the SR too (about 20 s a run: one per kind of defect)
     as_read: bool = False  # raw bytes set on the dataset as read (see _sources)
 
@@ -484,6 +508,19 @@ MUTATIONS = (
         ),
     ),
     Mutation(
+        "source-equipment-defects",
+        _equipment_defects,
+        {"Manufacturer": "radgate", "InstitutionName": None},
+        (
+            "Manufacturer truncated to the 64 bytes LO allows",
+            "StationName truncated to the 16 bytes SH allows",
+            "AcquisitionDateTime dropped (not a valid date-time)",
+            "SoftwareVersions truncated",
+        ),
+        check=_acquisition_equipment_checked,
+        as_read=True,
+    ),
+    Mutation(
         "several-values-in-a-name",
         _set(PatientName="Doe^John\\Roe^Richard"),
         {"PatientName": ""},
@@ -567,6 +604,8 @@ def test_mutated_header_gives_valid_objects(
         assert not [e.tag for e in _walk(ds) if e.tag.is_private], ds.Modality
         for keyword, expected in mutation.expected.items():
             _check_value(ds, keyword, expected)
+    if mutation.check is not None:
+        mutation.check(objects)
 
     records = [r for r in caplog.records if r.name == LOGGER]
     if not mutation.logged:

@@ -5,8 +5,10 @@
     Header.stand_in(source)            the source as highdicom may read it (its own copy is then clean)
 
 Only the attributes in `MODULES` are copied: the Patient and General Study modules every IOD has,
-and the Patient Study and clinical-trial modules when the source carries them. Nothing else of the
-source's patient or study level, and no private tag, reaches a result. Each value is decoded with
+and the Patient Study, de-identification and clinical-trial attributes when the source carries
+them. Nothing else of the source's patient or study level, and no private tag, reaches a result.
+The source's equipment (`SOURCE_EQUIPMENT`) is checked the same way for the stand-in only: highdicom
+lists it as the acquisition equipment in a SEG's Contributing Equipment Sequence. Each value is decoded with
 the source's Specific Character Set (a charset its bytes do not fit is repaired), checked against
 its VR (from pydicom's dictionary) and its type in the IOD, and repaired or dropped:
 
@@ -72,12 +74,14 @@ class Module:
     """A module we copy: `required` ones always (Type 1 failures are errors), others when present.
 
     one_of: Type 1C attributes of which at least one must be copied, or the module is dropped.
+    source_only: checked for highdicom's stand-in source only, never written onto our objects.
     """
 
     name: str
     attributes: tuple[Attribute, ...]
     required: bool = False
     one_of: tuple[str, ...] = ()
+    source_only: bool = False
 
 
 _REFERENCE_ITEM = (Attribute("ReferencedSOPClassUID", "1"), Attribute("ReferencedSOPInstanceUID", "1"))
@@ -159,6 +163,24 @@ MODULES = (
     ),
 )
 
+#: The source's equipment, which highdicom puts into a SEG's (or source-evidenced SR's) Contributing
+#: Equipment Sequence as the acquisition equipment: checked, but our objects' own equipment is the node.
+SOURCE_EQUIPMENT = Module(
+    "General Equipment",
+    (
+        Attribute("Manufacturer", "2"),
+        Attribute("ManufacturerModelName", "3"),
+        Attribute("SoftwareVersions", "3"),
+        Attribute("DeviceSerialNumber", "3", identifier=True),
+        Attribute("InstitutionName", "3"),
+        Attribute("InstitutionalDepartmentName", "3"),
+        Attribute("InstitutionAddress", "3"),
+        Attribute("StationName", "3"),
+        Attribute("AcquisitionDateTime", "3"),
+    ),
+    source_only=True,
+)
+
 # What highdicom would copy from a source's patient and study level besides our attributes: the
 # groups of the Patient (0010), Clinical Trial (0012) and Visit (0038) attributes, and the study-level
 # attributes of the General Study and Patient Study modules that live in other groups.
@@ -192,6 +214,7 @@ _STUDY_LEVEL_KEYWORDS = (
     "SpecificCharacterSet",
 )
 _STUDY_LEVEL_TAGS = frozenset(Tag(keyword) for keyword in _STUDY_LEVEL_KEYWORDS)
+_SOURCE_ONLY_TAGS = frozenset(Tag(a.keyword) for a in SOURCE_EQUIPMENT.attributes)
 
 # Maximum lengths, counted in bytes of the UTF-8 we write: dciodvfy counts bytes (the standard says
 # characters, which bytes never exceed), and it holds a whole PN value, not each group, to 64.
@@ -199,12 +222,17 @@ _MAX_BYTES = {"LO": 64, "SH": 16, "ST": 1024, "CS": 16, "DS": 16, "UI": 64, "PN"
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _ACR_NEMA_DATE = re.compile(r"(\d{4})[-./](\d{2})[-./](\d{2})")
 _ACR_NEMA_TIME = re.compile(r"(\d{2}):(\d{2})(?::(\d{2}(?:\.\d{1,6})?))?")
+_DATE_TIME = re.compile(
+    r"\d{4}((0[1-9]|1[0-2])(([0-2]\d|3[01])(([01]\d|2[0-3])([0-5]\d((60|[0-5]\d)(\.\d{1,6})?)?)?)?)?)?"
+    r"([+-][01]\d[0-5]\d)?"
+)
 _TIME = re.compile(r"([01]\d|2[0-3])([0-5]\d((60|[0-5]\d)(\.\d{1,6})?)?)?")
 _AGE = re.compile(r"\d{3}[DWMY]")
 _DECIMAL = re.compile(r"[+\-]?(\d+|\d+\.\d*|\.\d+)([eE][+\-]?\d+)?")
 _CODE = re.compile(r"[A-Z0-9 _]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")  # ST keeps TAB, LF, FF, CR (and ESC)
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST"})  # decoded with the character set; the others are ASCII
 _ASCII_TERMS = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
 # Single-byte sets whose text is almost never also valid multi-byte UTF-8: such bytes were UTF-8.
 _SINGLE_BYTE_TERMS = frozenset(f"ISO_IR {n}" for n in (100, 101, 109, 110, 126, 127, 138, 144, 148, 166, 203))
@@ -220,7 +248,8 @@ class Header:
     """The checked patient/study attributes of one source instance and what was done to get them."""
 
     source_uid: str
-    dataset: Dataset
+    dataset: Dataset  # written onto every result
+    source_only: Dataset  # for the stand-in only (the source's equipment)
     repairs: tuple[str, ...]
 
     def write(self, target: Dataset) -> None:
@@ -249,12 +278,16 @@ class Header:
         kept = {
             element.tag: element
             for element in source.elements()
-            if not (element.tag.is_private or _patient_or_study_level(element.tag))
+            if not (
+                element.tag.is_private
+                or _patient_or_study_level(element.tag)
+                or element.tag in _SOURCE_ONLY_TAGS
+            )
         }
         stand_in = Dataset(kept)
         if hasattr(source, "file_meta"):
             stand_in.file_meta = source.file_meta
-        for element in self.dataset:
+        for element in [*self.dataset, *self.source_only]:
             stand_in.add(copy.deepcopy(element))
         stand_in.SpecificCharacterSet = RESULT_CHARACTER_SET
         return stand_in
@@ -272,8 +305,8 @@ def read_header(source: Dataset) -> Header:
     """
     terms = _charset_terms(source)
     repairs: list[str] = []
-    header = Dataset()
-    for module in MODULES:
+    header, source_only = Dataset(), Dataset()
+    for module in (*MODULES, SOURCE_EQUIPMENT):
         if not module.required and not any(a.keyword in source for a in module.attributes):
             continue
         written = Dataset()
@@ -292,8 +325,8 @@ def read_header(source: Dataset) -> Header:
             repairs.append(f"{module.name} module dropped ({failure})")
             continue
         repairs += notes
-        header.update(written)
-    return Header(str(source.get("SOPInstanceUID", "?")), header, tuple(repairs))
+        (source_only if module.source_only else header).update(written)
+    return Header(str(source.get("SOPInstanceUID", "?")), header, source_only, tuple(repairs))
 
 
 def _copy(
@@ -385,7 +418,7 @@ def _text(source: Dataset, tag: BaseTag, vr: str, terms: list[str]) -> tuple[str
     if value is None:
         return "", None
     if isinstance(value, bytes):
-        if vr in ("PN", "LO", "SH", "ST"):
+        if vr in _TEXT_VRS:
             return _decode(value, terms, vr == "PN")
         try:
             return value.decode("ascii"), None
@@ -468,6 +501,10 @@ def _check_time(text: str, vr: str, attribute: Attribute) -> tuple[str | None, s
     return (text, note) if _TIME.fullmatch(text) else (None, "not a valid time")
 
 
+def _check_date_time(text: str, vr: str, attribute: Attribute) -> tuple[str | None, str | None]:
+    return (text, None) if _DATE_TIME.fullmatch(text) else (None, "not a valid date-time")
+
+
 def _check_code(text: str, vr: str, attribute: Attribute) -> tuple[str | None, str | None]:
     upper = text.upper()
     note = "upper-cased" if upper != text else None
@@ -543,6 +580,7 @@ _CHECKS: dict[str, _Check] = {
     "UI": _check_uid,
     "DA": _check_date,
     "TM": _check_time,
+    "DT": _check_date_time,
     "CS": _check_code,
     "AS": _check_age,
     "DS": _check_decimal,
