@@ -7,17 +7,20 @@
 Only the attributes in `MODULES` are copied: the Patient and General Study modules every IOD has,
 and the Patient Study, de-identification and clinical-trial attributes when the source carries
 them. Nothing else of the source's patient or study level, and no private tag, reaches a result.
-The source's equipment (`SOURCE_EQUIPMENT`) is checked the same way for the stand-in only: highdicom
-lists it as the acquisition equipment in a SEG's Contributing Equipment Sequence. Each value is decoded with
-the source's Specific Character Set (a charset its bytes do not fit is repaired), checked against
-its VR (from pydicom's dictionary) and its type in the IOD, and repaired or dropped:
+The source's equipment (`SOURCE_EQUIPMENT`) is checked the same way for the stand-in only:
+highdicom lists it as the acquisition equipment in a SEG's Contributing Equipment Sequence.
+
+Each value is decoded with the source's Specific Character Set (a charset its bytes do not fit is
+repaired), checked against its VR and VM (from pydicom's dictionary) and its type in the IOD, and
+repaired or dropped:
 
 - Type 1 invalid: a sequence item or an optional module is dropped whole; in the Patient or General
   Study module (StudyInstanceUID) a ResultError names the attribute, since no result could file
   into the source's study without it.
 - Type 2: always written; missing or invalid means empty. Type 3: dropped when invalid.
-- Text longer than its VR allows is truncated, except identifiers (patient ID, accession number,
-  study ID, ...), which are treated as invalid: a shortened identifier would name someone else.
+- Text longer than its VR allows (in UTF-8 bytes, as dciodvfy counts) is truncated, except
+  identifiers (patient ID, accession number, study ID, ...), which are treated as invalid: a
+  shortened identifier would name someone else.
 - Dates and times in the ACR-NEMA form (2023-01-01, 14:30:00.5) are rewritten; others are invalid.
 - Code strings are upper-cased; Patient Sex other than M, F, O is invalid; control characters in
   names and strings become spaces.
@@ -446,7 +449,7 @@ def _decode(raw: bytes, terms: list[str], person_name: bool) -> tuple[str, str |
             if "\ufffd" not in text:
                 return text, None
         else:
-            first = terms[0] if terms else ""
+            first = terms[0]
             try:
                 text = raw.decode("ascii" if first in _ASCII_TERMS else python_encoding[first])
             except UnicodeDecodeError:
@@ -454,9 +457,8 @@ def _decode(raw: bytes, terms: list[str], person_name: bool) -> tuple[str, str |
             else:
                 if first not in _SINGLE_BYTE_TERMS or not _is_utf8(raw):
                     return text, None
-                return raw.decode(
-                    "utf_8"
-                ), f"UTF-8 bytes under SpecificCharacterSet {declared}, read as UTF-8"
+                note = f"UTF-8 bytes under SpecificCharacterSet {declared}, read as UTF-8"
+                return raw.decode("utf_8"), note
     if _is_utf8(raw):
         return raw.decode("utf_8"), f"bytes not valid in SpecificCharacterSet {declared}, read as UTF-8"
     return raw.decode("latin_1"), f"bytes not valid in SpecificCharacterSet {declared}, read as Latin-1"
