@@ -10,6 +10,8 @@ names (instance, or frame of a multi-frame instance), never to a list position.
 A SEG is written only when some segment is non-empty; the SR is always written (it says what was
 not found); SC key images + a report card unless `options.write_sc` is off; a KOS when `write_kos`.
 `source_datasets` may be headers only (read with stop_before_pixels): pictures come from the Volume.
+Patient and study attributes are copied from the first source through `dicom_io.results.header`:
+checked against VR and IOD type, repaired or dropped, one log line per object that needed it.
 `dicom_io.results.structure` summarises any SEG/SR as a viewer sees it (and compares with dcmqi's).
 """
 
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from dicom_io.results.common import ResultError, ResultOptions, make_context
+from dicom_io.results.common import ResultOptions, make_context
+from dicom_io.results.header import ResultError
 from dicom_io.results.kos import build_kos
 from dicom_io.results.sc import build_sc
 from dicom_io.results.seg import build_seg
@@ -57,10 +61,13 @@ def build_results(
 ) -> ResultSet:
     """Build SEG, SR, SC (and KOS) datasets; raises ResultError when findings do not fit the sources."""
     ctx = make_context(findings, volume, source_datasets, options or ResultOptions(), now)
-    seg = build_seg(ctx)
-    sr = build_sr(ctx, seg)
-    sc = tuple(build_sc(ctx)) if ctx.options.write_sc else ()
-    kos = build_kos(ctx, sc) if ctx.options.write_kos and sc else None
+    with warnings.catch_warnings():
+        # highdicom warns about one-component person names with the name in the message: no patient data
+        warnings.filterwarnings("ignore", message="The string .* person name", category=UserWarning)
+        seg = build_seg(ctx)
+        sr = build_sr(ctx, seg)
+        sc = tuple(build_sc(ctx)) if ctx.options.write_sc else ()
+        kos = build_kos(ctx, sc) if ctx.options.write_kos and sc else None
     return ResultSet(seg=seg.dataset if seg else None, sr=sr, sc=sc, kos=kos)
 
 

@@ -19,38 +19,17 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from dicom_io.results.header import Header, ResultError, read_header, valid_uid
 from dicom_io.types import Code, Findings, Segment, Volume
 
 # DCM 123110 "Artificial Intelligence" from CID 7162 (Surface Processing Algorithm Families);
 # 123109 is "Manual Processing", not AI.
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 
-#: Patient and study attributes every result copies from its source (Patient and General Study modules).
-PATIENT_STUDY_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "PatientAge",
-    "OtherPatientIDsSequence",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyDescription",
-)
-
 # Positions may be rounded to DS precision by the loader or the modality: allow this much (mm).
 _POSITION_TOLERANCE_MM = 0.05
 _DIRECTION_TOLERANCE = 1e-3
 _UID_NAMESPACE = uuid.UUID("5d1c0c36-8a59-4d59-9a3e-2f4f3c6f1a10")  # radgate's, for name-based UIDs
-
-
-class ResultError(ValueError):
-    """Findings that cannot be encoded against the given source (raised before anything is written)."""
 
 
 def _software_version() -> str:
@@ -105,7 +84,8 @@ class Context:
     findings: Findings
     volume: Volume
     options: ResultOptions
-    slice_sources: tuple[Dataset, ...]  # slice_sources[k] holds mask slice k
+    header: Header  # the checked patient/study attributes of the first source
+    slice_sources: tuple[Dataset, ...]  # slice_sources[k] holds mask slice k (the first: header.stand_in)
     frames: tuple[int | None, ...]  # frame (1-based) of slice_sources[k] for multi-frame sources
     algorithm_name: str
     algorithm_version: str
@@ -139,10 +119,10 @@ class Context:
     def stamp(self, ds: Dataset, kind: str) -> None:
         """Set what every result object carries: patient/study, description, equipment, software, time.
 
-        Text is written as UTF-8 (ISO_IR 192), which holds any name the source's character set held.
+        Patient and study come from `header` (checked and repaired, logged once per object), as
+        UTF-8 (ISO_IR 192), which holds any name the source's character set held.
         """
-        copy_patient_study(self.first_source, ds)
-        ds.SpecificCharacterSet = "ISO_IR 192"
+        self.header.write(ds)
         ds.SeriesDescription = self.series_description(kind)
         ds.Manufacturer = self.options.manufacturer
         ds.ManufacturerModelName = self.options.model_name
@@ -287,6 +267,14 @@ def _source_map(volume: Volume, source_datasets: Sequence[Dataset]) -> tuple[lis
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         if not sources[0].get(keyword):
             raise ResultError(f"the source series has no {keyword}: results could not reference it")
+        if not valid_uid(str(sources[0][keyword].value)):
+            raise ResultError(
+                f"the source series' {keyword} is not a valid UID: results could not reference it"
+            )
+    for ds in {id(ds): ds for ds in sources}.values():
+        for keyword in ("SOPClassUID", "SOPInstanceUID"):
+            if not valid_uid(str(ds[keyword].value)):
+                raise ResultError(f"a source's {keyword} is not a valid UID: results could not reference it")
     return sources, frames
 
 
@@ -302,6 +290,9 @@ def make_context(
         raise ResultError(f"findings shape {tuple(findings.shape)} is not the volume shape {volume.shape}")
     sources, frames = _source_map(volume, source_datasets)
     _check_geometry(volume, sources, frames)
+    header = read_header(sources[0])
+    stand_in = header.stand_in(sources[0])
+    sources = [stand_in if ds is sources[0] else ds for ds in sources]
     existing = [int(ds.SeriesNumber) for ds in source_datasets if ds.get("SeriesNumber") not in (None, "")]
     base = options.series_number_base or (max(existing, default=0) + 1000)
     if options.series_number_base is not None and base in existing:
@@ -320,6 +311,7 @@ def make_context(
         findings=findings,
         volume=volume,
         options=options,
+        header=header,
         slice_sources=tuple(sources),
         frames=tuple(frames),
         algorithm_name=options.algorithm_name or findings.pipeline,
@@ -333,13 +325,6 @@ def make_context(
     if options.segmentation_type == "LABELMAP" and ctx.labels()[1]:
         raise ResultError("segments overlap, which a LABELMAP segmentation cannot encode; use BINARY")
     return ctx
-
-
-def copy_patient_study(source: Dataset, target: Dataset) -> None:
-    """Copy the patient and study attributes so the result files into the source's study."""
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in source:
-            target[keyword] = source[keyword]
 
 
 def format_value(value: float, unit: Code) -> str:

@@ -249,23 +249,16 @@ def _sc(
         sop_instance_uid=ctx.uid(f"sc-{number}"),
         instance_number=number,
         manufacturer=ctx.options.manufacturer,
-        patient_id=source.get("PatientID"),
-        patient_name=source.get("PatientName"),
-        patient_birth_date=source.get("PatientBirthDate"),
-        patient_sex=source.get("PatientSex") or None,
-        accession_number=source.get("AccessionNumber"),
-        study_id=source.get("StudyID"),
-        study_date=source.get("StudyDate"),
-        study_time=source.get("StudyTime"),
-        referring_physician_name=source.get("ReferringPhysicianName"),
         pixel_spacing=(spacing, spacing) if spacing else None,
         patient_orientation=orientation,
     )
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.Laterality = source.get("Laterality", "")  # type 2C; dciodvfy cannot tell the part is unpaired
+    # type 2C; dciodvfy cannot tell the part is unpaired. R or L only: the source's may be anything
+    laterality = str(source.get("Laterality") or "").strip().upper()
+    sc.Laterality = laterality if laterality in ("R", "L") else ""
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"
-    ctx.stamp(sc, "key images")
+    ctx.stamp(sc, "key images")  # patient and study, checked
     return sc
 
 
