@@ -7,7 +7,8 @@ Figures behind the choices are in docs/design.md, section "ct-lung".
 1. Working grid: the HU averaged over blocks of about 2 mm (integer factors per axis), turned by the
    affine so that its axes run head (S), back (P) and patient left (L): slices are axial whatever
    the acquisition plane, and left is a direction in patient space, never an array index.
-2. Body: per axial slice, the air (< -500 HU) reaching the slice's border is outside the patient.
+2. Body: per axial slice, the air (< -500 HU) reaching the slice's border is outside the patient
+   when it is mostly gas (a lung cut by a small field of view reaches the border too).
    The rest of the air inside the body is the candidate lung air.
 3. Lung candidates: 3-D components of that air which keep a core after an erosion of about 10 mm
    (the lungs do; the trachea, fat folds and table pockets do not) and whose core is not pure gas
@@ -197,7 +198,7 @@ class CtLungPipeline:
         )
         hu = grid.turn(work)
         air = hu < AIR_HU
-        outside = _outside(air)
+        outside = _outside(air, hu)
         body = _body(~outside)
         inner_air = air & body
         centre = _centre_columns(body)
@@ -370,14 +371,20 @@ def _hu(volume: Volume, z0: int, z1: int, device: torch.device) -> torch.Tensor:
 # 2 to the patient's left.
 
 
-def _outside(air: torch.Tensor) -> torch.Tensor:
-    """Air outside the patient: per axial slice, air connected to the slice's border.
+def _outside(air: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
+    """Air outside the patient: per axial slice, air connected to the slice's border that is mostly gas.
 
     Per slice rather than in 3-D, so that lungs joined to the outside through the airway and the
-    mouth or nose (a neck-and-chest series) stay inside.
+    mouth or nose (a neck-and-chest series) stay inside. Mostly gas (at least half its voxels below
+    GAS_MEAN_HU, which clothes, blankets and a mattress in it do not change), so that a lung cut by a
+    small field of view, which touches the border too, stays inside.
     """
     labels, n = morph.label(air, (1, 2))
-    return morph.touching(labels, n, (1, 2))[labels.to(torch.int64)]
+    flat = labels.reshape(-1).to(torch.int64)
+    count = torch.bincount(flat, minlength=n + 1)
+    gas = torch.bincount(flat, weights=(hu < GAS_MEAN_HU).reshape(-1).to(torch.float64), minlength=n + 1)
+    outside = morph.touching(labels, n, (1, 2)) & (2 * gas >= count)
+    return outside[flat].reshape(air.shape)
 
 
 def _centre_columns(body: torch.Tensor) -> torch.Tensor:

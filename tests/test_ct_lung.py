@@ -176,6 +176,20 @@ def test_lungs_joined_across_the_midline_are_split_by_side() -> None:
         assert float((mask & series.truth[other]).sum()) / float(series.truth[other].sum()) < 0.005
 
 
+def test_a_lung_cut_by_the_field_of_view_stays_a_lung() -> None:
+    """A reconstruction too narrow for the patient: the right lung reaches the image border."""
+    series = ct_chest_phantom(rows=128, columns=128, slices=60, seed=12)
+    x_mm = series.affine[0, 0] * np.arange(series.voxels.shape[2]) + series.affine[0, 3]  # axial: column -> x
+    first = int(np.nonzero(x_mm >= -110.0)[0][0])  # the right lung spans x -130 .. -20 mm
+    affine = series.affine.copy()
+    affine[:3, 3] += affine[:3, 0] * first
+    cut = np.ascontiguousarray(series.voxels[:, :, first:])
+    truth = {name: np.ascontiguousarray(mask[:, :, first:]) for name, mask in series.truth.items()}
+    assert truth["lung_right"][:, :, 0].any(), "the right lung reaches the border"
+    volume = Volume(cut, affine, phantom_volume(series).sources, {"Modality": "CT"})
+    _check_against_truth(run_pipeline(CtLungPipeline(), volume, CPU), truth, volume.voxel_volume_ml)
+
+
 def test_stomach_gas_is_not_lung() -> None:
     """A 65 mL bubble of pure gas below the lungs (as in the stomach) is not taken for a lung."""
     series = ct_chest_phantom(rows=128, columns=128, slices=60, seed=9)
