@@ -10,24 +10,26 @@ Figures behind the choices are in docs/design.md, section "ct-lung".
 2. Body: per axial slice, the air (< -500 HU) reaching the slice's border is outside the patient
    when it is mostly gas (a lung cut by a small field of view reaches the border too).
    The rest of the air inside the body is the candidate lung air.
-3. Lung candidates: 3-D components of that air which keep a core after an erosion of about 10 mm
-   (the lungs do; the trachea, fat folds and table pockets do not) and whose core is not pure gas
-   (stomach and bowel gas is about -1000 HU, lung parenchyma denser).
-4. Airways: the trachea is found in the top slices (a compact pocket of very low HU near the
-   body's left-right centre) and grown into the airway tree through voxels < -950 HU, one
+3. Airways: the trachea is found in the top slices (a pocket of very low HU of a trachea's size
+   near the body's left-right centre) and grown into the airway tree through voxels < -950 HU, one
    neighbourhood per step; a step that adds far more voxels than the steps before it is a leak
-   into the lung and is undone with the step before it. Trachea and main bronchi (with their
-   partial-volume wall) are removed from the lung air; bronchi inside a lung come back in step 6.
+   into the lung and is undone with the step before it. The tree (with its partial-volume wall) is
+   removed from the lung air; bronchi inside a lung come back in step 6, trachea and main bronchi
+   do not.
+4. Lung candidates: 3-D components of the remaining air which keep a core after an erosion of
+   about 10 mm (the lungs do; fat folds and table pockets do not) and whose core is not pure gas
+   (stomach and bowel gas is about -1000 HU, lung parenchyma denser); plus smaller pieces, not
+   pure gas either, close to such a lung (an apex cut off by scarring).
 5. Left and right: the lung air is eroded in-plane one voxel at a time until it falls apart into
    two large pieces (lungs touching in front of and behind the mediastinum come apart at their
-   thin junction); each piece is a seed, its side is where its centre lies in patient space, and
-   every lung voxel goes to the seed it reaches first through the lung (geodesic growth). Pieces
-   no seed reaches go to the side of their own centre.
-6. Each lung, per axial slice: enclosed pockets (vessels, nodules, tumour, bronchi) are filled and
-   a closing of a few mm smooths the pleural outline (small juxtapleural pockets), bounded by the
-   body and the other lung.
-7. Full resolution: within one working voxel of a lung's outline a voxel is lung when < -500 HU;
-   inside it (and where step 6 filled) it is lung whatever its HU. Emphysema is lung < -950 HU.
+   thin junction); the one further to patient left is the left lung. Geodesic growth through the
+   lung air gives back what the erosion took near the seeds; the rest goes by connected piece to
+   the lung it touches most, else to the side of its own centre. Nothing is cut along a plane.
+6. Each lung, per axial slice: a closing of a few mm smooths the pleural outline (bounded by the
+   body), then the pockets it encloses (vessels, nodules, tumour, bronchi) are filled.
+7. Full resolution: within one working voxel of a lung's outline a voxel is lung when its HU says
+   it holds at least EDGE_LUNG_SHARE of this patient's parenchyma (partial volume); inside the
+   lung, and where step 6 filled, it is lung whatever its HU. Emphysema is lung < -950 HU.
    Volumes, %LAA-950 and mean lung density per lung and for both lungs.
 
 A series whose lung air is absent or a sliver (less than MIN_LUNGS_ML in all, or spanning less than
