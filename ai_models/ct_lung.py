@@ -440,7 +440,7 @@ def _trachea_seed(strict: torch.Tensor, centre: torch.Tensor, grid: _Grid) -> to
     centre lies near the body's left-right centre in that slice; the largest in the highest slice.
     """
     depth = max(1, grid.steps(TRACHEA_SEARCH_MM, (0,))[0])
-    top = strict.shape[0] - depth
+    top = max(0, strict.shape[0] - depth)
     labels, n = morph.label(strict[top:], (1, 2))
     if n == 0:
         return None
