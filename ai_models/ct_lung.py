@@ -62,6 +62,7 @@ CORE_MM = 10.0  # erosion a lung survives and a trachea, fat fold or table pocke
 MIN_CORE_ML = 2.0
 MIN_PIECE_ML = 0.5  # lung pieces smaller than this are noise
 NEAR_MM = 10.0  # a piece of lung-like air this close to a lung belongs to it
+MIN_PIECE_AREA_MM2 = 500.0  # if wider in some slice than an airway or the oesophagus' air
 MIN_LUNGS_ML = 300.0  # less lung than this in all is no chest CT (a small child's lungs hold more)
 MIN_LUNG_SPAN_MM = 50.0  # nor lung spanning fewer mm head to foot (lung bases at the top of an abdomen)
 TRACHEA_SEARCH_MM = 40.0  # the trachea is looked for in the top slices down to this depth
@@ -411,8 +412,9 @@ def _lung_candidates(inner_air: torch.Tensor, hu: torch.Tensor, grid: _Grid) -> 
     """The air inside the body that is lung (step 3 of the module docstring).
 
     Lungs are the components that keep a core of parenchyma (not pure gas) after a CORE_MM erosion;
-    smaller components that are not pure gas either and lie within NEAR_MM of a lung (an apex or a
-    base cut off by scarring, a pleural fold or a slice's partial volume) belong to it.
+    smaller components that are not pure gas either, lie within NEAR_MM of a lung and are wider
+    than an airway or the oesophagus' air in some slice (an apex or a base cut off by scarring, a
+    pleural fold or a slice's partial volume) belong to it.
     """
     labels, n = morph.label(inner_air)
     flat = labels.reshape(-1).to(torch.int64)
@@ -428,7 +430,16 @@ def _lung_candidates(inner_air: torch.Tensor, hu: torch.Tensor, grid: _Grid) -> 
     near = morph.dilate(lungs[flat].reshape(inner_air.shape), grid.steps(NEAR_MM))
     touching = torch.zeros(n + 1, dtype=torch.bool, device=labels.device)
     touching[flat[near.reshape(-1)]] = True
-    pieces = touching & (count * grid.voxel_ml >= MIN_PIECE_ML) & (hu_sum > GAS_MEAN_HU * count)
+    slices = inner_air.shape[0]
+    z = torch.arange(slices, device=labels.device).repeat_interleave(inner_air[0].numel())
+    per_slice = torch.bincount(flat * slices + z, minlength=(n + 1) * slices).reshape(n + 1, slices)
+    widest_mm2 = per_slice.max(dim=1).values.to(torch.float64) * grid.pixel_mm2
+    pieces = (
+        touching
+        & (count * grid.voxel_ml >= MIN_PIECE_ML)
+        & (hu_sum > GAS_MEAN_HU * count)
+        & (widest_mm2 >= MIN_PIECE_AREA_MM2)
+    )
     pieces[0] = False
     return (lungs | pieces)[flat].reshape(inner_air.shape)
 

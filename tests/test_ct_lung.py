@@ -190,6 +190,22 @@ def test_a_lung_cut_by_the_field_of_view_stays_a_lung() -> None:
     _check_against_truth(run_pipeline(CtLungPipeline(), volume, CPU), truth, volume.voxel_volume_ml)
 
 
+def test_air_in_the_oesophagus_beside_a_lung_is_not_lung() -> None:
+    """A narrow column of air-filled oesophagus 4 mm from the right lung, at partial-volume HU
+    (so not pure gas): near a lung, yet narrower than any piece of lung."""
+    series = ct_chest_phantom(rows=128, columns=128, slices=60, seed=13)
+    voxels = series.voxels.copy()
+    z, y, x = np.indices(voxels.shape)
+    lps = np.einsum("ij,jzyx->izyx", series.affine[:3], np.stack([x, y, z, np.ones_like(x)]).astype(float))
+    oesophagus = (np.hypot(lps[0] + 11.0, lps[1] - 45.0) <= 5.0) & (np.abs(lps[2] + 150.0) <= 60.0)
+    assert not (oesophagus & (series.truth["lung_right"] | series.truth["lung_left"])).any()
+    voxels[oesophagus] = -800
+    volume = Volume(voxels, series.affine, phantom_volume(series).sources, {"Modality": "CT"})
+    findings = run_pipeline(CtLungPipeline(), volume, CPU)
+    _check_against_truth(findings, series.truth, volume.voxel_volume_ml)
+    assert not ((findings.segment(1).mask | findings.segment(2).mask) & oesophagus).any()
+
+
 def test_stomach_gas_is_not_lung() -> None:
     """A 65 mL bubble of pure gas below the lungs (as in the stomach) is not taken for a lung."""
     series = ct_chest_phantom(rows=128, columns=128, slices=60, seed=9)
