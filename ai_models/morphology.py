@@ -1,14 +1,17 @@
-"""Binary morphology and connected components as torch ops, so they run where the tensor lives (GPU or CPU).
+"""Binary morphology as torch ops, so it runs where the tensor lives (GPU or CPU); connected components.
 
 Masks are bool tensors indexed (z, y, x). Neighbourhoods are boxes (one voxel per step along each
-axis, or a half-width per axis for anisotropic grids); connected components are 6-connected.
+axis, or a half-width per axis for anisotropic grids); connected components are face-connected
+(6-connected in 3-D, 4-connected per slice), labelled on the CPU and handed back on the mask's device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 
 def _max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -44,43 +47,23 @@ def erode(mask: torch.Tensor, radius: Sequence[int] = (1, 1, 1)) -> torch.Tensor
     return ~box_max(~mask, radius)
 
 
-def _run_max(labels: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """Give every voxel of each straight run of `mask` along `dim` the run's largest label."""
-    n = mask.shape[dim]
-    starts = mask.clone()
-    starts.narrow(dim, 1, n - 1).logical_and_(~mask.narrow(dim, 0, n - 1))
-    # run number within its line, made unique by the line's index (a line holds at most n // 2 + 1 runs)
-    local = torch.cumsum(starts, dim, dtype=torch.int64)
-    line_shape = [1 if d == dim else size for d, size in enumerate(mask.shape)]
-    lines = torch.arange(mask.numel() // n, device=mask.device).reshape(line_shape)
-    run_id = (lines * (n // 2 + 2) + local).reshape(-1)
-    best = torch.zeros(int(run_id.max()) + 1, dtype=labels.dtype, device=labels.device)
-    best.scatter_reduce_(0, run_id, labels.reshape(-1), reduce="amax")
-    return torch.where(mask, best[run_id].reshape(mask.shape), 0)
+def label(mask: torch.Tensor, dims: Sequence[int] = (0, 1, 2)) -> tuple[torch.Tensor, int]:
+    """Face-connected components along `dims`: (int32 labels 1..n on the mask's device, 0 for background; n).
 
-
-def label(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """6-connected components: (labels 1..n, 0 for background; n).
-
-    Label propagation along whole straight runs (one scatter per axis per sweep) converges in as
-    many sweeps as a component's paths have turns, far fewer than voxel-by-voxel flooding.
+    `dims=(1, 2)` labels each slice on its own (4-connected in the plane). The labelling itself runs
+    on a CPU copy (scipy's two-pass union-find, about 0.1 s for 9 M voxels): label propagation as
+    tensor ops needs as many sweeps as a component's paths have turns, seconds to minutes on
+    real anatomy. Callers label working grids, not full-resolution volumes, so the copy is small.
     """
-    flat = mask.reshape(-1)
-    labels = torch.where(
-        mask, torch.arange(1, flat.numel() + 1, device=mask.device, dtype=torch.int32).reshape(mask.shape), 0
-    )
-    while True:
-        before = labels
-        for dim in (2, 1, 0):
-            labels = _run_max(labels, mask, dim)
-        if torch.equal(before, labels):
-            break
-    # renumber the surviving labels 1..n in order
-    present = torch.zeros(flat.numel() + 1, dtype=torch.int32, device=mask.device)
-    present[labels.reshape(-1).to(torch.int64)] = 1
-    present[0] = 0
-    new_ids = torch.cumsum(present, 0, dtype=torch.int32)
-    return new_ids[labels.to(torch.int64)], int(new_ids[-1])
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1, 1, 1] = True
+    for dim in dims:
+        index = [1, 1, 1]
+        for offset in (0, 2):
+            index[dim] = offset
+            structure[tuple(index)] = True
+    labels, n = ndimage.label(mask.cpu().numpy(), structure=structure, output=np.int32)
+    return torch.from_numpy(labels).to(mask.device), int(n)
 
 
 def component_sizes(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -118,10 +101,13 @@ def grow(labels: torch.Tensor, allowed: torch.Tensor, reach: int | Sequence[int]
     return out
 
 
-def fill_holes(mask: torch.Tensor) -> torch.Tensor:
-    """The mask plus every background pocket it encloses (background not reaching the array's faces)."""
-    labels, n = label(~mask)
-    outer = touching(labels, n, (0, 1, 2))
+def fill_holes(mask: torch.Tensor, dims: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
+    """The mask plus every background pocket it encloses (background not reaching the array's faces).
+
+    With `dims=(1, 2)` each slice is filled on its own: pockets enclosed within the slice's plane.
+    """
+    labels, n = label(~mask, dims)
+    outer = touching(labels, n, dims)
     outer[0] = True
     return mask | ~outer[labels.to(torch.int64)]
 

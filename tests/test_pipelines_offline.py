@@ -36,7 +36,7 @@ def test_run_writes_findings_json_segments_npz_and_dicom_results(
     assert (document["pipeline"], document["device"], document["shape"]) == ("ct-lung", "cpu", [36, 80, 80])
     assert np.allclose(document["affine_lps"], series.affine)
     labels = {s["number"]: s["label"] for s in document["segments"]}
-    assert labels == {1: "Right lung", 2: "Left lung", 3: "Emphysema (LAA-950)", 4: "Body"}
+    assert labels == {1: "Right lung", 2: "Left lung", 3: "Emphysema (LAA-950)"}  # no body by default
     right = next(s for s in document["segments"] if s["number"] == 1)
     assert right["laterality"] == {"value": "24028007", "scheme": "SCT", "meaning": "Right"}
     volumes = {
