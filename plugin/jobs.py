@@ -139,6 +139,19 @@ def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir:
     """Route a study revision that just completed and queue its jobs, in the caller's transaction."""
     infos, changed = read_study_series(session, study, spool_dir)
     plan = plan_study(infos, rules)
+    for selection in plan.selections:  # a rule whose pipeline can use none: in the no-job line below
+        if selection.series_uid is None:
+            continue
+        log.info(
+            "study %s revision %d: rule %s: %s prefers series %s; %s",
+            *(study.study_uid, study.revision, selection.rule, selection.pipeline, selection.series_uid),
+            " | ".join(
+                f"series {r.series_uid}: {'rejected' if r.place is None else 'lost'}: {', '.join(r.reasons)}"
+                for r in selection.ranking
+                if r.place != 1
+            )
+            or "no other series",
+        )
     if not plan.jobs:
         log.info("study %s revision %d: no job: %s", study.study_uid, study.revision, _explain(plan))
         return []

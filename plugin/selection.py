@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
+from pydicom.multival import ConstrainedList
 
 from dicom_io.selection import Plane, SeriesWanted
 
@@ -46,7 +46,7 @@ _PLANES: tuple[Plane, Plane, Plane] = ("sagittal", "coronal", "axial")  # by the
 
 def values(raw: Any) -> list[Any]:
     """The non-empty values of an attribute (a multi-valued one gives several; absent gives none)."""
-    items = list(raw) if isinstance(raw, list | tuple | MultiValue) else [raw]
+    items = list(raw) if isinstance(raw, list | tuple | ConstrainedList) else [raw]  # MultiValue, Sequence
     return [v for v in items if v is not None and str(v).strip() != ""]
 
 
@@ -71,7 +71,7 @@ def _shared(header: Header, group: str, keyword: str) -> Any:
     if values(header.get(keyword)):
         return header.get(keyword)
     for shared in values(header.get("SharedFunctionalGroupsSequence"))[:1]:
-        for item in values(getattr(shared, group, None) or shared.get(group) or [])[:1]:
+        for item in values(shared.get(group))[:1]:
             return item.get(keyword)
     return None
 
