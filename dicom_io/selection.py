@@ -10,6 +10,7 @@ the node (the Orthanc plugin) can both import it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,6 +77,11 @@ class SeriesWanted:
             raise ValueError(f"min_slices must be >= 1 and min_coverage_mm >= 0: {self!r}")
         if low is not None and high is not None and low > high:
             raise ValueError(f"slice_thickness_mm min {low} is above max {high}")
+        for pattern in (*self.kernels, *self.descriptions):
+            try:
+                re.compile(pattern)
+            except re.error as err:  # here, not at the first study it would be matched against
+                raise ValueError(f"invalid pattern {pattern!r}: {err}") from None
 
 
 ANY_SERIES = SeriesWanted()

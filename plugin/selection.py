@@ -7,8 +7,8 @@ instance at completion. The declaration itself is `dicom_io.selection.SeriesWant
 
 Refused for every pipeline, whatever it declares (`always_refused`): a localizer (scout), DERIVED
 or SECONDARY images (MPR, MIP, screen captures), a dose report, objects that are no image series
-(SR, KO, PR, SEG, RTSTRUCT, ...), and results radgate wrote (Manufacturer "radgate", as
-`dicom_io.results` stamps them), so a study coming back from the PACS with our results in it is
+(SR, KO, PR, SEG, RTSTRUCT, ...), and results radgate wrote (Manufacturer and model "radgate",
+as `dicom_io.results` stamps them), so a study coming back from the PACS with our results in it is
 not run on them.
 """
 
@@ -36,8 +36,9 @@ NON_IMAGE_MODALITIES = frozenset(
 """Modalities of objects that are not an image series a pipeline could analyse (OT: other, e.g. a
 scanned form or a secondary capture)."""
 
-OWN_MANUFACTURER = "radgate"
-"""The Manufacturer `dicom_io.results` writes into every SEG, SR, SC and KOS it makes."""
+OWN_EQUIPMENT = ("radgate", "radgate")
+"""Manufacturer and ManufacturerModelName `dicom_io.results` writes into every SEG, SR, SC and KOS
+it makes (its synthetic phantoms say Manufacturer radgate too, but model "synthetic phantom")."""
 
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1 to .7.4
 _DOSE_REPORT = re.compile(r"dose\s*(report|info|summary|record)|patient\s*protocol|screen\s*save", re.I)
@@ -139,8 +140,8 @@ def _rank(patterns: Sequence[str], texts: Sequence[str]) -> int:
 
 def measure(series_uid: str, header: Header, instances: int, wanted: SeriesWanted) -> Measured:
     """What selection needs from one header and the instance count (nothing is read from disk)."""
-    frames = number(header.get("NumberOfFrames")) or 1.0
-    slices = instances * max(1, int(frames))
+    frames = _positive(header.get("NumberOfFrames")) or 1.0  # a peer's "1A", NaN or -3 counts as 1
+    slices = instances * max(1, int(min(frames, 2**31)))
     thickness = _positive(_shared(header, "PixelMeasuresSequence", "SliceThickness"))
     step = _positive(_shared(header, "PixelMeasuresSequence", "SpacingBetweenSlices")) or thickness
     kernels = [str(v).strip() for v in values(header.get("ConvolutionKernel"))]
@@ -163,8 +164,8 @@ def always_refused(header: Header) -> str | None:
     modality = _text(header, "Modality").upper()
     if modality in NON_IMAGE_MODALITIES:
         return f"Modality {modality}: not an image series"
-    if _text(header, "Manufacturer").casefold() == OWN_MANUFACTURER:
-        return "results radgate wrote (Manufacturer radgate)"
+    if tuple(_text(header, k).casefold() for k in ("Manufacturer", "ManufacturerModelName")) == OWN_EQUIPMENT:
+        return "results radgate wrote (Manufacturer and model radgate)"
     if str(header.get("SOPClassUID") or "").startswith(_SECONDARY_CAPTURE):
         return "a secondary capture"
     image_type = [str(v).strip().upper() for v in values(header.get("ImageType"))]

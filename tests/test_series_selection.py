@@ -108,7 +108,7 @@ def test_requirements_reject_with_every_reason(series: dict[str, SeriesInfo], st
     thick = _variant(soft, "8.2", 40, SliceThickness=12.0)
     mr = _variant(soft, "8.3", 40, Modality="MR")
     mip = _variant(soft, "8.4", 40, ImageType=["DERIVED", "SECONDARY", "MIP"])
-    ours = _variant(soft, "8.5", 40, Manufacturer="radgate")
+    ours = _variant(soft, "8.5", 40, Manufacturer="radgate", ManufacturerModelName="radgate")
     screen = _variant(soft, "8.6", 1, SeriesDescription="Dose Report", ImageType=["ORIGINAL", "PRIMARY"])
     reasons = {r.series_uid: r.reasons for r in rank_series([coronal, thick, mr, mip, ours, screen], CT_LUNG)}
     assert reasons == {
@@ -116,7 +116,7 @@ def test_requirements_reject_with_every_reason(series: dict[str, SeriesInfo], st
         "8.2": ("slices 12 mm thick, needs 0.5 to 10 mm",),
         "8.3": ("Modality MR, needs CT",),
         "8.4": ("not ORIGINAL\\PRIMARY: ImageType DERIVED\\SECONDARY\\MIP",),
-        "8.5": ("results radgate wrote (Manufacturer radgate)",),
+        "8.5": ("results radgate wrote (Manufacturer and model radgate)",),
         "8.6": ("a dose report: SeriesDescription 'Dose Report'",),
     }
     # what a header does not say is not held against a series (the pipeline's own check judges)
@@ -266,3 +266,17 @@ def test_a_node_runs_one_job_on_a_whole_chest_ct_study_and_writes_one_result_set
     log = node.log()
     assert f"rule chest-ct: ct-lung prefers series {study.soft}" in log
     assert f"series {study.scout}: rejected: a localizer" in log and f"series {study.sharp}: lost" in log
+
+
+def test_headers_a_peer_got_wrong_never_break_the_ranking() -> None:
+    ct = {"Modality": "CT"}
+    odd = [
+        SeriesInfo("6.1", {**ct, "NumberOfFrames": "nan", "SliceThickness": "abc"}, 30),
+        SeriesInfo("6.2", {**ct, "NumberOfFrames": "1e400", "ImageOrientationPatient": [1, 0]}, 1),
+        SeriesInfo("6.3", {**ct, "SliceThickness": "-3", "ImageOrientationPatient": [0] * 6}, 25),
+        SeriesInfo("6.4", {"Modality": "ct ", "ConvolutionKernel": ["", "B30f"], "SliceThickness": "i"}, 25),
+    ]
+    ranking = rank_series(odd, CT_LUNG)
+    assert _places(ranking) == {"6.4": 1, "6.1": 2, "6.3": 3, "6.2": None}
+    with pytest.raises(ValueError, match="invalid pattern"):
+        SeriesWanted(kernels=("B[",))
