@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from dicom_io.selection import ANY_SERIES, SeriesWanted
 from dicom_io.types import Code, Findings, GeometryError, Volume
 
 VOLUME = Code("118565006", "SCT", "Volume")
@@ -38,7 +39,12 @@ class PipelineError(Exception):
 
 @runtime_checkable
 class Pipeline(Protocol):
-    """A named, versioned analysis: `Volume` in, `Findings` out."""
+    """A named, versioned analysis: `Volume` in, `Findings` out.
+
+    A pipeline may also have a `series` attribute, a `dicom_io.selection.SeriesWanted`: the series
+    of a study it can use and the order it prefers them in (see `declared_series`); the node runs it
+    on the best one. Optional, so a pipeline written before it still loads.
+    """
 
     name: str
     version: str
@@ -50,6 +56,15 @@ class Pipeline(Protocol):
     def run(self, volume: Volume, device: torch.device) -> Findings:
         """Analyse the volume on `device`; raise `PipelineError` when the input turns out unusable."""
         ...
+
+
+def declared_series(pipeline: Pipeline) -> SeriesWanted:
+    """The pipeline's `series` declaration; `ANY_SERIES` when it has none (TypeError: not one)."""
+    series = getattr(pipeline, "series", ANY_SERIES)
+    if not isinstance(series, SeriesWanted):
+        kind = type(series).__name__
+        raise TypeError(f"pipeline {pipeline.name!r}: `series` is a {kind}, not a SeriesWanted")
+    return series
 
 
 def select_device() -> torch.device:

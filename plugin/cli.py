@@ -69,13 +69,18 @@ def _cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
 def _cmd_rules_check(args: argparse.Namespace, config: Config) -> int:
     from plugin.route import rules_check
 
-    if args.pipelines is not None:
+    if args.pipelines is not None:  # named, not installed here: their series declarations are unknown
         available = {name.strip() for name in args.pipelines.split(",") if name.strip()}
+        lookup = None
     else:
         from ai_models.registry import available_pipelines
+        from plugin.pipelines import series_lookup
 
         available = set(available_pipelines())
-    return rules_check(config, args.paths, available, destinations=args.destination, as_json=args.json)
+        lookup = series_lookup(config)
+    return rules_check(
+        config, args.paths, available, destinations=args.destination, series_lookup=lookup, as_json=args.json
+    )
 
 
 def _cmd_run(args: argparse.Namespace, config: Config) -> int:
@@ -204,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the rules and show, per series on disk, which rule matches and why others do not",
         description="Validate the rules against the installed pipelines and the configured destinations, "
         "then route every series found under PATH (headers only, nothing runs) and print, per series, "
-        "the matching rule, its pipeline and destinations, and why each earlier rule did not match. "
-        "Exit status 2 for bad rules, 1 when no DICOM series was found.",
+        "the matching rule, its pipeline and destinations, and why each earlier rule did not match; "
+        "for a study-scope rule, how its pipeline ranks the series it won and why each lost or was "
+        "rejected. Exit status 2 for bad rules, 1 when no DICOM series was found.",
     )
     _add_config_options(check)
     check.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders")
@@ -219,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--pipelines",
         metavar="NAMES",
-        help="comma-separated pipeline names to check against instead of the installed ones",
+        help="comma-separated pipeline names to check against instead of the installed ones (their "
+        "series preferences are then unknown: study-scope rules rank in the common order)",
     )
     check.set_defaults(func=_cmd_rules_check)
 

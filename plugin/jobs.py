@@ -12,10 +12,12 @@ who won, so several worker processes (and several nodes on PostgreSQL) can share
 
 Routing at completion (`queue_routed_jobs`): the series headers come from the spool (one instance
 per series, no pixels), `plugin.route.plan_study` decides, one QUEUED job per planned job. On a
-later revision of a study only series that received instances in that revision are run again, so
-a result the PACS sends back into the study (a new SEG series) does not re-run the pipeline on an
-unchanged series; a still QUEUED job of an earlier revision on the same series and pipeline is
-CANCELLED, since its input is out of date.
+later revision of a study a planned job runs again only when its series received instances in
+that revision, so a result the PACS sends back into the study (a new SEG series) does not re-run
+the pipeline on an unchanged series; a study-scope rule whose choice moved to another series (a
+better reconstruction arrived) runs on the new one. A still QUEUED job of an earlier revision with
+the same input (same series, or for a study-scope rule the same rule) and pipeline is CANCELLED,
+since its input is out of date.
 """
 
 from __future__ import annotations
@@ -91,11 +93,17 @@ def _series_of(session: Session, study: Study) -> list[_SeriesRow]:
 
 
 def _explain(plan: StudyPlan) -> str:
-    """Why a study got no job, per series: the rules that did not match and what they saw."""
+    """Why a study got no job, per series: the rules that did not match and what they saw, or
+    why the pipeline of the study-scope rule that matched rejected it."""
+    rejected = {
+        r.series_uid: f"{selection.pipeline} rejects it: {', '.join(r.reasons)}"
+        for selection in plan.selections
+        for r in selection.ranking
+    }
     parts = []
     for series_uid, decision in plan.decisions.items():
         lost = "; ".join(f"{o.rule}: {', '.join(o.reasons)}" for o in decision.not_matched)
-        parts.append(f"series {series_uid}: {lost or 'no rules'}")
+        parts.append(f"series {series_uid}: {rejected.get(series_uid) or lost or 'no rules'}")
     return " | ".join(parts) or "no readable series"
 
 
@@ -112,8 +120,9 @@ def _earlier_job(session: Session, study: Study, series_uid: str, pipeline: str)
     )
 
 
-def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir: Path) -> list[Job]:
-    """Route a study revision that just completed and queue its jobs, in the caller's transaction."""
+def read_study_series(session: Session, study: Study, spool_dir: Path) -> tuple[list[SeriesInfo], set[str]]:
+    """Every series of the study as routing sees it (one header from the spool, the instance
+    count), and the UIDs of those that received instances in the study's current revision."""
     rows = _series_of(session, study)
     infos = []
     for row in rows:
@@ -123,11 +132,29 @@ def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir:
             log.warning("study %s: series %s not routed: %s", study.study_uid, row.series_uid, err)
             continue
         infos.append(SeriesInfo(row.series_uid, header, row.instances))
+    return infos, {row.series_uid for row in rows if row.changed}
+
+
+def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir: Path) -> list[Job]:
+    """Route a study revision that just completed and queue its jobs, in the caller's transaction."""
+    infos, changed = read_study_series(session, study, spool_dir)
     plan = plan_study(infos, rules)
+    for selection in plan.selections:  # a rule whose pipeline can use none: in the no-job line below
+        if selection.series_uid is None:
+            continue
+        log.info(
+            "study %s revision %d: rule %s: %s prefers series %s; %s",
+            *(study.study_uid, study.revision, selection.rule, selection.pipeline, selection.series_uid),
+            " | ".join(
+                f"series {r.series_uid}: {'rejected' if r.place is None else 'lost'}: {', '.join(r.reasons)}"
+                for r in selection.ranking
+                if r.place != 1
+            )
+            or "no other series",
+        )
     if not plan.jobs:
         log.info("study %s revision %d: no job: %s", study.study_uid, study.revision, _explain(plan))
         return []
-    changed = {row.series_uid for row in rows if row.changed}
     now = utcnow()
     queued = []
     for planned in plan.jobs:
@@ -139,11 +166,16 @@ def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir:
                 *(study.study_uid, study.revision, action.pipeline, planned.series_uid, earlier),
             )
             continue
+        same_input = (
+            Job.rule == action.rule  # study scope: one series per study and rule, whichever it was
+            if action.scope == "study"
+            else Job.series_uid == planned.series_uid
+        )
         session.execute(
             update(Job)
             .where(
                 Job.study_id == study.id,
-                Job.series_uid == planned.series_uid,
+                same_input,
                 Job.pipeline == action.pipeline,
                 Job.state == JobState.QUEUED,
             )

@@ -31,6 +31,7 @@ from plugin.execute import JobRunner
 from plugin.executor import LocalExecutor
 from plugin.jobs import routing_hook
 from plugin.logs import setup_logging
+from plugin.pipelines import series_lookup
 from plugin.receive import PeerFilter, Receiver, make_spool
 from plugin.route import validate_rules
 from plugin.store import Store
@@ -43,7 +44,8 @@ class Node:
 
     def __init__(self, config: Config, listen: bool = True, execute: bool = True) -> None:
         self.config = config
-        self.rules = validate_rules(config, available_pipelines())  # ConfigError: unknown pipeline
+        # ConfigError: unknown pipeline
+        self.rules = validate_rules(config, available_pipelines(), series_lookup=series_lookup(config))
         for note in self.rules.notes:
             log.info("routing: %s", note)
         self.store = Store(config.db_url)

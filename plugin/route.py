@@ -11,8 +11,11 @@ attributes alike). A multi-valued attribute (ImageType) passes a test when one o
 An empty value counts as absent: a Type 2 attribute sent empty carries no information.
 
 Scope: `series` runs the pipeline once for every series the rule wins. `study` runs it once per
-study, on the series with the most instances among those the rule won (ties: the first given).
-Scope changes how often the pipeline runs, never which attributes a rule sees.
+study, on the series the pipeline prefers among those the rule won (`plugin.selection`: its
+declared requirements reject series with a reason, its preference ranks the rest); when it
+rejects them all, the study gets no job for that rule. The shipped rules are study-scope, so a
+study as a PACS sends it (scout, several reconstructions, dose report) gets one result set per
+pipeline. Scope changes how often and on what the pipeline runs, never which attributes a rule sees.
 
 Destinations: a rule without `destinations` sends to every configured destination; `[]`, or no
 destinations configured at all, keeps results locally (in data_dir) only. The sending source is
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,12 +34,13 @@ from typing import Any, Literal
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
+from dicom_io.selection import ANY_SERIES, SeriesWanted
 from plugin.config import DEFAULT_RULE_NAME, Config, ConfigError, Matcher, MatchGroup, Rule, RuleAction
+from plugin.selection import Header, Ranked, SeriesInfo, chosen, number, rank_series, values
 
-Header = Mapping[str, Any] | Dataset
-"""One instance's attributes by DICOM keyword: a header-only Dataset or a plain mapping."""
+SeriesLookup = Callable[[str], SeriesWanted]
+"""A pipeline name -> the series it wants (its `series` declaration)."""
 
 Scope = Literal["series", "study"]
 
@@ -45,10 +49,12 @@ _BRAIN_WORDS = "BRAIN|HEAD|NEURO|SKULL|MPRAGE"  # MPRAGE: the neuro T1 sequence,
 
 
 def _anatomy_rule(name: str, modality: str, body_parts: str, words: str, pipeline: str) -> Rule:
-    """A default rule: the modality, and the anatomy in BodyPartExamined or a description."""
+    """A default rule: the modality, and the anatomy in BodyPartExamined or a description; study
+    scope, so the pipeline runs once per study on the series it prefers."""
     return Rule.model_validate(
         {
             "name": name,
+            "scope": "study",
             "match": {"Modality": {"equals": modality}},
             "any_of": [
                 {"BodyPartExamined": {"regex": body_parts, "ignore_case": True}},
@@ -64,8 +70,9 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     _anatomy_rule("chest-ct", "CT", "CHEST|THORAX|LUNG", _CHEST_WORDS, "ct-lung"),
     _anatomy_rule("brain-mr", "MR", "BRAIN|HEAD|SKULL", _BRAIN_WORDS, "mr-brain"),
 )
-"""The rules used when the configuration has no `rules` key (minimum slices etc. is the pipeline's
-`accepts`). A default rule whose pipeline is not installed is left out, with a note."""
+"""The rules used when the configuration has no `rules` key (which series, minimum slices etc. is
+the pipeline's `series` declaration). A default rule whose pipeline is not installed is left out,
+with a note."""
 
 # Attributes whose values are never shown in an explanation (who the patient is, or when/where).
 _IDENTIFYING_PREFIXES = ("Patient", "OtherPatient", "IssuerOfPatient", "Institution")
@@ -82,6 +89,11 @@ class RuleSet:
     all_destinations: tuple[str, ...]
     override: tuple[str, ...] | None = None
     notes: tuple[str, ...] = ()
+    series_lookup: SeriesLookup | None = None
+
+    def series_wanted(self, pipeline: str) -> SeriesWanted:
+        """The series `pipeline` wants; the common order (`ANY_SERIES`) when it is not known here."""
+        return ANY_SERIES if self.series_lookup is None else self.series_lookup(pipeline)
 
     def destinations_for(self, action: RuleAction) -> tuple[str, ...]:
         """The override when given, else the action's own list, else every configured destination."""
@@ -135,15 +147,6 @@ class RouteDecision:
 
 
 @dataclass(frozen=True)
-class SeriesInfo:
-    """A series as routing sees it: one instance's header and how many instances it has."""
-
-    series_uid: str
-    header: Header
-    instances: int
-
-
-@dataclass(frozen=True)
 class Job:
     """One pipeline run: the action and the series it runs on."""
 
@@ -152,15 +155,33 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """A study-scope rule's choice: the series it won, ranked by its pipeline (see `plugin.selection`)."""
+
+    rule: str
+    pipeline: str
+    ranking: tuple[Ranked, ...]
+
+    @property
+    def series_uid(self) -> str | None:
+        return chosen(self.ranking)
+
+
+@dataclass(frozen=True)
 class StudyPlan:
-    """Per-series decisions (by SeriesInstanceUID) and the jobs they add up to for the study."""
+    """Per-series decisions (by SeriesInstanceUID), each study-scope rule's selection, and the jobs
+    they add up to for the study."""
 
     decisions: Mapping[str, RouteDecision]
+    selections: tuple[Selection, ...]
     jobs: tuple[Job, ...]
 
 
 def validate_rules(
-    config: Config, available_pipelines: Collection[str], destinations: Sequence[str] | None = None
+    config: Config,
+    available_pipelines: Collection[str],
+    destinations: Sequence[str] | None = None,
+    series_lookup: SeriesLookup | None = None,
 ) -> RuleSet:
     """The rules in force, or `ConfigError` naming the rule whose pipeline is not installed.
 
@@ -168,7 +189,9 @@ def validate_rules(
     installed pipelines. The names in the config's `pipelines` are available when the pipeline
     they are built on (their `kind`) is. Disabled rules are not checked, so a rule can wait for its
     pipeline. `destinations` (names from the config) replaces every rule's destinations, e.g. for a
-    test run.
+    test run. `series_lookup` gives each pipeline's series declaration (study-scope rules choose
+    with it); it is asked here for every pipeline a study-scope rule names, so a declaration that
+    cannot be had fails at start. None: the common order for every pipeline (`ANY_SERIES`).
     """
     available = set(available_pipelines) | {
         name for name, configured in config.pipelines.items() if configured.kind in available_pipelines
@@ -197,12 +220,17 @@ def validate_rules(
         if name not in config.destinations:
             known = ", ".join(config.destinations) or "none are configured"
             raise ConfigError(f"destination override {name!r} is not configured (known: {known})")
+    if series_lookup is not None:
+        for rule in rules:
+            if rule.enabled and rule.scope == "study":
+                series_lookup(rule.pipeline)
     return RuleSet(
         rules=rules,
         default=config.default_rule,
         all_destinations=tuple(config.destinations),
         override=override,
         notes=tuple(notes),
+        series_lookup=series_lookup,
     )
 
 
@@ -215,25 +243,9 @@ def _is_identifying(keyword: str) -> bool:
     )
 
 
-def _values(raw: Any) -> list[Any]:
-    items = list(raw) if isinstance(raw, list | tuple | MultiValue) else [raw]
-    return [v for v in items if v is not None and str(v).strip() != ""]
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    try:
-        return float(str(value).strip())
-    except ValueError:
-        return None
-
-
 def _same(value: Any, wanted: str | int | float, ignore_case: bool) -> bool:
     if not isinstance(wanted, str):
-        return _number(value) == wanted
+        return number(value) == wanted
     text = str(value).strip()
     return text.casefold() == wanted.casefold() if ignore_case else text == wanted
 
@@ -241,7 +253,7 @@ def _same(value: Any, wanted: str | int | float, ignore_case: bool) -> bool:
 def _holds(matcher: Matcher, value: Any) -> bool:
     """One value against a value test (not present/absent, which look at the attribute as a whole)."""
     if matcher.range is not None:
-        x = _number(value)
+        x = number(value)
         low, high = matcher.range.min, matcher.range.max
         return x is not None and (low is None or x >= low) and (high is None or x <= high)
     if matcher.pattern is not None:
@@ -275,14 +287,14 @@ def _shown(keyword: str, values: list[Any]) -> str:
 
 def _miss(keyword: str, matcher: Matcher, header: Header) -> str | None:
     """None when the test holds, else why not: the test and the value seen."""
-    values = _values(header.get(keyword))
+    seen = values(header.get(keyword))
     if matcher.present:
-        ok = bool(values)
+        ok = bool(seen)
     elif matcher.absent:
-        ok = not values
+        ok = not seen
     else:
-        ok = any(_holds(matcher, v) for v in values)
-    return None if ok else f"{keyword}: wanted {_describe(matcher)}, got {_shown(keyword, values)}"
+        ok = any(_holds(matcher, v) for v in seen)
+    return None if ok else f"{keyword}: wanted {_describe(matcher)}, got {_shown(keyword, seen)}"
 
 
 def _group_misses(group: MatchGroup, header: Header) -> list[str]:
@@ -322,17 +334,23 @@ def plan_study(series: Sequence[SeriesInfo], rules: RuleSet) -> StudyPlan:
     """Route every series of a study and turn the decisions into jobs (see Scope in the module doc)."""
     decisions = {s.series_uid: route_series(s.header, rules) for s in series}
     jobs: list[Job] = []
-    best: dict[str, tuple[Action, SeriesInfo]] = {}  # study-scope rule -> its largest series
+    won: dict[str, tuple[Action, list[SeriesInfo]]] = {}  # study-scope rule -> the series it won
     for s in series:
         action = decisions[s.series_uid].action
         if action is None:
             continue
         if action.scope == "series":
             jobs.append(Job(action, s.series_uid))
-        elif action.rule not in best or s.instances > best[action.rule][1].instances:
-            best[action.rule] = (action, s)
-    jobs += [Job(chosen, s.series_uid) for chosen, s in best.values()]
-    return StudyPlan(decisions, tuple(jobs))
+        else:
+            won.setdefault(action.rule, (action, []))[1].append(s)
+    selections = []
+    for rule, (action, members) in won.items():
+        ranking = rank_series(members, rules.series_wanted(action.pipeline))
+        selection = Selection(rule, action.pipeline, ranking)
+        selections.append(selection)
+        if selection.series_uid is not None:
+            jobs.append(Job(action, selection.series_uid))
+    return StudyPlan(decisions, tuple(selections), tuple(jobs))
 
 
 # --- the dry run: `radgate rules check` ------------------------------------------------------------
@@ -347,8 +365,8 @@ def _files(paths: Sequence[Path]) -> Iterator[Path]:
 
 
 def _series_number(header: Header) -> int | None:
-    number = _number(header.get("SeriesNumber"))
-    return None if number is None else int(number)
+    found = number(header.get("SeriesNumber"))
+    return None if found is None else int(found)
 
 
 def read_series(paths: Sequence[Path]) -> tuple[dict[str, list[SeriesInfo]], int]:
@@ -372,8 +390,8 @@ def read_series(paths: Sequence[Path]) -> tuple[dict[str, list[SeriesInfo]], int
         counts[key] = counts.get(key, 0) + 1
 
     def order(key: tuple[str, str]) -> tuple[str, bool, int, str]:
-        number = _series_number(first[key])
-        return key[0], number is None, number or 0, key[1]
+        found = _series_number(first[key])
+        return key[0], found is None, found or 0, key[1]
 
     studies: dict[str, list[SeriesInfo]] = {}
     for key in sorted(first, key=order):
@@ -413,6 +431,14 @@ def dry_run(paths: Sequence[Path], rules: RuleSet) -> dict[str, Any]:
                     }
                     for s in series
                 ],
+                "selections": [
+                    {
+                        "rule": selection.rule,
+                        "pipeline": selection.pipeline,
+                        "ranking": [asdict(r) for r in selection.ranking],
+                    }
+                    for selection in plan.selections
+                ],
                 "jobs": [{**asdict(job.action), "series_uid": job.series_uid} for job in plan.jobs],
             }
         )
@@ -451,6 +477,15 @@ def format_report(report: Mapping[str, Any]) -> str:
             lines += [
                 f"       {o['rule']} did not match: {'; '.join(o['reasons'])}" for o in s["not_matched"]
             ]
+        for selection in study["selections"]:
+            lines.append(f"  {selection['pipeline']} (rule {selection['rule']}) ranks the series it won:")
+            lines += [
+                f"    {r['place']}. series {r['series_uid']}: "
+                + ("chosen" if r["place"] == 1 else f"lost: {'; '.join(r['reasons'])}")
+                if r["place"] is not None
+                else f"    -  series {r['series_uid']}: rejected: {'; '.join(r['reasons'])}"
+                for r in selection["ranking"]
+            ]
         lines += [
             f"  job: {job['pipeline']} on series {job['series_uid']}"
             f" (rule {job['rule']}, {job['scope']} scope), {_where(job['destinations'])}"
@@ -465,14 +500,16 @@ def rules_check(
     available_pipelines: Collection[str],
     *,
     destinations: Sequence[str] | None = None,
+    series_lookup: SeriesLookup | None = None,
     as_json: bool = False,
 ) -> int:
     """`radgate rules check`: validate the rules, dry-run them over files on disk, print the result.
 
+    `series_lookup`: the pipelines' series declarations (None: the common order for all).
     Exit status: 0 done, 1 no DICOM series found, 2 bad rules or a path that does not exist.
     """
     try:
-        rules = validate_rules(config, available_pipelines, destinations)
+        rules = validate_rules(config, available_pipelines, destinations, series_lookup)
     except ConfigError as err:
         print(f"radgate: {err}", file=sys.stderr)
         return 2

@@ -112,20 +112,31 @@ def test_results_radgate_sent_are_not_taken_back_but_new_instances_are(
     assert _study(bridge, study_uid).revision == 2
 
 
-def test_on_demand_runs_a_named_pipeline_or_the_rules_again(
+def test_on_demand_runs_a_named_pipeline_on_the_series_it_prefers_or_the_rules_again(
     bridge: Bridge, orthanc: OrthancServer, tmp_path: Path
 ) -> None:
-    orthanc_id, _ = _upload(orthanc, write_series(tmp_path / "ct", 5))
-    bridge.submit(orthanc_id)
-    named = bridge.submit(orthanc_id, pipeline="mr-brain", force=True)
+    short = write_series(tmp_path / "short", 5)
+    study_uid = str(pydicom.dcmread(short[0], stop_before_pixels=True).StudyInstanceUID)
+    long = write_series(tmp_path / "long", 90, study_uid=study_uid, size=8)  # 90 mm: what ct-lung wants
+    long_uid = str(pydicom.dcmread(long[0], stop_before_pixels=True).SeriesInstanceUID)
+    orthanc_id, _ = _upload(orthanc, [*short, *long])
+    bridge.submit(orthanc_id)  # the series-scope rule: one job per CT series
+    named = bridge.submit(orthanc_id, pipeline="ct-lung", force=True)
     routed = bridge.submit(orthanc_id, force=True)
     jobs = {j["id"]: j for j in bridge.jobs()}
-    assert len(jobs) == 3
-    [named_id], [routed_id] = named.jobs, routed.jobs
-    assert (jobs[named_id]["pipeline"], jobs[named_id]["rule"]) == ("mr-brain", "on-demand")
-    assert (jobs[routed_id]["pipeline"], jobs[routed_id]["rule"]) == ("ct-lung", "chest")
+    assert len(jobs) == 5
+    [named_id] = named.jobs
+    assert (jobs[named_id]["pipeline"], jobs[named_id]["rule"]) == ("ct-lung", "on-demand")
+    assert jobs[named_id]["series_uid"] == long_uid  # not the first or the 5-slice series
+    assert [jobs[i]["rule"] for i in routed.jobs] == ["chest", "chest"]
     with pytest.raises(LookupError):
         bridge.complete("1.2.3.4", "ct-lung", force=True)
+    with pytest.raises(LookupError, match="nope"):
+        bridge.complete(study_uid, "nope", force=True)
+
+    # a study with no series the pipeline can use: no job on demand (the log says why), not a FAILED one
+    lone_id, _ = _upload(orthanc, write_series(tmp_path / "lone", 5))
+    assert bridge.submit(lone_id, pipeline="ct-lung", force=True).jobs == ()
 
 
 def test_a_destination_the_radgate_config_lacks_is_refused(tmp_path: Path, orthanc: OrthancServer) -> None:

@@ -12,7 +12,10 @@ not copied back; neither are instances already recorded, so a repeated import do
 
 Routing here cannot check the rules against the installed pipelines (that needs ``ai_models``
 and torch, which stay out of Orthanc's process); ``radgate worker`` checks them at its start, and
-a job naming a pipeline that is not installed fails with the registry's message.
+a job naming a pipeline that is not installed fails with the registry's message. The series each
+pipeline wants (its `SeriesWanted` declaration, for study-scope rules and on-demand runs) is read
+by a child Python process of radgate's environment, once, when a study first needs it
+(`plugin.pipelines.ChildSeriesLookup`).
 
 Crash safety: which of Orthanc's changes (``/changes``) were handled is kept in a small state
 file in the data dir, written after each stable study and each page; at start the log is
@@ -23,12 +26,14 @@ older studies are sent with the on-demand route.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +45,12 @@ from sqlalchemy.orm import Session
 
 from dicom_io.net import Peer, ReceivedInstance, fsync_dir
 from plugin.config import Config, ConfigError
-from plugin.jobs import list_jobs, queue_routed_jobs
+from plugin.jobs import list_jobs, queue_routed_jobs, read_study_series
+from plugin.pipelines import ChildSeriesLookup
 from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, make_spool
 from plugin.route import DEFAULT_RULES, validate_rules
-from plugin.store import Delivery, Instance, Job, Series, Store, Study, StudyState, add_queued_job, utcnow
+from plugin.selection import chosen, rank_series
+from plugin.store import Delivery, Instance, Job, Store, Study, StudyState, add_queued_job, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +166,13 @@ def check_pipeline_name(name: str) -> str:
     return name
 
 
+def child_python() -> Path:
+    """The Python of radgate's environment: ``$RADGATE_VENV`` (the loader sets it inside Orthanc,
+    whose own executable is no Python), else the running interpreter."""
+    venv = os.environ.get("RADGATE_VENV")
+    return Path(venv) / "bin" / "python" if venv else Path(sys.executable)
+
+
 def _named_pipelines(config: Config) -> set[str]:
     """The pipelines the routing rules name (trusted here; ``radgate worker`` checks them)."""
     rules = DEFAULT_RULES if config.rules is None else config.rules
@@ -183,7 +197,9 @@ class Bridge:
                 )
         self.config = config
         self.rest = rest
-        self.rules = validate_rules(config, _named_pipelines(config))
+        named = _named_pipelines(config)
+        lookup = ChildSeriesLookup(config, child_python(), sorted(named))
+        self.rules = dataclasses.replace(validate_rules(config, named), series_lookup=lookup)
         self.destinations = tuple(config.destinations if destinations is None else destinations)
         self.store = Store(config.db_url)
         self.receiver = Receiver(config)
@@ -279,14 +295,19 @@ class Bridge:
 
     # ------------------------------------------------------------------ completion and jobs
 
-    def _queue_named(self, s: Session, study: Study, pipeline: str) -> Job:
-        """A job running ``pipeline`` on the study's largest series, whatever the rules say."""
-        series_uid = s.scalar(
-            select(Series.series_uid)
-            .where(Series.study_id == study.id)
-            .order_by(Series.instance_count.desc(), Series.series_uid)
-            .limit(1)
-        )
+    def _queue_named(self, s: Session, study: Study, pipeline: str) -> Job | None:
+        """A job running ``pipeline`` on the series of the study it prefers, whatever the rules say;
+        None (and a log line with each series' reason) when it can use none of them."""
+        series, _ = read_study_series(s, study, self.config.spool_dir)
+        ranking = rank_series(series, self.rules.series_wanted(pipeline))
+        series_uid = chosen(ranking)
+        if series_uid is None:
+            log.info(
+                "study %s revision %d: %s not run on demand, no series it can use: %s",
+                *(study.study_uid, study.revision, pipeline),
+                " | ".join(f"series {r.series_uid}: {', '.join(r.reasons)}" for r in ranking) or "none",
+            )
+            return None
         job = add_queued_job(s, study, pipeline, series_uid, ON_DEMAND_RULE, self.destinations)
         s.flush()
         log.info(
@@ -299,7 +320,8 @@ class Bridge:
         """Declare the study's current revision complete and queue its jobs, in one transaction.
 
         Not ``force``: only a RECEIVING revision (new instances) is completed and routed. ``force``
-        (on demand): queue again even if complete; ``pipeline`` bypasses the rules.
+        (on demand): queue again even if complete; ``pipeline`` bypasses the rules and runs on the
+        series that pipeline prefers (no job when it can use none: the log says why).
         """
         with self.store.session() as s:
             study = s.scalars(
@@ -319,7 +341,8 @@ class Bridge:
             elif not force:
                 return ()
             if pipeline is not None:
-                jobs = [self._queue_named(s, study, pipeline)]
+                named = self._queue_named(s, study, pipeline)
+                jobs = [] if named is None else [named]
             else:
                 jobs = queue_routed_jobs(s, study, self.rules, self.config.spool_dir)
             return tuple(job.id for job in jobs)
