@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ai_models import morphology as morph
 from ai_models.base import UNIT_CM3, VOLUME, PipelineError, basic_reason, patient_axes
-from dicom_io.selection import CT_SHARP_KERNELS, CT_SOFT_KERNELS, SeriesWanted
+from ai_models.series import CT_LUNG
 from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 
 AIR_HU = -500.0  # lung (and outside air) below, soft tissue above
@@ -165,14 +165,7 @@ class CtLungPipeline:
 
     name = "ct-lung"
     version = "2.0.0"
-    series = SeriesWanted(  # densitometry (LAA-950) wants the thinnest soft/standard reconstruction
-        modalities=("CT",),
-        planes=("axial",),
-        min_slices=20,
-        min_coverage_mm=80.0,
-        slice_thickness_mm=(0.5, 10.0),
-        kernels=(CT_SOFT_KERNELS, CT_SHARP_KERNELS),
-    )
+    series = CT_LUNG
 
     def __init__(self, keep_body: bool | str = False) -> None:
         """`keep_body`: add the body mask as segment 4 (a step of the method, not a finding)."""

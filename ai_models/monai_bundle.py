@@ -21,7 +21,6 @@ table maps each label value to a coded segment: given as a mapping, a JSON file,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,11 @@ from monai.bundle import ConfigParser
 from monai.inferers import SimpleInferer
 
 from ai_models.base import UNIT_CM3, VOLUME, PipelineError, autocast, basic_reason
+from ai_models.series import bundle_metadata, monai_bundle
 from dicom_io.labels import BUNDLE_LABELS, load_label_table
-from dicom_io.selection import SeriesWanted
 from dicom_io.types import Findings, Measurement, Segment, Volume
 
 DROPPED_TRANSFORMS = ("LoadImage", "SaveImage", "EnsureChannelFirst")
-MODALITY_NAMES = {"MRI": "MR", "MR": "MR", "CT": "CT", "PET": "PT", "PT": "PT", "US": "US"}
 
 
 class MonaiBundlePipeline:
@@ -61,14 +59,13 @@ class MonaiBundlePipeline:
         self.weights = self.bundle_dir / "models" / "model.pt"
         if not self.weights.is_file():
             raise FileNotFoundError(f"the bundle {self.bundle_dir} has no weights at models/model.pt")
-        metadata_file = config_dir / "metadata.json"
-        metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+        metadata = bundle_metadata(self.bundle_dir)
         self.name = f"monai-bundle:{metadata.get('name') or self.bundle_dir.name}"
         self.version = str(metadata.get("version") or "0")
         self.labels = load_label_table(labels if labels is not None else self.bundle_dir / BUNDLE_LABELS)
-        self.modalities = modalities or _bundle_modalities(metadata)
+        self.series = monai_bundle(self.bundle_dir, modalities, min_slices)
+        self.modalities = self.series.modalities
         self.min_slices = min_slices
-        self.series = SeriesWanted(modalities=tuple(self.modalities), min_slices=min_slices)
 
     def accepts(self, volume: Volume) -> str | None:
         if self.modalities:
@@ -156,10 +153,3 @@ def _label_map(pred: Any, volume: Volume) -> np.ndarray:
             "postprocessing must bring the prediction back (Invertd)",
         )
     return np.ascontiguousarray(array.round().to(torch.int32).numpy().transpose(2, 1, 0))
-
-
-def _bundle_modalities(metadata: Mapping[str, Any]) -> tuple[str, ...]:
-    """DICOM modalities named by the bundle's metadata (network_data_format.inputs.*.modality)."""
-    inputs = metadata.get("network_data_format", {}).get("inputs", {})
-    names = {MODALITY_NAMES.get(str(i.get("modality", "")).upper(), "") for i in inputs.values()}
-    return tuple(sorted(n for n in names if n))

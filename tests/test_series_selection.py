@@ -7,7 +7,10 @@ a scout, a sharp-kernel reconstruction, a dose SR, a dose screen, and radgate's 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
+import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import timedelta
@@ -27,7 +30,7 @@ from dicom_io.selection import CT_SHARP_KERNELS, CT_SOFT_KERNELS, SeriesWanted
 from plugin.completion import CompletionMonitor
 from plugin.config import CompletionConfig, Config, load_config
 from plugin.jobs import routing_hook
-from plugin.pipelines import ChildSeriesLookup, series_lookup
+from plugin.pipelines import series_lookup
 from plugin.route import plan_study, read_series, rules_check, validate_rules
 from plugin.selection import SeriesInfo, always_refused, measure, rank_series
 from plugin.store import Job, JobState, Store, utcnow
@@ -169,13 +172,26 @@ def test_rules_check_shows_the_ranking_and_why_each_other_series_lost(
     assert "LUNG1" not in text  # no patient data
 
 
-def test_the_orthanc_plugin_reads_declarations_without_torch_in_its_process() -> None:
-    """The child process gives the same declarations as the pipelines themselves."""
-    lookup = ChildSeriesLookup(load_config(None), Path(sys.executable), ["mr-brain"])
-    assert lookup("ct-lung") == CT_LUNG
-    assert lookup("mr-brain") == MrBrainPipeline.series
-    with pytest.raises(LookupError, match="nope"):
-        lookup("nope")
+def test_the_orthanc_plugin_reads_declarations_without_importing_torch() -> None:
+    """Inside Orthanc no pipeline is imported; the declarations are the pipelines' own all the same."""
+    code = (
+        "import json, sys, dataclasses\n"
+        "from plugin.config import load_config\n"
+        "from plugin.pipelines import series_lookup\n"
+        "lookup = series_lookup(load_config(None), import_pipelines=False)\n"
+        "wanted = {n: dataclasses.asdict(lookup(n)) for n in ('ct-lung', 'mr-brain')}\n"
+        "try:\n"
+        "    lookup('nope')\n"
+        "except LookupError as err:\n"
+        "    wanted['error'] = str(err)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, **wanted}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    answer = json.loads(done.stdout)
+    assert answer["torch"] is False
+    for name, pipeline in (("ct-lung", CtLungPipeline), ("mr-brain", MrBrainPipeline)):
+        assert answer[name] == json.loads(json.dumps(dataclasses.asdict(pipeline.series))), name
+    assert "no pipeline named 'nope'" in answer["error"]
 
 
 def test_the_kernel_classes_name_vendor_kernels() -> None:

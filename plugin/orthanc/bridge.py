@@ -14,8 +14,7 @@ Routing here cannot check the rules against the installed pipelines (that needs 
 and torch, which stay out of Orthanc's process); ``radgate worker`` checks them at its start, and
 a job naming a pipeline that is not installed fails with the registry's message. The series each
 pipeline wants (its `SeriesWanted` declaration, for study-scope rules and on-demand runs) is read
-by a child Python process of radgate's environment, once, when a study first needs it
-(`plugin.pipelines.ChildSeriesLookup`).
+without importing the pipelines (`plugin.pipelines.series_lookup`, `import_pipelines=False`).
 
 Crash safety: which of Orthanc's changes (``/changes``) were handled is kept in a small state
 file in the data dir, written after each stable study and each page; at start the log is
@@ -33,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ from sqlalchemy.orm import Session
 from dicom_io.net import Peer, ReceivedInstance, fsync_dir
 from plugin.config import Config, ConfigError
 from plugin.jobs import list_jobs, queue_routed_jobs, read_study_series
-from plugin.pipelines import ChildSeriesLookup
+from plugin.pipelines import series_lookup
 from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, make_spool
 from plugin.route import DEFAULT_RULES, validate_rules
 from plugin.selection import chosen, rank_series
@@ -166,13 +164,6 @@ def check_pipeline_name(name: str) -> str:
     return name
 
 
-def child_python() -> Path:
-    """The Python of radgate's environment: ``$RADGATE_VENV`` (the loader sets it inside Orthanc,
-    whose own executable is no Python), else the running interpreter."""
-    venv = os.environ.get("RADGATE_VENV")
-    return Path(venv) / "bin" / "python" if venv else Path(sys.executable)
-
-
 def _named_pipelines(config: Config) -> set[str]:
     """The pipelines the routing rules name (trusted here; ``radgate worker`` checks them)."""
     rules = DEFAULT_RULES if config.rules is None else config.rules
@@ -198,7 +189,7 @@ class Bridge:
         self.config = config
         self.rest = rest
         named = _named_pipelines(config)
-        lookup = ChildSeriesLookup(config, child_python(), sorted(named))
+        lookup = series_lookup(config, import_pipelines=False)
         self.rules = dataclasses.replace(validate_rules(config, named), series_lookup=lookup)
         self.destinations = tuple(config.destinations if destinations is None else destinations)
         self.store = Store(config.db_url)
