@@ -319,6 +319,8 @@ class CtLungPipeline:
                 Measurement(LAA950, 100.0 * low / count, UNIT_PERCENT, segment),
                 Measurement(ATTENUATION, hu_sum / count, UNIT_HU, segment, modifier=MEAN),
             ]
+        if both[1] > 0:  # the emphysema segment's own figure: its volume (both lungs)
+            measurements.append(Measurement(VOLUME, both[1] * voxel_ml, UNIT_CM3, SEG_EMPHYSEMA))
         segments = [
             Segment(
                 SEG_RIGHT,

@@ -205,7 +205,8 @@ def format_measurements(rows: list[tuple[str, str, float, str]]) -> list[str]:
     for group, label, value, unit in rows:
         shown = f"{value:.2f}" if unit == "%" else f"{value:.1f}"
         groups.setdefault(group, []).append(f"{label} {shown} {unit}")
-    return [f"  {group:<14}" + "   ".join(items) for group, items in groups.items()]
+    width = max((len(group) for group in groups), default=0) + 2
+    return [f"  {group:<{width}}" + "   ".join(items) for group, items in groups.items()]
 
 
 # --- following one study -----------------------------------------------------------------------

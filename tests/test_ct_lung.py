@@ -58,6 +58,7 @@ def _check_against_truth(findings: Findings, truth: Truth, voxel_ml: float) -> N
     total_laa = 100.0 * float((truth["emphysema"] & lungs).sum()) / float(lungs.sum())
     assert _value(findings, LAA950.value, None) == pytest.approx(total_laa, abs=1.0)
     assert _dice(emphysema, truth["emphysema"]) > 0.95
+    assert _value(findings, "118565006", 3) == pytest.approx(float(emphysema.sum()) * voxel_ml)
     assert not (truth["trachea"] & (right | left)).any(), "the trachea must not be part of a lung"
 
 

@@ -9,6 +9,7 @@ for a CLI round trip, through `plugin.jobs.list_jobs`, the function behind `radg
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from collections import Counter
@@ -216,5 +217,6 @@ def test_radgate_demo_runs_the_whole_way_round_and_exits_0(tmp_path: Path) -> No
     assert demo.returncode == 0, out + err
     for expected in ("SEG  series", "SR   series", "OT   series", "Right lung", "%LAA-950", "mean density"):
         assert expected in out, out
+    assert re.search(r"Emphysema \(LAA-950\)\s+volume [0-9.]+ mL", out), out
     assert "/app/explorer.html#study?uuid=" in out
     assert "Phantom" not in (tmp_path / "node" / "node.log").read_text()  # no patient name in the log
