@@ -78,19 +78,27 @@ def _study_level(source: Dataset, out: Dataset) -> None:
             setattr(out, keyword, source.data_element(keyword).value)
 
 
-def _dose_sr(source: Dataset) -> Dataset:
-    """A Radiation Dose SR's header and root container (TID 10011), as a CT scanner sends it."""
+def _new_instance(
+    source: Dataset, sop_class: str, modality: str, series_number: int, description: str
+) -> Dataset:
+    """The one instance of a new series in `source`'s study."""
     ds = Dataset()
-    ds.file_meta = _meta(XRayRadiationDoseSRStorage, generate_uid())
-    ds.SOPClassUID = XRayRadiationDoseSRStorage
+    ds.file_meta = _meta(sop_class, generate_uid())
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     _study_level(source, ds)
-    ds.Modality = "SR"
+    ds.Modality = modality
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 502
-    ds.SeriesDescription = "Dose Report"
-    ds.Manufacturer = "SIEMENS"
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = description
     ds.InstanceNumber = 1
+    return ds
+
+
+def _dose_sr(source: Dataset) -> Dataset:
+    """A Radiation Dose SR's header and root container (TID 10011), as a CT scanner sends it."""
+    ds = _new_instance(source, XRayRadiationDoseSRStorage, "SR", 502, "Dose Report")
+    ds.Manufacturer = "SIEMENS"
     ds.ValueType = "CONTAINER"
     concept = Dataset()
     concept.CodeValue, concept.CodingSchemeDesignator = "113701", "DCM"
@@ -105,19 +113,10 @@ def _dose_sr(source: Dataset) -> Dataset:
 
 def _protocol_screen(source: Dataset) -> Dataset:
     """Siemens' "Patient Protocol": a dose screen stored as a secondary capture with Modality CT."""
-    ds = Dataset()
-    ds.file_meta = _meta(SecondaryCaptureImageStorage, generate_uid())
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    _study_level(source, ds)
-    ds.Modality = "CT"
+    ds = _new_instance(source, SecondaryCaptureImageStorage, "CT", 501, "Patient Protocol")
     ds.BodyPartExamined = source.get("BodyPartExamined", "CHEST")
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 501
-    ds.SeriesDescription = "Patient Protocol"
     ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
     ds.ConversionType = "SYN"
-    ds.InstanceNumber = 1
     ds.Rows = ds.Columns = 64
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
