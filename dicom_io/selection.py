@@ -16,6 +16,10 @@ from typing import Literal
 
 Plane = Literal["axial", "coronal", "sagittal"]
 
+RESULT_MANUFACTURER = RESULT_MODEL_NAME = "radgate"
+"""Manufacturer and ManufacturerModelName of every SEG, SR, SC and KOS `dicom_io.results` writes:
+how a series of our own results is told apart, so that no pipeline ever runs on one."""
+
 CT_SOFT_KERNELS = (
     r"(?i)^("
     r"STANDARD|STND|SOFT( ?TISSUE)?|SMOOTH|BODY|ABDOMEN|MEDIASTINUM|"

@@ -24,7 +24,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import ConstrainedList
 
-from dicom_io.selection import Plane, SeriesWanted
+from dicom_io.selection import RESULT_MANUFACTURER, RESULT_MODEL_NAME, Plane, SeriesWanted
 
 Header = Mapping[str, Any] | Dataset
 """One instance's attributes by DICOM keyword: a header-only Dataset or a plain mapping."""
@@ -36,9 +36,8 @@ NON_IMAGE_MODALITIES = frozenset(
 """Modalities of objects that are not an image series a pipeline could analyse (OT: other, e.g. a
 scanned form or a secondary capture)."""
 
-OWN_EQUIPMENT = ("radgate", "radgate")
-"""Manufacturer and ManufacturerModelName `dicom_io.results` writes into every SEG, SR, SC and KOS
-it makes (its synthetic phantoms say Manufacturer radgate too, but model "synthetic phantom")."""
+OWN_EQUIPMENT = (RESULT_MANUFACTURER.casefold(), RESULT_MODEL_NAME.casefold())
+"""Our results' equipment (the synthetic phantoms say Manufacturer radgate too, but another model)."""
 
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1 to .7.4
 _DOSE_REPORT = re.compile(r"dose\s*(report|info|summary|record)|patient\s*protocol|screen\s*save", re.I)

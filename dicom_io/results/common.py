@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_io.results.header import Header, ResultError, read_header, valid_uid
+from dicom_io.selection import RESULT_MANUFACTURER, RESULT_MODEL_NAME
 from dicom_io.types import Code, Findings, Segment, Volume
 
 # DCM 123110 "Artificial Intelligence" from CID 7162 (Surface Processing Algorithm Families);
@@ -56,8 +57,8 @@ class ResultOptions:
     algorithm_family: Code = ARTIFICIAL_INTELLIGENCE
     segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
     device_uid: str | None = None
-    manufacturer: str = "radgate"
-    model_name: str = "radgate"
+    manufacturer: str = RESULT_MANUFACTURER
+    model_name: str = RESULT_MODEL_NAME
     serial_number: str = "1"
     software_version: str = _software_version()
     series_number_base: int | None = None
