@@ -41,7 +41,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from plugin.config import Config, ConfigError, load_config
-from plugin.orthanc.bridge import Bridge, check_pipeline_name
+from plugin.logs import SafeFormatter
+from plugin.orthanc.bridge import Bridge
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class OrthancLogHandler(logging.Handler):
     def __init__(self, orthanc: ModuleType) -> None:
         super().__init__()
         self._orthanc = orthanc
-        self.setFormatter(logging.Formatter("radgate %(name)s: %(message)s"))
+        self.setFormatter(SafeFormatter("radgate %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -265,7 +266,7 @@ class Routes:
         try:
             body = request.get("body") or b"{}"
             wanted = RunRequest.model_validate_json(body)
-            pipeline = None if wanted.pipeline is None else check_pipeline_name(wanted.pipeline)
+            pipeline = None if wanted.pipeline is None else self.bridge.check_pipeline(wanted.pipeline)
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
             return 400, {"error": problems}
