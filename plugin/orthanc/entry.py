@@ -40,6 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ai_models.registry import UnknownPipelineError
 from plugin.config import Config, ConfigError, load_config
 from plugin.logs import SafeFormatter
 from plugin.orthanc.bridge import Bridge
@@ -281,6 +282,8 @@ class Routes:
             return 200, done.result(timeout=RUN_WAIT_S)
         except FutureTimeout:
             return 200, {"orthanc_study": orthanc_id, "state": "accepted", "jobs": None}
+        except UnknownPipelineError as err:  # known by name, but its series declaration is not here
+            return 400, {"error": str(err)}
         except LookupError as err:
             return 404, {"error": str(err)}
 
