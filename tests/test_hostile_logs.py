@@ -24,13 +24,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 
 from dicom_io.net import ReceivedInstance, StorageSCP
-from plugin.logs import PLAIN_FORMAT, SafeFormatter, _JsonLines
+from plugin.logs import PLAIN_FORMAT, TRACEBACK_INDENT, SafeFormatter, _JsonLines
+from plugin.orthanc.entry import OrthancLogHandler
 
 # the start of a line of `radgate serve`'s plain log format (plugin.logs.PLAIN_FORMAT)
 LOG_LINE = re.compile(
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+\[\d+\]: "
 )
-TRACEBACK_LINE = "  "  # plugin.logs.TRACEBACK_INDENT: a traceback under its log line
 
 
 def _item(kind: int, body: bytes) -> bytes:
@@ -109,7 +109,7 @@ def test_peer_values_forge_no_line_in_the_node_log(
 
     log = wait_for(both_refusals, 30, "both refusals in the log")
     strays = [line for line in log.splitlines() if not LOG_LINE.match(line)]
-    assert [line for line in strays if not line.startswith(TRACEBACK_LINE)] == []
+    assert [line for line in strays if not line.startswith(TRACEBACK_INDENT)] == []
     files = write_series(tmp_path / "src", 1)
     assert node.storescu(*files).returncode == 0  # still serving
 
@@ -174,7 +174,7 @@ def test_a_receiving_process_forwards_the_traceback_of_an_error(
     assert "Traceback" in record.exc_text and "in _explode" in record.exc_text
     assert record.exc_text.rstrip().endswith("RuntimeError: handler exploded")
     lines = SafeFormatter(PLAIN_FORMAT).format(record).splitlines()
-    assert len(lines) > 2 and all(line.startswith(TRACEBACK_LINE) for line in lines[1:])
+    assert len(lines) > 2 and all(line.startswith(TRACEBACK_INDENT) for line in lines[1:])
 
 
 def _record(message: str, *args: object, exc_text: str | None = None) -> logging.LogRecord:
@@ -199,7 +199,7 @@ def test_a_traceback_is_an_indented_block_even_when_its_message_holds_line_break
         record.exc_info = sys.exc_info()
     text = SafeFormatter(PLAIN_FORMAT).format(record)
     assert len(text.splitlines()) > 5  # a block: the traceback's lines and those of its message
-    assert all(line.startswith(TRACEBACK_LINE) for line in text.splitlines()[1:])
+    assert all(line.startswith(TRACEBACK_INDENT) for line in text.splitlines()[1:])
     assert all(LOG_LINE.match(line) is None for line in text.splitlines()[1:])
 
 
@@ -209,3 +209,25 @@ def test_json_lines_stay_one_valid_object_per_line() -> None:
     entry = json.loads(line)
     assert entry["message"] == f"calling AE {HOSTILE}"
     assert entry["exception"] == "Traceback\n  x\nValueError: y"
+
+
+class _OrthancLog:
+    """What Orthanc's plugin SDK offers a plugin for logging: one call per message."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def LogError(self, text: str) -> None:  # the SDK's names
+        self.messages.append(text)
+
+    LogWarning = LogInfo = LogError
+
+
+def test_the_orthanc_plugin_logs_one_escaped_line_per_message() -> None:
+    orthanc = _OrthancLog()
+    handler = OrthancLogHandler(orthanc)  # type: ignore[arg-type]
+    handler.handle(_record("REST POST /radgate/studies/%s/run failed", HOSTILE))
+    [text] = orthanc.messages
+    assert "\n" not in text and text.endswith(
+        "studies/A\\nB\\rC\\x00D\\x1bE\\x7fF\\x85G\\u2028H\\u2029I\\tJ/run failed"
+    )
