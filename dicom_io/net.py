@@ -1626,8 +1626,8 @@ class _Receiver:
         self.incoming = _IncomingFiles(config.incoming_dir, tag)
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_pdu_size = config.max_pdu
-        # the listener's cap (`over_limit`) is the one, with its log line: pynetdicom's own (10 per
-        # process by default) would refuse the association after it without a word
+        # the listener's cap (`over_limit`) is the one, with its log line: pynetdicom's own (10 by
+        # default) refused associations past it without a word
         self.ae.maximum_associations = 2**31 - 1
         self.ae.network_timeout = config.network_timeout
         self.ae.acse_timeout = config.acse_timeout
