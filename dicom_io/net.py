@@ -1474,6 +1474,15 @@ class _Connection:
             )
             self._reject(assoc, (0x02, 0x03, 0x02))
             return
+        cfg = self.receiver.config
+        called = str(request.called_ae_title).strip()
+        if cfg.require_called_ae_title and called != cfg.ae_title:
+            LOGGER.warning(
+                "rejecting association %s from %s (%s): called AE title %r, this node is %r",
+                *(self.peer.association_id, self.peer.ae_title, self.peer.address, called, cfg.ae_title),
+            )
+            self._reject(assoc, (0x01, 0x01, 0x07))
+            return
         try:
             allowed = self.receiver.callbacks.allow(self.peer)
         except Exception:
@@ -1617,7 +1626,9 @@ class _Receiver:
         self.incoming = _IncomingFiles(config.incoming_dir, tag)
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_pdu_size = config.max_pdu
-        self.ae.require_called_aet = config.require_called_ae_title
+        # the listener's cap (`over_limit`) is the one, with its log line: pynetdicom's own (10 by
+        # default) refused associations past it without a word
+        self.ae.maximum_associations = 2**31 - 1
         self.ae.network_timeout = config.network_timeout
         self.ae.acse_timeout = config.acse_timeout
         self.ae.dimse_timeout = config.dimse_timeout
@@ -1731,15 +1742,20 @@ class _Notifier:
 
 
 class _ForwardLogs(logging.Handler):
-    """Sends a worker's log records to the parent, which logs them under the same logger name."""
+    """Sends a worker's log records to the parent, which logs them under the same logger name:
+    the message, and the traceback as text (``exc_text``) when the record has one."""
 
     def __init__(self, notify: _Notifier) -> None:
         super().__init__(logging.INFO)
         self._notify = notify
+        self._traceback = logging.Formatter()
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
-            self._notify("log", (record.name, record.levelno, record.getMessage()))
+            traceback = record.exc_text
+            if record.exc_info and not traceback:
+                traceback = self._traceback.formatException(record.exc_info)
+            self._notify("log", (record.name, record.levelno, record.getMessage(), traceback))
 
 
 def _worker_main(
@@ -1772,6 +1788,15 @@ def _worker_main(
         fd = recv_handle(fd_conn)
         receiver.handle(socket.socket(fileno=fd), address, conn_id, over_limit)
     receiver.close(timeout=5)
+
+
+def _log_forwarded(worker: _Worker, name: str, level: int, text: str, traceback: str | None) -> None:
+    """Log a record a receiving process forwarded (see `_ForwardLogs`), its traceback included."""
+    logger = logging.getLogger(name)
+    if logger.isEnabledFor(level):
+        record = logger.makeRecord(name, level, __file__, 0, "[pid %s] %s", (worker.process.pid, text), None)
+        record.exc_text = traceback  # formatters print it as the record's traceback
+        logger.handle(record)
 
 
 @dataclass(eq=False)
@@ -2090,7 +2115,6 @@ class StorageSCP:
             if kind == "closed":
                 self.closed(payload)
             elif kind == "log":
-                name, level, text = payload
-                logging.getLogger(name).log(level, "[pid %s] %s", worker.process.pid, text)
+                _log_forwarded(worker, *payload)
             elif kind == "ready":
                 worker.ready.set()

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plugin.config import Config, ConfigError, load_config
+from plugin.logs import setup_command_logging
 
 Command = Callable[[argparse.Namespace, Config], int]
 
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_command_logging()
     try:
         config = _config_from(args)
     except ConfigError as err:

@@ -33,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from plugin.config import Config, DispatchConfig
+from plugin.logs import escape_controls
 from plugin.senders import Outcomes, Outgoing, destination_secrets, make_sender, redact
 from plugin.store import Delivery, DeliveryState, Store, utcnow
 
@@ -398,7 +399,7 @@ def print_deliveries(config: Config, as_json: bool, state: str | None = None) ->
             note = "  ".join(x for x in (due, d.last_error or "") if x)
         print(
             f"{d.id:>6}  {d.job_id:>5}  {d.sop_instance_uid:<64}  {d.destination:<16}  {d.state:<7}  "
-            f"{d.attempts:>5}  {note}"
+            f"{d.attempts:>5}  {escape_controls(note)}"  # a destination's error text: one row
         )
     return 0
 

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from plugin.config import Config
 from plugin.dispatch import retry_deliveries
+from plugin.logs import escape_controls
 from plugin.route import RuleSet, SeriesInfo, StudyPlan, plan_study
 from plugin.store import (
     Delivery,
@@ -487,7 +488,7 @@ def print_jobs(config: Config, as_json: bool) -> int:
         print(
             f"{j['id']:>5} {j['state']:<9} {j['pipeline'] or '-':<10} {j['revision']:>3} {j['attempts']:>3}  "
             f"{j['study_uid']}  [{_seconds(j['timings'])}]  [{_deliveries(j['deliveries'])}]"
-            + (f"  {j['error']}" if j["error"] else "")
+            + (f"  {escape_controls(j['error'])}" if j["error"] else "")  # one row, whatever the text
         )
     return 0
 

@@ -92,6 +92,17 @@ def test_jobs_table_shows_one_line_per_job(
     assert "FAILED" in lines[2] and REASON in lines[2] and jobs[0] in lines[2]
 
 
+def test_an_error_with_line_breaks_stays_on_its_job_s_line(
+    config: Config, store: Store, jobs: tuple[str, int, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An error's text may quote a peer (a destination's answer): the table keeps one line per job."""
+    with store.session() as s:
+        s.get_one(Job, jobs[2]).error = "refused\n    7 FAILED  forged\r"
+    assert _run(config, "jobs") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[2].endswith("refused\\n    7 FAILED  forged\\r")
+
+
 def test_retry_requeues_a_failed_job_then_has_nothing_left_to_do(
     config: Config, store: Store, jobs: tuple[str, int, int], capsys: pytest.CaptureFixture[str]
 ) -> None:

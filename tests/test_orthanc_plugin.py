@@ -133,12 +133,19 @@ def test_a_study_stable_while_the_plugin_was_down_is_replayed_once(site: PluginS
     wait_until(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the second replay")
     assert [j["id"] for j in site.jobs(study_uid)] == [job["id"]]
 
-    # on demand: no body runs the rules again; a wrong body or study is refused
+    # on demand: no body runs the rules again; a wrong body, pipeline or study is refused
     answer = orthanc.rest_post(f"/radgate/studies/{orthanc_id}/run")
     assert answer["instances"] == {"stored": 0, "known": 6, "refused": 0} and len(answer["jobs"]) == 1
     run = f"{orthanc.url}/radgate/studies/{orthanc_id}/run"
     assert requests.post(run, json={"pipe": "x"}, timeout=30).status_code == 400
     assert requests.post(run, json={"pipeline": "../x"}, timeout=30).status_code == 400
+    assert requests.post(run, data=b"{not json", timeout=30).status_code == 400
+    jobs = site.jobs(study_uid)
+    unknown = requests.post(run, json={"pipeline": "no-such-pipeline"}, timeout=30)
+    assert unknown.status_code == 400, unknown.text
+    error = unknown.json()["error"]
+    assert error.startswith("unknown pipeline 'no-such-pipeline'; known pipelines: ") and "ct-lung" in error
+    assert site.jobs(study_uid) == jobs  # no job that could only fail
     assert requests.post(f"{orthanc.url}/radgate/studies/nope/run", timeout=30).status_code == 404
 
 

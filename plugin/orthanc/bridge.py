@@ -30,7 +30,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ai_models.registry import available_pipelines
 from dicom_io.net import Peer, ReceivedInstance, fsync_dir
 from plugin.config import Config, ConfigError
 from plugin.jobs import list_jobs, queue_routed_jobs, read_study_series
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 PEER_AE = "ORTHANC-PLUGIN"
 ON_DEMAND_RULE = "on-demand"
 PAGE = 100
-PIPELINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
 _QUERY_CHUNK = 500
 
@@ -157,18 +156,18 @@ class ChangeCursor:
         return list(self._read().get("set_aside", []))
 
 
-def check_pipeline_name(name: str) -> str:
-    """A name from an HTTP request, checked before it is stored (the worker resolves it)."""
-    if not PIPELINE_NAME.match(name):
-        raise ValueError(f"not a pipeline name: {name[:80]!r}")
-    return name
-
-
 def _named_pipelines(config: Config) -> set[str]:
     """The pipelines the routing rules name (trusted here; ``radgate worker`` checks them)."""
     rules = DEFAULT_RULES if config.rules is None else config.rules
     names = {rule.pipeline for rule in rules}
     return names | ({config.default_rule.pipeline} if config.default_rule else set())
+
+
+def known_pipelines(config: Config) -> set[str]:
+    """The pipeline names an on-demand run may ask for: those installed in this process, those
+    configured under ``pipelines`` and those the rules name (a worker elsewhere may hold pipelines
+    this process lacks; ``radgate worker`` checks the rules' at its start)."""
+    return set(available_pipelines()) | set(config.pipelines) | _named_pipelines(config)
 
 
 class Bridge:
@@ -189,6 +188,7 @@ class Bridge:
         self.config = config
         self.rest = rest
         named = _named_pipelines(config)
+        self.pipelines = known_pipelines(config)
         lookup = series_lookup(config, import_pipelines=False)
         self.rules = dataclasses.replace(validate_rules(config, named), series_lookup=lookup)
         self.destinations = tuple(config.destinations if destinations is None else destinations)
@@ -199,6 +199,13 @@ class Bridge:
         # temporary copies; not serve's incoming folder, which its start-up recovery empties
         self.incoming = config.data_dir / "incoming-orthanc"
         self._imports = itertools.count(1)
+
+    def check_pipeline(self, name: str) -> str:
+        """A pipeline name from an HTTP request: itself, or `ValueError` naming the known ones."""
+        if name not in self.pipelines:
+            known = ", ".join(sorted(self.pipelines)) or "none"
+            raise ValueError(f"unknown pipeline {name[:80]!r}; known pipelines: {known}")
+        return name
 
     def prepare(self) -> None:
         """Schema, spool folders, and no temporary file left from a copy a crash interrupted."""

@@ -40,8 +40,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ai_models.registry import UnknownPipelineError
 from plugin.config import Config, ConfigError, load_config
-from plugin.orthanc.bridge import Bridge, check_pipeline_name
+from plugin.logs import SafeFormatter
+from plugin.orthanc.bridge import Bridge
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ class OrthancLogHandler(logging.Handler):
     def __init__(self, orthanc: ModuleType) -> None:
         super().__init__()
         self._orthanc = orthanc
-        self.setFormatter(logging.Formatter("radgate %(name)s: %(message)s"))
+        self.setFormatter(SafeFormatter("radgate %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -265,7 +267,7 @@ class Routes:
         try:
             body = request.get("body") or b"{}"
             wanted = RunRequest.model_validate_json(body)
-            pipeline = None if wanted.pipeline is None else check_pipeline_name(wanted.pipeline)
+            pipeline = None if wanted.pipeline is None else self.bridge.check_pipeline(wanted.pipeline)
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
             return 400, {"error": problems}
@@ -280,6 +282,8 @@ class Routes:
             return 200, done.result(timeout=RUN_WAIT_S)
         except FutureTimeout:
             return 200, {"orthanc_study": orthanc_id, "state": "accepted", "jobs": None}
+        except UnknownPipelineError as err:  # known by name, but its series declaration is not here
+            return 400, {"error": str(err)}
         except LookupError as err:
             return 404, {"error": str(err)}
 
