@@ -3,9 +3,9 @@
 The transport receives each C-STORE as bytes, streams them to a file in `incoming_dir` (a complete
 DICOM Part 10 file: preamble, file meta with the negotiated transfer syntax, dataset) without
 decoding pixels, checks the dataset's structure and identifying UIDs with a cheap walk over the
-element headers, and hands a `ReceivedInstance` to the handler. The handler makes the file durable
-(fsync + rename + record) and returns the DICOM status to answer with. Nothing is acknowledged
-before the handler returns.
+element headers (within `DatasetLimits`: size, inflated size, nesting), and hands a
+`ReceivedInstance` to the handler. The handler makes the file durable (fsync + rename + record)
+and returns the DICOM status to answer with. Nothing is acknowledged before the handler returns.
 
 Built on pynetdicom: association negotiation, the DUL state machine and every message other than
 a C-STORE-RQ are pynetdicom's. Speed comes from a few narrow subclasses (`_FastDUL`, `_FastSocket`,
@@ -1946,7 +1946,8 @@ class StorageSCP:
     picklable and keep no state that this process needs (the node's `Receiver` opens its database
     per process). `prepare`, if given, runs once in each receiving process before it takes an
     association, so that one-time set-up (opening a database, compiling statements) is not paid for
-    by the first instance a sender waits on.
+    by the first instance a sender waits on. `limits` bound what one dataset may be (`DatasetLimits`):
+    past one, the C-STORE is answered 0xC000 with one log line and the association goes on.
     """
 
     def __init__(

@@ -30,9 +30,10 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_io.net import file_meta_header
+from dicom_io.net import DEFAULT_LIMITS, DatasetLimits, ReceivedInstance, StorageSCP, file_meta_header
 from plugin.config import Config
 from plugin.node import Node
+from plugin.receive import dataset_limits
 
 SR = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: a non-image object, no pixel checks
 CONTENT_SEQUENCE = (0x0040, 0xA730)
@@ -161,6 +162,10 @@ CRAFTED: dict[str, tuple[Callable[[bytes], bytes], str]] = {
 }
 
 
+def test_the_configured_defaults_are_the_transports() -> None:
+    assert dataset_limits(Config().dicom) == DEFAULT_LIMITS
+
+
 # --- a node in this process ------------------------------------------------------------------------
 
 
@@ -287,6 +292,27 @@ def test_nesting_up_to_the_limit_is_stored(node: Node, tmp_path: Path) -> None:
     path = part10(tmp_path, lambda h: h + nested(32))
     assert send(node.scp.port, path) == 0
     assert spooled(node.config, path.stem)
+
+
+def _accept(instance: ReceivedInstance) -> int:
+    instance.path.unlink()
+    return 0
+
+
+@pytest.mark.usefixtures("chunked_send")
+def test_a_command_split_over_fragments_is_refused_alike(tmp_path: Path) -> None:
+    """A maximum PDU of 128 bytes splits the C-STORE-RQ command: pynetdicom's path, the same checks."""
+    limits = DatasetLimits(max_dataset_bytes=64 << 10)
+    incoming = tmp_path / "incoming"
+    with StorageSCP(
+        "RADGATE", "127.0.0.1", free_port(), incoming, _accept, max_pdu=128, limits=limits
+    ) as scp:
+        oversize = part10(tmp_path, lambda h: h + _explicit(0x0009, 0x1010, b"OB", bytes(256 << 10)))
+        assert send(scp.port, oversize) == 0xC000
+        assert send(scp.port, part10(tmp_path, *CRAFTED["nested 300 deep"])) == 0xC000
+        assert send(scp.port, part10(tmp_path, lambda h: h + nested(32))) == 0
+        assert echo(scp.port) == 0
+        assert held_incoming(incoming) == []
 
 
 # --- a start with corrupt leftovers ----------------------------------------------------------------
