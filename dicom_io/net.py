@@ -239,7 +239,7 @@ class DatasetLimits:
     dataset is refused with 0xC000.
     """
 
-    max_dataset_bytes: int = 4 << 30
+    max_dataset_bytes: int = 2047 << 20  # the store records sizes as 32-bit integers (PostgreSQL)
     max_inflated_bytes: int = 256 << 20
     max_depth: int = 32
 

@@ -118,7 +118,7 @@ class DicomConfig(_Strict):
     )
     # What one dataset may be (dicom_io.net.DatasetLimits); past a limit: 0xC000 and one log line.
     max_dataset_bytes: int = Field(
-        default=4 << 30, ge=1024, description="largest dataset accepted, bytes (after the file meta)"
+        default=2047 << 20, ge=1024, description="largest dataset accepted, bytes (after the file meta)"
     )
     max_inflated_bytes: int = Field(
         default=256 << 20, ge=1024, description="largest Deflated Explicit VR dataset once inflated, bytes"

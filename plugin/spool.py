@@ -229,8 +229,9 @@ class Spool:
         Every element's length is checked against the bytes, and nesting and inflated size against
         `limits` (`dicom_io.net.inspect_part10`), before pydicom reads the file, so a file cut short
         by a power cut or crafted by a peer is refused, not recorded. Raises InvalidDicomError,
-        InstanceRefused or InvalidUID (both ValueError), AttributeError (a UID missing) or OSError;
-        on a file no check foresaw, whatever pydicom raises.
+        InstanceRefused, InvalidUID (a ValueError: any recorded UID, the SOP Class and Transfer
+        Syntax UIDs included, that is not one), AttributeError (a UID missing) or OSError; on a
+        file no check foresaw, whatever pydicom raises.
         """
         inspect_part10(path, self.limits)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -239,8 +240,8 @@ class Spool:
             study_uid=str(ds.StudyInstanceUID),
             series_uid=str(ds.SeriesInstanceUID),
             sop_instance_uid=str(ds.get("SOPInstanceUID") or meta.MediaStorageSOPInstanceUID),
-            sop_class_uid=str(ds.get("SOPClassUID") or meta.MediaStorageSOPClassUID),
-            transfer_syntax=str(meta.TransferSyntaxUID),
+            sop_class_uid=check_uid(str(ds.get("SOPClassUID") or meta.MediaStorageSOPClassUID)),
+            transfer_syntax=check_uid(str(meta.TransferSyntaxUID)),
         )
         return self.record_for(ids, received_at, _tags(ds), path.stat().st_size)
 

@@ -338,8 +338,12 @@ def test_a_node_comes_up_over_corrupt_leftovers(tmp_path: Path) -> None:
     good = write_series(crafted / "good", 2)
     truncated = good[0].read_bytes()[:-100]
     garbage = b"\x00" * 128 + b"DICM" + bytes(range(256)) * 8
-    bad = {"deep": deep, "bomb": bomb, "truncated": truncated, "garbage": garbage}
-    planted = [_plant(data / "incoming", f".rx-w0.1-{name}", raw) for name, raw in bad.items()]
+    sop = generate_uid()  # a Transfer Syntax UID too long for the store's column (PostgreSQL refuses it)
+    long_uid = file_meta_header(SR, sop, "1.2." * 30 + "1", "CRAFTED") + _header(sop, explicit=True)
+    bad = {"deep": deep, "bomb": bomb, "truncated": truncated, "garbage": garbage, "long uid": long_uid}
+    planted = [
+        _plant(data / "incoming", f".rx-w0.1-{name.replace(' ', '-')}", raw) for name, raw in bad.items()
+    ]
     lot = data / "spool" / generate_uid() / generate_uid()
     planted += [_plant(lot, f"{generate_uid()}.dcm", raw) for raw in bad.values()]
     # good leftovers: a complete incoming file whose final name was lost, an unrecorded spool file
