@@ -30,6 +30,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_io import net
 from dicom_io.net import DEFAULT_LIMITS, DatasetLimits, ReceivedInstance, StorageSCP, file_meta_header
 from plugin.config import Config
 from plugin.node import Node
@@ -256,7 +257,9 @@ def test_a_crafted_dataset_is_refused_and_the_node_keeps_serving(
         "the refusal's log line",
     )
     assert len(refusals) == 1 and "HOSTILE" in refusals[0] and "127.0.0.1" in refusals[0]
-    assert held_incoming(node.config.incoming_dir) == [] and spooled(node.config, sop) == []
+    assert spooled(node.config, sop) == []
+    # the refused file goes before the answer; an earlier good one's once its release is handled
+    wait_for(lambda: held_incoming(node.config.incoming_dir) == [], 10, "an empty incoming/")
     assert echo(port) == 0
     good = write_series(tmp_path / "good", 1)[0]
     assert send(port, good, "GOOD") == 0
@@ -294,6 +297,23 @@ def test_nesting_up_to_the_limit_is_stored(node: Node, tmp_path: Path) -> None:
     assert spooled(node.config, path.stem)
 
 
+def test_the_spool_drops_a_dataset_the_moment_it_passes_the_limit(tmp_path: Path) -> None:
+    """Nothing past `max_dataset_bytes` is written, and what was written is removed at once."""
+    files = net._IncomingFiles(tmp_path, "t")
+    try:
+        spool = net._Spool(files, b"header", max_dataset_bytes=1000)
+        spool.write(bytes(1000))
+        assert spool.refused is None and spool.path.stat().st_size == 1006
+        spool.write(b"x")
+        assert spool.refused is not None and spool.refused.status == 0xC000
+        assert not spool.path.exists()
+        spool.write(bytes(1 << 20))  # the rest of the dataset still arrives: dropped
+        spool.complete()
+        assert spool.size == 1006 and not spool.path.exists()
+    finally:
+        files.close()
+
+
 def _accept(instance: ReceivedInstance) -> int:
     instance.path.unlink()
     return 0
@@ -313,6 +333,25 @@ def test_a_command_split_over_fragments_is_refused_alike(tmp_path: Path) -> None
         assert send(scp.port, part10(tmp_path, lambda h: h + nested(32))) == 0
         assert echo(scp.port) == 0
         assert held_incoming(incoming) == []
+
+
+def test_storescu_is_told_a_deep_nest_cannot_be_understood(tmp_path: Path) -> None:
+    """DCMTK reads and sends the nests (its parser is not recursive in Python); `radgate serve`."""
+    node = NodeProcess(tmp_path / "node", {"dicom": LIMITS, "executor": {"workers": 1}}).start()
+    try:
+        deep = [part10(tmp_path, lambda h, d=depth: h + nested(d)) for depth in (220, 300)]
+        for path in deep:  # one association each: storescu stops at the first failure
+            sent = node.storescu(path)
+            assert "Received Store Response (Error: CannotUnderstand)" in sent.stderr, sent.stderr
+        assert node.echoscu().returncode == 0
+        good = write_series(tmp_path / "good", 1)
+        assert node.storescu(*good).returncode == 0
+        assert list(node.data_dir.glob(f"spool/*/*/{good[0].name}"))
+        # the good one's durable incoming name goes once its association's release is handled
+        wait_for(lambda: held_incoming(node.data_dir / "incoming") == [], 10, "an empty incoming/")
+        assert not [p for path in deep for p in node.data_dir.glob(f"spool/*/*/{path.name}")]
+    finally:
+        assert node.stop() == 0
 
 
 # --- a start with corrupt leftovers ----------------------------------------------------------------
