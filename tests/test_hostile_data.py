@@ -193,13 +193,19 @@ def chunked_send(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def send(port: int, path: Path, calling_ae: str = "HOSTILE") -> int:
     """C-STORE the file's dataset bytes untouched; the status answered."""
-    meta, _ = split_dataset(path)
+    return send_all(port, [path], calling_ae)[0]
+
+
+def send_all(port: int, paths: list[Path], calling_ae: str = "HOSTILE") -> list[int]:
+    """C-STORE the files' dataset bytes untouched, one after the other on one association."""
     ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    metas = [split_dataset(path)[0] for path in paths]
+    for sop_class, ts in dict.fromkeys((m.MediaStorageSOPClassUID, m.TransferSyntaxUID) for m in metas):
+        ae.add_requested_context(sop_class, ts)
     assoc = ae.associate("127.0.0.1", port, ae_title="RADGATE")
     assert assoc.is_established
     try:
-        return int(assoc.send_c_store(path).Status)
+        return [int(assoc.send_c_store(path).Status) for path in paths]
     finally:
         assoc.release()
 
@@ -238,12 +244,14 @@ def test_a_crafted_dataset_is_refused_and_the_node_keeps_serving(
     body, ts = CRAFTED[case]
     path = part10(tmp_path, body, ts)
     sop = path.stem
+    good = write_series(tmp_path / "good", 1)[0]
     assert node.scp is not None
     port, receivers = node.scp.port, node.scp.receiving_processes
     before = peak_rss(receivers)
     caplog.set_level(logging.INFO)
 
-    assert send(port, path) == 0xC000  # the peer's data: never 0xA700, never an abort
+    # the peer's data: 0xC000, never 0xA700, never an abort; the association takes the next one
+    assert send_all(port, [path, good]) == [0xC000, 0]
 
     grown = peak_rss(receivers) - before
     assert grown < 64 << 20, f"receiving processes grew by {grown >> 20} MiB"
@@ -257,13 +265,10 @@ def test_a_crafted_dataset_is_refused_and_the_node_keeps_serving(
         "the refusal's log line",
     )
     assert len(refusals) == 1 and "HOSTILE" in refusals[0] and "127.0.0.1" in refusals[0]
-    assert spooled(node.config, sop) == []
-    # the refused file goes before the answer; an earlier good one's once its release is handled
+    assert spooled(node.config, sop) == [] and spooled(node.config, good.stem)
+    # the refused file goes before the answer; the good one's durable name once the release is handled
     wait_for(lambda: held_incoming(node.config.incoming_dir) == [], 10, "an empty incoming/")
     assert echo(port) == 0
-    good = write_series(tmp_path / "good", 1)[0]
-    assert send(port, good, "GOOD") == 0
-    assert spooled(node.config, good.stem)
     assert node.scp.receiving_processes == receivers  # none died on the way
 
 
@@ -328,9 +333,9 @@ def test_a_command_split_over_fragments_is_refused_alike(tmp_path: Path) -> None
         "RADGATE", "127.0.0.1", free_port(), incoming, _accept, max_pdu=128, limits=limits
     ) as scp:
         oversize = part10(tmp_path, lambda h: h + _explicit(0x0009, 0x1010, b"OB", bytes(256 << 10)))
-        assert send(scp.port, oversize) == 0xC000
-        assert send(scp.port, part10(tmp_path, *CRAFTED["nested 300 deep"])) == 0xC000
-        assert send(scp.port, part10(tmp_path, lambda h: h + nested(32))) == 0
+        deep = part10(tmp_path, *CRAFTED["nested 300 deep"])
+        fine = part10(tmp_path, lambda h: h + nested(32))
+        assert send_all(scp.port, [oversize, deep, fine]) == [0xC000, 0xC000, 0]  # one association
         assert echo(scp.port) == 0
         assert held_incoming(incoming) == []
 
