@@ -3,9 +3,9 @@
 The transport receives each C-STORE as bytes, streams them to a file in `incoming_dir` (a complete
 DICOM Part 10 file: preamble, file meta with the negotiated transfer syntax, dataset) without
 decoding pixels, checks the dataset's structure and identifying UIDs with a cheap walk over the
-element headers, and hands a `ReceivedInstance` to the handler. The handler makes the file durable
-(fsync + rename + record) and returns the DICOM status to answer with. Nothing is acknowledged
-before the handler returns.
+element headers (within `DatasetLimits`: size, inflated size, nesting), and hands a
+`ReceivedInstance` to the handler. The handler makes the file durable (fsync + rename + record)
+and returns the DICOM status to answer with. Nothing is acknowledged before the handler returns.
 
 Built on pynetdicom: association negotiation, the DUL state machine and every message other than
 a C-STORE-RQ are pynetdicom's. Speed comes from a few narrow subclasses (`_FastDUL`, `_FastSocket`,
@@ -41,6 +41,7 @@ import select
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Sequence
@@ -49,9 +50,10 @@ from io import BytesIO, FileIO
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import IO, Any, Protocol, cast
 
 from pydicom import config as pydicom_config
+from pydicom.datadict import DicomDictionary
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -214,12 +216,41 @@ _US_TAGS = (_SAMPLES, _ROWS, _COLUMNS, _BITS_ALLOCATED, 0x00280101, 0x00280103)
 _WANTED = frozenset(
     {_STUDY_UID, _SERIES_UID, _SOP_INSTANCE_UID, _SOP_CLASS_UID, _NUMBER_OF_FRAMES, _PHOTOMETRIC, *_US_TAGS}
 )
+_SQ_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")  # implicit VR
 _NATIVE_SYNTAXES = frozenset(
     {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 )
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _META_READ = 1 << 16  # a file meta group is a few hundred bytes
 _IS_RE = re.compile(r"[+-]?[0-9]+")
+
+
+MAX_DEPTH_CEILING = 64  # pydicom reads 100 nested sequences and fails near 220 (RecursionError)
+
+
+@dataclass(frozen=True)
+class DatasetLimits:
+    """How much of a peer's dataset the node takes on its word (config `dicom`: see README).
+
+    `max_dataset_bytes`: the dataset as received (after the file meta), checked while it streams
+    in. `max_inflated_bytes`: a Deflated Explicit VR dataset once inflated, checked while it
+    inflates. `max_depth`: sequences nested in sequences; bounded so that recursive readers
+    (pydicom, this module's walker) stay far from Python's recursion limit. Past any of them the
+    dataset is refused with 0xC000.
+    """
+
+    max_dataset_bytes: int = 2047 << 20  # the store records sizes as 32-bit integers (PostgreSQL)
+    max_inflated_bytes: int = 256 << 20
+    max_depth: int = 32
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_depth <= MAX_DEPTH_CEILING:
+            raise ValueError(f"max_depth must be 1..{MAX_DEPTH_CEILING}")
+        if self.max_dataset_bytes < 1 or self.max_inflated_bytes < 1:
+            raise ValueError("dataset limits must be positive")
+
+
+DEFAULT_LIMITS = DatasetLimits()
 
 
 class _BeyondHead(Exception):
@@ -229,18 +260,25 @@ class _BeyondHead(Exception):
 class _ElementWalker:
     """Walks element headers (nested sequences included) to prove every length fits the bytes.
 
-    This catches truncated datasets and bytes encoded in another transfer syntax than negotiated,
-    at a cost of microseconds per element: values are skipped, never decoded. `buf` may hold only
-    the start of the data (`held` < the `end` walked to): the walk then raises `_BeyondHead` when
-    it needs more, and skipping the pixel data to the end needs none.
+    This catches truncated datasets, bytes encoded in another transfer syntax than negotiated and
+    sequences nested deeper than `max_depth`, at a cost of microseconds per element: values are
+    skipped, never decoded. Every sequence's items are walked, of defined length or not. The
+    recursion goes one `walk` and one `_sequence` per sequence level, so `max_depth` bounds it.
+    `buf` may hold only the start of the data (`held` < the `end` walked to): the walk then raises
+    `_BeyondHead` when it needs more, and skipping the pixel data to the end needs none.
     """
 
     def __init__(
-        self, buf: bytes | bytearray | mmap.mmap, little_endian: bool, end: int | None = None
+        self,
+        buf: bytes | bytearray | mmap.mmap,
+        little_endian: bool,
+        end: int | None = None,
+        max_depth: int = DatasetLimits.max_depth,
     ) -> None:
         self.buf = buf
         self.held = len(buf)
         self.partial = end is not None and end > self.held
+        self.max_depth = max_depth
         order = "<" if little_endian else ">"
         self.explicit_head = struct.Struct(order + "HH2sH")  # tag, VR, a short VR's length
         self.implicit_head = struct.Struct(order + "HHL")  # tag, length (and every item header)
@@ -250,8 +288,12 @@ class _ElementWalker:
         self.pixel_length: int | None = None  # top-level Pixel Data: its value length, when defined
         self.fragments: int | None = None  # its items (offset table included), when encapsulated
 
-    def walk(self, pos: int, end: int, explicit: bool, depth: int) -> int:
-        """Walk elements from `pos`; at depth > 0 stop after a delimiter item, else at `end`."""
+    def walk(self, pos: int, end: int, explicit: bool, depth: int = 0, delimited: bool = False) -> int:
+        """Walk one dataset's elements from `pos` to `end`, inside `depth` sequences.
+
+        `delimited` (an item of undefined length): stop after its item delimiter, which must come
+        before `end`. Returns the position after the last byte walked; raises `InstanceRefused`.
+        """
         buf = self.buf
         while pos < end:
             if pos + 8 > end:
@@ -263,27 +305,25 @@ class _ElementWalker:
             else:
                 group, element, length = self.implicit_head.unpack_from(buf, pos)
             if group == 0xFFFE:  # an item or a delimiter: tag and a 4-byte length in either syntax
-                if explicit:
-                    (length,) = self.u32.unpack_from(buf, pos + 4)
-                pos += 8
-                if element in (0xE00D, 0xE0DD) and depth > 0:
-                    return pos
-                if element != 0xE000:
-                    raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, f"unexpected delimiter at byte {pos - 8}")
-                pos = self._value(pos, end, length, explicit, depth, 0)
-                continue
+                if element == 0xE00D and delimited:
+                    return pos + 8
+                raise InstanceRefused(
+                    STATUS_CANNOT_UNDERSTAND, f"unexpected item tag (FFFE,{element:04X}) at byte {pos}"
+                )
             tag = group << 16 | element
             if not explicit:
                 pos += 8
+                sequence = length == _UNDEFINED_LENGTH or tag in _SQ_TAGS
                 inner_explicit = False
             elif vr in _SHORT_VRS:
                 pos += 8
-                inner_explicit = True
+                sequence = inner_explicit = False
             elif vr in _LONG_VRS:
                 if pos + 12 > end:
                     raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, f"truncated element header at byte {pos}")
                 (length,) = self.u32.unpack_from(buf, pos + 8)
                 pos += 12
+                sequence = vr == b"SQ" or (vr == b"UN" and length == _UNDEFINED_LENGTH)
                 inner_explicit = vr != b"UN"  # undefined-length UN holds implicit VR LE
             else:
                 raise InstanceRefused(
@@ -291,22 +331,68 @@ class _ElementWalker:
                     f"invalid VR {vr!r} in element ({group:04X},{element:04X}): "
                     "not encoded in the negotiated transfer syntax",
                 )
-            if group == 0x7FE0 and element == 0x0010 and depth == 0:  # Pixel Data
+            if tag == _PIXEL_DATA and depth == 0:
                 pos = self._pixel_data(pos, end, length)
-                continue
-            pos = self._value(pos, end, length, inner_explicit, depth, tag)
-        if depth > 0:
-            raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "truncated: sequence or item not closed")
+            elif sequence:
+                pos = self._sequence(pos, end, length, inner_explicit, depth + 1)
+            else:
+                pos = self._value(pos, end, length, depth, tag)
+        if delimited:
+            raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "truncated: sequence item not closed")
+        return pos
+
+    def _sequence(self, pos: int, end: int, length: int, explicit: bool, depth: int) -> int:
+        """Walk a sequence's items, each a dataset `depth` sequences deep; the position after it."""
+        if depth > self.max_depth:
+            raise InstanceRefused(
+                STATUS_CANNOT_UNDERSTAND,
+                f"sequences nested deeper than dicom.max_sequence_depth ({self.max_depth})",
+            )
+        delimited = length == _UNDEFINED_LENGTH
+        if not delimited:
+            if pos + length > end:
+                raise InstanceRefused(
+                    STATUS_CANNOT_UNDERSTAND, f"truncated: sequence needs {length} bytes, {end - pos} left"
+                )
+            end = pos + length
+        while pos + 8 <= end:
+            if self.partial and pos + 8 > self.held:
+                raise _BeyondHead
+            group, element, item_length = self.implicit_head.unpack_from(self.buf, pos)
+            pos += 8
+            if (group, element) == (0xFFFE, 0xE0DD) and delimited:
+                return pos
+            if (group, element) != (0xFFFE, 0xE000):
+                raise InstanceRefused(
+                    STATUS_CANNOT_UNDERSTAND,
+                    f"({group:04X},{element:04X}) at byte {pos - 8} where a sequence item belongs",
+                )
+            if item_length == _UNDEFINED_LENGTH:
+                pos = self.walk(pos, end, explicit, depth, delimited=True)
+            elif pos + item_length > end:
+                raise InstanceRefused(
+                    STATUS_CANNOT_UNDERSTAND,
+                    f"truncated: sequence item needs {item_length} bytes, {end - pos} left",
+                )
+            else:
+                pos = self.walk(pos, pos + item_length, explicit, depth)
+        if delimited or pos != end:
+            raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "truncated: sequence not closed")
         return pos
 
     def _pixel_data(self, pos: int, end: int, length: int) -> int:
-        """Skip the top-level Pixel Data value, noting its length or, encapsulated, its item count.
-
-        An encapsulated value must be items of defined length closed by a sequence delimiter.
-        """
+        """Skip the top-level Pixel Data value, noting its length or, encapsulated, its item count."""
         if length != _UNDEFINED_LENGTH:
             self.pixel_length = length
-            return self._value(pos, end, length, False, 0, _PIXEL_DATA)
+            return self._value(pos, end, length, 0, _PIXEL_DATA)
+        pos, self.fragments = self._fragments(pos, end)
+        return pos
+
+    def _fragments(self, pos: int, end: int) -> tuple[int, int]:
+        """Skip an encapsulated value: items of defined length closed by a sequence delimiter.
+
+        Returns the position after it and its number of items (the offset table included).
+        """
         items = 0
         while pos + 8 <= end:
             if self.partial and pos + 8 > self.held:
@@ -314,27 +400,26 @@ class _ElementWalker:
             group, element, length = self.implicit_head.unpack_from(self.buf, pos)
             pos += 8
             if (group, element) == (0xFFFE, 0xE0DD):
-                self.fragments = items
-                return pos
+                return pos, items
             if (group, element) != (0xFFFE, 0xE000) or length == _UNDEFINED_LENGTH:
                 raise InstanceRefused(
                     STATUS_CANNOT_UNDERSTAND,
-                    f"encapsulated Pixel Data holds ({group:04X},{element:04X}) of length {length:#x} "
+                    f"encapsulated value holds ({group:04X},{element:04X}) of length {length:#x} "
                     f"at byte {pos - 8} where an item of defined length belongs",
                 )
             if pos + length > end:
                 raise InstanceRefused(
                     STATUS_CANNOT_UNDERSTAND,
-                    f"truncated: encapsulated Pixel Data item {items} needs {length} bytes, {end - pos} left",
+                    f"truncated: encapsulated item {items} needs {length} bytes, {end - pos} left",
                 )
             items += 1
             pos += length
-        raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "truncated: encapsulated Pixel Data not closed")
+        raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "truncated: encapsulated value not closed")
 
-    def _value(self, pos: int, end: int, length: int, explicit: bool, depth: int, tag: int) -> int:
-        """Skip one value (recursing into undefined lengths); remember wanted top-level values."""
-        if length == _UNDEFINED_LENGTH:
-            return self.walk(pos, end, explicit, depth + 1)
+    def _value(self, pos: int, end: int, length: int, depth: int, tag: int) -> int:
+        """Skip one value that is not a sequence; remember wanted top-level values."""
+        if length == _UNDEFINED_LENGTH:  # only an encapsulated value (nested Pixel Data) may be
+            return self._fragments(pos, end)[0]
         if pos + length > end:
             raise InstanceRefused(
                 STATUS_CANNOT_UNDERSTAND,
@@ -353,23 +438,30 @@ def _text(raw: bytes) -> str:
 
 
 def inspect_dataset(
-    path: Path, offset: int, transfer_syntax: str, head: bytes | bytearray = b"", size: int | None = None
+    path: Path,
+    offset: int,
+    transfer_syntax: str,
+    head: bytes | bytearray = b"",
+    size: int | None = None,
+    limits: DatasetLimits = DEFAULT_LIMITS,
 ) -> DatasetIdentity:
     """Check the dataset that starts at `offset` in `path` and return its identifying UIDs.
 
     `head`, the dataset's first bytes, and `size`, the file's, spare reading the file back when the
     walk needs nothing past `head` (the usual image: header elements, then pixel data to the end).
-    Raises `InstanceRefused` for truncated or mis-encoded bytes, missing or malformed UIDs and a
-    few malformed image attributes (US lengths, Number of Frames) that would break loading later.
+    Raises `InstanceRefused` for truncated or mis-encoded bytes, sequences nested past
+    `limits.max_depth`, a deflated dataset inflating past `limits.max_inflated_bytes`, missing or
+    malformed UIDs and a few malformed image attributes (US lengths, Number of Frames) that would
+    break loading later; OSError when the file cannot be read.
     """
     little_endian = transfer_syntax != ExplicitVRBigEndian
     explicit = transfer_syntax != ImplicitVRLittleEndian
     if head and size is not None and transfer_syntax != DeflatedExplicitVRLittleEndian:
         if size <= offset:
             raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "empty dataset")
-        walker = _ElementWalker(head, little_endian, end=size - offset)
+        walker = _ElementWalker(head, little_endian, end=size - offset, max_depth=limits.max_depth)
         try:
-            walker.walk(0, size - offset, explicit, 0)
+            walker.walk(0, size - offset, explicit)
             return _checked_identity(walker, transfer_syntax)
         except _BeyondHead:
             pass  # read it from the file
@@ -377,21 +469,52 @@ def inspect_dataset(
         size = os.fstat(f.fileno()).st_size
         if size <= offset:
             raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "empty dataset")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with contextlib.ExitStack() as stack:
+            mapped = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            data, start = mapped, offset
             if transfer_syntax == DeflatedExplicitVRLittleEndian:
-                try:
-                    data: bytes | mmap.mmap = zlib.decompress(mapped[offset:], -zlib.MAX_WBITS)
-                except zlib.error as exc:
-                    raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, f"bad deflate stream: {exc}") from None
-                start = 0
-            else:
-                data, start = mapped, offset
-            walker = _ElementWalker(data, little_endian)
-            walker.walk(start, len(data), explicit, 0)
+                inflated = stack.enter_context(tempfile.TemporaryFile(dir=path.parent))
+                _inflate(mapped, offset, limits.max_inflated_bytes, inflated)
+                data, start = stack.enter_context(mmap.mmap(inflated.fileno(), 0, access=mmap.ACCESS_READ)), 0
+            walker = _ElementWalker(data, little_endian, max_depth=limits.max_depth)
+            walker.walk(start, len(data), explicit)
     return _checked_identity(walker, transfer_syntax)
 
 
-def inspect_part10(path: Path) -> DatasetIdentity:
+_INFLATE_STEP = 1 << 20  # deflated bytes fed, and inflated bytes taken, at a time
+
+
+def _inflate(deflated: mmap.mmap, offset: int, limit: int, out: IO[bytes]) -> None:
+    """Inflate the raw deflate stream at `offset` of `deflated` into `out`.
+
+    Memory stays bounded by `_INFLATE_STEP` whatever the ratio; `out` by `limit`. Raises
+    `InstanceRefused` (0xC000) past `limit`, for a bad or truncated stream, or an empty dataset.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, pos, pending = 0, offset, b""
+    while not inflater.eof:
+        if not pending:
+            if pos >= len(deflated):
+                raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "bad deflate stream: truncated")
+            pending, pos = deflated[pos : pos + _INFLATE_STEP], pos + _INFLATE_STEP
+        try:
+            chunk = inflater.decompress(pending, _INFLATE_STEP)
+        except zlib.error as exc:
+            raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, f"bad deflate stream: {exc}") from None
+        pending = inflater.unconsumed_tail
+        total += len(chunk)
+        if total > limit:
+            raise InstanceRefused(
+                STATUS_CANNOT_UNDERSTAND,
+                f"deflated dataset inflates past dicom.max_inflated_bytes ({limit} bytes)",
+            )
+        out.write(chunk)
+    if total == 0:
+        raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "empty dataset")
+    out.flush()
+
+
+def inspect_part10(path: Path, limits: DatasetLimits = DEFAULT_LIMITS) -> DatasetIdentity:
     """`inspect_dataset` for a whole DICOM Part 10 file, whose file meta says where and how it is encoded."""
     with path.open("rb") as f:
         head = f.read(_META_READ)
@@ -411,7 +534,7 @@ def inspect_part10(path: Path) -> DatasetIdentity:
         pos += length
     if not transfer_syntax or pos > len(head):
         raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "file meta without a transfer syntax")
-    return inspect_dataset(path, pos, transfer_syntax)
+    return inspect_dataset(path, pos, transfer_syntax, limits=limits)
 
 
 def _checked_identity(walker: _ElementWalker, transfer_syntax: str) -> DatasetIdentity:
@@ -1044,7 +1167,8 @@ class _Spool:
 
     A write that fails (disk full, file size limit, permissions) must not end the association: the
     rest of the dataset still arrives and is dropped, the partial file is removed at once, and the
-    request is answered 0xA700 (out of resources) from `error`.
+    request is answered 0xA700 (out of resources) from `error`. A dataset that grows past
+    `max_dataset_bytes` is handled alike, as soon as it does, and answered from `refused` (0xC000).
 
     The handler of a durable node fsyncs the file before it answers, on the path of every
     acknowledgement. So whole pages start their way to the disk while the rest of the dataset is
@@ -1057,10 +1181,14 @@ class _Spool:
     threads was slower: the threads then queue for the GIL.
     """
 
-    def __init__(self, files: _IncomingFiles, header: bytes) -> None:
+    def __init__(
+        self, files: _IncomingFiles, header: bytes, max_dataset_bytes: int = DatasetLimits.max_dataset_bytes
+    ) -> None:
         self.file = self  # pynetdicom calls `_data_set_file.file.flush()` after each fragment
         self.dataset_offset = len(header)
+        self.max_size = len(header) + max_dataset_bytes
         self.error: OSError | None = None
+        self.refused: InstanceRefused | None = None
         self.size = 0
         self.head = bytearray()  # the dataset's first bytes, for `inspect_dataset`
         self._written_back = 0
@@ -1081,6 +1209,13 @@ class _Spool:
         if self._f is None or self.error is not None:
             return
         view = memoryview(data)
+        if self.size + len(view) > self.max_size:
+            self.refused = InstanceRefused(
+                STATUS_CANNOT_UNDERSTAND,
+                f"dataset larger than dicom.max_dataset_bytes ({self.max_size - self.dataset_offset} bytes)",
+            )
+            self.discard()
+            return
         if self.dataset_offset <= self.size and len(self.head) < _HEAD_BYTES:
             self.head += view[: _HEAD_BYTES - len(self.head)]
         try:
@@ -1111,6 +1246,7 @@ class _Spool:
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+            self._f = None  # later writes of the dataset are dropped
         if self._taken:
             self._files.give_back()
             self._taken = False
@@ -1118,7 +1254,7 @@ class _Spool:
     def complete(self) -> None:
         """The whole dataset is in: start writing back the tail, give the file its usual mode
         (`received_completely`), close it."""
-        if self._f is not None and self.error is None:
+        if self._f is not None:
             try:
                 self._start_writeback(self.size)
                 os.fchmod(self._f.fileno(), _COMPLETE_MODE)
@@ -1365,6 +1501,7 @@ class _ReceiverConfig:
     acse_timeout: float
     dimse_timeout: float
     tls: TlsFiles | None = None
+    limits: DatasetLimits = DEFAULT_LIMITS
 
 
 class _Connection:
@@ -1395,7 +1532,7 @@ class _Connection:
             transfer_syntax,
             self.peer.ae_title if self.peer is not None else "",
         )
-        return _Spool(self.receiver.incoming, header)
+        return _Spool(self.receiver.incoming, header, self.receiver.config.limits.max_dataset_bytes)
 
     def serve(self) -> None:
         """Run the association to its end, then tidy up whatever it left."""
@@ -1532,7 +1669,16 @@ class _Connection:
             spool.discard()
             return STATUS_OUT_OF_RESOURCES
         try:
-            ident = inspect_dataset(spool.path, spool.dataset_offset, transfer_syntax, spool.head, spool.size)
+            if spool.refused is not None:
+                raise spool.refused
+            ident = inspect_dataset(
+                spool.path,
+                spool.dataset_offset,
+                transfer_syntax,
+                spool.head,
+                spool.size,
+                self.receiver.config.limits,
+            )
             sop_class = _same_uid(ident.sop_class_uid, sop_class_uid, "SOPClassUID")
             sop_instance = _same_uid(ident.sop_instance_uid, sop_instance_uid, "SOPInstanceUID")
         except InstanceRefused as exc:
@@ -1825,7 +1971,8 @@ class StorageSCP:
     picklable and keep no state that this process needs (the node's `Receiver` opens its database
     per process). `prepare`, if given, runs once in each receiving process before it takes an
     association, so that one-time set-up (opening a database, compiling statements) is not paid for
-    by the first instance a sender waits on.
+    by the first instance a sender waits on. `limits` bound what one dataset may be (`DatasetLimits`):
+    past one, the C-STORE is answered 0xC000 with one log line and the association goes on.
     """
 
     def __init__(
@@ -1847,6 +1994,7 @@ class StorageSCP:
         acse_timeout: float = 30.0,
         dimse_timeout: float = 60.0,
         prepare: Callable[[], None] | None = None,
+        limits: DatasetLimits = DEFAULT_LIMITS,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -1868,6 +2016,7 @@ class StorageSCP:
             acse_timeout=acse_timeout,
             dimse_timeout=dimse_timeout,
             tls=tls if isinstance(tls, TlsFiles) else None,
+            limits=limits,
         )
         self._ssl_context = tls.context() if isinstance(tls, TlsFiles) else tls
         self._listener: socket.socket | None = None

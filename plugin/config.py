@@ -116,6 +116,16 @@ class DicomConfig(_Strict):
         description="receiving processes sharing the port, each storing what it receives (concurrent "
         "associations run on several cores)",
     )
+    # What one dataset may be (dicom_io.net.DatasetLimits); past a limit: 0xC000 and one log line.
+    max_dataset_bytes: int = Field(
+        default=2047 << 20, ge=1024, description="largest dataset accepted, bytes (after the file meta)"
+    )
+    max_inflated_bytes: int = Field(
+        default=256 << 20, ge=1024, description="largest Deflated Explicit VR dataset once inflated, bytes"
+    )
+    max_sequence_depth: int = Field(
+        default=32, ge=1, le=64, description="deepest nesting of sequences in sequences"
+    )
     tls: TLSConfig = TLSConfig()
 
     @field_validator("ae_title")

@@ -32,7 +32,7 @@ from plugin.executor import LocalExecutor
 from plugin.jobs import routing_hook
 from plugin.logs import setup_logging
 from plugin.pipelines import series_lookup
-from plugin.receive import PeerFilter, Receiver, make_spool
+from plugin.receive import PeerFilter, Receiver, dataset_limits, make_spool
 from plugin.route import validate_rules
 from plugin.store import Store
 
@@ -80,6 +80,7 @@ class Node:
                 require_called_ae_title=dicom.require_called_ae_title,
                 workers=dicom.receivers,
                 prepare=self.receiver.prepare,
+                limits=dataset_limits(dicom),
             )
         )
 

@@ -18,8 +18,8 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_io.net import Peer, ReceivedInstance, fsync_dir, fsync_file
-from plugin.config import AllowedPeer, Config
+from dicom_io.net import DatasetLimits, Peer, ReceivedInstance, fsync_dir, fsync_file
+from plugin.config import AllowedPeer, Config, DicomConfig
 from plugin.spool import InstanceIds, Spool, same_content
 from plugin.store import Store, utcnow
 
@@ -46,8 +46,13 @@ def _this_process() -> int:
     return _pid
 
 
+def dataset_limits(dicom: DicomConfig) -> DatasetLimits:
+    """The configured limits on one dataset, as the transport and spool recovery take them."""
+    return DatasetLimits(dicom.max_dataset_bytes, dicom.max_inflated_bytes, dicom.max_sequence_depth)
+
+
 def make_spool(config: Config) -> Spool:
-    return Spool(config.spool_dir, config.incoming_dir, config.quarantine_dir)
+    return Spool(config.spool_dir, config.incoming_dir, config.quarantine_dir, dataset_limits(config.dicom))
 
 
 class Receiver:

@@ -21,6 +21,9 @@ never acknowledged and never recorded. So recovery at start (before the listener
 complete incoming file (`dicom_io.net.received_completely`) whose final name is missing, removes the
 incoming files, and then, for spool files the store does not know, records those whose every
 element is complete and whose UIDs match where they lie, and moves the rest to quarantine.
+Recovery never stops at a file it cannot read, whatever the reader raises: a complete incoming file
+or an unrecorded spool file that cannot be described goes to quarantine with a log line, so a node
+always starts (docs/design.md, "Hostile peers: datasets and recovery").
 """
 
 from __future__ import annotations
@@ -39,11 +42,11 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from dicom_io.net import (
+    DEFAULT_LIMITS,
     INCOMING_PREFIX,
-    InstanceRefused,
+    DatasetLimits,
     fsync_dir,
     fsync_file,
     inspect_part10,
@@ -129,10 +132,13 @@ class RecoveryReport:
 class Spool:
     """Moves received files to their final names durably and describes them for the store."""
 
-    def __init__(self, root: Path, incoming: Path, quarantine: Path) -> None:
+    def __init__(
+        self, root: Path, incoming: Path, quarantine: Path, limits: DatasetLimits = DEFAULT_LIMITS
+    ) -> None:
         self.root = root
         self.incoming = incoming
         self.quarantine = quarantine
+        self.limits = limits  # what `describe` reads of a file (the transport's limits)
         self._root = str(root)  # the per-instance path work is done on strings: pathlib costs more
         self._known_dirs: set[str] = set()
         self._unsettled: list[tuple[str, str]] = []  # (temporary name, final directory), see settle
@@ -220,19 +226,22 @@ class Spool:
     def describe(self, path: Path, received_at: datetime) -> InstanceRecord:
         """Everything the store records about a DICOM file, read from the file itself (recovery).
 
-        Every element's length is checked against the bytes (`dicom_io.net.inspect_part10`), so a
-        file cut short by a power cut is refused, not recorded. Raises InvalidDicomError,
-        InstanceRefused or InvalidUID (both ValueError), AttributeError (a UID missing) or OSError.
+        Every element's length is checked against the bytes, and nesting and inflated size against
+        `limits` (`dicom_io.net.inspect_part10`), before pydicom reads the file, so a file cut short
+        by a power cut or crafted by a peer is refused, not recorded. Raises InvalidDicomError,
+        InstanceRefused, InvalidUID (a ValueError: any recorded UID, the SOP Class and Transfer
+        Syntax UIDs included, that is not one), AttributeError (a UID missing) or OSError; on a
+        file no check foresaw, whatever pydicom raises.
         """
-        inspect_part10(path)
+        inspect_part10(path, self.limits)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
         ids = InstanceIds(
             study_uid=str(ds.StudyInstanceUID),
             series_uid=str(ds.SeriesInstanceUID),
             sop_instance_uid=str(ds.get("SOPInstanceUID") or meta.MediaStorageSOPInstanceUID),
-            sop_class_uid=str(ds.get("SOPClassUID") or meta.MediaStorageSOPClassUID),
-            transfer_syntax=str(meta.TransferSyntaxUID),
+            sop_class_uid=check_uid(str(ds.get("SOPClassUID") or meta.MediaStorageSOPClassUID)),
+            transfer_syntax=check_uid(str(meta.TransferSyntaxUID)),
         )
         return self.record_for(ids, received_at, _tags(ds), path.stat().st_size)
 
@@ -267,16 +276,21 @@ class Spool:
     def recover(self, store: Store) -> RecoveryReport:
         """Clean up after a crash; call before the transport starts (nothing may be in flight)."""
         self.prepare()
-        temp_removed = adopted = 0
+        temp_removed = adopted = quarantined = 0
         for entry in sorted(self.incoming.iterdir()):
             if not (entry.is_file() or entry.is_symlink()):
                 continue
             complete = not entry.is_symlink() and received_completely(entry.stat())
             if complete and entry.name.startswith(INCOMING_PREFIX):
-                adopted += self._adopt(entry)
+                rec = self._found(entry, f"incoming {entry.name}")
+                if rec is None:  # never acknowledged, but kept for whoever looks into it
+                    self._quarantine(entry, f"incoming/{entry.name}")
+                    quarantined += 1
+                    continue
+                adopted += self._adopt(entry, rec)
             entry.unlink()
             temp_removed += 1
-        rerecorded = quarantined = 0
+        rerecorded = 0
         for study_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             recorded = store.recorded_paths(study_dir.name)
             for path in sorted(p for p in study_dir.rglob("*") if not p.is_dir()):
@@ -286,7 +300,7 @@ class Spool:
                 if self._rerecord(store, path):
                     rerecorded += 1
                 else:
-                    self._quarantine(path)
+                    self._quarantine(path, rel)
                     quarantined += 1
         fsync_dir(self.incoming)
         report = RecoveryReport(temp_removed, rerecorded, quarantined, adopted)
@@ -297,12 +311,9 @@ class Spool:
         )
         return report
 
-    def _adopt(self, temp: Path) -> int:
+    def _adopt(self, temp: Path, rec: InstanceRecord) -> int:
         """Link a complete incoming file to its final name if that name is missing (a power cut took it
         before `settle`); 1 if linked. The spool pass of `recover` then records it if unrecorded."""
-        rec = self._found(temp, f"incoming {temp.name}")
-        if rec is None:
-            return 0
         placed = self.place(temp, rec)  # an existing final name is left as it is
         if placed.created:
             log.info(
@@ -314,11 +325,15 @@ class Spool:
         return int(placed.created)
 
     def _found(self, path: Path, name: str) -> InstanceRecord | None:
-        """`describe` of a file recovery found (received when last modified), None if unusable."""
+        """`describe` of a file recovery found (received when last modified), None if unusable.
+
+        Any exception is taken as unusable (a reader's RecursionError, MemoryError or zlib error on
+        a crafted file included): recovery must go on to the next file.
+        """
         try:
             return self.describe(path, datetime.fromtimestamp(path.stat().st_mtime, UTC))
-        except (InvalidDicomError, InstanceRefused, AttributeError, ValueError, OSError) as err:
-            log.warning("spool recovery: %s is not a usable instance (%s)", name, err)
+        except Exception as err:
+            log.warning("spool recovery: %s is not a usable instance (%s: %s)", name, type(err).__name__, err)
             return None
 
     def _rerecord(self, store: Store, path: Path) -> bool:
@@ -334,8 +349,9 @@ class Spool:
             log.info("spool recovery: recorded SOP %s of study %s", rec.sop_instance_uid, rec.study_uid)
         return True
 
-    def _quarantine(self, path: Path) -> None:
-        target = self.quarantine / datetime.now(UTC).strftime("%Y%m%dT%H%M%S") / self.relative(path)
+    def _quarantine(self, path: Path, name: str) -> None:
+        """Move ``path`` to ``<quarantine>/<time>/<name>``."""
+        target = self.quarantine / datetime.now(UTC).strftime("%Y%m%dT%H%M%S") / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(path, target)
-        log.warning("spool recovery: moved %s to %s", self.relative(path), target)
+        log.warning("spool recovery: moved %s to %s", name, target)

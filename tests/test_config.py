@@ -34,6 +34,7 @@ def test_example_file_loads() -> None:
     [
         ("dicom:\n  prot: 104\n", "dicom.prot: unknown key"),
         ("dicom:\n  port: 70000\n", "dicom.port"),
+        ("dicom:\n  max_sequence_depth: 300\n", "dicom.max_sequence_depth"),
         ("dicom:\n  ae_title: THIS_AE_TITLE_IS_TOO_LONG\n", "dicom.ae_title"),
         ("dicom:\n  allowed_peers:\n    - address: 10.0.0.300\n", "dicom.allowed_peers.0.address"),
         ("completion:\n  quiet_period_s: -1\n", "completion.quiet_period_s"),

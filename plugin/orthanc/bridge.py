@@ -41,11 +41,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ai_models.registry import available_pipelines
-from dicom_io.net import Peer, ReceivedInstance, fsync_dir
+from dicom_io.net import Peer, ReceivedInstance, fsync_dir, inspect_part10
 from plugin.config import Config, ConfigError
 from plugin.jobs import list_jobs, queue_routed_jobs, read_study_series
 from plugin.pipelines import series_lookup
-from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, make_spool
+from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, dataset_limits, make_spool
 from plugin.route import DEFAULT_RULES, validate_rules
 from plugin.selection import chosen, rank_series
 from plugin.store import Delivery, Instance, Job, Store, Study, StudyState, add_queued_job, utcnow
@@ -243,7 +243,8 @@ class Bridge:
         data = self.rest.get(f"/instances/{instance_id}/file")
         path = self.incoming / f"{instance_id}.dcm"
         path.write_bytes(data)
-        try:
+        try:  # the transport's checks first: pydicom must not meet a dataset nested 300 deep
+            inspect_part10(path, dataset_limits(self.config.dicom))
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS)
             return ReceivedInstance(
                 path=path,
