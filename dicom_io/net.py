@@ -598,16 +598,6 @@ INCOMING_PREFIX = ".rx-"  # incoming files (made ahead, being received, or the h
 _RECEIVING_MODE = 0o200  # an incoming file before its dataset is complete: write-only for its owner
 
 
-def _complete_mode() -> int:
-    """The mode of a complete incoming file: as for any new file (umask applied), owner-readable."""
-    mask = os.umask(0o022)  # read at import, before any thread of ours creates files
-    os.umask(mask)
-    return (0o666 & ~mask) | 0o400
-
-
-_COMPLETE_MODE = _complete_mode()
-
-
 def received_completely(status: os.stat_result) -> bool:
     """Whether an incoming file holds a whole dataset (False: made ahead unused, or cut off)."""
     return status.st_size > 0 and status.st_mode & 0o777 != _RECEIVING_MODE
@@ -963,7 +953,8 @@ class _IncomingFiles:
     for writing are counted (`take`, `give_back`) so a writer knows whether others write at once.
     """
 
-    def __init__(self, directory: Path, tag: str, batch: int = 32) -> None:
+    def __init__(self, directory: Path, tag: str, file_mode: int, batch: int = 32) -> None:
+        self.file_mode = file_mode  # of a complete file (`_Spool.complete`)
         self._prefix = os.path.join(directory, f"{INCOMING_PREFIX}{tag}-")
         self._directory = str(directory)
         self._batch = batch
@@ -1121,7 +1112,7 @@ class _Spool:
         if self._f is not None and self.error is None:
             try:
                 self._start_writeback(self.size)
-                os.fchmod(self._f.fileno(), _COMPLETE_MODE)
+                os.fchmod(self._f.fileno(), self._files.file_mode)
             except OSError as exc:
                 self.error = exc
         self.close()
@@ -1364,6 +1355,7 @@ class _ReceiverConfig:
     network_timeout: float
     acse_timeout: float
     dimse_timeout: float
+    file_mode: int
     tls: TlsFiles | None = None
 
 
@@ -1614,7 +1606,7 @@ class _Receiver:
         self.callbacks = callbacks
         self.ssl_context = ssl_context
         self.tag = tag  # makes incoming names and association ids unique across processes
-        self.incoming = _IncomingFiles(config.incoming_dir, tag)
+        self.incoming = _IncomingFiles(config.incoming_dir, tag, config.file_mode)
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_pdu_size = config.max_pdu
         self.ae.require_called_aet = config.require_called_ae_title
@@ -1800,7 +1792,9 @@ class StorageSCP:
     picklable and keep no state that this process needs (the node's `Receiver` opens its database
     per process). `prepare`, if given, runs once in each receiving process before it takes an
     association, so that one-time set-up (opening a database, compiling statements) is not paid for
-    by the first instance a sender waits on.
+    by the first instance a sender waits on. A received file gets ``file_mode`` once its dataset is
+    whole (owner-readable; until then it is write-only, see `received_completely`); ValueError if
+    ``file_mode`` is not a permission mode readable by its owner.
     """
 
     def __init__(
@@ -1822,9 +1816,12 @@ class StorageSCP:
         acse_timeout: float = 30.0,
         dimse_timeout: float = 60.0,
         prepare: Callable[[], None] | None = None,
+        file_mode: int = 0o600,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
+        if not file_mode & 0o400 or file_mode & ~0o777:
+            raise ValueError(f"file_mode {file_mode:o}: a received file must be readable by its owner")
         if workers > 1 and isinstance(tls, ssl.SSLContext):
             raise ValueError("with workers > 1 give TLS as TlsFiles: an SSLContext cannot cross processes")
         self.host = host
@@ -1842,6 +1839,7 @@ class StorageSCP:
             network_timeout=network_timeout,
             acse_timeout=acse_timeout,
             dimse_timeout=dimse_timeout,
+            file_mode=file_mode,
             tls=tls if isinstance(tls, TlsFiles) else None,
         )
         self._ssl_context = tls.context() if isinstance(tls, TlsFiles) else tls

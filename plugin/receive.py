@@ -147,7 +147,7 @@ class Receiver:
             rec = spool.record_for(ids, now, tags, instance.size, **peer_fields)
             placed = spool.place(instance.path, rec, sync_dir=not instance.durable_name)
             if not placed.created:
-                if store.has_instance(rec.sop_instance_uid):
+                if store.record_duplicate(rec):  # counted: its study is still being sent
                     same = same_content(instance.path, placed.path)
                     _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=same)
                     return STATUS_SUCCESS, False
