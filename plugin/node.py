@@ -41,7 +41,7 @@ from plugin.logs import setup_logging
 from plugin.pipelines import series_lookup
 from plugin.receive import PeerFilter, Receiver, make_spool
 from plugin.route import validate_rules
-from plugin.store import Store
+from plugin.store import Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class Node:
         if self.scp is not None:
             make_spool(self.config).recover(self.store)
             self.scp.start()
+            # senders can reach us from now on: a study left RECEIVING waits its quiet period from here
+            self.completion.started_at = utcnow()
         if self.jobs is not None:
             self.jobs.start()
         self.dispatcher.start()
