@@ -4,6 +4,7 @@ HTTP (the plugin uses the same API in-process), the change-log cursor, the REST 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from node_support import write_series
 from sqlalchemy import select
 
 from plugin.config import Config, ConfigError, load_config
+from plugin.datadir import DataDirBusy, DataDirLock
 from plugin.dispatch import enqueue_deliveries
 from plugin.orthanc.bridge import Bridge, ChangeCursor, ImportFailed, Submitted
 from plugin.orthanc.entry import PluginSettings, RunRequest, rest_route
@@ -164,6 +166,28 @@ class ChangeLog:
         page = [c for c in self.changes if c["Seq"] > since][:limit]
         done = not page or page[-1]["Seq"] == last
         return json.dumps({"Changes": page, "Done": done, "Last": last}).encode()
+
+
+def test_the_bridge_takes_the_data_dir_only_when_no_other_node_holds_it(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    leftover = config.data_dir / "incoming-orthanc" / "1.dcm"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"a copy a crash interrupted")
+    node = DataDirLock(config.data_dir, config.file_modes)  # what a running `radgate serve` holds
+    node.acquire()
+    bridge = Bridge(config, ChangeLog([]))
+    try:
+        with pytest.raises(DataDirBusy, match=f"in use by pid {os.getpid()} on "):
+            bridge.prepare()
+        assert leftover.exists() and not (config.data_dir / "radgate.db").exists()
+        node.release()
+        bridge.prepare()
+        assert not leftover.exists()
+        with pytest.raises(DataDirBusy):
+            node.acquire()
+    finally:
+        bridge.close()
+        node.release()
 
 
 class Recorder(Bridge):
