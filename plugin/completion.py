@@ -7,9 +7,9 @@ that sends a study again after a crash keeps it open while it goes through what 
 Everything is read from the store, so it survives a restart: a study still RECEIVING when the node
 starts gets its quiet period counted from ``started_at`` (its sender may be retrying; the node sets
 it once its listener is up, see `plugin.node`), unless all its associations had already been
-released. Completing a
-study and queuing its jobs happen in one transaction, through one hook (``on_complete``); the
-node routes there (`plugin.jobs.routing_hook`), the default queues one job without a pipeline.
+released. Completing a study and queuing its jobs happen in one transaction, through one hook
+(``on_complete``); the node routes there (`plugin.jobs.routing_hook`), the default queues one job
+without a pipeline.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """The node's data dir: one node at a time (a lock held for its life), and private files.
 
-One node per data dir: the node that receives into a data dir (`radgate serve`, or the Orthanc
-plugin) takes an exclusive ``flock`` on ``<data_dir>/radgate.lock`` before it touches anything there
-(spool recovery, the schema, the incoming folders) and holds it until it exits; the kernel drops the
-lock when the process dies, however it dies, so a crash never leaves a stale lock. The file holds the
-holder's pid, host and start time, so a second node can say who holds it. The lock belongs to the
+One node per data dir: a receiver cleans up after a crash at its start (`radgate serve` recovers the
+spool and empties ``incoming/``, the Orthanc plugin empties ``incoming-orthanc/``), so two of the same
+kind on one data dir would destroy each other's work. Each takes an exclusive ``flock`` on its own
+lock file in the data dir (`SERVE`, `ORTHANC_PLUGIN`) before it touches anything there and holds it
+until it exits; the kernel drops the lock when the process dies, however it dies, so a crash never
+leaves a stale lock. A serve and an Orthanc plugin may share a data dir (each has its own incoming
+folder, docker/compose.yaml does). The file holds the holder's pid, host and start time, so a second
+one can say who holds it. The lock belongs to the
 open file description, which receiving and executor processes never share: they are spawned (fork
 and exec), and the descriptor is opened close-on-exec, so no child can keep or drop it.
 
@@ -27,7 +30,17 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "radgate.lock"
+
+@dataclass(frozen=True)
+class Role:
+    """A kind of process of which one at a time may use a data dir: its lock file and its name."""
+
+    lock_name: str
+    what: str
+
+
+SERVE = Role("radgate.lock", "radgate serve")
+ORTHANC_PLUGIN = Role("radgate-orthanc.lock", "the radgate plugin of an Orthanc")
 
 
 @dataclass(frozen=True)
@@ -57,11 +70,12 @@ class DataDirBusy(OSError):
 
 
 class DataDirLock:
-    """The exclusive lock on one data dir (module docstring); `acquire`, then `release` at exit."""
+    """The exclusive lock of one role on one data dir (module docstring); `acquire`, then `release`."""
 
-    def __init__(self, data_dir: Path, modes: FileModes) -> None:
+    def __init__(self, data_dir: Path, modes: FileModes, role: Role) -> None:
         self.data_dir = data_dir
-        self.path = data_dir / LOCK_NAME
+        self.path = data_dir / role.lock_name
+        self._role = role
         self._modes = modes
         self._fd: int | None = None
 
@@ -81,9 +95,10 @@ class DataDirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            what = self._role.what
             raise DataDirBusy(
-                f"data dir {self.data_dir.resolve()} is in use by {self._holder()}; "
-                "one node per data dir (stop that one first)"
+                f"data dir {self.data_dir.resolve()} is in use by {what}, {self._holder()}; "
+                f"one {what} per data dir (stop that one first)"
             ) from None
         except OSError:
             os.close(fd)

@@ -5,7 +5,7 @@ e.g. through the Orthanc plugin, into the same data dir and store); ``serve --no
 the listener without the executor, when GPU workers elsewhere run the jobs. Only a node that
 listens recovers the spool at start: another receiver (the Orthanc plugin) may be writing it.
 
-One node per data dir: a listening node takes the data dir's lock (`plugin.datadir`) before
+One node per data dir: a listening node takes the data dir's lock (`plugin.datadir.SERVE`) before
 anything else and holds it until it stops; a second one finds it held, names the holder and stops
 without having touched the data dir. ``radgate worker`` takes no lock: several workers (and the
 node's own executor) share a data dir by design, each job leased to one of them. Both set the
@@ -32,7 +32,7 @@ from ai_models.registry import available_pipelines
 from dicom_io.net import StorageSCP, TlsFiles
 from plugin.completion import CompletionMonitor
 from plugin.config import Config, ConfigError
-from plugin.datadir import DataDirLock, apply_file_modes
+from plugin.datadir import SERVE, DataDirLock, apply_file_modes
 from plugin.dispatch import Dispatcher
 from plugin.execute import JobRunner
 from plugin.executor import LocalExecutor
@@ -51,7 +51,7 @@ class Node:
 
     def __init__(self, config: Config, listen: bool = True, execute: bool = True) -> None:
         self.config = config
-        self.lock = DataDirLock(config.data_dir, config.file_modes) if listen else None
+        self.lock = DataDirLock(config.data_dir, config.file_modes, SERVE) if listen else None
         # ConfigError: unknown pipeline
         self.rules = validate_rules(config, available_pipelines(), series_lookup=series_lookup(config))
         for note in self.rules.notes:

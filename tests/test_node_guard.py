@@ -24,7 +24,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_io.synthetic import ct_chest_phantom
-from plugin.datadir import LOCK_NAME
+from plugin.datadir import SERVE
 
 ENDED = ("SUCCEEDED", "FAILED")
 
@@ -85,7 +85,7 @@ def test_a_second_node_refuses_the_data_dir_names_the_holder_and_touches_nothing
             timeout=60,
         )
         assert refused.returncode == 1, refused.stderr
-        holder = f"in use by pid {first.process.pid} on {socket.gethostname()} since "
+        holder = f"in use by radgate serve, pid {first.process.pid} on {socket.gethostname()} since "
         assert holder in refused.stderr, refused.stderr
         assert "spool recovery" not in refused.stderr and "radgate serving" not in refused.stderr
         assert _snapshot(first.data_dir) == before  # no recovery, no schema or row written, no file
@@ -114,7 +114,7 @@ def test_when_the_holder_is_killed_the_next_node_takes_the_data_dir(tmp_path: Pa
     try:
         assert second.echoscu().returncode == 0
         assert second.process is not None
-        lock = (first.data_dir / LOCK_NAME).read_text()
+        lock = (first.data_dir / SERVE.lock_name).read_text()
         assert lock.startswith(f"pid={second.process.pid} host={socket.gethostname()} since=")
     finally:
         assert second.stop() == 0, second.log()
@@ -179,7 +179,7 @@ def test_files_and_folders_the_node_creates_are_not_readable_by_other_users(
         assert node.stop() == 0, node.log()
     stopped = dict(_walk(node.data_dir))
     names = {path.name for path in running}
-    assert {LOCK_NAME, "radgate.db", "radgate.db-wal", "radgate.db-ingest.lock"} <= names
+    assert {SERVE.lock_name, "radgate.db", "radgate.db-wal", "radgate.db-ingest.lock"} <= names
     spooled = {path.name for path in running if path.is_relative_to(node.data_dir / "spool")}
     assert {f"{pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID}.dcm" for f in files} <= spooled
     assert any(path.suffix == ".dcm" and path.parent == Path(job["results_dir"]) for path in running)

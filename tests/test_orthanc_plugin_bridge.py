@@ -16,7 +16,7 @@ from node_support import write_series
 from sqlalchemy import select
 
 from plugin.config import Config, ConfigError, load_config
-from plugin.datadir import DataDirBusy, DataDirLock
+from plugin.datadir import ORTHANC_PLUGIN, SERVE, DataDirBusy, DataDirLock
 from plugin.dispatch import enqueue_deliveries
 from plugin.orthanc.bridge import Bridge, ChangeCursor, ImportFailed, Submitted
 from plugin.orthanc.entry import PluginSettings, RunRequest, rest_route
@@ -168,26 +168,33 @@ class ChangeLog:
         return json.dumps({"Changes": page, "Done": done, "Last": last}).encode()
 
 
-def test_the_bridge_takes_the_data_dir_only_when_no_other_node_holds_it(tmp_path: Path) -> None:
+def test_one_orthanc_plugin_per_data_dir_beside_a_radgate_serve(tmp_path: Path) -> None:
+    """The plugin empties its incoming folder at start: another Orthanc's plugin on the same data dir
+    would delete its copies. A `radgate serve` there is fine (its own incoming folder)."""
     config = _config(tmp_path)
     leftover = config.data_dir / "incoming-orthanc" / "1.dcm"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"a copy a crash interrupted")
-    node = DataDirLock(config.data_dir, config.file_modes)  # what a running `radgate serve` holds
-    node.acquire()
+    serve = DataDirLock(config.data_dir, config.file_modes, SERVE)
+    other = DataDirLock(config.data_dir, config.file_modes, ORTHANC_PLUGIN)  # another Orthanc's plugin
+    serve.acquire()
+    other.acquire()
     bridge = Bridge(config, ChangeLog([]))
     try:
-        with pytest.raises(DataDirBusy, match=f"in use by pid {os.getpid()} on "):
+        with pytest.raises(
+            DataDirBusy, match=f"in use by the radgate plugin of an Orthanc, pid {os.getpid()} "
+        ):
             bridge.prepare()
         assert leftover.exists() and not (config.data_dir / "radgate.db").exists()
-        node.release()
+        other.release()
         bridge.prepare()
         assert not leftover.exists()
         with pytest.raises(DataDirBusy):
-            node.acquire()
+            other.acquire()
     finally:
         bridge.close()
-        node.release()
+        other.release()
+        serve.release()
 
 
 class Recorder(Bridge):

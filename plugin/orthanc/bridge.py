@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 
 from dicom_io.net import Peer, ReceivedInstance, fsync_dir
 from plugin.config import Config, ConfigError
-from plugin.datadir import DataDirLock, apply_file_modes
+from plugin.datadir import ORTHANC_PLUGIN, DataDirLock, apply_file_modes
 from plugin.jobs import list_jobs, queue_routed_jobs, read_study_series
 from plugin.pipelines import series_lookup
 from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, make_spool
@@ -195,7 +195,7 @@ class Bridge:
         self.destinations = tuple(config.destinations if destinations is None else destinations)
         self.store = Store(config.db_url)
         self.receiver = Receiver(config)
-        self.lock = DataDirLock(config.data_dir, config.file_modes)  # one node per data dir
+        self.lock = DataDirLock(config.data_dir, config.file_modes, ORTHANC_PLUGIN)  # one plugin per data dir
         self.cursor = ChangeCursor(config.data_dir / "orthanc-changes.json")
         self.max_attempts = max_attempts
         # temporary copies; not serve's incoming folder, which its start-up recovery empties
@@ -203,7 +203,8 @@ class Bridge:
         self._imports = itertools.count(1)
 
     def prepare(self) -> None:
-        """The data dir's lock (DataDirBusy, nothing touched, while another node holds it), private
+        """The data dir's plugin lock (DataDirBusy, nothing touched, while another Orthanc's plugin
+        holds it; a `radgate serve` on the data dir is fine: it has its own incoming folder), private
         file modes for this process (Orthanc's: `plugin.datadir`), the schema, spool folders, and no
         temporary file left from a copy a crash interrupted."""
         apply_file_modes(self.config.file_modes)
