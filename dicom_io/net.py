@@ -44,7 +44,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import BytesIO, FileIO
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
@@ -93,6 +93,7 @@ class Peer:
     address: str
     port: int
     association_id: str  # unique per association within this process run
+    released: bool = False  # to the ReleaseHandler: ended by an A-RELEASE (False: aborted, cut off)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class ReceivedInstance:
 
 
 InstanceHandler = Callable[[ReceivedInstance], int]  # returns a DICOM status, 0x0000 = success
-ReleaseHandler = Callable[[Peer], None]  # association released/aborted after storing >=0 instances
+ReleaseHandler = Callable[[Peer], None]  # association ended (`Peer.released`) after storing >=0 instances
 PeerFilter = Callable[[Peer], bool]  # False rejects the association
 
 STATUS_SUCCESS = 0x0000
@@ -1439,7 +1440,7 @@ class _Connection:
         callbacks = self.receiver.callbacks
         if self.established and self.peer is not None:
             try:
-                callbacks.released(self.peer)
+                callbacks.released(replace(self.peer, released=assoc is not None and assoc.is_released))
             except Exception:
                 LOGGER.exception("release handler failed for association %s", self.peer.association_id)
         callbacks.closed(self.conn_id)

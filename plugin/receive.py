@@ -182,15 +182,19 @@ class Receiver:
         return STATUS_SUCCESS, False
 
     def release(self, peer: Peer) -> None:
-        """An association ended: its studies may complete after the short after-release period.
+        """An association ended. Released (``peer.released``): its studies may complete after the
+        short after-release period. Aborted or cut off: the sender may well send again, so its
+        studies wait their whole quiet period (its receptions stay open, as after a crash).
 
-        The spool's unsynced final names are made durable first (`Spool.settle`).
+        The spool's unsynced final names are made durable first (`Spool.settle`), however it ended.
         """
         spool, store = self._parts()
         try:
             spool.settle()
         except Exception:  # the release must still be recorded; recovery keeps the files safe
             log.exception("cannot settle the spool after association %s", peer.association_id)
+        if not peer.released:
+            return
         try:
             store.release_association(self.association_key(peer), utcnow())
         except SQLAlchemyError as err:  # completion falls back to the quiet period

@@ -309,6 +309,7 @@ def test_storescu_series_and_release_handler(
     recorder.wait_for(lambda: len(recorder.released) == 1)
     assert len(recorder.instances) == 5
     assert {i.peer.association_id for i in recorder.instances} == {recorder.released[0].association_id}
+    assert recorder.released[0].released  # an A-RELEASE, not an abort
 
 
 def test_handler_status_and_exception(
@@ -993,6 +994,8 @@ def test_abort_in_the_middle_of_a_dataset_leaves_no_file(
     wait_until(lambda: scp.active_associations == 0)
     assert not held_incoming(incoming), "the partial dataset was left behind"
     assert recorder.instances == []
+    recorder.wait_for(lambda: len(recorder.released) == 1)
+    assert not recorder.released[0].released  # aborted: the release handler hears it was not released
     assert dcmtk("echoscu", "127.0.0.1", str(scp.port)).returncode == 0
 
 

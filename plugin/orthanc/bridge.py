@@ -274,6 +274,7 @@ class Bridge:
         known = self.known_sop_uids(by_uid)
         peer = Peer(PEER_AE, "orthanc-plugin", 0, f"orthanc-import-{next(self._imports)}")
         stored = refused = 0
+        done = False
         try:
             for sop_uid, instance_id in by_uid.items():
                 if sop_uid in known:
@@ -288,8 +289,9 @@ class Bridge:
                     stored += 1
                 else:
                     refused += 1
-        finally:
-            self.receiver.release(peer)
+            done = True
+        finally:  # an import cut short is tried again: ended as an aborted association would be
+            self.receiver.release(dataclasses.replace(peer, released=done))
         return Imported(study_uid, stored, len(known), refused)
 
     # ------------------------------------------------------------------ completion and jobs
