@@ -56,6 +56,18 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
     }
 
 
+def _openers(path: Path) -> set[int]:
+    """The processes that have ``path`` open (from /proc; a process gone meanwhile is skipped)."""
+    pids = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == str(path):
+                pids.add(int(fd.parts[2]))
+        except OSError:
+            continue
+    return pids
+
+
 def _spooled(node: NodeProcess) -> set[str]:
     return {path.stem for path in (node.data_dir / "spool").rglob("*.dcm")}
 
@@ -89,6 +101,8 @@ def test_a_second_node_refuses_the_data_dir_names_the_holder_and_touches_nothing
         assert holder in refused.stderr, refused.stderr
         assert "spool recovery" not in refused.stderr and "radgate serving" not in refused.stderr
         assert _snapshot(first.data_dir) == before  # no recovery, no schema or row written, no file
+        # the receiving and executor processes (spawned) never share the lock: none can drop or keep it
+        assert _openers((first.data_dir / SERVE.lock_name).resolve()) == {first.process.pid}
 
         files = write_series(tmp_path / "later", 100)
         assoc = _associate(first)
