@@ -7,9 +7,9 @@ lock file in the data dir (`SERVE`, `ORTHANC_PLUGIN`) before it touches anything
 until it exits; the kernel drops the lock when the process dies, however it dies, so a crash never
 leaves a stale lock. A serve and an Orthanc plugin may share a data dir (each has its own incoming
 folder, docker/compose.yaml does). The file holds the holder's pid, host and start time, so a second
-one can say who holds it. The lock belongs to the
-open file description, which receiving and executor processes never share: they are spawned (fork
-and exec), and the descriptor is opened close-on-exec, so no child can keep or drop it.
+one can say who holds it. The lock belongs to the open file description, which receiving and
+executor processes never share: they are spawned (fork and exec), and the descriptor is opened
+close-on-exec, so no child can keep or drop it.
 
 Private files: `apply_file_modes` sets the process umask so that every file and folder the process
 and its children create afterwards (spool, incoming and quarantined files, the SQLite database and
