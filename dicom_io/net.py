@@ -45,7 +45,7 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import BytesIO, FileIO
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
@@ -95,6 +95,7 @@ class Peer:
     address: str
     port: int
     association_id: str  # unique per association within this process run
+    released: bool = False  # to the ReleaseHandler: ended by an A-RELEASE (False: aborted, cut off)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class ReceivedInstance:
 
 
 InstanceHandler = Callable[[ReceivedInstance], int]  # returns a DICOM status, 0x0000 = success
-ReleaseHandler = Callable[[Peer], None]  # association released/aborted after storing >=0 instances
+ReleaseHandler = Callable[[Peer], None]  # association ended (`Peer.released`) after storing >=0 instances
 PeerFilter = Callable[[Peer], bool]  # False rejects the association
 
 STATUS_SUCCESS = 0x0000
@@ -721,16 +722,6 @@ INCOMING_PREFIX = ".rx-"  # incoming files (made ahead, being received, or the h
 _RECEIVING_MODE = 0o200  # an incoming file before its dataset is complete: write-only for its owner
 
 
-def _complete_mode() -> int:
-    """The mode of a complete incoming file: as for any new file (umask applied), owner-readable."""
-    mask = os.umask(0o022)  # read at import, before any thread of ours creates files
-    os.umask(mask)
-    return (0o666 & ~mask) | 0o400
-
-
-_COMPLETE_MODE = _complete_mode()
-
-
 def received_completely(status: os.stat_result) -> bool:
     """Whether an incoming file holds a whole dataset (False: made ahead unused, or cut off)."""
     return status.st_size > 0 and status.st_mode & 0o777 != _RECEIVING_MODE
@@ -1086,7 +1077,8 @@ class _IncomingFiles:
     for writing are counted (`take`, `give_back`) so a writer knows whether others write at once.
     """
 
-    def __init__(self, directory: Path, tag: str, batch: int = 32) -> None:
+    def __init__(self, directory: Path, tag: str, file_mode: int, batch: int = 32) -> None:
+        self.file_mode = file_mode  # of a complete file (`_Spool.complete`)
         self._prefix = os.path.join(directory, f"{INCOMING_PREFIX}{tag}-")
         self._directory = str(directory)
         self._batch = batch
@@ -1257,7 +1249,7 @@ class _Spool:
         if self._f is not None:
             try:
                 self._start_writeback(self.size)
-                os.fchmod(self._f.fileno(), _COMPLETE_MODE)
+                os.fchmod(self._f.fileno(), self._files.file_mode)
             except OSError as exc:
                 self.error = exc
         self.close()
@@ -1500,6 +1492,7 @@ class _ReceiverConfig:
     network_timeout: float
     acse_timeout: float
     dimse_timeout: float
+    file_mode: int
     tls: TlsFiles | None = None
     limits: DatasetLimits = DEFAULT_LIMITS
 
@@ -1584,7 +1577,7 @@ class _Connection:
         callbacks = self.receiver.callbacks
         if self.established and self.peer is not None:
             try:
-                callbacks.released(self.peer)
+                callbacks.released(replace(self.peer, released=assoc is not None and assoc.is_released))
             except Exception:
                 LOGGER.exception("release handler failed for association %s", self.peer.association_id)
         callbacks.closed(self.conn_id)
@@ -1769,7 +1762,7 @@ class _Receiver:
         self.callbacks = callbacks
         self.ssl_context = ssl_context
         self.tag = tag  # makes incoming names and association ids unique across processes
-        self.incoming = _IncomingFiles(config.incoming_dir, tag)
+        self.incoming = _IncomingFiles(config.incoming_dir, tag, config.file_mode)
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_pdu_size = config.max_pdu
         # the listener's cap (`over_limit`) is the one, with its log line: pynetdicom's own (10 by
@@ -1972,7 +1965,10 @@ class StorageSCP:
     per process). `prepare`, if given, runs once in each receiving process before it takes an
     association, so that one-time set-up (opening a database, compiling statements) is not paid for
     by the first instance a sender waits on. `limits` bound what one dataset may be (`DatasetLimits`):
-    past one, the C-STORE is answered 0xC000 with one log line and the association goes on.
+    past one, the C-STORE is answered 0xC000 with one log line and the association goes on. A
+    received file gets ``file_mode`` once its dataset is whole (owner-readable; until then it is
+    write-only, see `received_completely`); ValueError if ``file_mode`` is not a permission mode
+    readable by its owner.
     """
 
     def __init__(
@@ -1995,9 +1991,12 @@ class StorageSCP:
         dimse_timeout: float = 60.0,
         prepare: Callable[[], None] | None = None,
         limits: DatasetLimits = DEFAULT_LIMITS,
+        file_mode: int = 0o600,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
+        if not file_mode & 0o400 or file_mode & ~0o777:
+            raise ValueError(f"file_mode {file_mode:o}: a received file must be readable by its owner")
         if workers > 1 and isinstance(tls, ssl.SSLContext):
             raise ValueError("with workers > 1 give TLS as TlsFiles: an SSLContext cannot cross processes")
         self.host = host
@@ -2015,6 +2014,7 @@ class StorageSCP:
             network_timeout=network_timeout,
             acse_timeout=acse_timeout,
             dimse_timeout=dimse_timeout,
+            file_mode=file_mode,
             tls=tls if isinstance(tls, TlsFiles) else None,
             limits=limits,
         )

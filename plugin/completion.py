@@ -2,11 +2,14 @@
 
 A study revision is complete ``quiet_period_s`` after its last instance, or ``after_release_s``
 after the last instance once every association that brought instances of that revision has been
-released, whichever comes first. Everything is read from the store, so it survives a restart:
-a study still RECEIVING when the node starts gets its quiet period counted from the start (its
-sender may be retrying), unless all its associations had already been released. Completing a
-study and queuing its jobs happen in one transaction, through one hook (``on_complete``); the
-node routes there (`plugin.jobs.routing_hook`), the default queues one job without a pipeline.
+released, whichever comes first. Every instance counts, a duplicate too (`plugin.store`): a sender
+that sends a study again after a crash keeps it open while it goes through what was stored already.
+Everything is read from the store, so it survives a restart: a study still RECEIVING when the node
+starts gets its quiet period counted from ``started_at`` (its sender may be retrying; the node sets
+it once its listener is up, see `plugin.node`), unless all its associations had already been
+released. Completing a study and queuing its jobs happen in one transaction, through one hook
+(``on_complete``); the node routes there (`plugin.jobs.routing_hook`), the default queues one job
+without a pipeline.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class CompletionMonitor:
         self._store = store
         self._quiet = timedelta(seconds=config.quiet_period_s)
         self._after_release = timedelta(seconds=config.after_release_s)
-        self._started_at = started_at or utcnow()
+        self.started_at = started_at or utcnow()
         self._on_complete = on_complete
         shortest = min(config.quiet_period_s, config.after_release_s or config.quiet_period_s)
         self.tick_s = min(1.0, max(0.05, shortest / 4))
@@ -94,7 +97,7 @@ class CompletionMonitor:
         ]
 
     def deadline(self, r: _Receiving) -> datetime:
-        quiet = max(r.last_received_at, self._started_at) + self._quiet
+        quiet = max(r.last_received_at, self.started_at) + self._quiet
         if r.receptions and not r.open_receptions and r.last_release is not None:
             return min(quiet, max(r.last_received_at, r.last_release) + self._after_release)
         return quiet

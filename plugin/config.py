@@ -31,6 +31,7 @@ from pydantic import (
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from dicom_io.labels import BUNDLE_LABELS, load_label_table
+from plugin.datadir import FileModes, file_modes
 
 
 class ConfigError(ValueError):
@@ -465,6 +466,11 @@ class Config(_Strict):
 
     data_dir: Path = Path("./radgate-data")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
+    group_readable: bool = Field(
+        default=False,
+        description="files and folders the node creates: 0640/0750 (its group may read) instead of "
+        "0600/0700 (its own user only); never readable by other users",
+    )
     dicom: DicomConfig = DicomConfig()
     completion: CompletionConfig = CompletionConfig()
     executor: ExecutorConfig = ExecutorConfig()
@@ -543,6 +549,11 @@ class Config(_Strict):
     def results_dir(self) -> Path:
         """Where each job writes its result files, in ``<results_dir>/<job id>/``."""
         return self.executor.results_dir or self.data_dir / "results"
+
+    @property
+    def file_modes(self) -> FileModes:
+        """The modes of the files and folders the node creates (`plugin.datadir`)."""
+        return file_modes(self.group_readable)
 
     @property
     def db_url(self) -> str:

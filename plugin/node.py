@@ -5,6 +5,12 @@ e.g. through the Orthanc plugin, into the same data dir and store); ``serve --no
 the listener without the executor, when GPU workers elsewhere run the jobs. Only a node that
 listens recovers the spool at start: another receiver (the Orthanc plugin) may be writing it.
 
+One node per data dir: a listening node takes the data dir's lock (`plugin.datadir.SERVE`) before
+anything else and holds it until it stops; a second one finds it held, names the holder and stops
+without having touched the data dir. ``radgate worker`` takes no lock: several workers (and the
+node's own executor) share a data dir by design, each job leased to one of them. Both set the
+process umask first (`Config.file_modes`), so what they and their children create is private.
+
 Start order matters for durability: the schema is migrated and the spool recovered (leftover
 temporary files removed, unrecorded files recorded or quarantined) before the listener accepts
 anything, so recovery never races a live transfer. The routing rules are checked against the
@@ -26,6 +32,7 @@ from ai_models.registry import available_pipelines
 from dicom_io.net import StorageSCP, TlsFiles
 from plugin.completion import CompletionMonitor
 from plugin.config import Config, ConfigError
+from plugin.datadir import SERVE, DataDirLock, apply_file_modes
 from plugin.dispatch import Dispatcher
 from plugin.execute import JobRunner
 from plugin.executor import LocalExecutor
@@ -34,7 +41,7 @@ from plugin.logs import setup_logging
 from plugin.pipelines import series_lookup
 from plugin.receive import PeerFilter, Receiver, dataset_limits, make_spool
 from plugin.route import validate_rules
-from plugin.store import Store
+from plugin.store import Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class Node:
 
     def __init__(self, config: Config, listen: bool = True, execute: bool = True) -> None:
         self.config = config
+        self.lock = DataDirLock(config.data_dir, config.file_modes, SERVE) if listen else None
         # ConfigError: unknown pipeline
         self.rules = validate_rules(config, available_pipelines(), series_lookup=series_lookup(config))
         for note in self.rules.notes:
@@ -81,14 +89,20 @@ class Node:
                 workers=dicom.receivers,
                 prepare=self.receiver.prepare,
                 limits=dataset_limits(dicom),
+                file_mode=config.file_modes.file,
             )
         )
 
     def start(self) -> None:
+        """Bring the node up; DataDirBusy (nothing touched) if another node holds the data dir."""
+        if self.lock is not None:
+            self.lock.acquire()
         self.store.migrate()
         if self.scp is not None:
             make_spool(self.config).recover(self.store)
             self.scp.start()
+            # senders can reach us from now on: a study left RECEIVING waits its quiet period from here
+            self.completion.started_at = utcnow()
         if self.jobs is not None:
             self.jobs.start()
         self.dispatcher.start()
@@ -101,11 +115,15 @@ class Node:
             self.scp.stop()
         self.receiver.close()
         self.store.dispose()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def serve(config: Config, listen: bool = True, execute: bool = True) -> int:
-    """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 if the node could not start."""
+    """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 if the node could not start (another
+    node holds the data dir, a file or the database cannot be opened), 2 for a configuration error."""
     setup_logging(config.logging)
+    apply_file_modes(config.file_modes)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -124,7 +142,7 @@ def serve(config: Config, listen: bool = True, execute: bool = True) -> int:
         return 1
     try:
         node.start()
-    except (OSError, SQLAlchemyError) as err:
+    except (OSError, SQLAlchemyError) as err:  # DataDirBusy included
         log.error("cannot start the node: %s", err)
         node.stop()
         return 1

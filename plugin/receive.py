@@ -152,7 +152,7 @@ class Receiver:
             rec = spool.record_for(ids, now, tags, instance.size, **peer_fields)
             placed = spool.place(instance.path, rec, sync_dir=not instance.durable_name)
             if not placed.created:
-                if store.has_instance(rec.sop_instance_uid):
+                if store.record_duplicate(rec):  # counted: its study is still being sent
                     same = same_content(instance.path, placed.path)
                     _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=same)
                     return STATUS_SUCCESS, False
@@ -187,15 +187,19 @@ class Receiver:
         return STATUS_SUCCESS, False
 
     def release(self, peer: Peer) -> None:
-        """An association ended: its studies may complete after the short after-release period.
+        """An association ended. Released (``peer.released``): its studies may complete after the
+        short after-release period. Aborted or cut off: the sender may well send again, so its
+        studies wait their whole quiet period (its receptions stay open, as after a crash).
 
-        The spool's unsynced final names are made durable first (`Spool.settle`).
+        The spool's unsynced final names are made durable first (`Spool.settle`), however it ended.
         """
         spool, store = self._parts()
         try:
             spool.settle()
         except Exception:  # the release must still be recorded; recovery keeps the files safe
             log.exception("cannot settle the spool after association %s", peer.association_id)
+        if not peer.released:
+            return
         try:
             store.release_association(self.association_key(peer), utcnow())
         except SQLAlchemyError as err:  # completion falls back to the quiet period

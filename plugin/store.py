@@ -340,6 +340,11 @@ class _Sql:
         .with_for_update()
     )
     count_study = _count_study(bindparam("row"), bindparam("accession", type_=String()), _NOW)
+    touch_study = (  # an instance received again: the study revision is still being sent
+        update(Study)
+        .where(Study.id == bindparam("row"))
+        .values(last_received_at=_later(Study.last_received_at, _NOW))
+    )
     reopen_study = (
         update(Study)
         .where(Study.id == bindparam("row"))
@@ -397,6 +402,26 @@ def _reception_row(rec: InstanceRecord, study_id: int, revision: int) -> dict[st
     """The receptions row of ``rec``'s association for this study revision (``association_key`` set)."""
     values = (rec.association_key, study_id, revision, rec.calling_ae, rec.address, rec.received_at)
     return dict(zip(_RECEPTION_COLUMNS, values, strict=True))
+
+
+def _note_reception(conn: Connection, rec: InstanceRecord, study_id: int, revision: int) -> None:
+    """Insert the receptions row of ``rec``'s association for this study revision, if not there yet."""
+    if rec.association_key is not None:
+        reception = {"key": rec.association_key, "study_id": study_id, "revision": revision}
+        if conn.execute(_Sql.find_reception, reception).first() is None:
+            _insert(conn, Reception, **_reception_row(rec, study_id, revision))
+
+
+def _received_again(conn: Connection, rec: InstanceRecord) -> None:
+    """A recorded instance sent again: while its study is RECEIVING, the duplicate counts as one more
+    sign that the revision is still being sent (`plugin.completion`): its quiet period starts again
+    and the association is one that brings it (its release, not only the earlier ones', counts).
+    A COMPLETE study is left as it is: a whole study sent again opens no revision."""
+    study = conn.execute(_Sql.find_study, {"uid": rec.study_uid}).first()
+    if study is None or study.state != StudyState.RECEIVING:
+        return
+    conn.execute(_Sql.touch_study, {"row": study.id, "now": rec.received_at})
+    _note_reception(conn, rec, study.id, study.revision)
 
 
 @dataclass(frozen=True)
@@ -740,8 +765,19 @@ class Store:
         with self.session() as s:
             return s.execute(_Sql.find_instance, {"sop": sop_instance_uid}).first() is not None
 
+    def record_duplicate(self, rec: InstanceRecord) -> bool:
+        """If ``rec``'s SOP Instance UID is recorded, count it as received again (`_received_again`)
+        and return True; False (nothing changed) if it is not recorded."""
+        with self._ingest_ids.lock(), self._ingest_sessions() as s, s.begin():
+            conn = s.connection()
+            if conn.execute(_Sql.find_instance, {"sop": rec.sop_instance_uid}).first() is None:
+                return False
+            _received_again(conn, rec)
+            return True
+
     def record_instance(self, rec: InstanceRecord) -> bool:
-        """Record a durable spool file; False if that SOP Instance UID was already recorded.
+        """Record a durable spool file; False if that SOP Instance UID was already recorded (then
+        counted as received again, `_received_again`).
 
         An instance of a study that is no longer RECEIVING opens the study's next revision.
         """
@@ -800,6 +836,7 @@ class Store:
         """Prepared Core statements (see ``_Sql``), not the ORM: this runs once per received instance."""
         conn = s.connection()
         if conn.execute(_Sql.find_instance, {"sop": rec.sop_instance_uid}).first() is not None:
+            _received_again(conn, rec)
             return None
         now = rec.received_at
         study = conn.execute(_Sql.find_study, {"uid": rec.study_uid}).first()
@@ -839,10 +876,7 @@ class Store:
         else:
             conn.execute(_Sql.count_series, {"row": series_id, "now": now})
         conn.execute(_Sql.insert_instance, _instance_row(rec, study_id, series_id, revision))
-        if rec.association_key is not None:
-            reception = {"key": rec.association_key, "study_id": study_id, "revision": revision}
-            if conn.execute(_Sql.find_reception, reception).first() is None:
-                _insert(conn, Reception, **_reception_row(rec, study_id, revision))
+        _note_reception(conn, rec, study_id, revision)
         return _RowIds(study_id, revision, series_id)
 
     def release_association(self, association_key: str, when: datetime) -> int:

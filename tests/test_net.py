@@ -309,6 +309,7 @@ def test_storescu_series_and_release_handler(
     recorder.wait_for(lambda: len(recorder.released) == 1)
     assert len(recorder.instances) == 5
     assert {i.peer.association_id for i in recorder.instances} == {recorder.released[0].association_id}
+    assert recorder.released[0].released  # an A-RELEASE, not an abort
 
 
 def test_handler_status_and_exception(
@@ -919,7 +920,7 @@ def test_writeback_starts_early_only_while_one_dataset_arrives(
         net, "_SYNC_FILE_RANGE", lambda fd, start, length, flags: started.append((start, start + length)) or 0
     )
     chunk = bytes(net._WRITEBACK_STEP)
-    files = net._IncomingFiles(tmp_path, "t")
+    files = net._IncomingFiles(tmp_path, "t", 0o600)
     try:
         alone = net._Spool(files, b"header")
         alone.write(chunk)
@@ -993,4 +994,12 @@ def test_abort_in_the_middle_of_a_dataset_leaves_no_file(
     wait_until(lambda: scp.active_associations == 0)
     assert not held_incoming(incoming), "the partial dataset was left behind"
     assert recorder.instances == []
+    recorder.wait_for(lambda: len(recorder.released) == 1)
+    assert not recorder.released[0].released  # aborted: the release handler hears it was not released
     assert dcmtk("echoscu", "127.0.0.1", str(scp.port)).returncode == 0
+
+
+def test_a_received_file_mode_must_be_readable_by_its_owner(tmp_path: Path) -> None:
+    """The final mode tells a complete incoming file from one still arriving (write-only, 0200)."""
+    with pytest.raises(ValueError, match="readable by its owner"):
+        StorageSCP("RADGATE", "127.0.0.1", 0, tmp_path, Recorder(tmp_path), file_mode=0o200)

@@ -4,6 +4,7 @@ HTTP (the plugin uses the same API in-process), the change-log cursor, the REST 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from node_support import write_series
 from sqlalchemy import select
 
 from plugin.config import Config, ConfigError, load_config
+from plugin.datadir import ORTHANC_PLUGIN, SERVE, DataDirBusy, DataDirLock
 from plugin.dispatch import enqueue_deliveries
 from plugin.orthanc.bridge import Bridge, ChangeCursor, ImportFailed, Submitted
 from plugin.orthanc.entry import PluginSettings, RunRequest, rest_route
@@ -164,6 +166,35 @@ class ChangeLog:
         page = [c for c in self.changes if c["Seq"] > since][:limit]
         done = not page or page[-1]["Seq"] == last
         return json.dumps({"Changes": page, "Done": done, "Last": last}).encode()
+
+
+def test_one_orthanc_plugin_per_data_dir_beside_a_radgate_serve(tmp_path: Path) -> None:
+    """The plugin empties its incoming folder at start: another Orthanc's plugin on the same data dir
+    would delete its copies. A `radgate serve` there is fine (its own incoming folder)."""
+    config = _config(tmp_path)
+    leftover = config.data_dir / "incoming-orthanc" / "1.dcm"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"a copy a crash interrupted")
+    serve = DataDirLock(config.data_dir, config.file_modes, SERVE)
+    other = DataDirLock(config.data_dir, config.file_modes, ORTHANC_PLUGIN)  # another Orthanc's plugin
+    serve.acquire()
+    other.acquire()
+    bridge = Bridge(config, ChangeLog([]))
+    try:
+        with pytest.raises(
+            DataDirBusy, match=f"in use by the radgate plugin of an Orthanc, pid {os.getpid()} "
+        ):
+            bridge.prepare()
+        assert leftover.exists() and not (config.data_dir / "radgate.db").exists()
+        other.release()
+        bridge.prepare()
+        assert not leftover.exists()
+        with pytest.raises(DataDirBusy):
+            other.acquire()
+    finally:
+        bridge.close()
+        other.release()
+        serve.release()
 
 
 class Recorder(Bridge):

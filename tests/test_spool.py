@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from node_support import compiled_statements, write_series
+from sqlalchemy import select
 
 from dicom_io.net import Peer, ReceivedInstance
 from plugin.config import Config
@@ -27,7 +28,7 @@ from plugin.receive import (
     make_spool,
 )
 from plugin.spool import SETTLE_BATCH, InvalidUID, check_uid
-from plugin.store import Store
+from plugin.store import Reception, Store
 
 PEER = Peer(ae_title="SCU", address="127.0.0.1", port=40000, association_id="1")
 
@@ -302,9 +303,25 @@ def test_durable_incoming_names_are_kept_until_their_directories_are_synced(
         assert _final(config, inst).read_bytes() == source.read_bytes()
         instances.append(inst)
     assert all(inst.path.exists() for inst in instances)  # the final names' directory is not synced yet
-    receiver.release(PEER)  # the association ended: settle
+    receiver.release(PEER)  # the association ended (aborted: `Peer.released` False): settle
     assert not any(inst.path.exists() for inst in instances)
     assert all(_final(config, inst).exists() for inst in instances)
+
+
+def test_only_a_released_association_shortens_the_wait_of_its_studies(
+    config: Config, store: Store, tmp_path: Path
+) -> None:
+    """An aborted sender may send again: its reception stays open, as after a crash."""
+    receiver = Receiver(config)
+    [source] = write_series(tmp_path / "src", 1)
+    assert receiver.handle(_received(config, source)) == STATUS_SUCCESS
+    receiver.release(PEER)
+    with store.session() as s:
+        assert s.scalars(select(Reception.released_at)).all() == [None]
+    receiver.release(dataclasses.replace(PEER, released=True))
+    with store.session() as s:
+        assert s.scalars(select(Reception.released_at)).one() is not None
+    receiver.close()
 
 
 def test_settle_runs_by_itself_every_batch(config: Config, store: Store, tmp_path: Path) -> None:

@@ -126,6 +126,48 @@ def test_the_same_instance_is_recorded_once(store: Store) -> None:
     assert not store.has_instance("9.9.9")
 
 
+def _receiving(store: Store) -> tuple[str, Any, list[tuple[str, int, Any]]]:
+    """The one study's state and last_received_at, and its receptions (key, revision, released_at)."""
+    with store.session() as s:
+        study = s.scalars(select(Study)).one()
+        receptions = s.execute(
+            select(Reception.association_key, Reception.study_revision, Reception.released_at).order_by(
+                Reception.id
+            )
+        )
+        return study.state, study.last_received_at, [tuple(row) for row in receptions]
+
+
+@pytest.mark.parametrize("found_by", ["record_instance", "record_duplicate"])
+def test_a_duplicate_keeps_a_receiving_study_open_but_reopens_no_complete_one(
+    store: Store, found_by: str
+) -> None:
+    """Both places that find a duplicate count it: the quiet period starts again and its association
+    is one that brings the revision (until released, the after-release shortcut does not apply)."""
+    t0 = utcnow()
+    first = replace(_record("1.2.3", key="before-crash"), received_at=t0)
+    assert store.record_instance(first)
+    store.release_association("before-crash", t0)
+    again = replace(first, association_key="resend", received_at=t0 + timedelta(seconds=5))
+    record = getattr(store, found_by)
+    assert record(again) is (found_by == "record_duplicate")
+    assert _receiving(store) == (
+        "RECEIVING",
+        t0 + timedelta(seconds=5),
+        [("before-crash", 1, t0), ("resend", 1, None)],
+    )
+    assert store.record_duplicate(replace(again, received_at=t0)) is True  # never moves back
+    assert _receiving(store)[1] == t0 + timedelta(seconds=5)
+    with store.session() as s:
+        s.scalars(select(Study)).one().state = StudyState.COMPLETE
+    later = replace(again, association_key="late", received_at=t0 + timedelta(seconds=9))
+    record(later)
+    state, last, receptions = _receiving(store)
+    assert (state, last, len(receptions)) == ("COMPLETE", t0 + timedelta(seconds=5), 2)
+    assert store.record_duplicate(_record("1.2.3", key="x")) is False  # not recorded: nothing done
+    assert store.studies()[0].instance_count == 1
+
+
 def test_an_instance_after_completion_opens_a_new_revision(store: Store) -> None:
     series = generate_uid()
     first = _record("1.2.3", series)

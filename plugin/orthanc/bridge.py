@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 from ai_models.registry import available_pipelines
 from dicom_io.net import Peer, ReceivedInstance, fsync_dir, inspect_part10
 from plugin.config import Config, ConfigError
+from plugin.datadir import ORTHANC_PLUGIN, DataDirLock, apply_file_modes
 from plugin.jobs import list_jobs, queue_routed_jobs, read_study_series
 from plugin.pipelines import series_lookup
 from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, dataset_limits, make_spool
@@ -194,6 +195,7 @@ class Bridge:
         self.destinations = tuple(config.destinations if destinations is None else destinations)
         self.store = Store(config.db_url)
         self.receiver = Receiver(config)
+        self.lock = DataDirLock(config.data_dir, config.file_modes, ORTHANC_PLUGIN)  # one plugin per data dir
         self.cursor = ChangeCursor(config.data_dir / "orthanc-changes.json")
         self.max_attempts = max_attempts
         # temporary copies; not serve's incoming folder, which its start-up recovery empties
@@ -208,7 +210,12 @@ class Bridge:
         return name
 
     def prepare(self) -> None:
-        """Schema, spool folders, and no temporary file left from a copy a crash interrupted."""
+        """The data dir's plugin lock (DataDirBusy, nothing touched, while another Orthanc's plugin
+        holds it; a `radgate serve` on the data dir is fine: it has its own incoming folder), private
+        file modes for this process (Orthanc's: `plugin.datadir`), the schema, spool folders, and no
+        temporary file left from a copy a crash interrupted."""
+        apply_file_modes(self.config.file_modes)
+        self.lock.acquire()
         self.store.migrate()
         make_spool(self.config).prepare()
         shutil.rmtree(self.incoming, ignore_errors=True)
@@ -217,6 +224,7 @@ class Bridge:
     def close(self) -> None:
         self.receiver.close()
         self.store.dispose()
+        self.lock.release()
 
     # ------------------------------------------------------------------ import
 
@@ -274,6 +282,7 @@ class Bridge:
         known = self.known_sop_uids(by_uid)
         peer = Peer(PEER_AE, "orthanc-plugin", 0, f"orthanc-import-{next(self._imports)}")
         stored = refused = 0
+        done = False
         try:
             for sop_uid, instance_id in by_uid.items():
                 if sop_uid in known:
@@ -288,8 +297,9 @@ class Bridge:
                     stored += 1
                 else:
                     refused += 1
-        finally:
-            self.receiver.release(peer)
+            done = True
+        finally:  # an import cut short is tried again: ended as an aborted association would be
+            self.receiver.release(dataclasses.replace(peer, released=done))
         return Imported(study_uid, stored, len(known), refused)
 
     # ------------------------------------------------------------------ completion and jobs
