@@ -1595,8 +1595,9 @@ class _Connection:
             tls = self.receiver.ssl_context
             if tls is not None:
                 sock.settimeout(cfg.pdu_timeout)  # the whole handshake (CPython's deadline)
-                sock = tls.wrap_socket(sock, server_side=True)
-                self.sock = sock
+                sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                self.sock = sock  # before the handshake, so that `drop` can end it
+                sock.do_handshake()
             assoc = _Association(self.receiver.ae, self)
             self.assoc = assoc
             assoc.name = f"radgate-assoc-{self.conn_id}"

@@ -26,6 +26,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_io.net import Peer, ReceivedInstance, StorageSCP, TlsFiles
+from plugin.config import Config
+from plugin.node import Node as RadgateNode
 
 MAX_PDU = 16384
 PDU_TIMEOUT = 1.0
@@ -424,21 +426,30 @@ def test_a_declared_length_of_4_gib_takes_no_memory(node: Node, associate_first:
     echo_and_store(node)
 
 
-def test_stalled_half_requests_beyond_the_pending_cap_leave_the_node_serving(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def tls_files(tmp_path: Path) -> TlsFiles:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    self_signed_cert(key, cert, "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+    return TlsFiles(cert=cert, key=key)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["half A-ASSOCIATE-RQ", "no TLS handshake"])
+def test_stalls_beyond_the_pending_cap_leave_the_node_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: bool
 ) -> None:
     pending = 4
     limits = {"max_pending": pending, "max_associations": 8, "max_associations_per_peer": 8}
-    node = start(tmp_path, pdu_timeout=60.0, **limits)  # stalls are not timed out during the test
+    files = tls_files(tmp_path) if tls else None
+    node = start(tmp_path, pdu_timeout=60.0, tls=files, **limits)  # no stall times out in the test
     stalled: list[socket.socket] = []
     try:
         for _ in range(3 * pending):
             sock = connect(node)
-            sock.sendall(HALF_RQ)
+            if not tls:
+                sock.sendall(HALF_RQ)
             stalled.append(sock)
         wait_for(logged(caplog, "dicom.max_pending (4)"), ANSWER_WITHIN, "the log line of a dropped stall")
         began = time.monotonic()
-        echo_and_store(node)
+        echo_and_store(node, ssl.create_default_context(cafile=str(files.cert)) if files else None)
         assert time.monotonic() - began < ANSWER_WITHIN
         for sock in stalled[: 2 * pending]:  # the oldest were dropped to make room
             assert answer(sock) == CLOSED
@@ -471,15 +482,27 @@ def test_associations_per_peer_are_capped(tmp_path: Path, caplog: pytest.LogCapt
 def test_a_tls_peer_that_never_handshakes_is_dropped(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    self_signed_cert(key, cert, "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")
-    node = start(tmp_path, tls=TlsFiles(cert=cert, key=key))
+    files = tls_files(tmp_path)
+    node = start(tmp_path, tls=files)
     try:
         with connect(node) as sock:
             began = time.monotonic()
             assert answer(sock) == CLOSED
             assert PDU_TIMEOUT * 0.9 <= time.monotonic() - began < ANSWER_WITHIN
         wait_for(logged(caplog, "no TLS handshake within 1 s", "127.0.0.1"), ANSWER_WITHIN, "a log line")
-        echo_and_store(node, ssl.create_default_context(cafile=str(cert)))
+        echo_and_store(node, ssl.create_default_context(cafile=str(files.cert)))
     finally:
         node.scp.stop()
+
+
+def test_the_node_takes_its_limits_from_the_configuration(tmp_path: Path) -> None:
+    dicom = {"max_pdu": 8192, "max_associations_per_peer": 3, "max_pending": 5}
+    timeouts = {"pdu_timeout_s": 7.0, "idle_timeout_s": 9.0}
+    config = Config.model_validate({"data_dir": str(tmp_path), "dicom": {**dicom, **timeouts}})
+    node = RadgateNode(config, listen=True, execute=False)  # built, not started
+    node.receiver.close()
+    node.store.dispose()
+    scp = node.scp
+    assert scp is not None
+    assert (scp.config.max_pdu, scp.max_associations_per_peer, scp.max_pending) == tuple(dicom.values())
+    assert (scp.config.pdu_timeout, scp.config.idle_timeout) == tuple(timeouts.values())
