@@ -642,7 +642,7 @@ _PDU_NAMES = {
     0x06: "A-RELEASE-RP",
     0x07: "A-ABORT",
 }
-_EXPECTED_PDUS = {"Sta2": frozenset({0x01}), "Sta6": frozenset({0x04, 0x05, 0x07})}  # acceptor's
+_EXPECTED_PDUS = {"Sta2": frozenset({0x01, 0x07}), "Sta6": frozenset({0x04, 0x05, 0x07})}  # acceptor's
 _ABORT_NOT_SPECIFIED, _ABORT_UNRECOGNIZED_PDU, _ABORT_UNEXPECTED_PDU = 0x00, 0x01, 0x02
 _ABORT_INVALID_PARAMETER = 0x06  # A-ABORT reasons of the service provider (PS3.8 9.3.8)
 
@@ -759,7 +759,10 @@ class _FastDUL(DULServiceProvider):
                     elif not self.event_queue.queue:
                         self._is_transport_event()
                 except Exception:
-                    LOGGER.exception("error in the DICOM upper layer; aborting the association")
+                    LOGGER.exception(
+                        "%s: error in the DICOM upper layer; aborting the association",
+                        cast(_Association, self.assoc).conn.describe(),
+                    )
                     self._abort(_ABORT_NOT_SPECIFIED)
                     return
                 if not self.event_queue.queue:  # no lock, no exception: most turns queue nothing
@@ -798,9 +801,9 @@ class _FastDUL(DULServiceProvider):
     def _read_pdu(self) -> None:
         """Read one PDU, its type and declared length checked before any of its body is read.
 
-        A PDU the acceptor cannot expect in its state (anything but an A-ASSOCIATE-RQ before one;
-        an A-ASSOCIATE-AC, -RJ or -RQ, or an A-RELEASE-RP, once established), an unknown type, a
-        P-DATA-TF longer than the `max_pdu` we announced, any other PDU longer than
+        A PDU the acceptor cannot expect in its state (anything but an A-ASSOCIATE-RQ or an A-ABORT
+        before a request; an A-ASSOCIATE-AC, -RJ or -RQ, or an A-RELEASE-RP, once established), an
+        unknown type, a P-DATA-TF longer than the `max_pdu` we announced, any other PDU longer than
         `_CONTROL_PDU_LIMIT`, or a PDU whose bytes stop coming for `pdu_timeout` (before the
         association: a request not whole within `pdu_timeout` of the connection) is refused:
         one log line, an A-ABORT, nothing more read. So no read holds more than its bound.
@@ -878,7 +881,7 @@ class _FastDUL(DULServiceProvider):
         self._recv_pdu.put(pdu)
 
     def _closed_inside(self, name: str, received: int, length: int) -> None:
-        self._log_peer(f"closed the connection inside a {name} PDU ({received} of {length} bytes)")
+        self._log_peer(f"closed the connection inside its {name} PDU ({received} of {length} bytes)")
         self.event_queue.put("Evt17")
 
     def _deliver_pdata(self, body: memoryview, length: int) -> None:
