@@ -101,6 +101,7 @@ def pdata(*pdvs: tuple[int, bytes]) -> bytes:
 class Node:
     scp: StorageSCP
     keep: Path
+    pids: list[int]  # the receiving processes at start (none crashes)
 
 
 def start(tmp: Path, **limits: object) -> Node:
@@ -111,7 +112,7 @@ def start(tmp: Path, **limits: object) -> Node:
     args.update(limits)
     scp = StorageSCP("RADGATE", "127.0.0.1", 0, tmp / "incoming", handler, handler.on_release, **args)  # type: ignore[arg-type]
     scp.start()
-    return Node(scp, keep)
+    return Node(scp, keep, scp.receiving_processes)
 
 
 @pytest.fixture(scope="module")
@@ -396,6 +397,7 @@ def test_a_malformed_pdu_is_answered_and_the_node_serves_on(
         if case.log:  # none for a peer's own A-ABORT
             wait_for(logged(caplog, *case.log), ANSWER_WITHIN, f"a log line with {case.log}")
     echo_and_store(node)
+    assert node.scp.receiving_processes == node.pids
 
 
 # --- memory, the pending cap, the per-peer cap, TLS -------------------------------------------------
