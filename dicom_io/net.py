@@ -779,8 +779,11 @@ class _FastDUL(DULServiceProvider):
                 self.to_user_queue.put(cast(Any, None))
 
     def _log_peer(self, what: str) -> None:
-        """One log line about the peer: its address, its calling AE title once known, `what`."""
-        LOGGER.warning("%s: %s", cast(_Association, self.assoc).conn.describe(), what)
+        """One log line about the peer: its address, its calling AE title once known, `what`; none
+        once the acceptor dropped the connection (it said why)."""
+        conn = cast(_Association, self.assoc).conn
+        if not conn.dropped:
+            LOGGER.warning("%s: %s", conn.describe(), what)
 
     def refuse(self, reason: int, what: str) -> None:
         """A peer broke the protocol or a limit: log it, abort, read nothing more."""
@@ -1567,6 +1570,7 @@ class _Connection:
         self.refusal = refusal  # the limit its A-ASSOCIATE-RQ is rejected for (local limit exceeded)
         self.peer: Peer | None = None
         self.established = False
+        self.dropped = False  # by `drop`
         self.assoc: _Association | None = None
 
     def open_spool(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> _Spool:
@@ -1587,6 +1591,7 @@ class _Connection:
     def drop(self) -> None:
         """End a connection still negotiating (its reads see the close); an association is kept."""
         if not self.established:
+            self.dropped = True
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -1624,9 +1629,13 @@ class _Connection:
                 cfg.pdu_timeout,
             )
         except (OSError, ssl.SSLError) as exc:
-            LOGGER.warning(
-                "connection %d from %s closed before an association: %s", self.conn_id, self.address[0], exc
-            )
+            if not self.dropped:  # else the acceptor said why
+                LOGGER.warning(
+                    "connection %d from %s closed before an association: %s",
+                    self.conn_id,
+                    self.address[0],
+                    exc,
+                )
         except Exception:
             LOGGER.exception("connection %d from %s failed", self.conn_id, self.address[0])
         finally:

@@ -457,6 +457,9 @@ def test_stalls_beyond_the_pending_cap_leave_the_node_serving(
         assert time.monotonic() - began < ANSWER_WITHIN
         for sock in stalled[: 2 * pending]:  # the oldest were dropped to make room
             assert answer(sock) == CLOSED
+        wait_for(lambda: node.scp.active_associations <= pending, ANSWER_WITHIN, "the dropped ones gone")
+        closes = ("closed the connection inside", "closed before an association")
+        assert not any(logged(caplog, words)() for words in closes)  # the drop's one line says it all
     finally:
         for sock in stalled:
             sock.close()
