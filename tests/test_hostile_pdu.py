@@ -486,14 +486,18 @@ def test_associations_per_peer_are_capped(tmp_path: Path, caplog: pytest.LogCapt
         node.scp.stop()
 
 
+@pytest.mark.parametrize("trickled", [False, True], ids=["silent", "a record trickled"])
 def test_a_tls_peer_that_never_handshakes_is_dropped(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, trickled: bool
 ) -> None:
     files = tls_files(tmp_path)
     node = start(tmp_path, tls=files)
     try:
         with connect(node) as sock:
             began = time.monotonic()
+            if trickled:  # a handshake record's header, then its body a byte at a time: the
+                # timeout bounds the whole handshake, not each read
+                trickle(bytes.fromhex("1603010200") + bytes(512), PDU_TIMEOUT / 4)(sock)
             assert answer(sock) == CLOSED
             assert PDU_TIMEOUT * 0.9 <= time.monotonic() - began < ANSWER_WITHIN
         wait_for(logged(caplog, "no TLS handshake within 1 s", "127.0.0.1"), ANSWER_WITHIN, "a log line")
