@@ -25,6 +25,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+import dicom_io.net as net
 from dicom_io.net import Peer, ReceivedInstance, StorageSCP, TlsFiles
 from plugin.config import Config
 from plugin.node import Node as RadgateNode
@@ -34,7 +35,6 @@ PDU_TIMEOUT = 1.0
 IDLE_TIMEOUT = 2.0
 ANSWER_WITHIN = 10.0  # a deadline on every wait for the SCP: far above the timeouts it must keep
 ABORT, REJECT, CLOSED = "A-ABORT", "A-ASSOCIATE-RJ", "closed"
-_PDU_NAMES = {0x02: "A-ASSOCIATE-AC", 0x03: REJECT, 0x04: "P-DATA-TF", 0x06: "A-RELEASE-RP", 0x07: ABORT}
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def answer(sock: socket.socket) -> str:
         return CLOSED
     if len(header) < 6:
         return CLOSED
-    name = _PDU_NAMES.get(header[0], f"PDU type 0x{header[0]:02X}")
+    name = net._PDU_NAMES.get(header[0], f"PDU type 0x{header[0]:02X}")
     if name in (ABORT, REJECT):
         assert_closes(sock)
     return name
