@@ -43,6 +43,7 @@ import ssl
 import struct
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -744,8 +745,20 @@ def fsync_file(path: Path | str) -> None:
     _fsync(path, 0)
 
 
-_PREALLOCATE_LIMIT = 4 << 20  # PDU lengths up to this are read through the socket's buffer
 _READ_CHUNK = 256 << 10  # the socket buffer's usual size, and so the largest single read
+_CONTROL_PDU_LIMIT = _READ_CHUNK  # any PDU but P-DATA-TF (A-ASSOCIATE-RQ: docs/design.md)
+_PDU_NAMES = {
+    0x01: "A-ASSOCIATE-RQ",
+    0x02: "A-ASSOCIATE-AC",
+    0x03: "A-ASSOCIATE-RJ",
+    0x04: "P-DATA-TF",
+    0x05: "A-RELEASE-RQ",
+    0x06: "A-RELEASE-RP",
+    0x07: "A-ABORT",
+}
+_EXPECTED_PDUS = {"Sta2": frozenset({0x01, 0x07}), "Sta6": frozenset({0x04, 0x05, 0x07})}  # acceptor's
+_ABORT_NOT_SPECIFIED, _ABORT_UNRECOGNIZED_PDU, _ABORT_UNEXPECTED_PDU = 0x00, 0x01, 0x02
+_ABORT_INVALID_PARAMETER = 0x06  # A-ABORT reasons of the service provider (PS3.8 9.3.8)
 
 
 class _WakingQueue(queue.Queue[Any]):
@@ -778,6 +791,7 @@ class _FastDUL(DULServiceProvider):
         self.to_provider_queue = _WakingQueue(self.wake)
         self.for_user = threading.Event()  # set when a primitive is put for the association thread
         self.to_user_queue = _WakingQueue(self.for_user.set)
+        self._last_activity = time.monotonic()  # a PDU read or a primitive sent: the idle timeout's start
 
     def wake(self) -> None:
         """Interrupt the idle `select`."""
@@ -813,7 +827,15 @@ class _FastDUL(DULServiceProvider):
         if sock in ready:
             self._read_pdu()
             return True
+        if not ready and self.state_machine.current_state == "Sta6":
+            idle = self._config.idle_timeout
+            if time.monotonic() - self._last_activity > idle:
+                self.refuse(_ABORT_NOT_SPECIFIED, f"no PDU for {idle:g} s (dicom.idle_timeout_s)")
         return False
+
+    @property
+    def _config(self) -> _ReceiverConfig:
+        return cast(_Association, self.assoc).conn.receiver.config
 
     def run_reactor(self) -> None:
         """pynetdicom's loop without its `time.sleep` between turns; frees the acceptor at the end.
@@ -825,26 +847,37 @@ class _FastDUL(DULServiceProvider):
         queue nothing; that cost the node another 5-10 %): only this thread takes from them, and
         a primitive put from another thread wakes the `select`.
 
-        When the loop ends before any A-ASSOCIATE-RQ (garbage bytes, a bare connect-and-close), the
-        acceptor would wait `acse_timeout` for a request, holding the connection and a slot of
-        `max_associations`; `None` on the user queue is what that wait returns on timeout, so it
-        ends at once.
+        When the loop ends before any A-ASSOCIATE-RQ (garbage bytes, a bare connect-and-close, the
+        ARTIM timer: no whole request within `pdu_timeout`), the acceptor would wait for a request,
+        holding the connection and a slot of `max_associations`; `None` on the user queue is what
+        that wait returns on timeout, so it ends at once. The idle timeout is checked in
+        `_is_transport_event`, as pynetdicom's association thread does (its own check is off).
         """
         try:
-            self._idle_timer.start()
             while not self._kill_thread:
                 if not self.assoc._dul_ready.is_set():
                     self.assoc._dul_ready.set()
                 if self.artim_timer.expired:
+                    if self.state_machine.current_state == "Sta2":
+                        self._log_peer(
+                            f"no whole A-ASSOCIATE-RQ within {self._config.pdu_timeout:g} s of the "
+                            "connection (dicom.pdu_timeout_s); closing"
+                        )
                     self.event_queue.put("Evt18")
                 try:
                     queued = bool(self.to_provider_queue.queue) and self._process_recv_primitive()
                     # events already queued go first: a blocking read would leave them until the
                     # peer sends again (an A-ASSOCIATE-RQ behind Evt5 waited out the idle wait)
-                    if not queued and not self.event_queue.queue and self._is_transport_event():
-                        self._idle_timer.restart()
+                    if queued:
+                        self._last_activity = time.monotonic()
+                    elif not self.event_queue.queue:
+                        self._is_transport_event()
                 except Exception:
-                    self._abort_on_error()
+                    LOGGER.exception(
+                        "%s: error in the DICOM upper layer; aborting the association",
+                        cast(_Association, self.assoc).conn.describe(),
+                    )
+                    self._abort(_ABORT_NOT_SPECIFIED)
                     return
                 if not self.event_queue.queue:  # no lock, no exception: most turns queue nothing
                     continue
@@ -853,16 +886,29 @@ class _FastDUL(DULServiceProvider):
                 except queue.Empty:
                     continue
                 self.state_machine.do_action(event)
+                if self.state_machine.current_state == "Sta1" and self.assoc.requestor.primitive is None:
+                    return  # closed before a request: nothing more can happen here
         finally:
             if self.assoc.requestor.primitive is None:
                 self.to_user_queue.put(cast(Any, None))
 
-    def _abort_on_error(self) -> None:
+    def _log_peer(self, what: str) -> None:
+        """One log line about the peer: its address, its calling AE title once known, `what`; none
+        once the acceptor dropped the connection (it said why)."""
+        conn = cast(_Association, self.assoc).conn
+        if not conn.dropped:
+            LOGGER.warning("%s: %s", conn.describe(), what)
+
+    def refuse(self, reason: int, what: str) -> None:
+        """A peer broke the protocol or a limit: log it, abort, read nothing more."""
+        self._log_peer(f"{what}; A-ABORT")
+        self._abort(reason)
+
+    def _abort(self, reason: int) -> None:
         """As pynetdicom's reactor does on an exception: send A-ABORT past the state machine, stop."""
-        LOGGER.exception("error in the DICOM upper layer; aborting the association")
         abort_pdu = A_ABORT_RQ()
-        abort_pdu.source = 0x02
-        abort_pdu.reason_diagnostic = 0x00
+        abort_pdu.source = 0x02  # the service provider
+        abort_pdu.reason_diagnostic = reason
         cast(AssociationSocket, self.socket).send(abort_pdu.encode())
         self.assoc.is_aborted = True
         self.assoc.is_established = False
@@ -870,35 +916,100 @@ class _FastDUL(DULServiceProvider):
         self._kill_thread = True
 
     def _read_pdu(self) -> None:
-        """Read one PDU; a P-DATA-TF of an established association goes straight to the DIMSE provider.
+        """Read one PDU, its type and declared length checked before any of its body is read.
 
-        That is what the state machine's DT-2 does (Sta6 + Evt10 → Sta6), here without the event
-        queue, the PDU object and a copy: the PDV values are views of the socket buffer that the
-        provider writes to the spool file. Anything else, or anything while events are queued (they
-        must keep their order), goes through pynetdicom's reader.
+        A PDU the acceptor cannot expect in its state (anything but an A-ASSOCIATE-RQ or an A-ABORT
+        before a request; an A-ASSOCIATE-AC, -RJ or -RQ, or an A-RELEASE-RP, once established), an
+        unknown type, a P-DATA-TF longer than the `max_pdu` we announced, any other PDU longer than
+        `_CONTROL_PDU_LIMIT`, or a PDU whose bytes stop coming for `pdu_timeout` (before the
+        association: a request not whole within `pdu_timeout` of the connection) is refused:
+        one log line, an A-ABORT, nothing more read. So no read holds more than its bound.
+
+        A P-DATA-TF of an established association goes straight to the DIMSE provider. That is
+        what the state machine's DT-2 does (Sta6 + Evt10 → Sta6), here without the event queue, the
+        PDU object and a copy: the PDV values are views of the socket buffer that the provider
+        writes to the spool file. Anything else, or anything while events are queued (they must
+        keep their order), is decoded by pynetdicom and goes through its state machine.
         """
         sock = cast(_FastSocket, self.socket)
-        if self.state_machine.current_state == "Sta6" and not self.event_queue.queue:
-            header = sock.peek(6)
-            if len(header) == 6 and header[0] == 0x04:
-                (length,) = struct.unpack_from(">L", header, 2)
-                if length <= _PREALLOCATE_LIMIT:
-                    sock.skip(6)
-                    self._deliver_pdata(sock.take_view(length), length)
-                    return
-        self._read_pdu_data()
+        state = self.state_machine.current_state
+        sock.read_by(time.monotonic() + self.artim_timer.remaining if state == "Sta2" else None)
+        try:
+            self._read_checked_pdu(sock, state)
+        except TimeoutError:
+            timeout = self._config.pdu_timeout
+            self.refuse(
+                _ABORT_NOT_SPECIFIED,
+                f"no whole A-ASSOCIATE-RQ within {timeout:g} s of the connection (dicom.pdu_timeout_s)"
+                if state == "Sta2"
+                else f"a PDU stalled: no byte for {timeout:g} s (dicom.pdu_timeout_s)",
+            )
+        except OSError:  # reset by the peer: as a close
+            self.event_queue.put("Evt17")
+        self._last_activity = time.monotonic()
+
+    def _read_checked_pdu(self, sock: _FastSocket, state: str) -> None:
+        header = sock.peek(6)
+        if len(header) < 6:
+            if header:
+                self._log_peer(f"closed the connection inside a PDU header ({len(header)} of 6 bytes)")
+            self.event_queue.put("Evt17")
+            return
+        pdu_type = header[0]
+        (length,) = struct.unpack_from(">L", header, 2)
+        name = _PDU_NAMES.get(pdu_type)
+        if name is None:
+            self.refuse(_ABORT_UNRECOGNIZED_PDU, f"unknown PDU type 0x{pdu_type:02X}")
+            return
+        expected = _EXPECTED_PDUS.get(state)
+        if expected is not None and pdu_type not in expected:
+            when = "before an A-ASSOCIATE-RQ" if state == "Sta2" else "in an established association"
+            self.refuse(_ABORT_UNEXPECTED_PDU, f"unexpected {name} PDU {when}")
+            return
+        if pdu_type == 0x04:
+            limit, setting = self._config.max_pdu, "dicom.max_pdu"
+        else:
+            limit, setting = _CONTROL_PDU_LIMIT, "the limit for PDUs other than P-DATA-TF"
+        if length > limit:
+            self.refuse(
+                _ABORT_INVALID_PARAMETER, f"{name} PDU of {length} bytes, over {setting} ({limit} bytes)"
+            )
+            return
+        if state == "Sta6" and pdu_type == 0x04 and not self.event_queue.queue:
+            sock.skip(6)
+            self._deliver_pdata(sock.take_view(length), length)
+            return
+        data = sock.take(6 + length)
+        if len(data) < 6 + length:
+            self._closed_inside(name, len(data) - 6, length)
+            return
+        fault = associate_rq_fault(data) if pdu_type == 0x01 else None
+        if fault is not None:
+            self.refuse(_ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ: {fault}")
+            return
+        try:
+            pdu, event = self._decode_pdu(data)
+        except Exception as exc:
+            self.refuse(_ABORT_INVALID_PARAMETER, f"undecodable {name} PDU: {exc}")
+            return
+        if pdu_type == 0x01 and data[6:8] != b"\x00\x01":  # pynetdicom rejects it (AE-6)
+            self._log_peer(f"A-ASSOCIATE-RQ of protocol version 0x{data[6:8].hex()}; A-ASSOCIATE-RJ")
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _closed_inside(self, name: str, received: int, length: int) -> None:
+        self._log_peer(f"closed the connection inside its {name} PDU ({received} of {length} bytes)")
+        self.event_queue.put("Evt17")
 
     def _deliver_pdata(self, body: memoryview, length: int) -> None:
         try:
             if len(body) < length:
-                LOGGER.error("connection closed in the middle of a P-DATA-TF PDU")
-                self.event_queue.put("Evt17")
+                self._closed_inside("P-DATA-TF", len(body), length)
                 return
             try:
                 items = pdv_items(body)
             except ValueError as exc:
-                LOGGER.error("invalid P-DATA-TF PDU: %s", exc)
-                self.event_queue.put("Evt19")
+                self.refuse(_ABORT_INVALID_PARAMETER, f"invalid P-DATA-TF PDU: {exc}")
                 return
             cast(_SpoolingDIMSE, self.assoc.dimse).receive_items(items)
             del items
@@ -942,6 +1053,48 @@ class _FastDUL(DULServiceProvider):
         self._wake_w.close()
 
 
+_ASSOCIATE_RQ_FIXED = 68  # protocol version, reserved, called and calling AE titles, reserved
+_ITEMS_WITH_SUB_ITEMS = {0x20: 4, 0x50: 0}  # presentation context (after its ID), user information
+
+
+def associate_rq_fault(pdu: bytes | bytearray) -> str | None:
+    """What makes a whole A-ASSOCIATE-RQ PDU malformed, or None (PS3.8 9.3.2).
+
+    Every item and sub-item must fit the PDU, and the application context and at least one
+    presentation context must be there: pynetdicom decodes leniently (a request cut after its AE
+    titles was accepted, with no context at all).
+    """
+    end = len(pdu)
+    pos = 6 + _ASSOCIATE_RQ_FIXED
+    if end < pos:
+        return f"{end - 6} bytes, shorter than its fixed fields ({_ASSOCIATE_RQ_FIXED})"
+    seen = set()
+    while pos < end:
+        item_type, item_end = _item_span(pdu, pos, end)
+        if item_end > end:
+            return f"item 0x{item_type:02X} at byte {pos} overruns the PDU"
+        skip = _ITEMS_WITH_SUB_ITEMS.get(item_type)
+        if skip is not None:
+            sub = pos + 4 + skip
+            while sub < item_end:
+                sub_type, sub = _item_span(pdu, sub, item_end)
+                if sub > item_end:
+                    return f"sub-item 0x{sub_type:02X} overruns item 0x{item_type:02X} at byte {pos}"
+        seen.add(item_type)
+        pos = item_end
+    for item_type, what in ((0x10, "application context"), (0x20, "presentation context")):
+        if item_type not in seen:
+            return f"no {what} item"
+    return None
+
+
+def _item_span(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
+    """An item's type and where it ends (past `end` when its header or value does not fit)."""
+    if pos + 4 > end:
+        return data[pos], end + 1
+    return data[pos], pos + 4 + struct.unpack_from(">H", data, pos + 2)[0]
+
+
 def pdv_items(pdu: memoryview) -> list[tuple[int, memoryview]]:
     """(Presentation context ID, message control header + fragment) of each PDV item of a P-DATA-TF
     body (the PDU without its 6-byte header), as views of `pdu`. Raises ValueError if malformed."""
@@ -955,6 +1108,8 @@ def pdv_items(pdu: memoryview) -> list[tuple[int, memoryview]]:
             raise ValueError(f"PDV item length {length} does not fit the PDU")
         items.append((pdu[offset + 4], pdu[offset + 5 : offset + 4 + length]))
         offset += 4 + length
+    if not items:
+        raise ValueError("no PDV item")
     return items
 
 
@@ -985,19 +1140,27 @@ class _FastSocket(AssociationSocket):
     to `select`: `_FastDUL._is_transport_event` asks `buffered` first.
     """
 
-    def __init__(self, assoc: Association, client_socket: socket.socket) -> None:
+    def __init__(self, assoc: Association, client_socket: socket.socket, timeout: float) -> None:
         super().__init__(assoc, client_socket=client_socket)
         self._buf = bytearray(_READ_CHUNK)
         self._start = self._end = 0
+        self._timeout = timeout
+        self._deadline: float | None = None
+        client_socket.settimeout(timeout)
 
     @property
     def buffered(self) -> bool:
         return self._end > self._start
 
-    def recv(self, nr_bytes: int) -> bytearray:
-        if nr_bytes > _PREALLOCATE_LIMIT:  # a length from an unchecked header: grow as bytes come
-            head = self._take(self._end - self._start)
-            return head + super().recv(nr_bytes - len(head))
+    def read_by(self, deadline: float | None) -> None:
+        """Reads from now on raise TimeoutError past `deadline` (`time.monotonic`); with None, when
+        no byte comes for the socket's `timeout` (sends too)."""
+        if deadline is None and self._deadline is not None:
+            cast(socket.socket, self.socket).settimeout(self._timeout)
+        self._deadline = deadline
+
+    def take(self, nr_bytes: int) -> bytearray:
+        """The next `nr_bytes` (fewer if the peer closed), copied."""
         self._fill(nr_bytes)
         return self._take(min(nr_bytes, self._end - self._start))
 
@@ -1020,9 +1183,14 @@ class _FastSocket(AssociationSocket):
         return memoryview(self._buf)[start:end]
 
     def _fill(self, nr_bytes: int) -> None:
-        """Read until `nr_bytes` are buffered or the peer closed."""
+        """Read until `nr_bytes` are buffered or the peer closed; TimeoutError as `read_by` says."""
         sock = cast(socket.socket, self.socket)
         while self._end - self._start < nr_bytes:
+            if self._deadline is not None:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
             if self._start:  # keep the unread tail at the front
                 self._buf[: self._end - self._start] = self._buf[self._start : self._end]
                 self._end -= self._start
@@ -1374,11 +1542,7 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
                 return
             context_id, data = pdvs.pop(0)
             if data[0] & 1 or context_id != self._store.context_id:
-                LOGGER.error(
-                    "association %s: a command arrived inside a dataset; aborting", self._conn.conn_id
-                )
-                self.discard_partial()
-                self.dul.event_queue.put("Evt19")
+                self._refuse("a command or another context's fragment arrived inside a dataset")
                 return
             self._store.spool.write(memoryview(data)[1:])
             if data[0] & 2:
@@ -1409,8 +1573,41 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
             store.context_id, store.sop_class_uid, store.sop_instance_uid, store.message_id, status
         )
 
+    def _refuse(self, what: str) -> None:
+        """A message that breaks DIMSE: drop what it left, log it, abort (`_FastDUL.refuse`)."""
+        self.discard_partial()
+        self.message = None
+        cast(_FastDUL, self.dul).refuse(_ABORT_NOT_SPECIFIED, what)
+
     def _receive_with_pynetdicom(self, primitive: P_DATA) -> None:
-        """pynetdicom's decoding, spooling any C-STORE dataset as soon as its command is complete."""
+        """pynetdicom's decoding, spooling any C-STORE dataset as soon as its command is complete.
+
+        A fragment on a presentation context not accepted, or a message that does not decode, is
+        refused with an A-ABORT (PS3.7 and PS3.8 leave nothing else to answer it with).
+        """
+        for context_id, _ in cast(list[tuple[int, bytes]], primitive.presentation_data_value_list):
+            if context_id not in self.assoc._accepted_cx:
+                self._refuse(f"a message on presentation context {context_id}, which was not accepted")
+                return
+        try:
+            decoded = self._decode_with_pynetdicom(primitive)
+        except Exception as exc:
+            self._refuse(f"a DIMSE message that does not decode ({type(exc).__name__}: {exc})")
+            return
+        if decoded is None:
+            return
+        context_id, d_primitive = decoded
+        if (
+            isinstance(d_primitive, (C_STORE, C_ECHO))
+            and d_primitive.is_valid_request
+            and self.assoc.is_established  # the service classes drop the response until it is
+        ):
+            self.assoc._serve_request(d_primitive, context_id)
+        else:  # anything else takes pynetdicom's path through the association thread
+            self.msg_queue.put(cast(Any, (context_id, d_primitive)))
+
+    def _decode_with_pynetdicom(self, primitive: P_DATA) -> tuple[int, Any] | None:
+        """The whole message once its last fragment is in (context ID, DIMSE primitive), else None."""
         if self.message is None:
             self.message = DIMSEMessage()
         msg = self.message
@@ -1428,26 +1625,12 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
             msg._data_set_file = cast(Any, spool)
             msg._data_set_path = spool.path
         if not done:
-            return
+            return None
         if msg._data_set_file is not None:
             cast(_Spool, msg._data_set_file).complete()
-        context_id = msg.context_id
-        try:
-            d_primitive = msg.message_to_primitive()
-        except Exception:
-            LOGGER.exception("Received an invalid DIMSE message")
-            self.dul.event_queue.put("Evt19")
-            return
+        d_primitive = msg.message_to_primitive()
         self.message = None
-        if (
-            isinstance(d_primitive, (C_STORE, C_ECHO))
-            and d_primitive.is_valid_request
-            and context_id in self.assoc._accepted_cx
-            and self.assoc.is_established  # the service classes drop the response until it is
-        ):
-            self.assoc._serve_request(d_primitive, context_id)
-        else:  # anything else takes pynetdicom's path through the association thread
-            self.msg_queue.put(cast(Any, (context_id, d_primitive)))
+        return cast(int, msg.context_id), d_primitive
 
 
 class _Association(Association):
@@ -1458,9 +1641,10 @@ class _Association(Association):
         self.conn = conn
         self.dul = _FastDUL(self)
         self.dimse = _SpoolingDIMSE(self)
-        # The timers live on the DUL: set them again on the replacement.
+        # The timers live on the DUL: set them again on the replacement. ARTIM (the request's wait,
+        # and the wait for the peer to close) is `pdu_timeout`; the idle timeout is the DUL's own.
         self.acse_timeout = ae.acse_timeout
-        self.network_timeout = ae.network_timeout
+        self.network_timeout = None
 
     def _bind_defaults(self) -> None:
         """Only the intervention defaults: pynetdicom's standard handlers log every PDU at debug level,
@@ -1478,6 +1662,7 @@ class _Callbacks(Protocol):
     def allow(self, peer: Peer) -> bool: ...
     def store(self, instance: ReceivedInstance) -> int: ...
     def released(self, peer: Peer) -> None: ...
+    def established(self, conn_id: int) -> None: ...
     def closed(self, conn_id: int) -> None: ...
 
 
@@ -1489,8 +1674,8 @@ class _ReceiverConfig:
     incoming_dir: Path
     max_pdu: int
     require_called_ae_title: bool
-    network_timeout: float
-    acse_timeout: float
+    pdu_timeout: float  # docs/design.md, "Hostile peers: the PDU transport"
+    idle_timeout: float
     dimse_timeout: float
     file_mode: int
     tls: TlsFiles | None = None
@@ -1506,15 +1691,16 @@ class _Connection:
         sock: socket.socket,
         address: tuple[str, int],
         conn_id: int,
-        over_limit: bool,
+        refusal: str | None,
     ) -> None:
         self.receiver = receiver
         self.sock = sock
         self.address = address
         self.conn_id = conn_id
-        self.over_limit = over_limit
+        self.refusal = refusal  # the limit its A-ASSOCIATE-RQ is rejected for (local limit exceeded)
         self.peer: Peer | None = None
         self.established = False
+        self.dropped = False  # by `drop`
         self.assoc: _Association | None = None
 
     def open_spool(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> _Spool:
@@ -1527,21 +1713,33 @@ class _Connection:
         )
         return _Spool(self.receiver.incoming, header, self.receiver.config.limits.max_dataset_bytes)
 
+    def describe(self) -> str:
+        """Who this connection is, for log lines: address, port and calling AE title once known."""
+        ae = f"calling AE {self.peer.ae_title}" if self.peer is not None else "no A-ASSOCIATE-RQ yet"
+        return f"connection {self.conn_id} from {self.address[0]}:{self.address[1]} ({ae})"
+
+    def drop(self) -> None:
+        """End a connection still negotiating (its reads see the close); an association is kept."""
+        if not self.established:
+            self.dropped = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
     def serve(self) -> None:
         """Run the association to its end, then tidy up whatever it left."""
+        cfg = self.receiver.config
         try:
             sock = self.sock
             tls = self.receiver.ssl_context
             if tls is not None:
-                sock.settimeout(self.receiver.config.acse_timeout)
-                sock = tls.wrap_socket(sock, server_side=True)
-                sock.settimeout(None)
-                self.sock = sock
+                sock.settimeout(cfg.pdu_timeout)  # the whole handshake (CPython's deadline)
+                sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                self.sock = sock  # before the handshake, so that `drop` can end it
+                sock.do_handshake()
             assoc = _Association(self.receiver.ae, self)
             self.assoc = assoc
             assoc.name = f"radgate-assoc-{self.conn_id}"
-            assoc.set_socket(_FastSocket(assoc, client_socket=sock))
-            cfg = self.receiver.config
+            assoc.set_socket(_FastSocket(assoc, sock, cfg.pdu_timeout))
             assoc.acceptor.maximum_length = cfg.max_pdu
             assoc.acceptor.ae_title = cfg.ae_title
             assoc.acceptor.address_info = AddressInformation.from_tuple(sock.getsockname())
@@ -1554,10 +1752,20 @@ class _Connection:
             assoc.bind(evt.EVT_C_STORE, self._on_c_store)
             assoc.start()
             assoc.join()
-        except (OSError, ssl.SSLError) as exc:
+        except TimeoutError:
             LOGGER.warning(
-                "connection %d from %s closed before an association: %s", self.conn_id, self.address[0], exc
+                "%s: no TLS handshake within %g s (dicom.pdu_timeout_s); closing",
+                self.describe(),
+                cfg.pdu_timeout,
             )
+        except (OSError, ssl.SSLError) as exc:
+            if not self.dropped:  # else the acceptor said why
+                LOGGER.warning(
+                    "connection %d from %s closed before an association: %s",
+                    self.conn_id,
+                    self.address[0],
+                    exc,
+                )
         except Exception:
             LOGGER.exception("connection %d from %s failed", self.conn_id, self.address[0])
         finally:
@@ -1595,12 +1803,13 @@ class _Connection:
             port=int(rq.port),
             association_id=f"{self.receiver.tag}-{self.conn_id}",
         )
-        if self.over_limit:
+        if self.refusal is not None:
             LOGGER.warning(
-                "rejecting association %s from %s (%s): too many associations",
+                "rejecting association %s from %s (%s): %s reached",
                 self.peer.association_id,
                 self.peer.ae_title,
                 self.peer.address,
+                self.refusal,
             )
             self._reject(assoc, (0x02, 0x03, 0x02))
             return
@@ -1634,6 +1843,7 @@ class _Connection:
 
     def _on_accepted(self, event: evt.Event) -> None:
         self.established = True
+        self.receiver.callbacks.established(self.conn_id)
 
     def _on_c_store(self, event: evt.Event) -> int:
         """pynetdicom's path (a command split over fragments): the same checks and handler."""
@@ -1765,11 +1975,10 @@ class _Receiver:
         self.incoming = _IncomingFiles(config.incoming_dir, tag, config.file_mode)
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_pdu_size = config.max_pdu
-        # the listener's cap (`over_limit`) is the one, with its log line: pynetdicom's own (10 by
+        # the listener's caps (`refusal`) are the ones, with their log line: pynetdicom's own (10 by
         # default) refused associations past it without a word
         self.ae.maximum_associations = 2**31 - 1
-        self.ae.network_timeout = config.network_timeout
-        self.ae.acse_timeout = config.acse_timeout
+        self.ae.acse_timeout = config.pdu_timeout
         self.ae.dimse_timeout = config.dimse_timeout
         self.contexts: list[PresentationContext] = [build_context(Verification)] + [
             build_context(cast(str, cx.abstract_syntax), list(TRANSFER_SYNTAXES))
@@ -1779,9 +1988,11 @@ class _Receiver:
         self._lock = threading.Lock()
         self._active: dict[int, tuple[_Connection, threading.Thread]] = {}
 
-    def handle(self, sock: socket.socket, address: tuple[str, int], conn_id: int, over_limit: bool) -> None:
+    def handle(
+        self, sock: socket.socket, address: tuple[str, int], conn_id: int, refusal: str | None
+    ) -> None:
         """Serve one accepted connection on its own thread."""
-        conn = _Connection(self, sock, address, conn_id, over_limit)
+        conn = _Connection(self, sock, address, conn_id, refusal)
         thread = threading.Thread(target=self._run, args=(conn,), name=f"radgate-conn-{conn_id}", daemon=True)
         with self._lock:
             self._active[conn_id] = (conn, thread)
@@ -1793,6 +2004,13 @@ class _Receiver:
         finally:
             with self._lock:
                 self._active.pop(conn.conn_id, None)
+
+    def drop(self, conn_id: int) -> None:
+        """End a connection if it is still negotiating (`_Connection.drop`)."""
+        with self._lock:
+            running = self._active.get(conn_id)
+        if running is not None:
+            running[0].drop()
 
     def close(self, timeout: float) -> None:
         """Abort every association, wait (bounded) for their threads, remove the unused incoming files."""
@@ -1864,12 +2082,16 @@ class _WorkerCallbacks:
         self.store = handlers.store
         self.released = handlers.released
 
+    def established(self, conn_id: int) -> None:
+        self.notify("established", conn_id)
+
     def closed(self, conn_id: int) -> None:
         self.notify("closed", conn_id)
 
 
 class _Notifier:
-    """A worker's one-way messages to the parent (ready, closed, log records), from any thread."""
+    """A worker's one-way messages to the parent (ready, established, closed, log records), from any
+    thread."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -1923,9 +2145,12 @@ def _worker_main(
             break
         if item is None:
             break
-        conn_id, address, over_limit = item
+        if item[0] == "drop":
+            receiver.drop(item[1])
+            continue
+        _, conn_id, address, refusal = item
         fd = recv_handle(fd_conn)
-        receiver.handle(socket.socket(fileno=fd), address, conn_id, over_limit)
+        receiver.handle(socket.socket(fileno=fd), address, conn_id, refusal)
     receiver.close(timeout=5)
 
 
@@ -1949,6 +2174,16 @@ class _Worker:
     ready: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _Accepted:
+    """The acceptor's record of a connection, from `accept` to `closed`."""
+
+    address: str
+    slot: bool  # counts against max_associations and max_associations_per_peer
+    pending: bool = True  # no association negotiated yet (and not dropped)
+    worker: _Worker | None = None
+
+
 # --- the SCP -------------------------------------------------------------------------------------
 
 
@@ -1958,17 +2193,20 @@ class StorageSCP:
     `start()` serves in background threads and returns once the port is listening; `stop()` ends
     it; `serve_forever()` blocks until `stop()` (from another thread or a signal handler). The
     handlers run on the association's thread, concurrently for concurrent associations, so they must
-    be thread-safe. With `workers` > 1, that many processes receive (the machine's cores run
-    associations in parallel) and each runs its own copy of the handlers, where the instance was
-    received: no hop back to this process before the acknowledgement. The handlers must then be
-    picklable and keep no state that this process needs (the node's `Receiver` opens its database
-    per process). `prepare`, if given, runs once in each receiving process before it takes an
-    association, so that one-time set-up (opening a database, compiling statements) is not paid for
-    by the first instance a sender waits on. `limits` bound what one dataset may be (`DatasetLimits`):
-    past one, the C-STORE is answered 0xC000 with one log line and the association goes on. A
-    received file gets ``file_mode`` once its dataset is whole (owner-readable; until then it is
-    write-only, see `received_completely`); ValueError if ``file_mode`` is not a permission mode
-    readable by its owner.
+    be thread-safe. Peers are bounded as docs/design.md ("Hostile peers: the PDU transport") says:
+    `max_pdu` and `pdu_timeout` per PDU, `idle_timeout` per association, `max_associations` and
+    `max_associations_per_peer` (further requests are rejected), `max_pending` connections not yet
+    associated (past it the oldest is dropped). With `workers` > 1, that many processes receive
+    (the machine's cores run associations in parallel) and each runs its own copy of the handlers,
+    where the instance was received: no hop back to this process before the acknowledgement. The
+    handlers must then be picklable and keep no state that this process needs (the node's
+    `Receiver` opens its database per process). `prepare`, if given, runs once in each receiving
+    process before it takes an association, so that one-time set-up (opening a database, compiling
+    statements) is not paid for by the first instance a sender waits on. `limits` bound what
+    one dataset may be (`DatasetLimits`): past one, the C-STORE is answered 0xC000 with one log
+    line and the association goes on. A received file gets ``file_mode`` once its dataset is whole
+    (owner-readable; until then it is write-only, see `received_completely`); ValueError if
+    ``file_mode`` is not a permission mode readable by its owner.
     """
 
     def __init__(
@@ -1983,11 +2221,13 @@ class StorageSCP:
         *,
         max_pdu: int = 262144,
         max_associations: int = 16,
+        max_associations_per_peer: int = 8,
+        max_pending: int = 8,
+        pdu_timeout: float = 30.0,
+        idle_timeout: float = 60.0,
         tls: ssl.SSLContext | TlsFiles | None = None,
         require_called_ae_title: bool = False,
         workers: int = 1,
-        network_timeout: float = 60.0,
-        acse_timeout: float = 30.0,
         dimse_timeout: float = 60.0,
         prepare: Callable[[], None] | None = None,
         limits: DatasetLimits = DEFAULT_LIMITS,
@@ -2003,6 +2243,8 @@ class StorageSCP:
         self.port = port
         self.handlers = _Handlers(handler, on_release, peer_filter, prepare)
         self.max_associations = max_associations
+        self.max_associations_per_peer = max_associations_per_peer
+        self.max_pending = max_pending
         self.workers = workers
         incoming_dir = Path(incoming_dir)
         incoming_dir.mkdir(parents=True, exist_ok=True)
@@ -2011,8 +2253,8 @@ class StorageSCP:
             incoming_dir=incoming_dir,
             max_pdu=max_pdu,
             require_called_ae_title=require_called_ae_title,
-            network_timeout=network_timeout,
-            acse_timeout=acse_timeout,
+            pdu_timeout=pdu_timeout,
+            idle_timeout=idle_timeout,
             dimse_timeout=dimse_timeout,
             file_mode=file_mode,
             tls=tls if isinstance(tls, TlsFiles) else None,
@@ -2025,11 +2267,10 @@ class StorageSCP:
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._active = 0
+        self._accepted: dict[int, _Accepted] = {}  # by connection id, in the order accepted
         self._conn_ids = itertools.count(1)
         self._receiver: _Receiver | None = None
         self._workers: list[_Worker] = []
-        self._worker_of: dict[int, _Worker] = {}
 
     # -- lifecycle --
 
@@ -2113,7 +2354,7 @@ class StorageSCP:
     @property
     def active_associations(self) -> int:
         """Connections being served now (for health checks)."""
-        return self._active
+        return len(self._accepted)
 
     @property
     def receiving_processes(self) -> list[int]:
@@ -2142,28 +2383,62 @@ class StorageSCP:
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn_id = next(self._conn_ids)
-            with self._lock:
-                over_limit = self._active >= self.max_associations
-                self._active += 1
+            refusal = self._admit(conn_id, address[0])
             try:
-                self._dispatch(sock, (address[0], address[1]), conn_id, over_limit)
+                self._dispatch(sock, (address[0], address[1]), conn_id, refusal)
             except Exception:
                 LOGGER.exception("cannot hand over connection %d", conn_id)
                 sock.close()
                 self.closed(conn_id)
 
+    def _admit(self, conn_id: int, address: str) -> str | None:
+        """Record a new connection; drop the oldest one still negotiating when `max_pending` of
+        them are; the limit its request is to be rejected for, or None."""
+        with self._lock:
+            pending = [cid for cid, conn in self._accepted.items() if conn.pending]
+            dropped = pending[0] if len(pending) >= self.max_pending else None
+            if dropped is not None:
+                oldest = self._accepted[dropped]
+                oldest.pending = oldest.slot = False
+            slots = [conn.address for conn in self._accepted.values() if conn.slot]
+            refusal = None
+            if len(slots) >= self.max_associations:
+                refusal = f"dicom.max_associations ({self.max_associations})"
+            elif slots.count(address) >= self.max_associations_per_peer:
+                refusal = f"dicom.max_associations_per_peer ({self.max_associations_per_peer})"
+            self._accepted[conn_id] = _Accepted(address, slot=refusal is None)
+        if dropped is not None:
+            LOGGER.warning(
+                "dropping connection %d from %s: not associated yet, and dicom.max_pending (%d) "
+                "connections are negotiating",
+                dropped,
+                oldest.address,
+                self.max_pending,
+            )
+            self._drop(dropped, oldest.worker)
+        return refusal
+
+    def _drop(self, conn_id: int, worker: _Worker | None) -> None:
+        if self._receiver is not None:
+            self._receiver.drop(conn_id)
+        elif worker is not None:
+            with contextlib.suppress(OSError), worker.send_lock:
+                worker.fd_conn.send(("drop", conn_id))
+
     def _dispatch(
-        self, sock: socket.socket, address: tuple[str, int], conn_id: int, over_limit: bool
+        self, sock: socket.socket, address: tuple[str, int], conn_id: int, refusal: str | None
     ) -> None:
         if self._receiver is not None:
-            self._receiver.handle(sock, address, conn_id, over_limit)
+            self._receiver.handle(sock, address, conn_id, refusal)
             return
         with self._lock:
             worker = min(self._workers, key=lambda w: w.active)
             worker.active += 1
-            self._worker_of[conn_id] = worker
+            accepted = self._accepted.get(conn_id)
+            if accepted is not None:
+                accepted.worker = worker
         with worker.send_lock:
-            worker.fd_conn.send((conn_id, address, over_limit))
+            worker.fd_conn.send(("serve", conn_id, address, refusal))
             send_handle(worker.fd_conn, sock.fileno(), cast(int, worker.process.pid))
         sock.close()
 
@@ -2178,12 +2453,17 @@ class StorageSCP:
     def released(self, peer: Peer) -> None:
         self.handlers.released(peer)
 
+    def established(self, conn_id: int) -> None:
+        with self._lock:
+            accepted = self._accepted.get(conn_id)
+            if accepted is not None:
+                accepted.pending = False
+
     def closed(self, conn_id: int) -> None:
         with self._lock:
-            self._active -= 1
-            worker = self._worker_of.pop(conn_id, None)
-            if worker is not None:
-                worker.active -= 1
+            accepted = self._accepted.pop(conn_id, None)
+            if accepted is not None and accepted.worker is not None:
+                accepted.worker.active -= 1
 
     # -- worker processes --
 
@@ -2232,7 +2512,7 @@ class StorageSCP:
         with self._lock:
             if worker in self._workers:
                 self._workers.remove(worker)
-            lost = [conn_id for conn_id, w in self._worker_of.items() if w is worker]
+            lost = [conn_id for conn_id, conn in self._accepted.items() if conn.worker is worker]
         for conn_id in lost:
             self.closed(conn_id)
         LOGGER.error(
@@ -2263,6 +2543,8 @@ class StorageSCP:
                 return
             if kind == "closed":
                 self.closed(payload)
+            elif kind == "established":
+                self.established(payload)
             elif kind == "log":
                 _log_forwarded(worker, *payload)
             elif kind == "ready":

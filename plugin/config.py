@@ -110,6 +110,24 @@ class DicomConfig(_Strict):
     allowed_peers: list[AllowedPeer] = Field(default_factory=list, description="empty: anyone may associate")
     require_called_ae_title: bool = False
     max_associations: int = Field(default=16, ge=1)
+    # Hostile peers (docs/design.md, "Hostile peers: the PDU transport"):
+    max_associations_per_peer: int = Field(
+        default=8, ge=1, description="concurrent associations from one IP address; more are rejected"
+    )
+    max_pending: int = Field(
+        default=8,
+        ge=1,
+        description="connections not yet associated; a new one past this drops the oldest of them",
+    )
+    pdu_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a started PDU whose bytes stop coming for this long is aborted; also the longest "
+        "wait for a whole A-ASSOCIATE-RQ after connecting and for a TLS handshake",
+    )
+    idle_timeout_s: float = Field(
+        default=60.0, gt=0, description="an association with no PDU for this long is aborted"
+    )
     receivers: int = Field(
         default=2,
         ge=1,

@@ -82,6 +82,10 @@ class Node:
                 PeerFilter(dicom.allowed_peers),
                 max_pdu=dicom.max_pdu,
                 max_associations=dicom.max_associations,
+                max_associations_per_peer=dicom.max_associations_per_peer,
+                max_pending=dicom.max_pending,
+                pdu_timeout=dicom.pdu_timeout_s,
+                idle_timeout=dicom.idle_timeout_s,
                 tls=TlsFiles(tls.cert_file, tls.key_file, tls.ca_file)
                 if tls.enabled and tls.cert_file and tls.key_file
                 else None,
