@@ -121,9 +121,35 @@ def test_a_second_node_refuses_the_data_dir_names_the_holder_and_touches_nothing
         assert first.stop() == 0, first.log()
 
 
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc; a process gone meanwhile is skipped)."""
+    children = set()
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.add(int(stat_file.parent.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_when_the_holder_is_killed_the_next_node_takes_the_data_dir(tmp_path: Path) -> None:
     first = NodeProcess(tmp_path / "first").start()
+    assert first.process is not None
+    children = _children(first.process.pid)
+    assert children  # the receiving processes, at least
+    assoc = _associate(first)  # an association open when the node dies keeps no receiver alive
     first.kill()  # SIGKILL: the kernel drops its lock
+    wait_for(lambda: not any(_alive(pid) for pid in children), 3, "the killed node's processes to end")
+    assoc.abort()
     second = NodeProcess(tmp_path / "second", {"data_dir": str(first.data_dir)}).start()
     try:
         assert second.echoscu().returncode == 0
