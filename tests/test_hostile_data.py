@@ -304,7 +304,7 @@ def test_nesting_up_to_the_limit_is_stored(node: Node, tmp_path: Path) -> None:
 
 def test_the_spool_drops_a_dataset_the_moment_it_passes_the_limit(tmp_path: Path) -> None:
     """Nothing past `max_dataset_bytes` is written, and what was written is removed at once."""
-    files = net._IncomingFiles(tmp_path, "t")
+    files = net._IncomingFiles(tmp_path, "t", 0o600)
     try:
         spool = net._Spool(files, b"header", max_dataset_bytes=1000)
         spool.write(bytes(1000))
