@@ -52,7 +52,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_io.net import ReceivedInstance, StorageSCP, fsync_file
+from dicom_io.durable import fsync_file
+from dicom_io.net import ReceivedInstance, StorageSCP
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 AE_TITLE = "BENCH"

@@ -18,7 +18,8 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_io.net import DatasetLimits, Peer, ReceivedInstance, fsync_dir, fsync_file
+from dicom_io.durable import fsync_dir, fsync_file
+from dicom_io.net import DatasetLimits, Peer, ReceivedInstance
 from plugin.config import AllowedPeer, Config, DicomConfig
 from plugin.spool import InstanceIds, Spool, same_content
 from plugin.store import Store, utcnow

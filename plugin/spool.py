@@ -43,12 +43,11 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_io.durable import fsync_dir, fsync_file
 from dicom_io.net import (
     DEFAULT_LIMITS,
     INCOMING_PREFIX,
     DatasetLimits,
-    fsync_dir,
-    fsync_file,
     inspect_part10,
     received_completely,
 )

@@ -30,8 +30,14 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_io import net
-from dicom_io.net import DEFAULT_LIMITS, DatasetLimits, ReceivedInstance, StorageSCP, file_meta_header
+from dicom_io.net import (
+    DEFAULT_LIMITS,
+    DatasetLimits,
+    ReceivedInstance,
+    StorageSCP,
+    file_meta_header,
+    incoming,
+)
 from plugin.config import Config
 from plugin.node import Node
 from plugin.receive import dataset_limits
@@ -304,9 +310,9 @@ def test_nesting_up_to_the_limit_is_stored(node: Node, tmp_path: Path) -> None:
 
 def test_the_spool_drops_a_dataset_the_moment_it_passes_the_limit(tmp_path: Path) -> None:
     """Nothing past `max_dataset_bytes` is written, and what was written is removed at once."""
-    files = net._IncomingFiles(tmp_path, "t", 0o600)
+    files = incoming._IncomingFiles(tmp_path, "t", 0o600)
     try:
-        spool = net._Spool(files, b"header", max_dataset_bytes=1000)
+        spool = incoming._Spool(files, b"header", max_dataset_bytes=1000)
         spool.write(bytes(1000))
         assert spool.refused is None and spool.path.stat().st_size == 1006
         spool.write(b"x")

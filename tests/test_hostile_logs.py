@@ -129,9 +129,8 @@ def test_a_wrong_called_ae_title_is_refused_with_one_log_line(node: NodeProcess)
 def test_a_dozen_concurrent_associations_into_one_receiving_process(tmp_path: Path) -> None:
     """The node's cap (`max_associations`, with its log line) is the one: pynetdicom's own (10 by
     default, counted its own way) refused some of these without a word."""
-    node = NodeProcess(
-        tmp_path, {"dicom": {"receivers": 1, "max_associations": 16, "max_associations_per_peer": 16}}
-    ).start()
+    caps = {"max_associations": 16, "max_associations_per_peer": 16, "max_pending": 16}  # 12 connect at once
+    node = NodeProcess(tmp_path, {"dicom": {"receivers": 1, **caps}}).start()
     try:
         held = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(12)]
         try:

@@ -25,8 +25,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-import dicom_io.net as net
-from dicom_io.net import Peer, ReceivedInstance, StorageSCP, TlsFiles
+from dicom_io.net import Peer, ReceivedInstance, StorageSCP, TlsFiles, wire
 from plugin.config import Config
 from plugin.node import Node as RadgateNode
 
@@ -177,7 +176,7 @@ def answer(sock: socket.socket) -> str:
         return CLOSED
     if len(header) < 6:
         return CLOSED
-    name = net._PDU_NAMES.get(header[0], f"PDU type 0x{header[0]:02X}")
+    name = wire._PDU_NAMES.get(header[0], f"PDU type 0x{header[0]:02X}")
     if name in (ABORT, REJECT):
         assert_closes(sock)
     return name

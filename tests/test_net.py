@@ -48,7 +48,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-import dicom_io.net as net
 from dicom_io.net import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
@@ -58,8 +57,11 @@ from dicom_io.net import (
     ReceivedInstance,
     StorageSCP,
     TlsFiles,
+    _pynetdicom,
     c_store_rsp_command,
+    connection,
     file_meta_header,
+    incoming,
     inspect_dataset,
     inspect_part10,
     received_completely,
@@ -420,7 +422,7 @@ def test_a_peer_never_waits_out_the_idle_wait(
     """The DUL and association loops block up to `_IDLE_WAIT_S` when idle; the A-ASSOCIATE-RQ (queued
     behind the connection's own event), the C-STORE and the A-RELEASE-RQ must each end that wait at
     once. With the wait made 10 s, a peer that had to wait it out even once would take over 10 s."""
-    monkeypatch.setattr(net, "_IDLE_WAIT_S", 10.0)
+    monkeypatch.setattr(_pynetdicom, "_IDLE_WAIT_S", 10.0)
     scp = start_scp()
     src = with_uids(PYDICOM_FILES / "CT_small.dcm", tmp_path)
     started = time.monotonic()
@@ -438,13 +440,13 @@ def test_reordered_contexts_are_built_once_per_process(
     SOP classes storescu proposes by default: the contexts reordered for a proposal are built at
     the first association that makes it and reused by the next."""
     built: list[str] = []
-    real_build = net.build_context
+    real_build = connection.build_context
 
     def counting_build(abstract_syntax: str, *transfer_syntax: list[str]) -> object:
         built.append(abstract_syntax)
         return real_build(abstract_syntax, *transfer_syntax)
 
-    monkeypatch.setattr(net, "build_context", counting_build)
+    monkeypatch.setattr(connection, "build_context", counting_build)
     scp = start_scp()
     src = with_uids(PYDICOM_FILES / "CT_small.dcm", tmp_path)
     at_start = len(built)
@@ -917,15 +919,17 @@ def test_writeback_starts_early_only_while_one_dataset_arrives(
     file (less CPU), and a closed or discarded file no longer counts."""
     started: list[tuple[int, int]] = []  # (start, end) of each writeback
     monkeypatch.setattr(
-        net, "_SYNC_FILE_RANGE", lambda fd, start, length, flags: started.append((start, start + length)) or 0
+        incoming,
+        "_SYNC_FILE_RANGE",
+        lambda fd, start, length, flags: started.append((start, start + length)) or 0,
     )
-    chunk = bytes(net._WRITEBACK_STEP)
-    files = net._IncomingFiles(tmp_path, "t", 0o600)
+    chunk = bytes(incoming._WRITEBACK_STEP)
+    files = incoming._IncomingFiles(tmp_path, "t", 0o600)
     try:
-        alone = net._Spool(files, b"header")
+        alone = incoming._Spool(files, b"header")
         alone.write(chunk)
-        assert started == [(0, net._WRITEBACK_STEP)]  # whole pages only while more may come
-        second = net._Spool(files, b"header")
+        assert started == [(0, incoming._WRITEBACK_STEP)]  # whole pages only while more may come
+        second = incoming._Spool(files, b"header")
         alone.write(chunk)
         second.write(chunk)
         second.write(b"tail")
@@ -936,7 +940,7 @@ def test_writeback_starts_early_only_while_one_dataset_arrives(
         assert len(started) == 2
         alone.complete()
         assert started[-1][1] == alone.size == Path(alone.name).stat().st_size  # the tail, at once
-        third = net._Spool(files, b"header")
+        third = incoming._Spool(files, b"header")
         third.write(chunk)
         assert len(started) == 4
         third.complete()

@@ -31,7 +31,7 @@ import torch
 
 from ai_models.base import Pipeline, PipelineError, run_pipeline
 from ai_models.registry import UnknownPipelineError, get_pipeline
-from dicom_io.net import fsync_dir
+from dicom_io.durable import fsync_dir
 from dicom_io.results import ResultError, ResultOptions, write_results
 from dicom_io.series import SeriesError
 from dicom_io.types import GeometryError

@@ -41,7 +41,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ai_models.registry import available_pipelines
-from dicom_io.net import Peer, ReceivedInstance, fsync_dir, inspect_part10
+from dicom_io.durable import fsync_dir
+from dicom_io.net import Peer, ReceivedInstance, inspect_part10
 from plugin.config import Config, ConfigError
 from plugin.datadir import ORTHANC_PLUGIN, DataDirLock, apply_file_modes
 from plugin.jobs import list_jobs, queue_routed_jobs, read_study_series

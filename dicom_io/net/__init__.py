@@ -1,0 +1,79 @@
+"""DICOM networking: the storage SCP transport the node listens with.
+
+The transport receives each C-STORE as bytes, streams them to a file in `incoming_dir` (a complete
+DICOM Part 10 file: preamble, file meta with the negotiated transfer syntax, dataset) without
+decoding pixels, checks the dataset's structure and identifying UIDs with a cheap walk over the
+element headers (within `DatasetLimits`: size, inflated size, nesting), and hands a
+`ReceivedInstance` to the handler. The handler makes the file durable (fsync + rename + record)
+and returns the DICOM status to answer with. Nothing is acknowledged before the handler returns.
+
+Built on pynetdicom: association negotiation, the DUL state machine and every message other than
+a C-STORE-RQ are pynetdicom's. Speed comes from a few narrow subclasses (`_FastDUL`, `_FastSocket`,
+`_SpoolingDIMSE`, `_Association`, all in `_pynetdicom`): whole-PDU reads into one buffer; a DUL
+loop that blocks in `select` instead of pynetdicom's 1 ms polling sleeps; C-STORE requests parsed,
+spooled and answered on the DUL thread without pydicom Datasets (fixed layouts encoded by hand,
+checked byte-equal to pydicom's in the tests); no per-PDU debug logging handlers; and optionally
+several receiving processes (`workers`) fed by one acceptor that hands each connection to the
+least-busy one.
+Handlers run in the process that received the instance (each receiving process has its copy).
+
+Incoming files are made ahead, in batches, by a thread of each receiving process (`_IncomingFiles`)
+with their names already durable, and are read-protected until their dataset is complete: so a
+handler that fsyncs a file has it durable under its incoming name at once, and after a power cut
+`received_completely` tells complete datasets from partial ones.
+
+This package's names are its public API. Its modules, by concern:
+
+- `interface`: `Peer`, `ReceivedInstance`, the handlers' types, the statuses, `TlsFiles`.
+- `inspection`: the element walker (`inspect_dataset`, `inspect_part10`, `DatasetLimits`).
+- `wire`: bytes built and checked by hand (file meta header, C-STORE command sets, PDU structure).
+- `incoming`: the incoming-file pool and the file a dataset streams into (`_Spool`).
+- `connection`: one receiving process's connections and associations (`_Receiver`).
+- `scp`: `StorageSCP`, its acceptor and its receiving processes.
+- `_pynetdicom`: every use of pynetdicom's private parts, and the check that the installed
+  pynetdicom is the release they were written against (pinned exactly in pyproject.toml).
+
+The fsync helpers are `dicom_io.durable`'s (also here, for the transport's callers).
+"""
+
+from dicom_io.durable import fsync_dir, fsync_file
+from dicom_io.net import _pynetdicom  # noqa: F401  (first: checks the installed pynetdicom's version)
+from dicom_io.net.incoming import INCOMING_PREFIX, received_completely
+from dicom_io.net.inspection import (
+    DEFAULT_LIMITS,
+    DatasetLimits,
+    InstanceRefused,
+    inspect_dataset,
+    inspect_part10,
+)
+from dicom_io.net.interface import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    Peer,
+    ReceivedInstance,
+    TlsFiles,
+)
+from dicom_io.net.scp import StorageSCP
+from dicom_io.net.wire import c_store_rsp_command, file_meta_header
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "INCOMING_PREFIX",
+    "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_DATASET_MISMATCH",
+    "STATUS_OUT_OF_RESOURCES",
+    "DatasetLimits",
+    "InstanceRefused",
+    "Peer",
+    "ReceivedInstance",
+    "StorageSCP",
+    "TlsFiles",
+    "c_store_rsp_command",
+    "file_meta_header",
+    "fsync_dir",
+    "fsync_file",
+    "inspect_dataset",
+    "inspect_part10",
+    "received_completely",
+]
