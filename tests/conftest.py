@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from postgres_support import PostgresServer, find_initdb
 
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
-from dicom_io.tools import ToolNotFoundError
-from plugin.orthanc_server import OrthancError, OrthancServer, find_plugin
+from dicom_io.testing.orthanc_server import OrthancError, OrthancServer, find_plugin
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
+from dicom_io.testing.tools import ToolNotFoundError
 
 
 @pytest.fixture(scope="session")

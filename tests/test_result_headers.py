@@ -42,8 +42,8 @@ from test_results_support import (
     require,
 )
 
-from dicom_io import validate
 from dicom_io.results import ResultError, ResultOptions, write_results
+from dicom_io.testing import validate
 from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 
 TESTDATA = Path("/work/shared/testdata")

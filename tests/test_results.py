@@ -25,9 +25,9 @@ from test_results_support import (
     viewercheck_tool,
 )
 
-from dicom_io import validate
 from dicom_io.results import ResultError, ResultOptions, build_results, write_results
-from dicom_io.synthetic import ct_chest_phantom
+from dicom_io.testing import validate
+from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.types import Findings, Measurement, Segment, Volume
 from dicom_io.volume import load_series
 

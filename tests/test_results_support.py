@@ -1,6 +1,6 @@
 """Shared builders for the results tests: small source series with known geometry, findings, validators.
 
-The series are built here (not by dicom_io.synthetic) so each test controls the exact geometry;
+The series are built here (not by dicom_io.testing.synthetic) so each test controls the exact geometry;
 the datasets come back shuffled so nothing can map mask slices to sources by list position.
 """
 
@@ -20,7 +20,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicom_io import validate
+from dicom_io.testing import validate
 from dicom_io.types import Code, Findings, Measurement, Segment, SourceRef, Volume
 
 VIEWERCHECK = Path("/work/shared/tools/viewercheck")

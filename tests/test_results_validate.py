@@ -1,4 +1,4 @@
-"""dicom_io.validate: the wrappers report failures (with the tool's lines) and never pass silently."""
+"""dicom_io.testing.validate: the wrappers report failures (with the tool's lines) and never pass silently."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from test_results_support import require, viewercheck_tool
 
-from dicom_io import validate
+from dicom_io.testing import validate
 
 DCMQI = Path("/work/shared/testdata/dcmqi")
 

@@ -15,8 +15,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from test_results_support import ORGAN, TRACHEA, load_real, lung_findings, make_series, require
 
-from dicom_io import validate
 from dicom_io.results import build_results
+from dicom_io.testing import validate
 from dicom_io.types import Findings, Segment
 
 SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"

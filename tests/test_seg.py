@@ -21,8 +21,8 @@ from test_results_support import (
     require,
 )
 
-from dicom_io import validate
 from dicom_io.results import ResultOptions, build_results
+from dicom_io.testing import validate
 from dicom_io.types import Findings, Segment
 
 TESTDATA = Path("/work/shared/testdata")

@@ -21,9 +21,9 @@ from test_results_support import (
     require,
 )
 
-from dicom_io import validate
 from dicom_io.results import ResultOptions, ResultSet, build_results
-from dicom_io.results.structure import describe_seg, describe_sr
+from dicom_io.testing import validate
+from dicom_io.testing.structure import describe_seg, describe_sr
 from dicom_io.types import Findings, Measurement
 
 DCMQI = Path("/work/shared/testdata/dcmqi")

@@ -25,7 +25,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from dicom_io.types import SourceRef
 from dicom_io.volume import (
     DecodeError,

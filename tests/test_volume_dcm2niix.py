@@ -16,8 +16,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from dicom_io.synthetic import ct_chest_phantom
-from dicom_io.tools import dcm2niix
+from dicom_io.testing.synthetic import ct_chest_phantom
+from dicom_io.testing.tools import dcm2niix
 from dicom_io.types import Volume
 from dicom_io.volume import load_series
 
