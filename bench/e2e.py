@@ -39,10 +39,10 @@ from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_io.synthetic import ct_chest_phantom
-from dicom_io.tools import free_port, storescu
+from dicom_io.testing.orthanc_server import OrthancServer, wait_until
+from dicom_io.testing.synthetic import ct_chest_phantom
+from dicom_io.testing.tools import free_port, storescu
 from plugin.demo import LocalNode, node_settings
-from plugin.orthanc_server import OrthancServer, wait_until
 from plugin.store import Delivery, DeliveryState, Job, JobState, Study
 
 

@@ -235,7 +235,7 @@ def one_per_association(port: int, files: list[Path], only_required: bool) -> fl
 
 def make_series(folder: Path, slices: int) -> list[Path]:
     """Write a synthetic 512x512 CT series (the phantom module) and return its files."""
-    from dicom_io.synthetic import ct_chest_phantom
+    from dicom_io.testing.synthetic import ct_chest_phantom
 
     series = ct_chest_phantom(rows=512, columns=512, slices=slices, seed=7)
     return sorted(series.write(folder))

@@ -41,7 +41,7 @@ def _cpu_name() -> str:
 
 def _prepare_phantom(folder: Path) -> None:
     """Generate the big phantom once (outside the measured process) and keep voxels + affine."""
-    from dicom_io.synthetic import ct_chest_phantom
+    from dicom_io.testing.synthetic import ct_chest_phantom
 
     series = ct_chest_phantom(rows=512, columns=512, slices=300, seed=0)
     np.save(folder / "voxels.npy", series.voxels.astype(np.int16))

@@ -30,7 +30,7 @@ from dicom_io.results.common import make_context  # noqa: E402
 from dicom_io.results.sc import build_sc  # noqa: E402
 from dicom_io.results.seg import build_seg  # noqa: E402
 from dicom_io.results.sr import build_sr  # noqa: E402
-from dicom_io.synthetic import ct_chest_phantom  # noqa: E402
+from dicom_io.testing.synthetic import ct_chest_phantom  # noqa: E402
 from dicom_io.types import Code, Findings, Measurement, Segment, SourceRef, Volume  # noqa: E402
 
 T = TypeVar("T")

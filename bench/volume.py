@@ -1,6 +1,6 @@
 """Benchmark: series → Volume with dicom_io.volume versus plain pydicom one file at a time.
 
-Writes a synthetic chest CT (dicom_io.synthetic, default 300 slices of 512x512) into a temporary
+Writes a synthetic chest CT (dicom_io.testing.synthetic, default 300 slices of 512x512) into a temporary
 folder, uncompressed and JPEG 2000 lossless, then loads each variant in a fresh Python process so
 that peak memory (VmHWM) belongs to that variant alone ("base": resident after imports, before
 loading; "worker": the largest decoding worker process, if any). Variants marked "1 core" are pinned
@@ -113,7 +113,7 @@ def run_one(tool: str, folder: Path, workers: int, repeats: int) -> dict[str, fl
 def write_series(root: Path, slices: int, size: int) -> dict[str, Path]:
     from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-    from dicom_io.synthetic import ct_chest_phantom
+    from dicom_io.testing.synthetic import ct_chest_phantom
 
     folders = {}
     for name, syntax in (("plain", ExplicitVRLittleEndian), ("j2k", JPEG2000Lossless)):

@@ -31,12 +31,12 @@ import pydicom
 import yaml
 from pydicom.dataset import Dataset
 
-from dicom_io.synthetic import ct_chest_phantom
-from dicom_io.tools import ToolNotFoundError, free_port, storescu
+from dicom_io.testing.orthanc_server import OrthancError, OrthancServer
+from dicom_io.testing.synthetic import ct_chest_phantom
+from dicom_io.testing.tools import ToolNotFoundError, free_port, storescu
 from plugin.config import Config
 from plugin.dispatch import list_deliveries
 from plugin.jobs import list_jobs
-from plugin.orthanc_server import OrthancError, OrthancServer
 from plugin.store import DeliveryState, JobState, Store
 
 DESTINATION = "orthanc"

@@ -1,11 +1,12 @@
 """Shared fixtures: the test data folder, small written phantoms, a real Orthanc, a real PostgreSQL.
 
 Session-scoped phantom folders are shared by every test: read them, never modify them.
+Real-data tests skipped because the shared test data or tools are missing (testdata_support) are
+counted in one line at the very end of the run.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -13,21 +14,19 @@ from pathlib import Path
 
 import pytest
 from postgres_support import PostgresServer, find_initdb
+from testdata_support import pytest_terminal_summary as pytest_terminal_summary  # counts real-data skips
+from testdata_support import pytest_unconfigure as pytest_unconfigure  # and prints them last
+from testdata_support import require_path, shared_testdata_dir
 
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
-from dicom_io.tools import ToolNotFoundError
-from plugin.orthanc_server import OrthancError, OrthancServer, find_plugin
+from dicom_io.testing.orthanc_server import OrthancError, OrthancServer, find_plugin
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
+from dicom_io.testing.tools import ToolNotFoundError
 
 
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     """The shared test data: shared/testdata beside the repository clone; RADGATE_TESTDATA overrides."""
-    path = Path(
-        os.environ.get("RADGATE_TESTDATA") or Path(__file__).resolve().parents[2] / "shared" / "testdata"
-    )
-    if not path.is_dir():
-        pytest.skip(f"test data folder {path} is missing (set RADGATE_TESTDATA)")
-    return path
+    return require_path(shared_testdata_dir())
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from node_support import DCMTK_ENV, RADGATE, STORESCU, free_port
 
+from dicom_io.testing.orthanc_server import OrthancServer, wait_until
 from plugin.orthanc.bridge import ChangeCursor
-from plugin.orthanc_server import OrthancServer, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 LOADER = REPO / "orthanc_config" / "radgate_plugin.py"

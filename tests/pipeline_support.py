@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from dicom_io.synthetic import SyntheticSeries
+from dicom_io.testing.synthetic import SyntheticSeries
 from dicom_io.types import SourceRef, Volume
 
 SOP_CT = "1.2.840.10008.5.1.4.1.1.2"

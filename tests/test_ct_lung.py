@@ -23,7 +23,7 @@ from ai_models.ct_lung import (
     VOLUME,
     CtLungPipeline,
 )
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
 from dicom_io.types import Findings, Volume
 
 CPU = torch.device("cpu")

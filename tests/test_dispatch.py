@@ -24,8 +24,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select, update
 
-from dicom_io.tools import ToolNotFoundError, free_port
-from plugin import orthanc_server
+from dicom_io.testing import orthanc_server
+from dicom_io.testing.orthanc_server import OrthancServer, wait_until
+from dicom_io.testing.tools import ToolNotFoundError, free_port
 from plugin.cli import main
 from plugin.config import Config, DispatchConfig, load_config
 from plugin.dispatch import (
@@ -33,7 +34,6 @@ from plugin.dispatch import (
     backoff_delay,
     enqueue_deliveries,
 )
-from plugin.orthanc_server import OrthancServer, wait_until
 from plugin.senders import Outgoing, make_sender
 from plugin.store import Delivery, DeliveryState, Job, JobState, Store, Study, StudyState, utcnow
 

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from node_support import NodeProcess
 
-from plugin.orthanc_server import OrthancServer, wait_until
+from dicom_io.testing.orthanc_server import OrthancServer, wait_until
 
 
 @pytest.fixture()

@@ -20,12 +20,12 @@ import pydicom
 import pytest
 from node_support import RADGATE, NodeProcess, wait_for, write_series
 
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom
-from dicom_io.tools import free_port
-from dicom_io.validate import dciodvfy
+from dicom_io.testing.orthanc_server import OrthancServer
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
+from dicom_io.testing.tools import free_port
+from dicom_io.testing.validate import dciodvfy
 from plugin.config import Config
 from plugin.jobs import list_jobs
-from plugin.orthanc_server import OrthancServer
 from plugin.store import Store
 
 pytestmark = pytest.mark.slow

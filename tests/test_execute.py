@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from ai_models.base import Pipeline
 from ai_models.registry import available_pipelines
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
 from plugin.completion import CompletionMonitor
 from plugin.config import CompletionConfig, Config
 from plugin.execute import JobRunner

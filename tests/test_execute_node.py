@@ -9,7 +9,7 @@ from typing import Any
 import pydicom
 from node_support import RADGATE, NodeProcess, wait_for, write_series
 
-from dicom_io.synthetic import ct_chest_phantom
+from dicom_io.testing.synthetic import ct_chest_phantom
 
 RULES = [{"name": "chest", "match": {"Modality": {"equals": "CT"}}, "pipeline": "ct-lung"}]
 

@@ -18,7 +18,7 @@ from pipeline_support import BONE, flip_mask, flipped, phantom_volume, write_thr
 from ai_models import PipelineError, get_pipeline, run_pipeline
 from ai_models.monai_bundle import MonaiBundlePipeline
 from dicom_io.labels import LabelSpec, load_label_table
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
 from dicom_io.types import Code
 
 CPU = torch.device("cpu")

@@ -12,7 +12,7 @@ from pipeline_support import flipped, overlay_png, phantom_volume
 
 from ai_models import PipelineError, run_pipeline
 from ai_models.mr_brain import BRAIN, MrBrainPipeline, hd_bet_weights
-from dicom_io.synthetic import ct_chest_phantom, mr_head_phantom
+from dicom_io.testing.synthetic import ct_chest_phantom, mr_head_phantom
 from dicom_io.types import Findings, Volume
 
 CPU = torch.device("cpu")

@@ -47,6 +47,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
     Verification,
 )
+from testdata_support import TESTDATA, needs_testdata
 
 from dicom_io.net import (
     STATUS_CANNOT_UNDERSTAND,
@@ -67,12 +68,11 @@ from dicom_io.net import (
     received_completely,
 )
 
-TESTDATA = Path(os.environ.get("RADGATE_TESTDATA", "/work/shared/testdata"))
 PYDICOM_FILES = TESTDATA / "pydicom-testfiles"
 CT_J2K = TESTDATA / "ct-abdomen-totalseg"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
-pytestmark = pytest.mark.skipif(not PYDICOM_FILES.is_dir(), reason=f"test data missing at {TESTDATA}")
+pytestmark = needs_testdata
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from dicom_io.synthetic import ct_chest_phantom
+from dicom_io.testing.synthetic import ct_chest_phantom
 from plugin.datadir import SERVE
 
 ENDED = ("SUCCEEDED", "FAILED")

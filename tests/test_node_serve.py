@@ -16,8 +16,9 @@ from node_support import DCMTK_ENV, RADGATE, STORESCU, NodeProcess, held_incomin
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
+from testdata_support import TESTDATA, needs_testdata
 
-TESTFILES = Path("/work/shared/testdata/pydicom-testfiles")
+TESTFILES = TESTDATA / "pydicom-testfiles"
 
 
 @pytest.fixture()
@@ -105,6 +106,7 @@ def _send_raw(port: int, path: Path) -> int:
         assoc.release()
 
 
+@needs_testdata
 @pytest.mark.parametrize("broken", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
 def test_a_broken_instance_is_refused_and_the_node_keeps_serving(
     node: NodeProcess, tmp_path: Path, broken: str

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 import requests
 
-from dicom_io import tools
-from dicom_io.synthetic import SyntheticSeries
-from plugin.orthanc_server import Modality, OrthancError, OrthancServer
+from dicom_io.testing import tools
+from dicom_io.testing.orthanc_server import Modality, OrthancError, OrthancServer
+from dicom_io.testing.synthetic import SyntheticSeries
 
 
 def _port_open(port: int) -> bool:

@@ -17,9 +17,9 @@ import requests
 from node_support import write_series
 from orthanc_plugin_support import PluginSite
 
-from dicom_io.synthetic import ct_chest_phantom, mr_head_phantom
-from dicom_io.tools import dciodvfy
-from plugin.orthanc_server import wait_until
+from dicom_io.testing.orthanc_server import wait_until
+from dicom_io.testing.synthetic import ct_chest_phantom, mr_head_phantom
+from dicom_io.testing.tools import dciodvfy
 
 
 @pytest.fixture()

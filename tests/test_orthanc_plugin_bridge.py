@@ -15,12 +15,12 @@ import yaml
 from node_support import write_series
 from sqlalchemy import select
 
+from dicom_io.testing.orthanc_server import OrthancServer
 from plugin.config import Config, ConfigError, load_config
 from plugin.datadir import ORTHANC_PLUGIN, SERVE, DataDirBusy, DataDirLock
 from plugin.dispatch import enqueue_deliveries
 from plugin.orthanc.bridge import Bridge, ChangeCursor, ImportFailed, Submitted
 from plugin.orthanc.entry import PluginSettings, RunRequest, rest_route
-from plugin.orthanc_server import OrthancServer
 from plugin.store import Study
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from ai_models import (
 )
 from ai_models.base import autocast, patient_axes
 from ai_models.ct_lung import CtLungPipeline
-from dicom_io.synthetic import ct_chest_phantom
+from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.types import Findings, GeometryError, Volume
 
 PLUGIN_SOURCE = '''

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pipeline_support import BONE, write_threshold_bundle
 
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from plugin.cli import main
 from plugin.offline import parse_options
 

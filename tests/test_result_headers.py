@@ -41,12 +41,12 @@ from test_results_support import (
     load_real,
     require,
 )
+from testdata_support import TESTDATA, needs_testdata
 
-from dicom_io import validate
 from dicom_io.results import ResultError, ResultOptions, write_results
+from dicom_io.testing import validate
 from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 
-TESTDATA = Path("/work/shared/testdata")
 CHEST = TESTDATA / "ct-chest-nsclc-lung1-001" / "ct"
 ABDOMEN = TESTDATA / "ct-abdomen-totalseg"
 CHEST_SLICES = slice(60, 76)  # 16 real slices through both lungs keep every build fast
@@ -570,6 +570,7 @@ def _check_value(ds: Dataset, keyword: str, expected: object) -> None:
         assert str(value or "") == expected, where
 
 
+@needs_testdata
 @pytest.mark.parametrize(("case_name", "mutation"), PARAMETERS)
 def test_mutated_header_gives_valid_objects(
     cases: dict[str, Case],
@@ -621,6 +622,7 @@ def test_mutated_header_gives_valid_objects(
         assert mutation.secret not in caplog.text
 
 
+@needs_testdata
 @pytest.mark.parametrize(
     ("keyword", "value"),
     [
@@ -651,6 +653,7 @@ def test_identity_that_cannot_be_repaired_fails_clearly(
     assert not list(tmp_path.iterdir())
 
 
+@needs_testdata
 def test_unmutated_headers_round_trip(
     cases: dict[str, Case], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

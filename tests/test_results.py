@@ -24,14 +24,13 @@ from test_results_support import (
     require,
     viewercheck_tool,
 )
+from testdata_support import TESTDATA, needs_testdata
 
-from dicom_io import validate
 from dicom_io.results import ResultError, ResultOptions, build_results, write_results
-from dicom_io.synthetic import ct_chest_phantom
+from dicom_io.testing import validate
+from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.types import Findings, Measurement, Segment, Volume
 from dicom_io.volume import load_series
-
-TESTDATA = Path("/work/shared/testdata")
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +95,7 @@ def test_ohif_loads_seg_and_sr(orientation: str, tmp_path: Path, viewercheck_dir
     assert not result.warnings, result.warnings
 
 
+@needs_testdata
 @pytest.mark.parametrize("name", ["ct-abdomen-totalseg", "mr-brain-t1-mprage"])
 def test_ohif_loads_results_on_real_series(name: str, tmp_path: Path, viewercheck_dir: Path) -> None:
     datasets, volume = load_real(TESTDATA / name)
@@ -258,6 +258,7 @@ def test_phantom_series(case: str, tmp_path: Path, viewercheck_dir: Path) -> Non
     assert viewer.ok, viewer.output
 
 
+@needs_testdata
 def test_multiframe_source_frame_out_of_range() -> None:
     source = pydicom.dcmread(TESTDATA / "dcmqi/segmentations/23x38x3/multiframe/mf.dcm")
     volume = load_series([source])

@@ -1,6 +1,6 @@
 """Shared builders for the results tests: small source series with known geometry, findings, validators.
 
-The series are built here (not by dicom_io.synthetic) so each test controls the exact geometry;
+The series are built here (not by dicom_io.testing.synthetic) so each test controls the exact geometry;
 the datasets come back shuffled so nothing can map mask slices to sources by list position.
 """
 
@@ -19,11 +19,11 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from testdata_support import require_path, shared_tools_dir
 
-from dicom_io import validate
+from dicom_io.testing import validate
 from dicom_io.types import Code, Findings, Measurement, Segment, SourceRef, Volume
 
-VIEWERCHECK = Path("/work/shared/tools/viewercheck")
 ORGAN = Code("123037004", "SCT", "Anatomical Structure")
 LUNG = Code("39607008", "SCT", "Lung")
 TRACHEA = Code("44567001", "SCT", "Trachea")
@@ -231,10 +231,12 @@ def check_masks(seg_path: Path, findings: Findings, volume: Volume) -> None:
 def viewercheck_tool() -> Path:
     """The viewercheck tool, copied and `npm ci`-ed once into the user's cache (the shared copy is read-only).
 
-    RADGATE_CACHE overrides the cache folder (default ~/.cache/radgate). Skips when npm cannot install it.
+    RADGATE_CACHE overrides the cache folder (default ~/.cache/radgate). Skips when the shared tools
+    folder is missing (a real-data skip) or npm cannot install it.
     """
+    source = require_path(shared_tools_dir() / "viewercheck", "RADGATE_SHARED_TOOLS")
     cache = Path(os.environ.get("RADGATE_CACHE", Path.home() / ".cache" / "radgate"))
     try:
-        return validate.prepare_viewercheck(VIEWERCHECK, cache)
+        return validate.prepare_viewercheck(source, cache)
     except (RuntimeError, OSError) as exc:
         pytest.skip(f"viewercheck cannot be installed here: {exc}")

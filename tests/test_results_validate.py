@@ -1,4 +1,4 @@
-"""dicom_io.validate: the wrappers report failures (with the tool's lines) and never pass silently."""
+"""dicom_io.testing.validate: the wrappers report failures (with the tool's lines) and never pass silently."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 from test_results_support import require, viewercheck_tool
+from testdata_support import TESTDATA, needs_testdata
 
-from dicom_io import validate
+from dicom_io.testing import validate
 
-DCMQI = Path("/work/shared/testdata/dcmqi")
+DCMQI = TESTDATA / "dcmqi"
 
 
 def test_missing_tool_did_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,6 +31,7 @@ def test_pixelmed_without_completion_line_is_not_a_pass(tmp_path: Path) -> None:
     assert not result.ran and not result.ok
 
 
+@needs_testdata
 def test_dciodvfy_reports_error_lines(tmp_path: Path) -> None:
     import pydicom
 
@@ -42,6 +44,7 @@ def test_dciodvfy_reports_error_lines(tmp_path: Path) -> None:
     assert any("StudyInstanceUID" in line for line in result.errors)
 
 
+@needs_testdata
 def test_viewercheck_reports_dcmqi_sr_without_coordinates() -> None:
     """dcmqi's SR has no coordinates: OHIF's loader throws, and the wrapper says so with FAIL lines."""
     tool = viewercheck_tool()

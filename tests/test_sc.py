@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 from test_results_support import ORGAN, TRACHEA, load_real, lung_findings, make_series, require
+from testdata_support import TESTDATA, needs_testdata
 
-from dicom_io import validate
 from dicom_io.results import build_results
+from dicom_io.testing import validate
 from dicom_io.types import Findings, Segment
 
 SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-TESTDATA = Path("/work/shared/testdata")
 
 
 def _save(images: tuple[Dataset, ...], directory: Path) -> list[Path]:
@@ -89,6 +89,7 @@ def test_nothing_found_gives_only_a_report_card(tmp_path: Path) -> None:
     assert require(validate.dciodvfy(path)).ok
 
 
+@needs_testdata
 @pytest.mark.parametrize("name", ["ct-abdomen-totalseg", "mr-brain-t1-mprage"])
 def test_real_series_key_images(name: str, tmp_path: Path) -> None:
     """A blob on real CT and sagittal MR: valid pictures, the source's aspect kept (PNG to look at)."""

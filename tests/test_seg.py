@@ -20,12 +20,11 @@ from test_results_support import (
     make_series,
     require,
 )
+from testdata_support import TESTDATA, needs_testdata
 
-from dicom_io import validate
 from dicom_io.results import ResultOptions, build_results
+from dicom_io.testing import validate
 from dicom_io.types import Findings, Segment
-
-TESTDATA = Path("/work/shared/testdata")
 
 
 def _write(ds: Dataset, path: Path) -> Path:
@@ -115,6 +114,7 @@ def test_segment_numbers_are_renumbered_and_empty_segments_left_out() -> None:
     assert [(item.SegmentNumber, item.SegmentLabel) for item in seg.SegmentSequence] == [(1, "Left lung")]
 
 
+@needs_testdata
 @pytest.mark.parametrize("name", ["ct-abdomen-totalseg", "mr-brain-t1-mprage"])
 def test_real_series(name: str, tmp_path: Path) -> None:
     """Real J2K CT and sagittal MR: frames on the source planes, masks back, dciodvfy clean."""
@@ -132,6 +132,7 @@ def test_real_series(name: str, tmp_path: Path) -> None:
     assert result.ok, str(result)
 
 
+@needs_testdata
 def test_multiframe_source(tmp_path: Path) -> None:
     """A Legacy Converted Enhanced CT (3 frames, 23 columns): each mask slice on the frame it came from."""
     from dicom_io.volume import load_series

@@ -20,13 +20,14 @@ from test_results_support import (
     make_series,
     require,
 )
+from testdata_support import TESTDATA, needs_testdata
 
-from dicom_io import validate
 from dicom_io.results import ResultOptions, ResultSet, build_results
-from dicom_io.results.structure import describe_seg, describe_sr
+from dicom_io.testing import validate
+from dicom_io.testing.structure import describe_seg, describe_sr
 from dicom_io.types import Findings, Measurement
 
-DCMQI = Path("/work/shared/testdata/dcmqi")
+DCMQI = TESTDATA / "dcmqi"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 OPTIONS = ResultOptions(write_sc=False, device_uid="1.2.826.0.1.3680043.10.1234.1", serial_number="node-7")
 
@@ -143,6 +144,7 @@ def test_empty_finding_gives_a_valid_sr_and_no_seg(tmp_path: Path) -> None:
     assert _evidence(results.sr) == {r.sop_instance_uid for r in series.volume.sources}
 
 
+@needs_testdata
 def test_structure_compared_with_dcmqi(written: tuple[Series, Findings, ResultSet, Path, Path]) -> None:
     """The same reader over dcmqi's examples and ours: what viewers need, where the two differ."""
     ours_seg, ours_sr = describe_seg(pydicom.dcmread(written[3])), describe_sr(pydicom.dcmread(written[4]))

@@ -19,8 +19,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
-from dicom_io.tools import dciodvfy
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
+from dicom_io.testing.tools import dciodvfy
 from dicom_io.types import SourceRef, Volume
 
 ALL_SYNTAXES = [

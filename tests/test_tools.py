@@ -11,9 +11,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_io import tools
-from dicom_io.synthetic import SyntheticSeries
-from dicom_io.tools import ToolNotFoundError, free_port
+from dicom_io.testing import tools
+from dicom_io.testing.synthetic import SyntheticSeries
+from dicom_io.testing.tools import ToolNotFoundError, free_port
 
 MISSING: dict[str, Callable[[], object]] = {
     "storescu": lambda: tools.storescu("127.0.0.1", 1, "X", ["/nonexistent"]),

@@ -37,7 +37,7 @@ from dicom_io.reference import (
     read_reference,
 )
 from dicom_io.scoring import dice, hd95, match_structures, parse_mapping, words
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
 from dicom_io.types import Code, Segment, SourceRef, Volume
 from dicom_io.volume import load_series
 from plugin.cli import main

@@ -24,8 +24,9 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from testdata_support import TESTDATA, needs_testdata
 
-from dicom_io.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
+from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from dicom_io.types import SourceRef
 from dicom_io.volume import (
     DecodeError,
@@ -37,12 +38,10 @@ from dicom_io.volume import (
     to_metatensor,
 )
 
-DATA = Path("/work/shared/testdata")
-CT_J2K = DATA / "ct-abdomen-totalseg"
-MR_SAG = DATA / "mr-brain-t1-mprage"
-TINY = DATA / "dcmqi/segmentations/23x38x3"
-EDGE = DATA / "pydicom-testfiles"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared test data not present")
+CT_J2K = TESTDATA / "ct-abdomen-totalseg"
+MR_SAG = TESTDATA / "mr-brain-t1-mprage"
+TINY = TESTDATA / "dcmqi/segmentations/23x38x3"
+EDGE = TESTDATA / "pydicom-testfiles"
 
 
 def small_ct(**options: object) -> SyntheticSeries:
@@ -262,6 +261,7 @@ def with_shift(series: SyntheticSeries, k: int, mm: float) -> list[Dataset]:
     return datasets
 
 
+@needs_testdata
 def test_grouping_leaves_out_non_images_localizers_and_splits_matrix_sizes(tmp_path: Path) -> None:
     series = small_ct()
     series.write(tmp_path / "ct")
@@ -275,7 +275,7 @@ def test_grouping_leaves_out_non_images_localizers_and_splits_matrix_sizes(tmp_p
     (tmp_path / "notes.txt").write_text("not dicom")
     shutil.copy(EDGE / "test-SR.dcm", tmp_path / "sr.dcm")
     shutil.copy(EDGE / "dicomdirtests/DICOMDIR", tmp_path / "DICOMDIR")
-    shutil.copy(DATA / "dcmqi/segmentations/liver.dcm", tmp_path / "seg.dcm")
+    shutil.copy(TESTDATA / "dcmqi/segmentations/liver.dcm", tmp_path / "seg.dcm")
     grouping = group_series([tmp_path, *other.datasets, scout, localizer])
     assert [len(s) for s in grouping.stacks] == [10, 3]
     assert main_stack(grouping).series_uid == series.series_uid
@@ -309,6 +309,7 @@ def test_invalid_plane_geometry_is_a_series_error_naming_the_instance(keyword: s
         load_series(datasets)
 
 
+@needs_testdata
 def test_no_image_stack_is_a_series_error() -> None:
     with pytest.raises(SeriesError, match="no image stack"):
         load_series([EDGE / "test-SR.dcm"])
@@ -349,7 +350,7 @@ def test_metatensor_survives_monai_reorientation() -> None:
     assert float(turned[0, i, j, k]) == float(volume.voxels[z, y, x])
 
 
-@needs_data
+@needs_testdata
 def test_real_ct_j2k_loads_in_hu() -> None:
     volume = load_series(CT_J2K)  # one folder, not a list
     assert volume.shape == (20, 512, 512)
@@ -361,7 +362,7 @@ def test_real_ct_j2k_loads_in_hu() -> None:
     assert volume.voxels.min() >= -1024
 
 
-@needs_data
+@needs_testdata
 def test_real_sagittal_mr_normal_is_along_x() -> None:
     volume = load_series([MR_SAG])
     assert volume.shape == (176, 256, 256)
@@ -369,7 +370,7 @@ def test_real_sagittal_mr_normal_is_along_x() -> None:
     assert abs(step[0]) > 0.99 and step @ np.cross(volume.affine[:3, 0], volume.affine[:3, 1]) > 0
 
 
-@needs_data
+@needs_testdata
 def test_legacy_converted_enhanced_ct_equals_its_single_frames() -> None:
     single = load_series([TINY / "image"])
     multi = load_series([TINY / "multiframe/mf.dcm"])
@@ -440,7 +441,7 @@ def _with_geometry(name: str, tmp_path: Path) -> Path:
     return path
 
 
-@needs_data
+@needs_testdata
 @pytest.mark.parametrize("name", ["JPEG-lossy.dcm", "JPEG2000-embedded-sequence-delimiter.dcm"])
 def test_undecodable_pixel_data_is_a_decode_error_naming_the_instance(name: str, tmp_path: Path) -> None:
     path = _with_geometry(name, tmp_path)
@@ -448,14 +449,14 @@ def test_undecodable_pixel_data_is_a_decode_error_naming_the_instance(name: str,
         load_series([path])
 
 
-@needs_data
+@needs_testdata
 def test_truncated_pixel_data_is_a_decode_error() -> None:
     uid = pydicom.dcmread(EDGE / "MR_truncated.dcm", stop_before_pixels=True).SOPInstanceUID
     with pytest.raises(DecodeError, match=f"{uid}.*truncated"):
         load_series([EDGE / "MR_truncated.dcm"])
 
 
-@needs_data
+@needs_testdata
 @pytest.mark.parametrize(
     "name", ["badVR.dcm", "rtplan_truncated.dcm", "meta_missing_tsyntax.dcm", "no_meta.dcm"]
 )
@@ -464,7 +465,7 @@ def test_broken_non_images_are_series_errors(name: str) -> None:
         load_series([EDGE / name])
 
 
-@needs_data
+@needs_testdata
 @pytest.mark.parametrize(
     "name",
     [

@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+from testdata_support import TESTDATA, needs_testdata
 
-from dicom_io.synthetic import ct_chest_phantom
-from dicom_io.tools import dcm2niix
+from dicom_io.testing.synthetic import ct_chest_phantom
+from dicom_io.testing.tools import dcm2niix
 from dicom_io.types import Volume
 from dicom_io.volume import load_series
 
 nib = pytest.importorskip("nibabel")
 pytestmark = pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix not installed")
 
-DATA = Path("/work/shared/testdata")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -61,13 +61,13 @@ def converted(volume_dir: Path, tmp_path: Path) -> Path:
     return dcm2niix(volume_dir, tmp_path / "nifti")
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared test data not present")
+@needs_testdata
 @pytest.mark.parametrize(
     "folder", ["ct-abdomen-totalseg", "mr-brain-t1-mprage", "dcmqi/segmentations/23x38x3/multiframe"]
 )
 def test_real_series_match_dcm2niix(folder: str, tmp_path: Path) -> None:
-    volume = load_series([DATA / folder])
-    assert_same_in_world(volume, converted(DATA / folder, tmp_path))
+    volume = load_series([TESTDATA / folder])
+    assert_same_in_world(volume, converted(TESTDATA / folder, tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ not found); SC key images + a report card unless `options.write_sc` is off; a KO
 `source_datasets` may be headers only (read with stop_before_pixels): pictures come from the Volume.
 Patient and study attributes are copied from the first source through `dicom_io.results.header`:
 checked against VR and IOD type, repaired or dropped, one log line per object that needed it.
-`dicom_io.results.structure` summarises any SEG/SR as a viewer sees it (and compares with dcmqi's).
+`dicom_io.testing.structure` summarises any SEG/SR as a viewer sees it (and compares with dcmqi's).
 """
 
 from __future__ import annotations

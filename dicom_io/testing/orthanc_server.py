@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 
 import requests
 
-from dicom_io.tools import free_port, tool_path
+from dicom_io.testing.tools import free_port, tool_path
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "orthanc_config" / "orthanc.json.template"
+TEMPLATE = Path(__file__).resolve().parents[2] / "orthanc_config" / "orthanc.json.template"
 PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
 LOOPBACK = "127.0.0.1"
 
