@@ -4,12 +4,13 @@ A study revision is complete ``quiet_period_s`` after its last instance, or ``af
 after the last instance once every association that brought instances of that revision has been
 released, whichever comes first. Every instance counts, a duplicate too (`plugin.store`): a sender
 that sends a study again after a crash keeps it open while it goes through what was stored already.
-Everything is read from the store, so it survives a restart: a study still RECEIVING when the node
-starts gets its quiet period counted from ``started_at`` (its sender may be retrying; the node sets
-it once its listener is up, see `plugin.node`), unless all its associations had already been
-released. Completing a study and queuing its jobs happen in one transaction, through one hook
-(``on_complete``); the node routes there (`plugin.jobs.routing_hook`), the default queues one job
-without a pipeline.
+The last instance of a revision is read from its instances rows, the last duplicate from
+``Study.resent_at``. Everything is read from the store, so it survives a restart: a study still
+RECEIVING when the node starts gets its quiet period counted from ``started_at`` (its sender may be
+retrying; the node sets it once its listener is up, see `plugin.node`), unless all its associations
+had already been released. Completing a study and queuing its jobs happen in one transaction,
+through one hook (``on_complete``); the node routes there (`plugin.jobs.routing_hook`), the default
+queues one job without a pipeline.
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from plugin.config import CompletionConfig
-from plugin.store import Reception, Store, Study, StudyState, add_queued_job, utcnow
+from plugin.store import (
+    Reception,
+    Store,
+    Study,
+    StudyState,
+    add_queued_job,
+    instance_counts,
+    last_instance_of_revision,
+    latest,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +76,14 @@ class CompletionMonitor:
         self.tick_s = min(1.0, max(0.05, shortest / 4))
 
     def _receiving(self, session: Session, study_id: int | None = None) -> list[_Receiving]:
+        """The RECEIVING study revisions, with when each last received an instance or a duplicate."""
         query = (
             select(
                 Study.id,
                 Study.revision,
-                Study.last_received_at,
+                Study.revision_started_at,
+                last_instance_of_revision(),
+                Study.resent_at,
                 func.count(Reception.id),
                 func.count(Reception.id) - func.count(Reception.released_at),
                 func.max(Reception.released_at),
@@ -79,7 +93,7 @@ class CompletionMonitor:
                 and_(Reception.study_id == Study.id, Reception.study_revision == Study.revision),
             )
             .where(Study.state == StudyState.RECEIVING)
-            .group_by(Study.id, Study.revision, Study.last_received_at)
+            .group_by(Study.id, Study.revision, Study.revision_started_at, Study.resent_at)
         )
         if study_id is not None:
             query = query.where(Study.id == study_id)
@@ -88,12 +102,12 @@ class CompletionMonitor:
             _Receiving(
                 study_id=sid,
                 revision=rev,
-                last_received_at=last,
+                last_received_at=latest(started, last, resent),
                 receptions=int(n),
                 open_receptions=int(n_open),
                 last_release=released,
             )
-            for sid, rev, last, n, n_open, released in rows
+            for sid, rev, started, last, resent, n, n_open, released in rows
         ]
 
     def deadline(self, r: _Receiving) -> datetime:
@@ -119,10 +133,8 @@ class CompletionMonitor:
             study.state = StudyState.COMPLETE
             study.completed_at = now
             self._on_complete(s, study)
-        log.info(
-            "study %s revision %d complete: %d instances",
-            *(study.study_uid, study.revision, study.instance_count),
-        )
+            count = instance_counts(s, [study.id]).get(study.id, 0)
+        log.info("study %s revision %d complete: %d instances", study.study_uid, study.revision, count)
         return study.study_uid, study.revision
 
     def run(self, stop: threading.Event) -> None:

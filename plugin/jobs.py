@@ -71,7 +71,11 @@ class _SeriesRow:
 
 def _series_of(session: Session, study: Study) -> list[_SeriesRow]:
     first = (
-        select(Instance.series_id, func.min(Instance.id).label("first_id"))
+        select(
+            Instance.series_id,
+            func.min(Instance.id).label("first_id"),
+            func.count(Instance.id).label("instances"),
+        )
         .where(Instance.study_id == study.id)
         .group_by(Instance.series_id)
         .subquery()
@@ -83,14 +87,14 @@ def _series_of(session: Session, study: Study) -> list[_SeriesRow]:
         .subquery()
     )
     rows = session.execute(
-        select(Series.series_uid, Series.instance_count, Instance.spool_path, changed.c.series_id)
+        select(Series.series_uid, first.c.instances, Instance.spool_path, changed.c.series_id)
         .join(first, first.c.series_id == Series.id)
         .join(Instance, Instance.id == first.c.first_id)
         .outerjoin(changed, changed.c.series_id == Series.id)
         .where(Series.study_id == study.id)
         .order_by(Series.series_number, Series.series_uid)
     ).all()
-    return [_SeriesRow(uid, n, path, changed_id is not None) for uid, n, path, changed_id in rows]
+    return [_SeriesRow(uid, int(n), path, changed_id is not None) for uid, n, path, changed_id in rows]
 
 
 def _explain(plan: StudyPlan) -> str:

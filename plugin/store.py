@@ -9,15 +9,19 @@ so a rolled-back row costs nothing, while the fsync saved is one of three per in
 transactions start with ``BEGIN IMMEDIATE`` so that several receiving threads or processes queue on
 the busy timeout instead of failing with SQLITE_BUSY when a read transaction tries to become a
 writer. Any other SQLAlchemy URL (PostgreSQL) works too: the code relies on unique constraints and
-row locks (``FOR UPDATE``), not on SQLite's global lock.
+row locks (``FOR UPDATE``, ``FOR SHARE``), not on SQLite's global lock.
+
+An instance is recorded one way on every database: one guarded INSERT of its row
+(`Store.record_instance`), with the study, series and receptions rows looked up or inserted only
+when the process does not know them. Nothing counts instances as they arrive: counts and
+last-received times are derived from the instances rows when read (`instance_counts`,
+`last_instance_of_revision`, `Store.studies`).
 """
 
 from __future__ import annotations
 
 import enum
-import fcntl
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -44,12 +48,11 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    literal_column,
     select,
     update,
 )
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -105,7 +108,11 @@ class Base(DeclarativeBase):
 
 
 class Study(Base):
-    """One study; ``revision`` grows when instances arrive after it was declared complete."""
+    """One study; ``revision`` grows when instances arrive after it was declared complete.
+
+    How many instances it has and when the last arrived are derived from ``instances`` when read
+    (`instance_counts`, `last_activity`), so recording an instance never updates this row.
+    """
 
     __tablename__ = "studies"
 
@@ -114,11 +121,12 @@ class Study(Base):
     accession_number: Mapped[str | None] = mapped_column(String(16))
     revision: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(16), index=True)
-    instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revision_started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # migration 0006: counts and last-received times are read from the instances; this is the one
+    # time no instance row carries: the latest duplicate received while the study was RECEIVING
+    resent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Series(Base):
@@ -129,18 +137,18 @@ class Series(Base):
     series_uid: Mapped[str] = mapped_column(String(64), unique=True)
     modality: Mapped[str | None] = mapped_column(String(16))
     series_number: Mapped[int | None] = mapped_column(Integer)
-    instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class Instance(Base):
     """One stored SOP instance; ``spool_path`` is relative to the spool directory."""
 
     __tablename__ = "instances"
+    # what completion and the reports read: a revision's last instance, a study's count
+    __table_args__ = (Index("ix_instances_study_revision", "study_id", "study_revision", "received_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
@@ -156,7 +164,10 @@ class Reception(Base):
     """An association that brought instances of one study revision; released_at drives completion."""
 
     __tablename__ = "receptions"
-    __table_args__ = (UniqueConstraint("association_key", "study_id", "study_revision"),)
+    __table_args__ = (
+        UniqueConstraint("association_key", "study_id", "study_revision"),
+        Index("ix_receptions_study_revision", "study_id", "study_revision"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     association_key: Mapped[str] = mapped_column(String(100), index=True)
@@ -293,79 +304,8 @@ def _insert(conn: Connection, table: type[Base], **values: Any) -> int:
 
 
 def _later(column: Any, now: Any) -> Any:
-    """The later of a timestamp column and ``now`` (instances may commit out of order)."""
-    return case((column < now, now), else_=column)
-
-
-def _count_study(row: Any, accession: Any, now: Any) -> Any:
-    """Count one more instance of a study (the values are bind parameters or trigger columns)."""
-    return (
-        update(Study)
-        .where(Study.id == row)
-        .values(
-            instance_count=Study.instance_count + 1,
-            last_received_at=_later(Study.last_received_at, now),
-            accession_number=func.coalesce(Study.accession_number, accession),
-        )
-    )
-
-
-def _count_receiving_study(row: Any, revision: Any, accession: Any, now: Any) -> Any:
-    """`_count_study`, only while that study revision is still RECEIVING (else no row changes)."""
-    return _count_study(row, accession, now).where(
-        Study.revision == revision, Study.state == StudyState.RECEIVING
-    )
-
-
-def _count_series(row: Any, now: Any) -> Any:
-    return (
-        update(Series)
-        .where(Series.id == row)
-        .values(
-            instance_count=Series.instance_count + 1, last_received_at=_later(Series.last_received_at, now)
-        )
-    )
-
-
-_NOW = bindparam("now", type_=UTCDateTime())
-
-
-class _Sql:
-    """Statements built once: building them per call cost more than running them."""
-
-    find_instance = select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop"))
-    find_study = (
-        select(Study.id, Study.revision, Study.state)
-        .where(Study.study_uid == bindparam("uid"))
-        .with_for_update()
-    )
-    count_study = _count_study(bindparam("row"), bindparam("accession", type_=String()), _NOW)
-    touch_study = (  # an instance received again: the study revision is still being sent
-        update(Study)
-        .where(Study.id == bindparam("row"))
-        .values(last_received_at=_later(Study.last_received_at, _NOW))
-    )
-    reopen_study = (
-        update(Study)
-        .where(Study.id == bindparam("row"))
-        .values(
-            revision=bindparam("new_revision"),
-            state=StudyState.RECEIVING,
-            revision_started_at=bindparam("now", type_=UTCDateTime()),
-            completed_at=None,
-        )
-    )
-    count_receiving_study = _count_receiving_study(
-        bindparam("row"), bindparam("at_revision"), bindparam("accession", type_=String()), _NOW
-    )
-    find_series = select(Series.id).where(Series.series_uid == bindparam("uid"))
-    count_series = _count_series(bindparam("row"), _NOW)
-    insert_instance = insert(Instance)
-    find_reception = select(Reception.id).where(
-        Reception.association_key == bindparam("key"),
-        Reception.study_id == bindparam("study_id"),
-        Reception.study_revision == bindparam("revision"),
-    )
+    """The later of a timestamp column (NULL: none yet) and ``now``."""
+    return case((column.is_(None), now), (column < now, now), else_=column)
 
 
 _INSTANCE_COLUMNS = (
@@ -380,28 +320,97 @@ _INSTANCE_COLUMNS = (
     "received_at",
     "calling_ae",
 )
+_INSTANCE_TYPES: dict[str, Any] = {
+    "study_id": Integer(),
+    "series_id": Integer(),
+    "study_revision": Integer(),
+    "size": Integer(),
+    "received_at": UTCDateTime(),
+}
 
 
-def _instance_values(
-    rec: InstanceRecord, study_id: int, series_id: int, revision: int, received_at: Any = None
-) -> tuple[Any, ...]:
-    """The values of ``rec``'s instances row, in the order of `_INSTANCE_COLUMNS` (``received_at``:
-    the time as the driver takes it, if already processed)."""
-    values = (study_id, series_id, rec.sop_instance_uid, rec.sop_class_uid, rec.transfer_syntax, revision)
-    return (*values, rec.spool_path, rec.size, received_at or rec.received_at, rec.calling_ae)
+def _guarded_instance_insert() -> Any:
+    """INSERT the instances row only while its study is RECEIVING at the given revision.
+
+    The values are selected from the study row itself, so the check and the insert are one
+    statement: on SQLite it runs under the database's write lock; on PostgreSQL ``FOR SHARE``
+    waits for a completion that holds the row ``FOR UPDATE`` and then sees the new state (no row
+    inserted), while a completion that comes second waits for this transaction and then counts
+    the instance. No row inserted: the revision is no longer receiving (the caller looks again).
+    """
+    from_study = {"study_id": Study.id, "study_revision": Study.revision}
+    values = [
+        from_study.get(column, bindparam(column, type_=_INSTANCE_TYPES.get(column, String())))
+        for column in _INSTANCE_COLUMNS
+    ]
+    receiving = (
+        select(*values)
+        .where(
+            Study.id == bindparam("study_id", type_=Integer()),
+            Study.revision == bindparam("study_revision", type_=Integer()),
+            Study.state == StudyState.RECEIVING,
+        )
+        .with_for_update(read=True)
+    )
+    guarded = insert(Instance).from_select(list(_INSTANCE_COLUMNS), receiving)
+    return guarded.execution_options(preserve_rowcount=True)  # INSERT: SQLAlchemy keeps it only if asked
+
+
+class _Sql:
+    """The statements of the recording path, built once (SQLAlchemy then compiles each once)."""
+
+    find_instance = select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop"))
+    find_study = (
+        select(Study.id, Study.revision, Study.state, Study.accession_number)
+        .where(Study.study_uid == bindparam("uid"))
+        .with_for_update()
+    )
+    fill_accession = (
+        update(Study)
+        .where(Study.id == bindparam("row"), Study.accession_number.is_(None))
+        .values(accession_number=bindparam("accession", type_=String()))
+    )
+    resent = (  # an instance received again: the study revision is still being sent
+        update(Study)
+        .where(Study.id == bindparam("row"))
+        .values(resent_at=_later(Study.resent_at, bindparam("now", type_=UTCDateTime())))
+    )
+    reopen_study = (
+        update(Study)
+        .where(Study.id == bindparam("row"))
+        .values(
+            revision=bindparam("new_revision"),
+            state=StudyState.RECEIVING,
+            revision_started_at=bindparam("now", type_=UTCDateTime()),
+            completed_at=None,
+        )
+    )
+    find_series = select(Series.id).where(Series.series_uid == bindparam("uid"))
+    insert_instance = _guarded_instance_insert()
+    insert_reception = insert(Reception)
+    find_reception = select(Reception.id).where(
+        Reception.association_key == bindparam("key"),
+        Reception.study_id == bindparam("study_id"),
+        Reception.study_revision == bindparam("revision"),
+    )
 
 
 def _instance_row(rec: InstanceRecord, study_id: int, series_id: int, revision: int) -> dict[str, Any]:
-    return dict(zip(_INSTANCE_COLUMNS, _instance_values(rec, study_id, series_id, revision), strict=True))
-
-
-_RECEPTION_COLUMNS = ("association_key", "study_id", "study_revision", "calling_ae", "address", "started_at")
+    values = (study_id, series_id, rec.sop_instance_uid, rec.sop_class_uid, rec.transfer_syntax, revision)
+    row = (*values, rec.spool_path, rec.size, rec.received_at, rec.calling_ae)
+    return dict(zip(_INSTANCE_COLUMNS, row, strict=True))
 
 
 def _reception_row(rec: InstanceRecord, study_id: int, revision: int) -> dict[str, Any]:
     """The receptions row of ``rec``'s association for this study revision (``association_key`` set)."""
-    values = (rec.association_key, study_id, revision, rec.calling_ae, rec.address, rec.received_at)
-    return dict(zip(_RECEPTION_COLUMNS, values, strict=True))
+    return {
+        "association_key": rec.association_key,
+        "study_id": study_id,
+        "study_revision": revision,
+        "calling_ae": rec.calling_ae,
+        "address": rec.address,
+        "started_at": rec.received_at,
+    }
 
 
 def _note_reception(conn: Connection, rec: InstanceRecord, study_id: int, revision: int) -> None:
@@ -409,19 +418,46 @@ def _note_reception(conn: Connection, rec: InstanceRecord, study_id: int, revisi
     if rec.association_key is not None:
         reception = {"key": rec.association_key, "study_id": study_id, "revision": revision}
         if conn.execute(_Sql.find_reception, reception).first() is None:
-            _insert(conn, Reception, **_reception_row(rec, study_id, revision))
+            conn.execute(_Sql.insert_reception, _reception_row(rec, study_id, revision))
 
 
 def _received_again(conn: Connection, rec: InstanceRecord) -> None:
     """A recorded instance sent again: while its study is RECEIVING, the duplicate counts as one more
     sign that the revision is still being sent (`plugin.completion`): its quiet period starts again
-    and the association is one that brings it (its release, not only the earlier ones', counts).
-    A COMPLETE study is left as it is: a whole study sent again opens no revision."""
+    (``Study.resent_at``) and the association is one that brings it (its release, not only the
+    earlier ones', counts). A COMPLETE study is left as it is: a whole study sent again opens no
+    revision."""
     study = conn.execute(_Sql.find_study, {"uid": rec.study_uid}).first()
     if study is None or study.state != StudyState.RECEIVING:
         return
-    conn.execute(_Sql.touch_study, {"row": study.id, "now": rec.received_at})
+    conn.execute(_Sql.resent, {"row": study.id, "now": rec.received_at})
     _note_reception(conn, rec, study.id, study.revision)
+
+
+def instance_counts(session: Session, study_ids: Sequence[int]) -> dict[int, int]:
+    """How many instances each study has (every revision); studies without any are left out."""
+    rows = session.execute(
+        select(Instance.study_id, func.count())
+        .where(Instance.study_id.in_(study_ids))
+        .group_by(Instance.study_id)
+    )
+    return {study_id: int(n) for study_id, n in rows}
+
+
+def last_instance_of_revision() -> Any:
+    """A scalar subquery, correlated to ``Study``: when the latest instance of the study's current
+    revision was received (NULL if it has none)."""
+    return (
+        select(func.max(Instance.received_at))
+        .where(Instance.study_id == Study.id, Instance.study_revision == Study.revision)
+        .correlate(Study)
+        .scalar_subquery()
+    )
+
+
+def latest(*times: datetime | None) -> datetime:
+    """The latest of the times given that are not None (at least one must be)."""
+    return max(t for t in times if t is not None)
 
 
 @dataclass(frozen=True)
@@ -431,260 +467,50 @@ class _RowIds:
     series_id: int
 
 
-class _StaleIds(Exception):
-    """A remembered study revision or series row no longer holds."""
+class _KnownRows:
+    """Row ids this process recorded instances under, so that the next instance of the same study
+    revision and series goes straight to the guarded INSERT, and the receptions rows it inserted.
 
-
-class _Prepared:
-    """A Core statement compiled once for one dialect and run straight on a DBAPI cursor.
-
-    SQLAlchemy's per-execution work (execution context, parameter processing, result set) cost
-    five times what SQLite took to run these statements, on the path to every acknowledgement.
-    The bind processors are SQLAlchemy's own (``UTCDateTime`` included), so the rows are the same.
-    """
-
-    def __init__(self, statement: Any, dialect: Dialect, column_keys: list[str] | None = None) -> None:
-        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
-        self._sql = compiled.string
-        self._defaults = compiled.construct_params(_check=False)  # the statement's own literal values
-        self._processors = compiled._bind_processors
-        self._positions = compiled.positiontup  # None for named paramstyles (psycopg)
-
-    def bind_value(self, key: str, value: Any) -> Any:
-        """``value`` as the driver takes it for parameter ``key`` (see ``run``'s ``bound``)."""
-        process = self._processors.get(key)
-        return value if process is None else process(value)
-
-    def run(self, cursor: Any, params: dict[str, Any], bound: dict[str, Any] | None = None) -> int:
-        """Execute; the number of rows it changed. ``bound`` holds values already processed by
-        ``bind_value`` (a timestamp used by several statements is formatted once)."""
-        values = {**self._defaults, **params}
-        for key, process in self._processors.items():
-            if bound is None or key not in bound:
-                values[key] = process(values[key])
-        if bound is not None:
-            values.update(bound)
-        cursor.execute(self._sql, values if self._positions is None else [values[k] for k in self._positions])
-        return int(cursor.rowcount)
-
-
-class _KnownInstanceTrigger:
-    """SQLite: an instance of a known study revision and series recorded by one INSERT statement.
-
-    The INSERT goes into a temporary view of this connection, and the view's INSTEAD OF trigger does
-    what the statements of `_IngestIds` do (count the study revision, only while it is RECEIVING,
-    and the series; insert the instances row, and the receptions row when asked), so one call into
-    SQLite in autocommit mode records the instance. Python's sqlite3 hands the GIL back around each
-    call: the five calls of BEGIN, three statements and COMMIT each had to win it back from the
-    process's other receiving threads while holding the ingest lock, and took 0.5 ms in it over four
-    associations instead of the 0.08 ms of work. A remembered row that no longer holds raises in the
-    trigger (``changes()`` is 0), and the statement leaves nothing behind. Temporary objects belong
-    to the one connection (other connections and the schema never see them) and go with it.
-    """
-
-    VIEW = "radgate_known_instance"
-    COLUMNS = (*_INSTANCE_COLUMNS, "accession_number", "association_key", "address", "new_reception")
-
-    def __init__(self, dialect: Dialect) -> None:
-        def sql(statement: Any) -> str:
-            return str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
-
-        new: dict[str, Any] = {column: literal_column(f"NEW.{column}") for column in self.COLUMNS}
-        stale = "SELECT RAISE(ABORT, 'radgate: {}') WHERE changes() = 0"
-        reception = {
-            column: new["received_at" if column == "started_at" else column] for column in _RECEPTION_COLUMNS
-        }
-        body = [
-            sql(
-                _count_receiving_study(
-                    new["study_id"], new["study_revision"], new["accession_number"], new["received_at"]
-                )
-            ),
-            stale.format("the study revision is no longer receiving"),
-            sql(_count_series(new["series_id"], new["received_at"])),
-            stale.format("the series row is gone"),
-            sql(insert(Instance).values({column: new[column] for column in _INSTANCE_COLUMNS})),
-            sql(
-                insert(Reception).from_select(
-                    list(reception),
-                    select(*reception.values()).where(new["new_reception"] == literal_column("1")),
-                )
-            ),
-        ]
-        columns = ", ".join(self.COLUMNS)
-        self.setup = (
-            "PRAGMA temp_store = MEMORY",
-            f"CREATE TEMP VIEW IF NOT EXISTS {self.VIEW} ({columns}) AS SELECT "
-            + ", ".join("NULL" for _ in self.COLUMNS),
-            f"CREATE TEMP TRIGGER IF NOT EXISTS {self.VIEW}_insert INSTEAD OF INSERT ON {self.VIEW} BEGIN "
-            + "; ".join(body)
-            + "; END",
-        )
-        self.insert = f"INSERT INTO temp.{self.VIEW} VALUES ({', '.join('?' for _ in self.COLUMNS)})"
-
-    def values(
-        self, rec: InstanceRecord, ids: _RowIds, received_at: Any, new_reception: bool
-    ) -> tuple[Any, ...]:
-        """The values to insert, in the order of `COLUMNS` (``received_at`` processed for the driver)."""
-        row = _instance_values(rec, ids.study_id, ids.series_id, ids.revision, received_at)
-        return (*row, rec.accession_number, rec.association_key, rec.address, int(new_reception))
-
-    def install(self, connection: Any) -> None:
-        """Create the view and its trigger on a new DBAPI connection."""
-        cursor = connection.cursor()
-        for statement in self.setup:
-            cursor.execute(statement)
-        connection.commit()
-
-
-class _IngestIds:
-    """Row ids this process recorded instances under, so the next instance of the same study
-    revision and series needs no lookups: two conditional UPDATEs and one INSERT (two for a new
-    association) in one transaction, prepared once and run on the driver's cursor (about 0.05 ms
-    instead of 0.7 ms, most of the store's share of the time to the acknowledgement). On SQLite a
-    trigger runs them, for one INSERT (`_KnownInstanceTrigger`).
-
-    Nothing here is trusted: the study UPDATE only counts while the study is still RECEIVING at the
-    remembered revision, and the series UPDATE only if the row is there; anything else (the study
-    completed meanwhile, a duplicate SOP Instance UID, a row removed, any database error) rolls back
-    and takes the full path, which looks everything up and reports errors as SQLAlchemy does.
+    Nothing here is trusted: the INSERT checks the study revision is still RECEIVING, the foreign
+    keys check the rows exist, and the unique constraints catch a receptions row inserted elsewhere;
+    any failure forgets the study and takes the path that looks everything up. Bounded in size.
     """
 
     _LIMIT = 10_000
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        dialect = engine.dialect
-        self._trigger = _KnownInstanceTrigger(dialect) if dialect.name == "sqlite" else None
-        self._count_study = _Prepared(_Sql.count_receiving_study, dialect)
-        self._count_series = _Prepared(_Sql.count_series, dialect)
-        self._insert_instance = _Prepared(_Sql.insert_instance, dialect, list(_INSTANCE_COLUMNS))
-        self._insert_reception = _Prepared(insert(Reception), dialect, list(_RECEPTION_COLUMNS))
-        self._studies: dict[str, tuple[int, int]] = {}
-        self._series: dict[str, int] = {}
-        self._receptions: set[tuple[str, int, int]] = set()
-        self._thread_lock = threading.Lock()
-        database = engine.url.database if dialect.name == "sqlite" else None
-        self._lock_path = Path(f"{database}-ingest.lock") if database and database != ":memory:" else None
-        self._lock_fd: int | None = None
-        self._connection: Any = None  # one DBAPI connection, used under the lock only
+    def __init__(self) -> None:
+        self.studies: dict[str, tuple[int, int, bool]] = {}  # uid: id, revision, accession known
+        self.series: dict[str, int] = {}
+        self.receptions: set[tuple[str, int, int]] = set()
 
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold while recording: one ingest transaction at a time in this process and, on SQLite, in
-        every process on the database file. SQLite's own wait for its write lock sleeps 1 ms and more
-        per retry, which two receiving processes hit at every other instance; a blocking ``flock``
-        hands over the moment the holder is done.
-        """
-        with self._thread_lock:
-            if self._lock_path is not None and self._lock_fd is None:
-                try:  # read access is enough for flock, so another user's file will do
-                    self._lock_fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
-                except OSError as err:  # SQLite's own (slower) locking still keeps the rows right
-                    log.warning("cannot open %s (%s); ingest goes without it", self._lock_path, err.strerror)
-                    self._lock_path = None
-            if self._lock_fd is None:
-                yield
-                return
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+    def get(self, rec: InstanceRecord) -> _RowIds | None:
+        study, series_id = self.studies.get(rec.study_uid), self.series.get(rec.series_uid)
+        if study is None or series_id is None or (rec.accession_number is not None and not study[2]):
+            return None  # unknown, or an accession number the study row may still lack
+        return _RowIds(study[0], study[1], series_id)
 
-    def close(self) -> None:
-        with self._thread_lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
-
-    def remember(self, rec: InstanceRecord, ids: _RowIds) -> None:
-        if len(self._series) > self._LIMIT:
-            self._studies.clear()
-            self._series.clear()
-        self._studies[rec.study_uid] = (ids.study_id, ids.revision)
-        self._series[rec.series_uid] = ids.series_id
+    def remember(self, rec: InstanceRecord, ids: _RowIds, accession_known: bool) -> None:
+        if len(self.series) > self._LIMIT:
+            self.studies.clear()
+            self.series.clear()
+        self.studies[rec.study_uid] = (ids.study_id, ids.revision, accession_known)
+        self.series[rec.series_uid] = ids.series_id
         if rec.association_key is not None:
-            self._note_reception((rec.association_key, ids.study_id, ids.revision))
+            self.note_reception((rec.association_key, ids.study_id, ids.revision))
 
-    def _note_reception(self, reception: tuple[str, int, int]) -> None:
+    def note_reception(self, reception: tuple[str, int, int]) -> None:
         """Bounded on its own: a sender that opens an association per instance adds one each time."""
-        if len(self._receptions) >= self._LIMIT:
-            self._receptions.clear()  # an association seen again inserts its row, fails, takes the full path
-        self._receptions.add(reception)
+        if len(self.receptions) >= self._LIMIT:
+            self.receptions.clear()  # an association seen again inserts its row, fails, looks it up
+        self.receptions.add(reception)
 
-    def connection(self) -> Any:
-        """The DBAPI connection the prepared path runs on, opened on first use. Call under ``lock()``."""
-        if self._connection is None:
-            connection = self._engine.raw_connection()  # kept: a pool checkout per instance costs
-            if self._trigger is not None:
-                self._trigger.install(connection)
-            self._connection = connection
-        return self._connection
+    def forget(self, rec: InstanceRecord) -> None:
+        self.studies.pop(rec.study_uid, None)
+        self.series.pop(rec.series_uid, None)
 
-    def record_known(self, rec: InstanceRecord) -> bool:
-        """Record ``rec`` if its study revision and series are known; False: not done. An association's
-        first instance of that revision also inserts its receptions row (a row there already, from
-        another path, fails the unique constraint: rolled back, and the full path finds it).
 
-        Call under ``lock()``.
-        """
-        study, series_id = self._studies.get(rec.study_uid), self._series.get(rec.series_uid)
-        if study is None or series_id is None:
-            return False
-        ids = _RowIds(study[0], study[1], series_id)
-        reception = (
-            (rec.association_key, ids.study_id, ids.revision) if rec.association_key is not None else None
-        )
-        new_reception = reception is not None and reception not in self._receptions
-        connection = self.connection()
-        try:
-            now = self._insert_instance.bind_value("received_at", rec.received_at)
-            cursor = connection.cursor()
-            if self._trigger is not None:  # autocommit: the statement is its transaction
-                cursor.execute(self._trigger.insert, self._trigger.values(rec, ids, now, new_reception))
-            else:
-                self._run_statements(cursor, rec, ids, now, new_reception)
-                connection.commit()
-        except _StaleIds:
-            connection.rollback()
-            self._forget(rec)
-            return False
-        except self._engine.dialect.loaded_dbapi.Error:  # stale ids, a duplicate, a lock, a broken connection
-            try:
-                connection.rollback()
-            except self._engine.dialect.loaded_dbapi.Error:  # broken (a database restart): a new one next
-                connection.invalidate()
-                self._connection = None
-            self._forget(rec)
-            return False
-        if reception is not None and new_reception:
-            self._note_reception(reception)
-        return True
-
-    def _run_statements(
-        self, cursor: Any, rec: InstanceRecord, ids: _RowIds, now: Any, new_reception: bool
-    ) -> None:
-        """What the trigger does, as separate statements in the driver's transaction (PostgreSQL)."""
-        bound = {"now": now}
-        study = {"row": ids.study_id, "at_revision": ids.revision, "accession": rec.accession_number}
-        if (
-            self._count_study.run(cursor, study, bound) != 1
-            or self._count_series.run(cursor, {"row": ids.series_id}, bound) != 1
-        ):
-            raise _StaleIds
-        row = _instance_row(rec, ids.study_id, ids.series_id, ids.revision)
-        self._insert_instance.run(cursor, row, {"received_at": now})
-        if new_reception:  # the association's first instance of this study revision
-            reception_row = _reception_row(rec, ids.study_id, ids.revision)
-            self._insert_reception.run(cursor, reception_row, {"started_at": now})
-
-    def _forget(self, rec: InstanceRecord) -> None:
-        self._studies.pop(rec.study_uid, None)
-        self._series.pop(rec.series_uid, None)
+class _Stale(Exception):
+    """A remembered study revision is no longer RECEIVING."""
 
 
 def make_engine(url: str, synchronous: str = "FULL") -> Engine:
@@ -708,7 +534,7 @@ def make_engine(url: str, synchronous: str = "FULL") -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.connection.driver_connection.execute("BEGIN IMMEDIATE")  # the driver's own call: cheaper
 
     return engine
 
@@ -733,8 +559,9 @@ class Store:
         self._ingest_engine = (
             make_engine(url, synchronous="NORMAL") if url.startswith("sqlite") else self.engine
         )
-        self._ingest_sessions = sessionmaker(self._ingest_engine, expire_on_commit=False)
-        self._ingest_ids = _IngestIds(self._ingest_engine)
+        self._known = _KnownRows()
+        self._ingest_lock = threading.Lock()
+        self._ingest_connection: Connection | None = None
 
     def migrate(self, revision: str = "head") -> None:
         """Bring the schema to ``revision`` (Alembic); safe to run at every start."""
@@ -756,9 +583,39 @@ class Store:
             yield session
 
     def dispose(self) -> None:
-        self._ingest_ids.close()
+        with self._ingest_lock:
+            if self._ingest_connection is not None:
+                self._ingest_connection.close()
+                self._ingest_connection = None
         self.engine.dispose()
         self._ingest_engine.dispose()
+
+    @contextmanager
+    def _ingest(self, commit: bool = True) -> Iterator[Connection]:
+        """One transaction on this process's ingest connection (kept open), committed on success
+        (``commit``; else rolled back) and rolled back on any exception. One at a time per process:
+        the receiving threads queue on a lock, not on the database's busy timeout. A connection that
+        failed (other than on a constraint) is closed, and the next transaction opens another."""
+        with self._ingest_lock:
+            if self._ingest_connection is None:
+                self._ingest_connection = self._ingest_engine.connect()
+            conn = self._ingest_connection
+            try:
+                transaction = conn.begin()
+                try:
+                    yield conn
+                except BaseException:
+                    transaction.rollback()
+                    raise
+                if commit:
+                    transaction.commit()
+                else:
+                    transaction.rollback()
+            except DBAPIError as err:
+                if not isinstance(err, IntegrityError):  # a constraint leaves the connection sound
+                    conn.close()
+                    self._ingest_connection = None
+                raise
 
     def has_instance(self, sop_instance_uid: str) -> bool:
         """Whether an instance of that SOP Instance UID is recorded."""
@@ -768,8 +625,7 @@ class Store:
     def record_duplicate(self, rec: InstanceRecord) -> bool:
         """If ``rec``'s SOP Instance UID is recorded, count it as received again (`_received_again`)
         and return True; False (nothing changed) if it is not recorded."""
-        with self._ingest_ids.lock(), self._ingest_sessions() as s, s.begin():
-            conn = s.connection()
+        with self._ingest() as conn:
             if conn.execute(_Sql.find_instance, {"sop": rec.sop_instance_uid}).first() is None:
                 return False
             _received_again(conn, rec)
@@ -779,33 +635,44 @@ class Store:
         """Record a durable spool file; False if that SOP Instance UID was already recorded (then
         counted as received again, `_received_again`).
 
-        An instance of a study that is no longer RECEIVING opens the study's next revision.
+        An instance of a study that is no longer RECEIVING opens the study's next revision. The
+        instances row is always written by one guarded INSERT (`_guarded_instance_insert`); the
+        study, series and receptions rows are looked up or inserted only when this process does not
+        know them yet.
         """
-        with self._ingest_ids.lock():
-            if self._ingest_ids.record_known(rec):
+        ids = self._known.get(rec)
+        if ids is not None:
+            reception = (
+                (rec.association_key, ids.study_id, ids.revision) if rec.association_key is not None else None
+            )
+            new_reception = reception is not None and reception not in self._known.receptions
+            try:
+                with self._ingest() as conn:
+                    self._insert_known(conn, rec, ids, new_reception)
+            except (_Stale, DBAPIError):  # completed meanwhile, a duplicate, a row gone, a lost connection
+                self._known.forget(rec)
+            else:
+                if reception is not None and new_reception:
+                    self._known.note_reception(reception)
                 return True
-            failures = 0
-            while True:
-                try:
-                    with self._ingest_sessions() as s, s.begin():
-                        ids = self._record(s, rec)
-                except IntegrityError:  # a concurrent writer (PostgreSQL: no global write lock) won a race
-                    failures += 1
-                    if failures >= 3:
-                        raise
-                    continue
-                if ids is None:
-                    return False
-                self._ingest_ids.remember(rec, ids)
-                return True
+        failures = 0
+        while True:
+            try:
+                with self._ingest() as conn:
+                    found = self._record(conn, rec)
+            except IntegrityError:  # a concurrent writer (PostgreSQL: no global write lock) won a race
+                failures += 1
+                if failures >= 3:
+                    raise
+                continue
+            if found is None:
+                return False
+            self._known.remember(rec, *found)
+            return True
 
     def warm_up(self) -> None:
-        """Open the ingest connections and compile the recording statements, then roll back.
-
-        SQLAlchemy compiles each statement on its first use in a process: without this, the first
-        instance a receiving process takes waits ~20 ms longer for its answer, and the first of
-        each further association the process takes meanwhile waits as long again.
-        """
+        """Open an ingest connection and compile the recording statements, then roll back, so that
+        the first instances a receiving process records wait for no statement to be compiled."""
         uid = f"2.25.{uuid.uuid4().int}"
         now = utcnow()
         first, second = (
@@ -818,30 +685,36 @@ class Store:
                 spool_path=f"{uid}.{n}.dcm",
                 size=0,
                 received_at=now,
-                association_key=f"warm-up:{uid}",
+                association_key=f"warm-up:{uid}:{n}",
             )
             for n in (1, 2)
         )
-        with self._ingest_ids.lock():
-            self._ingest_ids.connection()
-            with self._ingest_sessions() as s:
-                s.begin()
-                try:
-                    self._record(s, first)  # a new study and series
-                    self._record(s, second)  # the same study and series, now known
-                finally:
-                    s.rollback()
+        with self._ingest(commit=False) as conn:
+            found = self._record(conn, first)  # a new study and series
+            assert found is not None
+            self._insert_known(conn, second, found[0], new_reception=True)  # now known
+            conn.execute(_Sql.resent, {"row": found[0].study_id, "now": now})
 
-    def _record(self, s: Session, rec: InstanceRecord) -> _RowIds | None:
-        """Prepared Core statements (see ``_Sql``), not the ORM: this runs once per received instance."""
-        conn = s.connection()
+    @staticmethod
+    def _insert_known(conn: Connection, rec: InstanceRecord, ids: _RowIds, new_reception: bool) -> None:
+        """The instances row (and the association's receptions row when new) under known row ids."""
+        row = _instance_row(rec, ids.study_id, ids.series_id, ids.revision)
+        if conn.execute(_Sql.insert_instance, row).rowcount != 1:
+            raise _Stale
+        if new_reception:  # the association's first instance of this study revision
+            conn.execute(_Sql.insert_reception, _reception_row(rec, ids.study_id, ids.revision))
+
+    def _record(self, conn: Connection, rec: InstanceRecord) -> tuple[_RowIds, bool] | None:
+        """Look up (or insert) the study, series and receptions rows, then insert the instance; the
+        row ids and whether the study has an accession number, or None for a duplicate."""
         if conn.execute(_Sql.find_instance, {"sop": rec.sop_instance_uid}).first() is not None:
             _received_again(conn, rec)
             return None
         now = rec.received_at
-        study = conn.execute(_Sql.find_study, {"uid": rec.study_uid}).first()
+        study = conn.execute(_Sql.find_study, {"uid": rec.study_uid}).first()  # locked till commit
         if study is None:
             revision = 1
+            accession_known = rec.accession_number is not None
             study_id = _insert(
                 conn,
                 Study,
@@ -849,14 +722,14 @@ class Store:
                 accession_number=rec.accession_number,
                 revision=revision,
                 state=StudyState.RECEIVING,
-                instance_count=1,
                 first_received_at=now,
-                last_received_at=now,
                 revision_started_at=now,
             )
         else:
-            study_id, revision, state = study
-            conn.execute(_Sql.count_study, {"row": study_id, "now": now, "accession": rec.accession_number})
+            study_id, revision, state, accession = study
+            accession_known = accession is not None or rec.accession_number is not None
+            if accession is None and rec.accession_number is not None:
+                conn.execute(_Sql.fill_accession, {"row": study_id, "accession": rec.accession_number})
             if state != StudyState.RECEIVING:
                 revision += 1
                 conn.execute(_Sql.reopen_study, {"row": study_id, "new_revision": revision, "now": now})
@@ -869,15 +742,12 @@ class Store:
                 series_uid=rec.series_uid,
                 modality=rec.modality,
                 series_number=rec.series_number,
-                instance_count=1,
                 first_received_at=now,
-                last_received_at=now,
             )
-        else:
-            conn.execute(_Sql.count_series, {"row": series_id, "now": now})
-        conn.execute(_Sql.insert_instance, _instance_row(rec, study_id, series_id, revision))
+        ids = _RowIds(study_id, revision, series_id)
+        self._insert_known(conn, rec, ids, new_reception=False)  # the study row is locked: it holds
         _note_reception(conn, rec, study_id, revision)
-        return _RowIds(study_id, revision, series_id)
+        return ids, accession_known
 
     def release_association(self, association_key: str, when: datetime) -> int:
         """Mark every study revision this association brought as released; returns how many."""
@@ -899,26 +769,42 @@ class Store:
             return set(rows)
 
     def studies(self) -> list[StudySummary]:
+        """Every study, the one received from last (instance or duplicate) last."""
+        instances = (
+            select(
+                Instance.study_id,
+                func.count(Instance.id).label("n"),
+                func.max(Instance.received_at).label("last"),
+            )
+            .group_by(Instance.study_id)
+            .subquery()
+        )
         series_count = (
             select(Series.study_id, func.count(Series.id).label("n")).group_by(Series.study_id).subquery()
         )
         with self.session() as s:
             rows = s.execute(
-                select(Study, func.coalesce(series_count.c.n, 0))
+                select(
+                    Study,
+                    func.coalesce(instances.c.n, 0),
+                    instances.c.last,
+                    func.coalesce(series_count.c.n, 0),
+                )
+                .outerjoin(instances, instances.c.study_id == Study.id)
                 .outerjoin(series_count, series_count.c.study_id == Study.id)
-                .order_by(Study.last_received_at)
             ).all()
-            return [
+            summaries = [
                 StudySummary(
                     study_uid=st.study_uid,
                     accession_number=st.accession_number,
                     revision=st.revision,
                     state=st.state,
-                    instance_count=st.instance_count,
-                    series_count=int(n),
+                    instance_count=int(n),
+                    series_count=int(n_series),
                     first_received_at=st.first_received_at,
-                    last_received_at=st.last_received_at,
+                    last_received_at=latest(st.revision_started_at, last, st.resent_at),
                     completed_at=st.completed_at,
                 )
-                for st, n in rows
+                for st, n, last, n_series in rows
             ]
+        return sorted(summaries, key=lambda summary: summary.last_received_at)

@@ -72,9 +72,7 @@ def make_job(store: Store) -> int:
             study_uid=generate_uid(),
             revision=1,
             state=StudyState.COMPLETE,
-            instance_count=1,
             first_received_at=now,
-            last_received_at=now,
             revision_started_at=now,
         )
         s.add(study)

@@ -219,7 +219,7 @@ def test_files_and_folders_the_node_creates_are_not_readable_by_other_users(
         assert node.stop() == 0, node.log()
     stopped = dict(_walk(node.data_dir))
     names = {path.name for path in running}
-    assert {SERVE.lock_name, "radgate.db", "radgate.db-wal", "radgate.db-ingest.lock"} <= names
+    assert {SERVE.lock_name, "radgate.db", "radgate.db-wal"} <= names
     spooled = {path.name for path in running if path.is_relative_to(node.data_dir / "spool")}
     assert {f"{pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID}.dcm" for f in files} <= spooled
     assert any(path.suffix == ".dcm" and path.parent == Path(job["results_dir"]) for path in running)

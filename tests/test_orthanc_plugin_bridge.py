@@ -13,7 +13,6 @@ import pydicom
 import pytest
 import yaml
 from node_support import write_series
-from sqlalchemy import select
 
 from dicom_io.testing.orthanc_server import OrthancServer
 from plugin.config import Config, ConfigError, load_config
@@ -21,7 +20,7 @@ from plugin.datadir import ORTHANC_PLUGIN, SERVE, DataDirBusy, DataDirLock
 from plugin.dispatch import enqueue_deliveries
 from plugin.orthanc.bridge import Bridge, ChangeCursor, ImportFailed, Submitted
 from plugin.orthanc.entry import PluginSettings, RunRequest, rest_route
-from plugin.store import Study
+from plugin.store import StudySummary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,9 +62,9 @@ def _upload(orthanc: OrthancServer, files: list[Path]) -> tuple[str, str]:
     return orthanc_id, study_uid
 
 
-def _study(bridge: Bridge, study_uid: str) -> Study:
-    with bridge.store.session() as s:
-        return s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
+def _study(bridge: Bridge, study_uid: str) -> StudySummary:
+    [study] = [s for s in bridge.store.studies() if s.study_uid == study_uid]
+    return study
 
 
 def _counts(submitted: Submitted) -> tuple[int, int, int, int]:

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from node_support import compiled_statements, instance_record
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 
 from plugin.store import (
     MIGRATIONS_DIR,
@@ -28,6 +29,7 @@ from plugin.store import (
     Store,
     Study,
     StudyState,
+    _alembic_config,
     utcnow,
 )
 
@@ -115,6 +117,45 @@ def test_an_old_database_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
     upgraded.dispose()
 
 
+def test_the_counters_become_derived_and_a_receiving_study_keeps_its_quiet_period(tmp_path: Path) -> None:
+    """Migration 0006 drops the counters on a database with rows (SQLite's own DROP COLUMN, under
+    the foreign keys that point at studies and series): counts then come from the instances, and a
+    study still RECEIVING keeps its last-received time (a duplicate's included) as ``resent_at``."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = Store(url)
+    old.migrate("0005")
+    with old.engine.begin() as connection:  # rows as revision 0005 wrote them, a duplicate at 08:00:09
+        first, resent = "2026-11-28 08:00:00.000000", "2026-11-28 08:00:09.000000"
+        connection.exec_driver_sql(
+            "INSERT INTO studies VALUES (1, '1.2.3', NULL, 1, 'RECEIVING', 1, ?, ?, ?, NULL)",
+            (first, resent, first),
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO series VALUES (1, 1, '1.2.3.4', 'CT', 1, 1, ?, ?)", (first,) * 2
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO instances VALUES (1, 1, 1, '1.2.3.4.5', '1.2.840.10008.5.1.4.1.1.2', "
+            "'1.2.840.10008.1.2.1', 1, '1.2.3/1.2.3.4/1.2.3.4.5.dcm', 1, ?, 'SCU')",
+            (first,),
+        )
+    old.dispose()
+    upgraded = Store(url)
+    upgraded.migrate()
+    try:
+        [summary] = upgraded.studies()
+        assert (summary.instance_count, summary.series_count) == (1, 1)
+        assert summary.last_received_at.isoformat() == "2026-11-28T08:00:09+00:00"
+        with upgraded.engine.begin() as connection:  # and back: the counters are filled in from the rows
+            command.downgrade(_alembic_config(connection), "0005")
+        with upgraded.engine.connect() as connection:
+            row = connection.exec_driver_sql("SELECT instance_count, last_received_at FROM studies").one()
+        assert tuple(row) == (1, resent)
+        upgraded.migrate()
+        assert upgraded.schema_revision() == _head()
+    finally:
+        upgraded.dispose()
+
+
 def test_the_same_instance_is_recorded_once(store: Store) -> None:
     rec = _record("1.2.3")
     assert store.record_instance(rec) is True
@@ -127,15 +168,16 @@ def test_the_same_instance_is_recorded_once(store: Store) -> None:
 
 
 def _receiving(store: Store) -> tuple[str, Any, list[tuple[str, int, Any]]]:
-    """The one study's state and last_received_at, and its receptions (key, revision, released_at)."""
+    """The one study's state and last received time (an instance's or a duplicate's), and its
+    receptions (key, revision, released_at)."""
+    [summary] = store.studies()
     with store.session() as s:
-        study = s.scalars(select(Study)).one()
         receptions = s.execute(
             select(Reception.association_key, Reception.study_revision, Reception.released_at).order_by(
                 Reception.id
             )
         )
-        return study.state, study.last_received_at, [tuple(row) for row in receptions]
+        return summary.state, summary.last_received_at, [tuple(row) for row in receptions]
 
 
 @pytest.mark.parametrize("found_by", ["record_instance", "record_duplicate"])
@@ -185,7 +227,7 @@ def test_an_instance_after_completion_opens_a_new_revision(store: Store) -> None
 
 
 def test_an_instance_of_a_remembered_revision_that_completed_meanwhile_opens_the_next(store: Store) -> None:
-    """The prepared path remembers the study revision: it must not count into it once complete."""
+    """The store remembers the study revision: its guarded INSERT must not add to it once complete."""
     series = generate_uid()
     assert store.record_instance(_record("1.2.3", series))
     with store.session() as s:
@@ -205,27 +247,27 @@ def test_release_marks_the_associations_receptions(store: Store) -> None:
     assert store.release_association("assoc-1", utcnow()) == 0
 
 
-def test_a_new_association_of_a_known_series_takes_the_prepared_path(
+def test_a_new_association_of_a_known_series_takes_the_known_path(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Senders that open an association per instance are common: the first instance of a new
-    association, in a study revision and series this process knows, inserts its receptions row on
-    the prepared path instead of the full one. A row there already (it never is, unless another path
-    wrote it) fails the unique constraint, and the full path takes over."""
+    association, in a study revision and series this process knows, inserts its receptions row
+    beside the instance instead of looking everything up. A row there already (it never is, unless
+    another path wrote it) fails the unique constraint, and the lookups take over."""
     series = generate_uid()
     assert store.record_instance(_record("1.2.3", series, key="assoc-1"))
     full_path: list[str] = []
     record = Store._record
 
-    def counted(self: Store, session: object, rec: InstanceRecord) -> object:
+    def counted(self: Store, conn: object, rec: InstanceRecord) -> object:
         full_path.append(rec.sop_instance_uid)
-        return record(self, session, rec)  # type: ignore[arg-type]
+        return record(self, conn, rec)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Store, "_record", counted)
     for key in ("assoc-2", "assoc-3"):
         assert store.record_instance(_record("1.2.3", series, key=key))
     assert full_path == []
-    store._ingest_ids._receptions.discard(next(iter(store._ingest_ids._receptions)))  # as if never seen
+    store._known.receptions.discard(next(iter(store._known.receptions)))  # as if never seen
     for key in ("assoc-1", "assoc-2", "assoc-3"):
         assert store.record_instance(_record("1.2.3", series, key=key))
     assert len(full_path) == 1
@@ -237,59 +279,41 @@ def test_a_new_association_of_a_known_series_takes_the_prepared_path(
     assert summary.instance_count == 6
 
 
-class _CallCounter:
-    """A DBAPI connection that counts the calls the ingest path makes into the driver."""
+def _statements(store: Store) -> list[str]:
+    """From now on, the first word of each statement the store's recording path sends."""
+    sent: list[str] = []
 
-    def __init__(self, connection: Any) -> None:
-        self.connection = connection
-        self.calls: list[str] = []
+    @event.listens_for(store._ingest_engine, "before_cursor_execute")
+    def _sent(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement.split()[0])
 
-    def cursor(self) -> Any:
-        cursor, calls = self.connection.cursor(), self.calls
-
-        class Counted:
-            def execute(self, sql: str, *args: Any) -> Any:
-                calls.append(sql.split()[0])
-                return cursor.execute(sql, *args)
-
-        return Counted()
-
-    def __getattr__(self, name: str) -> Any:
-        self.calls.append(name)
-        return getattr(self.connection, name)
+    return sent
 
 
-def test_a_known_instance_is_one_call_into_sqlite_and_counts_as_the_statements_did(tmp_path: Path) -> None:
-    """On SQLite the prepared path is one INSERT whose trigger does the work (each call into the
-    driver hands the GIL over, under the ingest lock). The rows must come out as the separate
-    statements made them: counts, the later of two receive times, the first accession number seen,
-    a receptions row for each new association."""
-    store = Store(f"sqlite:///{tmp_path / 'radgate.db'}")
-    store.migrate()
-    try:
-        t0, series = utcnow(), generate_uid()
-        ids = store._ingest_ids
-        assert store.record_instance(instance_record("1.2.3", series, key="a1", received_at=t0))
-        counter = _CallCounter(ids.connection())
-        ids._connection = counter
-        later = instance_record("1.2.3", series, key="a1", received_at=t0 + timedelta(seconds=5))
-        assert store.record_instance(replace(later, accession_number="ACC1"))
-        assert counter.calls == ["INSERT"]
-        assert store.record_instance(
-            instance_record("1.2.3", series, key="a2", received_at=t0 + timedelta(seconds=2))
-        )
-        assert store.record_instance(replace(later, sop_instance_uid=generate_uid(), accession_number="ACC2"))
-        assert counter.calls == ["INSERT"] * 3
-        with store.session() as s:
-            study = s.scalars(select(Study)).one()
-            series_row = s.scalars(select(Series)).one()
-            keys = sorted(s.scalars(select(Reception.association_key)).all())
-        assert (study.instance_count, series_row.instance_count) == (4, 4)
-        assert study.last_received_at == series_row.last_received_at == t0 + timedelta(seconds=5)
-        assert study.accession_number == "ACC1"
-        assert keys == ["a1", "a2"]
-    finally:
-        store.dispose()
+def test_a_known_instance_is_one_insert_and_reads_back_as_the_counters_did(store: Store) -> None:
+    """An instance of a study revision and series this process knows is one guarded INSERT (in its
+    transaction), the same on SQLite and PostgreSQL. What the counters held comes out of the rows:
+    counts, the later of two receive times, the first accession number seen, a receptions row for
+    each new association."""
+    t0, series = utcnow(), generate_uid()
+    assert store.record_instance(instance_record("1.2.3", series, key="a1", received_at=t0))
+    later = instance_record("1.2.3", series, key="a1", received_at=t0 + timedelta(seconds=5))
+    assert store.record_instance(replace(later, accession_number="ACC1"))  # fills the study's in
+    sent = _statements(store)
+    assert store.record_instance(replace(later, sop_instance_uid=generate_uid()))
+    assert [s for s in sent if s not in ("BEGIN", "COMMIT")] == ["INSERT"]
+    assert store.record_instance(
+        instance_record("1.2.3", series, key="a2", received_at=t0 + timedelta(seconds=2))
+    )
+    assert store.record_instance(replace(later, sop_instance_uid=generate_uid(), accession_number="ACC2"))
+    assert [s for s in sent if s not in ("BEGIN", "COMMIT")] == ["INSERT"] * 4  # a2: its receptions row
+    [summary] = store.studies()
+    assert (summary.instance_count, summary.series_count) == (5, 1)
+    assert summary.last_received_at == t0 + timedelta(seconds=5)
+    assert summary.accession_number == "ACC1"
+    with store.session() as s:
+        keys = sorted(s.scalars(select(Reception.association_key)).all())
+    assert keys == ["a1", "a2"]
 
 
 def test_a_warmed_up_store_records_its_first_instances_without_compiling(
@@ -315,11 +339,11 @@ def test_a_warmed_up_store_records_its_first_instances_without_compiling(
 def test_the_remembered_associations_stay_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """One association per instance, for months: the receptions this process remembers are bounded
     on their own, and an association forgotten that sends again still gets one row."""
-    monkeypatch.setattr(type(store._ingest_ids), "_LIMIT", 3)
+    monkeypatch.setattr(type(store._known), "_LIMIT", 3)
     series = generate_uid()
     for n in range(10):
         assert store.record_instance(_record("1.2.3", series, key=f"assoc-{n}"))
-        assert len(store._ingest_ids._receptions) <= 3
+        assert len(store._known.receptions) <= 3
     assert store.record_instance(_record("1.2.3", series, key="assoc-0"))  # forgotten by now
     with store.session() as s:
         keys = s.scalars(select(Reception.association_key)).all()
@@ -348,18 +372,16 @@ def test_concurrent_processes_record_into_one_study(store: Store) -> None:
     assert (summary.instance_count, summary.series_count) == (120, 1)
 
 
-def test_recording_goes_on_without_the_ingest_lock_file(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    (tmp_path / "s.db-ingest.lock").symlink_to(tmp_path / "missing-dir" / "lock")  # cannot be created
+def test_recording_makes_no_file_beside_the_database_but_sqlites_own(tmp_path: Path) -> None:
+    """Two receiving processes share the database through SQLite's own locking: no side-car lock."""
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     store.migrate()
     try:
         series = generate_uid()
         assert store.record_instance(_record("1.2.3", series))
-        assert store.record_instance(_record("1.2.3", series))  # the cached path too
-        assert "ingest goes without it" in caplog.text
+        assert store.record_instance(_record("1.2.3", series))  # the known path too
         assert store.studies()[0].instance_count == 2
+        assert {p.name for p in tmp_path.iterdir()} <= {"s.db", "s.db-wal", "s.db-shm"}
     finally:
         store.dispose()
 
@@ -369,7 +391,7 @@ def test_recording_goes_on_after_the_database_server_dropped_its_connections(sto
         pytest.skip("a database server")
     series = generate_uid()
     assert store.record_instance(_record("1.2.3", series))
-    assert store.record_instance(_record("1.2.3", series))  # the prepared path holds a connection now
+    assert store.record_instance(_record("1.2.3", series))  # the known path, on a pooled connection
     with store.engine.begin() as connection:  # what a server restart does to every other session
         connection.exec_driver_sql(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

@@ -50,7 +50,17 @@ from plugin.pipelines import series_lookup
 from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, dataset_limits, make_spool
 from plugin.route import DEFAULT_RULES, validate_rules
 from plugin.selection import chosen, rank_series
-from plugin.store import Delivery, Instance, Job, Store, Study, StudyState, add_queued_job, utcnow
+from plugin.store import (
+    Delivery,
+    Instance,
+    Job,
+    Store,
+    Study,
+    StudyState,
+    add_queued_job,
+    instance_counts,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +356,7 @@ class Bridge:
                 study.completed_at = utcnow()
                 log.info(
                     "study %s revision %d complete (Orthanc): %d instances",
-                    *(study.study_uid, study.revision, study.instance_count),
+                    *(study.study_uid, study.revision, instance_counts(s, [study.id]).get(study.id, 0)),
                 )
             elif not force:
                 return ()
