@@ -31,7 +31,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from plugin.config import Config, DispatchConfig
-from plugin.dispatch.senders import Outcomes, Outgoing, destination_secrets, make_sender, redact
+from plugin.dispatch.base import Outcomes, Outgoing, redact
+from plugin.dispatch.senders import destination_secrets, make_sender
 from plugin.store.db import Delivery, DeliveryState, Store, utcnow
 
 log = logging.getLogger(__name__)
