@@ -1,6 +1,6 @@
 """Accuracy benchmark: a pipeline scored against the clinical contours of the real chest CT.
 
-Runs what `radgate validate` runs (plugin.acceptance.validate_case: load the series, read the
+Runs what `radgate validate` runs (plugin.offline.acceptance.validate_case: load the series, read the
 reference onto its grid, run the pipeline, pair structures with segments, score) on
 shared/testdata/ct-chest-nsclc-lung1-001 and prints, per lung, Dice, HD95 (mm), the reference and
 pipeline volumes and their difference, then the seconds of each step. Prints figures, never fails
@@ -41,7 +41,7 @@ def main() -> int:
     import torch
 
     from ai_models import get_pipeline, select_device
-    from plugin.acceptance import validate_case
+    from plugin.offline.acceptance import validate_case
 
     case = _testdata() / CASE
     if not case.is_dir():

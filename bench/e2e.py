@@ -1,6 +1,6 @@
 """End-to-end benchmark: a CT sent by DCMTK storescu to `radgate serve`, until Orthanc acknowledged its SEG.
 
-The same real parts as `radgate demo` (plugin/demo.py: a Debian Orthanc on free loopback ports,
+The same real parts as `radgate demo` (plugin/demo/local.py: a Debian Orthanc on free loopback ports,
 `radgate serve` as its own process with that Orthanc as a C-STORE destination), on CPU:
 
 1. latency: ``--studies`` chest CTs (default 5 of 300 slices of 512x512) sent one after the other,
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dicom_io.testing.orthanc_server import OrthancServer, wait_until
 from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.testing.tools import free_port, storescu
-from plugin.demo import LocalNode, node_settings
-from plugin.store import Delivery, DeliveryState, Job, JobState, Study
+from plugin.demo.local import LocalNode, node_settings
+from plugin.store.db import Delivery, DeliveryState, Job, JobState, Study
 
 
 def clone_study(template: list[Dataset], folder: Path) -> tuple[str, list[Path]]:

@@ -31,7 +31,7 @@ from pydantic import (
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from dicom_io.labels import BUNDLE_LABELS, load_label_table
-from plugin.datadir import FileModes, file_modes
+from plugin.ingest.datadir import FileModes, file_modes
 
 
 class ConfigError(ValueError):
@@ -181,7 +181,7 @@ class LoggingConfig(_Strict):
 
 
 class DispatchConfig(_Strict):
-    """Sending results (plugin/dispatch.py): batches, capped exponential backoff, then DEAD."""
+    """Sending results (plugin/dispatch/outbox.py): batches, capped exponential backoff, then DEAD."""
 
     workers: int = Field(
         default=1, ge=1, le=16, description="sending threads; destinations are sent in parallel"
@@ -357,7 +357,7 @@ PipelineConfig = MonaiBundlePipelineConfig
 """What `pipelines` may hold; a union discriminated by `kind` once there is a second kind."""
 
 
-# --- rules: which pipeline runs on a series (evaluated in plugin/route.py) --------------------
+# --- rules: which pipeline runs on a series (evaluated in plugin/route/rules.py) --------------------
 
 Scalar = StrictStr | StrictInt | StrictFloat
 
@@ -570,7 +570,7 @@ class Config(_Strict):
 
     @property
     def file_modes(self) -> FileModes:
-        """The modes of the files and folders the node creates (`plugin.datadir`)."""
+        """The modes of the files and folders the node creates (`plugin.ingest.datadir`)."""
         return file_modes(self.group_readable)
 
     @property

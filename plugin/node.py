@@ -5,7 +5,7 @@ e.g. through the Orthanc plugin, into the same data dir and store); ``serve --no
 the listener without the executor, when GPU workers elsewhere run the jobs. Only a node that
 listens recovers the spool at start: another receiver (the Orthanc plugin) may be writing it.
 
-One node per data dir: a listening node takes the data dir's lock (`plugin.datadir.SERVE`) before
+One node per data dir: a listening node takes the data dir's lock (`plugin.ingest.datadir.SERVE`) before
 anything else and holds it until it stops; a second one finds it held, names the holder and stops
 without having touched the data dir. ``radgate worker`` takes no lock: several workers (and the
 node's own executor) share a data dir by design, each job leased to one of them. Both set the
@@ -30,18 +30,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ai_models.registry import available_pipelines
 from dicom_io.net import StorageSCP, TlsFiles
-from plugin.completion import CompletionMonitor
 from plugin.config import Config, ConfigError
-from plugin.datadir import SERVE, DataDirLock, apply_file_modes
-from plugin.dispatch import Dispatcher
-from plugin.execute import JobRunner
-from plugin.executor import LocalExecutor
-from plugin.jobs import routing_hook
+from plugin.dispatch.outbox import Dispatcher
+from plugin.ingest.datadir import SERVE, DataDirLock, apply_file_modes
+from plugin.ingest.receive import PeerFilter, Receiver, dataset_limits, make_spool
+from plugin.jobs.completion import CompletionMonitor
+from plugin.jobs.execute import JobRunner
+from plugin.jobs.executor import LocalExecutor
+from plugin.jobs.queue import routing_hook
 from plugin.logs import setup_logging
-from plugin.pipelines import series_lookup
-from plugin.receive import PeerFilter, Receiver, dataset_limits, make_spool
-from plugin.route import validate_rules
-from plugin.store import Store, utcnow
+from plugin.route.pipelines import series_lookup
+from plugin.route.rules import validate_rules
+from plugin.store.db import Store, utcnow
 
 log = logging.getLogger(__name__)
 

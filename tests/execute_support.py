@@ -18,9 +18,9 @@ from sqlalchemy import select
 
 from dicom_io.types import Findings, Volume
 from plugin.config import Config
-from plugin.jobs import claim_job
-from plugin.spool import Spool
-from plugin.store import Job, Store, Study, add_queued_job
+from plugin.ingest.spool import Spool
+from plugin.jobs.queue import claim_job
+from plugin.store.db import Job, Store, Study, add_queued_job
 
 if TYPE_CHECKING:  # not imported at run time: claiming processes start faster without torch
     import torch

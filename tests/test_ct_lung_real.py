@@ -22,7 +22,7 @@ import torch
 from dicom_io.reference import Reference, read_reference
 from dicom_io.scoring import Score, score
 from dicom_io.volume import load_series
-from plugin.offline import DICOM_DIR, run_offline
+from plugin.offline.run import DICOM_DIR, run_offline
 
 CASE = "ct-chest-nsclc-lung1-001"
 # the reference structure of each lung in the NIfTI label map and in the RTSTRUCT

@@ -29,13 +29,10 @@ from dicom_io.testing.orthanc_server import OrthancServer, wait_until
 from dicom_io.testing.tools import ToolNotFoundError, free_port
 from plugin.cli import main
 from plugin.config import Config, DispatchConfig, load_config
-from plugin.dispatch import (
-    Dispatcher,
-    backoff_delay,
-    enqueue_deliveries,
-)
-from plugin.senders import Outgoing, make_sender
-from plugin.store import Delivery, DeliveryState, Job, JobState, Store, Study, StudyState, utcnow
+from plugin.dispatch.base import Outgoing
+from plugin.dispatch.outbox import Dispatcher, backoff_delay, enqueue_deliveries
+from plugin.dispatch.senders import make_sender
+from plugin.store.db import Delivery, DeliveryState, Job, JobState, Store, Study, StudyState, utcnow
 
 SECRET = "s3cret-Pa55word"
 

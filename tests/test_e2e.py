@@ -3,7 +3,7 @@ the outbox) → a real Orthanc, checked through Orthanc's REST API and validated
 
 Each test pushes a small synthetic chest CT (64×64×40: ct-lung accepts it, a job takes seconds)
 and follows the node through `radgate jobs/deliveries --json` or, where a state lasts too short
-for a CLI round trip, through `plugin.jobs.list_jobs`, the function behind `radgate jobs --json`.
+for a CLI round trip, through `plugin.jobs.queue.list_jobs`, the function behind `radgate jobs --json`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
 from dicom_io.testing.tools import free_port
 from dicom_io.testing.validate import dciodvfy
 from plugin.config import Config
-from plugin.jobs import list_jobs
-from plugin.store import Store
+from plugin.jobs.queue import list_jobs
+from plugin.store.db import Store
 
 pytestmark = pytest.mark.slow
 

@@ -29,14 +29,14 @@ from sqlalchemy.orm import Session
 from ai_models.base import Pipeline
 from ai_models.registry import available_pipelines
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
-from plugin.completion import CompletionMonitor
 from plugin.config import CompletionConfig, Config
-from plugin.execute import JobRunner
-from plugin.executor import LocalExecutor, Task, TaskResult
-from plugin.executor.work import run_task
-from plugin.jobs import claim_job, fail_job, finish_job, renew_lease, routing_hook
-from plugin.route import validate_rules
-from plugin.store import Job, JobState, Store, utcnow
+from plugin.jobs.completion import CompletionMonitor
+from plugin.jobs.execute import JobRunner
+from plugin.jobs.executor import LocalExecutor, Task, TaskResult
+from plugin.jobs.executor.work import run_task
+from plugin.jobs.queue import claim_job, fail_job, finish_job, renew_lease, routing_hook
+from plugin.route.rules import validate_rules
+from plugin.store.db import Job, JobState, Store, utcnow
 
 PIPELINES = {"ct-lung", "test-hang"}
 
@@ -182,7 +182,7 @@ def test_a_completed_study_gets_one_job_per_matching_series_and_a_reason_for_the
 
     lonely = write_series(tmp_path / "lonely", 2)
     spool_files(store, config, lonely)
-    with caplog.at_level(logging.INFO, logger="plugin.jobs"):
+    with caplog.at_level(logging.INFO, logger="plugin.jobs.queue"):
         _complete(store, config)
     study_uid = pydicom.dcmread(lonely[0], stop_before_pixels=True).StudyInstanceUID
     [line] = [r.getMessage() for r in caplog.records if "no job" in r.getMessage()]
@@ -221,7 +221,7 @@ def executor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalExecutor
 
 
 class _Deliveries:
-    """A stand-in for plugin.dispatch.enqueue_deliveries that remembers what it was given."""
+    """A stand-in for plugin.dispatch.outbox.enqueue_deliveries that remembers what it was given."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, list[tuple[str, Path]], list[str]]] = []

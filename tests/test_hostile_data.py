@@ -39,8 +39,8 @@ from dicom_io.net import (
     incoming,
 )
 from plugin.config import Config
+from plugin.ingest.receive import dataset_limits
 from plugin.node import Node
-from plugin.receive import dataset_limits
 
 SR = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: a non-image object, no pixel checks
 CONTENT_SEQUENCE = (0x0040, 0xA730)

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from plugin.cli import main
 from plugin.config import Config
-from plugin.store import Delivery, DeliveryState, Job, JobState, Store, utcnow
+from plugin.store.db import Delivery, DeliveryState, Job, JobState, Store, utcnow
 
 REASON = "ct-lung: only 1 slices, this pipeline needs at least 5"
 

@@ -11,9 +11,9 @@ import pytest
 from node_support import instance_record, wait_for
 from sqlalchemy import select
 
-from plugin.completion import CompletionMonitor
 from plugin.config import CompletionConfig
-from plugin.store import Job, Store, utcnow
+from plugin.jobs.completion import CompletionMonitor
+from plugin.store.db import Job, Store, utcnow
 
 QUIET = CompletionConfig(quiet_period_s=10, after_release_s=1)
 

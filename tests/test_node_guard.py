@@ -24,7 +24,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_io.testing.synthetic import ct_chest_phantom
-from plugin.datadir import SERVE
+from plugin.ingest.datadir import SERVE
 
 ENDED = ("SUCCEEDED", "FAILED")
 

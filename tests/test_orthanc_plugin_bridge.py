@@ -16,11 +16,11 @@ from node_support import write_series
 
 from dicom_io.testing.orthanc_server import OrthancServer
 from plugin.config import Config, ConfigError, load_config
-from plugin.datadir import ORTHANC_PLUGIN, SERVE, DataDirBusy, DataDirLock
-from plugin.dispatch import enqueue_deliveries
+from plugin.dispatch.outbox import enqueue_deliveries
+from plugin.ingest.datadir import ORTHANC_PLUGIN, SERVE, DataDirBusy, DataDirLock
 from plugin.orthanc.bridge import Bridge, ChangeCursor, ImportFailed, Submitted
 from plugin.orthanc.entry import PluginSettings, RunRequest, rest_route
-from plugin.store import StudySummary
+from plugin.store.db import StudySummary
 
 REPO = Path(__file__).resolve().parents[1]
 

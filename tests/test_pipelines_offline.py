@@ -13,7 +13,7 @@ from pipeline_support import BONE, write_threshold_bundle
 
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from plugin.cli import main
-from plugin.offline import parse_options
+from plugin.offline.run import parse_options
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 from plugin.cli import main
 from plugin.config import Config, ConfigError, OrthancDestination, load_config
-from plugin.route import RuleSet, SeriesInfo, plan_study, route_series, validate_rules
+from plugin.route.rules import RuleSet, SeriesInfo, plan_study, route_series, validate_rules
 
 PIPELINES = {"ct-lung", "mr-brain", "other"}
 PATIENT_NAME = "Secret^Patient"

@@ -27,13 +27,14 @@ from study_support import ChestStudy, chest_study
 from ai_models.ct_lung import CtLungPipeline
 from ai_models.mr_brain import MrBrainPipeline
 from dicom_io.selection import CT_SHARP_KERNELS, CT_SOFT_KERNELS, SeriesWanted
-from plugin.completion import CompletionMonitor
+from plugin.cli.rules import rules_check
 from plugin.config import CompletionConfig, Config, load_config
-from plugin.jobs import routing_hook
-from plugin.pipelines import series_lookup
-from plugin.route import plan_study, read_series, rules_check, validate_rules
-from plugin.selection import SeriesInfo, always_refused, measure, rank_series
-from plugin.store import Job, JobState, Store, utcnow
+from plugin.jobs.completion import CompletionMonitor
+from plugin.jobs.queue import routing_hook
+from plugin.route.pipelines import series_lookup
+from plugin.route.rules import plan_study, read_series, validate_rules
+from plugin.route.selection import SeriesInfo, always_refused, measure, rank_series
+from plugin.store.db import Job, JobState, Store, utcnow
 
 CT_LUNG = CtLungPipeline.series
 SLICES = 40  # the central 120 mm of the chest: above ct-lung's minimum (80 mm, 20 slices), and quick
@@ -177,7 +178,7 @@ def test_the_orthanc_plugin_reads_declarations_without_importing_torch() -> None
     code = (
         "import json, sys, dataclasses\n"
         "from plugin.config import load_config\n"
-        "from plugin.pipelines import series_lookup\n"
+        "from plugin.route.pipelines import series_lookup\n"
         "lookup = series_lookup(load_config(None), import_pipelines=False)\n"
         "wanted = {n: dataclasses.asdict(lookup(n)) for n in ('ct-lung', 'mr-brain')}\n"
         "try:\n"
@@ -245,7 +246,7 @@ def test_a_later_revision_runs_again_only_when_the_chosen_series_changes(
     _complete(db, config)
     assert _jobs(db) == [(1, study.sharp, JobState.CANCELLED), (2, study.soft, JobState.QUEUED)]
 
-    with caplog.at_level(logging.INFO, logger="plugin.jobs"):
+    with caplog.at_level(logging.INFO, logger="plugin.jobs.queue"):
         spool_files(db, config, _files(study, "results"))  # our earlier results come back
         _complete(db, config)
     assert len(_jobs(db)) == 2

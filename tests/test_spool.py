@@ -18,8 +18,7 @@ from sqlalchemy import select
 
 from dicom_io.net import Peer, ReceivedInstance
 from plugin.config import Config
-from plugin.node import Node
-from plugin.receive import (
+from plugin.ingest.receive import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -27,8 +26,9 @@ from plugin.receive import (
     Receiver,
     make_spool,
 )
-from plugin.spool import SETTLE_BATCH, InvalidUID, check_uid
-from plugin.store import Reception, Store
+from plugin.ingest.spool import SETTLE_BATCH, InvalidUID, check_uid
+from plugin.node import Node
+from plugin.store.db import Reception, Store
 
 PEER = Peer(ae_title="SCU", address="127.0.0.1", port=40000, association_id="1")
 
@@ -90,7 +90,7 @@ def test_an_instance_is_spooled_recorded_and_its_temp_file_removed(
 def test_the_same_instance_twice_is_stored_once_and_the_first_copy_kept(
     config: Config, store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="plugin.receive")
+    caplog.set_level(logging.INFO, logger="plugin.ingest.receive")
     [source] = write_series(tmp_path / "src", 1)
     receiver = Receiver(config)
     first = _received(config, source, "tmp-1")

@@ -18,7 +18,7 @@ from node_support import compiled_statements, instance_record
 from pydicom.uid import generate_uid
 from sqlalchemy import event, func, select, text
 
-from plugin.store import (
+from plugin.store.db import (
     MIGRATIONS_DIR,
     Base,
     Instance,

@@ -41,7 +41,7 @@ from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
 from dicom_io.types import Code, Segment, SourceRef, Volume
 from dicom_io.volume import load_series
 from plugin.cli import main
-from plugin.offline import run_offline
+from plugin.offline.run import run_offline
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 CASE = "ct-chest-nsclc-lung1-001"

@@ -1,7 +1,7 @@
 """The Orthanc plugin's work, without Orthanc: copy a study into radgate, complete it, queue jobs.
 
 Why the receiver's code path: an instance copied from Orthanc is handled by the same
-`plugin.receive.Receiver` as one received by C-STORE (fsync, link into the spool, record, one row
+`plugin.ingest.receive.Receiver` as one received by C-STORE (fsync, link into the spool, record, one row
 per SOP Instance UID), as one "association" per import that is released at its end. Orthanc's
 stable-study event is the completion signal: the study revision is declared complete and routed
 at once, in one transaction (the worker's quiet period is not needed). A study whose import
@@ -14,7 +14,7 @@ Routing here cannot check the rules against the installed pipelines (that needs 
 and torch, which stay out of Orthanc's process); ``radgate worker`` checks them at its start, and
 a job naming a pipeline that is not installed fails with the registry's message. The series each
 pipeline wants (its `SeriesWanted` declaration, for study-scope rules and on-demand runs) is read
-without importing the pipelines (`plugin.pipelines.series_lookup`, `import_pipelines=False`).
+without importing the pipelines (`plugin.route.pipelines.series_lookup`, `import_pipelines=False`).
 
 Crash safety: which of Orthanc's changes (``/changes``) were handled is kept in a small state
 file in the data dir, written after each stable study and each page; at start the log is
@@ -44,13 +44,19 @@ from ai_models.registry import available_pipelines
 from dicom_io.durable import fsync_dir
 from dicom_io.net import Peer, ReceivedInstance, inspect_part10
 from plugin.config import Config, ConfigError
-from plugin.datadir import ORTHANC_PLUGIN, DataDirLock, apply_file_modes
-from plugin.jobs import list_jobs, queue_routed_jobs, read_study_series
-from plugin.pipelines import series_lookup
-from plugin.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver, dataset_limits, make_spool
-from plugin.route import DEFAULT_RULES, validate_rules
-from plugin.selection import chosen, rank_series
-from plugin.store import (
+from plugin.ingest.datadir import ORTHANC_PLUGIN, DataDirLock, apply_file_modes
+from plugin.ingest.receive import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    Receiver,
+    dataset_limits,
+    make_spool,
+)
+from plugin.jobs.queue import list_jobs, queue_routed_jobs, read_study_series
+from plugin.route.pipelines import series_lookup
+from plugin.route.rules import DEFAULT_RULES, validate_rules
+from plugin.route.selection import chosen, rank_series
+from plugin.store.db import (
     Delivery,
     Instance,
     Job,
@@ -223,7 +229,7 @@ class Bridge:
     def prepare(self) -> None:
         """The data dir's plugin lock (DataDirBusy, nothing touched, while another Orthanc's plugin
         holds it; a `radgate serve` on the data dir is fine: it has its own incoming folder), private
-        file modes for this process (Orthanc's: `plugin.datadir`), the schema, spool folders, and no
+        file modes for this process (Orthanc's: `plugin.ingest.datadir`), the schema, spool folders, and no
         temporary file left from a copy a crash interrupted."""
         apply_file_modes(self.config.file_modes)
         self.lock.acquire()

@@ -1,0 +1,59 @@
+"""``radgate jobs`` and ``radgate jobs retry``: the job queue, printed for an operator."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from plugin.config import Config
+from plugin.jobs.queue import STEPS, list_jobs, retry_job
+from plugin.logs import escape_controls
+from plugin.store.db import Store
+
+
+def _seconds(timings: dict[str, float]) -> str:
+    return " ".join(f"{k.removesuffix('_s')} {timings[k]:.1f}s" for k in STEPS if k in timings) or "-"
+
+
+def _deliveries(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "-"
+
+
+def print_jobs(config: Config, as_json: bool) -> int:
+    """`radgate jobs`: a table (or JSON) of every job; UIDs and accession numbers only."""
+    store = Store(config.db_url)
+    try:
+        store.migrate()
+        jobs = list_jobs(store, config.results_dir)
+    finally:
+        store.dispose()
+    if as_json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    if not jobs:
+        print("no jobs")
+        return 0
+    print(
+        f"{'ID':>5} {'STATE':<9} {'PIPELINE':<10} {'REV':>3} {'TRY':>3}  STUDY / STEPS / DELIVERIES / ERROR"
+    )
+    for j in jobs:
+        print(
+            f"{j['id']:>5} {j['state']:<9} {j['pipeline'] or '-':<10} {j['revision']:>3} {j['attempts']:>3}  "
+            f"{j['study_uid']}  [{_seconds(j['timings'])}]  [{_deliveries(j['deliveries'])}]"
+            + (f"  {escape_controls(j['error'])}" if j["error"] else "")  # one row, whatever the text
+        )
+    return 0
+
+
+def retry_command(config: Config, job_id: int) -> int:
+    """`radgate jobs retry JOB_ID`: 0 when something was re-queued, 1 when there was nothing to do."""
+    store = Store(config.db_url)
+    try:
+        store.migrate()
+        print(retry_job(store, job_id))
+        return 0
+    except (LookupError, ValueError) as err:
+        print(f"radgate: {err}", file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()

@@ -1,0 +1,135 @@
+"""DICOM C-STORE: one association per batch, the files' own transfer syntaxes."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, build_context
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.status import code_to_category
+
+from plugin.config import (
+    ClientTLS,
+    DicomDestination,
+)
+from plugin.dispatch.base import (
+    UNCOMPRESSED,
+    Outcomes,
+    Outgoing,
+    describe_network_error,
+    fail_all,
+    missing_file,
+)
+
+
+def _client_ssl_context(tls: ClientTLS) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.cert_file and tls.key_file:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return context
+
+
+def _status_reason(status: Any) -> str | None:
+    """None for Success and Warning (0xB000.. : stored, perhaps coerced), else the status in words."""
+    if "Status" not in status:
+        return "no C-STORE response (timeout, abort or invalid response)"
+    code = int(status.Status)
+    category = code_to_category(code)
+    if category in ("Success", "Warning"):
+        return None
+    comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
+    return f"C-STORE status 0x{code:04X} ({category}){comment}"
+
+
+class DicomSender:
+    """C-STORE SCU: one association per batch; proposes each file's own transfer syntax and the
+    uncompressed little endian ones, so an uncompressed file can be converted for a picky peer."""
+
+    def __init__(self, destination: DicomDestination, calling_ae_title: str, timeout_s: float) -> None:
+        self.destination = destination
+        self.calling_ae_title = destination.calling_ae_title or calling_ae_title
+        self.timeout_s = timeout_s
+        self.where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+    def _contexts(self, items: Sequence[Outgoing]) -> tuple[list[PresentationContext], Outcomes]:
+        """Presentation contexts for the files' SOP classes and syntaxes; unreadable files fail here.
+
+        At most two per file, so a batch of 64 stays within the 128 contexts DICOM allows.
+        """
+        wanted: dict[tuple[str, tuple[str, ...]], None] = {}
+        failed: Outcomes = {}
+        for item in items:
+            if (reason := missing_file(item)) is not None:
+                failed[item.delivery_id] = reason
+                continue
+            try:
+                meta = read_file_meta_info(item.path)
+                sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+            except (InvalidDicomError, AttributeError, OSError) as err:
+                failed[item.delivery_id] = f"not a readable DICOM file: {item.path} ({err})"
+                continue
+            if syntax not in UNCOMPRESSED:
+                wanted[(sop_class, (syntax,))] = None
+            wanted[(sop_class, UNCOMPRESSED)] = None
+        contexts = [build_context(sop_class, list(syntaxes)) for sop_class, syntaxes in wanted]
+        return contexts, failed
+
+    def _association_failure(self, assoc: Any, tls: ssl.SSLContext | None) -> str:
+        if assoc.is_rejected:
+            return f"association rejected by {self.where} (A-ASSOCIATE-RJ; check the AE titles)"
+        host, port = self.destination.host, self.destination.port
+        try:  # pynetdicom only logs why the connection failed (and calls it an abort): try once more
+            with socket.create_connection((host, port), self.timeout_s) as sock:
+                if tls is not None:
+                    tls.wrap_socket(sock, server_hostname=host).close()
+        except OSError as err:  # ssl.SSLError is an OSError
+            return describe_network_error(err, self.where)
+        if assoc.is_aborted:
+            return f"association aborted by {self.where}"
+        return f"no association with {self.where} (no A-ASSOCIATE response)"
+
+    def send(self, items: Sequence[Outgoing]) -> Outcomes:
+        contexts, outcomes = self._contexts(items)
+        todo = [item for item in items if item.delivery_id not in outcomes]
+        if not todo:
+            return outcomes
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.requested_contexts = contexts
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        ae.connection_timeout = self.timeout_s
+        tls = self.destination.tls
+        context = _client_ssl_context(tls) if tls is not None else None
+        tls_args = (context, self.destination.host) if context is not None else None
+        try:
+            assoc = ae.associate(
+                self.destination.host,
+                self.destination.port,
+                ae_title=self.destination.ae_title,
+                tls_args=tls_args,
+            )
+        except (OSError, ssl.SSLError) as err:
+            return outcomes | fail_all(todo, describe_network_error(err, self.where))
+        if not assoc.is_established:
+            return outcomes | fail_all(todo, self._association_failure(assoc, context))
+        try:
+            for item in todo:
+                if not assoc.is_established:
+                    outcomes[item.delivery_id] = f"association with {self.where} ended during the batch"
+                    continue
+                try:
+                    status = assoc.send_c_store(dcmread(item.path))
+                except (ValueError, AttributeError, InvalidDicomError, OSError) as err:
+                    # ValueError: no accepted presentation context for this SOP class / syntax
+                    outcomes[item.delivery_id] = f"not sent to {self.where}: {err}"
+                    continue
+                outcomes[item.delivery_id] = _status_reason(status)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return outcomes

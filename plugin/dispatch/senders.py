@@ -1,0 +1,54 @@
+"""Senders: the one for each destination kind (`plugin.dispatch.dicom`, `.dicomweb`,
+`.orthanc_rest`) sends one batch of result files to one destination, by C-STORE, STOW-RS or Orthanc REST.
+
+A sender reports, per delivery, None (sent) or the reason it was not sent, in words an operator
+can act on (the DICOM status, the HTTP status, "connection refused"). It never raises for a
+network or peer failure and never puts a destination's credentials in a reason: every reason goes
+through ``redact`` with the destination's secrets.
+"""
+
+from __future__ import annotations
+
+from plugin.config import (
+    BasicAuth,
+    BearerAuth,
+    DicomDestination,
+    DicomWebDestination,
+    OrthancDestination,
+)
+from plugin.dispatch.base import Sender, url_secrets
+from plugin.dispatch.dicom import DicomSender
+from plugin.dispatch.dicomweb import StowSender
+from plugin.dispatch.orthanc_rest import OrthancSender
+
+
+def destination_secrets(
+    destination: DicomDestination | DicomWebDestination | OrthancDestination,
+) -> list[str]:
+    """Every credential a destination carries, for ``redact``."""
+    if isinstance(destination, DicomWebDestination):
+        secrets = url_secrets(destination.url)
+        if isinstance(destination.auth, BasicAuth):
+            secrets.append(destination.auth.password.get_secret_value())
+        elif isinstance(destination.auth, BearerAuth):
+            secrets.append(destination.auth.token.get_secret_value())
+        return secrets
+    if isinstance(destination, OrthancDestination):
+        secrets = url_secrets(destination.url)
+        if destination.password is not None:
+            secrets.append(destination.password.get_secret_value())
+        return secrets
+    return []
+
+
+def make_sender(
+    destination: DicomDestination | DicomWebDestination | OrthancDestination,
+    calling_ae_title: str,
+    timeout_s: float,
+) -> Sender:
+    """The sender for a configured destination."""
+    if isinstance(destination, DicomDestination):
+        return DicomSender(destination, calling_ae_title, timeout_s)
+    if isinstance(destination, DicomWebDestination):
+        return StowSender(destination, timeout_s)
+    return OrthancSender(destination, timeout_s)

@@ -1,0 +1,178 @@
+"""The executor loop of the node: lease a job, run it on an executor slot, record what happened.
+
+One thread per executor slot: claim the oldest runnable job (`plugin.jobs.queue.claim_job`), hand the
+task to the executor, renew the lease while it runs, then record in one transaction either
+SUCCEEDED with its deliveries queued (`plugin.dispatch.outbox.enqueue_deliveries`), or the failure: a
+reason the operator can act on (the PipelineError/SeriesError message; the traceback is in the
+log). Input errors fail at once; a timeout, a dead worker or an unexpected error is re-queued
+until ``max_attempts``. If this node dies, its leases expire and any node takes the jobs over.
+On stop, running tasks are killed and their jobs go back to the queue without using an attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from plugin.config import Config
+from plugin.dispatch.outbox import enqueue_deliveries
+from plugin.jobs.executor.base import Executor, Stopped, Task, TaskTimeout, WorkerLost
+from plugin.jobs.queue import ClaimedJob, Enqueue, claim_job, fail_job, finish_job, release_job, renew_lease
+from plugin.store.db import Store
+
+log = logging.getLogger(__name__)
+
+
+class _Lease:
+    """The `Watch` of one running job: renews its lease every third of the lease time."""
+
+    def __init__(
+        self, store: Store, job: ClaimedJob, owner: str, lease_s: float, stop: threading.Event
+    ) -> None:
+        self._store = store
+        self._job = job
+        self._owner = owner
+        self._lease_s = lease_s
+        self._stop = stop
+        self._next_renewal = time.monotonic() + lease_s / 3
+        self.lost = False
+
+    def keep_going(self) -> bool:
+        if self._stop.is_set():
+            return False
+        if time.monotonic() < self._next_renewal:
+            return True
+        try:
+            self.lost = not renew_lease(self._store, self._job.id, self._owner, self._lease_s)
+        except SQLAlchemyError as err:  # the store is busy or down: try again at the next tick
+            log.warning("job %d: lease not renewed: %s", self._job.id, err)
+            return True
+        self._next_renewal = time.monotonic() + self._lease_s / 3
+        return not self.lost
+
+    def step_done(self, step: str, seconds: float) -> None:
+        log.info("job %d: %s %.2f", self._job.id, step, seconds)
+
+
+class JobRunner:
+    """Runs the store's jobs on ``executor``: ``start`` one thread per slot, ``stop`` to end them."""
+
+    def __init__(
+        self, store: Store, config: Config, executor: Executor, enqueue: Enqueue = enqueue_deliveries
+    ) -> None:
+        self._store = store
+        self._config = config.executor
+        self._pipeline_options = config.pipeline_options
+        self._spool_dir = config.spool_dir
+        self._results_dir = config.results_dir
+        self._executor = executor
+        self._enqueue = enqueue
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._results_dir.mkdir(parents=True, exist_ok=True)
+        for slot in range(self._executor.slots):
+            thread = threading.Thread(target=self._loop, args=(slot,), name=f"radgate-slot-{slot}")
+            thread.start()
+            self._threads.append(thread)
+        log.info("executor: %d slot(s), results in %s", self._executor.slots, self._results_dir.resolve())
+
+    def stop(self) -> None:
+        """Kill running tasks, give their jobs back to the queue, stop the workers."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+        self._executor.close()
+
+    def _loop(self, slot: int) -> None:
+        while not self._stop.is_set():
+            try:
+                ran = self.run_one(slot)
+            except Exception:  # the store went away, or a bug: keep the slot alive
+                log.exception("executor slot %d: unexpected error; trying again", slot)
+                ran = None
+            if ran is None:
+                self._stop.wait(self._config.poll_s)
+
+    def run_one(self, slot: int = 0) -> int | None:
+        """Claim one job and run it to its next recorded state; its id, or None if none was queued."""
+        owner = f"{self._owner}:{slot}"
+        cfg = self._config
+        job = claim_job(self._store, owner, self._spool_dir, cfg.lease_s, cfg.max_attempts)
+        if job is None:
+            return None
+        log.info(
+            "job %d: %s on series %s of study %s revision %d (attempt %d of %d)",
+            *(
+                job.id,
+                job.pipeline,
+                job.series_uid,
+                job.study_uid,
+                job.revision,
+                job.attempts,
+                cfg.max_attempts,
+            ),
+        )
+        if not job.files:
+            self._fail(job, owner, f"series {job.series_uid} has no instances in the store", {}, retry=False)
+            return job.id
+        base, options = self._pipeline_options(job.pipeline)
+        task = Task(
+            job_id=job.id,
+            pipeline=job.pipeline,
+            study_uid=job.study_uid,
+            series_uid=job.series_uid,
+            revision=job.revision,
+            files=tuple(str(f) for f in job.files),
+            out_dir=str(self._results_dir / str(job.id)),
+            supersedes=job.supersedes,
+            base=base,
+            options=options,
+        )
+        lease = _Lease(self._store, job, owner, cfg.lease_s, self._stop)
+        try:
+            result = self._executor.run(slot, task, cfg.job_timeout_s, lease)
+        except (TaskTimeout, WorkerLost) as err:
+            self._fail(job, owner, str(err), err.timings, retry=True)
+            return job.id
+        except Stopped:
+            if lease.lost:
+                log.warning("job %d: lease lost to another worker; this run was stopped", job.id)
+            elif release_job(self._store, job, owner):
+                log.info("job %d: returned to the queue (stopping)", job.id)
+            return job.id
+        if result.error is not None:
+            self._fail(job, owner, result.error, result.timings, retry=result.retry)
+        elif finish_job(
+            self._store,
+            job,
+            owner,
+            [(uid, Path(p)) for uid, p in result.results],
+            result.timings,
+            self._enqueue,
+        ):
+            log.info(
+                "job %d: SUCCEEDED, %d result objects%s -> %s",
+                *(job.id, len(result.results), " (re-used)" if result.reused else ""),
+                ", ".join(job.destinations) or "kept locally",
+            )
+        else:
+            log.warning("job %d: finished, but its lease was lost; the new owner records it", job.id)
+        return job.id
+
+    def _fail(
+        self, job: ClaimedJob, owner: str, reason: str, timings: dict[str, float], *, retry: bool
+    ) -> None:
+        state = fail_job(
+            self._store, job, owner, reason, timings, retry=retry, max_attempts=self._config.max_attempts
+        )
+        log.warning("job %d: %s: %s", job.id, state or "lease lost", reason)

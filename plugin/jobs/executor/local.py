@@ -1,0 +1,160 @@
+"""The local executor: one worker process per slot, started by the node, killed on a time limit.
+
+Why processes and not threads: a hung or runaway pipeline (a C extension in a loop, a CUDA call
+that never returns) can only be stopped by killing its process, and one job's memory (a large
+volume, a model's weights) is given back when it ends. A worker lives on between jobs so torch
+and a model's weights are loaded once; it is replaced after it was killed or died.
+
+Workers are started with ``spawn``: the node has threads (listener, completion, slots) and a
+fork would copy their locks in whatever state they were. A worker ignores SIGINT (a Ctrl-C in
+the terminal reaches the whole process group; the node decides what stops) and exits when the
+node's end of its pipe closes, so a killed node leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+import torch
+
+from plugin.config import LoggingConfig
+from plugin.jobs.executor.base import Stopped, Task, TaskResult, TaskTimeout, Watch, WorkerLost
+
+log = logging.getLogger(__name__)
+
+STEP_AFTER = {"load_s": "infer", "infer_s": "encode", "encode_s": "encode"}
+START_TIMEOUT_S = 300.0
+"""How long a new worker may take to import torch and the pipelines before it counts as broken."""
+
+
+def _worker_main(conn: Connection, slot: int, logging_config: LoggingConfig) -> None:
+    """A worker process: say ready, then run each task it is sent, reporting every finished step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from ai_models.base import Pipeline
+    from plugin.jobs.executor.work import run_task, worker_device
+    from plugin.logs import setup_logging
+
+    setup_logging(logging_config)
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))  # per object
+    device = worker_device(slot)
+    pipelines: dict[str, Pipeline] = {}
+
+    def report(step: str, seconds: float) -> None:
+        with contextlib.suppress(OSError):  # the node is gone: the result cannot be sent either
+            conn.send(("step", step, seconds))
+
+    try:
+        conn.send(("ready", str(device)))
+        while True:
+            task = conn.recv()
+            conn.send(("result", run_task(task, device, pipelines, report)))
+    except (EOFError, OSError):  # the node closed our pipe or died: nobody is waiting for us
+        return
+
+
+@dataclass
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+
+
+class LocalExecutor:
+    """`Executor` on worker processes of this machine; with CUDA, at most one slot per GPU."""
+
+    def __init__(self, workers: int, logging_config: LoggingConfig, tick_s: float = 0.5) -> None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        self._slots = min(workers, gpus) if gpus else workers
+        self._logging = logging_config
+        self._tick_s = tick_s
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: dict[int, _Worker] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def _start(self, slot: int, watch: Watch) -> _Worker:
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(
+            target=_worker_main, args=(theirs, slot, self._logging), name=f"radgate-worker-{slot}"
+        )
+        process.start()
+        theirs.close()
+        worker = _Worker(process, ours)
+        with self._lock:
+            self._workers[slot] = worker
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ours.poll(self._tick_s):
+            if not process.is_alive() or time.monotonic() > deadline:
+                code = self._kill(slot)
+                raise WorkerLost(f"worker process {slot} did not start (exit code {code})", {})
+            if not watch.keep_going():
+                self._kill(slot)
+                raise Stopped()
+        try:
+            _, device = ours.recv()
+        except (EOFError, OSError):
+            code = self._kill(slot)
+            raise WorkerLost(f"worker process {slot} died while starting (exit code {code})", {}) from None
+        log.info("worker %d started (pid %s) on %s", slot, process.pid, device)
+        return worker
+
+    def _kill(self, slot: int) -> int | None:
+        """SIGKILL the slot's worker (it may be stuck anywhere) and forget it; its exit code."""
+        with self._lock:
+            worker = self._workers.pop(slot, None)
+        if worker is None:
+            return None
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(10)
+        worker.conn.close()
+        return worker.process.exitcode
+
+    def run(self, slot: int, task: Task, timeout_s: float, watch: Watch) -> TaskResult:
+        with self._lock:
+            worker = self._workers.get(slot)
+        if worker is None or not worker.process.is_alive():
+            self._kill(slot)
+            worker = self._start(slot, watch)
+        timings: dict[str, float] = {}
+        step = "load"
+        deadline = time.monotonic() + timeout_s
+        try:
+            worker.conn.send(task)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._kill(slot)
+                    raise TaskTimeout(timeout_s, step, timings)
+                if not watch.keep_going():
+                    self._kill(slot)
+                    raise Stopped()
+                if not worker.conn.poll(min(self._tick_s, remaining)):
+                    continue
+                message = worker.conn.recv()
+                if message[0] == "result":
+                    result: TaskResult = message[1]
+                    return result
+                _, name, seconds = message
+                timings[name] = seconds
+                step = STEP_AFTER[name]
+                watch.step_done(name, seconds)
+        except (EOFError, OSError):
+            code = self._kill(slot)
+            raise WorkerLost(f"worker process died during {step} (exit code {code})", timings) from None
+
+    def close(self) -> None:
+        with self._lock:
+            slots = list(self._workers)
+        for slot in slots:
+            self._kill(slot)

@@ -1,0 +1,141 @@
+"""The work of one task, inside a worker: load → infer → encode, results written whole or not at all.
+
+Idempotency (no duplicate results in the archive, whatever crashes when):
+
+* Result files are written into a temporary folder beside ``out_dir``, fsync'd with a manifest
+  (SOP Instance UID and file, in sending order), and the folder is renamed to ``out_dir``. A rename
+  is atomic, so ``out_dir`` either does not exist or holds a complete result set.
+* A task whose ``out_dir`` exists re-uses those files and runs nothing: a worker that died after
+  the rename but before the job was recorded SUCCEEDED (and its deliveries queued) is simply
+  repeated, and the archive receives the same SOP Instances as before.
+* Result UIDs are derived from (study, revision, series, pipeline, pipeline version, source
+  instances) through `ResultOptions.uid_seed`, so even a re-run that must encode again (its folder
+  lost) gives the same UIDs, which an archive stores once.
+
+A new revision of a study gets new UIDs, a series number 10 higher per revision, and a
+description that names the revision it supersedes, so the PACS shows both and which is newer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pydicom
+import torch
+
+from ai_models.base import Pipeline, PipelineError, run_pipeline
+from ai_models.registry import UnknownPipelineError, get_pipeline
+from dicom_io.durable import fsync_dir
+from dicom_io.results import ResultError, ResultOptions, write_results
+from dicom_io.series import SeriesError
+from dicom_io.types import GeometryError
+from dicom_io.volume import load_series
+from plugin.jobs.executor.base import Task, TaskResult
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "results.json"
+SERIES_NUMBER_OFFSET = 1000
+"""Results of revision 1 get the largest source series number + this; each later revision +10."""
+
+Report = Callable[[str, float], None]
+
+_INPUT_ERRORS = (PipelineError, SeriesError, ResultError, GeometryError, UnknownPipelineError)
+"""Errors that another attempt on the same input cannot fix: the job fails with the message."""
+
+
+def result_options(task: Task, headers: Sequence[pydicom.Dataset]) -> ResultOptions:
+    """Numbering, description and UID seed that make a revision's results distinct and repeatable."""
+    numbers = [int(ds.SeriesNumber) for ds in headers if ds.get("SeriesNumber") not in (None, "")]
+    base = max(numbers, default=0) + SERIES_NUMBER_OFFSET + 10 * (task.revision - 1)
+    prefix = "radgate" if task.supersedes is None else f"radgate (supersedes rev {task.supersedes})"
+    return ResultOptions(
+        series_number_base=base,
+        series_description_prefix=prefix,
+        uid_seed=f"radgate/{task.study_uid}/{task.revision}/{task.series_uid}/{task.pipeline}",
+    )
+
+
+def read_manifest(out_dir: Path) -> tuple[tuple[str, str], ...]:
+    entries = json.loads((out_dir / MANIFEST).read_text())
+    return tuple((uid, str(out_dir / name)) for uid, name in entries)
+
+
+def _write_whole(out_dir: Path, write: Callable[[Path], list[Path]]) -> tuple[tuple[str, str], ...]:
+    """Write into a temporary sibling folder, make it durable, rename it to ``out_dir``."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for left in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # from attempts killed while encoding
+        shutil.rmtree(left, ignore_errors=True)
+    temp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    paths = write(temp)
+    entries = [(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p.name) for p in paths]
+    (temp / MANIFEST).write_text(json.dumps(entries))
+    for path in [*paths, temp / MANIFEST]:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(temp)
+    try:
+        os.rename(temp, out_dir)
+    except OSError:  # another attempt renamed its complete folder first: use that one
+        shutil.rmtree(temp, ignore_errors=True)
+        if not (out_dir / MANIFEST).is_file():
+            raise
+    fsync_dir(out_dir.parent)
+    return read_manifest(out_dir)
+
+
+def run_task(task: Task, device: torch.device, pipelines: dict[str, Pipeline], report: Report) -> TaskResult:
+    """Run one task; never raises for a failure of the input or the code (it is in the result)."""
+    out_dir = Path(task.out_dir)
+    if (out_dir / MANIFEST).is_file():
+        log.info("job %d: results of an earlier attempt found complete in %s", task.job_id, out_dir)
+        return TaskResult(results=read_manifest(out_dir), reused=True)
+    timings: dict[str, float] = {}
+
+    def step(name: str, started: float) -> None:
+        timings[name] = round(time.monotonic() - started, 3)
+        report(name, timings[name])
+
+    try:
+        started = time.monotonic()
+        volume = load_series([Path(f) for f in task.files])
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in task.files]
+        step("load_s", started)
+        started = time.monotonic()
+        if task.pipeline not in pipelines:
+            pipelines[task.pipeline] = get_pipeline(task.base or task.pipeline, **task.options)
+        findings = run_pipeline(pipelines[task.pipeline], volume, device)
+        step("infer_s", started)
+        started = time.monotonic()
+        options = result_options(task, headers)
+        results = _write_whole(out_dir, lambda d: write_results(findings, volume, headers, d, options))
+        step("encode_s", started)
+    except _INPUT_ERRORS as err:
+        log.warning(
+            "job %d: %s failed on series %s: %s",
+            *(task.job_id, task.pipeline, task.series_uid, err),
+            exc_info=True,  # the job records the message; the log keeps where it came from
+        )
+        prefix = "results: " if isinstance(err, ResultError) else ""
+        return TaskResult(timings=timings, error=f"{prefix}{err}")
+    except Exception as err:  # a bug or the machine: logged in full, the job gets one line and a retry
+        log.exception("job %d: %s crashed on series %s", task.job_id, task.pipeline, task.series_uid)
+        return TaskResult(timings=timings, error=f"{type(err).__name__}: {err}", retry=True)
+    log.info(
+        "job %d: %s on series %s: %d result objects in %s",
+        *(task.job_id, task.pipeline, task.series_uid, len(results), out_dir),
+    )
+    return TaskResult(results=results, timings=timings)
+
+
+def worker_device(slot: int) -> torch.device:
+    """The device of worker ``slot``: its own GPU when CUDA is present (one job per GPU), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", slot % torch.cuda.device_count())
+    return torch.device("cpu")

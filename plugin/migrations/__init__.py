@@ -1,1 +1,0 @@
-"""Alembic migrations of the job store; run by ``plugin.store.Store.migrate`` at every start."""
