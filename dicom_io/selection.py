@@ -2,7 +2,7 @@
 
 A study as a PACS sends it holds several series of one acquisition (a scout, reconstructions with
 different kernels and slice thicknesses, a dose report, perhaps our own earlier results). A
-pipeline says here which of them it can use and which it prefers; the node (`plugin.selection`)
+pipeline says here which of them it can use and which it prefers; the node (`plugin.route.selection`)
 checks every series' header against it and runs the pipeline on the best one. This module holds
 the declaration only: no pydicom, no torch, so pipelines (`ai_models`) and the torch-free parts of
 the node (the Orthanc plugin) can both import it.

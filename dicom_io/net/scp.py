@@ -288,7 +288,7 @@ class StorageSCP:
         """Listen and serve in background threads (and worker processes); returns when ready.
 
         Incoming files a previous run left in `incoming_dir` are removed first: a handler that needs
-        them (`plugin.spool.Spool.recover`) has taken what it needs before.
+        them (`plugin.ingest.spool.Spool.recover`) has taken what it needs before.
         """
         stale = list(self.config.incoming_dir.glob(f"{INCOMING_PREFIX}*"))
         for path in stale:

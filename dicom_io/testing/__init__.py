@@ -9,6 +9,6 @@ product code so a reader of `dicom_io/` and `plugin/` sees only what a node runs
 - `structure`: a viewer's-eye summary of any SEG or TID 1500 SR, to compare ours with dcmqi's.
 - `orthanc_server`: a real Orthanc process on free loopback ports (tests and `radgate demo`).
 
-The node itself (`plugin/` outside `plugin/demo.py`, `dicom_io/` outside this package) imports none
+The node itself (`plugin/` outside `plugin/demo/local.py`, `dicom_io/` outside this package) imports none
 of these.
 """
