@@ -144,8 +144,9 @@ def _alive(pid: int) -> bool:
 def test_when_the_holder_is_killed_the_next_node_takes_the_data_dir(tmp_path: Path) -> None:
     first = NodeProcess(tmp_path / "first").start()
     assert first.process is not None
-    children = _children(first.process.pid)
-    assert children  # the receiving processes, at least
+    pid = first.process.pid
+    # the receiving processes, at least (listening comes first: under load they may still be forking)
+    children = wait_for(lambda: _children(pid), 30, "the node's receiving processes")
     assoc = _associate(first)  # an association open when the node dies keeps no receiver alive
     first.kill()  # SIGKILL: the kernel drops its lock
     wait_for(lambda: not any(_alive(pid) for pid in children), 3, "the killed node's processes to end")

@@ -117,8 +117,15 @@ def compiled_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def held_incoming(directory: Path) -> list[Path]:
     """Incoming files that hold bytes: partial or kept datasets. The receiving processes' files made
-    ahead (empty until a C-STORE takes one) are not leftovers."""
-    return sorted(p for p in directory.iterdir() if p.stat().st_size > 0)
+    ahead (empty until a C-STORE takes one) are not leftovers; a file renamed away meanwhile is gone."""
+    held = []
+    for path in directory.iterdir():
+        try:
+            if path.stat().st_size > 0:
+                held.append(path)
+        except FileNotFoundError:  # renamed into the spool or removed between listing and stat
+            continue
+    return sorted(held)
 
 
 def free_port() -> int:
