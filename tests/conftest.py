@@ -1,7 +1,7 @@
 """Shared fixtures: the test data folder, small written phantoms, a real Orthanc, a real PostgreSQL.
 
 Session-scoped phantom folders are shared by every test: read them, never modify them.
-Real-data tests skipped because the shared test data or tools are missing (testdata_support) are
+Real-data tests skipped because the shared test data or tools are missing (support.testdata) are
 counted in one line at the very end of the run.
 """
 
@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from postgres_support import PostgresServer, find_initdb
-from testdata_support import pytest_terminal_summary as pytest_terminal_summary  # counts real-data skips
-from testdata_support import pytest_unconfigure as pytest_unconfigure  # and prints them last
-from testdata_support import require_path, shared_testdata_dir
+from support.postgres import PostgresServer, find_initdb
+from support.testdata import pytest_terminal_summary as pytest_terminal_summary  # counts real-data skips
+from support.testdata import pytest_unconfigure as pytest_unconfigure  # and prints them last
+from support.testdata import require_path, shared_testdata_dir
 
 from dicom_io.testing.orthanc_server import OrthancError, OrthancServer, find_plugin
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom

@@ -1,0 +1,236 @@
+"""The real node: `radgate serve` as a subprocess, DCMTK and pynetdicom as peers, the real SQLite file."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import socket
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from support.node import DCMTK_ENV, RADGATE, STORESCU, NodeProcess, held_incoming, wait_for, write_series
+from support.testdata import TESTDATA, needs_testdata
+
+TESTFILES = TESTDATA / "pydicom-testfiles"
+
+
+@pytest.fixture()
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    n = NodeProcess(tmp_path).start()
+    yield n
+    assert n.stop() == 0, n.log()
+
+
+def _complete(node: NodeProcess, count: int, revision: int = 1) -> dict:
+    def done() -> dict | None:
+        studies = node.studies()
+        if studies and studies[0]["state"] == "COMPLETE" and studies[0]["revision"] == revision:
+            return studies[0]
+        return None
+
+    study = wait_for(done, 30, "the study to complete", interval=0.2)
+    assert study["instance_count"] == count
+    return study
+
+
+def _spooled(node: NodeProcess, path: Path) -> Path:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return node.data_dir / "spool" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+
+
+def _same_dataset(a: Path, b: Path) -> bool:
+    """Equal as datasets (the receiver writes its own file meta, so bytes before the dataset differ)."""
+    return pydicom.dcmread(a) == pydicom.dcmread(b)
+
+
+def test_a_sent_study_is_stored_and_listed_complete(node: NodeProcess, tmp_path: Path) -> None:
+    files = write_series(tmp_path / "src", 12)
+    sent = node.storescu(*files)
+    assert sent.returncode == 0, sent.stderr
+    study = _complete(node, 12)
+    assert (study["series_count"], study["revision"], study["accession_number"]) == (1, 1, "ACC1")
+    assert all(_same_dataset(f, _spooled(node, f)) for f in files)
+    listing = subprocess.run(
+        [str(RADGATE), "studies", "--data-dir", str(node.data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert study["study_uid"] in listing.stdout and "COMPLETE" in listing.stdout
+
+
+def test_the_same_instance_twice_is_stored_once(node: NodeProcess, tmp_path: Path) -> None:
+    [first, second] = write_series(tmp_path / "src", 2)
+    assert node.storescu(first, second).returncode == 0
+    stored = _spooled(node, first).read_bytes()
+    resent = node.storescu(first)
+    assert resent.returncode == 0 and "Success" in resent.stderr, resent.stderr
+    _complete(node, 2)
+    assert _spooled(node, first).read_bytes() == stored
+
+
+def test_a_late_instance_opens_a_new_revision_that_completes_again(node: NodeProcess, tmp_path: Path) -> None:
+    """Which jobs each revision queues is routing's business (tests/test_node_completion.py: one each)."""
+    files = write_series(tmp_path / "src", 3)
+    assert node.storescu(*files[:2]).returncode == 0
+    first = _complete(node, 2)
+    assert node.storescu(files[2]).returncode == 0
+    second = _complete(node, 3, revision=2)
+    assert second["completed_at"] > first["completed_at"]
+    with sqlite3.connect(node.data_dir / "radgate.db") as db:
+        revisions = db.execute(
+            "SELECT study_revision, count(*) FROM instances GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    assert revisions == [(1, 2), (2, 1)]
+
+
+def _send_raw(port: int, path: Path) -> int:
+    """C-STORE a file's bytes as they are: pynetdicom streams the dataset without decoding it."""
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="PYSCU")
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADGATE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+@needs_testdata
+@pytest.mark.parametrize("broken", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
+def test_a_broken_instance_is_refused_and_the_node_keeps_serving(
+    node: NodeProcess, tmp_path: Path, broken: str
+) -> None:
+    status = _send_raw(node.port, TESTFILES / broken)
+    assert status >= 0xA000, hex(status)
+    files = write_series(tmp_path / "src", 2)
+    assert node.storescu(*files).returncode == 0
+    _complete(node, 2)
+    assert held_incoming(node.data_dir / "incoming") == []
+
+
+def test_a_disallowed_peer_is_rejected_at_association(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path, {"dicom": {"allowed_peers": [{"ae_title": "PACS", "address": "127.0.0.1"}]}})
+    node.start()
+    try:
+        refused = node.echoscu(calling_ae="INTRUDER")
+        assert refused.returncode != 0
+        assert "Association Rejected" in refused.stderr + refused.stdout
+        files = write_series(tmp_path / "src", 1)
+        assert "Association Rejected" in node.storescu(*files, calling_ae="INTRUDER").stderr
+        assert node.echoscu(calling_ae="PACS").returncode == 0
+        assert node.studies() == []
+    finally:
+        assert node.stop() == 0
+
+
+def test_a_client_that_does_not_speak_dicom_does_no_harm(node: NodeProcess, tmp_path: Path) -> None:
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: radgate\r\n\r\n")
+        s.settimeout(10)
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            s.recv(1024)  # an A-ABORT or a closed connection, whichever the transport sends
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+        s.sendall(b"\x01\x00\x00\x00\xff\xff\xff\xff" + b"\x00" * 64)  # an A-ASSOCIATE-RQ claiming 4 GiB
+    socket.create_connection(("127.0.0.1", node.port), timeout=10).close()  # connect and hang up
+    assert node.echoscu().returncode == 0
+    files = write_series(tmp_path / "src", 1)
+    assert node.storescu(*files).returncode == 0
+    _complete(node, 1)
+
+
+def test_a_wrong_config_key_stops_the_start_with_a_message_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data_dir: ./x\ncompletion:\n  quiet_periode_s: 3\n")
+    result = subprocess.run(
+        [str(RADGATE), "serve", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "completion.quiet_periode_s" in result.stderr
+
+
+def test_a_spool_write_failure_answers_out_of_resources(node: NodeProcess, tmp_path: Path) -> None:
+    [blocked, *_] = files = write_series(tmp_path / "src", 2)
+    study_dir = _spooled(node, blocked).parent.parent
+    study_dir.parent.mkdir(parents=True, exist_ok=True)
+    study_dir.write_bytes(b"a file where the study directory should be")  # mkdir fails: ENOTDIR
+    sent = node.storescu(*files)  # storescu stops at the first refused instance
+    assert "Refused: OutOfResources" in sent.stderr and "Success" not in sent.stderr, sent.stderr
+    # the receiving process forwards its log lines to the node's log: the line may come after the answer
+    wait_for(lambda: "0xA700" in node.log(), 10, "the refusal in the node's log")
+    assert held_incoming(node.data_dir / "incoming") == []
+    study_dir.unlink()
+    assert node.storescu(*files).returncode == 0  # the node kept serving; the resend is stored
+    _complete(node, 2)
+
+
+def test_a_file_size_limit_on_the_node_answers_out_of_resources(tmp_path: Path) -> None:
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    node = NodeProcess(tmp_path).start(preexec_fn=limit_file_size)
+    try:
+        big = write_series(tmp_path / "big", 1, size=512)  # 512 KiB of pixels
+        sent = node.storescu(*big)
+        assert "Refused: OutOfResources" in sent.stderr and "Success" not in sent.stderr, sent.stderr
+        wait_for(lambda: "0xA700" in node.log(), 10, "the refusal in the node's log")
+        assert held_incoming(node.data_dir / "incoming") == []  # the partial file is gone
+        small = write_series(tmp_path / "small", 2)
+        assert node.storescu(*small).returncode == 0
+        _complete(node, 2)
+    finally:
+        assert node.stop() == 0
+
+
+def test_concurrent_associations_into_two_receiving_processes_fill_one_study(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path, {"dicom": {"receivers": 2}}).start()
+    try:
+        study_uid = generate_uid()
+        series = [write_series(tmp_path / name, 25, study_uid=study_uid) for name in ("a", "b")]
+        senders = [
+            subprocess.Popen(
+                [STORESCU, "-aec", "RADGATE", "127.0.0.1", str(node.port), *map(str, files)], env=DCMTK_ENV
+            )
+            for files in series
+        ]
+        assert [p.wait(120) for p in senders] == [0, 0]
+        study = _complete(node, 50)
+        assert (study["study_uid"], study["series_count"]) == (study_uid, 2)
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+@pytest.mark.parametrize("problem", ["port in use", "TLS key missing"])
+def test_a_node_that_cannot_start_says_why_and_exits_non_zero(tmp_path: Path, problem: str) -> None:
+    blocker = socket.create_server(("127.0.0.1", 0))
+    settings: dict = {"dicom": {"port": blocker.getsockname()[1]}}
+    if problem == "TLS key missing":
+        blocker.close()
+        missing = {
+            "enabled": True,
+            "cert_file": str(tmp_path / "no.crt"),
+            "key_file": str(tmp_path / "no.key"),
+        }
+        settings = {"dicom": {"tls": missing}}
+    node = NodeProcess(tmp_path, settings)
+    try:
+        result = subprocess.run(
+            [str(RADGATE), "serve", "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        blocker.close()
+    assert result.returncode == 1
+    assert "cannot start the node" in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -1,0 +1,167 @@
+"""SR: TID 1500 passes pixelmed, dsrdump and dciodvfy; values, references and coordinates read back."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from support.results import (
+    LEFT,
+    ML,
+    RIGHT,
+    VOLUME,
+    Series,
+    lung_findings,
+    make_series,
+    require,
+)
+from support.testdata import TESTDATA, needs_testdata
+
+from dicom_io.results import ResultOptions, ResultSet, build_results
+from dicom_io.testing import validate
+from dicom_io.testing.structure import describe_seg, describe_sr
+from dicom_io.types import Findings, Measurement
+
+DCMQI = TESTDATA / "dcmqi"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+OPTIONS = ResultOptions(write_sc=False, device_uid="1.2.826.0.1.3680043.10.1234.1", serial_number="node-7")
+
+
+def _evidence(sr: Dataset) -> set[str]:
+    """The instances listed in CurrentRequestedProcedureEvidenceSequence."""
+    return {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+
+
+def _findings(series: Series) -> Findings:
+    """Two lungs with measurements, a total volume with no segment, a trachea not found, a note."""
+    lungs = lung_findings(series.volume, empty=["Trachea"])
+    total = sum(m.value for m in lungs.measurements if m.concept == VOLUME)
+    return replace(
+        lungs,
+        measurements=(*lungs.measurements, Measurement(VOLUME, round(total, 3), ML)),
+        notes=("Emphysema quantification uses a -950 HU threshold.",),
+    )
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Series, Findings, ResultSet, Path, Path]:
+    series = make_series("oblique")
+    findings = _findings(series)
+    results = build_results(findings, series.volume, series.datasets, OPTIONS)
+    assert results.seg is not None
+    out = tmp_path_factory.mktemp("sr")
+    results.seg.save_as(out / "seg.dcm", enforce_file_format=True)
+    results.sr.save_as(out / "sr.dcm", enforce_file_format=True)
+    return series, findings, results, out / "seg.dcm", out / "sr.dcm"
+
+
+def test_sr_passes_pixelmed(written: tuple[Series, Findings, ResultSet, Path, Path]) -> None:
+    result = require(validate.pixelmed_sr(written[4]))
+    assert "IOD validation complete" in result.output
+    assert result.ok, str(result)
+
+
+def test_sr_passes_dciodvfy(written: tuple[Series, Findings, ResultSet, Path, Path]) -> None:
+    result = require(validate.dciodvfy(written[4]))
+    assert result.ok, str(result)
+
+
+def test_sr_dsrdump_prints_it(written: tuple[Series, Findings, ResultSet, Path, Path]) -> None:
+    result = require(validate.dsrdump(written[4]))
+    assert result.ok, str(result)
+    assert '(126000,DCM,"Imaging Measurement Report")' in result.output
+    assert "Right lung" in result.output and "No Trachea found" in result.output
+
+
+def test_sr_values_and_references_read_back(written: tuple[Series, Findings, ResultSet, Path, Path]) -> None:
+    series, findings, _, seg_path, sr_path = written
+    sr = hd.sr.srread(sr_path)
+    seg = pydicom.dcmread(seg_path)
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.SeriesNumber == seg.SeriesNumber + 1
+    report = sr.content
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["Right lung", "Left lung", "Both lungs"]
+    tracking_uids = {item.SegmentLabel: item.TrackingUID for item in seg.SegmentSequence}
+    inverse = np.linalg.inv(series.volume.affine)
+    for group, segment, laterality in zip(groups, findings.segments, (RIGHT, LEFT), strict=False):
+        assert group.tracking_uid == tracking_uids[segment.label]
+        reference = group.referenced_segment
+        assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert reference.referenced_segment_numbers == [segment.number]
+        assert group.finding_sites[0].laterality.value == laterality.value
+        expected = findings.measurements_for(segment.number)
+        measured = group.get_measurements()
+        assert [(m.name.value, m.value, m.unit.value) for m in measured] == [
+            (e.concept.value, pytest.approx(e.value), e.unit.value) for e in expected
+        ]
+        assert measured[1].derivation is not None and measured[1].derivation.value == "373098007"
+        for m in measured:  # every NUM located at a point inside its segment, in the source frame
+            point = m.referenced_coordinates[0]
+            assert point.GraphicType == "POINT"
+            assert point.ReferencedFrameOfReferenceUID == seg.FrameOfReferenceUID
+            x, y, z = np.round(inverse @ np.r_[np.asarray(point.GraphicData, float), 1.0])[:3]
+            assert segment.mask[int(z), int(y), int(x)]
+    whole = groups[2]
+    assert whole.roi is not None and whole.roi.graphic_type.value == "POINT"
+    assert whole.get_measurements()[0].value == pytest.approx(findings.measurements_for(None)[0].value)
+    assert _evidence(sr) == {seg.SOPInstanceUID} | {r.sop_instance_uid for r in series.volume.sources}
+
+
+def test_sr_identifies_device_and_algorithm(written: tuple[Series, Findings, ResultSet, Path, Path]) -> None:
+    result = require(validate.dsrdump(written[4]))
+    assert '(121012,DCM,"Device Observer UID")="1.2.826.0.1.3680043.10.1234.1"' in result.output
+    assert '(121015,DCM,"Device Observer Model Name")="radgate"' in result.output
+    assert '(121016,DCM,"Device Observer Serial Number")="node-7"' in result.output
+    assert '(111001,DCM,"Algorithm Name")="ct-lung"' in result.output
+    assert '(111003,DCM,"Algorithm Version")="1.2.0"' in result.output
+
+
+def test_empty_finding_gives_a_valid_sr_and_no_seg(tmp_path: Path) -> None:
+    series = make_series()
+    findings = lung_findings(series.volume, empty=["Right lung", "Left lung"])
+    results = build_results(findings, series.volume, series.datasets, OPTIONS)
+    assert results.seg is None
+    path = tmp_path / "sr.dcm"
+    results.sr.save_as(path, enforce_file_format=True)
+    for check in (validate.pixelmed_sr, validate.dciodvfy, validate.dsrdump):
+        result = require(check(path))
+        assert result.ok, str(result)
+    dump = validate.dsrdump(path).output
+    assert "No Right lung found" in dump and "No Left lung found" in dump
+    structure = describe_sr(pydicom.dcmread(path))
+    assert structure.groups == () and "Qualitative Evaluations" in structure.root_items
+    assert _evidence(results.sr) == {r.sop_instance_uid for r in series.volume.sources}
+
+
+@needs_testdata
+def test_structure_compared_with_dcmqi(written: tuple[Series, Findings, ResultSet, Path, Path]) -> None:
+    """The same reader over dcmqi's examples and ours: what viewers need, where the two differ."""
+    ours_seg, ours_sr = describe_seg(pydicom.dcmread(written[3])), describe_sr(pydicom.dcmread(written[4]))
+    dcmqi_seg = describe_seg(pydicom.dcmread(DCMQI / "segmentations" / "liver.dcm"))
+    dcmqi_sr = describe_sr(pydicom.dcmread(DCMQI / "sr-example" / "sr.dcm"))
+    for seg in (ours_seg, dcmqi_seg):  # what both do, and every viewer relies on
+        assert seg.segmentation_type == "BINARY" and seg.referenced_series == 1
+        assert seg.frames_with_source_image == seg.frames and seg.shared_pixel_measures
+        assert all(s.cielab for s in seg.segments)
+    assert all(s.algorithm_identification and s.algorithm_type == "AUTOMATIC" for s in ours_seg.segments)
+    assert not any(s.algorithm_identification for s in dcmqi_seg.segments)
+    for sr in (ours_sr, dcmqi_sr):
+        assert sr.template == "1500"
+        assert all(g.tracking_id and g.tracking_uid for g in sr.groups)
+        assert all(g.referenced_segment for g in sr.groups if g.tracking_id != "Both lungs")
+    # the difference that decides whether OHIF shows the report at all
+    assert all(g.viewer_locatable for g in ours_sr.groups)
+    assert not any(g.viewer_locatable for g in dcmqi_sr.groups)
+    assert ours_sr.observer_types == ("Device",) and dcmqi_sr.observer_types == ("Person",)
+    assert dcmqi_sr.image_library and not ours_sr.image_library

@@ -1,0 +1,105 @@
+"""Helpers for the executor tests: a store with series in its spool, and pipelines made for tests.
+
+The test pipelines are registered the way a third-party package registers one (an entry point in
+the group ``radgate.pipelines``), from a dist-info folder put on ``sys.path``: worker processes are
+spawned with the parent's ``sys.path``, so they find them through the real registry too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from dicom_io.types import Findings, Volume
+from plugin.config import Config
+from plugin.ingest.spool import Spool
+from plugin.jobs.queue import claim_job
+from plugin.store.db import Job, Store, Study, add_queued_job
+
+if TYPE_CHECKING:  # not imported at run time: claiming processes start faster without torch
+    import torch
+
+ENTRY_POINTS = {"test-hang": "support.execute:HangPipeline"}
+
+
+class HangPipeline:
+    """Accepts anything and never returns: for the time limit."""
+
+    name = "test-hang"
+    version = "1"
+
+    def accepts(self, volume: Volume) -> str | None:
+        return None
+
+    def run(self, volume: Volume, device: torch.device) -> Findings:
+        time.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+def register_test_pipelines(folder: Path) -> Path:
+    """Write a dist-info declaring the test pipelines into ``folder`` (to be put on sys.path)."""
+    info = folder / "radgate_test_pipelines-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: radgate-test-pipelines\nVersion: 0\n")
+    lines = [f"{name} = {target}" for name, target in ENTRY_POINTS.items()]
+    (info / "entry_points.txt").write_text("[radgate.pipelines]\n" + "\n".join(lines) + "\n")
+    return folder
+
+
+def make_config(data_dir: Path, **executor: object) -> Config:
+    return Config.model_validate({"data_dir": str(data_dir), "executor": {"poll_s": 0.1, **executor}})
+
+
+@contextmanager
+def migrated_store(config: Config) -> Iterator[Store]:
+    """The node's store for ``config``, schema up to date; disposed afterwards."""
+    store = Store(config.db_url)
+    store.migrate()
+    try:
+        yield store
+    finally:
+        store.dispose()
+
+
+def spool_files(store: Store, config: Config, files: Sequence[Path]) -> None:
+    """Put DICOM files into the spool and record them, as the receiving side does."""
+    spool = Spool(config.spool_dir, config.incoming_dir, config.quarantine_dir)
+    spool.prepare()
+    for path in files:
+        rec = spool.describe(path, datetime.now(UTC))
+        final = config.spool_dir / rec.spool_path
+        final.parent.mkdir(parents=True, exist_ok=True)
+        final.write_bytes(path.read_bytes())
+        store.record_instance(rec)
+
+
+def add_job(store: Store, study_uid: str, series_uid: str, pipeline: str, revision: int = 1) -> int:
+    """Queue a job directly (what routing would queue), results kept locally."""
+    with store.session() as s:
+        study = s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
+        job = add_queued_job(s, study, pipeline, series_uid, "test", [], revision=revision)
+        s.flush()
+        return job.id
+
+
+def job_row(store: Store, job_id: int) -> Job:
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def claim_all(db_url: str, spool_dir: str, owner: str) -> list[int]:
+    """Claim until nothing is left; run in its own process (its own engine and connections)."""
+    store = Store(db_url)
+    claimed = []
+    while (job := claim_job(store, owner, Path(spool_dir), lease_s=60, max_attempts=3)) is not None:
+        claimed.append(job.id)
+    store.dispose()
+    return claimed

