@@ -33,10 +33,9 @@ This package's names are its public API. Its modules, by concern:
 - `_pynetdicom`: every use of pynetdicom's private parts, and the check that the installed
   pynetdicom is the release they were written against (pinned exactly in pyproject.toml).
 
-The fsync helpers are `dicom_io.durable`'s (also here, for the transport's callers).
+The fsync helpers are `dicom_io.durable`'s: callers import them from there, not through the transport.
 """
 
-from dicom_io.durable import fsync_dir, fsync_file
 from dicom_io.net import _pynetdicom  # noqa: F401  (first: checks the installed pynetdicom's version)
 from dicom_io.net.incoming import INCOMING_PREFIX, received_completely
 from dicom_io.net.inspection import (
@@ -71,8 +70,6 @@ __all__ = [
     "TlsFiles",
     "c_store_rsp_command",
     "file_meta_header",
-    "fsync_dir",
-    "fsync_file",
     "inspect_dataset",
     "inspect_part10",
     "received_completely",
