@@ -43,7 +43,7 @@ from dicom_io.testing.orthanc_server import OrthancServer, wait_until
 from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.testing.tools import free_port, storescu
 from plugin.demo.local import LocalNode, node_settings
-from plugin.store.db import Delivery, DeliveryState, Job, JobState, Study
+from plugin.store.models import Delivery, DeliveryState, Job, JobState, Study
 
 
 def clone_study(template: list[Dataset], folder: Path) -> tuple[str, list[Path]]:

@@ -41,7 +41,8 @@ from plugin.jobs.queue import routing_hook
 from plugin.logs import setup_logging
 from plugin.route.pipelines import series_lookup
 from plugin.route.rules import validate_rules
-from plugin.store.db import Store, utcnow
+from plugin.store.engine import Store
+from plugin.store.models import utcnow
 
 log = logging.getLogger(__name__)
 

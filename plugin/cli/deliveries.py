@@ -10,7 +10,8 @@ from dataclasses import asdict
 from plugin.config import Config
 from plugin.dispatch.outbox import list_deliveries, retry_deliveries
 from plugin.logs import escape_controls
-from plugin.store.db import DeliveryState, Store
+from plugin.store.engine import Store
+from plugin.store.models import DeliveryState
 
 
 def _open_store(config: Config) -> Store:

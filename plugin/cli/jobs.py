@@ -8,7 +8,7 @@ import sys
 from plugin.config import Config
 from plugin.jobs.queue import STEPS, list_jobs, retry_job
 from plugin.logs import escape_controls
-from plugin.store.db import Store
+from plugin.store.engine import Store
 
 
 def _seconds(timings: dict[str, float]) -> str:

@@ -8,7 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from plugin.config import Config
-from plugin.store.db import Store, StudySummary
+from plugin.store.engine import Store
+from plugin.store.queries import StudySummary
 
 
 def _load(config: Config) -> list[StudySummary]:

@@ -37,7 +37,8 @@ from dicom_io.testing.tools import ToolNotFoundError, free_port, storescu
 from plugin.config import Config
 from plugin.dispatch.outbox import list_deliveries
 from plugin.jobs.queue import list_jobs
-from plugin.store.db import DeliveryState, JobState, Store
+from plugin.store.engine import Store
+from plugin.store.models import DeliveryState, JobState
 
 DESTINATION = "orthanc"
 RESULT_MODALITIES = ("SEG", "SR", "OT")

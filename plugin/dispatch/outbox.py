@@ -33,7 +33,8 @@ from sqlalchemy.orm import Session
 from plugin.config import Config, DispatchConfig
 from plugin.dispatch.base import Outcomes, Outgoing, redact
 from plugin.dispatch.senders import destination_secrets, make_sender
-from plugin.store.db import Delivery, DeliveryState, Store, utcnow
+from plugin.store.engine import Store
+from plugin.store.models import Delivery, DeliveryState, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from dicom_io.durable import fsync_dir, fsync_file
 from dicom_io.net import DatasetLimits, Peer, ReceivedInstance
 from plugin.config import AllowedPeer, Config, DicomConfig
 from plugin.ingest.spool import InstanceIds, Spool, same_content
-from plugin.store.db import Store, utcnow
+from plugin.store.engine import Store
+from plugin.store.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Receiver:
         """Open this process's spool and store and warm the store's recording path (the transport
         runs this in each receiving process before it takes an association)."""
         _spool, store = self._parts()
-        store.warm_up()
+        store.recorder.warm_up()
 
     def _remember_series(self, series_uid: str) -> None:
         """Series whose rows exist: later instances skip reading the header (bounded memory)."""
@@ -153,7 +154,7 @@ class Receiver:
             rec = spool.record_for(ids, now, tags, instance.size, **peer_fields)
             placed = spool.place(instance.path, rec, sync_dir=not instance.durable_name)
             if not placed.created:
-                if store.record_duplicate(rec):  # counted: its study is still being sent
+                if store.recorder.record_duplicate(rec):  # counted: its study is still being sent
                     same = same_content(instance.path, placed.path)
                     _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=same)
                     return STATUS_SUCCESS, False
@@ -163,7 +164,7 @@ class Receiver:
                 fsync_dir(os.path.dirname(placed.final))
                 tags = spool.read_tags(placed.path)
                 rec = spool.record_for(ids, now, tags, placed.path.stat().st_size, **peer_fields)
-            if not store.record_instance(rec):
+            if not store.recorder.record_instance(rec):
                 _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=True)
             self._remember_series(instance.series_uid)
         except (InvalidDicomError, AttributeError, ValueError) as err:

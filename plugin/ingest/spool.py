@@ -51,7 +51,8 @@ from dicom_io.net import (
     inspect_part10,
     received_completely,
 )
-from plugin.store.db import InstanceRecord, Store
+from plugin.store.engine import Store
+from plugin.store.recording import InstanceRecord
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ class Spool:
             log.warning("spool recovery: %s does not lie under its own UIDs", self.relative(path))
             return False
         fsync_file(path)  # a killed receiver linked it but may not have synced it yet
-        if store.record_instance(rec):
+        if store.recorder.record_instance(rec):
             log.info("spool recovery: recorded SOP %s of study %s", rec.sop_instance_uid, rec.study_uid)
         return True
 

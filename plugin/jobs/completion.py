@@ -2,7 +2,7 @@
 
 A study revision is complete ``quiet_period_s`` after its last instance, or ``after_release_s``
 after the last instance once every association that brought instances of that revision has been
-released, whichever comes first. Every instance counts, a duplicate too (`plugin.store.db`): a sender
+released, whichever comes first. Every instance counts, a duplicate too (`plugin.store`): a sender
 that sends a study again after a crash keeps it open while it goes through what was stored already.
 The last instance of a revision is read from its instances rows, the last duplicate from
 ``Study.resent_at``. Everything is read from the store, so it survives a restart: a study still
@@ -25,17 +25,9 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from plugin.config import CompletionConfig
-from plugin.store.db import (
-    Reception,
-    Store,
-    Study,
-    StudyState,
-    add_queued_job,
-    instance_counts,
-    last_instance_of_revision,
-    latest,
-    utcnow,
-)
+from plugin.store.engine import Store
+from plugin.store.models import Reception, Study, StudyState, add_queued_job, utcnow
+from plugin.store.queries import instance_counts, last_instance_of_revision, latest
 
 log = logging.getLogger(__name__)
 

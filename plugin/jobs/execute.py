@@ -24,7 +24,7 @@ from plugin.config import Config
 from plugin.dispatch.outbox import enqueue_deliveries
 from plugin.jobs.executor.base import Executor, Stopped, Task, TaskTimeout, WorkerLost
 from plugin.jobs.queue import ClaimedJob, Enqueue, claim_job, fail_job, finish_job, release_job, renew_lease
-from plugin.store.db import Store
+from plugin.store.engine import Store
 
 log = logging.getLogger(__name__)
 

@@ -35,14 +35,14 @@ from sqlalchemy.orm import Session
 
 from plugin.dispatch.outbox import retry_deliveries
 from plugin.route.rules import RuleSet, SeriesInfo, StudyPlan, plan_study
-from plugin.store.db import (
+from plugin.store.engine import Store
+from plugin.store.models import (
     Delivery,
     DeliveryState,
     Instance,
     Job,
     JobState,
     Series,
-    Store,
     Study,
     add_queued_job,
     utcnow,

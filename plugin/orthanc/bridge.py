@@ -56,17 +56,9 @@ from plugin.jobs.queue import list_jobs, queue_routed_jobs, read_study_series
 from plugin.route.pipelines import series_lookup
 from plugin.route.rules import DEFAULT_RULES, validate_rules
 from plugin.route.selection import chosen, rank_series
-from plugin.store.db import (
-    Delivery,
-    Instance,
-    Job,
-    Store,
-    Study,
-    StudyState,
-    add_queued_job,
-    instance_counts,
-    utcnow,
-)
+from plugin.store.engine import Store
+from plugin.store.models import Delivery, Instance, Job, Study, StudyState, add_queued_job, utcnow
+from plugin.store.queries import instance_counts
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from dicom_io.testing.tools import free_port
 from dicom_io.testing.validate import dciodvfy
 from plugin.config import Config
 from plugin.jobs.queue import list_jobs
-from plugin.store.db import Store
+from plugin.store.engine import Store
 
 pytestmark = pytest.mark.slow
 

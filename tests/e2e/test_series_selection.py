@@ -34,7 +34,8 @@ from plugin.jobs.queue import routing_hook
 from plugin.route.pipelines import series_lookup
 from plugin.route.rules import plan_study, read_series, validate_rules
 from plugin.route.selection import SeriesInfo, always_refused, measure, rank_series
-from plugin.store.db import Job, JobState, Store, utcnow
+from plugin.store.engine import Store
+from plugin.store.models import Job, JobState, utcnow
 
 CT_LUNG = CtLungPipeline.series
 SLICES = 40  # the central 120 mm of the chest: above ct-lung's minimum (80 mm, 20 slices), and quick

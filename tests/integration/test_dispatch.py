@@ -32,7 +32,8 @@ from plugin.config import Config, DispatchConfig, load_config
 from plugin.dispatch.base import Outgoing
 from plugin.dispatch.outbox import Dispatcher, backoff_delay, enqueue_deliveries
 from plugin.dispatch.senders import make_sender
-from plugin.store.db import Delivery, DeliveryState, Job, JobState, Store, Study, StudyState, utcnow
+from plugin.store.engine import Store
+from plugin.store.models import Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
 
 SECRET = "s3cret-Pa55word"
 

@@ -36,7 +36,8 @@ from plugin.jobs.executor import LocalExecutor, Task, TaskResult
 from plugin.jobs.executor.work import run_task
 from plugin.jobs.queue import claim_job, fail_job, finish_job, renew_lease, routing_hook
 from plugin.route.rules import validate_rules
-from plugin.store.db import Job, JobState, Store, utcnow
+from plugin.store.engine import Store
+from plugin.store.models import Job, JobState, utcnow
 
 PIPELINES = {"ct-lung", "test-hang"}
 

@@ -20,7 +20,7 @@ from plugin.dispatch.outbox import enqueue_deliveries
 from plugin.ingest.datadir import ORTHANC_PLUGIN, SERVE, DataDirBusy, DataDirLock
 from plugin.orthanc.bridge import Bridge, ChangeCursor, ImportFailed, Submitted
 from plugin.orthanc.entry import PluginSettings, RunRequest, rest_route
-from plugin.store.db import StudySummary
+from plugin.store.queries import StudySummary
 
 REPO = Path(__file__).resolve().parents[2]
 

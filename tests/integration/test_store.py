@@ -18,20 +18,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import event, func, select, text
 from support.node import compiled_statements, instance_record
 
-from plugin.store.db import (
-    MIGRATIONS_DIR,
-    Base,
-    Instance,
-    InstanceRecord,
-    Job,
-    Reception,
-    Series,
-    Store,
-    Study,
-    StudyState,
-    _alembic_config,
-    utcnow,
-)
+from plugin.store.engine import MIGRATIONS_DIR, Store, alembic_config
+from plugin.store.models import Base, Instance, Job, Reception, Series, Study, StudyState, utcnow
+from plugin.store.recording import InstanceRecord, InstanceRecorder
 
 
 def _record(
@@ -71,7 +60,7 @@ def test_sqlite_runs_in_wal_mode_with_full_sync_except_for_instance_rows(store: 
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
-    with store._ingest_engine.connect() as connection:  # spool recovery restores lost instance rows
+    with store.recorder._engine.connect() as connection:  # spool recovery restores lost instance rows
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
 
 
@@ -146,7 +135,7 @@ def test_the_counters_become_derived_and_a_receiving_study_keeps_its_quiet_perio
         assert (summary.instance_count, summary.series_count) == (1, 1)
         assert summary.last_received_at.isoformat() == "2026-11-28T08:00:09+00:00"
         with upgraded.engine.begin() as connection:  # and back: the counters are filled in from the rows
-            command.downgrade(_alembic_config(connection), "0005")
+            command.downgrade(alembic_config(connection), "0005")
         with upgraded.engine.connect() as connection:
             row = connection.exec_driver_sql("SELECT instance_count, last_received_at FROM studies").one()
         assert tuple(row) == (1, resent)
@@ -158,13 +147,13 @@ def test_the_counters_become_derived_and_a_receiving_study_keeps_its_quiet_perio
 
 def test_the_same_instance_is_recorded_once(store: Store) -> None:
     rec = _record("1.2.3")
-    assert store.record_instance(rec) is True
-    assert store.record_instance(rec) is False
+    assert store.recorder.record_instance(rec) is True
+    assert store.recorder.record_instance(rec) is False
     [summary] = store.studies()
     assert (summary.instance_count, summary.series_count, summary.revision) == (1, 1, 1)
     assert summary.accession_number == "ACC1"
-    assert store.has_instance(rec.sop_instance_uid)
-    assert not store.has_instance("9.9.9")
+    with store.session() as s:
+        assert s.scalars(select(Instance.sop_instance_uid)).all() == [rec.sop_instance_uid]
 
 
 def _receiving(store: Store) -> tuple[str, Any, list[tuple[str, int, Any]]]:
@@ -188,17 +177,17 @@ def test_a_duplicate_keeps_a_receiving_study_open_but_reopens_no_complete_one(
     is one that brings the revision (until released, the after-release shortcut does not apply)."""
     t0 = utcnow()
     first = replace(_record("1.2.3", key="before-crash"), received_at=t0)
-    assert store.record_instance(first)
+    assert store.recorder.record_instance(first)
     store.release_association("before-crash", t0)
     again = replace(first, association_key="resend", received_at=t0 + timedelta(seconds=5))
-    record = getattr(store, found_by)
+    record = getattr(store.recorder, found_by)
     assert record(again) is (found_by == "record_duplicate")
     assert _receiving(store) == (
         "RECEIVING",
         t0 + timedelta(seconds=5),
         [("before-crash", 1, t0), ("resend", 1, None)],
     )
-    assert store.record_duplicate(replace(again, received_at=t0)) is True  # never moves back
+    assert store.recorder.record_duplicate(replace(again, received_at=t0)) is True  # never moves back
     assert _receiving(store)[1] == t0 + timedelta(seconds=5)
     with store.session() as s:
         s.scalars(select(Study)).one().state = StudyState.COMPLETE
@@ -206,21 +195,21 @@ def test_a_duplicate_keeps_a_receiving_study_open_but_reopens_no_complete_one(
     record(later)
     state, last, receptions = _receiving(store)
     assert (state, last, len(receptions)) == ("COMPLETE", t0 + timedelta(seconds=5), 2)
-    assert store.record_duplicate(_record("1.2.3", key="x")) is False  # not recorded: nothing done
+    assert store.recorder.record_duplicate(_record("1.2.3", key="x")) is False  # not recorded: nothing done
     assert store.studies()[0].instance_count == 1
 
 
 def test_an_instance_after_completion_opens_a_new_revision(store: Store) -> None:
     series = generate_uid()
     first = _record("1.2.3", series)
-    store.record_instance(first)
+    store.recorder.record_instance(first)
     with store.session() as s:
         study = s.scalars(select(Study)).one()
         study.state = StudyState.COMPLETE
         study.completed_at = utcnow()
-    assert store.record_instance(first) is False  # a resend of a known instance reopens nothing
+    assert store.recorder.record_instance(first) is False  # a resend of a known instance reopens nothing
     assert store.studies()[0].state == "COMPLETE"
-    store.record_instance(_record("1.2.3", series))
+    store.recorder.record_instance(_record("1.2.3", series))
     [summary] = store.studies()
     assert (summary.revision, summary.state, summary.instance_count) == (2, "RECEIVING", 2)
     assert summary.completed_at is None
@@ -229,10 +218,10 @@ def test_an_instance_after_completion_opens_a_new_revision(store: Store) -> None
 def test_an_instance_of_a_remembered_revision_that_completed_meanwhile_opens_the_next(store: Store) -> None:
     """The store remembers the study revision: its guarded INSERT must not add to it once complete."""
     series = generate_uid()
-    assert store.record_instance(_record("1.2.3", series))
+    assert store.recorder.record_instance(_record("1.2.3", series))
     with store.session() as s:
         s.scalars(select(Study)).one().state = StudyState.COMPLETE
-    assert store.record_instance(_record("1.2.3", series))
+    assert store.recorder.record_instance(_record("1.2.3", series))
     [summary] = store.studies()
     assert (summary.revision, summary.state, summary.instance_count) == (2, "RECEIVING", 2)
     with store.session() as s:
@@ -240,9 +229,9 @@ def test_an_instance_of_a_remembered_revision_that_completed_meanwhile_opens_the
 
 
 def test_release_marks_the_associations_receptions(store: Store) -> None:
-    store.record_instance(_record("1.2.3", key="assoc-1"))
-    store.record_instance(_record("1.2.3", key="assoc-1"))
-    store.record_instance(_record("1.2.4", key="assoc-1"))
+    store.recorder.record_instance(_record("1.2.3", key="assoc-1"))
+    store.recorder.record_instance(_record("1.2.3", key="assoc-1"))
+    store.recorder.record_instance(_record("1.2.4", key="assoc-1"))
     assert store.release_association("assoc-1", utcnow() + timedelta(seconds=1)) == 2
     assert store.release_association("assoc-1", utcnow()) == 0
 
@@ -255,21 +244,21 @@ def test_a_new_association_of_a_known_series_takes_the_known_path(
     beside the instance instead of looking everything up. A row there already (it never is, unless
     another path wrote it) fails the unique constraint, and the lookups take over."""
     series = generate_uid()
-    assert store.record_instance(_record("1.2.3", series, key="assoc-1"))
+    assert store.recorder.record_instance(_record("1.2.3", series, key="assoc-1"))
     full_path: list[str] = []
-    record = Store._record
+    record = InstanceRecorder._record
 
-    def counted(self: Store, conn: object, rec: InstanceRecord) -> object:
+    def counted(self: InstanceRecorder, conn: object, rec: InstanceRecord) -> object:
         full_path.append(rec.sop_instance_uid)
         return record(self, conn, rec)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Store, "_record", counted)
+    monkeypatch.setattr(InstanceRecorder, "_record", counted)
     for key in ("assoc-2", "assoc-3"):
-        assert store.record_instance(_record("1.2.3", series, key=key))
+        assert store.recorder.record_instance(_record("1.2.3", series, key=key))
     assert full_path == []
-    store._known.receptions.discard(next(iter(store._known.receptions)))  # as if never seen
+    store.recorder._known.receptions.discard(next(iter(store.recorder._known.receptions)))  # as if never seen
     for key in ("assoc-1", "assoc-2", "assoc-3"):
-        assert store.record_instance(_record("1.2.3", series, key=key))
+        assert store.recorder.record_instance(_record("1.2.3", series, key=key))
     assert len(full_path) == 1
     with store.session() as s:
         keys = s.scalars(select(Reception.association_key)).all()
@@ -283,7 +272,7 @@ def _statements(store: Store) -> list[str]:
     """From now on, the first word of each statement the store's recording path sends."""
     sent: list[str] = []
 
-    @event.listens_for(store._ingest_engine, "before_cursor_execute")
+    @event.listens_for(store.recorder._engine, "before_cursor_execute")
     def _sent(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         sent.append(statement.split()[0])
 
@@ -296,16 +285,18 @@ def test_a_known_instance_is_one_insert_and_reads_back_as_the_counters_did(store
     counts, the later of two receive times, the first accession number seen, a receptions row for
     each new association."""
     t0, series = utcnow(), generate_uid()
-    assert store.record_instance(instance_record("1.2.3", series, key="a1", received_at=t0))
+    assert store.recorder.record_instance(instance_record("1.2.3", series, key="a1", received_at=t0))
     later = instance_record("1.2.3", series, key="a1", received_at=t0 + timedelta(seconds=5))
-    assert store.record_instance(replace(later, accession_number="ACC1"))  # fills the study's in
+    assert store.recorder.record_instance(replace(later, accession_number="ACC1"))  # fills the study's in
     sent = _statements(store)
-    assert store.record_instance(replace(later, sop_instance_uid=generate_uid()))
+    assert store.recorder.record_instance(replace(later, sop_instance_uid=generate_uid()))
     assert [s for s in sent if s not in ("BEGIN", "COMMIT")] == ["INSERT"]
-    assert store.record_instance(
+    assert store.recorder.record_instance(
         instance_record("1.2.3", series, key="a2", received_at=t0 + timedelta(seconds=2))
     )
-    assert store.record_instance(replace(later, sop_instance_uid=generate_uid(), accession_number="ACC2"))
+    assert store.recorder.record_instance(
+        replace(later, sop_instance_uid=generate_uid(), accession_number="ACC2")
+    )
     assert [s for s in sent if s not in ("BEGIN", "COMMIT")] == ["INSERT"] * 4  # a2: its receptions row
     [summary] = store.studies()
     assert (summary.instance_count, summary.series_count) == (5, 1)
@@ -322,15 +313,17 @@ def test_a_warmed_up_store_records_its_first_instances_without_compiling(
     """A receiving process warms its store up before it takes an association (`Receiver.prepare`):
     the first instances it records, of a new study and series, then wait for no statement to be
     compiled. The warm-up itself leaves no row behind."""
-    store.warm_up()
+    store.recorder.warm_up()
     with store.session() as s:
         counts = [s.scalar(select(func.count()).select_from(t)) for t in (Study, Series, Instance, Reception)]
     assert counts == [0, 0, 0, 0]
     compiled = compiled_statements(monkeypatch)
     series = generate_uid()
-    assert store.record_instance(_record("1.2.3", series, key="assoc-1"))  # a new study and series
-    assert store.record_instance(_record("1.2.3", generate_uid(), key="assoc-2"))  # a new series of it
-    assert store.record_instance(_record("1.2.3", series, key="assoc-1"))  # the prepared path
+    assert store.recorder.record_instance(_record("1.2.3", series, key="assoc-1"))  # a new study and series
+    assert store.recorder.record_instance(
+        _record("1.2.3", generate_uid(), key="assoc-2")
+    )  # a new series of it
+    assert store.recorder.record_instance(_record("1.2.3", series, key="assoc-1"))  # the prepared path
     assert compiled == []
     [summary] = store.studies()
     assert (summary.instance_count, summary.series_count) == (3, 2)
@@ -339,12 +332,12 @@ def test_a_warmed_up_store_records_its_first_instances_without_compiling(
 def test_the_remembered_associations_stay_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """One association per instance, for months: the receptions this process remembers are bounded
     on their own, and an association forgotten that sends again still gets one row."""
-    monkeypatch.setattr(type(store._known), "_LIMIT", 3)
+    monkeypatch.setattr(type(store.recorder._known), "_LIMIT", 3)
     series = generate_uid()
     for n in range(10):
-        assert store.record_instance(_record("1.2.3", series, key=f"assoc-{n}"))
-        assert len(store._known.receptions) <= 3
-    assert store.record_instance(_record("1.2.3", series, key="assoc-0"))  # forgotten by now
+        assert store.recorder.record_instance(_record("1.2.3", series, key=f"assoc-{n}"))
+        assert len(store.recorder._known.receptions) <= 3
+    assert store.recorder.record_instance(_record("1.2.3", series, key="assoc-0"))  # forgotten by now
     with store.session() as s:
         keys = s.scalars(select(Reception.association_key)).all()
     assert sorted(keys) == sorted(f"assoc-{n}" for n in range(10))
@@ -355,7 +348,7 @@ def _write_many(url: str, study_uid: str, series_uid: str, count: int) -> None:
     s = Store(url)
     key = f"proc-{multiprocessing.current_process().pid}"
     for _ in range(count):
-        assert s.record_instance(_record(study_uid, series_uid, key=key))
+        assert s.recorder.record_instance(_record(study_uid, series_uid, key=key))
     s.dispose()
 
 
@@ -378,8 +371,8 @@ def test_recording_makes_no_file_beside_the_database_but_sqlites_own(tmp_path: P
     store.migrate()
     try:
         series = generate_uid()
-        assert store.record_instance(_record("1.2.3", series))
-        assert store.record_instance(_record("1.2.3", series))  # the known path too
+        assert store.recorder.record_instance(_record("1.2.3", series))
+        assert store.recorder.record_instance(_record("1.2.3", series))  # the known path too
         assert store.studies()[0].instance_count == 2
         assert {p.name for p in tmp_path.iterdir()} <= {"s.db", "s.db-wal", "s.db-shm"}
     finally:
@@ -390,13 +383,13 @@ def test_recording_goes_on_after_the_database_server_dropped_its_connections(sto
     if store.engine.dialect.name != "postgresql":
         pytest.skip("a database server")
     series = generate_uid()
-    assert store.record_instance(_record("1.2.3", series))
-    assert store.record_instance(_record("1.2.3", series))  # the known path, on a pooled connection
+    assert store.recorder.record_instance(_record("1.2.3", series))
+    assert store.recorder.record_instance(_record("1.2.3", series))  # the known path, on a pooled connection
     with store.engine.begin() as connection:  # what a server restart does to every other session
         connection.exec_driver_sql(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
-    assert store.record_instance(_record("1.2.3", series))
-    assert store.record_instance(_record("1.2.3", series))
+    assert store.recorder.record_instance(_record("1.2.3", series))
+    assert store.recorder.record_instance(_record("1.2.3", series))
     assert store.studies()[0].instance_count == 4

@@ -20,7 +20,8 @@ from dicom_io.types import Findings, Volume
 from plugin.config import Config
 from plugin.ingest.spool import Spool
 from plugin.jobs.queue import claim_job
-from plugin.store.db import Job, Store, Study, add_queued_job
+from plugin.store.engine import Store
+from plugin.store.models import Job, Study, add_queued_job
 
 if TYPE_CHECKING:  # not imported at run time: claiming processes start faster without torch
     import torch
@@ -76,7 +77,7 @@ def spool_files(store: Store, config: Config, files: Sequence[Path]) -> None:
         final = config.spool_dir / rec.spool_path
         final.parent.mkdir(parents=True, exist_ok=True)
         final.write_bytes(path.read_bytes())
-        store.record_instance(rec)
+        store.recorder.record_instance(rec)
 
 
 def add_job(store: Store, study_uid: str, series_uid: str, pipeline: str, revision: int = 1) -> int:

@@ -21,7 +21,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from plugin.store.db import InstanceRecord, utcnow
+from plugin.store.models import utcnow
+from plugin.store.recording import InstanceRecord
 
 T = TypeVar("T")
 

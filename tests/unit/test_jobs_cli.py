@@ -14,7 +14,8 @@ from support.node import write_series
 
 from plugin.cli import main
 from plugin.config import Config
-from plugin.store.db import Delivery, DeliveryState, Job, JobState, Store, utcnow
+from plugin.store.engine import Store
+from plugin.store.models import Delivery, DeliveryState, Job, JobState, utcnow
 
 REASON = "ct-lung: only 1 slices, this pipeline needs at least 5"
 

@@ -13,7 +13,8 @@ from support.node import instance_record, wait_for
 
 from plugin.config import CompletionConfig
 from plugin.jobs.completion import CompletionMonitor
-from plugin.store.db import Job, Store, utcnow
+from plugin.store.engine import Store
+from plugin.store.models import Job, utcnow
 
 QUIET = CompletionConfig(quiet_period_s=10, after_release_s=1)
 
@@ -27,7 +28,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def _receive(store: Store, study_uid: str, at: datetime, key: str = "assoc-1") -> None:
-    store.record_instance(instance_record(study_uid, "1.2.3.4", key=key, received_at=at))
+    store.recorder.record_instance(instance_record(study_uid, "1.2.3.4", key=key, received_at=at))
 
 
 def _jobs(store: Store) -> list[tuple[int, str | None, str]]:

@@ -28,7 +28,8 @@ from plugin.ingest.receive import (
 )
 from plugin.ingest.spool import SETTLE_BATCH, InvalidUID, check_uid
 from plugin.node import Node
-from plugin.store.db import Reception, Store
+from plugin.store.engine import Store
+from plugin.store.models import Reception
 
 PEER = Peer(ae_title="SCU", address="127.0.0.1", port=40000, association_id="1")
 

@@ -1,1 +1,1 @@
-"""Alembic migrations of the job store; run by ``plugin.store.db.Store.migrate`` at every start."""
+"""Alembic migrations of the job store; run by ``plugin.store.Store.migrate`` at every start."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from alembic import context
 
-from plugin.store.db import Base
+from plugin.store.models import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise SystemExit("run the migrations with plugin.store.db.Store(url).migrate(): it passes the connection")
+    raise SystemExit("run the migrations with plugin.store.Store(url).migrate(): it passes the connection")
 context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
 with context.begin_transaction():
     context.run_migrations()

@@ -1,0 +1,122 @@
+"""Connections to the job store's database: engines with the settings durability relies on, and migrations.
+
+SQLite (the default) runs in WAL mode with ``synchronous=FULL``: in WAL mode NORMAL only syncs the
+log at checkpoints, so a power cut could roll back commits already acted upon (a job finished, a
+delivery sent). Recording a received instance is the one exception (`plugin.store.recording`). Write
+transactions start with ``BEGIN IMMEDIATE`` so that several receiving threads or processes queue on
+the busy timeout instead of failing with SQLITE_BUSY when a read transaction tries to become a
+writer. Any other SQLAlchemy URL (PostgreSQL) works too: the code relies on unique constraints and
+row locks (``FOR UPDATE``, ``FOR SHARE``), not on SQLite's global lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from plugin.store.models import Reception
+from plugin.store.queries import StudySummary, recorded_paths, study_summaries
+from plugin.store.recording import InstanceRecorder
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def make_engine(url: str, synchronous: str = "FULL") -> Engine:
+    """An engine with the SQLite settings the node's durability and concurrency rely on."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    database = url.split(":///", 1)[1] if ":///" in url else ""
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (below)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.connection.driver_connection.execute("BEGIN IMMEDIATE")  # the driver's own call: cheaper
+
+    return engine
+
+
+def alembic_config(connection: Any) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+class Store:
+    """The job store on one database: short sessions, migrations, and the instance recorder.
+
+    ``recorder`` records received instances (`plugin.store.recording`); on SQLite it has an engine of
+    its own with ``synchronous=NORMAL``. Everything else goes through `session`.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.recorder = InstanceRecorder(
+            make_engine(url, synchronous="NORMAL") if url.startswith("sqlite") else self.engine
+        )
+
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision`` (Alembic); safe to run at every start."""
+        from alembic import command
+
+        with self.engine.begin() as connection:
+            command.upgrade(alembic_config(connection), revision)
+
+    def schema_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One short transaction: committed on success, rolled back on any exception."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.recorder.close()
+        self.engine.dispose()
+
+    def release_association(self, association_key: str, when: datetime) -> int:
+        """Mark every study revision this association brought as released; returns how many."""
+        with self.session() as s:
+            result = s.execute(
+                update(Reception)
+                .where(Reception.association_key == association_key, Reception.released_at.is_(None))
+                .values(released_at=when)
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def studies(self) -> list[StudySummary]:
+        """Every study, the one received from last (instance or duplicate) last (`study_summaries`)."""
+        with self.session() as s:
+            return study_summaries(s)
+
+    def recorded_paths(self, study_uid: str) -> set[str]:
+        """The spool paths of the study's recorded instances (`plugin.store.queries.recorded_paths`)."""
+        with self.session() as s:
+            return recorded_paths(s, study_uid)
