@@ -11,6 +11,8 @@ row locks (``FOR UPDATE``, ``FOR SHARE``), not on SQLite's global lock.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -26,6 +28,7 @@ from plugin.store.recording import InstanceRecorder
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
 
 def make_engine(url: str, synchronous: str = "FULL") -> Engine:
@@ -43,15 +46,34 @@ def make_engine(url: str, synchronous: str = "FULL") -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=0")  # waits for the write lock in `begin_immediate`, below
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.connection.driver_connection.execute("BEGIN IMMEDIATE")  # the driver's own call: cheaper
+        begin_immediate(conn.connection.driver_connection)
 
     return engine
+
+
+def begin_immediate(connection: sqlite3.Connection, timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> None:
+    """``BEGIN IMMEDIATE``: take SQLite's write lock, retrying while another connection holds it.
+
+    Raises sqlite3.OperationalError if it is still held after ``timeout`` seconds (or on any other
+    error). The retries start at 50 µs and double up to 1 ms: SQLite's own busy handler sleeps 1, 2,
+    5, 10 ms... (far longer than a transaction of the recording path holds the lock).
+    """
+    delay, deadline = 50e-6, time.monotonic() + timeout
+    while True:
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode not in _BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 1e-3)
 
 
 def alembic_config(connection: Any) -> Any:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -18,7 +21,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import event, func, select, text
 from support.node import compiled_statements, instance_record
 
-from plugin.store.engine import MIGRATIONS_DIR, Store, alembic_config
+from plugin.store.engine import MIGRATIONS_DIR, Store, alembic_config, begin_immediate
 from plugin.store.models import Base, Instance, Job, Reception, Series, Study, StudyState, utcnow
 from plugin.store.recording import InstanceRecord, InstanceRecorder
 
@@ -59,9 +62,40 @@ def test_sqlite_runs_in_wal_mode_with_full_sync_except_for_instance_rows(store: 
     with store.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
-        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 0  # begin_immediate waits
     with store.recorder._engine.connect() as connection:  # spool recovery restores lost instance rows
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+
+
+def test_begin_immediate_waits_for_the_write_lock_until_its_timeout(tmp_path: Path) -> None:
+    """A transaction waits while another connection holds SQLite's write lock, gets it once released,
+    and fails with the database's own error when the lock is held past the timeout."""
+    database = tmp_path / "lock.db"
+    holder, waiter = (
+        sqlite3.connect(database, isolation_level=None),
+        sqlite3.connect(database, isolation_level=None, check_same_thread=False),
+    )
+    for connection in (holder, waiter):
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA busy_timeout=0")
+    holder.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        begin_immediate(waiter, timeout=0.3)
+    assert time.monotonic() - started >= 0.3
+    got = threading.Event()
+
+    def take() -> None:
+        begin_immediate(waiter, timeout=30)
+        got.set()
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    assert not got.wait(0.2)  # still held
+    holder.execute("COMMIT")
+    assert got.wait(10)
+    taker.join()
+    waiter.execute("COMMIT")
 
 
 def test_an_old_database_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
