@@ -64,6 +64,7 @@ class InvalidUID(ValueError):
 
 
 def check_uid(uid: str) -> str:
+    """``uid`` itself; InvalidUID when it is longer than 64 characters or not digits and dots."""
     if len(uid) > 64 or not _UID.match(uid):
         raise InvalidUID(f"not a valid UID: {uid[:80]!r}")
     return uid
@@ -112,6 +113,8 @@ def _tags(ds: Dataset) -> HeaderTags:
 
 @dataclass(frozen=True)
 class Placed:
+    """Where `Spool.place` put an instance, and whether it made that name."""
+
     final: str  # where the instance lies (a string: no Path built per instance)
     created: bool  # False: a file of that SOP Instance UID was already there (kept as it was)
 
@@ -122,6 +125,8 @@ class Placed:
 
 @dataclass(frozen=True)
 class RecoveryReport:
+    """What `Spool.recover` did, in files."""
+
     temp_removed: int = 0
     rerecorded: int = 0
     quarantined: int = 0
