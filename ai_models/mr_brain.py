@@ -67,7 +67,7 @@ def _network(device: torch.device) -> torch.nn.Module:
     net, _ = HD_BET_Config().get_network(train=False)
     state = torch.load(hd_bet_weights(), map_location="cpu", weights_only=True)
     # Nearly half the shipped parameters are subnormal floats (|w| < 1.2e-38): they change no output
-    # but make CPU arithmetic crawl (measured here: 64x slower forward pass). Flush them to zero.
+    # but make CPU arithmetic very slow (bench/README.md, "pipelines"). Flush them to zero.
     for tensor in state.values():
         if tensor.is_floating_point():
             tensor[tensor.abs() < torch.finfo(tensor.dtype).tiny] = 0.0

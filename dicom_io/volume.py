@@ -18,8 +18,7 @@ Conventions (other modules rely on them):
 Native little-endian pixel data is read with one seek + `np.fromfile` per plane straight from the
 offset the header pass remembered. Compressed planes are decoded by pydicom/pylibjpeg in a process
 pool ("fork": workers start at once and need no `__main__` guard in the caller; they run only
-pydicom and the codecs): measured here, openjpeg holds the GIL, so threads do not scale and
-processes do (bench/README.md, "## volume").
+pydicom and the codecs), not threads: the decoders hold the GIL (docs/design.md, "Jobs and pipelines").
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class DicomConfig(_Strict):
     allowed_peers: list[AllowedPeer] = Field(default_factory=list, description="empty: anyone may associate")
     require_called_ae_title: bool = False
     max_associations: int = Field(default=16, ge=1)
-    # Hostile peers (docs/design.md, "Hostile peers: the PDU transport"):
+    # Hostile peers (docs/design.md, "Ingest and transport"):
     max_associations_per_peer: int = Field(
         default=8, ge=1, description="concurrent associations from one IP address; more are rejected"
     )

@@ -151,7 +151,7 @@ def serve(config: Config, listen: bool = True, execute: bool = True) -> int:
         log.error("cannot start the node: %s", err)
         node.stop()
         return 1
-    gc.freeze()  # start-up objects live until exit: full collections need not scan them (5 % of ingest)
+    gc.freeze()  # start-up objects live until exit: full collections need not scan them
     dicom = config.dicom
     if node.scp is None:
         log.info("radgate worker: no DICOM listener, data dir %s", config.data_dir.resolve())

@@ -8,14 +8,11 @@ element headers (within `DatasetLimits`: size, inflated size, nesting), and hand
 and returns the DICOM status to answer with. Nothing is acknowledged before the handler returns.
 
 Built on pynetdicom: association negotiation, the DUL state machine and every message other than
-a C-STORE-RQ are pynetdicom's. Speed comes from a few narrow subclasses (`_FastDUL`, `_FastSocket`,
-`_SpoolingDIMSE`, `_Association`, all in `_pynetdicom`): whole-PDU reads into one buffer; a DUL
-loop that blocks in `select` instead of pynetdicom's 1 ms polling sleeps; C-STORE requests parsed,
-spooled and answered on the DUL thread without pydicom Datasets (fixed layouts encoded by hand,
-checked byte-equal to pydicom's in the tests); no per-PDU debug logging handlers; and optionally
-several receiving processes (`workers`) fed by one acceptor that hands each connection to the
-least-busy one.
-Handlers run in the process that received the instance (each receiving process has its copy).
+a C-STORE-RQ are pynetdicom's; a few narrow subclasses in `_pynetdicom` read whole PDUs into one
+buffer, block in `select` instead of polling, and parse, spool and answer C-STORE requests on the
+DUL thread without pydicom Datasets (docs/design.md, "Ingest and transport"). With `workers` > 1,
+several receiving processes are fed by one acceptor that hands each connection to the least-busy
+one; handlers run in the process that received the instance (each receiving process has its copy).
 
 Incoming files are made ahead, in batches, by a thread of each receiving process (`_IncomingFiles`)
 with their names already durable, and are read-protected until their dataset is complete: so a
@@ -25,7 +22,8 @@ handler that fsyncs a file has it durable under its incoming name at once, and a
 This package's names are its public API. Its modules, by concern:
 
 - `interface`: `Peer`, `ReceivedInstance`, the handlers' types, the statuses, `TlsFiles`.
-- `inspection`: the element walker (`inspect_dataset`, `inspect_part10`, `DatasetLimits`).
+- `inspection`: the element walker (`inspect_dataset`, `inspect_part10`, `DatasetLimits`); the
+  receive path, spool recovery and the Orthanc bridge all check a dataset with it before pydicom reads it.
 - `wire`: bytes built and checked by hand (file meta header, C-STORE command sets, PDU structure).
 - `incoming`: the incoming-file pool and the file a dataset streams into (`_Spool`).
 - `connection`: one receiving process's connections and associations (`_Receiver`).
@@ -42,6 +40,7 @@ from dicom_io.net.inspection import (
     DEFAULT_LIMITS,
     DatasetLimits,
     InstanceRefused,
+    Part10Identity,
     inspect_dataset,
     inspect_part10,
 )
@@ -64,6 +63,7 @@ __all__ = [
     "STATUS_OUT_OF_RESOURCES",
     "DatasetLimits",
     "InstanceRefused",
+    "Part10Identity",
     "Peer",
     "ReceivedInstance",
     "StorageSCP",

@@ -15,8 +15,9 @@ module.
 Internals change between releases without notice, so this module is written against one release,
 `PYNETDICOM_VERSION`, pinned exactly in pyproject.toml; importing it with another installed raises
 ImportError (`check_pynetdicom_version`). To move to another release, read pynetdicom's changes to
-the classes subclassed here, run the transport's tests (tests/test_net.py, tests/test_hostile_*.py)
-against it, then change the pin and `PYNETDICOM_VERSION` together.
+the classes subclassed here, run the transport's tests (tests/integration/test_net.py,
+tests/integration/test_hostile_pdu.py, tests/e2e/test_hostile_*.py) against it, then change the
+pin and `PYNETDICOM_VERSION` together.
 """
 
 from __future__ import annotations
@@ -106,12 +107,10 @@ class _WakingQueue(queue.Queue[Any]):
 
 
 class _FastDUL(DULServiceProvider):
-    """DUL whose idle loop blocks in `select` on the socket and a wake pipe instead of sleeping 1 ms.
+    """DUL whose idle loop blocks in `select` on the socket and a wake pipe instead of polling.
 
-    pynetdicom polls: `time.sleep(_run_loop_delay)` whenever a loop found nothing to do, which costs
-    ~1 ms of latency for every response sent and every request received. Here the loop never
-    sleeps (see `run_reactor`) and `_is_transport_event` waits until the peer sends bytes or the
-    association queues a primitive.
+    The loop never sleeps (`run_reactor`): `_is_transport_event` waits until the peer sends bytes,
+    the association queues a primitive (the queues' `put` writes to the wake pipe) or a timeout is due.
     """
 
     def __init__(self, assoc: Association) -> None:
@@ -171,12 +170,9 @@ class _FastDUL(DULServiceProvider):
     def run_reactor(self) -> None:
         """pynetdicom's loop without its `time.sleep` between turns; frees the acceptor at the end.
 
-        pynetdicom sleeps `_run_loop_delay` whenever a turn queued no event. Even a zero sleep is a
-        system call that yields the core, and a P-DATA-TF taken by `_read_pdu` queues no event, so
-        it cost about a fifth of the receive rate. Here a turn blocks only in `_is_transport_event`,
-        and looks at its queues without their locks and without raising `queue.Empty` (most turns
-        queue nothing; that cost the node another 5-10 %): only this thread takes from them, and
-        a primitive put from another thread wakes the `select`.
+        A turn blocks only in `_is_transport_event`, and looks at its queues without their locks and
+        without raising `queue.Empty`: only this thread takes from them, and a primitive put from
+        another thread wakes the `select`.
 
         When the loop ends before any A-ASSOCIATE-RQ (garbage bytes, a bare connect-and-close, the
         ARTIM timer: no whole request within `pdu_timeout`), the acceptor would wait for a request,
@@ -387,10 +383,9 @@ class _FastDUL(DULServiceProvider):
 class _PDataTF:
     """A P-DATA-TF that came through pynetdicom's reader, decoded only as far as DT-2 needs.
 
-    pynetdicom copies the PDU to bytes, builds an item object per PDV, copies each value and fires
-    EVT_DATA_RECV/EVT_PDU_RECV, at ~50 µs a PDU. Here each value is copied once. Those two events do
-    not fire for P-DATA (nothing here binds them). A malformed item raises, which pynetdicom's reader
-    turns into Evt19 (A-ABORT).
+    Each PDV value is copied once, and no PDV item objects are built. EVT_DATA_RECV and EVT_PDU_RECV
+    do not fire for P-DATA (nothing here binds them). A malformed item raises, which pynetdicom's
+    reader turns into Evt19 (A-ABORT).
     """
 
     def __init__(self, bytestream: bytearray) -> None:
@@ -504,13 +499,11 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
     The usual case, a C-STORE-RQ whose command set arrives in one fragment, never builds pydicom
     Datasets or pynetdicom messages: the command is parsed by hand, the dataset fragments are
     written to the spool as they come, and the request is served right here, on the DUL thread,
-    with a hand-encoded response. The peer waits for that response anyway; going through the
-    association thread costs two thread wake-ups per instance (on a loaded machine, two waits for
-    the scheduler) and pynetdicom's generic decoding about as much CPU again.
+    with a hand-encoded response, without a hand-over to the association thread.
 
     Everything else takes pynetdicom's path, with the dataset still spooled (no global
     `_config.STORE_RECV_CHUNKED_DATASET`, no flush per fragment) and `get_msg` waiting on the queue
-    instead of pynetdicom's 1 ms reactor sleep. C-ECHO is served on the DUL thread too; messages on
+    instead of pynetdicom's polling. C-ECHO is served on the DUL thread too; messages on
     unknown contexts, which pynetdicom answers by aborting, go through the association thread.
     """
 

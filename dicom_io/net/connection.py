@@ -55,7 +55,7 @@ class _ReceiverConfig:
     incoming_dir: Path
     max_pdu: int
     require_called_ae_title: bool
-    pdu_timeout: float  # docs/design.md, "Hostile peers: the PDU transport"
+    pdu_timeout: float  # docs/design.md, "Ingest and transport"
     idle_timeout: float
     dimse_timeout: float
     file_mode: int
@@ -295,8 +295,7 @@ def _preferring_requested(
     taking it spares a transcode (DCMTK cannot even transcode JPEG 2000). A syntax's rank is its
     best position in any requested context of that SOP class; ties keep our order. Only requested
     SOP classes get reordered contexts, and each is built once per process and kept in `built`
-    (negotiation only reads them): pynetdicom validates every UID of a new context, which cost
-    ~9 ms per association for the 120-odd SOP classes that DCMTK's storescu proposes by default.
+    (negotiation only reads them; pynetdicom validates every UID of a context it builds).
     """
     rank: dict[str, dict[str, int]] = {}
     for cx in requested:

@@ -149,15 +149,10 @@ class _Spool:
     request is answered 0xA700 (out of resources) from `error`. A dataset that grows past
     `max_dataset_bytes` is handled alike, as soon as it does, and answered from `refused` (0xC000).
 
-    The handler of a durable node fsyncs the file before it answers, on the path of every
-    acknowledgement. So whole pages start their way to the disk while the rest of the dataset is
-    still arriving (`sync_file_range`, asynchronous, each 256 KiB), and the tail as soon as the
-    dataset is whole, while the dataset is checked and the file linked: the fsync then mostly waits
-    for the inode (0.35 ms instead of 0.6 ms for a 512 KB slice here). That shortens the wait of a
-    lone sender. While other datasets arrive in the same process, the CPU is what limits, and
-    the calls are skipped: each fsync then writes its file in one go, for less CPU per instance
-    (6 % more images/s over 4 associations here). Handing these calls and the fsync to disk
-    threads was slower: the threads then queue for the GIL.
+    When this is the only file being written in the process, its pages are started on their way
+    to the disk while the dataset arrives (`sync_file_range`, asynchronous, every 256 KiB) and the
+    tail once it is whole, so the handler's fsync mostly waits for the inode; with other writers
+    the calls are skipped (docs/design.md, "Ingest and transport").
     """
 
     def __init__(

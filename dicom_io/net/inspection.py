@@ -1,8 +1,9 @@
 """Checking a received dataset without decoding it: a walk over its element headers.
 
-`inspect_dataset` (a dataset at an offset of a file) and `inspect_part10` (a whole Part 10 file)
-return its identifying UIDs (`DatasetIdentity`) or raise `InstanceRefused` with the status to
-answer; `DatasetLimits` bound what one dataset may be."""
+`inspect_dataset` (a dataset at an offset of a file) returns its identifying UIDs
+(`DatasetIdentity`), `inspect_part10` (a whole Part 10 file) those and its transfer syntax
+(`Part10Identity`); both raise `InstanceRefused` with the status to answer. `DatasetLimits` bound
+what one dataset may be."""
 
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ class DatasetIdentity:
     sop_class_uid: str
 
 
+@dataclass(frozen=True)
+class Part10Identity(DatasetIdentity):
+    """A Part 10 file's identity: the SOP Class and Instance UIDs are never empty (the dataset's,
+    else the file meta's Media Storage ones), and `transfer_syntax` is the file meta's."""
+
+    transfer_syntax: str
+
+
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 )
@@ -87,12 +96,14 @@ _SQ_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] =
 _NATIVE_SYNTAXES = frozenset(
     {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 )
+_MEDIA_SOP_CLASS, _MEDIA_SOP_INSTANCE, _TRANSFER_SYNTAX = 0x0002, 0x0003, 0x0010  # file meta elements
+_META_UIDS = frozenset({_MEDIA_SOP_CLASS, _MEDIA_SOP_INSTANCE, _TRANSFER_SYNTAX})
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _META_READ = 1 << 16  # a file meta group is a few hundred bytes
 _IS_RE = re.compile(r"[+-]?[0-9]+")
 
 
-MAX_DEPTH_CEILING = 64  # pydicom reads 100 nested sequences and fails near 220 (RecursionError)
+MAX_DEPTH_CEILING = 64  # keeps pydicom, a recursive reader, far from its RecursionError (docs/design.md)
 
 
 @dataclass(frozen=True)
@@ -381,13 +392,19 @@ def _inflate(deflated: mmap.mmap, offset: int, limit: int, out: IO[bytes]) -> No
     out.flush()
 
 
-def inspect_part10(path: Path, limits: DatasetLimits = DEFAULT_LIMITS) -> DatasetIdentity:
-    """`inspect_dataset` for a whole DICOM Part 10 file, whose file meta says where and how it is encoded."""
+def inspect_part10(path: Path, limits: DatasetLimits = DEFAULT_LIMITS) -> Part10Identity:
+    """`inspect_dataset` for a whole DICOM Part 10 file, whose file meta says where and how it is encoded.
+
+    Raises `InstanceRefused` (0xC000) also when the file has no DICM prefix, its file meta no valid
+    transfer syntax UID, or neither its dataset nor its file meta a valid SOP Class or Instance UID;
+    OSError when it cannot be read.
+    """
     with path.open("rb") as f:
         head = f.read(_META_READ)
     if head[128:132] != b"DICM":
         raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM prefix)")
-    pos, transfer_syntax = 132, ""
+    pos = 132
+    meta: dict[int, str] = {}
     while pos + 8 <= len(head) and head[pos : pos + 2] == b"\x02\x00":  # group 0002, Explicit VR LE
         (element,) = struct.unpack_from("<H", head, pos + 2)
         if bytes(head[pos + 4 : pos + 6]) in _LONG_VRS:
@@ -396,12 +413,23 @@ def inspect_part10(path: Path, limits: DatasetLimits = DEFAULT_LIMITS) -> Datase
         else:
             (length,) = struct.unpack_from("<H", head, pos + 6)
             pos += 8
-        if element == 0x0010:
-            transfer_syntax = _text(head[pos : pos + length])
+        if element in _META_UIDS:
+            meta[element] = _text(head[pos : pos + length])
         pos += length
+    transfer_syntax = meta.get(_TRANSFER_SYNTAX, "")
     if not transfer_syntax or pos > len(head):
         raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "file meta without a transfer syntax")
-    return inspect_dataset(path, pos, transfer_syntax, limits=limits)
+    if len(transfer_syntax) > 64 or not _UID_RE.fullmatch(transfer_syntax):
+        raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, "malformed TransferSyntaxUID")
+    found = inspect_dataset(path, pos, transfer_syntax, limits=limits)
+    sop_instance = found.sop_instance_uid or meta.get(_MEDIA_SOP_INSTANCE, "")
+    sop_class = found.sop_class_uid or meta.get(_MEDIA_SOP_CLASS, "")
+    for name, uid in (("SOPInstanceUID", sop_instance), ("SOPClassUID", sop_class)):
+        if not uid:
+            raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, f"missing {name}")
+        if len(uid) > 64 or not _UID_RE.fullmatch(uid):
+            raise InstanceRefused(STATUS_CANNOT_UNDERSTAND, f"malformed {name}")
+    return Part10Identity(found.study_uid, found.series_uid, sop_instance, sop_class, transfer_syntax)
 
 
 def _checked_identity(walker: _ElementWalker, transfer_syntax: str) -> DatasetIdentity:

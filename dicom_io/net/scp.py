@@ -134,10 +134,9 @@ def _worker_main(
 ) -> None:
     """Entry point of a receiving process: take sockets from the parent until told to stop."""
     notify = _Notifier(notify_conn)
-    # pynetdicom makes every UID of a proposal into a pydicom UID several times over (~1700 for
-    # storescu's default proposal of 128 contexts), and pydicom matches each against its regex
-    # (decoding that proposal: 6.6 ms, 4.2 without). That check only warns; this process relies on
-    # its own (pynetdicom's at negotiation, `inspect_dataset`, `_same_uid`, the spool's `check_uid`).
+    # pydicom's value validation (a regex per UID pynetdicom builds from a proposal) only warns; this
+    # process relies on its own checks (pynetdicom's at negotiation, `inspect_dataset`, `_same_uid`,
+    # the spool's `check_uid`).
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -203,7 +202,7 @@ class StorageSCP:
     `start()` serves in background threads and returns once the port is listening; `stop()` ends
     it; `serve_forever()` blocks until `stop()` (from another thread or a signal handler). The
     handlers run on the association's thread, concurrently for concurrent associations, so they must
-    be thread-safe. Peers are bounded as docs/design.md ("Hostile peers: the PDU transport") says:
+    be thread-safe. Peers are bounded as docs/design.md ("Ingest and transport") says:
     `max_pdu` and `pdu_timeout` per PDU, `idle_timeout` per association, `max_associations` and
     `max_associations_per_peer` (further requests are rejected), `max_pending` connections not yet
     associated (past it the oldest is dropped). With `workers` > 1, that many processes receive

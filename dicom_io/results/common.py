@@ -141,7 +141,7 @@ class Context:
         ]
 
     def slice_counts(self, segment: Segment) -> npt.NDArray[np.int64]:
-        """Voxels of the segment in each slice, computed once (a plane at a time: 4x faster than sum)."""
+        """Voxels of the segment in each slice, computed once, a plane at a time."""
         key = f"counts-{segment.number}"
         if key not in self._cache:
             self._cache[key] = np.array([np.count_nonzero(plane) for plane in segment.mask], dtype=np.int64)

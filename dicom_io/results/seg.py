@@ -35,9 +35,9 @@ def coded(code: Code) -> hd.sr.CodedConcept:
 def _stacked_array(segments: list[Segment]) -> npt.NDArray[np.uint8]:
     """Segments stacked on the last axis (z, y, x, n): the only form that keeps overlaps.
 
-    Stacked on a first axis and transposed, so each segment stays contiguous: highdicom's overlap
-    sum and its per-segment frame reads are then ~3x faster than on an interleaved stack.
-    Without overlap the label array is passed instead, which highdicom encodes ~5x faster still.
+    Stacked on a first axis and transposed, so each segment stays contiguous for highdicom's overlap
+    sum and per-segment frame reads. Only used when segments overlap; otherwise the label array is
+    passed (docs/design.md, "Results").
     """
     return np.stack([s.mask.view(np.uint8) for s in segments], axis=0).transpose(1, 2, 3, 0)
 

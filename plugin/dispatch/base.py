@@ -37,7 +37,14 @@ class Outgoing:
 
 
 class Sender(Protocol):
-    def send(self, items: Sequence[Outgoing]) -> Outcomes: ...
+    """Sends one batch of result files to one destination."""
+
+    def send(self, items: Sequence[Outgoing]) -> Outcomes:
+        """An outcome for every item's delivery id: None when sent, else the reason, redacted.
+
+        Never raises for a network or peer failure (those are outcomes).
+        """
+        ...
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:

@@ -54,6 +54,7 @@ def dataset_limits(dicom: DicomConfig) -> DatasetLimits:
 
 
 def make_spool(config: Config) -> Spool:
+    """The spool of ``config``'s data dir, reading files within its `dicom` dataset limits."""
     return Spool(config.spool_dir, config.incoming_dir, config.quarantine_dir, dataset_limits(config.dicom))
 
 

@@ -12,8 +12,8 @@ The final name must reach the disk too (an fsync of its directory). When the tem
 itself durable (the transport's incoming files are: `dicom_io.net`), that fsync waits: the temporary
 name keeps the fsync'd file safe meanwhile, and `settle` syncs the directories of many instances at
 once (each `SETTLE_BATCH` instances and when an association ends) and only then removes their
-temporary names. This saves one device round trip per instance. Any other temporary file (the
-Orthanc bridge's) has its directory synced before the answer, as POSIX asks.
+temporary names. Any other temporary file (the Orthanc bridge's) has its directory synced before
+the answer, as POSIX asks.
 
 Linking before the fsync lets one journal commit (ext4) make both the data and the new name durable.
 The price is that a power cut between link and fsync can leave a final name over incomplete data,
@@ -23,7 +23,7 @@ incoming files, and then, for spool files the store does not know, records those
 element is complete and whose UIDs match where they lie, and moves the rest to quarantine.
 Recovery never stops at a file it cannot read, whatever the reader raises: a complete incoming file
 or an unrecorded spool file that cannot be described goes to quarantine with a log line, so a node
-always starts (docs/design.md, "Hostile peers: datasets and recovery").
+always starts (docs/design.md, "Ingest and transport").
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class InvalidUID(ValueError):
 
 
 def check_uid(uid: str) -> str:
+    """``uid`` itself; InvalidUID when it is longer than 64 characters or not digits and dots."""
     if len(uid) > 64 or not _UID.match(uid):
         raise InvalidUID(f"not a valid UID: {uid[:80]!r}")
     return uid
@@ -113,6 +114,8 @@ def _tags(ds: Dataset) -> HeaderTags:
 
 @dataclass(frozen=True)
 class Placed:
+    """Where `Spool.place` put an instance, and whether it made that name."""
+
     final: str  # where the instance lies (a string: no Path built per instance)
     created: bool  # False: a file of that SOP Instance UID was already there (kept as it was)
 
@@ -123,6 +126,8 @@ class Placed:
 
 @dataclass(frozen=True)
 class RecoveryReport:
+    """What `Spool.recover` did, in files."""
+
     temp_removed: int = 0
     rerecorded: int = 0
     quarantined: int = 0
@@ -226,24 +231,21 @@ class Spool:
     def describe(self, path: Path, received_at: datetime) -> InstanceRecord:
         """Everything the store records about a DICOM file, read from the file itself (recovery).
 
-        Every element's length is checked against the bytes, and nesting and inflated size against
-        `limits` (`dicom_io.net.inspect_part10`), before pydicom reads the file, so a file cut short
-        by a power cut or crafted by a peer is refused, not recorded. Raises InvalidDicomError,
-        InstanceRefused, InvalidUID (a ValueError: any recorded UID, the SOP Class and Transfer
-        Syntax UIDs included, that is not one), AttributeError (a UID missing) or OSError; on a
-        file no check foresaw, whatever pydicom raises.
+        The file is checked and identified as the transport checks a received dataset
+        (`dicom_io.net.inspect_part10` within `limits`: every length fits the bytes, nesting and
+        inflated size bounded, UIDs well formed) before pydicom reads its three recorded attributes
+        (`read_tags`). Raises InstanceRefused (not a usable instance), InvalidUID (a UID unsafe as a
+        file name) or OSError.
         """
-        inspect_part10(path, self.limits)
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        meta = ds.file_meta
+        found = inspect_part10(path, self.limits)
         ids = InstanceIds(
-            study_uid=str(ds.StudyInstanceUID),
-            series_uid=str(ds.SeriesInstanceUID),
-            sop_instance_uid=str(ds.get("SOPInstanceUID") or meta.MediaStorageSOPInstanceUID),
-            sop_class_uid=check_uid(str(ds.get("SOPClassUID") or meta.MediaStorageSOPClassUID)),
-            transfer_syntax=check_uid(str(meta.TransferSyntaxUID)),
+            found.study_uid,
+            found.series_uid,
+            found.sop_instance_uid,
+            found.sop_class_uid,
+            found.transfer_syntax,
         )
-        return self.record_for(ids, received_at, _tags(ds), path.stat().st_size)
+        return self.record_for(ids, received_at, self.read_tags(path), path.stat().st_size)
 
     def read_tags(self, path: Path) -> HeaderTags:
         """The study and series attributes the store keeps (header only, no pixels)."""

@@ -1,10 +1,11 @@
 """The Orthanc plugin's work, without Orthanc: copy a study into radgate, complete it, queue jobs.
 
-Why the receiver's code path: an instance copied from Orthanc is handled by the same
-`plugin.ingest.receive.Receiver` as one received by C-STORE (fsync, link into the spool, record, one row
-per SOP Instance UID), as one "association" per import that is released at its end. Orthanc's
-stable-study event is the completion signal: the study revision is declared complete and routed
-at once, in one transaction (the worker's quiet period is not needed). A study whose import
+An instance copied from Orthanc is checked as the transport checks one (`Bridge._fetch`) and
+handled by the same `plugin.ingest.receive.Receiver` as one received by C-STORE (fsync, link into
+the spool, record, one row per SOP Instance UID), as one "association" per import that is
+released at its end. Orthanc's stable-study event is the completion signal: the study revision
+is declared complete and routed at once, in one transaction (the worker's quiet period is not
+needed). A study whose import
 brought nothing new stays as it is, so a stable event that fires twice queues one job.
 
 Instances radgate itself sent into Orthanc (their SOP Instance UIDs are in the deliveries) are
@@ -36,13 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ai_models.registry import available_pipelines
 from dicom_io.durable import fsync_dir
-from dicom_io.net import Peer, ReceivedInstance, inspect_part10
+from dicom_io.net import InstanceRefused, Peer, ReceivedInstance, inspect_part10
 from plugin.config import Config, ConfigError
 from plugin.ingest.datadir import ORTHANC_PLUGIN, DataDirLock, apply_file_modes
 from plugin.ingest.receive import (
@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 PEER_AE = "ORTHANC-PLUGIN"
 ON_DEMAND_RULE = "on-demand"
 PAGE = 100
-_UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
 _QUERY_CHUNK = 500
 
 
@@ -256,32 +255,29 @@ class Bridge:
         return known
 
     def _fetch(self, instance_id: str, peer: Peer) -> ReceivedInstance | None:
-        """Copy one instance's file into a temporary file; None when it is not a usable DICOM file."""
+        """Copy one instance's file into a temporary file, checked and identified as the transport
+        checks a received dataset (`dicom_io.net.inspect_part10`, within the node's `dicom` limits);
+        None, with a log line and the file removed, when it is not a storable instance. Raises
+        OSError when the file cannot be written or read."""
         data = self.rest.get(f"/instances/{instance_id}/file")
         path = self.incoming / f"{instance_id}.dcm"
         path.write_bytes(data)
-        try:  # the transport's checks first: pydicom must not meet a dataset nested 300 deep
-            inspect_part10(path, dataset_limits(self.config.dicom))
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS)
-            return ReceivedInstance(
-                path=path,
-                study_uid=str(ds.StudyInstanceUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-                peer=peer,
-                size=len(data),
-            )
-        except OSError:
-            raise
-        except Exception as err:  # pydicom on odd bytes raises many kinds: the instance is refused
-            log.warning(
-                "orthanc instance %s not taken: not a storable instance (%s: %s)",
-                *(instance_id, type(err).__name__, err),
-            )
+        try:
+            found = inspect_part10(path, dataset_limits(self.config.dicom))
+        except InstanceRefused as err:
+            log.warning("orthanc instance %s not taken: not a storable instance (%s)", instance_id, err)
             path.unlink(missing_ok=True)
             return None
+        return ReceivedInstance(
+            path=path,
+            study_uid=found.study_uid,
+            series_uid=found.series_uid,
+            sop_instance_uid=found.sop_instance_uid,
+            sop_class_uid=found.sop_class_uid,
+            transfer_syntax=found.transfer_syntax,
+            peer=peer,
+            size=len(data),
+        )
 
     def import_study(self, orthanc_id: str, stop: Callable[[], bool] = lambda: False) -> Imported:
         """Copy the study's instances radgate does not have yet; ImportFailed if radgate cannot take one."""

@@ -1,10 +1,9 @@
 """Routing: which pipeline runs on a series and where its results go, from ordered YAML rules.
 
-Why this shape: rules are tried in file order and the first enabled rule whose matchers all hold
-wins, so priority is visible where it is written. A series no rule matches goes to `default_rule`
-when there is one and otherwise gets no job (it stays in the spool). Every decision carries the
-reasons the rules tried before the winner did not match, so `radgate rules check` can show an
-operator why, on files from disk, before a study ever arrives.
+Rules are tried in file order and the first enabled rule whose matchers all hold wins. A series
+no rule matches goes to `default_rule` when there is one and otherwise gets no job (it stays in
+the spool). Every decision carries the reasons the rules tried before the winner did not match
+(`radgate rules check` shows them for files on disk).
 
 Attributes: a rule sees the header of one instance of the series (study- and series-level
 attributes alike). A multi-valued attribute (ImageType) passes a test when one of its values does.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,17 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
 from support.node import write_series
 
+from dicom_io.net import file_meta_header
 from dicom_io.testing.orthanc_server import OrthancServer
 from plugin.config import Config, ConfigError, load_config
 from plugin.dispatch.outbox import enqueue_deliveries
 from plugin.ingest.datadir import ORTHANC_PLUGIN, SERVE, DataDirBusy, DataDirLock
 from plugin.orthanc.bridge import Bridge, ChangeCursor, ImportFailed, Submitted
 from plugin.orthanc.entry import PluginSettings, RunRequest, rest_route
+from plugin.store.engine import Store
 from plugin.store.queries import StudySummary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,6 +150,77 @@ def test_a_destination_the_radgate_config_lacks_is_refused(tmp_path: Path, ortha
 
 
 # --- following Orthanc's change log ----------------------------------------------------------------
+
+
+class FilesRest:
+    """`RestApi` serving one study of the given files: what Orthanc would hand over, byte for byte."""
+
+    def __init__(self, study_uid: str, files: dict[str, bytes]) -> None:
+        self.study_uid = study_uid
+        self.files = files
+
+    def get(self, path: str) -> bytes:
+        if path == "/studies/s":
+            return json.dumps({"MainDicomTags": {"StudyInstanceUID": self.study_uid}}).encode()
+        if path == "/studies/s/instances":
+            listed = [{"ID": name, "MainDicomTags": {"SOPInstanceUID": name}} for name in self.files]
+            return json.dumps(listed).encode()
+        return self.files[path.removeprefix("/instances/").removesuffix("/file")]
+
+
+def _nested(depth: int) -> bytes:
+    """`depth` Content Sequences of undefined length (Explicit VR LE), each in the one item above."""
+    inner = struct.pack("<HH2sH", 0x0040, 0xA160, b"UT", 0) + bytes(4)  # a UT of length 0
+    for _ in range(depth):
+        item = (
+            struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+        )
+        inner = struct.pack("<HH2s2xL", 0x0040, 0xA730, b"SQ", 0xFFFFFFFF) + item
+        inner += struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    return inner
+
+
+def test_an_instance_is_checked_as_the_transport_checks_one_before_it_is_taken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bridge runs the transport's walk on Orthanc's file, not pydicom alone: a file cut short
+    (which pydicom reads without complaint) and a nest 300 deep are refused with a log line, and a
+    dataset without SOP UIDs takes them from its file meta, as spool recovery does."""
+    good, cut, bare = write_series(tmp_path / "src", 3)
+    study_uid = str(pydicom.dcmread(good, stop_before_pixels=True).StudyInstanceUID)
+    ds = pydicom.dcmread(bare)
+    bare_sop = str(ds.SOPInstanceUID)
+    del ds.SOPClassUID, ds.SOPInstanceUID
+    ds.save_as(bare)
+    deep_sop = generate_uid()
+    header = b"".join(
+        struct.pack("<HH2sH", 0x0020, element, b"UI", len(uid)) + uid
+        for element, uid in (
+            (0x000D, study_uid.encode() + b"\0" * (len(study_uid) % 2)),
+            (0x000E, b"1.2.3.4\0"),
+        )
+    )
+    deep = file_meta_header(ComprehensiveSRStorage, deep_sop, ExplicitVRLittleEndian, "CRAFTED") + header
+    files = {"good": good.read_bytes(), "cut": cut.read_bytes()[:-100], "bare": bare.read_bytes()}
+    files["deep"] = deep + _nested(300)
+    with caplog.at_level("WARNING"):
+        b = Bridge(_config(tmp_path), FilesRest(study_uid, files))
+        b.prepare()
+        try:
+            imported = b.import_study("s")
+        finally:
+            b.close()
+    assert (imported.stored, imported.refused) == (2, 2)
+    for name in ("cut", "deep"):
+        assert f"orthanc instance {name} not taken: not a storable instance" in caplog.text
+    store = Store(_config(tmp_path).db_url)
+    try:
+        [study] = store.studies()
+        assert study.instance_count == 2
+        assert store.recorded_paths(study_uid) >= {f"{study_uid}/{ds.SeriesInstanceUID}/{bare_sop}.dcm"}
+    finally:
+        store.dispose()
+    assert list((tmp_path / "data" / "incoming-orthanc").iterdir()) == []
 
 
 class ChangeLog:

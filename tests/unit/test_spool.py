@@ -10,6 +10,7 @@ import pickle
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -29,7 +30,7 @@ from plugin.ingest.receive import (
 from plugin.ingest.spool import SETTLE_BATCH, InvalidUID, check_uid
 from plugin.node import Node
 from plugin.store.engine import Store
-from plugin.store.models import Reception
+from plugin.store.models import Reception, utcnow
 
 PEER = Peer(ae_title="SCU", address="127.0.0.1", port=40000, association_id="1")
 
@@ -366,3 +367,33 @@ def test_malformed_informative_attributes_do_not_refuse_an_instance(
     assert good[:-1] + b"A" in source.read_bytes()
     assert Receiver(config).handle(_received(config, source)) == STATUS_SUCCESS
     assert store.studies()[0].accession_number == "A" * 16
+
+
+def test_recovery_identifies_a_file_by_the_walk_and_takes_missing_sop_uids_from_its_file_meta(
+    config: Config, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`describe` identifies a file with the transport's walk (`inspect_part10`): the SOP Class and
+    Instance UIDs come from the file meta when the dataset has none (as in the published J2K CT in
+    testdata), and pydicom is asked only for the attributes the store records."""
+    [source] = write_series(tmp_path / "src", 1)
+    ds = pydicom.dcmread(source)
+    sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    del ds.SOPClassUID, ds.SOPInstanceUID
+    ds.save_as(source)
+    assert "SOPInstanceUID" not in pydicom.dcmread(source, stop_before_pixels=True)
+    asked: list[object] = []
+    dcmread = pydicom.dcmread
+
+    def recorded_dcmread(*args: Any, **kwargs: Any) -> pydicom.Dataset:
+        asked.append(kwargs.get("specific_tags"))
+        return dcmread(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", recorded_dcmread)
+
+    rec = make_spool(config).describe(source, utcnow())
+
+    assert (rec.sop_class_uid, rec.sop_instance_uid) == (sop_class, sop_instance)
+    assert rec.transfer_syntax == str(ds.file_meta.TransferSyntaxUID)
+    assert rec.spool_path == f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{sop_instance}.dcm"
+    assert rec.modality == ds.Modality
+    assert asked == [["AccessionNumber", "Modality", "SeriesNumber"]]

@@ -1,14 +1,9 @@
 """The local executor: one worker process per slot, started by the node, killed on a time limit.
 
-Why processes and not threads: a hung or runaway pipeline (a C extension in a loop, a CUDA call
-that never returns) can only be stopped by killing its process, and one job's memory (a large
-volume, a model's weights) is given back when it ends. A worker lives on between jobs so torch
-and a model's weights are loaded once; it is replaced after it was killed or died.
-
-Workers are started with ``spawn``: the node has threads (listener, completion, slots) and a
-fork would copy their locks in whatever state they were. A worker ignores SIGINT (a Ctrl-C in
-the terminal reaches the whole process group; the node decides what stops) and exits when the
-node's end of its pipe closes, so a killed node leaves no worker behind.
+A worker lives on between tasks (torch and a model's weights load once) and is replaced after it
+was killed or died; why processes, and why ``spawn``: docs/design.md, "Jobs and pipelines". A
+worker ignores SIGINT (the node decides what stops) and exits when the node's end of its pipe
+closes, so a killed node leaves no worker behind.
 """
 
 from __future__ import annotations

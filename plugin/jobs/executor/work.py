@@ -63,6 +63,10 @@ def result_options(task: Task, headers: Sequence[pydicom.Dataset]) -> ResultOpti
 
 
 def read_manifest(out_dir: Path) -> tuple[tuple[str, str], ...]:
+    """(SOP Instance UID, file path) of each result in ``out_dir``, in sending order.
+
+    Raises OSError or ValueError when the manifest is missing or unreadable.
+    """
     entries = json.loads((out_dir / MANIFEST).read_text())
     return tuple((uid, str(out_dir / name)) for uid, name in entries)
 
