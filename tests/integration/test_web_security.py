@@ -208,6 +208,8 @@ def test_the_audit_page_and_api_show_the_trail_to_an_admin(console: Console) -> 
         page = client.get("/audit")
         assert page.status_code == 200 and "<h1>Audit trail</h1>" in page.text
         assert "login" in page.text
+        form = client.get("/audit", params=[("since", ""), ("studies", "false"), ("limit", "5")])  # as sent
+        assert form.status_code == 200 and 'name="studies" value="true" >' in form.text  # unchecked
         trail = client.get("/api/audit", params={"studies": "false", "limit": 3}).json()
     assert len(trail) == 3
     assert {"at", "actor", "action", "target", "outcome", "detail", "remote", "source"} == set(trail[0])
