@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -26,7 +25,6 @@ from plugin.store.db import Delivery, DeliveryState, Job, JobState, Store, Study
 if TYPE_CHECKING:
     from plugin.web.atna import SyslogSender
 
-log = logging.getLogger(__name__)
 
 _MAX_TEXT = {"actor": 64, "target": 200, "remote": 64}
 _syslog: weakref.WeakKeyDictionary[Store, SyslogSender] = weakref.WeakKeyDictionary()

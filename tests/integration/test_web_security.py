@@ -183,6 +183,14 @@ def test_nothing_but_login_health_metrics_and_static_answers_without_a_login(con
         assert client.get("/static/htmx.min.js").status_code == 200
 
 
+def test_an_htmx_request_without_a_login_sends_the_whole_page_to_the_login(console: Console) -> None:
+    with console.client() as client:
+        headers = {"HX-Request": "true", "HX-Current-URL": f"{console.url}/studies?state=FAILED"}
+        answer = client.get("/account", headers=headers)
+    assert answer.status_code == 401
+    assert answer.headers["hx-redirect"] == "/login?next=%2Fstudies%3Fstate%3DFAILED"
+
+
 def test_the_openapi_document_is_behind_the_login_and_lists_the_api(console: Console) -> None:
     with console.client() as client:
         assert client.get("/api/openapi.json").status_code == 401
