@@ -25,7 +25,6 @@ from starlette.datastructures import URL
 from plugin.store.db import Store
 from plugin.web.audit import record
 
-
 SESSION_COOKIE = "radgate_session"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
