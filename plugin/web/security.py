@@ -190,7 +190,8 @@ def require(role: Role) -> Callable[[Request], Awaitable[Principal]]:
 
 
 def page_context(request: Request, principal: Principal | None) -> dict[str, Any]:
-    """What every page template gets: the request, the principal and the session's CSRF token."""
+    """What every page template gets: the request, the principal, the session's CSRF token (empty
+    for an API token) and `Role` (``principal.role >= Role.OPERATOR`` shows an action's button)."""
     identity: Identity | None = getattr(request.state, "identity", None)
     csrf = identity.csrf_token if identity is not None and identity.csrf_token is not None else ""
-    return {"request": request, "principal": principal, "csrf_token": csrf}
+    return {"request": request, "principal": principal, "csrf_token": csrf, "Role": Role}

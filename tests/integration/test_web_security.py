@@ -212,10 +212,12 @@ def test_the_base_page_carries_the_csrf_token_for_htmx_and_no_secret(console: Co
 
 def test_the_audit_page_and_api_show_the_trail_to_an_admin(console: Console) -> None:
     with console.client() as client:
+        client.post("/login", data={"username": "<b>x</b>", "password": "whatever-it-is"})
         login(client, "admin")
         page = client.get("/audit")
         assert page.status_code == 200 and "<h1>Audit trail</h1>" in page.text
         assert "login" in page.text
+        assert "&lt;b&gt;x&lt;/b&gt;" in page.text and "<b>x</b>" not in page.text  # a name tried, escaped
         form = client.get("/audit", params=[("since", ""), ("studies", "false"), ("limit", "5")])  # as sent
         assert form.status_code == 200 and 'name="studies" value="true" >' in form.text  # unchecked
         trail = client.get("/api/audit", params={"studies": "false", "limit": 3}).json()
