@@ -81,6 +81,9 @@ def login(
     if principal is None:
         audit.record(store, username, "login", outcome="failure", remote=remote)
         return _login_page(request, next, "Wrong user name or password.", 401)
+    earlier = request.cookies.get(SESSION_COOKIE)
+    if earlier is not None:  # a new id at every login: a cookie planted before it is worth nothing
+        users.close_session(store, earlier)
     session = users.open_session(store, principal, request.app.state.config.web.session_minutes)
     audit.record(store, principal.name, "login", remote=remote)
     response = RedirectResponse(_safe_next(next), status_code=303)

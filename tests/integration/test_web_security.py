@@ -48,10 +48,14 @@ def test_login_opens_a_session_and_logout_ends_it(console: Console) -> None:
         assert answer.status_code == 303 and answer.headers["location"] == "/"
         cookie_attributes = answer.headers["set-cookie"].lower()
         assert "httponly" in cookie_attributes and "samesite=strict" in cookie_attributes
+        first = client.cookies["radgate_session"]
         login(client, "viewer")
         me = client.get("/api/me").json()
         assert (me["name"], me["role"], me["via"]) == ("viewer", "viewer", "session")
         cookie = client.cookies["radgate_session"]
+        assert cookie != first
+        replaced = httpx.get(f"{console.url}/api/me", headers={"Cookie": f"radgate_session={first}"})
+        assert replaced.status_code == 401
         assert client.post("/logout").status_code == 303
         client.cookies.set("radgate_session", cookie)  # the old cookie is dead on the server
         assert client.get("/api/me").status_code == 401
