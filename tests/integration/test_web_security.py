@@ -11,13 +11,13 @@ from typing import Annotated
 import httpx
 import pytest
 from fastapi import Depends
-from sqlalchemy import update
+from sqlalchemy import select, update
 from support.web import Console, login, routes, web_node
 
 from plugin.store.accounts import WebSession
 from plugin.store.db import utcnow
 from plugin.web import audit
-from plugin.web.security import Principal, Role, require
+from plugin.web.security import Principal, Role, require, secret_hash
 from plugin.web.users import create_token
 
 PUBLIC = {"/login", "/healthz", "/metrics", "/static"}
@@ -139,8 +139,9 @@ def test_an_api_token_needs_no_csrf_and_an_unknown_one_is_401_and_audited(consol
 def test_an_expired_session_redirects_pages_and_is_401_on_the_api(console: Console) -> None:
     with console.client() as client:
         login(client, "admin")
+        mine = WebSession.token_hash == secret_hash(client.cookies["radgate_session"])
         with console.store.session() as s:
-            s.execute(update(WebSession).values(expires_at=utcnow() - timedelta(seconds=1)))
+            s.execute(update(WebSession).where(mine).values(expires_at=utcnow() - timedelta(seconds=1)))
         page = client.get("/account")
         assert page.status_code == 303 and page.headers["location"].startswith("/login?next=")
         api = client.get("/api/me")
@@ -150,6 +151,18 @@ def test_an_expired_session_redirects_pages_and_is_401_on_the_api(console: Conso
         "path": "/api/me",
         "reason": "session expired",
     }
+
+
+def test_a_session_in_use_is_extended_past_half_its_time(console: Console) -> None:
+    with console.client() as client:
+        login(client, "viewer")
+        mine = WebSession.token_hash == secret_hash(client.cookies["radgate_session"])
+        with console.store.session() as s:
+            s.execute(update(WebSession).where(mine).values(expires_at=utcnow() + timedelta(minutes=1)))
+        assert client.get("/api/me").status_code == 200
+        with console.store.session() as s:
+            expires = s.scalars(select(WebSession.expires_at).where(mine)).one()
+    assert expires - utcnow() > timedelta(minutes=console.config.web.session_minutes - 1)
 
 
 def test_a_malformed_query_string_is_422_naming_the_parameter_and_audited(console: Console) -> None:
