@@ -128,7 +128,7 @@ async def identify(request: Request) -> Identity | None:
     if hasattr(request.state, "identity"):
         cached: Identity | None = request.state.identity
         return cached
-    from plugin.web import users
+    from plugin.web import users  # here: plugin.web.users imports this module
 
     store: Store = request.app.state.store
     token = _bearer(request)
