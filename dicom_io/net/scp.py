@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import pickle
 import select
+import signal
 import socket
 import ssl
 import threading
@@ -132,7 +133,15 @@ class _ForwardLogs(logging.Handler):
 def _worker_main(
     config: _ReceiverConfig, handlers: _Handlers, fd_conn: Connection, notify_conn: Connection, index: int
 ) -> None:
-    """Entry point of a receiving process: take sockets from the parent until told to stop."""
+    """Entry point of a receiving process: take sockets from the parent until told to stop.
+
+    SIGINT and SIGTERM are ignored from here on: the parent stops its receiving processes, and a
+    signal sent to the whole process group (Ctrl-C in a terminal, a service manager stopping the
+    group) must not end them first, or the parent would take that for a crash and start others
+    while it stops. A parent that dies closes the pipe, which ends this process too.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     notify = _Notifier(notify_conn)
     # pydicom's value validation (a regex per UID pynetdicom builds from a proposal) only warns; this
     # process relies on its own checks (pynetdicom's at negotiation, `inspect_dataset`, `_same_uid`,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -208,6 +210,19 @@ def test_concurrent_associations_into_two_receiving_processes_fill_one_study(tmp
         assert (study["study_uid"], study["series_count"]) == (study_uid, 2)
     finally:
         assert node.stop() == 0, node.log()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_process_group_stops_the_node_cleanly(tmp_path: Path, signum: int) -> None:
+    """Ctrl-C in a terminal (or a service manager) signals the node and its receiving processes at
+    once: the node stops with 0, its receiving processes are not taken for crashed and restarted."""
+    node = NodeProcess(tmp_path, {"dicom": {"receivers": 2}}).start(preexec_fn=os.setpgrp)
+    assert node.process is not None
+    wait_for(lambda: "radgate serving" in node.log(), 30, "the node to be up")  # not during its start
+    os.killpg(node.process.pid, signum)
+    assert node.process.wait(20) == 0, node.log()
+    assert "ended, exit code" not in node.log()
+    assert "radgate stopped" in node.log()
 
 
 @pytest.mark.parametrize("problem", ["port in use", "TLS key missing"])
