@@ -8,18 +8,25 @@ folder (`Config.metrics_dir`), in the format of prometheus_client's multiprocess
 ``prometheus_client.multiprocess.MultiProcessCollector`` sums the files when scraped
 (`plugin.web.metrics`). A process that ends leaves its file, so its counts stay in the sums; a
 listening node's start removes the files of processes that are gone (`reset`), which Prometheus
-reads as a counter reset.
+reads as a counter reset. Counting never stops ingest: a file that cannot be made leaves the
+process uncounted, with one log line; the file's blocks are allocated when it is made, so that
+writing a new key on a full disk cannot fault (a memory-mapped write has no error to return).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import threading
 from pathlib import Path
 
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+log = logging.getLogger(__name__)
+
+FILE_BYTES = 64 << 10  # room for every key many times over: the file never grows
 
 RECEIVED = "radgate_instances_received"
 RECEIVED_BYTES = "radgate_received_bytes"
@@ -52,32 +59,47 @@ def _key(metric: str, labels: dict[str, str]) -> str:
     return mmap_key(metric, f"{metric}_total", list(labels), list(labels.values()), _HELP[metric])
 
 
+def _open(directory: Path, dir_mode: int) -> MmapedDict | None:
+    """This process's counter file, its blocks allocated; None (logged) if it cannot be made."""
+    path = directory / f"counter_{os.getpid()}.db"
+    try:
+        directory.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < FILE_BYTES:
+                os.posix_fallocate(fd, 0, FILE_BYTES)
+        finally:
+            os.close(fd)
+        return MmapedDict(str(path))
+    except (OSError, RuntimeError) as err:  # RuntimeError: a corrupt file left by a reused pid
+        log.error("cannot open %s (%s): this process's instances are not counted in /metrics", path, err)
+        return None
+
+
 class ReceiveCounters:
     """This process's counters, in its file in ``directory`` (created with mode ``dir_mode`` if
-    absent). Thread-safe; not to be shared across processes (each opens its own). OSError if the
-    file cannot be opened."""
+    absent; if it cannot be, nothing is counted and nothing raised). Thread-safe; not to be shared
+    across processes (each opens its own)."""
 
     def __init__(self, directory: Path, dir_mode: int = 0o700) -> None:
-        directory.mkdir(mode=dir_mode, parents=True, exist_ok=True)
-        self._file = MmapedDict(str(directory / f"counter_{os.getpid()}.db"))
+        self._file = _open(directory, dir_mode)
         self._lock = threading.Lock()
         self._received = _key(RECEIVED, {})
         self._bytes = _key(RECEIVED_BYTES, {})
         self._duplicates = _key(DUPLICATES, {})
-        with self._lock:  # present, as 0, from the start
-            for key in (self._received, self._bytes, self._duplicates):
-                self._file.read_value(key)
+        self._add(self._received, 0)  # present, as 0, from the start
+        self._add(self._bytes, 0)
+        self._add(self._duplicates, 0)
 
     def _add(self, key: str, amount: float) -> None:
         with self._lock:
-            value = self._file.read_value(key)[0] + amount
-            self._file.write_value(key, value, 0.0)
+            if self._file is not None:
+                self._file.write_value(key, self._file.read_value(key)[0] + amount, 0.0)
 
     def stored(self, size: int) -> None:
         """One instance stored, of ``size`` bytes."""
-        with self._lock:
-            self._file.write_value(self._received, self._file.read_value(self._received)[0] + 1, 0.0)
-            self._file.write_value(self._bytes, self._file.read_value(self._bytes)[0] + size, 0.0)
+        self._add(self._received, 1)
+        self._add(self._bytes, size)
 
     def duplicate(self) -> None:
         """One instance received again."""
@@ -93,7 +115,9 @@ class ReceiveCounters:
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def reset(directory: Path, dir_mode: int = 0o700) -> None:

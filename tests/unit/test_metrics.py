@@ -64,6 +64,23 @@ def store(config: Config) -> Iterator[Store]:
     s.dispose()
 
 
+def received(config: Config, source: Path, name: str) -> ReceivedInstance:
+    """What the transport hands the receiver: a copy of ``source`` in the incoming folder."""
+    temp = config.incoming_dir / name
+    shutil.copyfile(source, temp)
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    return ReceivedInstance(
+        temp,
+        str(ds.StudyInstanceUID),
+        str(ds.SeriesInstanceUID),
+        str(ds.SOPInstanceUID),
+        str(ds.SOPClassUID),
+        str(ds.file_meta.TransferSyntaxUID),
+        PEER,
+        temp.stat().st_size,
+    )
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = utcnow()
@@ -116,24 +133,8 @@ def test_the_receiver_counts_stored_duplicate_and_refused_instances(
 ) -> None:
     [source] = write_series(tmp_path / "src", 1)
     receiver = Receiver(config)
-
-    def received(name: str) -> ReceivedInstance:
-        temp = config.incoming_dir / name
-        shutil.copyfile(source, temp)
-        ds = pydicom.dcmread(source, stop_before_pixels=True)
-        return ReceivedInstance(
-            temp,
-            str(ds.StudyInstanceUID),
-            str(ds.SeriesInstanceUID),
-            str(ds.SOPInstanceUID),
-            str(ds.SOPClassUID),
-            str(ds.file_meta.TransferSyntaxUID),
-            PEER,
-            temp.stat().st_size,
-        )
-
-    assert receiver.handle(received("tmp-1")) == STATUS_SUCCESS
-    assert receiver.handle(received("tmp-2")) == STATUS_SUCCESS  # again: stored once
+    assert receiver.handle(received(config, source, "tmp-1")) == STATUS_SUCCESS
+    assert receiver.handle(received(config, source, "tmp-2")) == STATUS_SUCCESS  # again: stored once
     receiver.refused(Refusal(RefusalReason.INFLATED_TOO_LARGE, association=False, status=0xC000))
     receiver.refused(Refusal(RefusalReason.CALLED_AE_TITLE, association=True))
     receiver.close()
@@ -318,3 +319,21 @@ def test_gpu_memory_from_nvml(config: Config, store: Store, monkeypatch: pytest.
     assert got[("radgate_gpu_memory_used_bytes", (("gpu", "0"), ("name", "NVIDIA H100")))] == 3 << 30
     assert got[("radgate_gpu_memory_total_bytes", (("gpu", "0"), ("name", "NVIDIA H100")))] == 80 << 30
     monkeypatch.setattr(system, "_nvml", None)  # the next caller looks again
+
+
+def test_the_counter_file_is_allocated_whole(config: Config) -> None:
+    ReceiveCounters(config.metrics_dir).stored(1)
+    [path] = config.metrics_dir.glob("counter_*.db")
+    assert path.stat().st_blocks * 512 >= counters.FILE_BYTES  # no page left to fault on a full disk
+
+
+def test_an_unwritable_metrics_dir_does_not_stop_ingest(
+    config: Config, store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config.metrics_dir.write_text("not a folder")
+    [source] = write_series(tmp_path / "src", 1)
+    receiver = Receiver(config)
+    assert receiver.handle(received(config, source, "tmp-1")) == STATUS_SUCCESS
+    receiver.close()
+    assert "are not counted in /metrics" in caplog.text
+    assert [s.instance_count for s in store.studies()] == [1]
