@@ -31,7 +31,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from plugin.config import Config
-from plugin.store.db import Delivery, DeliveryState, Instance, Job, JobState, Store, Study, utcnow
+from plugin.store.db import Delivery, DeliveryState, Instance, Job, JobState, Store, Study, StudyState, utcnow
 from plugin.web.system import disk_free, gpus
 
 log = logging.getLogger(__name__)
@@ -95,20 +95,20 @@ class _Finished:
 
 
 class NodeCollector(Collector):
-    """The node's state from the job store and the machine, and latency histograms of the work
-    finished since the first `collect` (each job and each delivered job observed once, bounded:
-    every scrape reads only what finished within `OVERLAP` of the latest finish seen). Thread-safe.
-    """
+    """The node's state from the job store and the machine (gauges), and the work finished since
+    the first `collect` (counters and latency histograms, each row observed once). Every query is
+    bounded by the work in flight or by what finished within `OVERLAP` of the latest finish seen,
+    never by the store's history. Thread-safe."""
 
     def __init__(self, config: Config, store: Store, clock: Callable[[], datetime] = utcnow) -> None:
         self._config = config
         self._store = store
         self._clock = clock
         self._lock = threading.Lock()
-        self._jobs: _Finished | None = None
-        self._delivered: _Finished | None = None
-        self._completed: _Finished | None = None
+        self._windows: dict[str, _Finished] = {}
         self._completions = 0
+        self._jobs_finished: dict[tuple[str, str], int] = {}
+        self._sent: dict[str, int] = {}
         self._steps = _Histograms(
             "radgate_job_step_seconds",
             "Seconds of each step (load, infer, encode) of the jobs that finished",
@@ -132,36 +132,44 @@ class NodeCollector(Collector):
                 up, families = 0, []
             yield from families
             yield GaugeMetricFamily("radgate_store_up", "1 if the job store answered this scrape", up)
-            yield self._steps.family()
-            yield self._end_to_end.family()
-            yield CounterMetricFamily(
-                "radgate_study_completions",
-                "Study revisions declared complete since this process's first scrape",
-                self._completions,
-            )
+            yield from self._finished()
         yield from self._machine()
 
+    def _window(self, name: str, now: datetime) -> _Finished:
+        window = self._windows.get(name)
+        if window is None:
+            window = self._windows[name] = _Finished(now, now)
+        return window
+
     def _from_store(self) -> list[Any]:
+        """The gauges (work in flight: the states with an index and few rows), and the counters and
+        histograms brought up to date."""
         now = self._clock()
+        live_jobs = (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)
+        live_deliveries = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.DEAD)
         with self._store.session() as s:
-            studies = s.execute(select(Study.state, func.count()).group_by(Study.state)).all()
+            receiving = s.scalar(select(func.count()).where(Study.state == StudyState.RECEIVING))
             jobs = s.execute(
-                select(Job.pipeline, Job.state, func.count()).group_by(Job.pipeline, Job.state)
+                select(Job.pipeline, Job.state, func.count())
+                .where(Job.state.in_(live_jobs))
+                .group_by(Job.pipeline, Job.state)
             ).all()
             deliveries = s.execute(
-                select(Delivery.destination, Delivery.state, func.count()).group_by(
-                    Delivery.destination, Delivery.state
-                )
+                select(Delivery.destination, Delivery.state, func.count())
+                .where(Delivery.state.in_(live_deliveries))
+                .group_by(Delivery.destination, Delivery.state)
             ).all()
             self._observe_completions(s, now)
             self._observe_jobs(s, now)
-            self._observe_delivered(s, now)
-        families: list[Any] = []
-        family = GaugeMetricFamily("radgate_studies", "Studies by state", labels=["state"])
-        for state, n in sorted(studies):
-            family.add_metric([state], n)
-        families.append(family)
-        family = GaugeMetricFamily("radgate_jobs", "Jobs by pipeline and state", labels=["pipeline", "state"])
+            self._observe_deliveries(s, now)
+        families: list[Any] = [
+            GaugeMetricFamily(
+                "radgate_studies_receiving", "Studies receiving (not complete yet)", receiving or 0
+            )
+        ]
+        family = GaugeMetricFamily(
+            "radgate_jobs", "Jobs QUEUED, RUNNING or FAILED, by pipeline", labels=["pipeline", "state"]
+        )
         for pipeline, state, n in sorted(jobs, key=lambda row: (row[0] or "", row[1])):
             family.add_metric([pipeline or "", state], n)
         families.append(family)
@@ -171,7 +179,7 @@ class NodeCollector(Collector):
         )
         family = GaugeMetricFamily(
             "radgate_deliveries",
-            "Result deliveries by destination and state",
+            "Deliveries PENDING, SENDING or DEAD, by destination",
             labels=["destination", "state"],
         )
         for destination, state, n in sorted(deliveries):
@@ -179,38 +187,73 @@ class NodeCollector(Collector):
         families.append(family)
         return families
 
+    def _finished(self) -> Iterator[Any]:
+        """What finished since the first scrape, as observed so far."""
+        yield CounterMetricFamily(
+            "radgate_study_completions", "Study revisions declared complete", self._completions
+        )
+        family = CounterMetricFamily(
+            "radgate_jobs_finished", "Jobs finished, by pipeline and state", labels=["pipeline", "state"]
+        )
+        for (pipeline, state), n in sorted(self._jobs_finished.items()):
+            family.add_metric([pipeline, state], n)
+        yield family
+        family = CounterMetricFamily(
+            "radgate_deliveries_sent", "Result instances delivered, by destination", labels=["destination"]
+        )
+        for destination, n in sorted(self._sent.items()):
+            family.add_metric([destination], n)
+        yield family
+        yield self._steps.family()
+        yield self._end_to_end.family()
+
     def _observe_completions(self, s: Any, now: datetime) -> None:
-        self._completed = window = self._completed or _Finished(now, now)
+        window = self._window("completions", now)
         rows = s.execute(select(Study.id, Study.completed_at).where(Study.completed_at >= window.since()))
         self._completions += sum(window.first_time(study_id, when) for study_id, when in rows)
         window.prune()
 
     def _observe_jobs(self, s: Any, now: datetime) -> None:
-        self._jobs = window = self._jobs or _Finished(now, now)
+        window = self._window("jobs", now)
         rows = s.execute(
-            select(Job.id, Job.finished_at, Job.pipeline, Job.timings).where(
+            select(Job.id, Job.finished_at, Job.pipeline, Job.state, Job.timings).where(
                 Job.finished_at >= window.since()
             )
         )
-        for job_id, finished_at, pipeline, timings in rows:
+        for job_id, finished_at, pipeline, state, timings in rows:
             if not window.first_time(job_id, finished_at):
                 continue
+            key = (pipeline or "", state)
+            self._jobs_finished[key] = self._jobs_finished.get(key, 0) + 1
             for step, seconds in (timings or {}).items():
                 if isinstance(seconds, int | float):
                     self._steps.observe((pipeline or "", step.removesuffix("_s")), float(seconds))
         window.prune()
 
-    def _observe_delivered(self, s: Any, now: datetime) -> None:
-        """A job counts as delivered when all its deliveries are SENT, at the last one's time."""
-        self._delivered = window = self._delivered or _Finished(now, now)
-        recent = select(Delivery.job_id).where(Delivery.sent_at >= window.since()).distinct()
+    def _observe_deliveries(self, s: Any, now: datetime) -> None:
+        """Each delivery SENT counts once; a job counts as delivered, for the end-to-end histogram,
+        once all its deliveries are SENT, at the last one's time."""
+        window = self._window("deliveries", now)
+        rows = s.execute(
+            select(Delivery.id, Delivery.job_id, Delivery.destination, Delivery.sent_at).where(
+                Delivery.sent_at >= window.since()
+            )
+        )
+        touched = set()
+        for delivery_id, job_id, destination, sent_at in rows:
+            if window.first_time(delivery_id, sent_at):
+                self._sent[destination] = self._sent.get(destination, 0) + 1
+                touched.add(job_id)
+        window.prune()
+        if not touched:
+            return
         last_instance = (
             select(func.max(Instance.received_at))
             .where(Instance.study_id == Job.study_id, Instance.study_revision == Job.study_revision)
             .correlate(Job)
             .scalar_subquery()
         )
-        rows = s.execute(
+        jobs = s.execute(
             select(
                 Job.id,
                 Job.pipeline,
@@ -220,14 +263,12 @@ class NodeCollector(Collector):
                 func.sum(case((Delivery.state == DeliveryState.SENT, 1), else_=0)),
             )
             .join(Delivery, Delivery.job_id == Job.id)
-            .where(Job.id.in_(recent))
+            .where(Job.id.in_(sorted(touched)))
             .group_by(Job.id, Job.pipeline, Job.study_id, Job.study_revision)
         )
-        for job_id, pipeline, received, sent, total, n_sent in rows:
-            if n_sent != total or received is None or not window.first_time(job_id, sent):
-                continue
-            self._end_to_end.observe((pipeline or "",), max(0.0, (sent - received).total_seconds()))
-        window.prune()
+        for _job_id, pipeline, received, sent, total, n_sent in jobs:
+            if n_sent == total and received is not None:
+                self._end_to_end.observe((pipeline or "",), max(0.0, (sent - received).total_seconds()))
 
     def _machine(self) -> Iterator[Any]:
         try:

@@ -81,7 +81,7 @@ def test_metrics_count_what_the_node_stored_and_refused(node: NodeProcess, tmp_p
     assert got[("radgate_instances_refused_total", too_large)] == 1
     assert got[("radgate_associations_refused_total", (("reason", "peer_not_allowed"),))] == 1
     assert got[("radgate_study_completions_total", ())] == 1
-    assert got[("radgate_studies", (("state", "COMPLETE"),))] == 1
+    assert got[("radgate_studies_receiving", ())] == 0
 
 
 def _answers(node: NodeProcess) -> bool:

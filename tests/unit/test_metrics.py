@@ -158,11 +158,12 @@ def _job(
     finished_at: datetime | None,
     *,
     pipeline: str = "ct-lung",
+    state: JobState = JobState.SUCCEEDED,
     timings: dict[str, float] | None = None,
     sent_at: list[datetime | None] | None = None,
     received_at: datetime | None = None,
 ) -> int:
-    """A study with one instance (received at ``received_at``) and one job, finished at
+    """A study with one instance (received at ``received_at``) and one job, finished (``state``) at
     ``finished_at`` with ``timings``, with a delivery per ``sent_at`` (None: still PENDING)."""
     uid = f"2.25.{next(_uids)}"
     store.record_instance(instance_record(uid, received_at=received_at))
@@ -172,7 +173,7 @@ def _job(
         study.state = StudyState.COMPLETE
         job = add_queued_job(s, study, pipeline, now=now)
         if finished_at is not None:
-            job.state, job.finished_at, job.timings = JobState.SUCCEEDED, finished_at, timings
+            job.state, job.finished_at, job.timings = state, finished_at, timings
         s.flush()
         for n, sent in enumerate(sent_at or []):
             s.add(
@@ -192,21 +193,26 @@ def _job(
 
 def _complete(store: Store, job_id: int, sent_at: datetime) -> None:
     with store.session() as s:
-        for delivery in s.scalars(select(Delivery).where(Delivery.job_id == job_id)):
+        pending = select(Delivery).where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING)
+        for delivery in s.scalars(pending):
             delivery.state, delivery.sent_at = DeliveryState.SENT, sent_at
 
 
-def test_gauges_count_studies_jobs_and_deliveries_by_state(config: Config, store: Store) -> None:
+def test_gauges_count_the_work_in_flight(config: Config, store: Store) -> None:
+    store.record_instance(instance_record("2.25.1"))  # a study still receiving
     _job(store, None, sent_at=[])
     _job(store, None, pipeline="mr-brain")
-    _job(store, utcnow(), sent_at=[None, None])
+    _job(store, utcnow(), sent_at=[None, None, utcnow()])
+    _job(store, utcnow(), state=JobState.FAILED)
     got = samples(config, NodeCollector(config, store))
-    assert got[("radgate_studies", (("state", "COMPLETE"),))] == 3
+    assert got[("radgate_studies_receiving", ())] == 1
     assert got[("radgate_jobs", (("pipeline", "ct-lung"), ("state", "QUEUED")))] == 1
     assert got[("radgate_jobs", (("pipeline", "mr-brain"), ("state", "QUEUED")))] == 1
-    assert got[("radgate_jobs", (("pipeline", "ct-lung"), ("state", "SUCCEEDED")))] == 1
+    assert got[("radgate_jobs", (("pipeline", "ct-lung"), ("state", "FAILED")))] == 1
+    assert ("radgate_jobs", (("pipeline", "ct-lung"), ("state", "SUCCEEDED"))) not in got  # finished: counted
     assert got[("radgate_queue_depth", ())] == 2
     assert got[("radgate_deliveries", (("destination", "pacs"), ("state", "PENDING")))] == 2
+    assert ("radgate_deliveries", (("destination", "pacs"), ("state", "SENT"))) not in got
     assert got[("radgate_store_up", ())] == 1
     assert 0 < got[("radgate_disk_free_bytes", ())] <= got[("radgate_disk_total_bytes", ())]
 
@@ -228,6 +234,7 @@ def test_each_finished_job_is_observed_once_from_the_first_scrape_on(config: Con
     assert got[("radgate_job_step_seconds_count", load)] == 2
     assert got[("radgate_job_step_seconds_sum", load)] == pytest.approx(0.9)
     assert got[("radgate_job_step_seconds_bucket", (("le", "0.5"), *load))] == 1
+    assert got[("radgate_jobs_finished_total", (("pipeline", "ct-lung"), ("state", "SUCCEEDED")))] == 2
     infer = (("le", "10.0"), ("pipeline", "ct-lung"), ("step", "infer"))
     assert got[("radgate_job_step_seconds_bucket", infer)] == 1
     assert got[("radgate_job_step_seconds_count", (("pipeline", "ct-lung"), ("step", "infer")))] == 2
@@ -254,6 +261,7 @@ def test_end_to_end_runs_from_the_last_instance_to_the_last_delivery(config: Con
     got = samples(config, collector)
     got = samples(config, collector)
     assert got[("radgate_end_to_end_seconds_count", (("pipeline", "ct-lung"),))] == 1
+    assert got[("radgate_deliveries_sent_total", (("destination", "pacs"),))] == 2
     assert got[("radgate_end_to_end_seconds_sum", (("pipeline", "ct-lung"),))] == pytest.approx(95)
     assert got[("radgate_end_to_end_seconds_bucket", (("le", "60.0"), ("pipeline", "ct-lung")))] == 0
     assert got[("radgate_end_to_end_seconds_bucket", (("le", "120.0"), ("pipeline", "ct-lung")))] == 1
