@@ -5,9 +5,9 @@ Two sources, read when scraped (docs/design.md, "Metrics"):
 - the receiving processes' counters (`plugin.ingest.counters`: instances stored, received again and
   refused, associations refused, bytes), summed from their files by prometheus_client's
   ``MultiProcessCollector``;
-- `NodeCollector`: what the job store knows (studies, jobs and deliveries by state, the queue), the
-  latency histograms built from the timestamps of the work finished since this process's first
-  scrape, and the machine (free disk in the data dir, GPU memory where there is a GPU).
+- `NodeCollector`: what the job store knows (the work in flight by state, the queue), counters and
+  latency histograms of the work finished since this process's first scrape, built from the
+  rows' finish times, and the machine (free disk in the data dir, GPU memory where there is one).
 """
 
 from __future__ import annotations
