@@ -121,15 +121,22 @@ class ReceiveCounters:
 
 
 def reset(directory: Path, dir_mode: int = 0o700) -> None:
-    """Make ``directory`` (mode ``dir_mode``) and remove the counter files of processes that are no
-    longer running (a running one, e.g. an Orthanc plugin's bridge on the same data dir, keeps its)."""
-    directory.mkdir(mode=dir_mode, parents=True, exist_ok=True)
-    os.chmod(directory, dir_mode)
-    for path in directory.glob("counter_*.db"):
-        pid = path.stem.removeprefix("counter_")
-        if not pid.isdigit() or not _running(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+    """Make ``directory`` (mode ``dir_mode`` if it is ours) and remove the counter files of processes
+    that are no longer running (a running one, e.g. an Orthanc plugin's bridge on the same data dir,
+    keeps its). Never raises: what it cannot do is logged, and the node starts all the same."""
+    try:
+        directory.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        if directory.stat().st_uid == os.geteuid():
+            os.chmod(directory, dir_mode)
+        for path in directory.glob("counter_*.db"):
+            pid = path.stem.removeprefix("counter_")
+            if not pid.isdigit() or not _running(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+    except OSError as err:
+        log.error(
+            "cannot reset the counters in %s: %s; /metrics may count from before this start", directory, err
+        )
 
 
 def _running(pid: int) -> bool:

@@ -345,3 +345,12 @@ def test_an_unwritable_metrics_dir_does_not_stop_ingest(
     receiver.close()
     assert "are not counted in /metrics" in caplog.text
     assert [s.instance_count for s in store.studies()] == [1]
+
+
+def test_a_metrics_folder_that_cannot_be_made_does_not_stop_a_start(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    config.data_dir.mkdir(parents=True)
+    config.metrics_dir.write_text("not a folder")
+    counters.reset(config.metrics_dir, 0o700)
+    assert "cannot reset the counters" in caplog.text
