@@ -112,7 +112,8 @@ def radgate_node(out: Path, pdu: int, workers: int) -> Iterator[int]:
     """`radgate serve` itself, spool and job store included."""
     port = free_port()
     config = out / "radgate.yaml"
-    node = {"dicom": {"port": port, "max_pdu": pdu, "receivers": workers}}
+    # the console is on, as in production, on a free port so that runs never collide
+    node = {"dicom": {"port": port, "max_pdu": pdu, "receivers": workers}, "web": {"port": 0}}
     config.write_text(json.dumps({"data_dir": str(out / "data"), "rules": [], **node}))  # JSON is YAML
     cmd = [sys.executable, "-m", "plugin.cli", "serve", "--config", str(config)]
     with serving("radgate serve", cmd, port, 120, out / "node.log") as ready:

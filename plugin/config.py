@@ -600,6 +600,11 @@ class Config(_Strict):
         return self.data_dir / "quarantine"
 
     @property
+    def metrics_dir(self) -> Path:
+        """The receiving processes' counters (`plugin.ingest.counters`), read by ``/metrics``."""
+        return self.data_dir / "metrics"
+
+    @property
     def results_dir(self) -> Path:
         """Where each job writes its result files, in ``<results_dir>/<job id>/``."""
         return self.executor.results_dir or self.data_dir / "results"

@@ -38,6 +38,7 @@ from ai_models.registry import available_pipelines
 from dicom_io.net import StorageSCP, TlsFiles
 from plugin.config import Config, ConfigError
 from plugin.dispatch.outbox import Dispatcher
+from plugin.ingest import counters
 from plugin.ingest.datadir import SERVE, DataDirLock, apply_file_modes
 from plugin.ingest.receive import PeerFilter, Receiver, dataset_limits, make_spool
 from plugin.jobs.completion import CompletionMonitor
@@ -110,6 +111,7 @@ class Node:
                 prepare=self.receiver.prepare,
                 limits=dataset_limits(dicom),
                 file_mode=config.file_modes.file,
+                on_refused=self.receiver.refused,
             )
         )
 
@@ -123,6 +125,7 @@ class Node:
             self.web.start()  # WebStartError (an OSError): the port is taken
         if self.scp is not None:
             make_spool(self.config).recover(self.store)
+            counters.reset(self.config.metrics_dir, self.config.file_modes.dir)
             self.scp.start()
             # senders can reach us from now on: a study left RECEIVING waits its quiet period from here
             self.completion.started_at = utcnow()

@@ -50,6 +50,8 @@ from dicom_io.net.interface import (
     STATUS_OUT_OF_RESOURCES,
     Peer,
     ReceivedInstance,
+    Refusal,
+    RefusalReason,
     TlsFiles,
 )
 from dicom_io.net.scp import StorageSCP
@@ -66,6 +68,8 @@ __all__ = [
     "Part10Identity",
     "Peer",
     "ReceivedInstance",
+    "Refusal",
+    "RefusalReason",
     "StorageSCP",
     "TlsFiles",
     "c_store_rsp_command",

@@ -30,6 +30,8 @@ from dicom_io.net.interface import (
     TRANSFER_SYNTAXES,
     Peer,
     ReceivedInstance,
+    Refusal,
+    RefusalReason,
     TlsFiles,
 )
 from dicom_io.net.wire import file_meta_header
@@ -43,6 +45,7 @@ class _Callbacks(Protocol):
     def allow(self, peer: Peer) -> bool: ...
     def store(self, instance: ReceivedInstance) -> int: ...
     def released(self, peer: Peer) -> None: ...
+    def refused(self, refusal: Refusal) -> None: ...
     def established(self, conn_id: int) -> None: ...
     def closed(self, conn_id: int) -> None: ...
 
@@ -72,13 +75,14 @@ class _Connection:
         sock: socket.socket,
         address: tuple[str, int],
         conn_id: int,
-        refusal: str | None,
+        refusal: tuple[str, str] | None,
     ) -> None:
         self.receiver = receiver
         self.sock = sock
         self.address = address
         self.conn_id = conn_id
-        self.refusal = refusal  # the limit its A-ASSOCIATE-RQ is rejected for (local limit exceeded)
+        # the limit its A-ASSOCIATE-RQ is rejected for (local limit exceeded): its words, its code
+        self.refusal = refusal
         self.peer: Peer | None = None
         self.established = False
         self.dropped = False  # by `drop`
@@ -177,9 +181,9 @@ class _Connection:
                 self.peer.association_id,
                 self.peer.ae_title,
                 self.peer.address,
-                self.refusal,
+                self.refusal[0],
             )
-            self._reject(assoc, (0x02, 0x03, 0x02))
+            self._reject(assoc, (0x02, 0x03, 0x02), self.refusal[1])
             return
         cfg = self.receiver.config
         called = str(request.called_ae_title).strip()
@@ -188,7 +192,7 @@ class _Connection:
                 "rejecting association %s from %s (%s): called AE title %r, this node is %r",
                 *(self.peer.association_id, self.peer.ae_title, self.peer.address, called, cfg.ae_title),
             )
-            self._reject(assoc, (0x01, 0x01, 0x07))
+            self._reject(assoc, (0x01, 0x01, 0x07), RefusalReason.CALLED_AE_TITLE)
             return
         try:
             allowed = self.receiver.callbacks.allow(self.peer)
@@ -202,11 +206,11 @@ class _Connection:
                 self.peer.ae_title,
                 self.peer.address,
             )
-            self._reject(assoc, (0x01, 0x01, 0x03))
+            self._reject(assoc, (0x01, 0x01, 0x03), RefusalReason.PEER_NOT_ALLOWED)
 
-    @staticmethod
-    def _reject(assoc: Association, rsd: tuple[int, int, int]) -> None:
+    def _reject(self, assoc: Association, rsd: tuple[int, int, int], reason: str) -> None:
         _pynetdicom.reject(assoc, rsd)
+        self.receiver.callbacks.refused(Refusal(reason, association=True))
 
     def _on_accepted(self, event: evt.Event) -> None:
         self.established = True
@@ -236,7 +240,7 @@ class _Connection:
                 spool.error,
             )
             spool.discard()
-            return STATUS_OUT_OF_RESOURCES
+            return self._refused(RefusalReason.WRITE_FAILED, STATUS_OUT_OF_RESOURCES)
         try:
             if spool.refused is not None:
                 raise spool.refused
@@ -261,11 +265,11 @@ class _Connection:
                 exc.reason,
             )
             spool.discard()
-            return exc.status
+            return self._refused(exc.code, exc.status)
         except OSError as exc:
             LOGGER.error("cannot read back received sop_instance=%s: %s", sop_instance_uid, exc)
             spool.discard()
-            return STATUS_OUT_OF_RESOURCES
+            return self._refused(RefusalReason.WRITE_FAILED, STATUS_OUT_OF_RESOURCES)
         instance = ReceivedInstance(
             path=spool.path,
             study_uid=ident.study_uid,
@@ -278,6 +282,11 @@ class _Connection:
             durable_name=True,
         )
         return self.receiver.callbacks.store(instance)
+
+    def _refused(self, reason: str, status: int) -> int:
+        """Tell the callbacks of a refused C-STORE; the status to answer with."""
+        self.receiver.callbacks.refused(Refusal(reason, association=False, status=status))
+        return status
 
 
 _ContextKey = tuple[str, tuple[str, ...]]  # abstract syntax, transfer syntaxes in our preferred order
@@ -354,9 +363,10 @@ class _Receiver:
         self._active: dict[int, tuple[_Connection, threading.Thread]] = {}
 
     def handle(
-        self, sock: socket.socket, address: tuple[str, int], conn_id: int, refusal: str | None
+        self, sock: socket.socket, address: tuple[str, int], conn_id: int, refusal: tuple[str, str] | None
     ) -> None:
-        """Serve one accepted connection on its own thread."""
+        """Serve one accepted connection on its own thread; `refusal`: the limit (words, code) its
+        association is to be rejected for."""
         conn = _Connection(self, sock, address, conn_id, refusal)
         thread = threading.Thread(target=self._run, args=(conn,), name=f"radgate-conn-{conn_id}", daemon=True)
         with self._lock:

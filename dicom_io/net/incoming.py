@@ -21,7 +21,7 @@ from typing import cast
 
 from dicom_io.durable import fsync_dir
 from dicom_io.net.inspection import DatasetLimits, InstanceRefused
-from dicom_io.net.interface import STATUS_CANNOT_UNDERSTAND
+from dicom_io.net.interface import STATUS_CANNOT_UNDERSTAND, RefusalReason
 
 LOGGER = logging.getLogger("dicom_io.net")  # the whole transport logs under one name
 
@@ -187,6 +187,7 @@ class _Spool:
             self.refused = InstanceRefused(
                 STATUS_CANNOT_UNDERSTAND,
                 f"dataset larger than dicom.max_dataset_bytes ({self.max_size - self.dataset_offset} bytes)",
+                RefusalReason.DATASET_TOO_LARGE,
             )
             self.discard()
             return

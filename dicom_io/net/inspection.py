@@ -26,16 +26,25 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from dicom_io.net.interface import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH
+from dicom_io.net.interface import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, RefusalReason
 
 
 class InstanceRefused(Exception):
-    """A received dataset the SCP answers with a failure status instead of handing it on."""
+    """A received dataset the SCP answers with a failure status instead of handing it on: the
+    status, the reason in words (logged) and as a `RefusalReason` code (``code``; by default
+    DATASET_MISMATCH for 0xA900, MALFORMED otherwise)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, code: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        if code is None:
+            code = (
+                RefusalReason.DATASET_MISMATCH
+                if status == STATUS_DATASET_MISMATCH
+                else RefusalReason.MALFORMED
+            )
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -225,6 +234,7 @@ class _ElementWalker:
             raise InstanceRefused(
                 STATUS_CANNOT_UNDERSTAND,
                 f"sequences nested deeper than dicom.max_sequence_depth ({self.max_depth})",
+                RefusalReason.SEQUENCE_TOO_DEEP,
             )
         delimited = length == _UNDEFINED_LENGTH
         if not delimited:
@@ -385,6 +395,7 @@ def _inflate(deflated: mmap.mmap, offset: int, limit: int, out: IO[bytes]) -> No
             raise InstanceRefused(
                 STATUS_CANNOT_UNDERSTAND,
                 f"deflated dataset inflates past dicom.max_inflated_bytes ({limit} bytes)",
+                RefusalReason.INFLATED_TOO_LARGE,
             )
         out.write(chunk)
     if total == 0:

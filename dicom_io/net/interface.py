@@ -51,9 +51,34 @@ class ReceivedInstance:
     durable_name: bool = False  # the file's name survives a power cut once the file is fsync'd
 
 
+class RefusalReason:
+    """Why the transport refused an instance or an association: the short codes `Refusal` carries."""
+
+    DATASET_TOO_LARGE = "dataset_too_large"  # dicom.max_dataset_bytes
+    INFLATED_TOO_LARGE = "inflated_too_large"  # dicom.max_inflated_bytes (a deflate bomb)
+    SEQUENCE_TOO_DEEP = "sequence_too_deep"  # dicom.max_sequence_depth
+    MALFORMED = "malformed"  # truncated or mis-encoded bytes, missing or malformed identifying UIDs
+    DATASET_MISMATCH = "dataset_mismatch"  # 0xA900: UIDs or Pixel Data that do not fit the request
+    WRITE_FAILED = "write_failed"  # the incoming file could not be written or read back
+    MAX_ASSOCIATIONS = "max_associations"
+    MAX_ASSOCIATIONS_PER_PEER = "max_associations_per_peer"
+    CALLED_AE_TITLE = "called_ae_title"  # dicom.require_called_ae_title
+    PEER_NOT_ALLOWED = "peer_not_allowed"  # the peer filter said no
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One refusal by the transport, for the `RefusalHandler` (counting; the transport logs it)."""
+
+    reason: str  # a `RefusalReason` code
+    association: bool  # True: an A-ASSOCIATE-RQ was rejected; False: a C-STORE got a failure status
+    status: int | None = None  # the C-STORE's failure status (None for an association)
+
+
 InstanceHandler = Callable[[ReceivedInstance], int]  # returns a DICOM status, 0x0000 = success
 ReleaseHandler = Callable[[Peer], None]  # association ended (`Peer.released`) after storing >=0 instances
 PeerFilter = Callable[[Peer], bool]  # False rejects the association
+RefusalHandler = Callable[[Refusal], None]  # told of each refusal, where it happened; must be quick
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700

@@ -34,6 +34,9 @@ from dicom_io.net.interface import (
     Peer,
     PeerFilter,
     ReceivedInstance,
+    Refusal,
+    RefusalHandler,
+    RefusalReason,
     ReleaseHandler,
     TlsFiles,
 )
@@ -49,6 +52,7 @@ class _Handlers:
     on_release: ReleaseHandler | None
     peer_filter: PeerFilter | None
     prepare: Callable[[], None] | None = None
+    on_refused: RefusalHandler | None = None
 
     def prepare_process(self) -> None:
         """Run `prepare` where the handlers will run; a failure is logged, and the first instance
@@ -82,6 +86,15 @@ class _Handlers:
         if self.on_release is not None:
             self.on_release(peer)
 
+    def refused(self, refusal: Refusal) -> None:
+        """Tell `on_refused` of a refusal; its failure is logged, never raised into the transport."""
+        if self.on_refused is None:
+            return
+        try:
+            self.on_refused(refusal)
+        except Exception:
+            LOGGER.exception("refusal handler failed (%s)", refusal.reason)
+
 
 class _WorkerCallbacks:
     """A receiving process's callbacks: its own copy of the handlers; `closed` goes to the parent."""
@@ -92,6 +105,7 @@ class _WorkerCallbacks:
         self.allow = handlers.allow
         self.store = handlers.store
         self.released = handlers.released
+        self.refused = handlers.refused
 
     def established(self, conn_id: int) -> None:
         self.notify("established", conn_id)
@@ -222,9 +236,12 @@ class StorageSCP:
     process before it takes an association, so that one-time set-up (opening a database, compiling
     statements) is not paid for by the first instance a sender waits on. `limits` bound what
     one dataset may be (`DatasetLimits`): past one, the C-STORE is answered 0xC000 with one log
-    line and the association goes on. A received file gets ``file_mode`` once its dataset is whole
-    (owner-readable; until then it is write-only, see `received_completely`); ValueError if
-    ``file_mode`` is not a permission mode readable by its owner.
+    line and the association goes on. `on_refused`, if given, is told of each refused C-STORE and
+    association (`Refusal`: a `RefusalReason` code), in the process that refused it, on the
+    association's thread (so it must be quick and picklable too). A received file gets
+    ``file_mode`` once its dataset is whole (owner-readable; until then it is write-only, see
+    `received_completely`); ValueError if ``file_mode`` is not a permission mode readable by its
+    owner.
     """
 
     def __init__(
@@ -250,6 +267,7 @@ class StorageSCP:
         prepare: Callable[[], None] | None = None,
         limits: DatasetLimits = DEFAULT_LIMITS,
         file_mode: int = 0o600,
+        on_refused: RefusalHandler | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -259,7 +277,7 @@ class StorageSCP:
             raise ValueError("with workers > 1 give TLS as TlsFiles: an SSLContext cannot cross processes")
         self.host = host
         self.port = port
-        self.handlers = _Handlers(handler, on_release, peer_filter, prepare)
+        self.handlers = _Handlers(handler, on_release, peer_filter, prepare, on_refused)
         self.max_associations = max_associations
         self.max_associations_per_peer = max_associations_per_peer
         self.max_pending = max_pending
@@ -409,9 +427,9 @@ class StorageSCP:
                 sock.close()
                 self.closed(conn_id)
 
-    def _admit(self, conn_id: int, address: str) -> str | None:
+    def _admit(self, conn_id: int, address: str) -> tuple[str, str] | None:
         """Record a new connection; drop the oldest one still negotiating when `max_pending` of
-        them are; the limit its request is to be rejected for, or None."""
+        them are; the limit its request is to be rejected for (words, `RefusalReason` code), or None."""
         with self._lock:
             pending = [cid for cid, conn in self._accepted.items() if conn.pending]
             dropped = pending[0] if len(pending) >= self.max_pending else None
@@ -419,11 +437,17 @@ class StorageSCP:
                 oldest = self._accepted[dropped]
                 oldest.pending = oldest.slot = False
             slots = [conn.address for conn in self._accepted.values() if conn.slot]
-            refusal = None
+            refusal: tuple[str, str] | None = None
             if len(slots) >= self.max_associations:
-                refusal = f"dicom.max_associations ({self.max_associations})"
+                refusal = (
+                    f"dicom.max_associations ({self.max_associations})",
+                    RefusalReason.MAX_ASSOCIATIONS,
+                )
             elif slots.count(address) >= self.max_associations_per_peer:
-                refusal = f"dicom.max_associations_per_peer ({self.max_associations_per_peer})"
+                refusal = (
+                    f"dicom.max_associations_per_peer ({self.max_associations_per_peer})",
+                    RefusalReason.MAX_ASSOCIATIONS_PER_PEER,
+                )
             self._accepted[conn_id] = _Accepted(address, slot=refusal is None)
         if dropped is not None:
             LOGGER.warning(
@@ -444,7 +468,7 @@ class StorageSCP:
                 worker.fd_conn.send(("drop", conn_id))
 
     def _dispatch(
-        self, sock: socket.socket, address: tuple[str, int], conn_id: int, refusal: str | None
+        self, sock: socket.socket, address: tuple[str, int], conn_id: int, refusal: tuple[str, str] | None
     ) -> None:
         if self._receiver is not None:
             self._receiver.handle(sock, address, conn_id, refusal)
@@ -470,6 +494,9 @@ class StorageSCP:
 
     def released(self, peer: Peer) -> None:
         self.handlers.released(peer)
+
+    def refused(self, refusal: Refusal) -> None:
+        self.handlers.refused(refusal)
 
     def established(self, conn_id: int) -> None:
         with self._lock:

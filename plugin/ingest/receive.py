@@ -19,8 +19,10 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_io.durable import fsync_dir, fsync_file
-from dicom_io.net import DatasetLimits, Peer, ReceivedInstance
+from dicom_io.net import DatasetLimits, Peer, ReceivedInstance, Refusal
 from plugin.config import AllowedPeer, Config, DicomConfig
+from plugin.ingest import counters
+from plugin.ingest.counters import ReceiveCounters
 from plugin.ingest.spool import InstanceIds, Spool, same_content
 from plugin.store.engine import Store
 from plugin.store.models import utcnow
@@ -59,7 +61,9 @@ def make_spool(config: Config) -> Spool:
 
 
 class Receiver:
-    """``InstanceHandler`` (``handle``) and ``ReleaseHandler`` (``release``) for the storage SCP."""
+    """``InstanceHandler`` (``handle``), ``ReleaseHandler`` (``release``) and ``RefusalHandler``
+    (``refused``) for the storage SCP; each process counts what it received and refused in its
+    `ReceiveCounters`."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
@@ -69,6 +73,7 @@ class Receiver:
         self._pid: int | None = None
         self._spool: Spool | None = None
         self._store: Store | None = None
+        self._counters: ReceiveCounters | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle only the configuration: a spawned receiver opens its own database engine."""
@@ -79,23 +84,29 @@ class Receiver:
         self._run_token = state["_run_token"]
         self._lock = threading.Lock()
         self._seen_series = set()
-        self._pid, self._spool, self._store = None, None, None
+        self._pid, self._spool, self._store, self._counters = None, None, None, None
 
-    def _parts(self) -> tuple[Spool, Store]:
-        spool, store = self._spool, self._store
-        if spool is not None and store is not None and self._pid == _this_process():
-            return spool, store  # the usual case, without the lock
+    def _parts(self) -> tuple[Spool, Store, ReceiveCounters]:
+        spool, store, tally = self._spool, self._store, self._counters
+        if spool is not None and store is not None and tally is not None and self._pid == _this_process():
+            return spool, store, tally  # the usual case, without the lock
         with self._lock:
-            if self._pid != _this_process() or self._spool is None or self._store is None:
+            if (
+                self._pid != _this_process()
+                or self._spool is None
+                or self._store is None
+                or self._counters is None
+            ):
                 self._pid = _this_process()
                 self._spool = make_spool(self._config)
                 self._store = Store(self._config.db_url)  # an engine must not cross a fork
-            return self._spool, self._store
+                self._counters = ReceiveCounters(self._config.metrics_dir, self._config.file_modes.dir)
+            return self._spool, self._store, self._counters
 
     def prepare(self) -> None:
         """Open this process's spool and store and warm the store's recording path (the transport
         runs this in each receiving process before it takes an association)."""
-        _spool, store = self._parts()
+        _spool, store, _counters = self._parts()
         store.recorder.warm_up()
 
     def _remember_series(self, series_uid: str) -> None:
@@ -110,7 +121,9 @@ class Receiver:
                 self._spool.settle()
             if self._store is not None:
                 self._store.dispose()
-            self._pid, self._spool, self._store = None, None, None
+            if self._counters is not None:
+                self._counters.close()
+            self._pid, self._spool, self._store, self._counters = None, None, None, None
 
     def association_key(self, peer: Peer) -> str:
         return f"{self._run_token}:{_this_process()}:{peer.association_id}"
@@ -127,6 +140,7 @@ class Receiver:
             return status
         except Exception:  # the peer must get a status, whatever went wrong
             log.exception("unexpected error storing SOP %s", instance.sop_instance_uid)
+            self._count_refusal(counters.INTERNAL_ERROR, STATUS_OUT_OF_RESOURCES)
             return STATUS_OUT_OF_RESOURCES
         finally:
             if not kept:
@@ -137,7 +151,7 @@ class Receiver:
 
     def _handle(self, instance: ReceivedInstance) -> tuple[int, bool]:
         """The status, and whether the spool keeps the temporary file (for `Spool.settle`)."""
-        spool, store = self._parts()
+        spool, store, tally = self._parts()
         peer = instance.peer
         sop = instance.sop_instance_uid
         now = utcnow()
@@ -158,6 +172,7 @@ class Receiver:
                 if store.recorder.record_duplicate(rec):  # counted: its study is still being sent
                     same = same_content(instance.path, placed.path)
                     _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=same)
+                    tally.duplicate()
                     return STATUS_SUCCESS, False
                 # the file is there but unrecorded (another receiver mid-way, or the Orthanc bridge):
                 # make it durable and record it
@@ -165,23 +180,29 @@ class Receiver:
                 fsync_dir(os.path.dirname(placed.final))
                 tags = spool.read_tags(placed.path)
                 rec = spool.record_for(ids, now, tags, placed.path.stat().st_size, **peer_fields)
-            if not store.recorder.record_instance(rec):
+            if store.recorder.record_instance(rec):
+                tally.stored(rec.size)
+            else:
                 _log_duplicate(rec.sop_instance_uid, rec.study_uid, same=True)
+                tally.duplicate()
             self._remember_series(instance.series_uid)
         except (InvalidDicomError, AttributeError, ValueError) as err:
             log.warning("refused SOP %s from %s: not a storable instance (%s)", sop, peer.ae_title, err)
+            tally.refused(counters.NOT_STORABLE, STATUS_CANNOT_UNDERSTAND)
             return STATUS_CANNOT_UNDERSTAND, False
         except OSError as err:
             log.error(
                 "cannot write SOP %s of study %s to the spool: %s (%s); answered 0xA700",
                 *(sop, instance.study_uid, err.strerror or err, err.filename or ""),
             )
+            tally.refused(counters.spool_error_reason(err), STATUS_OUT_OF_RESOURCES)
             return STATUS_OUT_OF_RESOURCES, False
         except SQLAlchemyError as err:
             log.error(
                 "cannot record SOP %s of study %s in the job store: %s; answered 0xA700",
                 *(sop, instance.study_uid, getattr(err, "orig", None) or type(err).__name__),
             )
+            tally.refused(counters.DATABASE_ERROR, STATUS_OUT_OF_RESOURCES)
             return STATUS_OUT_OF_RESOURCES, False
         log.debug("stored SOP %s of study %s from %s", sop, rec.study_uid, peer.ae_title)
         if placed.created and instance.durable_name:
@@ -196,7 +217,7 @@ class Receiver:
 
         The spool's unsynced final names are made durable first (`Spool.settle`), however it ended.
         """
-        spool, store = self._parts()
+        spool, store, _counters = self._parts()
         try:
             spool.settle()
         except Exception:  # the release must still be recorded; recovery keeps the files safe
@@ -207,6 +228,20 @@ class Receiver:
             store.release_association(self.association_key(peer), utcnow())
         except SQLAlchemyError as err:  # completion falls back to the quiet period
             log.error("cannot record the release of association %s: %s", peer.association_id, err)
+
+    def refused(self, refusal: Refusal) -> None:
+        """Count a refusal by the transport (which has logged it)."""
+        if refusal.association:
+            self._parts()[2].association_refused(refusal.reason)
+        else:
+            self._count_refusal(refusal.reason, refusal.status or STATUS_OUT_OF_RESOURCES)
+
+    def _count_refusal(self, reason: str, status: int) -> None:
+        """Count a refused C-STORE; a failure to count is logged, never raised."""
+        try:
+            self._parts()[2].refused(reason, status)
+        except Exception:
+            log.exception("cannot count a refused instance (%s)", reason)
 
 
 def _log_duplicate(sop: str, study_uid: str, same: bool) -> None:

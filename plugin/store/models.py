@@ -86,7 +86,7 @@ class Study(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revision_started_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)  # 0008: /metrics
     # migration 0006: counts and last-received times are read from the instances; this is the one
     # time no instance row carries: the latest duplicate received while the study was RECEIVING
     resent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -160,7 +160,7 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)  # 0008: /metrics
     # migration 0004 (plugin/jobs/queue.py, plugin/jobs/execute.py): what routing decided, per-step seconds
     series_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     rule: Mapped[str | None] = mapped_column(String(64))
@@ -224,4 +224,4 @@ class Delivery(Base):
     file_path: Mapped[str | None] = mapped_column(Text)
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)  # 0008: /metrics

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -286,11 +287,12 @@ def test_the_refusals_name_the_limit_that_was_passed(
     assert node.scp is not None
     caplog.set_level(logging.INFO)
     expected = {
-        "nested 300 deep": "max_sequence_depth (32)",
-        "deflate bomb": f"max_inflated_bytes ({MAX_INFLATED} bytes)",
-        "over max_dataset_bytes": f"max_dataset_bytes ({MAX_DATASET} bytes)",
+        "nested 300 deep": ("max_sequence_depth (32)", "sequence_too_deep"),
+        "deflate bomb": (f"max_inflated_bytes ({MAX_INFLATED} bytes)", "inflated_too_large"),
+        "over max_dataset_bytes": (f"max_dataset_bytes ({MAX_DATASET} bytes)", "dataset_too_large"),
     }
-    for case, limit in expected.items():
+    before = refused_by_reason(node.config)
+    for case, (limit, _reason) in expected.items():
         path = part10(tmp_path, *CRAFTED[case])
         assert send(node.scp.port, path) == 0xC000
         wanted = (path.stem, limit)
@@ -299,6 +301,20 @@ def test_the_refusals_name_the_limit_that_was_passed(
             10,
             f"a log line naming {limit}",
         )
+    counted = refused_by_reason(node.config)  # for /metrics, by the receiving process that refused
+    for _limit, reason in expected.values():
+        assert counted.get(reason, 0) - before.get(reason, 0) == 1, (reason, before, counted)
+
+
+def refused_by_reason(config: Config) -> dict[str, float]:
+    """The receiving processes' counts of refused C-STOREs (`plugin.ingest.counters`), by reason."""
+    files = MultiProcessCollector(None, path=str(config.metrics_dir))
+    return {
+        sample.labels["reason"]: sample.value
+        for metric in files.collect()
+        if metric.name == "radgate_instances_refused"
+        for sample in metric.samples
+    }
 
 
 @pytest.mark.usefixtures("chunked_send")

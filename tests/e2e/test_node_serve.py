@@ -178,11 +178,12 @@ def test_a_spool_write_failure_answers_out_of_resources(node: NodeProcess, tmp_p
 
 def test_a_file_size_limit_on_the_node_answers_out_of_resources(tmp_path: Path) -> None:
     def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+        # room for the job store and its WAL (the schema's 0.2 MB and the test's writes), not the big file
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
     node = NodeProcess(tmp_path).start(preexec_fn=limit_file_size)
     try:
-        big = write_series(tmp_path / "big", 1, size=512)  # 512 KiB of pixels
+        big = write_series(tmp_path / "big", 1, size=1024)  # 2 MiB of pixels
         sent = node.storescu(*big)
         assert "Refused: OutOfResources" in sent.stderr and "Success" not in sent.stderr, sent.stderr
         wait_for(lambda: "0xA700" in node.log(), 10, "the refusal in the node's log")
