@@ -180,6 +180,41 @@ class LoggingConfig(_Strict):
     json_lines: bool = False
 
 
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT, e.g. audit.hospital.local:514")
+    return value
+
+
+class AuditConfig(_Strict):
+    """Where the audit trail goes besides the job store: IHE ATNA messages (RFC 5424 syslog)."""
+
+    syslog: str | None = Field(
+        default=None, description="HOST:PORT of an ATNA audit record repository; absent: store only"
+    )
+    syslog_protocol: Literal["udp", "tcp"] = Field(
+        default="udp", description="udp: RFC 5426, one datagram per message; tcp: RFC 6587 octet counting"
+    )
+
+    @field_validator("syslog")
+    @classmethod
+    def _syslog(cls, v: str | None) -> str | None:
+        return None if v is None else _check_host_port(v)
+
+
+class WebConfig(_Strict):
+    """The web console, REST API and /metrics (plugin/web), served by `radgate serve` and `radgate web`."""
+
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", description="loopback only by default")
+    port: int = Field(default=8080, ge=0, le=65535, description="0: any free port (logged at start)")
+    session_minutes: int = Field(
+        default=480, ge=1, le=10080, description="a login session ends after this long without a request"
+    )
+    audit: AuditConfig = AuditConfig()
+
+
 class DispatchConfig(_Strict):
     """Sending results (plugin/dispatch/outbox.py): batches, capped exponential backoff, then DEAD."""
 
@@ -497,6 +532,7 @@ class Config(_Strict):
         default_factory=dict, description="name -> destination; empty: results stay in data_dir only"
     )
     dispatch: DispatchConfig = DispatchConfig()
+    web: WebConfig = WebConfig()
     pipelines: dict[str, PipelineConfig] = Field(
         default_factory=dict, description="name -> a registered pipeline with its options; rules name it"
     )
