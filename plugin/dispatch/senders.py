@@ -16,7 +16,7 @@ from plugin.config import (
     DicomWebDestination,
     OrthancDestination,
 )
-from plugin.dispatch.base import Sender, redact, url_secrets
+from plugin.dispatch.base import Sender, http_where, redact, url_secrets
 from plugin.dispatch.dicom import DicomSender
 from plugin.dispatch.dicomweb import StowSender
 from plugin.dispatch.orthanc_rest import OrthancSender
@@ -39,6 +39,14 @@ def destination_secrets(
             secrets.append(destination.password.get_secret_value())
         return secrets
     return []
+
+
+def destination_where(destination: DicomDestination | DicomWebDestination | OrthancDestination) -> str:
+    """Where a destination is, for people: AE@host:port (DICOM) or host:port (HTTP), no credentials."""
+    if isinstance(destination, DicomDestination):
+        tls = " (TLS)" if destination.tls is not None else ""
+        return f"{destination.ae_title}@{destination.host}:{destination.port}{tls}"
+    return http_where(destination.url)
 
 
 def make_sender(

@@ -285,6 +285,11 @@ def _describe(matcher: Matcher) -> str:
     return "present" if matcher.present else "absent"
 
 
+def describe_tests(group: MatchGroup) -> list[str]:
+    """A match group's tests in words, one per attribute, e.g. ``Modality equals 'CT'``."""
+    return [f"{keyword} {_describe(matcher)}" for keyword, matcher in group.items()]
+
+
 def _shown(keyword: str, values: list[Any]) -> str:
     if not values:
         return "absent"

@@ -279,13 +279,14 @@ def _rows(s: Session, studies: Sequence[Study]) -> list[StudyRow]:
             .group_by(Instance.study_id)
         )
     }
-    series = dict(
-        s.execute(
+    series = {
+        sid: int(n)
+        for sid, n in s.execute(
             select(Series.study_id, func.count(Series.id))
             .where(Series.study_id.in_(ids))
             .group_by(Series.study_id)
-        ).tuples()
-    )
+        )
+    }
     jobs: dict[int, dict[str, int]] = {}
     for sid, state, n in s.execute(
         select(Job.study_id, Job.state, func.count(Job.id))
@@ -316,7 +317,7 @@ def _rows(s: Session, studies: Sequence[Study]) -> list[StudyRow]:
                 state=st.state,
                 status=study_status(st.state, job_counts, delivery_counts),
                 instances=n,
-                series=int(series.get(st.id, 0)),
+                series=series.get(st.id, 0),
                 first_received_at=st.first_received_at,
                 last_received_at=latest(st.revision_started_at, last, st.resent_at),
                 completed_at=st.completed_at,
