@@ -1,4 +1,5 @@
-"""The web application (`create_app`) and the server that runs it beside the node (`WebServer`).
+"""The web application (`create_app`), the server that runs it beside the node (`WebServer`), and
+``radgate web`` (`serve_web`), the console alone.
 
 Every console route is behind a login: `create_app` mounts the console's API and pages with
 `require(Role.VIEWER)` on the whole router (their routes add a higher role where they act), so a
@@ -10,6 +11,7 @@ document is ``/api/openapi.json``.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -22,11 +24,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import SQLAlchemyError
 
 from plugin.config import Config
+from plugin.ingest.datadir import apply_file_modes
+from plugin.logs import setup_logging
 from plugin.store.db import Store
 from plugin.web import api, metrics, pages, routes
-from plugin.web.audit import attach_syslog, record
+from plugin.web.audit import attach_syslog, config_loaded, record
 from plugin.web.security import LoginRequired, Role, remote_address, require
 
 log = logging.getLogger(__name__)
@@ -136,3 +141,30 @@ class WebServer:
         if self._socket is not None:
             self._socket.close()
         self._server = self._thread = None
+
+
+def serve_web(config: Config) -> int:
+    """``radgate web``: the console alone (beside the Orthanc plugin or a worker, same data dir and
+    store) until SIGTERM or SIGINT; 0 after a clean stop, 1 when it cannot start."""
+    setup_logging(config.logging)
+    apply_file_modes(config.file_modes)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    store = Store(config.db_url)
+    try:
+        store.migrate()
+        config_loaded(store, config, "web")
+        server = WebServer(config, store)
+        server.start()
+    except (OSError, SQLAlchemyError) as err:
+        log.error("cannot start the web console: %s", err)
+        store.dispose()
+        return 1
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+        store.dispose()
+        log.info("web console stopped")
+    return 0

@@ -14,7 +14,7 @@ import logging
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -111,6 +111,10 @@ def config_loaded(store: Store, config: Config, by: str) -> None:
     record(store, None, "config.loaded", target=by, detail={"sha256": config_digest(config)})
 
 
+def _aware(when: datetime | None) -> datetime | None:
+    return when.replace(tzinfo=UTC) if when is not None and when.tzinfo is None else when
+
+
 def _recorded(store: Store, since: datetime | None, until: datetime | None) -> list[Event]:
     query = select(AuditEvent).order_by(AuditEvent.at, AuditEvent.id)
     if since is not None:
@@ -168,6 +172,7 @@ def events(
     studies: bool = True,
 ) -> list[Event]:
     """The trail between ``since`` (inclusive) and ``until`` (exclusive), oldest first: the recorded
-    events and, with ``studies``, each study's life (`study_events`)."""
+    events and, with ``studies``, each study's life (`study_events`). A time without a zone is UTC."""
+    since, until = _aware(since), _aware(until)
     merged = _recorded(store, since, until) + (study_events(store, since, until) if studies else [])
     return sorted(merged, key=lambda e: e.at)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from argon2 import PasswordHasher
+from fastapi import FastAPI
 
 from plugin.config import Config
 from plugin.store.db import Store
@@ -47,6 +48,24 @@ class Console:
     def client(self) -> httpx.Client:
         """A new client on the console that does not follow redirects (tests look at them)."""
         return httpx.Client(base_url=self.url, follow_redirects=False, timeout=30)
+
+
+def routes(app: FastAPI) -> list[tuple[str, set[str]]]:
+    """Every route of ``app`` with its methods (a mount: none), included routers walked.
+
+    FastAPI keeps included routers as private ``_IncludedRouter`` entries; this is the one place
+    that knows it."""
+    from fastapi.routing import _IncludedRouter
+
+    def walk(entries: list[Any]) -> Iterator[tuple[str, set[str]]]:
+        for entry in entries:
+            if isinstance(entry, _IncludedRouter):
+                yield from walk(list(entry.effective_candidates()))
+            else:
+                route = getattr(entry, "original_route", entry)
+                yield entry.path, set(getattr(route, "methods", None) or ())
+
+    return list(walk(list(app.router.routes)))
 
 
 def web_config(workdir: Path, **web: Any) -> Config:
