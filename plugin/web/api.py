@@ -436,22 +436,24 @@ def rerun(request: Request, principal: Operator, study_uid: StudyUid, body: Reru
     if body.pipeline not in known:
         message = f"unknown pipeline {body.pipeline!r}; installed: {', '.join(known) or 'none'}"
         raise _refuse(request, principal, "study.rerun", target, 400, message)
-    with store.session() as s:
+    refusal: tuple[int, str] | None = None
+    with store.session() as s:  # the audit line is written after it: SQLite has one writer at a time
         study = s.scalars(select(Study).where(Study.study_uid == study_uid).with_for_update()).one_or_none()
         if study is None:
-            raise _refuse(
-                request, principal, "study.rerun", target, 404, f"no study {study_uid} has been received"
-            )
-        if study.state == StudyState.RECEIVING:
-            message = f"study {study_uid} is still receiving; re-run it once it is complete"
-            raise _refuse(request, principal, "study.rerun", target, 409, message)
-        try:
-            job = queue_named_job(
-                s, study, body.pipeline, rules_of(request), config.spool_dir, tuple(config.destinations)
-            )
-        except NoUsableSeries as err:
-            raise _refuse(request, principal, "study.rerun", target, 409, str(err)) from None
-        job_id = job.id
+            refusal = 404, f"no study {study_uid} has been received"
+        elif study.state == StudyState.RECEIVING:
+            refusal = 409, f"study {study_uid} is still receiving; re-run it once it is complete"
+        else:
+            try:
+                job = queue_named_job(
+                    s, study, body.pipeline, rules_of(request), config.spool_dir, tuple(config.destinations)
+                )
+            except NoUsableSeries as err:
+                refusal = 409, str(err)
+            else:
+                job_id = job.id
+    if refusal is not None:
+        raise _refuse(request, principal, "study.rerun", target, *refusal)
     _audit(request, principal, "study.rerun", target, pipeline=body.pipeline, job=job_id)
     return ActionAnswer(message=f"job {job_id} queued: {body.pipeline}", job_ids=[job_id])
 
