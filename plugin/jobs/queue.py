@@ -43,14 +43,13 @@ from plugin.store.db import (
     Instance,
     Job,
     JobState,
-    PauseKind,
     Series,
     Store,
     Study,
     add_queued_job,
-    paused_names,
     utcnow,
 )
+from plugin.store.pauses import PauseKind, paused_names
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from plugin.jobs.executor.work import MANIFEST, read_manifest
 from plugin.jobs.queue import NoUsableSeries, queue_named_job, read_study_series, retry_job, rules_in_force
 from plugin.route.pipelines import known_pipelines, series_lookup
 from plugin.route.rules import RuleSet, describe_tests, study_report, usable_pipelines, validate_rules
-from plugin.store.db import Delivery, PauseKind, Store, Study, StudyState, paused_names, set_paused
+from plugin.store.db import Delivery, Store, Study, StudyState
+from plugin.store.pauses import PauseKind, paused_names, set_paused
 from plugin.store.reports import (
     Overview,
     StudyFilterState,
