@@ -327,6 +327,7 @@ def claim_job(
                     attempts=Job.attempts + 1,
                     started_at=now,
                     updated_at=now,
+                    timings=None,  # this attempt's steps are recorded as they finish (record_steps)
                 )
             )
             if won.rowcount != 1:  # type: ignore[attr-defined]

@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from support.browser import chromium_page
 from support.node import NodeProcess, ct_instance, free_port, wait_for
-from support.web import CHEAP_HASHER, ROLES, login, password
+from support.web import CHEAP_HASHER, ROLES, login, password, web_node
 
 from dicom_io.testing.orthanc_server import OrthancServer
 from plugin.store.db import Delivery, Job, JobState, Store, Study
@@ -118,12 +118,16 @@ def site(
         chest = str(pydicom.dcmread(chest_files[0], stop_before_pixels=True).StudyInstanceUID)
 
         def settled() -> tuple[Job, Job] | None:
-            jobs = _job_of(store, tiny), _job_of(store, chest)
-            if jobs[0] is None or jobs[1] is None or jobs[0].state != JobState.FAILED:
+            tiny_job, chest_job = _job_of(store, tiny), _job_of(store, chest)
+            if tiny_job is None or chest_job is None or tiny_job.state != JobState.FAILED:
                 return None
             with store.session() as s:
-                states = {d.state for d in s.scalars(select(Delivery).where(Delivery.job_id == jobs[1].id))}
-            return jobs if jobs[1].state == JobState.SUCCEEDED and states == {"SENT", "DEAD"} else None
+                states = {d.state for d in s.scalars(select(Delivery).where(Delivery.job_id == chest_job.id))}
+            return (
+                (tiny_job, chest_job)
+                if chest_job.state == JobState.SUCCEEDED and states == {"SENT", "DEAD"}
+                else None
+            )
 
         tiny_job, chest_job = wait_for(
             settled, 300, "the tiny job FAILED, the chest one delivered", interval=0.5
@@ -323,6 +327,13 @@ def test_a_browser_walks_the_console_and_acts(site: Site, tmp_path: Path) -> Non
         findings = page.inner_text("table.findings")
         assert "volume" in findings and "mL" in findings
         assert "delivered to archive" in page.inner_text("#events")
+        dead = page.inner_text(f"#delivery-{site.chest_job}-dead")
+        assert "5 DEAD" in dead and "connection refused" in dead
+        page.click(f"#deliveries-{site.chest_job} summary")  # each delivery; stays open while polled
+        page.evaluate(
+            "() => new Promise(done => document.addEventListener('htmx:afterSwap', done, {once: true}))"
+        )
+        assert page.get_attribute(f"#deliveries-{site.chest_job}", "open") is not None
         assert page.get_attribute("#open-in-viewer", "href") == VIEWER.replace("{study_uid}", site.chest)
         page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
         jobs_before = {job.id for job in _jobs(site, site.chest)}
@@ -348,3 +359,13 @@ def test_a_browser_walks_the_console_and_acts(site: Site, tmp_path: Path) -> Non
 def _jobs(site: Site, study_uid: str) -> list[Job]:
     with site.store.session() as s:
         return list(s.scalars(select(Job).join(Study).where(Study.study_uid == study_uid)))
+
+
+def test_the_overview_warns_when_the_data_dir_disk_runs_low(tmp_path: Path) -> None:
+    with web_node(tmp_path, disk_warning_gb=1e9) as console, console.client() as client:
+        login(client, "viewer")
+        answer = client.get("/api/overview").json()
+        page = client.get("/")
+    assert answer["disk"]["low"] is True and answer["disk"]["warning_gb"] == 1e9
+    assert page.status_code == 200 and 'id="disk-warning"' in page.text
+    assert answer["figures"]["today"] == {"instances": 0, "studies": 0, "bytes": 0}

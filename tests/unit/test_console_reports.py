@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import select, update
 from support.execute import add_job, make_config, migrated_store, spool_files
 from support.node import ct_instance
 
@@ -115,7 +115,7 @@ def test_search_by_accession_patient_date_and_state(store: Store, config: Config
     _set(store, done, state=JobState.SUCCEEDED)
     with store.session() as s:
         enqueue_deliveries(s, done, [("1.2.9.1", a[0])], ["pacs"])
-        s.execute(Delivery.__table__.update().values(state=DeliveryState.DEAD))
+        s.execute(update(Delivery).values(state=DeliveryState.DEAD))
 
     def found(**criteria: object) -> list[str]:
         with store.session() as s:
