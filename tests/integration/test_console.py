@@ -349,9 +349,21 @@ def test_a_browser_walks_the_console_and_acts(site: Site, tmp_path: Path) -> Non
         page.click(f"#retry-{site.tiny_job}")
         page.wait_for_function("() => document.getElementById('flash').textContent.includes('re-queued')")
         assert site.job(site.tiny_job).updated_at > failed_at
+
+        page.click("nav >> text=Rules")
+        page.click("#test-destination-archive")
+        page.wait_for_function("() => document.getElementById('flash').textContent.includes('answered')")
+        page.click("#pause-rule-other-ct")  # the rules table is fetched again: the button turns
+        page.click("#resume-rule-other-ct")
+        page.wait_for_selector("#pause-rule-other-ct")
+        page.fill("#dry-run-uid", site.tiny)
+        page.click("#dry-run-button")
+        page.wait_for_selector("#dry-run .routing")
+        assert "chest-ct: BodyPartExamined: wanted equals 'CHEST', got absent" in page.inner_text("#dry-run")
     with site.client("admin") as admin:
         trail = admin.get("/api/audit", params={"studies": "false"}).json()
-    assert {("study.rerun", "ok"), ("job.retry", "ok")} <= {(e["action"], e["outcome"]) for e in trail}
+    done = {(e["action"], e["outcome"]) for e in trail}
+    assert {("study.rerun", "ok"), ("job.retry", "ok"), ("rule.pause", "ok"), ("rule.resume", "ok")} <= done
     log = site.node.log()
     assert "RG-SYN-CT-0001" not in log and "Phantom^Chest" not in log and "TINY-PAT" not in log
 
