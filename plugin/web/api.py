@@ -28,8 +28,7 @@ from dicom_io.results.reading import picture_png, sr_measurements
 from plugin.config import Config, DicomDestination
 from plugin.dispatch.outbox import retry_deliveries
 from plugin.dispatch.senders import check_destination, destination_where
-from plugin.ingest.datadir import disk_space
-from plugin.jobs.executor.devices import DeviceInfo, devices, executor_slots
+from plugin.jobs.executor.devices import CpuInfo, cpu_info, executor_slots
 from plugin.jobs.executor.work import MANIFEST, read_manifest
 from plugin.jobs.queue import NoUsableSeries, queue_named_job, read_study_series, retry_job, rules_in_force
 from plugin.route.pipelines import known_pipelines, series_lookup
@@ -49,6 +48,7 @@ from plugin.store.reports import (
 )
 from plugin.web.audit import record
 from plugin.web.security import Principal, Role, remote_address, require
+from plugin.web.system import GpuMemory, disk_free, gpus
 
 router = APIRouter(tags=["console"])
 
@@ -138,7 +138,8 @@ class OverviewAnswer(BaseModel):
     disk: Disk | None
     disk_error: str | None = None
     workers: Workers
-    devices: list[DeviceInfo]
+    gpus: list[GpuMemory] = Field(description="each GPU's memory in use (by any process) and in all")
+    cpu: CpuInfo
     accelerator: str = Field(description="CUDA and how many GPUs, or that jobs run on the CPU")
 
 
@@ -147,7 +148,7 @@ def overview_answer(store: Store, config: Config) -> OverviewAnswer:
         figures = overview(s)
     warning = config.web.disk_warning_gb
     try:
-        space = disk_space(config.data_dir)
+        space = disk_free(config.data_dir)
         disk: Disk | None = Disk(
             free_bytes=space.free_bytes,
             total_bytes=space.total_bytes,
@@ -157,8 +158,7 @@ def overview_answer(store: Store, config: Config) -> OverviewAnswer:
         disk_error = None
     except OSError as err:
         disk, disk_error = None, f"data dir unreadable: {err.strerror}"
-    found = devices()
-    gpus = [d for d in found if d.kind == "cuda"]
+    found = gpus()
     return OverviewAnswer(
         figures=figures,
         disk=disk,
@@ -168,8 +168,9 @@ def overview_answer(store: Store, config: Config) -> OverviewAnswer:
             slots=executor_slots(config.executor.workers),
             busy=len(figures.running),
         ),
-        devices=found,
-        accelerator=f"CUDA, {len(gpus)} GPU(s)" if gpus else "CPU only: no CUDA device, jobs run on the CPU",
+        gpus=found,
+        cpu=cpu_info(),
+        accelerator=f"CUDA, {len(found)} GPU(s)" if found else "CPU only: no GPU, jobs run on the CPU",
     )
 
 

@@ -1,8 +1,6 @@
-"""The devices jobs run on: the GPUs torch sees (CUDA), else the CPU, and how many slots they give.
+"""The devices jobs run on: how many CUDA devices torch sees, the slots they give, and the CPU.
 
-Reading GPU memory must not take any of it: the used memory comes from the driver (NVML, through
-``torch.cuda.device_memory_used``), so the process asking (the node, the console) creates no CUDA
-context on the GPUs its workers use.
+GPU memory is read elsewhere, without creating a CUDA context (`plugin.web.system.gpus`).
 """
 
 from __future__ import annotations
@@ -10,18 +8,16 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 
 @dataclass(frozen=True)
-class DeviceInfo:
-    """A GPU (``cuda``, its index) or the CPU, with its memory in bytes (None: not known)."""
+class CpuInfo:
+    """The machine's processor and memory in bytes (None: not known), where jobs run without CUDA."""
 
-    kind: Literal["cuda", "cpu"]
-    index: int
     name: str
+    cores: int
     memory_total_bytes: int | None
     memory_used_bytes: int | None
 
@@ -37,25 +33,12 @@ def executor_slots(workers: int) -> int:
     return min(workers, gpus) if gpus else workers
 
 
-def _cpu() -> DeviceInfo:
+def cpu_info() -> CpuInfo:
+    """The processor and the memory of this machine (POSIX ``sysconf``)."""
     try:
         page = os.sysconf("SC_PAGE_SIZE")
         total: int | None = page * os.sysconf("SC_PHYS_PAGES")
         used: int | None = None if total is None else total - page * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError):  # not a POSIX system that says
+    except (ValueError, OSError):  # not a system that says
         total = used = None
-    name = platform.processor() or platform.machine() or "CPU"
-    return DeviceInfo("cpu", 0, f"{name}, {os.cpu_count() or '?'} cores", total, used)
-
-
-def devices() -> list[DeviceInfo]:
-    """Every CUDA device with its memory, or (no CUDA) the CPU with the machine's memory."""
-    found = []
-    for index in range(gpu_count()):
-        properties = torch.cuda.get_device_properties(index)
-        try:
-            used: int | None = int(torch.cuda.device_memory_used(index))
-        except Exception:  # no NVML library: the total is still worth showing
-            used = None
-        found.append(DeviceInfo("cuda", index, str(properties.name), int(properties.total_memory), used))
-    return found or [_cpu()]
+    return CpuInfo(platform.processor() or platform.machine() or "CPU", os.cpu_count() or 1, total, used)
