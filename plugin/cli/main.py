@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="run the node: DICOM listener, spool, completion (the main job)",
+        help="run the node: DICOM listener, spool, completion, jobs, web console (the main job)",
         description="Run the node: accept C-ECHO and C-STORE, write every instance durably to the spool "
-        "and the job store before acknowledging it, and declare studies complete after a quiet period.",
+        "and the job store before acknowledging it, and declare studies complete after a quiet period. "
+        "With web.enabled (the default) it also serves the web console on web.host:web.port.",
     )
     _add_config_options(serve)
     serve.add_argument("--port", type=int, help="DICOM port (default 11112)")

@@ -32,8 +32,8 @@ from plugin.ingest.datadir import apply_file_modes
 from plugin.logs import setup_logging
 from plugin.store.db import Store
 from plugin.web import api, metrics, pages, routes
-from plugin.web.audit import attach_syslog, config_loaded, record
-from plugin.web.security import LoginRequired, Role, login_redirect, remote_address, require
+from plugin.web.audit import attach_syslog, config_loaded
+from plugin.web.security import LoginRequired, Role, audit_request, login_redirect, require
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,8 @@ def create_app(config: Config, store: Store) -> FastAPI:
         where = [".".join(str(part) for part in error["loc"]) for error in exc.errors()]
         detail = {"method": request.method, "path": request.url.path, "invalid": where}
         actor = identity.principal.name if identity is not None else None
-        where_from = remote_address(request)
         await run_in_threadpool(
-            record, store, actor, "request.invalid", request.url.path, "failure", detail, where_from
+            audit_request, request, actor, "request.invalid", request.url.path, "failure", detail
         )
         return await request_validation_exception_handler(request, exc)
 

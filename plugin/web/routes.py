@@ -21,8 +21,8 @@ from plugin.web.security import (
     SESSION_COOKIE,
     Principal,
     Role,
+    audit_request,
     page_context,
-    remote_address,
     require,
 )
 
@@ -77,12 +77,14 @@ def login(
     """A session for a right name and password (303 to ``next``); 401 and the form again otherwise."""
     store = _store(request)
     principal = users.verify_login(store, username, password)
-    remote = remote_address(request)
     if principal is None:
-        audit.record(store, username, "login", outcome="failure", remote=remote)
+        audit_request(request, username, "login", outcome="failure")
         return _login_page(request, next, "Wrong user name or password.", 401)
+    earlier = request.cookies.get(SESSION_COOKIE)
+    if earlier is not None:  # a new id at every login: a cookie planted before it is worth nothing
+        users.close_session(store, earlier)
     session = users.open_session(store, principal, request.app.state.config.web.session_minutes)
-    audit.record(store, principal.name, "login", remote=remote)
+    audit_request(request, principal.name, "login")
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(SESSION_COOKIE, session.session_id, httponly=True, samesite="strict", path="/")
     return response
@@ -94,7 +96,7 @@ def logout(request: Request, principal: Annotated[Principal, Depends(require(Rol
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie is not None:
         users.close_session(_store(request), cookie)
-    audit.record(_store(request), principal.name, "logout", remote=remote_address(request))
+    audit_request(request, principal.name, "logout")
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response

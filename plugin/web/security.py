@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -103,18 +103,23 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def _audit(request: Request, actor: str | None, action: str, **detail: Any) -> None:
+def audit_request(
+    request: Request,
+    actor: str | None,
+    action: str,
+    target: str | None = None,
+    outcome: str = "ok",
+    detail: Mapping[str, object] | None = None,
+) -> None:
+    """`plugin.web.audit.record` for a request: the app's store and the caller's address filled in.
+    Blocking (a database write): call it from a sync route, or with ``run_in_threadpool``."""
     store: Store = request.app.state.store
-    detail = {"method": request.method, "path": request.url.path, **detail}
-    record(
-        store,
-        actor,
-        action,
-        target=request.url.path,
-        outcome="failure",
-        detail=detail,
-        remote=remote_address(request),
-    )
+    record(store, actor, action, target, outcome, detail, remote_address(request))
+
+
+def _refused(request: Request, actor: str | None, action: str, **detail: Any) -> None:
+    where = {"method": request.method, "path": request.url.path, **detail}
+    audit_request(request, actor, action, request.url.path, "failure", where)
 
 
 async def identify(request: Request) -> Identity | None:
@@ -123,14 +128,14 @@ async def identify(request: Request) -> Identity | None:
     if hasattr(request.state, "identity"):
         cached: Identity | None = request.state.identity
         return cached
-    from plugin.web import users
+    from plugin.web import users  # here: plugin.web.users imports this module
 
     store: Store = request.app.state.store
     token = _bearer(request)
     if token is not None:
         identity = await run_in_threadpool(users.token_identity, store, token)
         if identity is None:
-            await run_in_threadpool(_audit, request, None, "auth.rejected", reason="unknown API token")
+            await run_in_threadpool(_refused, request, None, "auth.rejected", reason="unknown API token")
             raise HTTPException(401, "unknown API token", headers={"WWW-Authenticate": "Bearer"})
     else:
         cookie = request.cookies.get(SESSION_COOKIE)
@@ -169,7 +174,7 @@ def require(role: Role) -> Callable[[Request], Awaitable[Principal]]:
             if not is_api(request):
                 raise LoginRequired
             reason = "session expired" if SESSION_COOKIE in request.cookies else "not logged in"
-            await run_in_threadpool(_audit, request, None, "auth.rejected", reason=reason)
+            await run_in_threadpool(_refused, request, None, "auth.rejected", reason=reason)
             raise HTTPException(
                 401, f"{reason}: log in or send an API token", headers={"WWW-Authenticate": "Bearer"}
             )
@@ -177,11 +182,11 @@ def require(role: Role) -> Callable[[Request], Awaitable[Principal]]:
         if identity.csrf_token is not None and request.method not in SAFE_METHODS:
             sent = await _csrf_token_sent(request)
             if sent is None or not hmac.compare_digest(sent.encode(), identity.csrf_token.encode()):
-                await run_in_threadpool(_audit, request, principal.name, "csrf.rejected")
+                await run_in_threadpool(_refused, request, principal.name, "csrf.rejected")
                 raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
         if principal.role < role:
             await run_in_threadpool(
-                _audit, request, principal.name, "access.denied", needs=role.label, has=principal.role.label
+                _refused, request, principal.name, "access.denied", needs=role.label, has=principal.role.label
             )
             raise HTTPException(403, f"this needs the {role.label} role; you are {principal.role.label}")
         return principal
@@ -190,7 +195,8 @@ def require(role: Role) -> Callable[[Request], Awaitable[Principal]]:
 
 
 def page_context(request: Request, principal: Principal | None) -> dict[str, Any]:
-    """What every page template gets: the request, the principal and the session's CSRF token."""
+    """What every page template gets: the request, the principal, the session's CSRF token (empty
+    for an API token) and `Role` (``principal.role >= Role.OPERATOR`` shows an action's button)."""
     identity: Identity | None = getattr(request.state, "identity", None)
     csrf = identity.csrf_token if identity is not None and identity.csrf_token is not None else ""
-    return {"request": request, "principal": principal, "csrf_token": csrf}
+    return {"request": request, "principal": principal, "csrf_token": csrf, "Role": Role}

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,6 +17,7 @@ from sqlalchemy import select
 from support.node import instance_record, wait_for
 from support.web import login, web_node
 
+from plugin.cli.main import main
 from plugin.cli.users import cli_actor
 from plugin.store.db import (
     Delivery,
@@ -31,8 +30,6 @@ from plugin.store.db import (
     utcnow,
 )
 from plugin.web import audit
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -104,7 +101,9 @@ def test_recorded_events_and_a_studys_life_read_back_in_order(store: Store) -> N
     assert [e.action for e in audit.events(store, studies=False)] == ["job.retry", "login"]
 
 
-def test_the_export_prints_json_lines_since_a_time(tmp_path: Path) -> None:
+def test_the_export_prints_json_lines_since_a_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tmp_path / "data"
     store = Store(f"sqlite:///{data / 'radgate.db'}")
     store.migrate()
@@ -113,15 +112,8 @@ def test_the_export_prints_json_lines_since_a_time(tmp_path: Path) -> None:
     store.dispose()
 
     def export(*args: str) -> list[dict[str, object]]:
-        done = subprocess.run(
-            [sys.executable, "-m", "plugin.cli", "audit", "export", "--data-dir", str(data), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-            check=True,
-        )
-        return [json.loads(line) for line in done.stdout.splitlines()]
+        assert main(["audit", "export", "--data-dir", str(data), *args]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
     every = export()
     assert [e["action"] for e in every if e["target"] == uid][:2] == ["study.received", "study.complete"]

@@ -11,13 +11,13 @@ from typing import Annotated
 import httpx
 import pytest
 from fastapi import Depends
-from sqlalchemy import update
+from sqlalchemy import select, update
 from support.web import Console, login, routes, web_node
 
 from plugin.store.accounts import WebSession
 from plugin.store.db import utcnow
 from plugin.web import audit
-from plugin.web.security import Principal, Role, require
+from plugin.web.security import Principal, Role, require, secret_hash
 from plugin.web.users import create_token
 
 PUBLIC = {"/login", "/healthz", "/metrics", "/static"}
@@ -48,10 +48,14 @@ def test_login_opens_a_session_and_logout_ends_it(console: Console) -> None:
         assert answer.status_code == 303 and answer.headers["location"] == "/"
         cookie_attributes = answer.headers["set-cookie"].lower()
         assert "httponly" in cookie_attributes and "samesite=strict" in cookie_attributes
+        first = client.cookies["radgate_session"]
         login(client, "viewer")
         me = client.get("/api/me").json()
         assert (me["name"], me["role"], me["via"]) == ("viewer", "viewer", "session")
         cookie = client.cookies["radgate_session"]
+        assert cookie != first
+        replaced = httpx.get(f"{console.url}/api/me", headers={"Cookie": f"radgate_session={first}"})
+        assert replaced.status_code == 401
         assert client.post("/logout").status_code == 303
         client.cookies.set("radgate_session", cookie)  # the old cookie is dead on the server
         assert client.get("/api/me").status_code == 401
@@ -135,8 +139,9 @@ def test_an_api_token_needs_no_csrf_and_an_unknown_one_is_401_and_audited(consol
 def test_an_expired_session_redirects_pages_and_is_401_on_the_api(console: Console) -> None:
     with console.client() as client:
         login(client, "admin")
+        mine = WebSession.token_hash == secret_hash(client.cookies["radgate_session"])
         with console.store.session() as s:
-            s.execute(update(WebSession).values(expires_at=utcnow() - timedelta(seconds=1)))
+            s.execute(update(WebSession).where(mine).values(expires_at=utcnow() - timedelta(seconds=1)))
         page = client.get("/account")
         assert page.status_code == 303 and page.headers["location"].startswith("/login?next=")
         api = client.get("/api/me")
@@ -146,6 +151,18 @@ def test_an_expired_session_redirects_pages_and_is_401_on_the_api(console: Conso
         "path": "/api/me",
         "reason": "session expired",
     }
+
+
+def test_a_session_in_use_is_extended_past_half_its_time(console: Console) -> None:
+    with console.client() as client:
+        login(client, "viewer")
+        mine = WebSession.token_hash == secret_hash(client.cookies["radgate_session"])
+        with console.store.session() as s:
+            s.execute(update(WebSession).where(mine).values(expires_at=utcnow() + timedelta(minutes=1)))
+        assert client.get("/api/me").status_code == 200
+        with console.store.session() as s:
+            expires = s.scalars(select(WebSession.expires_at).where(mine)).one()
+    assert expires - utcnow() > timedelta(minutes=console.config.web.session_minutes - 1)
 
 
 def test_a_malformed_query_string_is_422_naming_the_parameter_and_audited(console: Console) -> None:
@@ -212,10 +229,12 @@ def test_the_base_page_carries_the_csrf_token_for_htmx_and_no_secret(console: Co
 
 def test_the_audit_page_and_api_show_the_trail_to_an_admin(console: Console) -> None:
     with console.client() as client:
+        client.post("/login", data={"username": "<b>x</b>", "password": "whatever-it-is"})
         login(client, "admin")
         page = client.get("/audit")
         assert page.status_code == 200 and "<h1>Audit trail</h1>" in page.text
         assert "login" in page.text
+        assert "&lt;b&gt;x&lt;/b&gt;" in page.text and "<b>x</b>" not in page.text  # a name tried, escaped
         form = client.get("/audit", params=[("since", ""), ("studies", "false"), ("limit", "5")])  # as sent
         assert form.status_code == 200 and 'name="studies" value="true" >' in form.text  # unchecked
         trail = client.get("/api/audit", params={"studies": "false", "limit": 3}).json()
