@@ -39,7 +39,7 @@ def _render(
     request: Request, principal: Principal, template: str, status: int = 200, **context: Any
 ) -> Response:
     templates: Jinja2Templates = request.app.state.templates
-    full = page_context(request, principal) | {"role": Role, **context}
+    full = page_context(request, principal) | context
     return templates.TemplateResponse(request, template, full, status_code=status)
 
 
