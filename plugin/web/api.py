@@ -46,8 +46,7 @@ from plugin.store.reports import (
     search_studies,
     study_timeline,
 )
-from plugin.web.audit import record
-from plugin.web.security import Principal, Role, remote_address, require
+from plugin.web.security import Principal, Role, audit_request, require
 from plugin.web.system import GpuMemory, disk_free, gpus
 
 router = APIRouter(tags=["console"])
@@ -102,9 +101,7 @@ def _audit(
     outcome: str = "ok",
     **detail: object,
 ) -> None:
-    record(
-        store_of(request), principal.name, action, target, outcome, detail or None, remote_address(request)
-    )
+    audit_request(request, principal.name, action, target, outcome, detail or None)
 
 
 def _refuse(
@@ -112,6 +109,17 @@ def _refuse(
 ) -> HTTPException:
     """Record a refused action in the audit trail; the HTTPException to raise."""
     _audit(request, principal, action, target, "failure", status=status, reason=message)
+    return HTTPException(status, message)
+
+
+def refuse_request(request: Request, status: int, message: str) -> HTTPException:
+    """Record a request for something that is not there (404, ``request.not_found``) or that makes
+    no sense (400, ``request.invalid``) in the audit trail; the HTTPException to raise."""
+    identity = getattr(request.state, "identity", None)
+    actor = identity.principal.name if identity is not None else None
+    action = "request.not_found" if status == 404 else "request.invalid"
+    detail = {"method": request.method, "path": request.url.path, "status": status, "reason": message}
+    audit_request(request, actor, action, request.url.path, "failure", detail)
     return HTTPException(status, message)
 
 
@@ -203,14 +211,14 @@ class StudySearch(BaseModel):
     offset: int = Field(0, ge=0)
 
     def query(self) -> StudyQuery:
-        """The store's query; HTTPException 400 for a date that does not exist or dates in the wrong order."""
+        """The store's query; ValueError for a date that does not exist or dates in the wrong order."""
         try:
             low = date.fromisoformat(self.date_from) if self.date_from else None
             high = date.fromisoformat(self.date_to) if self.date_to else None
         except ValueError as err:
-            raise HTTPException(400, f"not a date: {err}") from None
+            raise ValueError(f"not a date: {err}") from None
         if low is not None and high is not None and low > high:
-            raise HTTPException(400, "date_from is after date_to")
+            raise ValueError("date_from is after date_to")
         blank = {
             "accession": (self.accession or "").strip() or None,
             "patient_id": (self.patient_id or "").strip() or None,
@@ -220,12 +228,20 @@ class StudySearch(BaseModel):
         )
 
 
-@router.get("/studies")
-def get_studies(request: Request, search: Annotated[StudySearch, Query()]) -> StudyPage:
-    """Studies by accession number, patient ID, Study Date and state, the latest received first."""
-    query = search.query()
+def studies_answer(request: Request, search: StudySearch) -> StudyPage:
+    """One page of the search; HTTPException 400 (audited) for dates that make no sense."""
+    try:
+        query = search.query()
+    except ValueError as err:
+        raise refuse_request(request, 400, str(err)) from None
     with store_of(request).session() as s:
         return search_studies(s, query)
+
+
+@router.get("/studies", responses={400: {}})
+def get_studies(request: Request, search: Annotated[StudySearch, Query()]) -> StudyPage:
+    """Studies by accession number, patient ID, Study Date and state, the latest received first."""
+    return studies_answer(request, search)
 
 
 class RouteAction(BaseModel):
@@ -361,15 +377,14 @@ class StudyAnswer(BaseModel):
     pipelines: list[str] = Field(description="what a re-run may ask for")
 
 
-def study_answer(
-    store: Store, config: Config, rules: RuleSet, study_uid: str, with_routing: bool = True
-) -> StudyAnswer:
+def study_answer(request: Request, study_uid: str, with_routing: bool = True) -> StudyAnswer:
     """Everything the study page shows (``with_routing``: the routing report too, read from the
-    spool); HTTPException 404 for a study never received."""
+    spool); HTTPException 404 (audited) for a study never received."""
+    store, config, rules = store_of(request), config_of(request), rules_of(request)
     with store.session() as s:
         timeline = study_timeline(s, study_uid)
     if timeline is None:
-        raise HTTPException(404, f"no study {study_uid} has been received")
+        raise refuse_request(request, 404, f"no study {study_uid} has been received")
     routing, routing_error = None, None
     try:
         routing = routing_report(store, config, rules, study_uid) if with_routing else None
@@ -385,10 +400,10 @@ def study_answer(
     )
 
 
-@router.get("/studies/{study_uid}")
+@router.get("/studies/{study_uid}", responses={404: {}})
 def get_study(request: Request, study_uid: StudyUid) -> StudyAnswer:
     """A study's timeline from its first instance to each delivery, the routing decision, results."""
-    return study_answer(store_of(request), config_of(request), rules_of(request), study_uid)
+    return study_answer(request, study_uid)
 
 
 @router.get(
@@ -402,10 +417,10 @@ def get_image(request: Request, study_uid: StudyUid, job_id: int, n: Annotated[i
     with store.session() as s:
         owner = job_study_uid(s, job_id)
     if owner != study_uid:
-        raise HTTPException(404, f"study {study_uid} has no job {job_id}")
+        raise refuse_request(request, 404, f"study {study_uid} has no job {job_id}")
     pictures = [path for kind, _, path in _result_files(config, job_id) if kind == "SC"]
     if n > len(pictures):
-        raise HTTPException(404, f"job {job_id} has {len(pictures)} picture(s), not {n}")
+        raise refuse_request(request, 404, f"job {job_id} has {len(pictures)} picture(s), not {n}")
     try:
         png = picture_png(pydicom.dcmread(pictures[n - 1]))
     except (OSError, ValueError) as err:
@@ -662,5 +677,5 @@ def dry_run(request: Request, body: DryRunRequest) -> RoutingReport:
     """How the rules in force would route a received study now (nothing is queued)."""
     report = routing_report(store_of(request), config_of(request), rules_of(request), body.study_uid)
     if report is None:
-        raise HTTPException(404, f"no study {body.study_uid} has been received")
+        raise refuse_request(request, 404, f"no study {body.study_uid} has been received")
     return report

@@ -21,12 +21,12 @@ from plugin.web.api import (
     StudySearch,
     StudyUid,
     config_of,
-    get_studies,
     overview_answer,
     routing_report,
     rules_answer,
     rules_of,
     store_of,
+    studies_answer,
     study_answer,
 )
 from plugin.web.security import Principal, Role, page_context, require
@@ -59,8 +59,8 @@ def overview_fragment(request: Request, principal: Viewer) -> Response:
 def studies_page(request: Request, principal: Viewer, search: Annotated[StudySearch, Query()]) -> Response:
     """The search form and one page of matching studies; a bad date answers 400 with the form."""
     try:
-        page, error = get_studies(request, search), None
-    except HTTPException as err:
+        page, error = studies_answer(request, search), None
+    except HTTPException as err:  # audited
         page, error = None, str(err.detail)
     return _render(
         request,
@@ -77,8 +77,8 @@ def studies_page(request: Request, principal: Viewer, search: Annotated[StudySea
 @router.get("/studies/{study_uid}")
 def study_page(request: Request, principal: Viewer, study_uid: StudyUid) -> Response:
     try:
-        answer = study_answer(store_of(request), config_of(request), rules_of(request), study_uid)
-    except HTTPException as err:
+        answer = study_answer(request, study_uid)
+    except HTTPException as err:  # audited
         return _render(request, principal, "missing.html", status=err.status_code, message=err.detail)
     return _render(request, principal, "study.html", answer=answer, study_uid=study_uid)
 
@@ -86,9 +86,7 @@ def study_page(request: Request, principal: Viewer, study_uid: StudyUid) -> Resp
 @router.get("/studies/{study_uid}/timeline")
 def timeline_fragment(request: Request, principal: Viewer, study_uid: StudyUid) -> Response:
     """The part of the study page that changes while work runs: timeline, jobs, deliveries, results."""
-    answer = study_answer(
-        store_of(request), config_of(request), rules_of(request), study_uid, with_routing=False
-    )
+    answer = study_answer(request, study_uid, with_routing=False)
     return _render(request, principal, "_timeline.html", answer=answer, study_uid=study_uid)
 
 

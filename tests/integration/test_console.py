@@ -215,6 +215,10 @@ def test_bad_input_gets_a_clear_4xx(site: Site) -> None:
         missing = viewer.get("/api/studies/1.2.3.4")
         assert (missing.status_code, missing.json()["detail"]) == (404, "no study 1.2.3.4 has been received")
         assert viewer.get("/studies/1.2.3.4").status_code == 404
+        bad_date = viewer.get("/studies", params={"date_from": "2024-02-30"})
+        assert bad_date.status_code == 400 and "not a date" in bad_date.text
+        assert 'id="rerun-button"' not in viewer.get(f"/studies/{site.chest}").text  # no actions for viewers
+        assert 'id="rerun-button"' in operator.get(f"/studies/{site.chest}").text
         assert viewer.get("/api/studies/not-a-uid").status_code == 422
         for query in ({"limit": "x"}, {"state": "LOST"}, {"date_from": "15.01.2024"}, {"colour": "red"}):
             answer = viewer.get("/api/studies", params=query)
@@ -245,11 +249,13 @@ def test_bad_input_gets_a_clear_4xx(site: Site) -> None:
     assert site.job(site.tiny_job).state == JobState.FAILED  # nothing refused changed anything
     with site.client("admin") as admin:
         trail = admin.get("/api/audit", params={"studies": "false"}).json()
-    refusals = {(e["action"], e["outcome"]) for e in trail}
+    refusals = {(e["action"], e["actor"], e["target"]) for e in trail if e["outcome"] == "failure"}
     assert {
-        ("access.denied", "failure"),
-        ("csrf.rejected", "failure"),
-        ("study.rerun", "failure"),
+        ("request.not_found", "viewer", "/api/studies/1.2.3.4"),  # an unknown study
+        ("request.invalid", "viewer", "/api/studies"),  # a query string that is not what it should be
+        ("access.denied", "viewer", f"/api/jobs/{site.tiny_job}/retry"),  # an action without the role
+        ("csrf.rejected", "operator", f"/api/jobs/{site.tiny_job}/retry"),
+        ("study.rerun", "operator", f"study {site.tiny}"),
     } <= refusals
 
 
