@@ -11,7 +11,7 @@ import re
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import yaml
 from pydantic import (
@@ -213,6 +213,30 @@ class WebConfig(_Strict):
         default=480, ge=1, le=10080, description="a login session ends after this long without a request"
     )
     audit: AuditConfig = AuditConfig()
+    viewer_url_template: str | None = Field(
+        default=None,
+        description="the console's 'open in viewer' link, {study_uid} replaced by the Study Instance UID, "
+        "e.g. http://viewer:3000/viewer?StudyInstanceUIDs={study_uid}; absent: no link",
+    )
+    disk_warning_gb: float = Field(
+        default=5.0, ge=0, description="the overview warns when the data dir's disk has less free (GB)"
+    )
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _viewer_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if "{study_uid}" not in v:
+            raise ValueError("must contain {study_uid}")
+        _check_http_url(v.replace("{study_uid}", "1.2.3"))
+        return v
+
+    def viewer_url(self, study_uid: str) -> str | None:
+        """The viewer link of a study (the UID URL-quoted), None when no template is configured."""
+        if self.viewer_url_template is None:
+            return None
+        return self.viewer_url_template.replace("{study_uid}", quote(study_uid, safe=""))
 
 
 class DispatchConfig(_Strict):

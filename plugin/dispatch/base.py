@@ -46,6 +46,10 @@ class Sender(Protocol):
         """
         ...
 
+    def check(self) -> str | None:
+        """Whether the destination answers (C-ECHO, an HTTP request): None, or why not."""
+        ...
+
 
 def redact(text: str, secrets: Sequence[str]) -> str:
     """``text`` with every secret replaced by ***, so no reason or log line carries a credential."""

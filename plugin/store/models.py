@@ -81,7 +81,7 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    accession_number: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)  # the console's search
     revision: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(16), index=True)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -90,6 +90,11 @@ class Study(Base):
     # migration 0006: counts and last-received times are read from the instances; this is the one
     # time no instance row carries: the latest duplicate received while the study was RECEIVING
     resent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # migration 0009 (the web console's study search): from the study's first instance; shown to
+    # logged-in staff, never logged
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
 
 
 class Series(Base):

@@ -42,6 +42,9 @@ class InstanceRecord:
     accession_number: str | None = None
     modality: str | None = None
     series_number: int | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    study_date: str | None = None
 
 
 def _insert(conn: Connection, table: type[Base], **values: Any) -> int:
@@ -375,6 +378,9 @@ class InstanceRecorder:
                 Study,
                 study_uid=rec.study_uid,
                 accession_number=rec.accession_number,
+                patient_id=rec.patient_id,
+                patient_name=rec.patient_name,
+                study_date=rec.study_date,
                 revision=revision,
                 state=StudyState.RECEIVING,
                 first_received_at=now,
