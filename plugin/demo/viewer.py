@@ -1,0 +1,194 @@
+"""OHIF Viewer for ``radgate demo --viewer``: its prebuilt files and Orthanc's DICOMweb on one origin.
+
+One small Starlette app serves OHIF's ``dist/`` (installed into ``.ohif/`` by scripts/setup.sh) at the
+site root, with ``index.html`` for every other path (OHIF routes such as ``/viewer`` live in the
+browser), an ``app-config.js`` written here whose one data source is the same-origin ``/dicom-web``,
+and ``/dicom-web/*`` passed through to the demo Orthanc's DICOMweb plugin (GET only). Why one origin:
+docs/design.md, "The demo's viewer".
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
+
+OHIF_DIR = Path(__file__).resolve().parents[2] / ".ohif"
+"""Where scripts/setup.sh unpacks the npm package @ohif/app (its ``dist/`` and ``VERSION``)."""
+
+DICOMWEB_PATH = "/dicom-web"
+_FORWARDED_REQUEST = ("accept", "range", "if-none-match", "if-modified-since")
+_FORWARDED_RESPONSE = ("content-type", "content-length", "content-range", "etag", "last-modified")
+
+
+class ViewerError(RuntimeError):
+    """OHIF is not installed, or the viewer's server did not start."""
+
+
+def ohif_dist(root: Path = OHIF_DIR) -> Path:
+    """The folder holding OHIF's ``index.html``; ViewerError naming the fix when it is absent."""
+    dist = root / "dist"
+    if not (dist / "index.html").is_file():
+        raise ViewerError(f"OHIF Viewer is not installed in {root}: run scripts/setup.sh")
+    return dist
+
+
+def app_config() -> str:
+    """OHIF's ``window.config``: one DICOMweb data source, the same-origin ``/dicom-web`` (Orthanc)."""
+    config: dict[str, Any] = {
+        "routerBasename": "/",
+        "extensions": [],
+        "modes": [],
+        "showStudyList": True,
+        "maxNumberOfWebWorkers": 3,
+        "showLoadingIndicator": True,
+        "showCPUFallbackMessage": True,
+        "strictZSpacingForVolumeViewport": True,
+        "defaultDataSourceName": "radgate-demo",
+        "dataSources": [
+            {
+                "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
+                "sourceName": "radgate-demo",
+                "configuration": {
+                    "friendlyName": "radgate demo Orthanc",
+                    "name": "orthanc",
+                    "wadoUriRoot": DICOMWEB_PATH,
+                    "qidoRoot": DICOMWEB_PATH,
+                    "wadoRoot": DICOMWEB_PATH,
+                    "qidoSupportsIncludeField": True,
+                    "imageRendering": "wadors",
+                    "thumbnailRendering": "wadors",
+                    "enableStudyLazyLoad": True,
+                    "supportsFuzzyMatching": True,
+                    "supportsWildcard": True,
+                    "omitQuotationForMultipartRequest": True,
+                    "bulkDataURI": {"enabled": True},
+                },
+            }
+        ],
+    }
+    return f"window.config = {json.dumps(config, indent=2)};\n"
+
+
+class _SinglePageApp(StaticFiles):
+    """OHIF's files; any path that is not one of them gets ``index.html`` (the app routes in the browser)."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        try:
+            return await super().get_response(path, scope)
+        except HTTPException as exc:
+            if exc.status_code != 404:
+                raise
+            return await super().get_response("index.html", scope)
+
+
+def create_app(dicomweb_url: str, dist: Path) -> Starlette:
+    """The viewer's ASGI app: OHIF from ``dist``, ``/dicom-web/*`` proxied to ``dicomweb_url`` (GET only).
+
+    A path with a ``..`` segment under ``/dicom-web`` is answered 400 (only DICOMweb is passed through);
+    an unreachable Orthanc gives 502. The upstream sees the browser's ``Host`` in a ``Forwarded`` header,
+    so the bulk-data URLs in its metadata point back at this origin.
+    """
+    upstream = dicomweb_url.rstrip("/")
+    clients: list[httpx.AsyncClient] = []
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0)) as client:
+            clients.append(client)
+            yield
+
+    async def config_js(_request: Request) -> Response:
+        return Response(
+            app_config(), media_type="application/javascript", headers={"Cache-Control": "no-store"}
+        )
+
+    async def proxy(request: Request) -> Response:
+        path = request.path_params["path"]
+        if ".." in path.split("/"):
+            return PlainTextResponse("only DICOMweb paths are served here", status_code=400)
+        headers = {k: v for k in _FORWARDED_REQUEST if (v := request.headers.get(k)) is not None}
+        headers["Forwarded"] = f"host={request.headers.get('host', '')};proto={request.url.scheme}"
+        url = httpx.URL(f"{upstream}/{path}", query=request.url.query.encode())
+        client = clients[0]
+        try:
+            answer = await client.send(client.build_request("GET", url, headers=headers), stream=True)
+        except httpx.HTTPError as exc:
+            return PlainTextResponse(f"Orthanc's DICOMweb did not answer: {exc}", status_code=502)
+        return StreamingResponse(
+            answer.aiter_raw(),
+            status_code=answer.status_code,
+            headers={k: v for k in _FORWARDED_RESPONSE if (v := answer.headers.get(k)) is not None},
+            background=BackgroundTask(answer.aclose),
+        )
+
+    return Starlette(
+        routes=[
+            Route("/app-config.js", config_js),
+            Route(f"{DICOMWEB_PATH}/{{path:path}}", proxy, methods=["GET"]),
+            Mount("/", app=_SinglePageApp(directory=dist, html=True)),
+        ],
+        lifespan=lifespan,
+    )
+
+
+class ViewerServer:
+    """The viewer app on ``host:port`` (0: a free port) in a thread; ``start()``/``stop()``, ``url``."""
+
+    def __init__(self, dicomweb_url: str, host: str = "127.0.0.1", port: int = 0, dist: Path | None = None):
+        self._app = create_app(dicomweb_url, dist if dist is not None else ohif_dist())
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host, self.port = self._socket.getsockname()[:2]
+        self._server = uvicorn.Server(uvicorn.Config(self._app, log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def study_url(self, study_uid: str) -> str:
+        """OHIF's basic viewer on one study."""
+        return f"{self.url}/viewer?StudyInstanceUIDs={study_uid}"
+
+    def start(self, timeout: float = 10.0) -> ViewerServer:
+        """Serve; returns once uvicorn has started (ViewerError if it has not within ``timeout``)."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ViewerError(f"the viewer's server did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and close the socket."""
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._socket.close()
+
+    def __enter__(self) -> ViewerServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
