@@ -11,7 +11,7 @@ import re
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import yaml
 from pydantic import (
@@ -178,6 +178,65 @@ class ExecutorConfig(_Strict):
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_lines: bool = False
+
+
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT, e.g. audit.hospital.local:514")
+    return value
+
+
+class AuditConfig(_Strict):
+    """Where the audit trail goes besides the job store: IHE ATNA messages (RFC 5424 syslog)."""
+
+    syslog: str | None = Field(
+        default=None, description="HOST:PORT of an ATNA audit record repository; absent: store only"
+    )
+    syslog_protocol: Literal["udp", "tcp"] = Field(
+        default="udp", description="udp: RFC 5426, one datagram per message; tcp: RFC 6587 octet counting"
+    )
+
+    @field_validator("syslog")
+    @classmethod
+    def _syslog(cls, v: str | None) -> str | None:
+        return None if v is None else _check_host_port(v)
+
+
+class WebConfig(_Strict):
+    """The web console, REST API and /metrics (plugin/web), served by `radgate serve` and `radgate web`."""
+
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", description="loopback only by default")
+    port: int = Field(default=8080, ge=0, le=65535, description="0: any free port (logged at start)")
+    session_minutes: int = Field(
+        default=480, ge=1, le=10080, description="a login session ends after this long without a request"
+    )
+    audit: AuditConfig = AuditConfig()
+    viewer_url_template: str | None = Field(
+        default=None,
+        description="the console's 'open in viewer' link, {study_uid} replaced by the Study Instance UID, "
+        "e.g. http://viewer:3000/viewer?StudyInstanceUIDs={study_uid}; absent: no link",
+    )
+    disk_warning_gb: float = Field(
+        default=5.0, ge=0, description="the overview warns when the data dir's disk has less free (GB)"
+    )
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _viewer_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if "{study_uid}" not in v:
+            raise ValueError("must contain {study_uid}")
+        _check_http_url(v.replace("{study_uid}", "1.2.3"))
+        return v
+
+    def viewer_url(self, study_uid: str) -> str | None:
+        """The viewer link of a study (the UID URL-quoted), None when no template is configured."""
+        if self.viewer_url_template is None:
+            return None
+        return self.viewer_url_template.replace("{study_uid}", quote(study_uid, safe=""))
 
 
 class DispatchConfig(_Strict):
@@ -497,6 +556,7 @@ class Config(_Strict):
         default_factory=dict, description="name -> destination; empty: results stay in data_dir only"
     )
     dispatch: DispatchConfig = DispatchConfig()
+    web: WebConfig = WebConfig()
     pipelines: dict[str, PipelineConfig] = Field(
         default_factory=dict, description="name -> a registered pipeline with its options; rules name it"
     )

@@ -11,6 +11,11 @@ without having touched the data dir. ``radgate worker`` takes no lock: several w
 node's own executor) share a data dir by design, each job leased to one of them. Both set the
 process umask first (`Config.file_modes`), so what they and their children create is private.
 
+With ``web.enabled`` a listening node also serves the web console (`plugin.web.app.WebServer`, a
+thread of this process): it starts after the store is migrated and before the DICOM listener, so
+a console port that is taken stops the start with a clear message before any peer is accepted,
+and it is stopped first. A worker serves no console; ``radgate web`` serves it alone.
+
 Start order matters for durability: the schema is migrated and the spool recovered (leftover
 temporary files removed, unrecorded files recorded or quarantined) before the listener accepts
 anything, so recovery never races a live transfer. The routing rules are checked against the
@@ -25,6 +30,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -42,6 +48,10 @@ from plugin.logs import setup_logging
 from plugin.route.pipelines import series_lookup
 from plugin.route.rules import validate_rules
 from plugin.store.db import Store, utcnow
+from plugin.web.audit import config_loaded
+
+if TYPE_CHECKING:
+    from plugin.web.app import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,11 @@ class Node:
             else None
         )
         self.dispatcher = Dispatcher(self.store, config)
+        self.web: WebServer | None = None
+        if listen and config.web.enabled:
+            from plugin.web.app import WebServer
+
+            self.web = WebServer(config, self.store)
         dicom = config.dicom
         tls = dicom.tls
         self.scp = (
@@ -102,6 +117,9 @@ class Node:
         if self.lock is not None:
             self.lock.acquire()
         self.store.migrate()
+        config_loaded(self.store, self.config, "serve" if self.scp is not None else "worker")
+        if self.web is not None:
+            self.web.start()  # WebStartError (an OSError): the port is taken
         if self.scp is not None:
             make_spool(self.config).recover(self.store)
             self.scp.start()
@@ -112,6 +130,8 @@ class Node:
         self.dispatcher.start()
 
     def stop(self) -> None:
+        if self.web is not None:
+            self.web.stop()
         self.dispatcher.stop()
         if self.jobs is not None:
             self.jobs.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from plugin.config import Config, ConfigError, load_config
@@ -96,6 +97,25 @@ def _cmd_validate(args: argparse.Namespace, config: Config) -> int:
     return command(args, config)
 
 
+def _cmd_web(args: argparse.Namespace, config: Config) -> int:
+    from plugin.web.app import serve_web
+
+    return serve_web(config)
+
+
+def _cmd_users(args: argparse.Namespace, config: Config) -> int:
+    from plugin.cli.users import command
+
+    name = getattr(args, "name", None)
+    return command(config, args.users_command, name, args.role, args.password_stdin, args.json)
+
+
+def _cmd_audit_export(args: argparse.Namespace, config: Config) -> int:
+    from plugin.cli.audit import export
+
+    return export(config, args.since, studies=not args.no_studies)
+
+
 def _cmd_demo(args: argparse.Namespace, config: Config) -> int:
     from plugin.demo.local import command
 
@@ -161,6 +181,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(worker)
     worker.set_defaults(func=_cmd_worker)
+
+    web = sub.add_parser(
+        "web",
+        help="run the web console, REST API and /metrics alone (beside the Orthanc plugin)",
+        description="Serve the web console, its REST API and /metrics on web.host:web.port over the "
+        "data dir and job store of the configuration, without a DICOM listener or jobs: beside the "
+        "Orthanc plugin and `radgate worker`. `radgate serve` serves the console itself when "
+        "web.enabled. Exit status 1 when it cannot listen.",
+    )
+    _add_config_options(web)
+    web.set_defaults(func=_cmd_web)
+
+    users = sub.add_parser(
+        "users",
+        help="the web console's users: add, list, remove, make an API token",
+        description="Users of the web console and API, with a role: viewer (looks), operator (acts on "
+        "studies, jobs, deliveries, rules, destinations) or admin (also the audit trail).",
+    )
+    users.set_defaults(func=_cmd_users, role="viewer", password_stdin=False, json=False)
+    users_sub = users.add_subparsers(dest="users_command", required=True, metavar="USERS_COMMAND")
+    users_add = users_sub.add_parser(
+        "add",
+        help="add a user (asks for the password twice, or reads one line of stdin)",
+        description="Add a user with a role; the password (8 characters or more) is asked twice on "
+        "the terminal, or read as one line of stdin with --password-stdin. Only its argon2 hash is kept.",
+    )
+    _add_config_options(users_add)
+    users_add.add_argument("name", metavar="NAME")
+    users_add.add_argument("--role", choices=["viewer", "operator", "admin"], default="viewer")
+    users_add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    users_list = users_sub.add_parser(
+        "list", help="list users, their roles and how many API tokens they have"
+    )
+    _add_config_options(users_list)
+    users_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    users_remove = users_sub.add_parser("remove", help="remove a user, with their sessions and API tokens")
+    _add_config_options(users_remove)
+    users_remove.add_argument("name", metavar="NAME")
+    users_token = users_sub.add_parser(
+        "token",
+        help="make an API token for a user (printed once; send it as Authorization: Bearer TOKEN)",
+    )
+    _add_config_options(users_token)
+    users_token.add_argument("name", metavar="NAME")
+
+    audit = sub.add_parser("audit", help="the audit trail: export it as JSON lines")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
+    export = audit_sub.add_parser(
+        "export",
+        help="print the audit trail as JSON lines (redirect it to a file)",
+        description="Print the audit trail, oldest first, one JSON object per line: logins, failed "
+        "logins, logouts, refused requests, actions, configurations loaded, and the life of each "
+        "study (received, complete, routed, job states, deliveries) read from the job store.",
+    )
+    _add_config_options(export)
+    export.add_argument(
+        "--since", type=datetime.fromisoformat, metavar="TIME", help="ISO 8601, UTC unless a zone is given"
+    )
+    export.add_argument("--no-studies", action="store_true", help="leave out each study's life")
+    export.set_defaults(func=_cmd_audit_export)
 
     studies = sub.add_parser(
         "studies",

@@ -31,8 +31,8 @@ from typing import Any
 import httpx
 import pydicom
 import yaml
-from pydicom.dataset import Dataset
 
+from dicom_io.results.reading import sr_measurements
 from dicom_io.testing.orthanc_server import OrthancError, OrthancServer
 from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.testing.tools import ToolNotFoundError, free_port, storescu
@@ -45,9 +45,6 @@ from plugin.store.db import DeliveryState, JobState, Store
 DESTINATION = "orthanc"
 RESULT_MODALITIES = ("SEG", "SR", "OT")
 """What ct-lung delivers: the segmentation, the TID 1500 report and the secondary captures (OT)."""
-
-_LABELS = {"118565006": "volume", "LAA950": "%LAA-950", "112031": "mean density"}
-_UNITS = {"[hnsf'U]": "HU", "cm3": "mL"}
 
 
 class DemoError(RuntimeError):
@@ -175,31 +172,6 @@ def series_in_orthanc(orthanc: OrthancServer, study_uid: str) -> list[SeriesArri
         for tags in [series["MainDicomTags"]]
     ]
     return sorted(found, key=lambda s: int(s.number) if s.number.isdigit() else 0)
-
-
-def _code(item: Dataset) -> Dataset:
-    return item.ConceptNameCodeSequence[0]
-
-
-def sr_measurements(sr: Dataset) -> list[tuple[str, str, float, str]]:
-    """(group tracking identifier, label, value, unit) for every NUM of every measurement group."""
-    found: list[tuple[str, str, float, str]] = []
-
-    def walk(item: Dataset, group: str) -> None:
-        for child in item.get("ContentSequence", []):
-            if child.ValueType == "TEXT" and _code(child).CodeValue == "112039":  # Tracking Identifier
-                group = str(child.TextValue)
-            elif child.ValueType == "NUM" and child.get("MeasuredValueSequence"):
-                value = child.MeasuredValueSequence[0]
-                code = _code(child)
-                label = _LABELS.get(str(code.CodeValue), str(code.CodeMeaning))
-                unit = str(value.MeasurementUnitsCodeSequence[0].CodeValue)
-                found.append((group, label, float(value.NumericValue), _UNITS.get(unit, unit)))
-            elif child.ValueType == "CONTAINER":
-                walk(child, group)
-
-    walk(sr, "")
-    return found
 
 
 def format_measurements(rows: list[tuple[str, str, float, str]]) -> list[str]:

@@ -39,6 +39,10 @@ class Outgoing:
 class Sender(Protocol):
     def send(self, items: Sequence[Outgoing]) -> Outcomes: ...
 
+    def check(self) -> str | None:
+        """Whether the destination answers (C-ECHO, an HTTP request): None, or why not."""
+        ...
+
 
 def redact(text: str, secrets: Sequence[str]) -> str:
     """``text`` with every secret replaced by ***, so no reason or log line carries a credential."""

@@ -12,6 +12,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, build_context
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from plugin.config import (
@@ -94,11 +95,8 @@ class DicomSender:
             return f"association aborted by {self.where}"
         return f"no association with {self.where} (no A-ASSOCIATE response)"
 
-    def send(self, items: Sequence[Outgoing]) -> Outcomes:
-        contexts, outcomes = self._contexts(items)
-        todo = [item for item in items if item.delivery_id not in outcomes]
-        if not todo:
-            return outcomes
+    def _associate(self, contexts: list[PresentationContext]) -> tuple[Any, str | None]:
+        """An association proposing ``contexts``; (association, None) or (None, why there is none)."""
         ae = AE(ae_title=self.calling_ae_title)
         ae.requested_contexts = contexts
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
@@ -114,9 +112,34 @@ class DicomSender:
                 tls_args=tls_args,
             )
         except (OSError, ssl.SSLError) as err:
-            return outcomes | fail_all(todo, describe_network_error(err, self.where))
+            return None, describe_network_error(err, self.where)
         if not assoc.is_established:
-            return outcomes | fail_all(todo, self._association_failure(assoc, context))
+            return None, self._association_failure(assoc, context)
+        return assoc, None
+
+    def check(self) -> str | None:
+        """C-ECHO over a new association: None when the peer answers Success, else why not."""
+        assoc, failure = self._associate([build_context(Verification)])
+        if assoc is None:
+            return failure
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if "Status" not in status:
+            return f"no C-ECHO response from {self.where} (timeout, abort or invalid response)"
+        code = int(status.Status)
+        return None if code == 0 else f"C-ECHO status 0x{code:04X} from {self.where}"
+
+    def send(self, items: Sequence[Outgoing]) -> Outcomes:
+        contexts, outcomes = self._contexts(items)
+        todo = [item for item in items if item.delivery_id not in outcomes]
+        if not todo:
+            return outcomes
+        assoc, failure = self._associate(contexts)
+        if assoc is None:
+            return outcomes | fail_all(todo, failure or "no association")
         try:
             for item in todo:
                 if not assoc.is_established:

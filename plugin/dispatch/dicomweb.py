@@ -70,6 +70,21 @@ class StowSender:
         self.timeout_s = timeout_s
         self.where = http_where(destination.url)
 
+    def check(self) -> str | None:
+        """An HTTP check: a QIDO-RS query for one study (GET {url}/studies?limit=1) must answer
+        200 or 204 with these credentials; None when it does, else why not."""
+        try:
+            with _http_session(self.destination.auth) as session:
+                response = session.get(
+                    f"{self.destination.url}/studies",
+                    params={"limit": "1"},
+                    headers={"Accept": "application/dicom+json"},
+                    timeout=self.timeout_s,
+                )
+        except requests.RequestException as err:
+            return describe_network_error(err, self.where)
+        return None if response.status_code in (200, 204) else http_status(response, self.where)
+
     def send(self, items: Sequence[Outgoing]) -> Outcomes:
         outcomes: Outcomes = {}
         boundary = uuid.uuid4().hex

@@ -28,12 +28,24 @@ class OrthancSender:
         self.timeout_s = timeout_s
         self.where = http_where(destination.url)
 
-    def send(self, items: Sequence[Outgoing]) -> Outcomes:
-        outcomes: Outcomes = {}
+    def _session(self) -> requests.Session:
         session = requests.Session()
         if self.destination.username is not None and self.destination.password is not None:
             session.auth = (self.destination.username, self.destination.password.get_secret_value())
-        with session:
+        return session
+
+    def check(self) -> str | None:
+        """An HTTP check: GET {url}/system must answer 200 with these credentials; None when it does."""
+        try:
+            with self._session() as session:
+                response = session.get(f"{self.destination.url}/system", timeout=self.timeout_s)
+        except requests.RequestException as err:
+            return describe_network_error(err, self.where)
+        return None if response.ok else http_status(response, self.where)
+
+    def send(self, items: Sequence[Outgoing]) -> Outcomes:
+        outcomes: Outcomes = {}
+        with self._session() as session:
             for index, item in enumerate(items):
                 if (reason := missing_file(item)) is not None:
                     outcomes[item.delivery_id] = reason

@@ -9,7 +9,8 @@ under a lease, attempts+1) -> SENT; a failure puts it back to PENDING with a cap
 backoff and the reason in ``last_error``, and after ``dispatch.max_attempts`` it is DEAD (the dead
 letter; ``radgate deliveries retry`` re-queues it). Each destination gets one association or one
 STOW-RS request per batch. Delivery is at least once, which is safe because receivers are
-idempotent per SOP Instance UID (see ``Dispatcher``).
+idempotent per SOP Instance UID (see ``Dispatcher``). A destination an operator paused in the web
+console keeps its deliveries PENDING, unclaimed, until it is resumed: a pause never fails one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sqlalchemy.orm import Session
 from plugin.config import Config, DispatchConfig
 from plugin.dispatch.base import Outcomes, Outgoing, redact
 from plugin.dispatch.senders import destination_secrets, make_sender
-from plugin.store.db import Delivery, DeliveryState, Store, utcnow
+from plugin.store.db import Delivery, DeliveryState, Paused, PauseKind, Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,12 @@ def enqueue_deliveries(
 
 
 # --- the dispatcher ---------------------------------------------------------------------------
+
+
+def _not_paused() -> Any:
+    """Deliveries to a destination an operator paused wait, PENDING, until it is resumed."""
+    paused = select(Paused.name).where(Paused.kind == PauseKind.DESTINATION)
+    return Delivery.destination.not_in(paused)
 
 
 def backoff_delay(attempts: int, config: DispatchConfig, rng: random.Random) -> timedelta:
@@ -157,11 +164,15 @@ class Dispatcher:
         return count
 
     def due_destinations(self) -> list[str]:
-        """Destinations with a PENDING delivery that is due, the longest-waiting first."""
+        """Destinations not paused with a PENDING delivery that is due, the longest-waiting first."""
         with self.store.session() as s:
             rows = s.execute(
                 select(Delivery.destination, func.min(Delivery.next_attempt_at))
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= utcnow())
+                .where(
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.next_attempt_at <= utcnow(),
+                    _not_paused(),
+                )
                 .group_by(Delivery.destination)
                 .order_by(func.min(Delivery.next_attempt_at))
             ).all()
@@ -178,6 +189,7 @@ class Dispatcher:
                         Delivery.destination == destination,
                         Delivery.state == DeliveryState.PENDING,
                         Delivery.next_attempt_at <= now,
+                        _not_paused(),
                     )
                     .order_by(Delivery.next_attempt_at, Delivery.id)
                     .limit(self.config.batch_size)

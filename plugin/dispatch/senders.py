@@ -16,7 +16,7 @@ from plugin.config import (
     DicomWebDestination,
     OrthancDestination,
 )
-from plugin.dispatch.base import Sender, url_secrets
+from plugin.dispatch.base import Sender, http_where, redact, url_secrets
 from plugin.dispatch.dicom import DicomSender
 from plugin.dispatch.dicomweb import StowSender
 from plugin.dispatch.orthanc_rest import OrthancSender
@@ -41,6 +41,14 @@ def destination_secrets(
     return []
 
 
+def destination_where(destination: DicomDestination | DicomWebDestination | OrthancDestination) -> str:
+    """Where a destination is, for people: AE@host:port (DICOM) or host:port (HTTP), no credentials."""
+    if isinstance(destination, DicomDestination):
+        tls = " (TLS)" if destination.tls is not None else ""
+        return f"{destination.ae_title}@{destination.host}:{destination.port}{tls}"
+    return http_where(destination.url)
+
+
 def make_sender(
     destination: DicomDestination | DicomWebDestination | OrthancDestination,
     calling_ae_title: str,
@@ -52,3 +60,14 @@ def make_sender(
     if isinstance(destination, DicomWebDestination):
         return StowSender(destination, timeout_s)
     return OrthancSender(destination, timeout_s)
+
+
+def check_destination(
+    destination: DicomDestination | DicomWebDestination | OrthancDestination,
+    calling_ae_title: str,
+    timeout_s: float,
+) -> str | None:
+    """Test a destination as its sender reaches it (C-ECHO for DICOM, an HTTP request otherwise):
+    None when it answers, else the reason, without its credentials."""
+    reason = make_sender(destination, calling_ae_title, timeout_s).check()
+    return None if reason is None else redact(reason, destination_secrets(destination))

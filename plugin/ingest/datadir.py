@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -139,3 +140,17 @@ class DataDirLock:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    """The file system holding a folder: bytes free (for this user) and in all."""
+
+    free_bytes: int
+    total_bytes: int
+
+
+def disk_space(folder: Path) -> DiskSpace:
+    """The space on the file system of ``folder`` (OSError when it cannot be read)."""
+    usage = shutil.disk_usage(folder)
+    return DiskSpace(free_bytes=int(usage.free), total_bytes=int(usage.total))

@@ -87,14 +87,23 @@ class InstanceIds:
 
 @dataclass(frozen=True)
 class HeaderTags:
-    """Study and series attributes recorded with the first instance of a series (no patient data)."""
+    """Study and series attributes recorded with the first instance of a series. The patient's ID
+    and name go into the store only (the console shows them to logged-in staff), never into a log."""
 
     accession_number: str | None = None
     modality: str | None = None
     series_number: int | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    study_date: str | None = None
 
 
-_TAG_KEYWORDS = ("AccessionNumber", "Modality", "SeriesNumber")
+_TAG_KEYWORDS = ("AccessionNumber", "Modality", "SeriesNumber", "PatientID", "PatientName", "StudyDate")
+
+
+def _text(ds: Dataset, keyword: str, length: int) -> str | None:
+    """An attribute as text, cut to ``length`` (its VR's limit), None when absent or empty."""
+    return str(ds.get(keyword) or "").strip()[:length] or None
 
 
 def _tags(ds: Dataset) -> HeaderTags:
@@ -103,10 +112,16 @@ def _tags(ds: Dataset) -> HeaderTags:
         series_number: int | None = int(ds.get("SeriesNumber"))
     except (TypeError, ValueError):
         series_number = None
+    study_date = _text(ds, "StudyDate", 8)
     return HeaderTags(
-        accession_number=str(ds.get("AccessionNumber") or "")[:16] or None,  # SH, 16 characters
-        modality=str(ds.get("Modality") or "")[:16] or None,  # CS, 16 characters
+        accession_number=_text(ds, "AccessionNumber", 16),  # SH, 16 characters
+        modality=_text(ds, "Modality", 16),  # CS, 16 characters
         series_number=series_number,
+        patient_id=_text(ds, "PatientID", 64),  # LO
+        patient_name=_text(ds, "PatientName", 324),  # PN: 3 component groups of 64 + separators
+        study_date=study_date
+        if study_date is not None and len(study_date) == 8 and study_date.isdigit()
+        else None,
     )
 
 
@@ -269,6 +284,9 @@ class Spool:
             accession_number=tags.accession_number,
             modality=tags.modality,
             series_number=tags.series_number,
+            patient_id=tags.patient_id,
+            patient_name=tags.patient_name,
+            study_date=tags.study_date,
             **peer,
         )
 

@@ -23,7 +23,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from plugin.config import Config
 from plugin.dispatch.outbox import enqueue_deliveries
 from plugin.jobs.executor.base import Executor, Stopped, Task, TaskTimeout, WorkerLost
-from plugin.jobs.queue import ClaimedJob, Enqueue, claim_job, fail_job, finish_job, release_job, renew_lease
+from plugin.jobs.queue import (
+    ClaimedJob,
+    Enqueue,
+    claim_job,
+    fail_job,
+    finish_job,
+    record_steps,
+    release_job,
+    renew_lease,
+)
 from plugin.store.db import Store
 
 log = logging.getLogger(__name__)
@@ -41,6 +50,7 @@ class _Lease:
         self._lease_s = lease_s
         self._stop = stop
         self._next_renewal = time.monotonic() + lease_s / 3
+        self._steps: dict[str, float] = {}
         self.lost = False
 
     def keep_going(self) -> bool:
@@ -58,6 +68,11 @@ class _Lease:
 
     def step_done(self, step: str, seconds: float) -> None:
         log.info("job %d: %s %.2f", self._job.id, step, seconds)
+        self._steps[step] = seconds
+        try:
+            record_steps(self._store, self._job.id, self._owner, self._steps)
+        except SQLAlchemyError as err:  # progress only: the outcome records every step again
+            log.warning("job %d: step %s not recorded: %s", self._job.id, step, err)
 
 
 class JobRunner:

@@ -22,6 +22,7 @@ since its input is out of date.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,16 +36,19 @@ from sqlalchemy.orm import Session
 
 from plugin.dispatch.outbox import retry_deliveries
 from plugin.route.rules import RuleSet, SeriesInfo, StudyPlan, plan_study
+from plugin.route.selection import chosen, rank_series
 from plugin.store.db import (
     Delivery,
     DeliveryState,
     Instance,
     Job,
     JobState,
+    PauseKind,
     Series,
     Store,
     Study,
     add_queued_job,
+    paused_names,
     utcnow,
 )
 
@@ -136,10 +140,15 @@ def read_study_series(session: Session, study: Study, spool_dir: Path) -> tuple[
     return infos, {row.series_uid for row in rows if row.changed}
 
 
+def rules_in_force(session: Session, rules: RuleSet) -> RuleSet:
+    """``rules`` with the rules an operator paused now (the store's) marked paused."""
+    return dataclasses.replace(rules, paused=paused_names(session, PauseKind.RULE))
+
+
 def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir: Path) -> list[Job]:
     """Route a study revision that just completed and queue its jobs, in the caller's transaction."""
     infos, changed = read_study_series(session, study, spool_dir)
-    plan = plan_study(infos, rules)
+    plan = plan_study(infos, rules_in_force(session, rules))
     for selection in plan.selections:  # a rule whose pipeline can use none: in the no-job line below
         if selection.series_uid is None:
             continue
@@ -199,6 +208,44 @@ def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir:
             ", ".join(job.destinations or ()) or "kept locally",
         )
     return queued
+
+
+ON_DEMAND_RULE = "on-demand"
+"""The rule name a job queued on demand carries (a pipeline chosen by a person, not by the rules)."""
+
+
+class NoUsableSeries(ValueError):
+    """A pipeline asked for by name can use none of the study's series; the message says why per series."""
+
+
+def queue_named_job(
+    session: Session,
+    study: Study,
+    pipeline: str,
+    rules: RuleSet,
+    spool_dir: Path,
+    destinations: Sequence[str],
+) -> Job:
+    """Queue ``pipeline`` on the series of the study it prefers, whatever the rules say (on demand:
+    the Orthanc plugin's run route, the console's re-run), in the caller's transaction.
+
+    Raises `NoUsableSeries` when the pipeline rejects every series of the study.
+    """
+    series, _ = read_study_series(session, study, spool_dir)
+    ranking = rank_series(series, rules.series_wanted(pipeline))
+    series_uid = chosen(ranking)
+    if series_uid is None:
+        raise NoUsableSeries(
+            f"{pipeline} can use no series of study {study.study_uid}: "
+            + (" | ".join(f"series {r.series_uid}: {', '.join(r.reasons)}" for r in ranking) or "none")
+        )
+    job = add_queued_job(session, study, pipeline, series_uid, ON_DEMAND_RULE, destinations)
+    session.flush()
+    log.info(
+        "study %s revision %d: job %d queued on demand: %s on series %s",
+        *(study.study_uid, study.revision, job.id, pipeline, series_uid),
+    )
+    return job
 
 
 def routing_hook(rules: RuleSet, spool_dir: Path) -> Callable[[Session, Study], None]:
@@ -338,6 +385,13 @@ def renew_lease(store: Store, job_id: int, owner: str, lease_s: float) -> bool:
     """Push the lease forward; False when the job is no longer ours (taken over or cancelled)."""
     with store.session() as s:
         return _update_mine(s, job_id, owner, lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+
+
+def record_steps(store: Store, job_id: int, owner: str, timings: dict[str, float]) -> bool:
+    """Record the steps a running job has finished so far (the console shows the one it is on);
+    False when the job is no longer ours."""
+    with store.session() as s:
+        return _update_mine(s, job_id, owner, timings=dict(timings))
 
 
 Enqueue = Callable[[Session, int, Sequence[tuple[str, Path]], Sequence[str]], int]

@@ -38,9 +38,7 @@ from typing import Any, Protocol
 
 import pydicom
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from ai_models.registry import available_pipelines
 from dicom_io.durable import fsync_dir
 from dicom_io.net import Peer, ReceivedInstance, inspect_part10
 from plugin.config import Config, ConfigError
@@ -52,18 +50,15 @@ from plugin.ingest.receive import (
     dataset_limits,
     make_spool,
 )
-from plugin.jobs.queue import list_jobs, queue_routed_jobs, read_study_series
-from plugin.route.pipelines import series_lookup
-from plugin.route.rules import DEFAULT_RULES, validate_rules
-from plugin.route.selection import chosen, rank_series
+from plugin.jobs.queue import NoUsableSeries, list_jobs, queue_named_job, queue_routed_jobs
+from plugin.route.pipelines import known_pipelines, named_pipelines, series_lookup
+from plugin.route.rules import validate_rules
 from plugin.store.db import (
     Delivery,
     Instance,
-    Job,
     Store,
     Study,
     StudyState,
-    add_queued_job,
     instance_counts,
     utcnow,
 )
@@ -71,7 +66,6 @@ from plugin.store.db import (
 log = logging.getLogger(__name__)
 
 PEER_AE = "ORTHANC-PLUGIN"
-ON_DEMAND_RULE = "on-demand"
 PAGE = 100
 _UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
 _QUERY_CHUNK = 500
@@ -174,20 +168,6 @@ class ChangeCursor:
         return list(self._read().get("set_aside", []))
 
 
-def _named_pipelines(config: Config) -> set[str]:
-    """The pipelines the routing rules name (trusted here; ``radgate worker`` checks them)."""
-    rules = DEFAULT_RULES if config.rules is None else config.rules
-    names = {rule.pipeline for rule in rules}
-    return names | ({config.default_rule.pipeline} if config.default_rule else set())
-
-
-def known_pipelines(config: Config) -> set[str]:
-    """The pipeline names an on-demand run may ask for: those installed in this process, those
-    configured under ``pipelines`` and those the rules name (a worker elsewhere may hold pipelines
-    this process lacks; ``radgate worker`` checks the rules' at its start)."""
-    return set(available_pipelines()) | set(config.pipelines) | _named_pipelines(config)
-
-
 class Bridge:
     """Imports Orthanc studies into one radgate data dir and store and queues their jobs."""
 
@@ -205,7 +185,7 @@ class Bridge:
                 )
         self.config = config
         self.rest = rest
-        named = _named_pipelines(config)
+        named = named_pipelines(config)
         self.pipelines = known_pipelines(config)
         lookup = series_lookup(config, import_pipelines=False)
         self.rules = dataclasses.replace(validate_rules(config, named), series_lookup=lookup)
@@ -321,27 +301,6 @@ class Bridge:
 
     # ------------------------------------------------------------------ completion and jobs
 
-    def _queue_named(self, s: Session, study: Study, pipeline: str) -> Job | None:
-        """A job running ``pipeline`` on the series of the study it prefers, whatever the rules say;
-        None (and a log line with each series' reason) when it can use none of them."""
-        series, _ = read_study_series(s, study, self.config.spool_dir)
-        ranking = rank_series(series, self.rules.series_wanted(pipeline))
-        series_uid = chosen(ranking)
-        if series_uid is None:
-            log.info(
-                "study %s revision %d: %s not run on demand, no series it can use: %s",
-                *(study.study_uid, study.revision, pipeline),
-                " | ".join(f"series {r.series_uid}: {', '.join(r.reasons)}" for r in ranking) or "none",
-            )
-            return None
-        job = add_queued_job(s, study, pipeline, series_uid, ON_DEMAND_RULE, self.destinations)
-        s.flush()
-        log.info(
-            "study %s revision %d: job %d queued on demand: %s on series %s",
-            *(study.study_uid, study.revision, job.id, pipeline, series_uid),
-        )
-        return job
-
     def complete(self, study_uid: str, pipeline: str | None = None, force: bool = False) -> tuple[int, ...]:
         """Declare the study's current revision complete and queue its jobs, in one transaction.
 
@@ -367,8 +326,17 @@ class Bridge:
             elif not force:
                 return ()
             if pipeline is not None:
-                named = self._queue_named(s, study, pipeline)
-                jobs = [] if named is None else [named]
+                try:
+                    jobs = [
+                        queue_named_job(
+                            s, study, pipeline, self.rules, self.config.spool_dir, self.destinations
+                        )
+                    ]
+                except NoUsableSeries as err:
+                    log.info(
+                        "study %s revision %d: not run on demand: %s", study.study_uid, study.revision, err
+                    )
+                    jobs = []
             else:
                 jobs = queue_routed_jobs(s, study, self.rules, self.config.spool_dir)
             return tuple(job.id for job in jobs)

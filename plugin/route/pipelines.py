@@ -16,7 +16,7 @@ from ai_models.registry import UnknownPipelineError, available_pipelines
 from ai_models.series import BUILTIN_SERIES
 from dicom_io.selection import ANY_SERIES, SeriesWanted
 from plugin.config import Config
-from plugin.route.rules import SeriesLookup
+from plugin.route.rules import DEFAULT_RULES, SeriesLookup
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +50,18 @@ def series_lookup(config: Config, *, import_pipelines: bool = True) -> SeriesLoo
         return declaration(config, name, import_pipelines=import_pipelines)
 
     return lookup
+
+
+def named_pipelines(config: Config) -> set[str]:
+    """The pipelines the routing rules name (the shipped rules when the config has none)."""
+    rules = DEFAULT_RULES if config.rules is None else config.rules
+    names = {rule.pipeline for rule in rules}
+    return names | ({config.default_rule.pipeline} if config.default_rule else set())
+
+
+def known_pipelines(config: Config) -> set[str]:
+    """The pipeline names an on-demand run (the Orthanc plugin's run route, the console's re-run) may
+    ask for: those installed in this process, those configured under ``pipelines`` and those the
+    rules name (a worker elsewhere may hold pipelines this process lacks; ``radgate worker``
+    checks the rules' at its start)."""
+    return set(available_pipelines()) | set(config.pipelines) | named_pipelines(config)

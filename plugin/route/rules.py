@@ -17,6 +17,10 @@ rejects them all, the study gets no job for that rule. The shipped rules are stu
 study as a PACS sends it (scout, several reconstructions, dose report) gets one result set per
 pipeline. Scope changes how often and on what the pipeline runs, never which attributes a rule sees.
 
+Paused: an operator may pause a rule in the web console (the store's ``paused`` table, read each
+time a study is routed); it is then skipped with the reason "paused", as a disabled rule is,
+until it is resumed.
+
 Destinations: a rule without `destinations` sends to every configured destination; `[]`, or no
 destinations configured at all, keeps results locally (in data_dir) only. The sending source is
 not a destination: where a study came from is not part of the configuration.
@@ -88,6 +92,7 @@ class RuleSet:
     override: tuple[str, ...] | None = None
     notes: tuple[str, ...] = ()
     series_lookup: SeriesLookup | None = None
+    paused: frozenset[str] = frozenset()  # rules an operator paused (the store's, at routing time)
 
     def series_wanted(self, pipeline: str) -> SeriesWanted:
         """The series `pipeline` wants; the common order (`ANY_SERIES`) when it is not known here."""
@@ -175,6 +180,14 @@ class StudyPlan:
     jobs: tuple[PlannedJob, ...]
 
 
+def usable_pipelines(config: Config, available_pipelines: Collection[str]) -> set[str]:
+    """The pipelines installed (``available_pipelines``, from the registry) and the names the config's
+    `pipelines` gives those (their `kind` installed): what a rule, or a person, may name."""
+    return set(available_pipelines) | {
+        name for name, configured in config.pipelines.items() if configured.kind in available_pipelines
+    }
+
+
 def validate_rules(
     config: Config,
     available_pipelines: Collection[str],
@@ -191,9 +204,7 @@ def validate_rules(
     with it); it is asked here for every pipeline a study-scope rule names, so a declaration that
     cannot be had fails at start. None: the common order for every pipeline (`ANY_SERIES`).
     """
-    available = set(available_pipelines) | {
-        name for name, configured in config.pipelines.items() if configured.kind in available_pipelines
-    }
+    available = usable_pipelines(config, available_pipelines)
     notes: list[str] = []
     if config.rules is None:
         rules = tuple(r for r in DEFAULT_RULES if r.pipeline in available)
@@ -274,6 +285,11 @@ def _describe(matcher: Matcher) -> str:
     return "present" if matcher.present else "absent"
 
 
+def describe_tests(group: MatchGroup) -> list[str]:
+    """A match group's tests in words, one per attribute, e.g. ``Modality equals 'CT'``."""
+    return [f"{keyword} {_describe(matcher)}" for keyword, matcher in group.items()]
+
+
 def _shown(keyword: str, values: list[Any]) -> str:
     if not values:
         return "absent"
@@ -299,13 +315,15 @@ def _group_misses(group: MatchGroup, header: Header) -> list[str]:
     return [reason for keyword, m in group.items() if (reason := _miss(keyword, m, header)) is not None]
 
 
-def _why_not(rule: Rule, header: Header) -> tuple[str, ...]:
+def _why_not(rule: Rule, header: Header, paused: Collection[str]) -> tuple[str, ...]:
     """Every reason the rule does not match the header; empty when it matches.
 
     The any_of groups are detailed only when `match` held, so the first thing to fix comes first.
     """
     if not rule.enabled:
         return ("disabled",)
+    if rule.name in paused:
+        return ("paused",)
     reasons = _group_misses(rule.match, header)
     groups = [_group_misses(group, header) for group in rule.any_of]
     if groups and all(groups):
@@ -320,7 +338,7 @@ def route_series(header: Header, rules: RuleSet) -> RouteDecision:
     """The first rule that matches the series header wins; else the default rule; else no job."""
     lost: list[RuleOutcome] = []
     for rule in rules.rules:
-        reasons = _why_not(rule, header)
+        reasons = _why_not(rule, header, rules.paused)
         if not reasons:
             action = Action(rule.name, rule.pipeline, rules.destinations_for(rule), rule.scope)
             return RouteDecision(action, tuple(lost))
@@ -401,46 +419,48 @@ def _action_json(action: Action | None) -> dict[str, Any] | None:
     return None if action is None else asdict(action)
 
 
+def study_report(study_uid: str, series: Sequence[SeriesInfo], rules: RuleSet) -> dict[str, Any]:
+    """How the rules route one study's series, JSON-ready: per series the winning action and why
+    the rules before it did not match, each study-scope rule's ranking, the jobs they add up to.
+    UIDs, technical attributes and descriptions only, never patient data."""
+    plan = plan_study(series, rules)
+    return {
+        "study_uid": study_uid,
+        "series": [
+            {
+                "series_uid": s.series_uid,
+                "series_number": _series_number(s.header),
+                "modality": str(s.header.get("Modality") or ""),
+                "series_description": str(s.header.get("SeriesDescription") or ""),
+                "instances": s.instances,
+                "action": _action_json(plan.decisions[s.series_uid].action),
+                "not_matched": [asdict(o) for o in plan.decisions[s.series_uid].not_matched],
+            }
+            for s in series
+        ],
+        "selections": [
+            {
+                "rule": selection.rule,
+                "pipeline": selection.pipeline,
+                "ranking": [asdict(r) for r in selection.ranking],
+            }
+            for selection in plan.selections
+        ],
+        "jobs": [{**asdict(job.action), "series_uid": job.series_uid} for job in plan.jobs],
+    }
+
+
 def dry_run(paths: Sequence[Path], rules: RuleSet) -> dict[str, Any]:
     """Route every series found under `paths` without running anything; a JSON-ready report
-    holding UIDs, technical attributes and descriptions only, never patient data."""
+    (`study_report` per study) holding UIDs, technical attributes and descriptions only."""
     studies, skipped = read_series(paths)
-    report: dict[str, Any] = {
+    return {
         "rules": [r.name for r in rules.rules],
         "default_rule": _action_json(rules.default_action()),
         "notes": list(rules.notes),
         "skipped_files": skipped,
-        "studies": [],
+        "studies": [study_report(study_uid, series, rules) for study_uid, series in studies.items()],
     }
-    for study_uid, series in studies.items():
-        plan = plan_study(series, rules)
-        report["studies"].append(
-            {
-                "study_uid": study_uid,
-                "series": [
-                    {
-                        "series_uid": s.series_uid,
-                        "series_number": _series_number(s.header),
-                        "modality": str(s.header.get("Modality") or ""),
-                        "series_description": str(s.header.get("SeriesDescription") or ""),
-                        "instances": s.instances,
-                        "action": _action_json(plan.decisions[s.series_uid].action),
-                        "not_matched": [asdict(o) for o in plan.decisions[s.series_uid].not_matched],
-                    }
-                    for s in series
-                ],
-                "selections": [
-                    {
-                        "rule": selection.rule,
-                        "pipeline": selection.pipeline,
-                        "ranking": [asdict(r) for r in selection.ranking],
-                    }
-                    for selection in plan.selections
-                ],
-                "jobs": [{**asdict(job.action), "series_uid": job.series_uid} for job in plan.jobs],
-            }
-        )
-    return report
 
 
 def _where(destinations: Sequence[str]) -> str:

@@ -127,6 +127,11 @@ class Study(Base):
     # migration 0006: counts and last-received times are read from the instances; this is the one
     # time no instance row carries: the latest duplicate received while the study was RECEIVING
     resent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # migration 0008 (the web console's study search): from the study's first instance; shown to
+    # logged-in staff, never logged
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
 
 
 class Series(Base):
@@ -264,6 +269,45 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class PauseKind(enum.StrEnum):
+    RULE = "rule"
+    DESTINATION = "destination"
+
+
+class Paused(Base):
+    """A routing rule or a destination an operator paused (migration 0008): a paused rule is skipped
+    with the reason "paused" (`plugin.route.rules`), a paused destination's deliveries wait
+    (`plugin.dispatch.outbox`). Resuming deletes the row."""
+
+    __tablename__ = "paused"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    paused_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    paused_by: Mapped[str | None] = mapped_column(String(100))
+
+
+def paused_names(session: Session, kind: PauseKind) -> frozenset[str]:
+    """The names of the rules (or destinations) paused now."""
+    return frozenset(session.scalars(select(Paused.name).where(Paused.kind == kind)))
+
+
+def set_paused(store: Store, kind: PauseKind, name: str, paused: bool, actor: str | None = None) -> bool:
+    """Pause (or resume) a rule or destination; whether that changed anything (False: it already was)."""
+    try:
+        with store.session() as s:
+            row = s.get(Paused, (str(kind), name), with_for_update=True)
+            if paused == (row is not None):
+                return False
+            if row is None:
+                s.add(Paused(kind=str(kind), name=name, paused_at=utcnow(), paused_by=actor))
+            else:
+                s.delete(row)
+    except IntegrityError:  # another operator paused it at the same moment
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     """What the spool knows about a file it made durable, ready to be recorded."""
@@ -282,6 +326,9 @@ class InstanceRecord:
     accession_number: str | None = None
     modality: str | None = None
     series_number: int | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    study_date: str | None = None
 
 
 @dataclass(frozen=True)
@@ -720,6 +767,9 @@ class Store:
                 Study,
                 study_uid=rec.study_uid,
                 accession_number=rec.accession_number,
+                patient_id=rec.patient_id,
+                patient_name=rec.patient_name,
+                study_date=rec.study_date,
                 revision=revision,
                 state=StudyState.RECEIVING,
                 first_received_at=now,

@@ -173,6 +173,7 @@ class NodeProcess:
             "data_dir": str(self.data_dir),
             "dicom": {"port": self.port, "host": "127.0.0.1"},
             "completion": {"quiet_period_s": 2.0, "after_release_s": 0.5},
+            "web": {"port": 0},  # the console on a free port: nodes run side by side
         }
         for key, value in (settings or {}).items():
             if isinstance(value, dict):

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-import torch
-
 from plugin.config import LoggingConfig
 from plugin.jobs.executor.base import Stopped, Task, TaskResult, TaskTimeout, Watch, WorkerLost
+from plugin.jobs.executor.devices import executor_slots
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +69,7 @@ class LocalExecutor:
     """`Executor` on worker processes of this machine; with CUDA, at most one slot per GPU."""
 
     def __init__(self, workers: int, logging_config: LoggingConfig, tick_s: float = 0.5) -> None:
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        self._slots = min(workers, gpus) if gpus else workers
+        self._slots = executor_slots(workers)
         self._logging = logging_config
         self._tick_s = tick_s
         self._context = multiprocessing.get_context("spawn")
