@@ -325,9 +325,15 @@ def run_demo(
             viewer = ViewerServer(orthanc.dicomweb_url, port=viewer_port, dist=dist).start()
             ohif = (OHIF_DIR / "VERSION").read_text().strip()
             progress.say(f"OHIF Viewer {ohif}: {viewer.url}, DICOMweb at {viewer.url}/dicom-web")
-        node = LocalNode(workdir / "node", node_settings(workdir / "node" / "data", free_port(), orthanc))
+        # the console on a free port (demos and tests run side by side), its "open in viewer" on OHIF
+        web: dict[str, Any] = {"port": free_port()}
+        if viewer is not None:
+            web["viewer_url_template"] = viewer.url_template
+        settings = node_settings(workdir / "node" / "data", free_port(), orthanc, web=web)
+        node = LocalNode(workdir / "node", settings)
         node.start()
-        progress.say(f"radgate serve: AE RADGATE port {node.port}, log {node.log_path}")
+        console = f"http://{node.config.web.host}:{node.config.web.port}"
+        progress.say(f"radgate serve: AE RADGATE port {node.port}, console {console}, log {node.log_path}")
         phantom = ct_chest_phantom(rows=rows, columns=rows, slices=slices, seed=0)
         files = phantom.write(workdir / "input")
         progress.say(f"synthetic chest CT: {slices} slices of {rows}x{rows}, study {phantom.study_uid}")

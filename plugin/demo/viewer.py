@@ -166,9 +166,14 @@ class ViewerServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def url_template(self) -> str:
+        """OHIF's basic viewer on the study ``{study_uid}`` (the form of ``web.viewer_url_template``)."""
+        return f"{self.url}/viewer?StudyInstanceUIDs={{study_uid}}"
+
     def study_url(self, study_uid: str) -> str:
         """OHIF's basic viewer on one study."""
-        return f"{self.url}/viewer?StudyInstanceUIDs={study_uid}"
+        return self.url_template.replace("{study_uid}", study_uid)
 
     def start(self, timeout: float = 10.0) -> ViewerServer:
         """Serve; returns once uvicorn has started (ViewerError if it has not within ``timeout``)."""

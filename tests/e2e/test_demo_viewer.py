@@ -28,6 +28,7 @@ from PIL import Image
 from scipy import ndimage
 from support.browser import chromium_page
 
+from plugin.config import load_config
 from plugin.demo.viewer import ViewerError, ohif_dist
 
 if TYPE_CHECKING:
@@ -51,8 +52,8 @@ SEGMENTS_LOADED = "() => window.services.segmentationService.getSegmentations().
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`radgate demo --viewer` running; yields the OHIF URL of the study it printed."""
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """`radgate demo --viewer` running; yields the OHIF URL of the study it printed, and its folder."""
     try:
         ohif_dist()
     except ViewerError as exc:
@@ -90,7 +91,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 pytest.fail("the demo printed no OHIF URL within 240 s:\n" + "".join(seen))
             assert process.poll() is None or not lines.empty(), "".join(seen)
         [url] = [line.split(": ", 1)[1].strip() for line in seen if line.startswith("Open it in OHIF: ")]
-        yield url
+        yield url, workdir
     finally:
         process.terminate()  # the demo alone, as its stop stops the rest (a group-wide signal is slower)
         try:
@@ -133,12 +134,18 @@ def inside_body_and_dark(grey: npt.NDArray[np.int16]) -> npt.NDArray[np.bool_]:
     return np.asarray((grey < 140) & left & right & up & down)
 
 
+def test_the_consoles_open_in_viewer_link_is_the_study_in_the_demos_ohif(demo: tuple[str, Path]) -> None:
+    url, workdir = demo
+    config = load_config(workdir / "node" / "radgate.yaml")
+    assert config.web.viewer_url(url.rsplit("=", 1)[1]) == url
+
+
 def test_the_demo_study_opens_in_ohif_with_the_lungs_overlaid_where_the_lungs_are(
-    demo: str, tmp_path: Path
+    demo: tuple[str, Path], tmp_path: Path
 ) -> None:
     with chromium_page() as page:
         page.add_init_script(QUIET_OHIF)
-        page.goto(demo)
+        page.goto(demo[0])
         page.wait_for_function(VIEWPORT_READY, timeout=60_000)
         viewport = page.locator('[data-cy="viewport-pane"]').first
         middle = SLICES // 2
