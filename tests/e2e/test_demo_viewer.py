@@ -49,6 +49,12 @@ SHOW_SLICE = (  # asks until the viewport has taken it: OHIF may still be settin
     " if (v.getCurrentImageIdIndex() === i) { return true; } v.setImageIdIndex(i); return false; }"
 )
 SEGMENTS_LOADED = "() => window.services.segmentationService.getSegmentations().length"
+SEGMENT_COLOURS = (  # label -> RGBA as OHIF draws it
+    "() => { const s = window.services.segmentationService, seg = s.getSegmentations()[0];"
+    " const viewport = window.cornerstone.getEnabledElements()[0].viewport.id;"
+    " return Object.fromEntries(Object.values(seg.segments).map("
+    " x => [x.label, s.getSegmentColor(viewport, seg.segmentationId, x.segmentIndex)])); }"
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +84,26 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
         start_new_session=True,  # a hung demo is stopped with its Orthanc and node
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert process.stdout is not None
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()], daemon=True).start()
+    lines: queue.Queue[str | None] = queue.Queue()  # None: the demo closed its output
+
+    def read() -> None:
+        for line in process.stdout or ():
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     seen: list[str] = []
     deadline = time.monotonic() + 240
     try:
-        while not any(line.startswith("Open it in OHIF: ") for line in seen):
+        while not seen or not seen[-1].startswith("Open it in OHIF: "):
             try:
-                seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
                 pytest.fail("the demo printed no OHIF URL within 240 s:\n" + "".join(seen))
-            assert process.poll() is None or not lines.empty(), "".join(seen)
-        [url] = [line.split(": ", 1)[1].strip() for line in seen if line.startswith("Open it in OHIF: ")]
-        yield url, workdir
+            if line is None:
+                pytest.fail("the demo ended without an OHIF URL:\n" + "".join(seen))
+            seen.append(line)
+        yield seen[-1].split(": ", 1)[1].strip(), workdir
     finally:
         process.terminate()  # the demo alone, as its stop stops the rest (a group-wide signal is slower)
         try:
@@ -162,6 +174,7 @@ def test_the_demo_study_opens_in_ohif_with_the_lungs_overlaid_where_the_lungs_ar
         page.get_by_text("Left lung").first.wait_for(timeout=10_000)
         page.screenshot(path=str(tmp_path / "ohif-seg.png"))
         segments = page.locator("body").inner_text()
+        colours = page.evaluate(SEGMENT_COLOURS)
 
     assert before.shape == after.shape
     labels, _count = ndimage.label(before.mean(axis=2) > 170)  # the body: the largest bright region
@@ -180,7 +193,14 @@ def test_the_demo_study_opens_in_ohif_with_the_lungs_overlaid_where_the_lungs_ar
     covered = (overlay & lung).sum() / lung.sum()
     assert on_lung > 0.85, f"only {on_lung:.0%} of the overlay lies on dark lung inside the body"
     assert covered > 0.75, f"the overlay covers only {covered:.0%} of the dark lung inside the body"
+    # OHIF shows the patient's right on the image's left: there the overlay has the right lung's colour
+    greener = after[..., 1] > after[..., 2]
+    right, left = (colours[f"{side} lung"] for side in ("Right", "Left"))
+    assert (right[1] > right[2]) != (left[1] > left[2]), colours  # green and blue tell the lungs apart
     half = overlay.shape[1] // 2
-    assert overlay[:, :half].any() and overlay[:, half:].any(), "the overlay is on one side only"
+    for image_side, lung_colour in ((slice(None, half), right), (slice(half, None), left)):
+        pixels = overlay[:, image_side]
+        share = (greener[:, image_side] == (lung_colour[1] > lung_colour[2]))[pixels].mean()
+        assert pixels.sum() > 1000 and share > 0.9, (image_side, pixels.sum(), share)
     for label in ("Right lung", "Left lung", "Emphysema"):
         assert label in segments, segments
