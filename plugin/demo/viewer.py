@@ -10,16 +10,12 @@ docs/design.md, "The demo's viewer".
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -28,6 +24,8 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
+
+from plugin.web.threaded import ThreadedServer
 
 OHIF_DIR = Path(__file__).resolve().parents[2] / ".ohif"
 """Where scripts/setup.sh unpacks the npm package @ohif/app (its ``dist/`` and ``VERSION``)."""
@@ -152,19 +150,12 @@ class ViewerServer:
     """The viewer app on ``host:port`` (0: a free port) in a thread; ``start()``/``stop()``, ``url``."""
 
     def __init__(self, dicomweb_url: str, host: str = "127.0.0.1", port: int = 0, dist: Path | None = None):
-        self._app = create_app(dicomweb_url, dist if dist is not None else ohif_dist())
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))
-        self.host, self.port = self._socket.getsockname()[:2]
-        self._server = uvicorn.Server(uvicorn.Config(self._app, log_level="warning", lifespan="on"))
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
-        )
+        app = create_app(dicomweb_url, dist if dist is not None else ohif_dist())
+        self._server = ThreadedServer(app, host, port, "radgate-viewer", lifespan="on")
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self._server.url
 
     @property
     def url_template(self) -> str:
@@ -176,21 +167,16 @@ class ViewerServer:
         return self.url_template.replace("{study_uid}", study_uid)
 
     def start(self, timeout: float = 10.0) -> ViewerServer:
-        """Serve; returns once uvicorn has started (ViewerError if it has not within ``timeout``)."""
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise ViewerError(f"the viewer's server did not start on {self.url}")
-            time.sleep(0.05)
+        """Serve; returns once uvicorn serves (ViewerError if it does not within ``timeout``)."""
+        try:
+            self._server.start(timeout)
+        except TimeoutError as exc:
+            raise ViewerError(str(exc)) from None
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self) -> None:
         """Stop serving and close the socket."""
-        self._server.should_exit = True
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        self._socket.close()
+        self._server.stop()
 
     def __enter__(self) -> ViewerServer:
         return self.start()
