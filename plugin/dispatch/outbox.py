@@ -34,7 +34,8 @@ from sqlalchemy.orm import Session
 from plugin.config import Config, DispatchConfig
 from plugin.dispatch.base import Outcomes, Outgoing, redact
 from plugin.dispatch.senders import destination_secrets, make_sender
-from plugin.store.db import Delivery, DeliveryState, Paused, PauseKind, Store, utcnow
+from plugin.store.db import Delivery, DeliveryState, Store, utcnow
+from plugin.store.pauses import Paused, PauseKind
 
 log = logging.getLogger(__name__)
 

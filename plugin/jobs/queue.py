@@ -43,14 +43,13 @@ from plugin.store.db import (
     Instance,
     Job,
     JobState,
-    PauseKind,
     Series,
     Store,
     Study,
     add_queued_job,
-    paused_names,
     utcnow,
 )
+from plugin.store.pauses import PauseKind, paused_names
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +327,7 @@ def claim_job(
                     attempts=Job.attempts + 1,
                     started_at=now,
                     updated_at=now,
+                    timings=None,  # this attempt's steps are recorded as they finish (record_steps)
                 )
             )
             if won.rowcount != 1:  # type: ignore[attr-defined]

@@ -118,7 +118,7 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    accession_number: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)  # the console's search
     revision: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(16), index=True)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -267,45 +267,6 @@ class Delivery(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-
-class PauseKind(enum.StrEnum):
-    RULE = "rule"
-    DESTINATION = "destination"
-
-
-class Paused(Base):
-    """A routing rule or a destination an operator paused (migration 0008): a paused rule is skipped
-    with the reason "paused" (`plugin.route.rules`), a paused destination's deliveries wait
-    (`plugin.dispatch.outbox`). Resuming deletes the row."""
-
-    __tablename__ = "paused"
-
-    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    paused_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    paused_by: Mapped[str | None] = mapped_column(String(100))
-
-
-def paused_names(session: Session, kind: PauseKind) -> frozenset[str]:
-    """The names of the rules (or destinations) paused now."""
-    return frozenset(session.scalars(select(Paused.name).where(Paused.kind == kind)))
-
-
-def set_paused(store: Store, kind: PauseKind, name: str, paused: bool, actor: str | None = None) -> bool:
-    """Pause (or resume) a rule or destination; whether that changed anything (False: it already was)."""
-    try:
-        with store.session() as s:
-            row = s.get(Paused, (str(kind), name), with_for_update=True)
-            if paused == (row is not None):
-                return False
-            if row is None:
-                s.add(Paused(kind=str(kind), name=name, paused_at=utcnow(), paused_by=actor))
-            else:
-                s.delete(row)
-    except IntegrityError:  # another operator paused it at the same moment
-        return False
-    return True
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from typing import Any
 
-from sqlalchemy import ColumnElement, exists, func, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from plugin.jobs.queue import STEPS
@@ -77,7 +77,7 @@ class Overview:
 
     at: datetime
     today: Received
-    total: Received
+    studies_in_store: int
     studies_receiving: int
     queue_depth: int
     jobs: dict[str, int]
@@ -98,14 +98,27 @@ def _current_step(timings: Mapping[str, float] | None) -> str:
     return next((step.removesuffix("_s") for step in STEPS if step not in done), "finishing")
 
 
-def _received(s: Session, since: datetime | None) -> Received:
-    instances = select(func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0))
-    studies = select(func.count(Study.id))
-    if since is not None:
-        instances = instances.where(Instance.received_at >= since)
-        studies = studies.where(Study.first_received_at >= since)
-    n, size = s.execute(instances).one()
-    return Received(instances=int(n), studies=int(s.scalar(studies) or 0), bytes=int(size))
+def _received_since(s: Session, since: datetime) -> Received:
+    """Instances and studies received since ``since``, read through the studies that can hold one.
+
+    A study that received an instance since then is RECEIVING now, or completed since then, or
+    opened its current revision since then; its instances are found by the (study, revision,
+    received_at) index, so the overview never scans every instance the node ever received.
+    """
+    recent = select(Study.id).where(
+        or_(
+            Study.state == StudyState.RECEIVING,
+            Study.completed_at >= since,
+            Study.revision_started_at >= since,
+        )
+    )
+    n, size = s.execute(
+        select(func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0)).where(
+            Instance.study_id.in_(recent), Instance.received_at >= since
+        )
+    ).one()
+    studies = s.scalar(select(func.count(Study.id)).where(Study.first_received_at >= since))
+    return Received(instances=int(n), studies=int(studies or 0), bytes=int(size))
 
 
 def _by(s: Session, column: Any, *where: ColumnElement[bool]) -> dict[str, int]:
@@ -136,8 +149,8 @@ def overview(s: Session, now: datetime | None = None, failures: int = 10) -> Ove
     jobs = _by(s, Job.state)
     return Overview(
         at=now,
-        today=_received(s, today),
-        total=_received(s, None),
+        today=_received_since(s, today),
+        studies_in_store=int(s.scalar(select(func.count(Study.id))) or 0),
         studies_receiving=int(
             s.scalar(select(func.count(Study.id)).where(Study.state == StudyState.RECEIVING)) or 0
         ),
@@ -242,11 +255,13 @@ def _wildcard(column: Any, value: str) -> ColumnElement[bool]:
 
 
 def _has_state(state: StudyFilterState) -> ColumnElement[bool]:
+    """The study is in ``state``, or one of its jobs or deliveries is (one uncorrelated subquery)."""
     if state.value in StudyState.__members__:
         return Study.state == state.value
     if state.value in JobState.__members__:
-        return exists().where(Job.study_id == Study.id, Job.state == state.value)
-    return exists().where(Job.study_id == Study.id, Delivery.job_id == Job.id, Delivery.state == state.value)
+        return Study.id.in_(select(Job.study_id).where(Job.state == state.value))
+    with_delivery = select(Job.study_id).join(Delivery, Delivery.job_id == Job.id)
+    return Study.id.in_(with_delivery.where(Delivery.state == state.value))
 
 
 def study_status(state: str, jobs: Mapping[str, int], deliveries: Mapping[str, int]) -> str:

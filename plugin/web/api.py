@@ -34,7 +34,8 @@ from plugin.jobs.executor.work import MANIFEST, read_manifest
 from plugin.jobs.queue import NoUsableSeries, queue_named_job, read_study_series, retry_job, rules_in_force
 from plugin.route.pipelines import known_pipelines, series_lookup
 from plugin.route.rules import RuleSet, describe_tests, study_report, usable_pipelines, validate_rules
-from plugin.store.db import Delivery, PauseKind, Store, Study, StudyState, paused_names, set_paused
+from plugin.store.db import Delivery, Store, Study, StudyState
+from plugin.store.pauses import PauseKind, paused_names, set_paused
 from plugin.store.reports import (
     Overview,
     StudyFilterState,
@@ -436,22 +437,24 @@ def rerun(request: Request, principal: Operator, study_uid: StudyUid, body: Reru
     if body.pipeline not in known:
         message = f"unknown pipeline {body.pipeline!r}; installed: {', '.join(known) or 'none'}"
         raise _refuse(request, principal, "study.rerun", target, 400, message)
-    with store.session() as s:
+    refusal: tuple[int, str] | None = None
+    with store.session() as s:  # the audit line is written after it: SQLite has one writer at a time
         study = s.scalars(select(Study).where(Study.study_uid == study_uid).with_for_update()).one_or_none()
         if study is None:
-            raise _refuse(
-                request, principal, "study.rerun", target, 404, f"no study {study_uid} has been received"
-            )
-        if study.state == StudyState.RECEIVING:
-            message = f"study {study_uid} is still receiving; re-run it once it is complete"
-            raise _refuse(request, principal, "study.rerun", target, 409, message)
-        try:
-            job = queue_named_job(
-                s, study, body.pipeline, rules_of(request), config.spool_dir, tuple(config.destinations)
-            )
-        except NoUsableSeries as err:
-            raise _refuse(request, principal, "study.rerun", target, 409, str(err)) from None
-        job_id = job.id
+            refusal = 404, f"no study {study_uid} has been received"
+        elif study.state == StudyState.RECEIVING:
+            refusal = 409, f"study {study_uid} is still receiving; re-run it once it is complete"
+        else:
+            try:
+                job = queue_named_job(
+                    s, study, body.pipeline, rules_of(request), config.spool_dir, tuple(config.destinations)
+                )
+            except NoUsableSeries as err:
+                refusal = 409, str(err)
+            else:
+                job_id = job.id
+    if refusal is not None:
+        raise _refuse(request, principal, "study.rerun", target, *refusal)
     _audit(request, principal, "study.rerun", target, pipeline=body.pipeline, job=job_id)
     return ActionAnswer(message=f"job {job_id} queued: {body.pipeline}", job_ids=[job_id])
 

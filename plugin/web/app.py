@@ -16,9 +16,10 @@ import threading
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,7 +30,7 @@ from plugin.logs import setup_logging
 from plugin.store.db import Store
 from plugin.web import api, metrics, pages, routes
 from plugin.web.audit import attach_syslog, config_loaded, record
-from plugin.web.security import LoginRequired, Role, remote_address, require
+from plugin.web.security import LoginRequired, Role, login_redirect, remote_address, require
 from plugin.web.threaded import ThreadedServer
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def create_app(config: Config, store: Store) -> FastAPI:
 
     @app.exception_handler(LoginRequired)
     async def _to_login(request: Request, exc: LoginRequired) -> Response:
-        return RedirectResponse(exc.target, status_code=303)
+        return login_redirect(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -78,7 +79,10 @@ def create_app(config: Config, store: Store) -> FastAPI:
         where = [".".join(str(part) for part in error["loc"]) for error in exc.errors()]
         detail = {"method": request.method, "path": request.url.path, "invalid": where}
         actor = identity.principal.name if identity is not None else None
-        record(store, actor, "request.invalid", request.url.path, "failure", detail, remote_address(request))
+        where_from = remote_address(request)
+        await run_in_threadpool(
+            record, store, actor, "request.invalid", request.url.path, "failure", detail, where_from
+        )
         return await request_validation_exception_handler(request, exc)
 
     return app

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select, true
 
 from plugin.config import Config
 from plugin.store.accounts import AuditEvent
@@ -26,7 +25,6 @@ from plugin.store.db import Delivery, DeliveryState, Job, JobState, Store, Study
 if TYPE_CHECKING:
     from plugin.web.atna import SyslogSender
 
-log = logging.getLogger(__name__)
 
 _MAX_TEXT = {"actor": 64, "target": 200, "remote": 64}
 _syslog: weakref.WeakKeyDictionary[Store, SyslogSender] = weakref.WeakKeyDictionary()
@@ -135,26 +133,44 @@ def _life(
         yield Event(at, None, action, target, outcome, detail or None, None, "store")
 
 
+def _within(since: datetime | None, until: datetime | None, *columns: Any) -> Any:
+    """SQL: any of the time columns falls in [since, until)."""
+    bounded = [
+        and_(
+            column >= since if since is not None else true(),
+            column < until if until is not None else true(),
+        )
+        for column in columns
+    ]
+    return or_(*bounded)
+
+
 def study_events(store: Store, since: datetime | None = None, until: datetime | None = None) -> list[Event]:
     """The life of each study, read from the store: received, complete, each job queued (routed)
-    and its states, each delivery sent or DEAD; targets are Study Instance UIDs."""
+    and its states, each delivery sent or DEAD; targets are Study Instance UIDs. Only the rows with
+    a time in [since, until) are read."""
     events: list[Event] = []
     with store.session() as s:
-        studies = {st.id: st for st in s.scalars(select(Study))}
-        for st in studies.values():
+        for st in s.scalars(
+            select(Study).where(_within(since, until, Study.first_received_at, Study.completed_at))
+        ):
             events += _life(st.first_received_at, "study.received", st.study_uid, {})
             events += _life(st.completed_at, "study.complete", st.study_uid, {"revision": st.revision})
-        jobs = {job.id: job for job in s.scalars(select(Job))}
-        for job in jobs.values():
-            uid = studies[job.study_id].study_uid
+        jobs = select(Job, Study.study_uid).join(Study, Study.id == Job.study_id)
+        times = (Job.created_at, Job.started_at, Job.finished_at)
+        for job, uid in s.execute(jobs.where(_within(since, until, *times))):
             about: dict[str, Any] = {"job": job.id, "pipeline": job.pipeline, "revision": job.study_revision}
             events += _life(job.created_at, "job.routed", uid, {**about, "rule": job.rule})
             events += _life(job.started_at, "job.running", uid, about)
             outcome = "failure" if job.state in (JobState.FAILED, JobState.CANCELLED) else "ok"
             events += _life(job.finished_at, f"job.{job.state.lower()}", uid, about, outcome)
-        finished = Delivery.state.in_([DeliveryState.SENT, DeliveryState.DEAD])
-        for d in s.scalars(select(Delivery).where(finished)):
-            uid = studies[jobs[d.job_id].study_id].study_uid
+        deliveries = (
+            select(Delivery, Study.study_uid)
+            .join(Job, Job.id == Delivery.job_id)
+            .join(Study, Study.id == Job.study_id)
+            .where(Delivery.state.in_([DeliveryState.SENT, DeliveryState.DEAD]))
+        )
+        for d, uid in s.execute(deliveries.where(_within(since, until, Delivery.updated_at))):
             about = {"job": d.job_id, "destination": d.destination, "sop_instance_uid": d.sop_instance_uid}
             if d.state == DeliveryState.SENT:
                 events += _life(d.sent_at, "delivery.sent", uid, about)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from pydantic import BeforeValidator
 
 from plugin.store.db import Store
 from plugin.web import audit, users
@@ -123,7 +124,15 @@ def account(request: Request, principal: Annotated[Principal, Depends(require(Ro
     return _templates(request).TemplateResponse(request, "account.html", page_context(request, principal))
 
 
-Since = Annotated[datetime | None, Query(description="ISO 8601; events at or after this time")]
+def _blank_is_none(value: object) -> object:
+    return None if value == "" else value  # a form's empty date field
+
+
+Since = Annotated[
+    datetime | None,
+    BeforeValidator(_blank_is_none),
+    Query(description="ISO 8601 (UTC unless a zone is given); events at or after this time"),
+]
 Until = Annotated[datetime | None, Query(description="ISO 8601; events before this time")]
 Limit = Annotated[int, Query(ge=1, le=10000, description="the newest this many events")]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +19,11 @@ from urllib.parse import quote
 
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import RedirectResponse, Response
+from starlette.datastructures import URL
 
 from plugin.store.db import Store
-
-log = logging.getLogger(__name__)
+from plugin.web.audit import record
 
 SESSION_COOKIE = "radgate_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -69,11 +69,8 @@ class Identity:
 
 
 class LoginRequired(Exception):
-    """A page asked for without a login; answered with a redirect to the login page."""
-
-    def __init__(self, target: str) -> None:
-        super().__init__(target)
-        self.target = target
+    """A page asked for without a login; answered with a redirect to the login page
+    (`login_redirect`)."""
 
 
 def secret_hash(secret: str) -> str:
@@ -89,10 +86,16 @@ def is_api(request: Request) -> bool:
     return request.url.path == "/api" or request.url.path.startswith("/api/")
 
 
-def login_redirect_target(request: Request) -> str:
-    """Where to go back after logging in: this page, path and query."""
-    query = request.url.query
-    return "/login?next=" + quote(request.url.path + (f"?{query}" if query else ""), safe="")
+def login_redirect(request: Request) -> Response:
+    """To the login page, and back to this page after it: a 303, or for an htmx request (a part of
+    a page) a 401 whose ``HX-Redirect`` sends the whole page there, back to the page it was on."""
+    url = request.url
+    if request.headers.get("HX-Request") == "true":
+        url = URL(request.headers.get("HX-Current-URL", "/"))
+    target = "/login?next=" + quote(url.path + (f"?{url.query}" if url.query else ""), safe="")
+    if request.headers.get("HX-Request") == "true":
+        return Response(status_code=401, headers={"HX-Redirect": target})
+    return RedirectResponse(target, status_code=303)
 
 
 def _bearer(request: Request) -> str | None:
@@ -101,8 +104,6 @@ def _bearer(request: Request) -> str | None:
 
 
 def _audit(request: Request, actor: str | None, action: str, **detail: Any) -> None:
-    from plugin.web.audit import record
-
     store: Store = request.app.state.store
     detail = {"method": request.method, "path": request.url.path, **detail}
     record(
@@ -166,7 +167,7 @@ def require(role: Role) -> Callable[[Request], Awaitable[Principal]]:
         identity = await identify(request)
         if identity is None:
             if not is_api(request):
-                raise LoginRequired(login_redirect_target(request))
+                raise LoginRequired
             reason = "session expired" if SESSION_COOKIE in request.cookies else "not logged in"
             await run_in_threadpool(_audit, request, None, "auth.rejected", reason=reason)
             raise HTTPException(

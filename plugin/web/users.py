@@ -21,7 +21,7 @@ from plugin.store.accounts import ApiToken, User, WebSession
 from plugin.store.db import Store, utcnow
 from plugin.web.security import Identity, Principal, Role, secret_hash
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 MIN_PASSWORD_LENGTH = 8
 TOKEN_PREFIX = "rgt_"
 _TOUCH_EVERY = timedelta(minutes=1)  # a token's last use is written at most this often
@@ -55,7 +55,7 @@ def _dummy_hash() -> str:
 
 def check_name(name: str) -> str:
     """A valid user name (1-64 letters, digits, ``_ . @ -``), else ValueError."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError("a user name is 1 to 64 letters, digits, '_', '.', '@' or '-'")
     return name
 
@@ -109,7 +109,9 @@ def create_token(store: Store, name: str, label: str | None = None) -> str:
 def verify_login(store: Store, name: str, password: str) -> Principal | None:
     """The user when ``password`` is theirs, else None; as slow for an unknown name as a known one."""
     with store.session() as s:
-        user = s.scalars(select(User).where(User.name == name)).first() if NAME_PATTERN.match(name) else None
+        user = (
+            s.scalars(select(User).where(User.name == name)).first() if NAME_PATTERN.fullmatch(name) else None
+        )
         stored = user.password_hash if user is not None else _dummy_hash()
     try:
         _hasher.verify(stored, password)

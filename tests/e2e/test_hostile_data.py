@@ -183,6 +183,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         {
             "data_dir": str(data_dir),
             "dicom": {"host": "127.0.0.1", "port": free_port(), "receivers": 2, **LIMITS},
+            "web": {"enabled": False},
         }
     )
     running = Node(config, execute=False)

@@ -183,6 +183,14 @@ def test_nothing_but_login_health_metrics_and_static_answers_without_a_login(con
         assert client.get("/static/htmx.min.js").status_code == 200
 
 
+def test_an_htmx_request_without_a_login_sends_the_whole_page_to_the_login(console: Console) -> None:
+    with console.client() as client:
+        headers = {"HX-Request": "true", "HX-Current-URL": f"{console.url}/studies?state=FAILED"}
+        answer = client.get("/account", headers=headers)
+    assert answer.status_code == 401
+    assert answer.headers["hx-redirect"] == "/login?next=%2Fstudies%3Fstate%3DFAILED"
+
+
 def test_the_openapi_document_is_behind_the_login_and_lists_the_api(console: Console) -> None:
     with console.client() as client:
         assert client.get("/api/openapi.json").status_code == 401
@@ -208,6 +216,8 @@ def test_the_audit_page_and_api_show_the_trail_to_an_admin(console: Console) -> 
         page = client.get("/audit")
         assert page.status_code == 200 and "<h1>Audit trail</h1>" in page.text
         assert "login" in page.text
+        form = client.get("/audit", params=[("since", ""), ("studies", "false"), ("limit", "5")])  # as sent
+        assert form.status_code == 200 and 'name="studies" value="true" >' in form.text  # unchecked
         trail = client.get("/api/audit", params={"studies": "false", "limit": 3}).json()
     assert len(trail) == 3
     assert {"at", "actor", "action", "target", "outcome", "detail", "remote", "source"} == set(trail[0])

@@ -1,7 +1,19 @@
 // radgate console: the operator's buttons. A button with data-action POSTs JSON to the API with the
 // session's CSRF token, shows the answer in #flash, and asks the page's htmx fragments to refresh.
+// A <details> that was open stays open when htmx replaces the fragment it is in.
 (function () {
   "use strict";
+
+  let open = [];
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    open = [...event.detail.target.querySelectorAll("details[open][id]")].map((d) => d.id);
+  });
+  document.addEventListener("htmx:afterSwap", function () {
+    for (const id of open) {
+      const details = document.getElementById(id);
+      if (details) details.open = true;
+    }
+  });
 
   function csrfToken() {
     const meta = document.querySelector('meta[name="csrf-token"]');

@@ -36,9 +36,11 @@ def upgrade() -> None:
     op.add_column("studies", sa.Column("study_date", sa.String(8), nullable=True))
     op.create_index("ix_studies_patient_id", "studies", ["patient_id"])
     op.create_index("ix_studies_study_date", "studies", ["study_date"])
+    op.create_index("ix_studies_accession_number", "studies", ["accession_number"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_studies_accession_number", table_name="studies")
     op.drop_index("ix_studies_study_date", table_name="studies")
     op.drop_index("ix_studies_patient_id", table_name="studies")
     for column in ("study_date", "patient_name", "patient_id"):
