@@ -72,7 +72,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
         "demo",
         "--viewer",
         "--rows",
-        "96",
+        "64",
         "--slices",
         str(SLICES),
     ]
