@@ -44,4 +44,18 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q -e ".[dev,brain]"
   echo "$want" > "$stamp"
 fi
+# OHIF Viewer for `radgate demo --viewer`: the prebuilt dist/ of the npm package @ohif/app, unpacked into
+# .ohif/ (git-ignored). `npm pack` fetches that one tarball (50 MB, integrity-checked by npm) and none of the
+# package's build dependencies; dist/ort (onnxruntime-web, 136 MB, only for OHIF's in-browser AI tools) is left out.
+OHIF_VERSION=3.13.2
+if [ "$(cat .ohif/VERSION 2>/dev/null)" != "$OHIF_VERSION" ]; then
+  echo "setup: installing OHIF Viewer $OHIF_VERSION into .ohif/"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
+  rm -rf .ohif && mkdir .ohif
+  tar -xzf "$tmp/ohif-app-$OHIF_VERSION.tgz" -C .ohif --strip-components=1 --exclude=package/dist/ort \
+    package/dist package/LICENSE
+  rm -rf "$tmp"
+  echo "$OHIF_VERSION" > .ohif/VERSION
+fi
 echo "setup: ready (.venv/bin/radgate)"

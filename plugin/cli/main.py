@@ -150,10 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job shown on this machine: local Orthanc, the node, a synthetic CT, results back",
         description="Start a local Orthanc (Debian's) and `radgate serve` on free loopback ports, push a "
         "synthetic chest CT with DCMTK storescu, wait until the SEG, SR and SC are in Orthanc in the "
-        "source study, and print what arrived, the measurements from the SR and Orthanc's URL. "
+        "source study, and print what arrived, the measurements from the SR and Orthanc's URL (with "
+        "--viewer, also the study's URL in OHIF Viewer, served on loopback against Orthanc's DICOMweb). "
         "Exit status 0 when the results came back, 1 with the reason otherwise.",
     )
     demo.add_argument("--keep", action="store_true", help="leave Orthanc and the node running until Ctrl-C")
+    demo.add_argument(
+        "--viewer",
+        action="store_true",
+        help="also serve OHIF Viewer against Orthanc's DICOMweb and print the study's URL (implies --keep)",
+    )
+    demo.add_argument(
+        "--viewer-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="the viewer's loopback port (default: a free one)",
+    )
     demo.add_argument("--dir", type=Path, help="keep Orthanc's and the node's data here (default: temp)")
     demo.add_argument("--rows", type=int, default=256, help="rows and columns of each slice (default 256)")
     demo.add_argument("--slices", type=int, default=80, help="number of slices (default 80)")

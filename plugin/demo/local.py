@@ -4,7 +4,8 @@ A local Orthanc (the Debian binary, on free loopback ports) plays the PACS; ``ra
 as its own process on the embedded defaults plus one destination, that Orthanc; a synthetic chest
 CT is pushed with DCMTK ``storescu``; the demo follows the job store until the SEG, SR and SC are
 in Orthanc, in the source study, then prints what arrived, the measurements read back from the SR
-and the URL of Orthanc's explorer. Nothing is simulated, so a demo that passes shows a site the
+and the URL of Orthanc's explorer (and, with ``--viewer``, of the study in OHIF served by
+``plugin.demo.viewer``). Nothing is simulated, so a demo that passes shows a site the
 same path its PACS will take. The local node is reused by ``bench/e2e.py``.
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import httpx
 import pydicom
 import yaml
 
@@ -35,6 +37,7 @@ from dicom_io.testing.orthanc_server import OrthancError, OrthancServer
 from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.testing.tools import ToolNotFoundError, free_port, storescu
 from plugin.config import Config
+from plugin.demo.viewer import OHIF_DIR, ViewerError, ViewerServer, ohif_dist
 from plugin.dispatch.outbox import list_deliveries
 from plugin.jobs.queue import list_jobs
 from plugin.store.engine import Store
@@ -252,7 +255,9 @@ def wait_for_results(
         time.sleep(0.3)
 
 
-def _report(orthanc: OrthancServer, study_uid: str, arrived: list[SeriesArrived]) -> None:
+def _report(
+    orthanc: OrthancServer, study_uid: str, arrived: list[SeriesArrived], viewer: ViewerServer | None
+) -> None:
     print(f"\nIn Orthanc, study {study_uid}:")
     for s in arrived:
         count = len(s.instance_ids)
@@ -265,6 +270,8 @@ def _report(orthanc: OrthancServer, study_uid: str, arrived: list[SeriesArrived]
     print("ct-lung measurements, read back from the SR:")
     print("\n".join(format_measurements(sr_measurements(sr))))
     print(f"\nOpen it in Orthanc: {orthanc.url}/app/explorer.html#study?uuid={orthanc.study_id(study_uid)}")
+    if viewer is not None:
+        print(f"Open it in OHIF: {viewer.study_url(study_uid)}")
 
 
 def _send(files: list[Path], port: int, called_ae: str) -> None:
@@ -286,18 +293,48 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-def run_demo(workdir: Path, rows: int, slices: int, timeout: float, keep: bool) -> None:
-    """Orthanc, the node, one synthetic chest CT, its results back; raises DemoError on failure."""
+def _check_viewer(viewer: ViewerServer, study_uid: str) -> int:
+    """The study's series as OHIF will query them, through the viewer's same-origin ``/dicom-web``."""
+    url = f"{viewer.url}/dicom-web/studies/{study_uid}/series"
+    try:
+        answer = httpx.get(url, headers={"Accept": "application/dicom+json"}, timeout=30)
+    except httpx.HTTPError as exc:
+        raise DemoError(f"the viewer's DICOMweb did not answer: {exc}") from exc
+    if answer.status_code != 200:
+        raise DemoError(f"the viewer's DICOMweb answered HTTP {answer.status_code}: {answer.text[:200]}")
+    return len(answer.json())
+
+
+def run_demo(
+    workdir: Path, rows: int, slices: int, timeout: float, keep: bool, viewer_port: int | None = None
+) -> None:
+    """Orthanc, the node, one synthetic chest CT, its results back; raises DemoError on failure.
+
+    With ``viewer_port`` (0: a free port) OHIF is served on it against Orthanc's DICOMweb
+    (ViewerError when OHIF is not installed) and the demo keeps running as with ``keep``.
+    """
     progress = _Progress(time.monotonic())
-    orthanc = OrthancServer(workdir=workdir / "orthanc")
+    dist = ohif_dist() if viewer_port is not None else None
+    orthanc = OrthancServer(workdir=workdir / "orthanc", dicomweb=dist is not None)
     node: LocalNode | None = None
+    viewer: ViewerServer | None = None
     try:
         orthanc.start()
         version = orthanc.rest_get("/system")["Version"]
         progress.say(f"Orthanc {version}: {orthanc.url}, DICOM AE {orthanc.aet} port {orthanc.dicom_port}")
-        node = LocalNode(workdir / "node", node_settings(workdir / "node" / "data", free_port(), orthanc))
+        if dist is not None and viewer_port is not None:
+            viewer = ViewerServer(orthanc.dicomweb_url, port=viewer_port, dist=dist).start()
+            ohif = (OHIF_DIR / "VERSION").read_text().strip()
+            progress.say(f"OHIF Viewer {ohif}: {viewer.url}, DICOMweb at {viewer.url}/dicom-web")
+        # the console on a free port (demos and tests run side by side), its "open in viewer" on OHIF
+        web: dict[str, Any] = {"port": free_port()}
+        if viewer is not None:
+            web["viewer_url_template"] = viewer.url_template
+        settings = node_settings(workdir / "node" / "data", free_port(), orthanc, web=web)
+        node = LocalNode(workdir / "node", settings)
         node.start()
-        progress.say(f"radgate serve: AE RADGATE port {node.port}, log {node.log_path}")
+        console = f"http://{node.config.web.host}:{node.config.web.port}"
+        progress.say(f"radgate serve: AE RADGATE port {node.port}, console {console}, log {node.log_path}")
         phantom = ct_chest_phantom(rows=rows, columns=rows, slices=slices, seed=0)
         files = phantom.write(workdir / "input")
         progress.say(f"synthetic chest CT: {slices} slices of {rows}x{rows}, study {phantom.study_uid}")
@@ -308,15 +345,21 @@ def run_demo(workdir: Path, rows: int, slices: int, timeout: float, keep: bool) 
         progress.say(f"sent {len(files)} instances to radgate; waiting for the results")
         arrived = wait_for_results(node, orthanc, phantom.study_uid, timeout, progress)
         progress.say(f"results arrived, {time.monotonic() - sent_at:.1f} s after the last instance was sent")
-        _report(orthanc, phantom.study_uid, arrived)
-        if keep:
-            print("\nOrthanc and radgate keep running (--keep); Ctrl-C stops both.", flush=True)
+        if viewer is not None:
+            count = _check_viewer(viewer, phantom.study_uid)
+            progress.say(f"the viewer's /dicom-web lists {count} series of the study")
+        _report(orthanc, phantom.study_uid, arrived, viewer)
+        if keep or viewer is not None:
+            running = "Orthanc, radgate and the viewer" if viewer is not None else "Orthanc and radgate"
+            print(f"\n{running} keep running; Ctrl-C stops them.", flush=True)
             _wait_for_signal()
     except DemoError as err:
         if node is not None and node.process is not None and node.process.poll() is None:
             raise DemoError(f"{err}\nlast lines of the node's log:\n{node.log_tail()}") from None
         raise
     finally:
+        if viewer is not None:
+            viewer.stop()
         if node is not None:
             node.stop()
         orthanc.stop()
@@ -326,8 +369,15 @@ def command(args: argparse.Namespace) -> int:
     """`radgate demo`: 0 when the results came back, 1 with the reason otherwise."""
     workdir = args.dir.resolve() if args.dir else Path(tempfile.mkdtemp(prefix="radgate-demo-"))
     try:
-        run_demo(workdir, args.rows, args.slices, args.timeout, args.keep)
-    except (DemoError, OrthancError, ToolNotFoundError, OSError) as err:
+        run_demo(
+            workdir,
+            args.rows,
+            args.slices,
+            args.timeout,
+            args.keep,
+            args.viewer_port if args.viewer else None,
+        )
+    except (DemoError, ViewerError, OrthancError, ToolNotFoundError, OSError) as err:
         print(f"radgate demo failed: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

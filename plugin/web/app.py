@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
-import time
 from pathlib import Path
 
-import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import request_validation_exception_handler
@@ -34,6 +31,7 @@ from plugin.store.engine import Store
 from plugin.web import api, metrics, pages, routes
 from plugin.web.audit import attach_syslog, config_loaded
 from plugin.web.security import LoginRequired, Role, audit_request, login_redirect, require
+from plugin.web.threaded import ThreadedServer
 
 log = logging.getLogger(__name__)
 
@@ -95,55 +93,42 @@ class WebServer:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.app = create_app(config, store)
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
+        self._server: ThreadedServer | None = None
 
     @property
     def port(self) -> int:
-        if self._socket is None:
+        if self._server is None:
             raise RuntimeError("the web server is not started")
-        return int(self._socket.getsockname()[1])
+        return self._server.port
 
     @property
     def url(self) -> str:
-        host = self.config.web.host
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{self.port}"
+        if self._server is None:
+            raise RuntimeError("the web server is not started")
+        return self._server.url
 
     def start(self) -> None:
         """Listen and serve; WebStartError (nothing left running) when the address cannot be bound or
         the server does not come up within START_TIMEOUT_S."""
         web = self.config.web
-        family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
         try:
-            self._socket = socket.create_server((web.host, web.port), family=family)
+            server = ThreadedServer(self.app, web.host, web.port, "radgate-web")
         except OSError as err:
             raise WebStartError(
                 f"web console cannot listen on {web.host}:{web.port}: {err.strerror}"
             ) from None
-        server_config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off")
-        self._server = uvicorn.Server(server_config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, name="radgate-web", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise WebStartError(f"web console did not start on {web.host}:{web.port}")
-            time.sleep(0.01)
+        try:
+            server.start(START_TIMEOUT_S)
+        except TimeoutError:
+            raise WebStartError(f"web console did not start on {web.host}:{web.port}") from None
+        self._server = server
         log.info("web console: %s/", self.url)
 
     def stop(self) -> None:
         """Stop serving and close the socket; safe to call twice."""
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = None
+        if self._server is not None:
+            self._server.stop()
+        self._server = None
 
 
 def serve_web(config: Config) -> int:
