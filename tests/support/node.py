@@ -194,7 +194,7 @@ class NodeProcess:
             preexec_fn=preexec_fn,
         )
         log.close()
-        wait_for(self._listening, 30, "radgate serve to listen")
+        wait_for(self._listening, 60, "radgate serve to listen")
         return self
 
     def _listening(self) -> bool:

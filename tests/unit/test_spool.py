@@ -396,4 +396,5 @@ def test_recovery_identifies_a_file_by_the_walk_and_takes_missing_sop_uids_from_
     assert rec.transfer_syntax == str(ds.file_meta.TransferSyntaxUID)
     assert rec.spool_path == f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{sop_instance}.dcm"
     assert rec.modality == ds.Modality
-    assert asked == [["AccessionNumber", "Modality", "SeriesNumber"]]
+    recorded = ["AccessionNumber", "Modality", "SeriesNumber", "PatientID", "PatientName", "StudyDate"]
+    assert asked == [recorded]
