@@ -226,6 +226,7 @@ class ClaimedJob:
     attempts: int
     files: tuple[Path, ...]  # the series' spool files as of the job's revision
     supersedes: int | None  # the latest earlier revision with results on this series and pipeline
+    sop_uids: tuple[str, ...] = ()  # the SOP Instance UIDs of ``files``, in the same order
 
 
 def _runnable(now: datetime, max_attempts: int) -> Any:
@@ -293,12 +294,12 @@ def _claimed(s: Session, job_id: int, spool_dir: Path) -> ClaimedJob:
     job = s.get_one(Job, job_id)
     study = s.get_one(Study, job.study_id)
     assert job.pipeline is not None and job.series_uid is not None  # _runnable holds
-    paths = s.scalars(
-        select(Instance.spool_path)
+    rows = s.execute(
+        select(Instance.sop_instance_uid, Instance.spool_path)
         .join(Series, Series.id == Instance.series_id)
         .where(Series.series_uid == job.series_uid, Instance.study_revision <= job.study_revision)
         .order_by(Instance.id)
-    )
+    ).all()
     supersedes = s.scalar(
         select(func.max(Job.study_revision)).where(
             Job.study_id == job.study_id,
@@ -316,8 +317,9 @@ def _claimed(s: Session, job_id: int, spool_dir: Path) -> ClaimedJob:
         pipeline=job.pipeline,
         destinations=tuple(job.destinations or ()),
         attempts=job.attempts,
-        files=tuple(spool_dir / p for p in paths),
+        files=tuple(spool_dir / row.spool_path for row in rows),
         supersedes=supersedes,
+        sop_uids=tuple(row.sop_instance_uid for row in rows),
     )
 
 
