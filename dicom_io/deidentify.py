@@ -10,7 +10,6 @@ option and each action does here is in docs/design.md, "Dispatch: de-identificat
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -267,11 +266,3 @@ def _code(value: str, meaning: str) -> Dataset:
     item.CodingSchemeDesignator = "DCM"
     item.CodeMeaning = meaning
     return item
-
-
-def uid_attributes(ds: Dataset) -> Iterable[tuple[str, str]]:
-    """Every (keyword, value) of a UID attribute Table E.1-1 replaces, on every level (for checks)."""
-    for elem in ds.iterall():
-        if elem.VR == "UI" and table_action(elem.tag) in ("U", "X/Z/U*") and elem.value:
-            values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
-            yield from ((keyword_for_tag(elem.tag), str(v)) for v in values)

@@ -1,4 +1,4 @@
-"""The job store's tables: studies, series, instances, receptions, jobs, deliveries.
+"""The job store's tables: studies, series, instances, receptions, jobs, deliveries, pseudonyms.
 
 Timestamps are timezone-aware UTC in Python (`utcnow`, `UTCDateTime`). A study's instance count and
 last-received time are not columns: they are derived from ``instances`` when read (`plugin.store.queries`).
