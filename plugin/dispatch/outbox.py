@@ -289,8 +289,8 @@ class Dispatcher:
     ) -> tuple[Outcomes, Outcomes]:
         """Send de-identified copies of ``items`` (`plugin.dispatch.deidentify`); (outcomes, refused).
 
-        The copies live in a private temporary folder under the data dir for the send only; the
-        pseudonyms they use are committed before they are sent.
+        The copies live in a private temporary folder under the data dir for the send only; every
+        pseudonym they use is committed before they are sent.
         """
         with self._key_lock:
             if self._key is None:
@@ -299,11 +299,8 @@ class Dispatcher:
         outgoing = self._data_dir / "outgoing"
         outgoing.mkdir(mode=0o700, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=outgoing, prefix="deid-") as work:
-            with self.store.session() as s:
-                names = StorePseudonyms(s, self._key, domain)
-                prepared = prepare(items, settings, names, self._results_dir, Path(work))
-            for delivery_id, reason in prepared.refused.items():
-                log.warning("delivery %d to %s refused: %s", delivery_id, destination, reason)
+            names = StorePseudonyms(self.store, self._key, domain)
+            prepared = prepare(items, settings, names, self._results_dir, Path(work))
             outcomes = {**prepared.failed, **prepared.refused}
             outcomes.update(sender.send(prepared.items) if prepared.items else {})
         return outcomes, prepared.refused

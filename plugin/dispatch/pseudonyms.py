@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from plugin.store.engine import Store
 from plugin.store.models import Pseudonym, utcnow
 
 KEY_FILE = "deidentify.key"
@@ -47,14 +48,16 @@ def load_key(data_dir: Path) -> bytes:
 
 
 class StorePseudonyms:
-    """A `dicom_io.deidentify.Pseudonymizer` on the ``pseudonyms`` table, within one session.
+    """A `dicom_io.deidentify.Pseudonymizer` on the ``pseudonyms`` table of ``store``.
 
-    The first replacement of an original is inserted; a concurrent sender that inserted it first
-    wins (unique constraint) and its value is used. Values are cached for the session's life.
+    Each value not seen before by this object is one short transaction (SQLite's write lock is
+    never held while files are read or written): the stored replacement, or a new one inserted. A
+    concurrent sender that inserted it first wins (unique key) and its value is used. Raises the
+    store's SQLAlchemyError when the store fails.
     """
 
-    def __init__(self, session: Session, key: bytes, domain: str) -> None:
-        self._session = session
+    def __init__(self, store: Store, key: bytes, domain: str) -> None:
+        self._store = store
         self._key = key
         self._domain = domain
         self._cache: dict[tuple[str, str], str] = {}
@@ -67,32 +70,33 @@ class StorePseudonyms:
 
     def _lookup(self, kind: str, original: str, fresh: Callable[[], str]) -> str:
         digest = hmac.new(self._key, f"{kind}\0{original}".encode(), hashlib.sha256).hexdigest()
-        cached = self._cache.get((kind, digest))
-        if cached is not None:
-            return cached
-        value = self._stored(kind, digest)
-        if value is None:
-            candidate = fresh()
-            try:
-                with self._session.begin_nested():
-                    self._session.add(
-                        Pseudonym(
-                            domain=self._domain,
-                            kind=kind,
-                            original_hash=digest,
-                            pseudonym=candidate,
-                            created_at=utcnow(),
+        value = self._cache.get((kind, digest))
+        if value is not None:
+            return value
+        with self._store.session() as s:
+            value = self._stored(s, kind, digest)
+            if value is None:
+                candidate = fresh()
+                try:
+                    with s.begin_nested():
+                        s.add(
+                            Pseudonym(
+                                domain=self._domain,
+                                kind=kind,
+                                original_hash=digest,
+                                pseudonym=candidate,
+                                created_at=utcnow(),
+                            )
                         )
-                    )
-                value = candidate
-            except IntegrityError:  # another sender mapped it first: use theirs
-                value = self._stored(kind, digest)
-                assert value is not None
+                    value = candidate
+                except IntegrityError:  # another node mapped it first: use theirs
+                    value = self._stored(s, kind, digest)
+                    assert value is not None
         self._cache[(kind, digest)] = value
         return value
 
-    def _stored(self, kind: str, digest: str) -> str | None:
-        return self._session.scalar(
+    def _stored(self, s: Session, kind: str, digest: str) -> str | None:
+        return s.scalar(
             select(Pseudonym.pseudonym).where(
                 Pseudonym.domain == self._domain, Pseudonym.kind == kind, Pseudonym.original_hash == digest
             )

@@ -77,8 +77,8 @@ def _items(paths: list[Path], start: int = 1) -> list[Outgoing]:
 def _run(case: Case, settings: Deidentify, paths: list[Path], domain: str, into: str) -> Prepared:
     out = case.work / into
     out.mkdir()
-    with case.store.session() as s:
-        return prepare(_items(paths), settings, StorePseudonyms(s, case.key, domain), case.results_dir, out)
+    names = StorePseudonyms(case.store, case.key, domain)
+    return prepare(_items(paths), settings, names, case.results_dir, out)
 
 
 @pytest.fixture(scope="module")
