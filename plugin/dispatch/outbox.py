@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -326,7 +328,12 @@ class Dispatcher:
                 stop.wait(self.config.poll_interval_s)
 
     def start(self) -> None:
-        """Run ``workers`` sending threads in the background until ``stop``."""
+        """Run ``workers`` sending threads in the background until ``stop``.
+
+        First removes de-identified copies a killed dispatcher left in ``<data_dir>/outgoing``
+        (folders older than the claim timeout: no live send still uses them).
+        """
+        self._remove_stale_copies()
         self._stop.clear()
         self._threads = [
             threading.Thread(target=self.run, args=(self._stop,), name=f"dispatch-{n}", daemon=True)
@@ -334,6 +341,16 @@ class Dispatcher:
         ]
         for thread in self._threads:
             thread.start()
+
+    def _remove_stale_copies(self) -> None:
+        outgoing = self._data_dir / "outgoing"
+        if not outgoing.is_dir():
+            return
+        cutoff = time.time() - self.config.claim_timeout_s
+        for folder in outgoing.glob("deid-*"):
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                log.info("removed de-identified copies left by a stopped dispatcher: %s", folder.name)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the threads after their current batch (whose outcome is recorded)."""

@@ -10,6 +10,7 @@ the same Table E.1-1 data (dicom-anonymizer), and checked against the original's
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -333,17 +334,26 @@ def test_dispatcher_sends_deidentified_seg_and_ct_to_orthanc(
             enqueue_deliveries(
                 s, job_id, [(seg.stem, seg), *sources, ("1.2.3.4.5.6.7", burned_path)], ["research"]
             )
+        outgoing = tmp_path / "data" / "outgoing"
+        stale, fresh = outgoing / "deid-stale", outgoing / "deid-fresh"
+        for folder in (stale, fresh):
+            folder.mkdir(parents=True)
+            (folder / "1.dcm").write_bytes(b"left by a dispatcher that was killed")
+        os.utime(stale, (0, 0))
         dispatcher = Dispatcher(store, config, seed=1)
 
         def settled() -> bool:
-            dispatcher.run_once()
             with store.session() as s:
                 return not set(s.scalars(select(Delivery.state))) & {
                     DeliveryState.PENDING,
                     DeliveryState.SENDING,
                 }
 
-        wait_until(settled, 30.0, "every delivery SENT or DEAD", interval=0.02)
+        dispatcher.start()
+        try:
+            wait_until(settled, 30.0, "every delivery SENT or DEAD", interval=0.02)
+        finally:
+            dispatcher.stop()
         with store.session() as s:
             rows = {r.sop_instance_uid: r for r in s.scalars(select(Delivery))}
         dead = rows.pop("1.2.3.4.5.6.7")
@@ -368,4 +378,4 @@ def test_dispatcher_sends_deidentified_seg_and_ct_to_orthanc(
         for i in seg_out.ReferencedSeriesSequence[0].ReferencedInstanceSequence
     }
     assert referenced == ct_uids
-    assert not any((tmp_path / "data" / "outgoing").iterdir())  # the copies are gone after the send
+    assert list(outgoing.iterdir()) == [fresh]  # each send's copies went, and a killed one's stale ones
