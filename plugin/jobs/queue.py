@@ -225,8 +225,8 @@ class ClaimedJob:
     destinations: tuple[str, ...]
     attempts: int
     files: tuple[Path, ...]  # the series' spool files as of the job's revision
+    sop_uids: tuple[str, ...]  # the SOP Instance UIDs of ``files``, in the same order
     supersedes: int | None  # the latest earlier revision with results on this series and pipeline
-    sop_uids: tuple[str, ...] = ()  # the SOP Instance UIDs of ``files``, in the same order
 
 
 def _runnable(now: datetime, max_attempts: int) -> Any:
@@ -318,8 +318,8 @@ def _claimed(s: Session, job_id: int, spool_dir: Path) -> ClaimedJob:
         destinations=tuple(job.destinations or ()),
         attempts=job.attempts,
         files=tuple(spool_dir / row.spool_path for row in rows),
-        supersedes=supersedes,
         sop_uids=tuple(row.sop_instance_uid for row in rows),
+        supersedes=supersedes,
     )
 
 

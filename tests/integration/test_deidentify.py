@@ -305,16 +305,25 @@ def _job(store: Store) -> int:
         return job.id
 
 
+@pytest.mark.parametrize("kind", ["orthanc", "dicom", "dicomweb"])
 def test_dispatcher_sends_deidentified_seg_and_ct_to_orthanc(
-    case: Case, orthanc: OrthancServer, tmp_path: Path
+    case: Case, orthanc: OrthancServer, tmp_path: Path, kind: str
 ) -> None:
+    """The same step before each sender kind: REST, C-STORE, STOW-RS into a real Orthanc."""
+    if kind == "dicomweb" and not orthanc.dicomweb:
+        pytest.skip("Orthanc's DICOMweb plugin is not installed")
     burned = pydicom.dcmread(case.sources[0])
     burned.BurnedInAnnotation = "YES"
     burned.SOPInstanceUID = burned.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7"
     burned_path = tmp_path / "burned.dcm"
     burned.save_as(burned_path, enforce_file_format=True)
     config_path = tmp_path / "radgate.yaml"
-    destination = {"kind": "orthanc", "url": orthanc.url, "deidentify": {"include_source": True}}
+    peers = {
+        "orthanc": {"kind": "orthanc", "url": orthanc.url},
+        "dicom": {"kind": "dicom", "host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": "ORTHANC"},
+        "dicomweb": {"kind": "dicomweb", "url": orthanc.dicomweb_url},
+    }
+    destination = {**peers[kind], "deidentify": {"include_source": True}}
     data = {
         "data_dir": str(tmp_path / "data"),
         "executor": {"results_dir": str(case.results_dir)},
