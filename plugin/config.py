@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -296,6 +297,48 @@ class ClientTLS(_Strict):
         return self
 
 
+class SafePrivate(_Strict):
+    """A private attribute the site has judged safe to keep: its creator and its element in the block."""
+
+    creator: str = Field(min_length=1, max_length=64, description="the Private Creator value, exactly")
+    group: StrictInt = Field(ge=0x0009, le=0xFFFF, description="an odd group, e.g. 0x0019")
+    element: StrictInt = Field(ge=0x00, le=0xFF, description="the element's offset in the block, 0x00-0xFF")
+
+    @field_validator("group")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("a private group is odd")
+        return v
+
+
+class Deidentify(_Strict):
+    """De-identify what goes to one destination: PS3.15 Annex E Basic Profile plus chosen options."""
+
+    profile: Literal["basic"] = "basic"
+    retain_longitudinal_temporal: StrictBool = Field(
+        default=False, description="Retain Longitudinal Temporal Information, Full Dates Option"
+    )
+    retain_patient_characteristics: StrictBool = False
+    clean_descriptors: StrictBool = Field(
+        default=False, description="keep descriptions and comments with the patient's identifiers cut out"
+    )
+    retain_safe_private: list[SafePrivate] = Field(
+        default_factory=list, description="private attributes kept; every other private attribute goes"
+    )
+    include_source: StrictBool = Field(
+        default=False, description="also send the job's source series, de-identified, so references resolve"
+    )
+    allow_burned_in: StrictBool = Field(
+        default=False, description="send series flagged BurnedInAnnotation YES de-identified all the same"
+    )
+    pseudonym_domain: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="destinations sharing a domain share pseudonyms; default the destination's name",
+    )
+
+
 class DicomDestination(_Strict):
     """A DICOM peer (PACS, archive) that receives results by C-STORE."""
 
@@ -305,6 +348,7 @@ class DicomDestination(_Strict):
     ae_title: str = Field(description="the peer's AE title")
     calling_ae_title: str | None = Field(default=None, description="our AE title; default dicom.ae_title")
     tls: ClientTLS | None = Field(default=None, description="absent: plain TCP")
+    deidentify: Deidentify | None = Field(default=None, description="absent: sent as they are")
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
@@ -329,6 +373,7 @@ class DicomWebDestination(_Strict):
     kind: Literal["dicomweb"]
     url: str = Field(description="the DICOMweb root, e.g. https://pacs/dicom-web")
     auth: Annotated[BasicAuth | BearerAuth, Field(discriminator="type")] | None = None
+    deidentify: Deidentify | None = Field(default=None, description="absent: sent as they are")
 
     _url = field_validator("url")(_check_http_url)
 
@@ -340,6 +385,7 @@ class OrthancDestination(_Strict):
     url: str = Field(description="Orthanc's REST root, e.g. http://orthanc:8042")
     username: str | None = None
     password: SecretStr | None = None
+    deidentify: Deidentify | None = Field(default=None, description="absent: sent as they are")
 
     _url = field_validator("url")(_check_http_url)
 

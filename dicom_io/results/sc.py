@@ -24,6 +24,8 @@ from dicom_io.results.common import Context, format_value
 from dicom_io.types import Measurement, Segment
 
 DISCLAIMER = "Produced by an algorithm — not for diagnostic use"
+REPORT_CARD = "Report card"
+"""The report card's ImageComments: the one SC whose pixels show a date (the day it was made)."""
 _FONT_FILES = ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 _MIN_SIDE = 512  # key images are scaled up to at least this, so text stays legible beside anatomy
 _MAX_SIDE = 1024
@@ -283,6 +285,6 @@ def build_sc(ctx: Context) -> list[hd.sc.SCImage]:
     card = _sc(ctx, render_report_card(ctx), len(images) + 1, orientation, None)
     del card.PatientOrientation
     card.add_new("PatientOrientation", "CS", None)  # type 2: a text page has no patient orientation
-    card.ImageComments = "Report card"
+    card.ImageComments = REPORT_CARD
     images.append(card)
     return images

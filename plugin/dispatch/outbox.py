@@ -18,10 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import socket
+import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,8 +34,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from plugin.config import Config, DispatchConfig
-from plugin.dispatch.base import Outcomes, Outgoing, redact
+from plugin.config import Config, Deidentify, DispatchConfig
+from plugin.dispatch.base import Outcomes, Outgoing, Sender, redact
+from plugin.dispatch.deidentify import prepare
+from plugin.dispatch.pseudonyms import StorePseudonyms, load_key
 from plugin.dispatch.senders import destination_secrets, make_sender
 from plugin.store.engine import Store
 from plugin.store.models import Delivery, DeliveryState, utcnow
@@ -134,6 +139,10 @@ class Dispatcher:
         self.calling_ae_title = config.dicom.ae_title
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._rng = random.Random(seed)
+        self._data_dir = config.data_dir
+        self._results_dir = config.results_dir
+        self._key: bytes | None = None
+        self._key_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -218,11 +227,18 @@ class Dispatcher:
             ).all()
         return [_Claimed(r.id, r.sop_instance_uid, r.file_path or "", r.attempts) for r in rows]
 
-    def record(self, destination: str, claimed: Sequence[_Claimed], outcomes: Outcomes) -> None:
+    def record(
+        self,
+        destination: str,
+        claimed: Sequence[_Claimed],
+        outcomes: Outcomes,
+        final: Collection[int] = (),
+    ) -> None:
         """Write each outcome: SENT, or PENDING with a backoff delay, or DEAD at max attempts.
 
-        Only rows still claimed by this dispatcher are written: if the claim expired meanwhile and
-        another dispatcher took the row, its outcome wins.
+        A failure whose delivery id is in ``final`` (refused: another try cannot help) is DEAD at
+        once. Only rows still claimed by this dispatcher are written: if the claim expired
+        meanwhile and another dispatcher took the row, its outcome wins.
         """
         now = utcnow()
         secrets = self._secrets(destination)
@@ -233,7 +249,7 @@ class Dispatcher:
                 cleared = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
                 if reason is None:
                     values: dict[str, Any] = {"state": DeliveryState.SENT, "sent_at": now, "last_error": None}
-                elif item.attempts >= self.config.max_attempts:
+                elif item.attempts >= self.config.max_attempts or item.id in final:
                     values = {"state": DeliveryState.DEAD, "last_error": redact(reason, secrets)}
                 else:
                     values = {
@@ -265,18 +281,44 @@ class Dispatcher:
         if not claimed:
             return 0
         target = self.destinations.get(destination)
+        refused: Outcomes = {}
         if target is None:
             outcomes: Outcomes = {c.id: f"destination {destination!r} is not configured" for c in claimed}
         else:
             items = [Outgoing(c.id, c.sop_instance_uid, Path(c.file_path)) for c in claimed]
             sender = make_sender(target, self.calling_ae_title, self.config.timeout_s)
             try:
-                outcomes = sender.send(items)
+                if target.deidentify is None:
+                    outcomes = sender.send(items)
+                else:
+                    outcomes, refused = self._send_deidentified(destination, target.deidentify, sender, items)
             except Exception as err:  # a sender bug must not kill the loop or leave rows SENDING
                 log.exception("sender for %s failed", destination)
                 outcomes = {c.id: f"internal error: {type(err).__name__}" for c in claimed}
-        self.record(destination, claimed, outcomes)
+                refused = {}
+        self.record(destination, claimed, outcomes, refused.keys())
         return len(claimed)
+
+    def _send_deidentified(
+        self, destination: str, settings: Deidentify, sender: Sender, items: Sequence[Outgoing]
+    ) -> tuple[Outcomes, Outcomes]:
+        """Send de-identified copies of ``items`` (`plugin.dispatch.deidentify`); (outcomes, refused).
+
+        The copies live in a private temporary folder under the data dir for the send only; every
+        pseudonym they use is committed before they are sent.
+        """
+        with self._key_lock:
+            if self._key is None:
+                self._key = load_key(self._data_dir)
+        domain = settings.pseudonym_domain or destination
+        outgoing = self._data_dir / "outgoing"
+        outgoing.mkdir(mode=0o700, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=outgoing, prefix="deid-") as work:
+            names = StorePseudonyms(self.store, self._key, domain)
+            prepared = prepare(items, settings, names, self._results_dir, Path(work))
+            outcomes = {**prepared.failed, **prepared.refused}
+            outcomes.update(sender.send(prepared.items) if prepared.items else {})
+        return outcomes, prepared.refused
 
     def run_once(self) -> int:
         """One round: release stale claims, then one batch per due destination; returns rows handled."""
@@ -299,7 +341,12 @@ class Dispatcher:
                 stop.wait(self.config.poll_interval_s)
 
     def start(self) -> None:
-        """Run ``workers`` sending threads in the background until ``stop``."""
+        """Run ``workers`` sending threads in the background until ``stop``.
+
+        First removes de-identified copies a killed dispatcher left in ``<data_dir>/outgoing``
+        (folders older than the claim timeout: no live send still uses them).
+        """
+        self._remove_stale_copies()
         self._stop.clear()
         self._threads = [
             threading.Thread(target=self.run, args=(self._stop,), name=f"dispatch-{n}", daemon=True)
@@ -307,6 +354,16 @@ class Dispatcher:
         ]
         for thread in self._threads:
             thread.start()
+
+    def _remove_stale_copies(self) -> None:
+        outgoing = self._data_dir / "outgoing"
+        if not outgoing.is_dir():
+            return
+        cutoff = time.time() - self.config.claim_timeout_s
+        for folder in outgoing.glob("deid-*"):
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                log.info("removed de-identified copies left by a stopped dispatcher: %s", folder.name)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the threads after their current batch (whose outcome is recorded)."""

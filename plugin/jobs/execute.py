@@ -16,9 +16,11 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from plugin.config import Config
 from plugin.dispatch.outbox import enqueue_deliveries
@@ -88,6 +90,11 @@ class JobRunner:
         self._results_dir = config.results_dir
         self._executor = executor
         self._enqueue = enqueue
+        self._source_destinations = {
+            name
+            for name, destination in config.destinations.items()
+            if destination.deidentify is not None and destination.deidentify.include_source
+        }
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -173,7 +180,7 @@ class JobRunner:
             owner,
             [(uid, Path(p)) for uid, p in result.results],
             result.timings,
-            self._enqueue,
+            self._enqueue_for(job),
         ):
             log.info(
                 "job %d: SUCCEEDED, %d result objects%s -> %s",
@@ -183,6 +190,18 @@ class JobRunner:
         else:
             log.warning("job %d: finished, but its lease was lost; the new owner records it", job.id)
         return job.id
+
+    def _enqueue_for(self, job: ClaimedJob) -> Enqueue:
+        """The results to every destination, and the job's source series to those whose
+        ``deidentify.include_source`` asks for it (de-identified when sent, so references resolve)."""
+        sources = list(zip(job.sop_uids, job.files, strict=True))
+        wanting = [name for name in job.destinations if name in self._source_destinations]
+
+        def enqueue(s: Session, job_id: int, results: Sequence[tuple[str, Path]], to: Sequence[str]) -> int:
+            added = self._enqueue(s, job_id, results, to)
+            return added + (self._enqueue(s, job_id, sources, wanting) if wanting and sources else 0)
+
+        return enqueue
 
     def _fail(
         self, job: ClaimedJob, owner: str, reason: str, timings: dict[str, float], *, retry: bool

@@ -271,6 +271,7 @@ class ClaimedJob:
     destinations: tuple[str, ...]
     attempts: int
     files: tuple[Path, ...]  # the series' spool files as of the job's revision
+    sop_uids: tuple[str, ...]  # the SOP Instance UIDs of ``files``, in the same order
     supersedes: int | None  # the latest earlier revision with results on this series and pipeline
 
 
@@ -340,12 +341,12 @@ def _claimed(s: Session, job_id: int, spool_dir: Path) -> ClaimedJob:
     job = s.get_one(Job, job_id)
     study = s.get_one(Study, job.study_id)
     assert job.pipeline is not None and job.series_uid is not None  # _runnable holds
-    paths = s.scalars(
-        select(Instance.spool_path)
+    rows = s.execute(
+        select(Instance.sop_instance_uid, Instance.spool_path)
         .join(Series, Series.id == Instance.series_id)
         .where(Series.series_uid == job.series_uid, Instance.study_revision <= job.study_revision)
         .order_by(Instance.id)
-    )
+    ).all()
     supersedes = s.scalar(
         select(func.max(Job.study_revision)).where(
             Job.study_id == job.study_id,
@@ -363,7 +364,8 @@ def _claimed(s: Session, job_id: int, spool_dir: Path) -> ClaimedJob:
         pipeline=job.pipeline,
         destinations=tuple(job.destinations or ()),
         attempts=job.attempts,
-        files=tuple(spool_dir / p for p in paths),
+        files=tuple(spool_dir / row.spool_path for row in rows),
+        sop_uids=tuple(row.sop_instance_uid for row in rows),
         supersedes=supersedes,
     )
 

@@ -1,6 +1,6 @@
 """The job store: the truth the node recovers from, written before a C-STORE is acknowledged.
 
-- `plugin.store.models`: the tables (studies, series, instances, receptions, jobs, deliveries);
+- `plugin.store.models`: the tables (studies, series, instances, receptions, jobs, deliveries, pseudonyms);
 - `plugin.store.engine`: `Store` — engines with the settings durability relies on, sessions, migrations;
 - `plugin.store.recording`: recording a received instance, the one write on the receiving hot path;
 - `plugin.store.queries`: what completion, the CLI and the reports read (counts derived when read);

@@ -1,4 +1,4 @@
-"""The job store's tables: studies, series, instances, receptions, jobs, deliveries.
+"""The job store's tables: studies, series, instances, receptions, jobs, deliveries, pseudonyms.
 
 Timestamps are timezone-aware UTC in Python (`utcnow`, `UTCDateTime`). A study's instance count and
 last-received time are not columns: they are derived from ``instances`` when read (`plugin.store.queries`).
@@ -230,3 +230,21 @@ class Delivery(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)  # 0008: /metrics
+
+
+class Pseudonym(Base):
+    """A replacement value de-identified exports use (a patient pseudonym or a UID), per domain.
+
+    ``original_hash`` is a keyed hash (HMAC-SHA256 with the node's secret) of the original value,
+    never the value itself: the table alone names no patient and no study.
+    """
+
+    __tablename__ = "pseudonyms"
+    __table_args__ = (UniqueConstraint("domain", "kind", "original_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    domain: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # "patient" or "uid"
+    original_hash: Mapped[str] = mapped_column(String(64))
+    pseudonym: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -37,7 +37,7 @@ from plugin.jobs.executor.work import run_task
 from plugin.jobs.queue import claim_job, fail_job, finish_job, renew_lease, routing_hook
 from plugin.route.rules import validate_rules
 from plugin.store.engine import Store
-from plugin.store.models import Job, JobState, utcnow
+from plugin.store.models import Job, JobState, Study, add_queued_job, utcnow
 
 PIPELINES = {"ct-lung", "test-hang"}
 
@@ -251,6 +251,30 @@ def test_a_job_runs_in_a_worker_and_succeeds_with_results_on_disk(
     kinds = {str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for _, p in results}
     assert kinds == {"SEG", "SR", "OT"}
     assert [p.name for p in out.parent.iterdir()] == [str(job_id)]  # no temporary folder left
+
+
+def test_a_destination_with_include_source_also_gets_the_source_series(
+    store: Store, config: Config, phantom: SyntheticSeries, phantom_files: list[Path], executor: LocalExecutor
+) -> None:
+    orthanc = {"kind": "orthanc", "url": "http://orthanc:8042"}
+    research = {**orthanc, "deidentify": {"include_source": True}}
+    config = Config.model_validate(
+        {**config.model_dump(mode="json"), "destinations": {"pacs": orthanc, "research": research}}
+    )
+    spool_files(store, config, phantom_files)
+    with store.session() as s:
+        study = s.scalars(select(Study).where(Study.study_uid == phantom.study_uid)).one()
+        job = add_queued_job(s, study, "ct-lung", phantom.series_uid, "test", ["pacs", "research"])
+        s.flush()
+        job_id = job.id
+    deliveries = _Deliveries()
+    assert JobRunner(store, config, executor, enqueue=deliveries).run_one() == job_id
+    [(_, results, to_all), (_, sources, to_research)] = deliveries.calls
+    assert to_all == ["pacs", "research"] and to_research == ["research"]
+    assert {p.parent for _, p in results} == {config.results_dir / str(job_id)}
+    spooled = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in phantom_files}
+    assert {uid for uid, _ in sources} == spooled
+    assert all(p.is_relative_to(config.spool_dir) for _, p in sources)
 
 
 DENSE = {

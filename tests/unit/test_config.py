@@ -152,3 +152,57 @@ def test_a_broken_label_file_in_the_bundle_stops_the_load(tmp_path: Path) -> Non
     (tmp_path / "bundle" / "configs" / "radgate_labels.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"pipelines\.bones: .*radgate_labels\.json\): Expecting"):
         load_config(path)
+
+
+_DESTINATIONS = {
+    "dicom": {"kind": "dicom", "host": "pacs", "port": 104, "ae_title": "PACS"},
+    "dicomweb": {"kind": "dicomweb", "url": "https://pacs/dicom-web"},
+    "orthanc": {"kind": "orthanc", "url": "http://orthanc:8042"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_DESTINATIONS))
+def test_every_destination_kind_takes_a_deidentify_block(tmp_path: Path, kind: str) -> None:
+    block = {
+        "include_source": True,
+        "retain_safe_private": [{"creator": "GEMS_ACQU_01", "group": 0x19, "element": 0x10}],
+    }
+    path = tmp_path / "radgate.yaml"
+    path.write_text(
+        yaml.safe_dump({"destinations": {"research": {**_DESTINATIONS[kind], "deidentify": block}}})
+    )
+    settings = load_config(path).destinations["research"].deidentify
+    assert settings is not None and settings.profile == "basic" and settings.include_source
+    assert not (
+        settings.allow_burned_in or settings.retain_longitudinal_temporal or settings.clean_descriptors
+    )
+    assert settings.retain_safe_private[0].group == 0x19
+
+
+@pytest.mark.parametrize(
+    ("block", "named"),
+    [
+        ({"profile": "full"}, "destinations.research.orthanc.deidentify.profile"),
+        ({"retain_dates": True}, "destinations.research.orthanc.deidentify.retain_dates: unknown key"),
+        ({"allow_burned_in": "yes"}, "destinations.research.orthanc.deidentify.allow_burned_in"),
+        (
+            {"retain_safe_private": [{"creator": "X", "group": 0x18, "element": 1}]},
+            "retain_safe_private.0.group",
+        ),
+        (
+            {"retain_safe_private": [{"creator": "X", "group": 0x19, "element": 0x100}]},
+            "retain_safe_private.0.element",
+        ),
+        ({"pseudonym_domain": "two words"}, "destinations.research.orthanc.deidentify.pseudonym_domain"),
+    ],
+)
+def test_a_wrong_deidentify_setting_names_its_key(
+    tmp_path: Path, block: dict[str, object], named: str
+) -> None:
+    path = tmp_path / "radgate.yaml"
+    path.write_text(
+        yaml.safe_dump({"destinations": {"research": {**_DESTINATIONS["orthanc"], "deidentify": block}}})
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert named in str(err.value)
