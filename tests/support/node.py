@@ -194,7 +194,11 @@ class NodeProcess:
             preexec_fn=preexec_fn,
         )
         log.close()
-        wait_for(self._listening, 60, "radgate serve to listen")
+        try:
+            wait_for(self._listening, 60, "radgate serve to listen")
+        except BaseException:
+            self.kill()  # a node that did not come up must not outlive its test
+            raise
         return self
 
     def _listening(self) -> bool:
