@@ -168,6 +168,19 @@ class Context:
         xyz1 = np.c_[zyx[:, ::-1], np.ones(len(zyx))]
         return (self.volume.affine @ xyz1.T).T[:, :3]
 
+    def image_point(self, z: int, point: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """An LPS point in mm → (column, row) image coordinates of source slice z, as SCOORD holds them.
+
+        Projected onto the slice's own plane (not the volume's axes), with (0, 0) the top left corner
+        of the first pixel, so a reoriented volume still points at the right pixel.
+        """
+        position, orientation, spacing = _frame_geometry(self.slice_sources[z], self.frames[z])
+        offset = point - np.asarray(position, dtype=np.float64)
+        along_row, along_column = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+        return np.array(
+            [offset @ along_row / float(spacing[1]) + 0.5, offset @ along_column / float(spacing[0]) + 0.5]
+        )
+
 
 def stable_uid(parts: Sequence[str], prefix: str | None = None) -> str:
     """The same UID for the same parts: a name-based UUID under 2.25, or a hash under `prefix`."""

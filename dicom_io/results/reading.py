@@ -21,7 +21,11 @@ def _code(item: Dataset) -> Dataset:
 
 
 def sr_measurements(sr: Dataset) -> list[tuple[str, str, float, str]]:
-    """(group tracking identifier, label, value, unit) for every NUM of every measurement group."""
+    """(group tracking identifier, label, value, unit) for every NUM of every measurement group.
+
+    A NUM that repeats one listed before, in a group named after that one's ("Left lung: Volume"
+    after "Left lung", radgate's planar copy for viewers), is listed once.
+    """
     found: list[tuple[str, str, float, str]] = []
 
     def walk(item: Dataset, group: str) -> None:
@@ -33,7 +37,9 @@ def sr_measurements(sr: Dataset) -> list[tuple[str, str, float, str]]:
                 code = _code(child)
                 label = _LABELS.get(str(code.CodeValue), str(code.CodeMeaning))
                 unit = str(value.MeasurementUnitsCodeSequence[0].CodeValue)
-                found.append((group, label, float(value.NumericValue), _UNITS.get(unit, unit)))
+                row = (group, label, float(value.NumericValue), _UNITS.get(unit, unit))
+                if not any(row[1:] == seen[1:] and group.startswith(f"{seen[0]}: ") for seen in found):
+                    found.append(row)
             elif child.ValueType == "CONTAINER":
                 walk(child, group)
 

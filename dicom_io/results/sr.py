@@ -5,13 +5,16 @@ for measurements that belong to no segment, whose ROI is a Volume Surface POINT 
 found. (Not a plain TID 1501 group: pixelmed picks one template for all groups of a report, so it
 rejects 1411 and 1501 groups side by side.) Every NUM is INFERRED FROM a
 SCOORD3D POINT inside its segment (world LPS, the source frame of reference): OHIF 3.13's SR loader
-drops a whole report whose groups carry no coordinates. Segments the pipeline looked for but did not
-find, and the pipeline's notes, go into the root "Qualitative Evaluations" container as text, so an
-empty result is still a valid report that says so. (OHIF 3.13 shows a measured value of 0 as blank.)
+drops a whole report whose groups carry no coordinates. Each volumetric group is followed by one
+planar group (TID 1410) per measurement, an image-region POINT on the CT, which OHIF lists.
+Segments the pipeline looked for but did not find, and the pipeline's notes, go into the root
+"Qualitative Evaluations" container as text, so an empty result is still a valid report that says
+so. (OHIF 3.13 shows a measured value of 0 as blank.)
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -81,32 +84,48 @@ def _measurements(items: Sequence[Measurement]) -> list[hd.sr.Measurement]:
 
 
 def _locate(ctx: Context, group: Sequence[Dataset], point_zyx: npt.NDArray[np.float64]) -> None:
-    """Give every NUM of the group an INFERRED FROM SCOORD3D POINT (TID 300 row 8) at point_zyx.
+    """Give every NUM of the group an INFERRED FROM SCOORD3D POINT (TID 300 row 8) at point_zyx."""
+    _infer_from(
+        group,
+        hd.sr.CoordinatesForMeasurement3D(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=ctx.voxel_to_patient(point_zyx[np.newaxis, :]),
+            frame_of_reference_uid=ctx.frame_of_reference_uid,
+        ),
+    )
 
-    highdicom refuses coordinates in volumetric groups, so they are added to the built items.
+
+def _infer_from(group: Sequence[Dataset], coordinates: Dataset) -> None:
+    """Append `coordinates` (TID 300 row 8, INFERRED FROM) to every NUM of the built group.
+
+    highdicom refuses coordinates on the measurements of ROI groups, so they are added afterwards.
     """
-    point = ctx.voxel_to_patient(point_zyx[np.newaxis, :])
     for item in group[0].ContentSequence:
         if item.ValueType != "NUM":
             continue
-        coordinates = hd.sr.CoordinatesForMeasurement3D(
-            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-            graphic_data=point,
-            frame_of_reference_uid=ctx.frame_of_reference_uid,
-        )
         if "ContentSequence" not in item:
             item.ContentSequence = hd.sr.ContentSequence()
-        item.ContentSequence.append(coordinates)
+        item.ContentSequence.append(copy.deepcopy(coordinates))
 
 
 def _algorithm(ctx: Context) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=ctx.algorithm_name, version=ctx.algorithm_version)
 
 
-def _segment_group(
-    ctx: Context, seg: SegInfo, segment: Segment
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+def _finding_sites(segment: Segment) -> list[hd.sr.FindingSite]:
     site = segment.anatomic_region or segment.property_type
+    laterality = coded(segment.laterality) if segment.laterality else None
+    return [hd.sr.FindingSite(anatomic_location=coded(site), laterality=laterality)]
+
+
+def _segment_groups(
+    ctx: Context, seg: SegInfo, segment: Segment
+) -> list[
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+]:
+    """The segment's volumetric group, then one planar group per measurement on its key slice."""
+    measurements = ctx.findings.measurements_for(segment.number)
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=seg.tracking_uids[segment.number], identifier=segment.label[:64]
@@ -114,22 +133,75 @@ def _segment_group(
         referenced_segment=segment_reference(seg, segment.number),
         finding_type=coded(segment.property_type),
         finding_category=coded(segment.category),
-        finding_sites=[
-            hd.sr.FindingSite(
-                anatomic_location=coded(site),
-                laterality=coded(segment.laterality) if segment.laterality else None,
-            )
-        ],
+        finding_sites=_finding_sites(segment),
         algorithm_id=_algorithm(ctx),
-        measurements=_measurements(ctx.findings.measurements_for(segment.number)),
+        measurements=_measurements(measurements),
     )
-    _locate(ctx, group, inside_point(segment.mask, ctx.slice_counts(segment)))
-    return group
+    point = inside_point(segment.mask, ctx.slice_counts(segment))
+    _locate(ctx, group, point)
+    planar = _planar_groups(ctx, segment.label, point, measurements, segment)
+    return [group, *planar]
 
 
-def _unsegmented_group(
+def _planar_groups(
+    ctx: Context,
+    label: str,
+    point_zyx: npt.NDArray[np.float64],
+    measurements: Sequence[Measurement],
+    segment: Segment | None,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per measurement: the same value at an image-region POINT on source slice z.
+
+    Its NUM is INFERRED FROM that point too, and a Comment names it ("Right lung: Volume (cm3)"):
+    what OHIF 3.13 needs to list it (docs/design.md, "The SR in OHIF"). The volumetric group stays
+    the one that says which segment was measured.
+    """
+    z = int(point_zyx[0])
+    source, frame = ctx.slice_sources[z], ctx.frames[z]
+    column_row = ctx.image_point(z, ctx.voxel_to_patient(point_zyx[np.newaxis, :])[0])[np.newaxis, :]
+    image = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        referenced_frame_numbers=[frame] if frame is not None else None,
+    )
+    groups = []
+    for m in measurements:
+        name = f"{label}: {m.concept.meaning}"
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=ctx.uid(f"planar {name}"), identifier=name[:64]),
+            referenced_region=hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=column_row, source_image=image
+            ),
+            finding_type=coded(segment.property_type) if segment else None,
+            finding_category=coded(segment.category) if segment else None,
+            finding_sites=_finding_sites(segment) if segment else None,
+            algorithm_id=_algorithm(ctx),
+            measurements=_measurements([m]),
+        )
+        _infer_from(
+            group,
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=column_row, source_image=image
+            ),
+        )
+        # OHIF labels a probe only with a Comment (or its own private free-text codes)
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=f"{name} ({m.unit.value})"[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+        groups.append(group)
+    return groups
+
+
+def _unsegmented_groups(
     ctx: Context, found: Sequence[Segment]
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+) -> list[
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+]:
     """Measurements of no segment, located at a point of what was found (or the volume centre)."""
     if found:
         labels = ctx.labels()[0]
@@ -150,7 +222,9 @@ def _unsegmented_group(
         measurements=_measurements(ctx.findings.measurements_for(None)),
     )
     _locate(ctx, group, point)
-    return group
+    point = np.round(point)  # the planar groups need a voxel; the volume centre may fall between
+    label = ctx.findings.summary_label
+    return [group, *_planar_groups(ctx, label, point, ctx.findings.measurements_for(None), None)]
 
 
 def _qualitative_container(ctx: Context) -> hd.sr.ContainerContentItem | None:
@@ -178,11 +252,16 @@ def _qualitative_container(ctx: Context) -> hd.sr.ContainerContentItem | None:
 def build_sr(ctx: Context, seg: SegInfo | None) -> hd.sr.Comprehensive3DSR:
     """The measurement report; `seg` is None when nothing was segmented."""
     found = ctx.non_empty_segments()
-    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
     if seg is not None:
-        groups += [_segment_group(ctx, seg, s) for s in found if ctx.findings.measurements_for(s.number)]
+        for s in found:
+            if ctx.findings.measurements_for(s.number):
+                groups += _segment_groups(ctx, seg, s)
     if ctx.findings.measurements_for(None):
-        groups.append(_unsegmented_group(ctx, found))
+        groups += _unsegmented_groups(ctx, found)
     placeholder = not groups
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(ctx),

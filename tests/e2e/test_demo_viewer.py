@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+import pydicom
 import pytest
 from PIL import Image
 from scipy import ndimage
@@ -47,6 +48,10 @@ VIEWPORT_READY = (
 SHOW_SLICE = (  # asks until the viewport has taken it: OHIF may still be setting up its first image
     "(i) => { const v = window.cornerstone.getEnabledElements()[0].viewport;"
     " if (v.getCurrentImageIdIndex() === i) { return true; } v.setImageIdIndex(i); return false; }"
+)
+MEASUREMENTS = (  # what OHIF's measurement panel lists: label and the value it shows
+    "() => window.services.measurementService.getMeasurements()"
+    ".map(m => [m.label || null, (m.displayText && m.displayText.primary[0]) || null])"
 )
 SEGMENTS_LOADED = "() => window.services.segmentationService.getSegmentations().length"
 SEGMENT_COLOURS = (  # label -> RGBA as OHIF draws it
@@ -204,3 +209,51 @@ def test_the_demo_study_opens_in_ohif_with_the_lungs_overlaid_where_the_lungs_ar
         assert pixels.sum() > 1000 and share > 0.9, (image_side, pixels.sum(), share)
     for label in ("Right lung", "Left lung", "Emphysema"):
         assert label in segments, segments
+
+
+def sr_planar_values(workdir: Path) -> dict[str, float]:
+    """The node's SR: each planar measurement group's Comment (its label) and its measured value."""
+    [path] = (workdir / "node" / "data" / "results").glob("*/SR-*.dcm")
+    [imaging] = (
+        i for i in pydicom.dcmread(path).ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"
+    )
+    values = {}
+    for group in imaging.ContentSequence:
+        comments = [
+            i.TextValue for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121106"
+        ]
+        numbers = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+        if comments:
+            values[comments[0]] = float(numbers[0].MeasuredValueSequence[0].NumericValue)
+    return values
+
+
+def test_the_srs_measurements_are_listed_in_ohif_with_their_labels_and_values(
+    demo: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, workdir = demo
+    expected = sr_planar_values(workdir)
+    for lung in ("Right lung", "Left lung", "Both lungs"):
+        for name in ("Volume (cm3)", "Attenuation Coefficient ([hnsf'U])"):
+            assert f"{lung}: {name}" in expected, expected
+    with chromium_page() as page:
+        page.add_init_script(QUIET_OHIF)
+        page.goto(url)
+        page.wait_for_function(VIEWPORT_READY, timeout=60_000)
+        page.locator('[data-cy="study-browser-thumbnail-no-image"]', has_text="SR").first.dblclick()
+        page.locator('[data-cy="yes-hydrate-btn"]').click(timeout=30_000)
+        page.wait_for_function(
+            f"() => window.services.measurementService.getMeasurements().length >= {len(expected)}",
+            timeout=30_000,
+        )
+        listed = {label: shown for label, shown in page.evaluate(MEASUREMENTS) if label}
+        page.locator('[data-cy="trackedMeasurements-btn"]').click()
+        page.get_by_text("Left lung: Volume").first.wait_for(timeout=10_000)
+        stable_screenshot(page.locator("body"), tmp_path / "ohif-sr.png")  # kept for docs/
+        panel = page.locator("body").inner_text()
+
+    for label, value in expected.items():
+        assert label[:40] in panel, label  # the panel cuts long labels
+        shown = listed.get(label)
+        assert shown is not None, (label, listed)
+        assert abs(float(shown) - value) <= max(0.01 * abs(value), 0.01), (label, shown, value)

@@ -52,6 +52,12 @@ def _by_kind(paths: list[Path]) -> dict[str, list[Path]]:
     return kinds
 
 
+def _unexpected(warnings: tuple[str, ...]) -> list[str]:
+    """viewercheck's warnings but the expected one: OHIF hydrates the SR's planar groups as probes
+    and not its volumetric groups (TID 1411 maps onto no Cornerstone tool)."""
+    return [w for w in warnings if not (w.startswith("WARN sr.hydration:") and "(Probe)" in w)]
+
+
 def test_write_results_writes_valid_files(tmp_path: Path) -> None:
     series = make_series("sagittal")
     paths = write_results(
@@ -92,7 +98,7 @@ def test_ohif_loads_seg_and_sr(orientation: str, tmp_path: Path, viewercheck_dir
     sources = _save_sources(series.datasets, tmp_path / "src")
     result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
     assert result.ok, result.output
-    assert not result.warnings, result.warnings
+    assert not _unexpected(result.warnings), result.warnings
 
 
 @needs_testdata
@@ -313,4 +319,4 @@ def test_ohif_shows_labelmap_segments_in_their_colours(tmp_path: Path, viewerche
     assert [int(item.SegmentNumber) for item in seg.SegmentSequence] == [1, 2] and seg.PixelPaddingValue == 0
     sources = _save_sources(series.datasets, tmp_path / "src")
     result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
-    assert result.ok and not result.warnings, result.output
+    assert result.ok and not _unexpected(result.warnings), result.output

@@ -159,7 +159,11 @@ def test_structure_compared_with_dcmqi(written: tuple[Series, Findings, ResultSe
     for sr in (ours_sr, dcmqi_sr):
         assert sr.template == "1500"
         assert all(g.tracking_id and g.tracking_uid for g in sr.groups)
-        assert all(g.referenced_segment for g in sr.groups if g.tracking_id != "Both lungs")
+        volumetric = [
+            g for g in sr.groups if ": " not in g.tracking_id
+        ]  # ours: planar copies "Left lung: Volume"
+        assert all(g.referenced_segment for g in volumetric if g.tracking_id != "Both lungs")
+    assert any(": " in g.tracking_id for g in ours_sr.groups)
     # the difference that decides whether OHIF shows the report at all
     assert all(g.viewer_locatable for g in ours_sr.groups)
     assert not any(g.viewer_locatable for g in dcmqi_sr.groups)
