@@ -1,6 +1,7 @@
 """Shared fixtures: the test data folder, small written phantoms, a real Orthanc, a real PostgreSQL.
 
 Session-scoped phantom folders are shared by every test: read them, never modify them.
+Modules with a test marked slow are collected first (see pytest_collection_modifyitems).
 Real-data tests skipped because the shared test data or tools are missing (support.testdata) are
 counted in one line at the very end of the run.
 """
@@ -21,6 +22,22 @@ from support.testdata import require_path, shared_testdata_dir
 from dicom_io.testing.orthanc_server import OrthancError, OrthancServer, find_plugin
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from dicom_io.testing.tools import ToolNotFoundError
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a test marked slow first, each module's tests together and in their order; each
+    module one pytest-xdist group unless it is marked spread.
+
+    scripts/test.sh hands the groups (and the spread tests one by one) to the workers in this order
+    (loadgroup, no reordering): a module's fixtures are built once, and the long modules start early
+    instead of leaving one worker busy at the end of the run.
+    """
+    slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow)
+    for item in items:
+        if item.get_closest_marker("spread") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")

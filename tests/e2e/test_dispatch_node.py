@@ -33,7 +33,7 @@ def test_results_of_a_received_study_arrive_in_the_archive(
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
     def all_sent() -> list[dict[str, Any]] | None:
-        found = node.deliveries()
+        found = node.deliveries(cli=False)
         return found if found and all(d["state"] == "SENT" for d in found) else None
 
     done = wait_until(all_sent, 240, "every delivery SENT", interval=0.5)

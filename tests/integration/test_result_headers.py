@@ -540,9 +540,11 @@ J2K_MUTATIONS = (
     "invalid-dates-and-times",
     "private-tags-and-sequences",
 )
-PARAMETERS = [pytest.param("chest", m, id=f"chest-{m.name}") for m in MUTATIONS] + [
-    pytest.param("abdomen-j2k", m, id=f"abdomen-j2k-{m.name}") for m in MUTATIONS if m.name in J2K_MUTATIONS
-]
+pytestmark = pytest.mark.spread  # many independent cases: each worker builds `cases` and takes some
+PARAMETERS = [
+    pytest.param("chest", m, id=f"chest-{m.name}", marks=[pytest.mark.slow] if m.pixelmed else [])
+    for m in MUTATIONS
+] + [pytest.param("abdomen-j2k", m, id=f"abdomen-j2k-{m.name}") for m in MUTATIONS if m.name in J2K_MUTATIONS]
 
 
 def _walk(ds: Dataset) -> Iterator[DataElement]:
