@@ -13,7 +13,7 @@ trap 'rm -f "$mypy_log"' EXIT
 .venv/bin/mypy >"$mypy_log" 2>&1 &
 mypy_pid=$!
 status=0
-.venv/bin/pytest -q -p no:cacheprovider -n "${RADGATE_TEST_WORKERS:-4}" --dist loadgroup --no-loadscope-reorder \
+.venv/bin/pytest -q -p no:cacheprovider -n "${RADGATE_TEST_WORKERS:-4}" --dist loadscope --no-loadscope-reorder \
   "$@" || status=$?
 if ! wait "$mypy_pid"; then
   cat "$mypy_log"

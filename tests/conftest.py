@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.postgres import PostgresServer, find_initdb
@@ -23,21 +24,29 @@ from dicom_io.testing.orthanc_server import OrthancError, OrthancServer, find_pl
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from dicom_io.testing.tools import ToolNotFoundError
 
+# Modules whose tests are independent and each costly: pytest-xdist hands them out one by one.
+SPREAD_MODULES = frozenset({"tests/integration/test_result_headers.py"})
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with a test marked slow first, each module's tests together and in their order; each
-    module one pytest-xdist group unless it is marked spread.
-
-    scripts/test.sh hands the groups (and the spread tests one by one) to the workers in this order
-    (loadgroup, no reordering): a module's fixtures are built once, and the long modules start early
-    instead of leaving one worker busy at the end of the run.
-    """
+    """Modules with a test marked slow first, each module's tests together and in their order."""
     slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
     items.sort(key=lambda item: item.path not in slow)
-    for item in items:
-        if item.get_closest_marker("spread") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With `--dist loadscope`: whole modules to a worker (their fixtures are built once), in the
+    collection order above so that the long modules start early, except the SPREAD_MODULES' tests."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if module in SPREAD_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -540,7 +540,6 @@ J2K_MUTATIONS = (
     "invalid-dates-and-times",
     "private-tags-and-sequences",
 )
-pytestmark = pytest.mark.spread  # many independent cases: each worker builds `cases` and takes some
 PARAMETERS = [
     pytest.param("chest", m, id=f"chest-{m.name}", marks=[pytest.mark.slow] if m.pixelmed else [])
     for m in MUTATIONS
