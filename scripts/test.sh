@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
 # The test command: set-up, then lint, type-check and the whole test suite (real Orthanc, DCMTK, validators)
 # on several pytest-xdist workers: the tests mostly wait on subprocesses and sockets, so more workers than
-# cores pay. RADGATE_TEST_WORKERS sets the count (0: one process); arguments go to pytest (e.g. tests/unit).
+# cores pay. Each worker takes whole modules (their fixtures are built once; tests/conftest.py), those with
+# slow tests first. mypy runs beside the tests. RADGATE_TEST_WORKERS sets the count (0: one
+# process); arguments go to pytest (e.g. tests/unit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
-.venv/bin/mypy
-exec .venv/bin/pytest -q -p no:cacheprovider -n "${RADGATE_TEST_WORKERS:-4}" "$@"
+mypy_log=$(mktemp)
+trap 'rm -f "$mypy_log"' EXIT
+.venv/bin/mypy >"$mypy_log" 2>&1 &
+mypy_pid=$!
+status=0
+.venv/bin/pytest -q -p no:cacheprovider -n "${RADGATE_TEST_WORKERS:-4}" --dist loadscope --no-loadscope-reorder \
+  "$@" || status=$?
+if ! wait "$mypy_pid"; then
+  cat "$mypy_log"
+  echo "test.sh: mypy failed" >&2
+  exit 1
+fi
+cat "$mypy_log"
+exit "$status"

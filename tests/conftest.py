@@ -1,6 +1,7 @@
 """Shared fixtures: the test data folder, small written phantoms, a real Orthanc, a real PostgreSQL.
 
 Session-scoped phantom folders are shared by every test: read them, never modify them.
+Modules with a test marked slow are collected first (see pytest_collection_modifyitems).
 Real-data tests skipped because the shared test data or tools are missing (support.testdata) are
 counted in one line at the very end of the run.
 """
@@ -11,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.postgres import PostgresServer, find_initdb
@@ -21,6 +23,30 @@ from support.testdata import require_path, shared_testdata_dir
 from dicom_io.testing.orthanc_server import OrthancError, OrthancServer, find_plugin
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from dicom_io.testing.tools import ToolNotFoundError
+
+# Modules whose tests are independent and each costly: pytest-xdist hands them out one by one.
+SPREAD_MODULES = frozenset({"tests/integration/test_result_headers.py"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a test marked slow first, each module's tests together and in their order."""
+    slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With `--dist loadscope`: whole modules to a worker (their fixtures are built once), in the
+    collection order above so that the long modules start early, except the SPREAD_MODULES' tests."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if module in SPREAD_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

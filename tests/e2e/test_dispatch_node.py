@@ -38,7 +38,7 @@ def test_results_of_a_received_study_arrive_in_the_archive(
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
     def all_settled() -> list[dict[str, Any]] | None:
-        found = node.deliveries()
+        found = node.deliveries(cli=False)
         return found if found and all(d["state"] in ("SENT", "DEAD") for d in found) else None
 
     done = wait_until(all_settled, 240, "every delivery SENT or DEAD", interval=0.5)

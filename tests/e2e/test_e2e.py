@@ -63,7 +63,7 @@ def send(node: NodeProcess, files: list[Path]) -> None:
 
 def all_sent(node: NodeProcess) -> list[dict[str, Any]]:
     """Every delivery once all of them are SENT; empty until then (DEAD fails at once)."""
-    found = node.deliveries()
+    found = node.deliveries(cli=False)
     assert not [d for d in found if d["state"] == "DEAD"], found
     return found if found and all(d["state"] == "SENT" for d in found) else []
 
@@ -133,7 +133,7 @@ def test_results_wait_for_a_destination_that_is_down_and_arrive_once_it_is_back(
     try:
         send(node, files)
         failing = wait_for(
-            lambda: [d for d in node.deliveries() if d["attempts"] >= 2 and d["last_error"]],
+            lambda: [d for d in node.deliveries(cli=False) if d["attempts"] >= 2 and d["last_error"]],
             240,
             "deliveries failing against the stopped destination",
             interval=0.5,

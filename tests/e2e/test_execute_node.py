@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from support.node import RADGATE, NodeProcess, wait_for, write_series
 
 from dicom_io.testing.synthetic import ct_chest_phantom
@@ -16,7 +17,7 @@ RULES = [{"name": "chest", "match": {"Modality": {"equals": "CT"}}, "pipeline": 
 
 def _finished(node: NodeProcess, count: int) -> list[dict[str, Any]]:
     """Every job once ``count`` of them have ended; empty until then."""
-    jobs = node.jobs()
+    jobs = node.jobs(cli=False)
     done = [j for j in jobs if j["state"] in ("SUCCEEDED", "FAILED")]
     return jobs if len(done) == count else []
 
@@ -26,6 +27,7 @@ def _seg(results_dir: Path) -> pydicom.Dataset:
     return pydicom.dcmread(seg, stop_before_pixels=True)
 
 
+@pytest.mark.slow  # ct-lung runs three times in a worker process
 def test_a_study_is_routed_run_listed_and_rerun_when_it_grows_and_a_bad_one_fails(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path, {"rules": RULES, "executor": {"poll_s": 0.2}}).start()
     try:

@@ -72,7 +72,7 @@ def test_instances_acknowledged_before_sigkill_survive_whole_and_the_study_compl
     node.start()  # restart on the same data: recovery, then the quiet period from the start
     try:
         study = wait_for(
-            lambda: next((s for s in node.studies() if s["state"] == "COMPLETE"), None),
+            lambda: next((s for s in node.studies(cli=False) if s["state"] == "COMPLETE"), None),
             60,
             "the study to complete after the restart",
             interval=0.2,

@@ -86,7 +86,9 @@ def test_a_second_node_refuses_the_data_dir_names_the_holder_and_touches_nothing
         unrecorded = first.data_dir / "spool" / "1.2.3" / "1.2.4" / "1.2.5.dcm"
         unrecorded.parent.mkdir(parents=True)
         unrecorded.write_bytes(b"not yet recorded")
-        wait_for(lambda: [s for s in first.studies() if s["state"] == "COMPLETE"], 30, "the first study")
+        wait_for(
+            lambda: [s for s in first.studies(cli=False) if s["state"] == "COMPLETE"], 30, "the first study"
+        )
         before = _snapshot(first.data_dir)
 
         second = NodeProcess(tmp_path / "second", {"data_dir": str(first.data_dir)})
@@ -113,7 +115,9 @@ def test_a_second_node_refuses_the_data_dir_names_the_holder_and_touches_nothing
         assert incoming.exists() and unrecorded.exists()
         uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
         wait_for(
-            lambda: [s for s in first.studies() if s["study_uid"] == uid and s["instance_count"] == 100],
+            lambda: [
+                s for s in first.studies(cli=False) if s["study_uid"] == uid and s["instance_count"] == 100
+            ],
             30,
             "the 100 instances recorded",
         )
@@ -192,7 +196,7 @@ def _phantom(directory: Path, slices: int) -> list[Path]:
 
 def _ended_jobs(node: NodeProcess) -> list[dict[str, Any]]:
     """The jobs once there are some and each has ended; empty until then."""
-    jobs = node.jobs()
+    jobs = node.jobs(cli=False)
     return jobs if jobs and all(job["state"] in ENDED for job in jobs) else []
 
 

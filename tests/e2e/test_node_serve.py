@@ -20,6 +20,7 @@ from pynetdicom import _config as pynetdicom_config
 from support.node import DCMTK_ENV, RADGATE, STORESCU, NodeProcess, held_incoming, wait_for, write_series
 from support.testdata import TESTDATA, needs_testdata
 
+pytestmark = pytest.mark.slow  # a node started per test: the module is long, so it starts early
 TESTFILES = TESTDATA / "pydicom-testfiles"
 
 
@@ -32,7 +33,7 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
 
 def _complete(node: NodeProcess, count: int, revision: int = 1) -> dict:
     def done() -> dict | None:
-        studies = node.studies()
+        studies = node.studies(cli=False)
         if studies and studies[0]["state"] == "COMPLETE" and studies[0]["revision"] == revision:
             return studies[0]
         return None

@@ -18,7 +18,11 @@ def test_tls_peers_store_and_plain_peers_do_not(tmp_path: Path) -> None:
         assert "Success" not in plain.stderr, plain.stderr
         secure = node.storescu(*files, options=("+tla", "+cf", str(cert)))
         assert secure.returncode == 0 and secure.stderr.count("Success") == 3, secure.stderr
-        wait_for(lambda: [s for s in node.studies() if s["state"] == "COMPLETE"], 30, "the study to complete")
+        wait_for(
+            lambda: [s for s in node.studies(cli=False) if s["state"] == "COMPLETE"],
+            30,
+            "the study to complete",
+        )
         assert node.studies()[0]["instance_count"] == 3
     finally:
         assert node.stop() == 0, node.log()

@@ -259,7 +259,7 @@ def test_a_later_revision_runs_again_only_when_the_chosen_series_changes(
 
 
 def _ended(node: NodeProcess) -> list[dict[str, Any]]:
-    jobs = node.jobs()
+    jobs = node.jobs(cli=False)
     return jobs if jobs and all(j["state"] in ("SUCCEEDED", "FAILED") for j in jobs) else []
 
 

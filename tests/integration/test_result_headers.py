@@ -540,9 +540,10 @@ J2K_MUTATIONS = (
     "invalid-dates-and-times",
     "private-tags-and-sequences",
 )
-PARAMETERS = [pytest.param("chest", m, id=f"chest-{m.name}") for m in MUTATIONS] + [
-    pytest.param("abdomen-j2k", m, id=f"abdomen-j2k-{m.name}") for m in MUTATIONS if m.name in J2K_MUTATIONS
-]
+PARAMETERS = [
+    pytest.param("chest", m, id=f"chest-{m.name}", marks=[pytest.mark.slow] if m.pixelmed else [])
+    for m in MUTATIONS
+] + [pytest.param("abdomen-j2k", m, id=f"abdomen-j2k-{m.name}") for m in MUTATIONS if m.name in J2K_MUTATIONS]
 
 
 def _walk(ds: Dataset) -> Iterator[DataElement]:

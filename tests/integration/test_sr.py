@@ -65,6 +65,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Series, Findings,
     return series, findings, results, out / "seg.dcm", out / "sr.dcm"
 
 
+@pytest.mark.slow  # pixelmed: a JVM
 def test_sr_passes_pixelmed(written: tuple[Series, Findings, ResultSet, Path, Path]) -> None:
     result = require(validate.pixelmed_sr(written[4]))
     assert "IOD validation complete" in result.output
@@ -127,6 +128,7 @@ def test_sr_identifies_device_and_algorithm(written: tuple[Series, Findings, Res
     assert '(111003,DCM,"Algorithm Version")="1.2.0"' in result.output
 
 
+@pytest.mark.slow  # pixelmed: a JVM
 def test_empty_finding_gives_a_valid_sr_and_no_seg(tmp_path: Path) -> None:
     series = make_series()
     findings = lung_findings(series.volume, empty=["Right lung", "Left lung"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -228,24 +230,31 @@ class NodeProcess:
         self.process.kill()
         self.process.wait(10)
 
-    def _listing(self, command: str) -> list[dict[str, Any]]:
-        """What ``radgate COMMAND --json`` prints for this node (studies, jobs, deliveries)."""
-        out = subprocess.run(
-            [str(RADGATE), command, "--json", "--config", str(self.config_path)],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+    def _listing(self, command: str, cli: bool) -> list[dict[str, Any]]:
+        """What ``radgate COMMAND --json`` prints for this node (studies, jobs, deliveries).
+
+        cli: run the ``radgate`` command; False runs the same command line in this process (for
+        polling: no interpreter start, which costs most of a second of CPU per call).
+        """
+        argv = [command, "--json", "--config", str(self.config_path)]
+        if not cli:
+            from plugin.cli.main import main
+
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                assert main(argv) == 0, f"radgate {command} failed"
+            return list(json.loads(printed.getvalue()))
+        out = subprocess.run([str(RADGATE), *argv], check=True, capture_output=True, timeout=60)
         return list(json.loads(out.stdout))
 
-    def studies(self) -> list[dict[str, Any]]:
-        return self._listing("studies")
+    def studies(self, cli: bool = True) -> list[dict[str, Any]]:
+        return self._listing("studies", cli)
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return self._listing("jobs")
+    def jobs(self, cli: bool = True) -> list[dict[str, Any]]:
+        return self._listing("jobs", cli)
 
-    def deliveries(self) -> list[dict[str, Any]]:
-        return self._listing("deliveries")
+    def deliveries(self, cli: bool = True) -> list[dict[str, Any]]:
+        return self._listing("deliveries", cli)
 
     def storescu(
         self, *files: Path, calling_ae: str = "STORESCU", options: tuple[str, ...] = ()

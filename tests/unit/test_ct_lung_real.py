@@ -76,6 +76,7 @@ def scored(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> Scored:
     return Scored(segments, scores)
 
 
+@pytest.mark.slow  # ct-lung on the real chest CT (the module fixture)
 def test_the_seg_holds_the_lungs_and_emphysema_not_the_body(scored: Scored) -> None:
     assert set(scored.segments) == {"Right lung", "Left lung", "Emphysema (LAA-950)"}
     lungs = scored.segments["Right lung"] | scored.segments["Left lung"]
