@@ -94,7 +94,7 @@ def test_the_orthanc_image_installs_every_dependency_but_torch() -> None:
     needed = {_distribution(r) for r in project["dependencies"]} - {"torch", "monai"}
     steps = _instructions(DOCKER / "Dockerfile.orthanc")
     installed = {
-        word.lower().replace("_", "-")
+        re.split(r"[=<>!~\[]", word)[0].lower().replace("_", "-")  # pinned or not: the name
         for instruction, args in steps
         if instruction == "RUN" and "pip install" in args
         for word in args.split()
