@@ -64,7 +64,8 @@ def _open(directory: Path, dir_mode: int) -> MmapedDict | None:
     path = directory / f"counter_{os.getpid()}.db"
     try:
         directory.mkdir(mode=dir_mode, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # the mode is left to the umask, which the node sets from Config.file_modes
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             if os.fstat(fd).st_size < FILE_BYTES:
                 os.posix_fallocate(fd, 0, FILE_BYTES)
