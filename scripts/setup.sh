@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# chromium: the browser tests (console, OHIF viewer).
+# chromium: the browser tests (console, OHIF viewer). postgresql: the store tests run on a throwaway
+# PostgreSQL server of their own as well as on SQLite (its packaged service is never started here).
 # docker-compose only validates docker/compose.yaml in the tests (no engine runs here).
 DEBIAN_PACKAGES=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools pixelmed-apps dcm2niix python3-venv docker-compose
-  chromium chromium-driver)
+  chromium chromium-driver postgresql)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
