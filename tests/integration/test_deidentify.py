@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from sqlalchemy import select
+from support.execute import make_job
 from support.results import load_real, lung_findings, require
 from support.testdata import require_path
 
@@ -37,7 +38,7 @@ from plugin.dispatch.deidentify import Prepared, prepare
 from plugin.dispatch.outbox import Dispatcher, enqueue_deliveries
 from plugin.dispatch.pseudonyms import KEY_FILE, StorePseudonyms, load_key
 from plugin.store.engine import Store
-from plugin.store.models import Delivery, DeliveryState, Job, JobState, Pseudonym, Study, StudyState, utcnow
+from plugin.store.models import Delivery, DeliveryState, Pseudonym
 
 SLICES = slice(60, 66)
 _WRITTEN = {"PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence"}
@@ -279,32 +280,6 @@ def test_burned_in_annotation_is_refused_unless_allowed(case: Case) -> None:
     assert len(dated.items) == 1 and len(allowed.items) == 1
 
 
-def _job(store: Store) -> int:
-    now = utcnow()
-    with store.session() as s:
-        study = Study(
-            study_uid="1.2.3.4.5",
-            revision=1,
-            state=StudyState.COMPLETE,
-            first_received_at=now,
-            revision_started_at=now,
-        )
-        s.add(study)
-        s.flush()
-        job = Job(
-            study_id=study.id,
-            study_revision=1,
-            pipeline="ct-lung",
-            state=JobState.SUCCEEDED,
-            attempts=1,
-            created_at=now,
-            updated_at=now,
-        )
-        s.add(job)
-        s.flush()
-        return job.id
-
-
 @pytest.mark.parametrize("kind", ["orthanc", "dicom", "dicomweb"])
 def test_dispatcher_sends_deidentified_seg_and_ct_to_orthanc(
     case: Case, orthanc: OrthancServer, tmp_path: Path, kind: str
@@ -336,7 +311,7 @@ def test_dispatcher_sends_deidentified_seg_and_ct_to_orthanc(
     store = Store(f"sqlite:///{tmp_path / 'data' / 'radgate.db'}")
     store.migrate()
     try:
-        job_id = _job(store)
+        job_id = make_job(store, study_uid="1.2.3.4.5", pipeline="ct-lung")
         seg = next(p for p in case.results if p.name.startswith("SEG-"))
         sources = [(str(pydicom.dcmread(p).SOPInstanceUID), p) for p in case.sources]
         with store.session() as s:

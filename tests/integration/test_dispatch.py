@@ -22,6 +22,7 @@ import yaml
 from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select, update
+from support.execute import make_job
 from support.node import self_signed_cert, write_series
 
 from dicom_io.testing import orthanc_server
@@ -33,7 +34,7 @@ from plugin.dispatch.base import Outgoing
 from plugin.dispatch.outbox import Dispatcher, backoff_delay, enqueue_deliveries
 from plugin.dispatch.senders import make_sender
 from plugin.store.engine import Store
-from plugin.store.models import Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
+from plugin.store.models import Delivery, DeliveryState, utcnow
 
 SECRET = "s3cret-Pa55word"
 
@@ -60,33 +61,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.migrate()
     yield s
     s.dispose()
-
-
-def make_job(store: Store) -> int:
-    """A SUCCEEDED job on a fresh study, as the executor leaves it."""
-    now = utcnow()
-    with store.session() as s:
-        study = Study(
-            study_uid=generate_uid(),
-            revision=1,
-            state=StudyState.COMPLETE,
-            first_received_at=now,
-            revision_started_at=now,
-        )
-        s.add(study)
-        s.flush()
-        job = Job(
-            study_id=study.id,
-            study_revision=1,
-            pipeline="test",
-            state=JobState.SUCCEEDED,
-            attempts=1,
-            created_at=now,
-            updated_at=now,
-        )
-        s.add(job)
-        s.flush()
-        return job.id
 
 
 def queue_results(

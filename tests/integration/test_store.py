@@ -6,7 +6,6 @@ import multiprocessing
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -35,19 +34,6 @@ def _record(
 def _head() -> str | None:
     """The newest migration: other rooms add migrations, so the test does not pin a number."""
     return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """The embedded default, and PostgreSQL where it is installed (the same code must hold on both)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'radgate.db'}"
-    else:
-        url = request.getfixturevalue("postgres").new_database()
-    s = Store(url)
-    s.migrate()
-    yield s
-    s.dispose()
 
 
 def test_migrated_schema_matches_the_models(store: Store) -> None:

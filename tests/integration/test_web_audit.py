@@ -7,7 +7,6 @@ import json
 import re
 import socket
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,18 +21,6 @@ from plugin.cli.users import cli_actor
 from plugin.store.engine import Store
 from plugin.store.models import Delivery, DeliveryState, JobState, Study, StudyState, add_queued_job, utcnow
 from plugin.web import audit
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'radgate.db'}"
-    else:
-        url = request.getfixturevalue("postgres").new_database()
-    s = Store(url)
-    s.migrate()
-    yield s
-    s.dispose()
 
 
 def _study_with_a_life(store: Store) -> str:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_io.types import Findings, Volume
@@ -21,7 +22,7 @@ from plugin.config import Config
 from plugin.ingest.spool import Spool
 from plugin.jobs.queue import claim_job
 from plugin.store.engine import Store
-from plugin.store.models import Job, Study, add_queued_job
+from plugin.store.models import Job, JobState, Study, StudyState, add_queued_job, utcnow
 
 if TYPE_CHECKING:  # not imported at run time: claiming processes start faster without torch
     import torch
@@ -85,6 +86,33 @@ def add_job(store: Store, study_uid: str, series_uid: str, pipeline: str, revisi
     with store.session() as s:
         study = s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
         job = add_queued_job(s, study, pipeline, series_uid, "test", [], revision=revision)
+        s.flush()
+        return job.id
+
+
+def make_job(store: Store, study_uid: str | None = None, pipeline: str = "test") -> int:
+    """A SUCCEEDED job on a new COMPLETE study (a fresh UID unless given), as the executor leaves it."""
+    now = utcnow()
+    with store.session() as s:
+        study = Study(
+            study_uid=study_uid or generate_uid(),
+            revision=1,
+            state=StudyState.COMPLETE,
+            first_received_at=now,
+            revision_started_at=now,
+        )
+        s.add(study)
+        s.flush()
+        job = Job(
+            study_id=study.id,
+            study_revision=1,
+            pipeline=pipeline,
+            state=JobState.SUCCEEDED,
+            attempts=1,
+            created_at=now,
+            updated_at=now,
+        )
+        s.add(job)
         s.flush()
         return job.id
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
-from support.execute import add_job, make_config, migrated_store, spool_files
+from support.execute import add_job, spool_files
 from support.node import ct_instance
 
 from plugin.config import Config, ConfigError, load_config
@@ -30,17 +29,6 @@ from plugin.store.reports import (
     study_status,
     study_timeline,
 )
-
-
-@pytest.fixture()
-def config(tmp_path: Path) -> Config:
-    return make_config(tmp_path / "data")
-
-
-@pytest.fixture()
-def store(config: Config) -> Iterator[Store]:
-    with migrated_store(config) as s:
-        yield s
 
 
 def _study(

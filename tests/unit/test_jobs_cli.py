@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from sqlalchemy import select
-from support.execute import add_job, job_row, make_config, migrated_store, spool_files
+from support.execute import add_job, job_row, spool_files
 from support.node import write_series
 
 from plugin.cli import main
@@ -18,17 +17,6 @@ from plugin.store.engine import Store
 from plugin.store.models import Delivery, DeliveryState, Job, JobState, utcnow
 
 REASON = "ct-lung: only 1 slices, this pipeline needs at least 5"
-
-
-@pytest.fixture()
-def config(tmp_path: Path) -> Config:
-    return make_config(tmp_path / "data")
-
-
-@pytest.fixture()
-def store(config: Config) -> Iterator[Store]:
-    with migrated_store(config) as s:
-        yield s
 
 
 @pytest.fixture()

@@ -7,7 +7,6 @@ import itertools
 import shutil
 import sys
 import types
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from dicom_io.net import Peer, ReceivedInstance, Refusal, RefusalReason
 from plugin.config import Config
 from plugin.ingest import counters
 from plugin.ingest.counters import ReceiveCounters
-from plugin.ingest.receive import STATUS_SUCCESS, Receiver, make_spool
+from plugin.ingest.receive import STATUS_SUCCESS, Receiver
 from plugin.store.engine import Store
 from plugin.store.models import Delivery, DeliveryState, JobState, Study, StudyState, add_queued_job, utcnow
 from plugin.web import system
@@ -40,20 +39,6 @@ def samples(config: Config, collector: NodeCollector) -> dict[tuple[str, tuple[t
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-@pytest.fixture()
-def config(tmp_path: Path) -> Config:
-    return Config(data_dir=tmp_path / "data")
-
-
-@pytest.fixture()
-def store(config: Config) -> Iterator[Store]:
-    s = Store(config.db_url)
-    s.migrate()
-    make_spool(config).prepare()
-    yield s
-    s.dispose()
 
 
 def received(config: Config, source: Path, name: str) -> ReceivedInstance:

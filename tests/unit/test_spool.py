@@ -8,7 +8,6 @@ import logging
 import os
 import pickle
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +32,6 @@ from plugin.store.engine import Store
 from plugin.store.models import Reception, utcnow
 
 PEER = Peer(ae_title="SCU", address="127.0.0.1", port=40000, association_id="1")
-
-
-@pytest.fixture()
-def config(tmp_path: Path) -> Config:
-    return Config(data_dir=tmp_path / "data")
-
-
-@pytest.fixture()
-def store(config: Config) -> Iterator[Store]:
-    s = Store(config.db_url)
-    s.migrate()
-    make_spool(config).prepare()
-    yield s
-    s.dispose()
 
 
 def _received(config: Config, source: Path, name: str = "tmp-1") -> ReceivedInstance:
