@@ -10,23 +10,14 @@ from dataclasses import asdict
 from plugin.config import Config
 from plugin.dispatch.outbox import list_deliveries, retry_deliveries
 from plugin.logs import escape_controls
-from plugin.store.engine import Store
+from plugin.store.engine import migrated_store
 from plugin.store.models import DeliveryState
-
-
-def _open_store(config: Config) -> Store:
-    store = Store(config.db_url)
-    store.migrate()
-    return store
 
 
 def print_deliveries(config: Config, as_json: bool, state: str | None = None) -> int:
     """`radgate deliveries`: a table, or JSON, of the deliveries in the store."""
-    store = _open_store(config)
-    try:
+    with migrated_store(config.db_url) as store:
         found = list_deliveries(store, state)
-    finally:
-        store.dispose()
     if as_json:
         json.dump([asdict(d) for d in found], sys.stdout, indent=2, default=lambda v: v.isoformat())
         sys.stdout.write("\n")
@@ -54,11 +45,8 @@ def retry_command(config: Config, ids: Sequence[int], all_dead: bool) -> int:
     if not ids and not all_dead:
         print("radgate: name delivery ids or give --all-dead", file=sys.stderr)
         return 2
-    store = _open_store(config)
-    try:
+    with migrated_store(config.db_url) as store:
         requeued = retry_deliveries(store, ids, all_dead)
-    finally:
-        store.dispose()
     print(
         f"re-queued {len(requeued)} dead deliveries"
         + (f": {', '.join(map(str, requeued))}" if requeued else "")

@@ -8,7 +8,7 @@ import sys
 from plugin.config import Config
 from plugin.jobs.queue import STEPS, list_jobs, retry_job
 from plugin.logs import escape_controls
-from plugin.store.engine import Store
+from plugin.store.engine import migrated_store
 
 
 def _seconds(timings: dict[str, float]) -> str:
@@ -21,12 +21,8 @@ def _deliveries(counts: dict[str, int]) -> str:
 
 def print_jobs(config: Config, as_json: bool) -> int:
     """`radgate jobs`: a table (or JSON) of every job; UIDs and accession numbers only."""
-    store = Store(config.db_url)
-    try:
-        store.migrate()
+    with migrated_store(config.db_url) as store:
         jobs = list_jobs(store, config.results_dir)
-    finally:
-        store.dispose()
     if as_json:
         print(json.dumps(jobs, indent=2))
         return 0
@@ -47,13 +43,10 @@ def print_jobs(config: Config, as_json: bool) -> int:
 
 def retry_command(config: Config, job_id: int) -> int:
     """`radgate jobs retry JOB_ID`: 0 when something was re-queued, 1 when there was nothing to do."""
-    store = Store(config.db_url)
     try:
-        store.migrate()
-        print(retry_job(store, job_id))
+        with migrated_store(config.db_url) as store:
+            print(retry_job(store, job_id))
         return 0
     except (LookupError, ValueError) as err:
         print(f"radgate: {err}", file=sys.stderr)
         return 1
-    finally:
-        store.dispose()

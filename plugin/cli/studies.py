@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from plugin.config import Config
-from plugin.store.engine import Store
+from plugin.store.engine import migrated_store
 from plugin.store.queries import StudySummary
 
 
@@ -16,12 +16,8 @@ def _load(config: Config) -> list[StudySummary]:
     """The studies in the store; none if the default SQLite file does not exist (nothing received)."""
     if config.database_url is None and not Path(config.db_url.split(":///", 1)[1]).exists():
         return []
-    store = Store(config.db_url)
-    try:
-        store.migrate()
+    with migrated_store(config.db_url) as store:
         return store.studies()
-    finally:
-        store.dispose()
 
 
 def print_studies(config: Config, as_json: bool) -> int:

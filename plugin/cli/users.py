@@ -7,7 +7,7 @@ import json
 import sys
 
 from plugin.config import Config
-from plugin.store.engine import Store
+from plugin.store.engine import migrated_store
 from plugin.web.audit import record
 from plugin.web.security import Role
 from plugin.web.users import UserInfo, add_user, create_token, list_users, remove_user
@@ -50,30 +50,27 @@ def command(
 ) -> int:
     """Run one ``radgate users`` action; 0 when done, 1 with the reason on stderr otherwise. A new
     token is printed once, on stdout; nothing else ever prints a password or a token."""
-    store = Store(config.db_url)
     try:
-        store.migrate()
-        if action == "list":
-            _print_users(list_users(store), as_json)
+        with migrated_store(config.db_url) as store:
+            if action == "list":
+                _print_users(list_users(store), as_json)
+                return 0
+            assert name is not None
+            if action == "add":
+                level = Role.parse(role)
+                add_user(store, name, _read_password(password_stdin), level)
+                record(store, cli_actor(), "user.add", name, detail={"role": level.label})
+                print(f"user {name} added ({level.label})")
+            elif action == "remove":
+                remove_user(store, name)
+                record(store, cli_actor(), "user.remove", name)
+                print(f"user {name} removed, with their sessions and tokens")
+            else:
+                token = create_token(store, name)
+                record(store, cli_actor(), "user.token", name)
+                print(token)
+                print("shown once: keep it; send it as `Authorization: Bearer TOKEN`", file=sys.stderr)
             return 0
-        assert name is not None
-        if action == "add":
-            level = Role.parse(role)
-            add_user(store, name, _read_password(password_stdin), level)
-            record(store, cli_actor(), "user.add", name, detail={"role": level.label})
-            print(f"user {name} added ({level.label})")
-        elif action == "remove":
-            remove_user(store, name)
-            record(store, cli_actor(), "user.remove", name)
-            print(f"user {name} removed, with their sessions and tokens")
-        else:
-            token = create_token(store, name)
-            record(store, cli_actor(), "user.token", name)
-            print(token)
-            print("shown once: keep it; send it as `Authorization: Bearer TOKEN`", file=sys.stderr)
-        return 0
     except (LookupError, ValueError) as err:
         print(f"radgate: {err}", file=sys.stderr)
         return 1
-    finally:
-        store.dispose()

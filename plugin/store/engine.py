@@ -142,3 +142,15 @@ class Store:
         """The spool paths of the study's recorded instances (`plugin.store.queries.recorded_paths`)."""
         with self.session() as s:
             return recorded_paths(s, study_uid)
+
+
+@contextmanager
+def migrated_store(url: str) -> Iterator[Store]:
+    """A `Store` on ``url``, its schema brought up to date (`Store.migrate`); disposed on exit,
+    whatever is raised (a failed migration included)."""
+    store = Store(url)
+    try:
+        store.migrate()
+        yield store
+    finally:
+        store.dispose()

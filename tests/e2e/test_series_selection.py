@@ -20,7 +20,7 @@ from typing import Any
 import pydicom
 import pytest
 from sqlalchemy import select
-from support.execute import make_config, migrated_store, spool_files
+from support.execute import make_config, spool_files
 from support.node import NodeProcess, wait_for
 from support.study import ChestStudy, chest_study
 
@@ -34,7 +34,7 @@ from plugin.jobs.queue import routing_hook
 from plugin.route.pipelines import series_lookup
 from plugin.route.rules import plan_study, read_series, validate_rules
 from plugin.route.selection import SeriesInfo, always_refused, measure, rank_series
-from plugin.store.engine import Store
+from plugin.store.engine import Store, migrated_store
 from plugin.store.models import Job, JobState, utcnow
 
 CT_LUNG = CtLungPipeline.series
@@ -213,7 +213,7 @@ def test_the_kernel_classes_name_vendor_kernels() -> None:
 @pytest.fixture()
 def store(tmp_path: Path) -> Iterator[tuple[Store, Config]]:
     config = make_config(tmp_path / "data")
-    with migrated_store(config) as s:
+    with migrated_store(config.db_url) as s:
         yield s, config
 
 

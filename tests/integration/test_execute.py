@@ -14,15 +14,7 @@ import pytest
 import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from support.execute import (
-    add_job,
-    claim_all,
-    job_row,
-    make_config,
-    migrated_store,
-    register_test_pipelines,
-    spool_files,
-)
+from support.execute import add_job, claim_all, job_row, make_config, register_test_pipelines, spool_files
 from support.node import wait_for, write_series
 from support.pipeline import write_threshold_bundle
 
@@ -36,7 +28,7 @@ from plugin.jobs.executor import LocalExecutor, Task, TaskResult
 from plugin.jobs.executor.work import run_task
 from plugin.jobs.queue import claim_job, fail_job, finish_job, renew_lease, routing_hook
 from plugin.route.rules import validate_rules
-from plugin.store.engine import Store
+from plugin.store.engine import Store, migrated_store
 from plugin.store.models import Job, JobState, Study, add_queued_job, utcnow
 
 PIPELINES = {"ct-lung", "test-hang"}
@@ -59,7 +51,7 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture()
 def store(config: Config) -> Iterator[Store]:
-    with migrated_store(config) as s:
+    with migrated_store(config.db_url) as s:
         yield s
 
 

@@ -8,8 +8,7 @@ spawned with the parent's ``sys.path``, so they find them through the real regis
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,17 +55,6 @@ def register_test_pipelines(folder: Path) -> Path:
 
 def make_config(data_dir: Path, **executor: object) -> Config:
     return Config.model_validate({"data_dir": str(data_dir), "executor": {"poll_s": 0.1, **executor}})
-
-
-@contextmanager
-def migrated_store(config: Config) -> Iterator[Store]:
-    """The node's store for ``config``, schema up to date; disposed afterwards."""
-    store = Store(config.db_url)
-    store.migrate()
-    try:
-        yield store
-    finally:
-        store.dispose()
 
 
 def spool_files(store: Store, config: Config, files: Sequence[Path]) -> None:

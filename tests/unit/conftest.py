@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.execute import make_config, migrated_store
+from support.execute import make_config
 
 from plugin.config import Config
 from plugin.ingest.receive import make_spool
-from plugin.store.engine import Store
+from plugin.store.engine import Store, migrated_store
 
 
 @pytest.fixture()
@@ -26,5 +26,5 @@ def config(tmp_path: Path) -> Config:
 def store(config: Config) -> Iterator[Store]:
     """``config``'s store, schema up to date, with its spool folders made; disposed afterwards."""
     make_spool(config).prepare()
-    with migrated_store(config) as s:
+    with migrated_store(config.db_url) as s:
         yield s
