@@ -42,7 +42,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # The CPU build of torch lies on disk here; a bare 'torch' would pull a multi-GB CUDA build.
   # On a GPU machine install the CUDA build of the same version first (see docker/).
   .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[dev,brain]"
+  # torch stays at the version installed above. nnU-Net's network library needs timm, which lists
+  # torchvision but runs without it; PyPI's torchvision does not load beside the CPU build of torch
+  # ("operator torchvision::nms does not exist") and would break every nnU-Net import, so it is removed.
+  .venv/bin/pip install -q -c scripts/constraints.txt -e ".[dev,brain,nnunet,ray]"
+  .venv/bin/pip uninstall -q -y torchvision 2>/dev/null || true
   echo "$want" > "$stamp"
 fi
 # OHIF Viewer for `radgate demo --viewer`: the prebuilt dist/ of the npm package @ohif/app, unpacked into
