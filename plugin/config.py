@@ -213,6 +213,12 @@ class WebConfig(_Strict):
     session_minutes: int = Field(
         default=480, ge=1, le=10080, description="a login session ends after this long without a request"
     )
+    login_failures: int = Field(
+        default=5, ge=1, le=1000, description="failed logins that lock a name (login_lockout_minutes)"
+    )
+    login_lockout_minutes: int = Field(
+        default=15, ge=1, le=1440, description="how far back failed logins count, and how long a lock lasts"
+    )
     audit: AuditConfig = AuditConfig()
     viewer_url_template: str | None = Field(
         default=None,

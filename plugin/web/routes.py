@@ -23,6 +23,7 @@ from plugin.web.security import (
     Role,
     audit_request,
     page_context,
+    remote_address,
     require,
 )
 
@@ -74,8 +75,17 @@ def login(
     password: Annotated[str, Form(max_length=1000)],
     next: Annotated[str, Form(max_length=2000)] = "/",
 ) -> Response:
-    """A session for a right name and password (303 to ``next``); 401 and the form again otherwise."""
+    """A session for a right name and password (303 to ``next``); 401 and the form again otherwise;
+    429 while the name or the address is locked after too many failures (`users.login_locked`)."""
     store = _store(request)
+    web = request.app.state.config.web
+    if users.login_locked(
+        store, username, remote_address(request), web.login_failures, web.login_lockout_minutes
+    ):
+        audit_request(request, username, "login", outcome="locked")
+        page = _login_page(request, next, "Too many failed logins: try again later.", 429)
+        page.headers["Retry-After"] = str(web.login_lockout_minutes * 60)
+        return page
     principal = users.verify_login(store, username, password)
     if principal is None:
         audit_request(request, username, "login", outcome="failure")

@@ -15,9 +15,9 @@ from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, or_, select
 
-from plugin.store.accounts import ApiToken, User, WebSession
+from plugin.store.accounts import ApiToken, AuditEvent, User, WebSession
 from plugin.store.engine import Store
 from plugin.store.models import utcnow
 from plugin.web.security import Identity, Principal, Role, secret_hash
@@ -121,6 +121,26 @@ def verify_login(store: Store, name: str, password: str) -> Principal | None:
     if user is None:
         return None
     return Principal(user.name, Role.parse(user.role), "session")
+
+
+ADDRESS_FACTOR = 4
+"""An address is locked after this many times the failures that lock one name (it may try several names)."""
+
+
+def login_locked(store: Store, name: str, remote: str | None, failures: int, minutes: int) -> bool:
+    """True when the audit trail holds ``failures`` failed logins for ``name``, or ``ADDRESS_FACTOR``
+    times as many from ``remote``, in the last ``minutes``: the login is refused without looking at
+    the password. Read from the store, so nodes sharing one store share the count."""
+    since = utcnow() - timedelta(minutes=minutes)
+    failed = (AuditEvent.action == "login") & (AuditEvent.outcome == "failure") & (AuditEvent.at >= since)
+    with store.session() as s:
+        by_name, by_address = s.execute(
+            select(
+                func.count().filter(AuditEvent.actor == name),
+                func.count().filter(AuditEvent.remote == remote),
+            ).where(failed & or_(AuditEvent.actor == name, AuditEvent.remote == remote))
+        ).one()
+    return by_name >= failures or by_address >= failures * ADDRESS_FACTOR
 
 
 def open_session(store: Store, principal: Principal, minutes: int) -> NewSession:

@@ -14,11 +14,11 @@ from fastapi import Depends
 from sqlalchemy import select, update
 from support.web import Console, login, routes, web_node
 
-from plugin.store.accounts import WebSession
+from plugin.store.accounts import AuditEvent, WebSession
 from plugin.store.models import utcnow
 from plugin.web import audit
 from plugin.web.security import Principal, Role, require, secret_hash
-from plugin.web.users import create_token
+from plugin.web.users import add_user, create_token
 
 PUBLIC = {"/login", "/healthz", "/metrics", "/static"}
 
@@ -75,6 +75,27 @@ def test_a_wrong_password_is_401_and_audited_with_the_name_never_the_password(co
     exported = [e.to_json() for e in audit.events(console.store)]
     assert "not-the-password" not in repr(exported)
     assert "$argon2" not in repr(exported)
+
+
+def test_repeated_failures_lock_the_name_and_the_right_password_waits(console: Console) -> None:
+    add_user(console.store, "lockme", "pw-lockme-secret", Role.VIEWER)
+    with console.client() as client:
+        for _ in range(console.config.web.login_failures):
+            assert client.post("/login", data={"username": "lockme", "password": "wrong"}).status_code == 401
+        locked = client.post("/login", data={"username": "lockme", "password": "pw-lockme-secret"})
+        assert locked.status_code == 429 and "radgate_session" not in client.cookies
+        assert locked.headers["retry-after"] == str(console.config.web.login_lockout_minutes * 60)
+        assert (_last(console, "login").actor, _last(console, "login").outcome) == ("lockme", "locked")
+        assert login(client, "viewer")  # another name from the same address still logs in
+    with console.store.session() as s:  # the failures age out of the window: the lock ends
+        s.execute(
+            update(AuditEvent)
+            .where(AuditEvent.actor == "lockme")
+            .values(at=utcnow() - timedelta(minutes=console.config.web.login_lockout_minutes + 1))
+        )
+    with console.client() as client:
+        answer = client.post("/login", data={"username": "lockme", "password": "pw-lockme-secret"})
+        assert answer.status_code == 303
 
 
 def test_a_login_goes_back_only_to_a_page_of_this_site(console: Console) -> None:
