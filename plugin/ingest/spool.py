@@ -52,7 +52,7 @@ from dicom_io.net import (
     received_completely,
 )
 from plugin.store.engine import Store
-from plugin.store.recording import InstanceRecord
+from plugin.store.recording import HeaderTags, InstanceRecord
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +85,6 @@ class InstanceIds:
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax: str
-
-
-@dataclass(frozen=True)
-class HeaderTags:
-    """Study and series attributes recorded with the first instance of a series. The patient's ID
-    and name go into the store only (the console shows them to logged-in staff), never into a log."""
-
-    accession_number: str | None = None
-    modality: str | None = None
-    series_number: int | None = None
-    patient_id: str | None = None
-    patient_name: str | None = None
-    study_date: str | None = None
 
 
 _TAG_KEYWORDS = ("AccessionNumber", "Modality", "SeriesNumber", "PatientID", "PatientName", "StudyDate")
@@ -274,7 +261,6 @@ class Spool:
         ``tags`` None: the study and series rows exist already, their attributes are not needed.
         ``peer``: the record's fields about the sender (``calling_ae``, ``address``, ``association_key``).
         """
-        tags = tags or HeaderTags()
         return InstanceRecord(
             study_uid=ids.study_uid,
             series_uid=ids.series_uid,
@@ -284,12 +270,7 @@ class Spool:
             spool_path=self.spool_path(ids),
             size=size,
             received_at=received_at,
-            accession_number=tags.accession_number,
-            modality=tags.modality,
-            series_number=tags.series_number,
-            patient_id=tags.patient_id,
-            patient_name=tags.patient_name,
-            study_date=tags.study_date,
+            tags=tags or HeaderTags(),
             **peer,
         )
 

@@ -25,6 +25,19 @@ from plugin.store.models import Base, Instance, Reception, Series, Study, StudyS
 
 
 @dataclass(frozen=True)
+class HeaderTags:
+    """Study and series attributes recorded with the first instance of a series. The patient's ID
+    and name go into the store only (the console shows them to logged-in staff), never into a log."""
+
+    accession_number: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    study_date: str | None = None
+
+
+@dataclass(frozen=True)
 class InstanceRecord:
     """What the spool knows about a file it made durable, ready to be recorded."""
 
@@ -39,12 +52,7 @@ class InstanceRecord:
     calling_ae: str | None = None
     address: str | None = None
     association_key: str | None = None
-    accession_number: str | None = None
-    modality: str | None = None
-    series_number: int | None = None
-    patient_id: str | None = None
-    patient_name: str | None = None
-    study_date: str | None = None
+    tags: HeaderTags = HeaderTags()
 
 
 def _insert(conn: Connection, table: type[Base], **values: Any) -> int:
@@ -209,7 +217,7 @@ class _KnownRows:
 
     def get(self, rec: InstanceRecord) -> _RowIds | None:
         study, series_id = self.studies.get(rec.study_uid), self.series.get(rec.series_uid)
-        if study is None or series_id is None or (rec.accession_number is not None and not study[2]):
+        if study is None or series_id is None or (rec.tags.accession_number is not None and not study[2]):
             return None  # unknown, or an accession number the study row may still lack
         return _RowIds(study[0], study[1], series_id)
 
@@ -372,15 +380,15 @@ class InstanceRecorder:
         study = conn.execute(_Sql.find_study, {"uid": rec.study_uid}).first()  # locked till commit
         if study is None:
             revision = 1
-            accession_known = rec.accession_number is not None
+            accession_known = rec.tags.accession_number is not None
             study_id = _insert(
                 conn,
                 Study,
                 study_uid=rec.study_uid,
-                accession_number=rec.accession_number,
-                patient_id=rec.patient_id,
-                patient_name=rec.patient_name,
-                study_date=rec.study_date,
+                accession_number=rec.tags.accession_number,
+                patient_id=rec.tags.patient_id,
+                patient_name=rec.tags.patient_name,
+                study_date=rec.tags.study_date,
                 revision=revision,
                 state=StudyState.RECEIVING,
                 first_received_at=now,
@@ -388,9 +396,9 @@ class InstanceRecorder:
             )
         else:
             study_id, revision, state, accession = study
-            accession_known = accession is not None or rec.accession_number is not None
-            if accession is None and rec.accession_number is not None:
-                conn.execute(_Sql.fill_accession, {"row": study_id, "accession": rec.accession_number})
+            accession_known = accession is not None or rec.tags.accession_number is not None
+            if accession is None and rec.tags.accession_number is not None:
+                conn.execute(_Sql.fill_accession, {"row": study_id, "accession": rec.tags.accession_number})
             if state != StudyState.RECEIVING:
                 revision += 1
                 conn.execute(_Sql.reopen_study, {"row": study_id, "new_revision": revision, "now": now})
@@ -401,8 +409,8 @@ class InstanceRecorder:
                 Series,
                 study_id=study_id,
                 series_uid=rec.series_uid,
-                modality=rec.modality,
-                series_number=rec.series_number,
+                modality=rec.tags.modality,
+                series_number=rec.tags.series_number,
                 first_received_at=now,
             )
         ids = _RowIds(study_id, revision, series_id)

@@ -22,7 +22,7 @@ from support.node import compiled_statements, instance_record
 
 from plugin.store.engine import MIGRATIONS_DIR, Store, alembic_config, begin_immediate
 from plugin.store.models import Base, Instance, Job, Reception, Series, Study, StudyState, utcnow
-from plugin.store.recording import InstanceRecord, InstanceRecorder
+from plugin.store.recording import HeaderTags, InstanceRecord, InstanceRecorder
 
 
 def _record(
@@ -307,7 +307,8 @@ def test_a_known_instance_is_one_insert_and_reads_back_as_the_counters_did(store
     t0, series = utcnow(), generate_uid()
     assert store.recorder.record_instance(instance_record("1.2.3", series, key="a1", received_at=t0))
     later = instance_record("1.2.3", series, key="a1", received_at=t0 + timedelta(seconds=5))
-    assert store.recorder.record_instance(replace(later, accession_number="ACC1"))  # fills the study's in
+    # fills the study's accession in
+    assert store.recorder.record_instance(replace(later, tags=HeaderTags(accession_number="ACC1")))
     sent = _statements(store)
     assert store.recorder.record_instance(replace(later, sop_instance_uid=generate_uid()))
     assert [s for s in sent if s not in ("BEGIN", "COMMIT")] == ["INSERT"]
@@ -315,7 +316,7 @@ def test_a_known_instance_is_one_insert_and_reads_back_as_the_counters_did(store
         instance_record("1.2.3", series, key="a2", received_at=t0 + timedelta(seconds=2))
     )
     assert store.recorder.record_instance(
-        replace(later, sop_instance_uid=generate_uid(), accession_number="ACC2")
+        replace(later, sop_instance_uid=generate_uid(), tags=HeaderTags(accession_number="ACC2"))
     )
     assert [s for s in sent if s not in ("BEGIN", "COMMIT")] == ["INSERT"] * 4  # a2: its receptions row
     [summary] = store.studies()

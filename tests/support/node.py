@@ -24,7 +24,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from plugin.store.models import utcnow
-from plugin.store.recording import InstanceRecord
+from plugin.store.recording import HeaderTags, InstanceRecord
 
 T = TypeVar("T")
 
@@ -101,7 +101,7 @@ def instance_record(
         received_at=received_at or utcnow(),
         calling_ae=calling_ae,
         association_key=key,
-        accession_number=accession_number,
+        tags=HeaderTags(accession_number=accession_number),
     )
 
 
