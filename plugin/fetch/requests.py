@@ -45,6 +45,9 @@ from plugin.store.models import FetchRequest, FetchState, Study, StudyState, utc
 
 log = logging.getLogger(__name__)
 
+STOP_WAIT_S = 10.0
+"""How long `FetchWorker.stop` waits for a retrieve in hand (then its claim runs out; retried)."""
+
 
 class UnknownSource(ValueError):
     """A fetch names a source that is not configured."""
@@ -358,7 +361,7 @@ class FetchWorker:
         """Stop after the request in hand (its claim runs out if a retrieve does not end in time)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.config.fetch.lease_s)
+            self._thread.join(timeout=STOP_WAIT_S)
             self._thread = None
 
     def _run(self) -> None:
