@@ -86,8 +86,10 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 def _date(ds: Dataset, keyword: str) -> datetime.date | None:
     text = _text(ds, keyword)
+    if text is None or len(text) != 8 or not text.isdigit():
+        return None
     try:
-        return None if text is None else datetime.datetime.strptime(text[:8], "%Y%m%d").date()
+        return datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
     except ValueError:
         return None
 
