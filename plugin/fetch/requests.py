@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -44,6 +45,8 @@ from plugin.store.engine import Store
 from plugin.store.models import FetchRequest, FetchState, Study, StudyState, utcnow
 
 log = logging.getLogger(__name__)
+
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 STOP_WAIT_S = 10.0
 """How long `FetchWorker.stop` waits for a retrieve in hand (then its claim runs out; retried)."""
@@ -107,6 +110,17 @@ def _what(study_uid: str | None, accession: str | None) -> str:
 # --- recording and reading -------------------------------------------------------------------------
 
 
+def _check_ids(study_uid: str | None, accession: str | None, series_uids: tuple[str, ...] = ()) -> None:
+    """ValueError unless a study UID or an accession is given and every UID and accession is well formed."""
+    if not study_uid and not accession:
+        raise ValueError("a fetch needs a Study Instance UID or an accession number")
+    for uid in (study_uid, *series_uids) if study_uid else series_uids:
+        if len(uid) > 64 or not _UID.fullmatch(uid):
+            raise ValueError(f"not a DICOM UID: {uid[:70]!r}")
+    if accession is not None and len(accession) > 16:
+        raise ValueError("an accession number has at most 16 characters")
+
+
 def request_fetch(
     store: Store,
     source_name: str,
@@ -119,10 +133,10 @@ def request_fetch(
 ) -> int:
     """Record a QUEUED request to pull a study (``series_uids``: only those series) from source
     ``source_name`` and, once it is complete, run the rules (or only ``pipeline``) on it; the node
-    works it. Returns the request's id. Raises ValueError unless a study UID or an accession is given.
+    works it. Returns the request's id. Raises ValueError unless a study UID or an accession is
+    given, for a malformed UID or an accession longer than 16 characters.
     """
-    if not study_uid and not accession:
-        raise ValueError("a fetch needs a Study Instance UID or an accession number")
+    _check_ids(study_uid, accession, series_uids)
     now = utcnow()
     with store.session() as s:
         row = FetchRequest(
@@ -208,8 +222,9 @@ def submit_fetch(
     and the node retries (the note says so).
     """
     source = source_named(config, source_name)
-    if bool(study_uid) == bool(accession):
-        raise ValueError("give a Study Instance UID or an accession number (one of them)")
+    if study_uid and accession:
+        raise ValueError("give a Study Instance UID or an accession number, not both")
+    _check_ids(study_uid, accession)
     if pipeline is not None and pipeline not in pipelines:
         raise ValueError(
             f"unknown pipeline {pipeline[:64]!r}; installed: {', '.join(sorted(pipelines)) or 'none'}"
