@@ -111,14 +111,15 @@ def _what(study_uid: str | None, accession: str | None) -> str:
 
 
 def _check_ids(study_uid: str | None, accession: str | None, series_uids: tuple[str, ...] = ()) -> None:
-    """ValueError unless a study UID or an accession is given and every UID and accession is well formed."""
+    """ValueError unless a study UID or an accession is given and every UID and accession is well
+    formed (an accession without the wildcards and backslash a C-FIND would read as several)."""
     if not study_uid and not accession:
         raise ValueError("a fetch needs a Study Instance UID or an accession number")
     for uid in (study_uid, *series_uids) if study_uid else series_uids:
         if len(uid) > 64 or not _UID.fullmatch(uid):
             raise ValueError(f"not a DICOM UID: {uid[:70]!r}")
-    if accession is not None and len(accession) > 16:
-        raise ValueError("an accession number has at most 16 characters")
+    if accession is not None and (len(accession) > 16 or any(c in accession for c in "*?\\")):
+        raise ValueError("an accession number has at most 16 characters, without * ? or \\")
 
 
 def request_fetch(
@@ -302,28 +303,35 @@ def _run_requests(session: Session, study: Study, rows: Sequence[FetchRequest], 
             )
 
 
+def _settle(session: Session, study: Study, routing: Routing) -> bool:
+    """Run the RUNNING fetch requests of a complete study (`_run_requests`) once none of them is
+    still retrieving it; False when no request waits for it (the caller routes it as usual)."""
+    rows = session.scalars(
+        select(FetchRequest)
+        .where(FetchRequest.study_uid == study.study_uid, FetchRequest.state == FetchState.RUNNING)
+        .order_by(FetchRequest.id)
+    ).all()
+    if not rows:
+        return False
+    retrieving = [row.id for row in rows if row.retrieved_at is None]
+    if retrieving:
+        log.info(
+            "study %s revision %d: complete; its jobs wait for fetch request(s) %s to end their retrieve",
+            *(study.study_uid, study.revision, retrieving),
+        )
+    else:
+        _run_requests(session, study, rows, routing)
+    return True
+
+
 def completion_hook(routing: Routing) -> CompletionHook:
     """The `CompletionMonitor.on_complete` hook of a node that fetches: a complete study is routed
     as usual, unless fetch requests are waiting for it (`_run_requests`), or one is still retrieving
     it (then nothing is queued yet: the end of that retrieve runs it)."""
 
     def hook(session: Session, study: Study) -> None:
-        rows = session.scalars(
-            select(FetchRequest)
-            .where(FetchRequest.study_uid == study.study_uid, FetchRequest.state == FetchState.RUNNING)
-            .order_by(FetchRequest.id)
-        ).all()
-        if not rows:
+        if not _settle(session, study, routing):
             queue_routed_jobs(session, study, routing.rules, routing.spool_dir)
-            return
-        retrieving = [row.id for row in rows if row.retrieved_at is None]
-        if retrieving:
-            log.info(
-                "study %s revision %d: complete; its jobs wait for fetch request(s) %s to end their retrieve",
-                *(study.study_uid, study.revision, retrieving),
-            )
-            return
-        _run_requests(session, study, rows, routing)
 
     return hook
 
@@ -453,16 +461,27 @@ class FetchWorker:
 
     # ------------------------------------------------------------------ one request
 
-    def work_one(self) -> bool:
-        """Claim and work one due request; False when there was none."""
-        claimed = self.claim()
+    def work_one(self, now: datetime | None = None) -> bool:
+        """Claim (`claim`) and work one due request; False when there was none."""
+        claimed = self.claim(now)
         if claimed is None:
             return False
-        what = _what(claimed.study_uid, claimed.accession)
         source = self.config.sources.get(claimed.source)
         if source is None:
             self._fail(claimed, f"source {claimed.source!r} is not configured on this node")
-            return True
+        elif claimed.attempts > self.config.fetch.max_attempts:  # taken over from a node that died
+            self._fail(claimed, f"node lost (lease expired) and all {claimed.attempts - 1} attempts used")
+        else:
+            try:
+                self._work(claimed, source)
+            except Exception as err:  # a bug or a peer pynetdicom cannot handle: this request only
+                log.exception("fetch request %d: unexpected error", claimed.id)
+                self._retry_or_fail(claimed, f"unexpected error: {type(err).__name__}: {err}")
+        return True
+
+    def _work(self, claimed: _Claimed, source: SourceConfig) -> None:
+        """Look the study up if need be, retrieve it, and record how that went."""
+        what = _what(claimed.study_uid, claimed.accession)
         try:
             study_uid = claimed.study_uid or _one_study(source, claimed.source, None, claimed.accession)
             if claimed.study_uid is None:
@@ -490,7 +509,6 @@ class FetchWorker:
             self._retry_or_fail(claimed, f"cannot store what {claimed.source} sent: {err}")
         else:
             self._retrieved(claimed, study_uid, retrieved)
-        return True
 
     def _fail(self, claimed: _Claimed, reason: str) -> None:
         now = utcnow()
@@ -527,13 +545,13 @@ class FetchWorker:
     def _retrieved(self, claimed: _Claimed, study_uid: str, retrieved: Retrieved) -> None:
         """The retrieve ended: run the request now if its study is complete already (nothing new
         came), else leave it to the completion hook; FAILED when nothing of the study is here."""
-        with self.store.session() as s:
-            row = s.get(FetchRequest, claimed.id, with_for_update=True)
-            if row is None or row.state != FetchState.RUNNING or row.lease_owner != self.owner:
-                return  # taken over meanwhile (our lease ran out): the other node finishes it
+        with self.store.session() as s:  # the study's row first, as completion locks it
             study = s.scalars(
                 select(Study).where(Study.study_uid == study_uid).with_for_update()
             ).one_or_none()
+            row = s.get(FetchRequest, claimed.id, with_for_update=True)
+            if row is None or row.state != FetchState.RUNNING or row.lease_owner != self.owner:
+                return  # taken over meanwhile (our lease ran out): the other node finishes it
             now = utcnow()
             row.retrieved_at = row.updated_at = now
             row.instances = retrieved.instances
@@ -550,4 +568,5 @@ class FetchWorker:
                 )
                 log.error("fetch request %d failed: %s", claimed.id, row.error)
             elif study.state == StudyState.COMPLETE:
-                _run_requests(s, study, [row], self.routing)
+                s.flush()  # this request as retrieved, for `_settle`'s query
+                _settle(s, study, self.routing)

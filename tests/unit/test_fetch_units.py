@@ -154,3 +154,31 @@ def test_a_request_is_claimed_once_and_retried_with_backoff_then_failed(tmp_path
         assert status.error == "connection refused (after 3 attempts)"
     finally:
         store.dispose()
+
+
+def test_a_request_taken_over_after_its_last_attempt_fails_and_wildcards_are_refused(tmp_path: Path) -> None:
+    config = _load(
+        tmp_path,
+        {
+            "data_dir": str(tmp_path / "data"),
+            "sources": {"pacs": {"kind": "dicom", "host": "127.0.0.1", "port": 9, "ae_title": "P"}},
+            "fetch": {"max_attempts": 1},
+        },
+    )
+    store = Store(config.db_url)
+    store.migrate()
+    try:
+        routing = Routing(validate_rules(config, ["ct-lung"]), config.spool_dir, ())
+        one, two = (FetchWorker(store, config, Receiver(config), routing) for _ in range(2))
+        two.owner = "another-node"
+        request_id = request_fetch(store, "pacs", study_uid="1.2.3", reason="test")
+        assert one.claim() is not None  # ... and this node dies
+        assert two.work_one(now=utcnow() + datetime.timedelta(seconds=config.fetch.lease_s + 1))
+        status = get_fetch(store, request_id)
+        assert status is not None and status.state == "FAILED"
+        assert status.error == "node lost (lease expired) and all 1 attempts used"
+        for accession in ("ACC*", "AC?", "A\\B", "A" * 17):
+            with pytest.raises(ValueError, match="at most 16 characters"):
+                request_fetch(store, "pacs", accession=accession, reason="test")
+    finally:
+        store.dispose()
