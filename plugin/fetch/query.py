@@ -248,9 +248,12 @@ def c_find(source: DicomSource, level: str, keys: dict[str, str], returned: tupl
 # --- DICOMweb: QIDO-RS -----------------------------------------------------------------------------
 
 
-def dicomweb_client(source: DicomWebSource) -> DICOMwebClient:
-    """A DICOMweb client for the source, its credentials in its session, its timeout on every request."""
-    return DICOMwebClient(source.url, session=http_session(source.auth), timeout=source.timeout_s)
+@contextmanager
+def dicomweb_client(source: DicomWebSource) -> Iterator[DICOMwebClient]:
+    """A DICOMweb client for the source, its credentials in its session, its timeout on every
+    request; the session is closed on leaving."""
+    with http_session(source.auth) as session:
+        yield DICOMwebClient(source.url, session=session, timeout=source.timeout_s)
 
 
 def dicomweb_secrets(source: DicomWebSource) -> list[str]:
@@ -274,10 +277,10 @@ def _qido(
     source: DicomWebSource, what: str, search: Callable[[DICOMwebClient], list[dict[str, Any]]]
 ) -> list[Dataset]:
     try:
-        answers = search(dicomweb_client(source))
-    except (requests.RequestException, OSError, ValueError) as err:
+        with dicomweb_client(source) as client:
+            return [Dataset.from_json(answer) for answer in search(client)]
+    except (requests.RequestException, OSError, ValueError, TypeError, KeyError) as err:
         raise dicomweb_error(source, err, what) from None
-    return [Dataset.from_json(answer) for answer in answers]
 
 
 # --- the API ---------------------------------------------------------------------------------------

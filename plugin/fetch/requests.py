@@ -304,23 +304,33 @@ def _run_requests(session: Session, study: Study, rows: Sequence[FetchRequest], 
 
 
 def _settle(session: Session, study: Study, routing: Routing) -> bool:
-    """Run the RUNNING fetch requests of a complete study (`_run_requests`) once none of them is
-    still retrieving it; False when no request waits for it (the caller routes it as usual)."""
+    """Run the fetch requests that retrieved a complete study (`_run_requests`) once none is still
+    retrieving it or waiting to try again; False when no request is about it (the caller routes it
+    as usual). A request not tried yet does not hold up a study that is sent meanwhile."""
     rows = session.scalars(
         select(FetchRequest)
-        .where(FetchRequest.study_uid == study.study_uid, FetchRequest.state == FetchState.RUNNING)
+        .where(
+            FetchRequest.study_uid == study.study_uid,
+            FetchRequest.state.in_((FetchState.RUNNING, FetchState.QUEUED)),
+        )
         .order_by(FetchRequest.id)
     ).all()
-    if not rows:
-        return False
-    retrieving = [row.id for row in rows if row.retrieved_at is None]
-    if retrieving:
+    ready = [row for row in rows if row.state == FetchState.RUNNING and row.retrieved_at is not None]
+    waiting = [
+        row.id
+        for row in rows
+        if (row.state == FetchState.RUNNING and row.retrieved_at is None)
+        or (row.state == FetchState.QUEUED and row.attempts > 0)
+    ]
+    if waiting:
         log.info(
             "study %s revision %d: complete; its jobs wait for fetch request(s) %s to end their retrieve",
-            *(study.study_uid, study.revision, retrieving),
+            *(study.study_uid, study.revision, waiting),
         )
-    else:
-        _run_requests(session, study, rows, routing)
+        return True
+    if not ready:
+        return False
+    _run_requests(session, study, ready, routing)
     return True
 
 
@@ -434,16 +444,18 @@ class FetchWorker:
                 )
         return None
 
+    def _mine(self, request_id: int) -> ColumnElement[bool]:
+        return and_(
+            FetchRequest.id == request_id,
+            FetchRequest.state == FetchState.RUNNING,
+            FetchRequest.lease_owner == self.owner,
+        )
+
     def _update_mine(self, request_id: int, **values: object) -> bool:
+        """Change the request while this node holds its claim; False when it lost it."""
         with self.store.session() as s:
             result = s.execute(
-                update(FetchRequest)
-                .where(
-                    FetchRequest.id == request_id,
-                    FetchRequest.state == FetchState.RUNNING,
-                    FetchRequest.lease_owner == self.owner,
-                )
-                .values(updated_at=utcnow(), **values)
+                update(FetchRequest).where(self._mine(request_id)).values(updated_at=utcnow(), **values)
             )
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
@@ -511,15 +523,34 @@ class FetchWorker:
             self._retrieved(claimed, study_uid, retrieved)
 
     def _fail(self, claimed: _Claimed, reason: str) -> None:
+        """FAILED with the reason, while this node holds the claim; other requests that waited for
+        this one to retrieve the same complete study run now."""
         now = utcnow()
-        if self._update_mine(
-            claimed.id,
-            state=FetchState.FAILED,
-            error=reason,
-            finished_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-        ):
+        with self.store.session() as s:
+            study_uid = s.scalar(select(FetchRequest.study_uid).where(FetchRequest.id == claimed.id))
+            study = (
+                None
+                if study_uid is None
+                else s.scalars(
+                    select(Study).where(Study.study_uid == study_uid).with_for_update()
+                ).one_or_none()
+            )
+            result = s.execute(
+                update(FetchRequest)
+                .where(self._mine(claimed.id))
+                .values(
+                    state=FetchState.FAILED,
+                    error=reason,
+                    finished_at=now,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            failed = bool(result.rowcount == 1)  # type: ignore[attr-defined]
+            if failed and study is not None and study.state == StudyState.COMPLETE:
+                _settle(s, study, self.routing)
+        if failed:
             log.error("fetch request %d failed: %s", claimed.id, reason)
 
     def _retry_or_fail(self, claimed: _Claimed, reason: str) -> None:
