@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 from pydicom import Dataset
+from sqlalchemy import select, update
+from support.node import instance_record
 
 from plugin.config import Config, ConfigError, DicomSource, DicomWebSource, load_config
-from plugin.fetch import FetchWorker, Routing, get_fetch, request_fetch
+from plugin.fetch import FetchWorker, Routing, completion_hook, get_fetch, request_fetch
 from plugin.fetch.query import series_match, study_filters, study_match
 from plugin.ingest.receive import Receiver
 from plugin.route.rules import validate_rules
 from plugin.store.engine import Store
-from plugin.store.models import utcnow
+from plugin.store.models import FetchRequest, Study, utcnow
 
 
 def _load(tmp_path: Path, settings: dict[str, object]) -> Config:
@@ -182,3 +184,37 @@ def test_a_request_taken_over_after_its_last_attempt_fails_and_wildcards_are_ref
                 request_fetch(store, "pacs", accession=accession, reason="test")
     finally:
         store.dispose()
+
+
+def test_completion_waits_for_a_request_that_retrieves_or_will_try_again(
+    store: Store, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Routed as usual while a request has not been tried; held while one retrieves or waits to
+    try again; the requests that retrieved it run once that is over."""
+    caplog.set_level("INFO", logger="plugin")
+    study_uid = "1.2.826.0.1.3680043.8.498.1"
+    assert store.recorder.record_instance(instance_record(study_uid))
+    hook = completion_hook(Routing(validate_rules(config, ["ct-lung"]), config.spool_dir, ()))
+    first = request_fetch(store, "pacs", study_uid=study_uid, reason="test")
+    second = request_fetch(store, "pacs", study_uid=study_uid, reason="test")
+
+    def complete(**first_values: object) -> None:
+        with store.session() as s:
+            if first_values:
+                s.execute(update(FetchRequest).where(FetchRequest.id == first).values(**first_values))
+            hook(s, s.scalars(select(Study).where(Study.study_uid == study_uid)).one())
+
+    complete()  # neither was tried: a study sent meanwhile is routed as usual
+    assert f"study {study_uid} revision 1: no job" in caplog.text
+    caplog.clear()
+    retrieved = {"state": "RUNNING", "retrieved_at": utcnow()}
+    with store.session() as s:
+        s.execute(update(FetchRequest).where(FetchRequest.id == second).values(**retrieved))
+    for waiting in ({"state": "QUEUED", "attempts": 1}, {"state": "RUNNING", "attempts": 1}):
+        complete(**waiting)
+        assert f"its jobs wait for fetch request(s) [{first}]" in caplog.text
+        assert "no job" not in caplog.text
+    complete(**retrieved)  # both retrieved: the rules run once for both
+    assert caplog.text.count("no job") == 1
+    statuses = [get_fetch(store, request_id) for request_id in (first, second)]
+    assert [(s.state, s.jobs) for s in statuses if s is not None] == [("DONE", ()), ("DONE", ())]
