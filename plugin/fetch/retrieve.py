@@ -87,6 +87,18 @@ def _identifiers(study_uid: str, series_uids: tuple[str, ...]) -> Iterator[Datas
         yield ds
 
 
+def _last(responses: Iterator[tuple[Dataset, Dataset | None]], progress: Callable[[], None]) -> Dataset:
+    """The final response status of a C-MOVE / C-GET (an empty one if none came), after the
+    pending ones (``progress`` at each)."""
+    final = Dataset()
+    for status, _ in responses:
+        progress()
+        final = status
+        if "Status" not in status or int(status.Status) not in PENDING:
+            break
+    return final
+
+
 def _final(status: Dataset, service: str, source: DicomSource) -> Retrieved:
     """The outcome of a C-MOVE / C-GET from its final response: counts, or FetchError."""
     where = dicom_where(source)
@@ -96,7 +108,7 @@ def _final(status: Dataset, service: str, source: DicomSource) -> Retrieved:
     if code == 0x0000 or (code is not None and code & 0xF000 == 0xB000):  # success, some failed
         return Retrieved(completed, failed)
     reason = status_words(status, service, where)
-    if service == "C-MOVE" and completed == 0:  # Orthanc answers 0xC000 where DICOM says 0xA801
+    if service == "C-MOVE" and code is not None and completed == 0:  # Orthanc: 0xC000, DICOM: 0xA801
         known = "does not know" if code == MOVE_DESTINATION_UNKNOWN else "may not know"
         reason += (
             f"; {where} {known} the move destination {source.move_destination}: declare it there "
@@ -112,16 +124,8 @@ def _move(
     total = Retrieved(0, 0)
     with dicom_association(source, [build_context(StudyRootQueryRetrieveInformationModelMove)]) as assoc:
         for identifier in _identifiers(study_uid, series_uids):
-            final = Dataset()
-            for status, _ in assoc.send_c_move(
-                identifier, destination, StudyRootQueryRetrieveInformationModelMove
-            ):
-                progress()
-                final = status
-                if "Status" in status and int(status.Status) in PENDING:
-                    continue
-                break
-            got = _final(final, "C-MOVE", source)
+            responses = assoc.send_c_move(identifier, destination, StudyRootQueryRetrieveInformationModelMove)
+            got = _final(_last(responses, progress), "C-MOVE", source)
             total = Retrieved(total.instances + got.instances, total.failed + got.failed)
     return total
 
@@ -203,14 +207,8 @@ def _get(source: DicomSource, study_uid: str, series_uids: tuple[str, ...], take
     total = Retrieved(0, 0)
     with dicom_association(source, contexts, roles, [(evt.EVT_C_STORE, on_store)]) as assoc:
         for identifier in _identifiers(study_uid, series_uids):
-            final = Dataset()
-            for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
-                taker.progress()
-                final = status
-                if "Status" in status and int(status.Status) in PENDING:
-                    continue
-                break
-            got = _final(final, "C-GET", source)
+            responses = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+            got = _final(_last(responses, taker.progress), "C-GET", source)
             total = Retrieved(total.instances + got.instances, total.failed + got.failed)
     return Retrieved(taker.stored, total.failed + taker.refused)
 
