@@ -59,6 +59,11 @@ def test_a_dicom_source_calls_and_moves_to_our_own_ae_title_by_default(tmp_path:
     assert (other.calling_ae_title, other.move_destination, other.retrieve) == ("ME", "ELSEWHERE", "get")
     assert isinstance(vna, DicomWebSource) and vna.url == "https://vna/dicom-web"
     assert config.fetch.max_attempts == 5 and Config().sources == {}
+    moved = config.with_overrides(**{"dicom.ae_title": "NODE8"}).sources  # `serve --ae-title NODE8`
+    ae_titles = {
+        n: (s.calling_ae_title, s.move_destination) for n, s in moved.items() if isinstance(s, DicomSource)
+    }
+    assert ae_titles == {"pacs": ("NODE8", "NODE8"), "other": ("ME", "ELSEWHERE")}
 
 
 @pytest.mark.parametrize(
