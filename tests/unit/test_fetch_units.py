@@ -82,6 +82,11 @@ def test_a_wrong_source_is_refused_with_its_key(
         _load(tmp_path, {"sources": {"pacs": source}})
 
 
+def test_the_example_file_shows_the_fetch_defaults() -> None:
+    example = load_config(Path(__file__).resolve().parents[2] / "radgate.example.yaml")
+    assert example.fetch == Config().fetch and example.sources == {}
+
+
 def test_fetch_delays_must_be_in_order(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="retry_max_s must not be below retry_base_s"):
         _load(tmp_path, {"fetch": {"retry_base_s": 60, "retry_max_s": 10}})
