@@ -101,10 +101,13 @@ class TLSConfig(_Strict):
         return self
 
 
+DEFAULT_AE_TITLE = "RADGATE"
+
+
 class DicomConfig(_Strict):
     """The DICOM listener (SCP)."""
 
-    ae_title: str = "RADGATE"
+    ae_title: str = DEFAULT_AE_TITLE
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
     max_pdu: int = Field(default=262144, ge=4096, description="largest PDU we accept, bytes")
@@ -401,6 +404,72 @@ Destination = Annotated[
 ]
 
 
+# --- sources: archives radgate pulls studies from (plugin/fetch) ---------------------------------
+
+
+class DicomSource(_Strict):
+    """A PACS queried by C-FIND (study and series level) and retrieved from by C-MOVE or C-GET."""
+
+    kind: Literal["dicom"]
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(description="the PACS's AE title")
+    calling_ae_title: str | None = Field(default=None, description="our AE title; default dicom.ae_title")
+    retrieve: Literal["move", "get"] = Field(
+        default="move",
+        description="move: C-MOVE to move_destination (the node's listener receives); get: C-GET, "
+        "the instances come back on our own association",
+    )
+    move_destination: str | None = Field(
+        default=None, description="the AE title the PACS sends to on C-MOVE; default dicom.ae_title"
+    )
+    timeout_s: float = Field(
+        default=30.0, gt=0, description="connection, association and the longest wait for each response"
+    )
+    tls: ClientTLS | None = Field(default=None, description="absent: plain TCP")
+
+    @field_validator("ae_title", "calling_ae_title", "move_destination")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ae_title(v)
+
+
+class DicomWebSource(_Strict):
+    """A DICOMweb archive queried by QIDO-RS and retrieved from by WADO-RS, under one root URL."""
+
+    kind: Literal["dicomweb"]
+    url: str = Field(description="the DICOMweb root, e.g. https://pacs/dicom-web")
+    auth: Annotated[BasicAuth | BearerAuth, Field(discriminator="type")] | None = None
+    timeout_s: float = Field(default=30.0, gt=0, description="connection and read timeout per request")
+
+    _url = field_validator("url")(_check_http_url)
+
+
+Source = Annotated[DicomSource | DicomWebSource, Field(discriminator="kind")]
+SourceConfig = DicomSource | DicomWebSource
+"""A configured source, as `plugin.fetch` takes it."""
+
+
+class FetchConfig(_Strict):
+    """Working fetch requests (plugin/fetch/requests.py): polling, the claim, retries with backoff."""
+
+    poll_interval_s: float = Field(default=2.0, gt=0, description="how often an idle node looks for requests")
+    lease_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="a request whose node stopped renewing its claim this long is taken over",
+    )
+    retry_base_s: float = Field(default=30.0, gt=0, description="delay after the first failure; doubles")
+    retry_max_s: float = Field(default=1800.0, gt=0, description="the longest delay between attempts")
+    max_attempts: int = Field(default=5, ge=1, description="attempts before a request is FAILED")
+
+    @model_validator(mode="after")
+    def _delays(self) -> FetchConfig:
+        if self.retry_max_s < self.retry_base_s:
+            raise ValueError("retry_max_s must not be below retry_base_s")
+        return self
+
+
 # --- pipelines: registered pipelines configured under names of their own ---------------------
 
 
@@ -648,6 +717,10 @@ class Config(_Strict):
         default_factory=dict, description="name -> destination; empty: results stay in data_dir only"
     )
     dispatch: DispatchConfig = DispatchConfig()
+    sources: dict[str, Source] = Field(
+        default_factory=dict, description="name -> an archive `radgate fetch` pulls studies from"
+    )
+    fetch: FetchConfig = FetchConfig()
     web: WebConfig = WebConfig()
     pipelines: dict[str, PipelineConfig] = Field(
         default_factory=dict, description="name -> a registered pipeline with its options; rules name it"
@@ -664,6 +737,26 @@ class Config(_Strict):
             if not re.match(_NAME_PATTERN, name):
                 raise ValueError(f"destination name {name!r}: use letters, digits, '_', '.', '-'")
         return v
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, v: dict[str, Source], info: ValidationInfo) -> dict[str, Source]:
+        """Checked names; a DICOM source's calling AE title and C-MOVE destination default to ours."""
+        ours = info.data["dicom"].ae_title if "dicom" in info.data else DEFAULT_AE_TITLE
+        for name in v:
+            if not re.match(_NAME_PATTERN, name) or len(name) > 64:
+                raise ValueError(f"source name {name!r}: up to 64 letters, digits, '_', '.', '-'")
+        return {
+            name: source.model_copy(
+                update={
+                    "calling_ae_title": source.calling_ae_title or ours,
+                    "move_destination": source.move_destination or ours,
+                }
+            )
+            if isinstance(source, DicomSource)
+            else source
+            for name, source in v.items()
+        }
 
     @field_validator("pipelines")
     @classmethod

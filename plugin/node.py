@@ -1,5 +1,8 @@
 """``radgate serve``: the node — store, spool recovery, DICOM listener, completion loop, executor.
 
+A listening node also works the fetch requests (`plugin.fetch.FetchWorker`): it pulls studies from
+the configured sources, which a C-MOVE sends to its own listener.
+
 ``radgate worker`` is the same node without the DICOM listener (studies arrive some other way,
 e.g. through the Orthanc plugin, into the same data dir and store); ``serve --no-executor`` is
 the listener without the executor, when GPU workers elsewhere run the jobs. Only a node that
@@ -38,13 +41,13 @@ from ai_models.registry import available_pipelines
 from dicom_io.net import StorageSCP, TlsFiles
 from plugin.config import Config, ConfigError
 from plugin.dispatch.outbox import Dispatcher
+from plugin.fetch import FetchWorker, Routing, completion_hook
 from plugin.ingest import counters
 from plugin.ingest.datadir import SERVE, DataDirLock, apply_file_modes
 from plugin.ingest.receive import PeerFilter, Receiver, dataset_limits, make_spool
 from plugin.jobs.completion import CompletionMonitor
 from plugin.jobs.execute import JobRunner
 from plugin.jobs.executor import LocalExecutor
-from plugin.jobs.queue import routing_hook
 from plugin.logs import setup_logging
 from plugin.route.pipelines import series_lookup
 from plugin.route.rules import validate_rules
@@ -70,9 +73,12 @@ class Node:
             log.info("routing: %s", note)
         self.store = Store(config.db_url)
         self.receiver = Receiver(config)
+        routing = Routing(self.rules, config.spool_dir, tuple(config.destinations))
         self.completion = CompletionMonitor(
-            self.store, config.completion, on_complete=routing_hook(self.rules, config.spool_dir)
+            self.store, config.completion, on_complete=completion_hook(routing)
         )
+        # pulls studies from the configured sources; a C-MOVE sends them to this node's listener
+        self.fetcher = FetchWorker(self.store, config, self.receiver, routing) if listen else None
         self.jobs = (
             JobRunner(self.store, config, LocalExecutor(config.executor.workers, config.logging))
             if execute
@@ -129,6 +135,8 @@ class Node:
             self.scp.start()
             # senders can reach us from now on: a study left RECEIVING waits its quiet period from here
             self.completion.started_at = utcnow()
+        if self.fetcher is not None:
+            self.fetcher.start()
         if self.jobs is not None:
             self.jobs.start()
         self.dispatcher.start()
@@ -139,6 +147,8 @@ class Node:
         self.dispatcher.stop()
         if self.jobs is not None:
             self.jobs.stop()
+        if self.fetcher is not None:
+            self.fetcher.stop()
         if self.scp is not None:
             self.scp.stop()
         self.receiver.close()

@@ -68,6 +68,24 @@ def _cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
     return print_deliveries(config, as_json=args.json, state=args.state)
 
 
+def _cmd_fetch(args: argparse.Namespace, config: Config) -> int:
+    from plugin.cli.fetch import fetch_command, print_fetches
+
+    if args.list:
+        return print_fetches(config, as_json=args.json)
+    if args.source is None:
+        print("radgate fetch: --source is required with --accession or --study", file=sys.stderr)
+        return 2
+    return fetch_command(
+        config,
+        args.source,
+        study_uid=args.study,
+        accession=args.accession,
+        pipeline=args.pipeline,
+        wait_s=args.wait,
+    )
+
+
 def _cmd_rules_check(args: argparse.Namespace, config: Config) -> int:
     from plugin.cli.rules import rules_check
 
@@ -292,6 +310,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(deliveries_retry)
     deliveries_retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="delivery ids")
     deliveries_retry.add_argument("--all-dead", action="store_true", help="every DEAD delivery")
+
+    fetch = sub.add_parser(
+        "fetch",
+        help="pull a study from a configured source (PACS, DICOMweb) and run the rules or a pipeline",
+        description="Ask the source (`sources` in the configuration) for the study by accession number "
+        "or Study Instance UID and record a fetch request; the running node (`radgate serve`) "
+        "retrieves it (C-MOVE to its own AE title, C-GET or WADO-RS), retrying with backoff while the "
+        "source is down, and once the study is complete runs the rules on it, or only --pipeline. "
+        "A source that cannot be reached now is retried by the node. --list shows the requests. Exit "
+        "status 0 when recorded (with --wait: done), 1 when it failed or did not end in time (--wait) "
+        "or the accession matches several studies, 2 for an unknown source or pipeline, 3 when the "
+        "source holds no such study.",
+    )
+    _add_config_options(fetch)
+    fetch.add_argument("--source", metavar="NAME", help="a source from the configuration's `sources`")
+    what = fetch.add_mutually_exclusive_group(required=True)
+    what.add_argument("--accession", metavar="A", help="the study's accession number")
+    what.add_argument("--study", metavar="UID", help="the study's Study Instance UID")
+    what.add_argument("--list", action="store_true", help="list the fetch requests and their state")
+    fetch.add_argument("--pipeline", metavar="NAME", help="run only this pipeline (default: the rules)")
+    fetch.add_argument(
+        "--wait", type=float, metavar="SECONDS", help="wait this long for the request to be done or failed"
+    )
+    fetch.add_argument("--json", action="store_true", help="with --list: print JSON instead of a table")
+    fetch.set_defaults(func=_cmd_fetch)
 
     rules = sub.add_parser(
         "rules",

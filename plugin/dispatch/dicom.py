@@ -29,7 +29,8 @@ from plugin.dispatch.base import (
 )
 
 
-def _client_ssl_context(tls: ClientTLS) -> ssl.SSLContext:
+def client_ssl_context(tls: ClientTLS) -> ssl.SSLContext:
+    """The TLS context towards a DICOM peer (a destination, a source): its CA, our certificate."""
     context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
     if tls.cert_file and tls.key_file:
         context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
@@ -102,7 +103,7 @@ class DicomSender:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         ae.connection_timeout = self.timeout_s
         tls = self.destination.tls
-        context = _client_ssl_context(tls) if tls is not None else None
+        context = client_ssl_context(tls) if tls is not None else None
         tls_args = (context, self.destination.host) if context is not None else None
         try:
             assoc = ae.associate(

@@ -24,7 +24,8 @@ from plugin.dispatch.base import (
 )
 
 
-def _http_session(auth: BasicAuth | BearerAuth | None) -> requests.Session:
+def http_session(auth: BasicAuth | BearerAuth | None) -> requests.Session:
+    """A requests session that sends the configured credentials (a DICOMweb destination's or source's)."""
     session = requests.Session()
     if isinstance(auth, BasicAuth):
         session.auth = (auth.username, auth.password.get_secret_value())
@@ -74,7 +75,7 @@ class StowSender:
         """An HTTP check: a QIDO-RS query for one study (GET {url}/studies?limit=1) must answer
         200 or 204 with these credentials; None when it does, else why not."""
         try:
-            with _http_session(self.destination.auth) as session:
+            with http_session(self.destination.auth) as session:
                 response = session.get(
                     f"{self.destination.url}/studies",
                     params={"limit": "1"},
@@ -105,7 +106,7 @@ class StowSender:
             "Accept": "application/dicom+json",
         }
         try:
-            with _http_session(self.destination.auth) as session:
+            with http_session(self.destination.auth) as session:
                 response = session.post(
                     f"{self.destination.url}/studies",
                     data=b"".join(parts),

@@ -13,13 +13,14 @@ import logging
 import os
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_io.durable import fsync_dir, fsync_file
-from dicom_io.net import DatasetLimits, Peer, ReceivedInstance, Refusal
+from dicom_io.net import DatasetLimits, InstanceRefused, Peer, ReceivedInstance, Refusal, inspect_part10
 from plugin.config import AllowedPeer, Config, DicomConfig
 from plugin.ingest import counters
 from plugin.ingest.counters import ReceiveCounters
@@ -209,6 +210,33 @@ class Receiver:
             spool.settle_later(instance.path, placed)
             return STATUS_SUCCESS, True
         return STATUS_SUCCESS, False
+
+    def handle_file(self, path: Path, peer: Peer, what: str) -> int | None:
+        """Store a whole DICOM Part 10 file the node wrote itself (an Orthanc import, a C-GET, a
+        WADO-RS retrieve) exactly as a received C-STORE: checked and identified as the transport
+        checks one (`dicom_io.net.inspect_part10`, within the `dicom` limits), then `handle`.
+
+        Returns `handle`'s status, or None when the file is not a storable instance (one log line
+        naming ``what``, the file removed). The file is the handler's from here on. Raises OSError
+        when the file cannot be read.
+        """
+        try:
+            found = inspect_part10(path, dataset_limits(self._config.dicom))
+        except InstanceRefused as err:
+            log.warning("%s not taken: not a storable instance (%s)", what, err)
+            path.unlink(missing_ok=True)
+            return None
+        received = ReceivedInstance(
+            path=path,
+            study_uid=found.study_uid,
+            series_uid=found.series_uid,
+            sop_instance_uid=found.sop_instance_uid,
+            sop_class_uid=found.sop_class_uid,
+            transfer_syntax=found.transfer_syntax,
+            peer=peer,
+            size=path.stat().st_size,
+        )
+        return self.handle(received)
 
     def release(self, peer: Peer) -> None:
         """An association ended. Released (``peer.released``): its studies may complete after the

@@ -1,6 +1,6 @@
 """The Orthanc plugin's work, without Orthanc: copy a study into radgate, complete it, queue jobs.
 
-An instance copied from Orthanc is checked as the transport checks one (`Bridge._fetch`) and
+An instance copied from Orthanc is checked as the transport checks one (`Receiver.handle_file`) and
 handled by the same `plugin.ingest.receive.Receiver` as one received by C-STORE (fsync, link into
 the spool, record, one row per SOP Instance UID), as one "association" per import that is
 released at its end. Orthanc's stable-study event is the completion signal: the study revision
@@ -40,14 +40,13 @@ from typing import Any, Protocol
 from sqlalchemy import select
 
 from dicom_io.durable import fsync_dir
-from dicom_io.net import InstanceRefused, Peer, ReceivedInstance, inspect_part10
+from dicom_io.net import Peer
 from plugin.config import Config, ConfigError
 from plugin.ingest.datadir import ORTHANC_PLUGIN, DataDirLock, apply_file_modes
 from plugin.ingest.receive import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     Receiver,
-    dataset_limits,
     make_spool,
 )
 from plugin.jobs.queue import NoUsableSeries, list_jobs, queue_named_job, queue_routed_jobs
@@ -236,30 +235,13 @@ class Bridge:
                 )
         return known
 
-    def _fetch(self, instance_id: str, peer: Peer) -> ReceivedInstance | None:
-        """Copy one instance's file into a temporary file, checked and identified as the transport
-        checks a received dataset (`dicom_io.net.inspect_part10`, within the node's `dicom` limits);
-        None, with a log line and the file removed, when it is not a storable instance. Raises
+    def _take(self, instance_id: str, peer: Peer) -> int | None:
+        """Copy one instance's file into a temporary file and store it as a received one
+        (`Receiver.handle_file`): its status, None when it is not a storable instance. Raises
         OSError when the file cannot be written or read."""
-        data = self.rest.get(f"/instances/{instance_id}/file")
         path = self.incoming / f"{instance_id}.dcm"
-        path.write_bytes(data)
-        try:
-            found = inspect_part10(path, dataset_limits(self.config.dicom))
-        except InstanceRefused as err:
-            log.warning("orthanc instance %s not taken: not a storable instance (%s)", instance_id, err)
-            path.unlink(missing_ok=True)
-            return None
-        return ReceivedInstance(
-            path=path,
-            study_uid=found.study_uid,
-            series_uid=found.series_uid,
-            sop_instance_uid=found.sop_instance_uid,
-            sop_class_uid=found.sop_class_uid,
-            transfer_syntax=found.transfer_syntax,
-            peer=peer,
-            size=len(data),
-        )
+        path.write_bytes(self.rest.get(f"/instances/{instance_id}/file"))
+        return self.receiver.handle_file(path, peer, f"orthanc instance {instance_id}")
 
     def import_study(self, orthanc_id: str, stop: Callable[[], bool] = lambda: False) -> Imported:
         """Copy the study's instances radgate does not have yet; ImportFailed if radgate cannot take one."""
@@ -276,8 +258,7 @@ class Bridge:
                     continue
                 if stop():
                     raise ImportFailed("stopping")
-                received = self._fetch(instance_id, peer)
-                status = self.receiver.handle(received) if received is not None else None
+                status = self._take(instance_id, peer)
                 if status == STATUS_OUT_OF_RESOURCES:
                     raise ImportFailed(f"radgate could not store SOP {sop_uid} of study {study_uid}")
                 if status == STATUS_SUCCESS:

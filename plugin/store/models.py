@@ -1,4 +1,5 @@
-"""The job store's tables: studies, series, instances, receptions, jobs, deliveries, pseudonyms.
+"""The job store's tables: studies, series, instances, receptions, jobs, deliveries, pseudonyms,
+fetch requests.
 
 Timestamps are timezone-aware UTC in Python (`utcnow`, `UTCDateTime`). A study's instance count and
 last-received time are not columns: they are derived from ``instances`` when read (`plugin.store.queries`).
@@ -59,6 +60,13 @@ class JobState(enum.StrEnum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+
+
+class FetchState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
 
 
 class DeliveryState(enum.StrEnum):
@@ -254,3 +262,36 @@ class Pseudonym(Base):
     original_hash: Mapped[str] = mapped_column(String(64))
     pseudonym: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class FetchRequest(Base):
+    """A study to pull from a configured source (`plugin.fetch`): QUEUED → RUNNING → DONE / FAILED.
+
+    Claimed with a lease like a job; retried with backoff (``next_attempt_at``) while the source
+    cannot be reached. ``retrieved_at`` is set once the retrieve ended; the request is DONE when its
+    study completed and its jobs (``jobs``) were queued. ``reason`` says why it was asked for,
+    ``error`` why its last attempt failed. Migration 0012.
+    """
+
+    __tablename__ = "fetch_requests"
+    __table_args__ = (Index("ix_fetch_requests_state_next", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession: Mapped[str | None] = mapped_column(String(16))
+    series_uids: Mapped[list[str] | None] = mapped_column(JSON)
+    pipeline: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
+    instances: Mapped[int | None] = mapped_column(Integer)
+    jobs: Mapped[list[int] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    retrieved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
