@@ -699,6 +699,17 @@ def _check_destination_names(owner: str, names: list[str] | None, known: dict[st
             raise ValueError(f"{owner} destinations: unknown destination {name!r} (known: {listed})")
 
 
+def _check_requires_sources(rule: str, requires: Requirements, known: dict[str, Source]) -> None:
+    named = [
+        requires.series.pull_from if requires.series else None,
+        requires.prior.source if requires.prior else None,
+    ]
+    for name in filter(None, named):
+        if name not in known:
+            listed = ", ".join(known) or "none are configured"
+            raise ValueError(f"rule {rule!r} requires: unknown source {name!r} (known: {listed})")
+
+
 class Config(_Strict):
     """The whole node configuration (see radgate.example.yaml for every key, commented)."""
 
@@ -776,6 +787,8 @@ class Config(_Strict):
             seen.add(rule.name)
             if "destinations" in info.data:
                 _check_destination_names(f"rule {rule.name!r}", rule.destinations, info.data["destinations"])
+            if rule.requires is not None and "sources" in info.data:
+                _check_requires_sources(rule.name, rule.requires, info.data["sources"])
         return v
 
     @field_validator("default_rule")
