@@ -434,6 +434,7 @@ class JobItem:
     current_step: str | None
     elapsed_s: float | None
     deliveries: list[DeliveryItem]
+    notes: list[tuple[datetime, str]] = field(default_factory=list)  # what its rule required, step by step
 
 
 @dataclass(frozen=True)
@@ -547,6 +548,10 @@ def _job_item(job: Job, deliveries: list[Delivery], now: datetime) -> JobItem:
             )
             for d in deliveries
         ],
+        notes=[
+            (datetime.fromisoformat(note["at"]), str(note["text"]))
+            for note in (job.needs or {}).get("notes", [])
+        ],
     )
 
 
@@ -591,6 +596,7 @@ def _events(
         routed = f"job {job.id}: {job.pipeline or '-'} on series {job.series_uid or '-'}"
         routed += f" (rule {job.rule or '-'}) -> {where}"
         events.append(Event(job.created_at, "queued", routed, job.id))
+        events += [Event(at, "requires", f"job {job.id}: {text}", job.id) for at, text in job.notes]
         if job.started_at is not None:
             events.append(
                 Event(job.started_at, "started", f"job {job.id}: attempt {job.attempts} started", job.id)
