@@ -81,10 +81,11 @@ class Node:
         )
         # pulls studies from the configured sources; a C-MOVE sends them to this node's listener
         self.fetcher = FetchWorker(self.store, config, self.receiver, routing) if listen else None
-        # moves the jobs on whose rule requires a series or a prior (plugin.route.requires)
+        # moves the jobs on whose rule requires a series or a prior (plugin.route.requires); on a
+        # worker too (beside the Orthanc plugin), so they never wait past their time
         self.requirements = (
             RequirementsWorker(self.store, self.rules, FetchArchive(config, self.store), config.spool_dir)
-            if listen and any(rule.requires for rule in self.rules.rules)
+            if any(rule.requires for rule in self.rules.rules)
             else None
         )
         self.jobs = (

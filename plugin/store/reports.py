@@ -191,6 +191,7 @@ class StudyFilterState(enum.StrEnum):
 
     RECEIVING = StudyState.RECEIVING
     COMPLETE = StudyState.COMPLETE
+    WAITING = JobState.WAITING
     QUEUED = JobState.QUEUED
     RUNNING = JobState.RUNNING
     SUCCEEDED = JobState.SUCCEEDED
@@ -265,13 +266,15 @@ def _has_state(state: StudyFilterState) -> ColumnElement[bool]:
 
 
 def study_status(state: str, jobs: Mapping[str, int], deliveries: Mapping[str, int]) -> str:
-    """Where the study is, in a word: the first of receiving, running, queued, dead (a delivery),
-    failed (a job), sending, delivered, done (results kept locally), no job."""
+    """Where the study is, in a word: the first of receiving, running, queued, waiting (for what its
+    rule requires), dead (a delivery), failed (a job), sending, delivered, done (results kept
+    locally), no job."""
     if state == StudyState.RECEIVING:
         return "receiving"
     for word, held in (
         ("running", jobs.get(JobState.RUNNING)),
         ("queued", jobs.get(JobState.QUEUED)),
+        ("waiting", jobs.get(JobState.WAITING)),
         ("dead", deliveries.get(DeliveryState.DEAD)),
         ("failed", jobs.get(JobState.FAILED)),
         ("sending", deliveries.get(DeliveryState.PENDING, 0) + deliveries.get(DeliveryState.SENDING, 0)),

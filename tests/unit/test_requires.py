@@ -26,6 +26,7 @@ from plugin.route.requires import (
 from plugin.route.rules import RuleSet, validate_rules
 from plugin.store.engine import Store
 from plugin.store.models import Instance, Job, JobState, Series, Study, StudyState, utcnow
+from plugin.store.reports import study_status
 
 TODAY = _dt.date(2026, 12, 6)
 SOURCE = {"pacs": {"kind": "dicom", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}}
@@ -230,6 +231,7 @@ def test_a_prior_radgate_processed_already_is_used_without_pulling(config: Confi
     [job_id] = _route(store, config, _study(store, config))
     job = _job(store, job_id)
     assert job.state == JobState.WAITING and "waiting for the prior study from pacs" in _texts(job)[0]
+    assert study_status(StudyState.COMPLETE, {JobState.WAITING: 1}, {}) == "waiting"
     archive = FakeArchive(found=[Found(prior_uid, _dt.date(2025, 1, 2), accession="A7")])
     RequirementsWorker(store, _rules(config), archive, config.spool_dir).step()
     job = _job(store, job_id)
