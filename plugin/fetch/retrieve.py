@@ -92,9 +92,10 @@ def _final(status: Dataset, service: str, source: DicomSource) -> Retrieved:
     if code == 0x0000 or (code is not None and code & 0xF000 == 0xB000):  # success, some failed
         return Retrieved(completed, failed)
     reason = status_words(status, service, where)
-    if code == MOVE_DESTINATION_UNKNOWN:
+    if service == "C-MOVE" and completed == 0:  # Orthanc answers 0xC000 where DICOM says 0xA801
+        known = "does not know" if code == MOVE_DESTINATION_UNKNOWN else "may not know"
         reason += (
-            f"; {where} does not know the move destination {source.move_destination}: declare it there "
+            f"; {where} {known} the move destination {source.move_destination}: declare it there "
             "(AE title, host and port of this node's listener) or set move_destination"
         )
     raise FetchError(reason)

@@ -28,6 +28,15 @@ from dicom_io.results.reading import picture_png, sr_measurements
 from plugin.config import Config, DicomDestination
 from plugin.dispatch.outbox import retry_deliveries
 from plugin.dispatch.senders import check_destination, destination_where
+from plugin.fetch import (
+    FetchError,
+    FetchStatus,
+    NoMatch,
+    SeveralStudies,
+    UnknownSource,
+    list_fetches,
+    submit_fetch,
+)
 from plugin.jobs.executor.devices import CpuInfo, cpu_info, executor_slots
 from plugin.jobs.executor.work import MANIFEST, read_manifest
 from plugin.jobs.queue import NoUsableSeries, queue_named_job, read_study_series, retry_job, rules_in_force
@@ -578,6 +587,72 @@ def test_destination(request: Request, principal: Operator, name: Name) -> Check
         request, principal, "destination.test", target, "ok" if reason is None else "failure", result=detail
     )
     return CheckAnswer(destination=name, ok=reason is None, detail=detail, seconds=seconds)
+
+
+# --- fetching from a source -----------------------------------------------------------------------
+
+
+class FetchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64, description="from `sources`")
+    accession: str | None = Field(default=None, min_length=1, max_length=16, description="Accession Number")
+    study_uid: str | None = Field(default=None, pattern=UID_PATTERN, max_length=64, description="or the UID")
+    pipeline: str | None = Field(
+        default=None, min_length=1, max_length=64, description="run only this pipeline; absent: the rules"
+    )
+
+
+class FetchAnswer(BaseModel):
+    message: str
+    request_id: int
+    study_uid: str | None = Field(description="the study the source holds, when it could be asked")
+    note: str | None = Field(description="why the source could not be asked now (the node retries)")
+
+
+def fetch_sources(config: Config) -> list[str]:
+    return sorted(config.sources)
+
+
+@router.get("/fetch")
+def get_fetches(request: Request) -> list[FetchStatus]:
+    """The latest fetch requests, newest first: state, attempts, the last error, the jobs they queued."""
+    return list_fetches(store_of(request))
+
+
+@router.post("/fetch", responses={400: {}, 404: {}, 409: {}})
+def post_fetch(request: Request, principal: Operator, body: FetchBody) -> FetchAnswer:
+    """Pull a study from a configured source by accession or Study Instance UID (as `radgate fetch`):
+    the source is asked first (404 when it holds no such study), then the request is recorded and
+    the node retrieves it; once complete, the rules run on it, or only ``pipeline``."""
+    config = config_of(request)
+    target = f"source {body.source}: " + (
+        f"study {body.study_uid}" if body.study_uid else f"accession {body.accession}"
+    )
+    try:
+        submitted = submit_fetch(
+            config,
+            store_of(request),
+            body.source,
+            study_uid=body.study_uid,
+            accession=body.accession,
+            pipeline=body.pipeline,
+            pipelines=installed_pipelines(config) if body.pipeline is not None else (),
+            reason=f"console: {principal.name}",
+        )
+    except (UnknownSource, NoMatch) as err:
+        raise _refuse(request, principal, "fetch.request", target, 404, str(err)) from None
+    except SeveralStudies as err:
+        raise _refuse(request, principal, "fetch.request", target, 409, str(err)) from None
+    except (ValueError, FetchError) as err:
+        raise _refuse(request, principal, "fetch.request", target, 400, str(err)) from None
+    _audit(request, principal, "fetch.request", target, fetch=submitted.request_id, pipeline=body.pipeline)
+    message = f"fetch request {submitted.request_id} queued" + (
+        f": study {submitted.study_uid}" if submitted.study_uid else ""
+    )
+    return FetchAnswer(
+        message=message, request_id=submitted.request_id, study_uid=submitted.study_uid, note=submitted.note
+    )
 
 
 # --- rules and destinations ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The console's HTML pages: overview, studies, one study, rules; Jinja2 templates, htmx, no SPA.
+"""The console's HTML pages: overview, studies, one study, rules, fetch; Jinja2 templates, htmx, no SPA.
 
 Each page renders the objects the JSON API returns (`plugin.web.api`), built by the same functions.
 The parts that change while work runs (the overview's figures, a study's timeline) are fragments
@@ -15,12 +15,15 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from plugin.fetch import list_fetches
 from plugin.store.reports import StudyFilterState
 from plugin.web.api import (
     UID_PATTERN,
     StudySearch,
     StudyUid,
     config_of,
+    fetch_sources,
+    installed_pipelines,
     overview_answer,
     routing_report,
     rules_answer,
@@ -126,3 +129,23 @@ def dry_run_fragment(
             error=f"no study {uid} has been received",
         )
     return _render(request, principal, "_dry_run.html", report=report, error=None)
+
+
+@router.get("/fetch")
+def fetch_page(request: Request, principal: Viewer) -> Response:
+    """The fetch requests and, for an operator, the form that asks a source for a study."""
+    config = config_of(request)
+    return _render(
+        request,
+        principal,
+        "fetch.html",
+        fetches=list_fetches(store_of(request)),
+        sources=fetch_sources(config),
+        pipelines=installed_pipelines(config) if principal.role >= Role.OPERATOR else [],
+    )
+
+
+@router.get("/fragments/fetch")
+def fetch_fragment(request: Request, principal: Viewer) -> Response:
+    """The fetch requests table, fetched again every 2 s and after an action."""
+    return _render(request, principal, "_fetch.html", fetches=list_fetches(store_of(request)))

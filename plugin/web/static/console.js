@@ -49,6 +49,11 @@
       const field = document.getElementById(button.dataset.field);
       body[field.name] = field.value;
     }
+    if (button.dataset.form) {  // every field of the form that has a value
+      for (const [name, value] of new FormData(document.getElementById(button.dataset.form))) {
+        if (value !== "") body[name] = value;
+      }
+    }
     button.disabled = true;
     try {
       const response = await fetch(button.dataset.action, {
