@@ -189,6 +189,14 @@ def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir:
             if action.scope == "study"
             else Job.series_uid == planned.series_uid
         )
+        waiting = session.scalars(
+            select(Job).where(
+                Job.study_id == study.id,
+                same_input,
+                Job.pipeline == action.pipeline,
+                Job.state == JobState.WAITING,
+            )
+        ).all()
         session.execute(
             update(Job)
             .where(
@@ -208,7 +216,7 @@ def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir:
             session, study, action.pipeline, planned.series_uid, action.rule, action.destinations, now=now
         )
         requires = rules.requirements(action.rule)
-        waits[id(job)] = None if requires is None else start_waiting(job, requires, infos, now)
+        waits[id(job)] = None if requires is None else start_waiting(job, requires, infos, now, waiting)
         queued.append(job)
     session.flush()
     for job in queued:

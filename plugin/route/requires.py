@@ -113,10 +113,18 @@ def _note(needs: dict[str, Any], text: str, now: _dt.datetime) -> None:
 
 
 def start_waiting(
-    job: Job, requires: Requirements, series: Sequence[SeriesInfo], now: _dt.datetime
+    job: Job,
+    requires: Requirements,
+    series: Sequence[SeriesInfo],
+    now: _dt.datetime,
+    superseded: Sequence[Job] = (),
 ) -> str | None:
     """Make a just-queued job WAITING for what its rule requires and is not there yet (a series
-    missing from ``series``, a prior); what it waits for in words, None when nothing is missing."""
+    missing from ``series``, a prior); what it waits for in words, None when nothing is missing.
+
+    The prior's search goes on where a ``superseded`` WAITING job of the same rule left it (a prior
+    being pulled stays this job's), with its deadline.
+    """
     needs: dict[str, Any] = {}
     waits: list[str] = []
     until = now
@@ -128,7 +136,12 @@ def start_waiting(
         pulled = f", asking {required.pull_from} for it" if required.pull_from else ""
         waits.append(f"{wanted} (up to {required.wait_minutes:g} min{pulled})")
         until = max(until, deadline)
-    if requires.prior is not None:
+    carried = next((dict(j.needs["prior"]) for j in superseded if j.needs and "prior" in j.needs), None)
+    if requires.prior is not None and carried is not None:
+        needs["prior"] = carried
+        waits.append(f"the prior study (carried over from the superseded job: {carried['state']})")
+        until = max(until, _dt.datetime.fromisoformat(carried["until"]))
+    elif requires.prior is not None:
         deadline = now + _dt.timedelta(minutes=requires.prior.wait_minutes)
         needs["prior"] = {"state": "find", "until": deadline.isoformat()}
         waits.append(
@@ -307,8 +320,10 @@ class RequirementsWorker:
         skipped: str | None = None
         if "series" in needs and requires is not None and requires.series is not None:
             skipped = self._series_step(job, needs, requires, now)
+        series_settled = "series" not in needs or needs["series"]["state"] in ("met", "given up")
         if "prior" in needs and requires is not None and requires.prior is not None:
-            self._prior_step(job, needs, requires.prior, now)
+            if series_settled:  # the series first: its arrival supersedes this job (start_waiting)
+                self._prior_step(job, needs, requires.prior, now)
         elif "prior" in needs and needs["prior"]["state"] not in ("found", "none"):
             needs["prior"].update(state="none", why="the rule no longer asks for a prior")
         settled = all(

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
 
 from plugin.config import Config, ConfigError, PriorRequirement, _validate
 from plugin.jobs.queue import queue_routed_jobs
@@ -75,12 +76,13 @@ class FakeArchive:
         return self.failed
 
 
-def _config(config: Config, requires: dict[str, Any]) -> Config:
+def _config(config: Config, requires: dict[str, Any], scope: str = "series") -> Config:
     data = config.model_dump(mode="python")
     data["sources"] = SOURCE
     data["rules"] = [
         {
             "name": "chest",
+            "scope": scope,
             "match": {"Modality": {"equals": "CT"}},
             "pipeline": "ct-lung",
             "requires": requires,
@@ -93,35 +95,24 @@ def _rules(config: Config) -> RuleSet:
     return validate_rules(config, ["ct-lung"])
 
 
-def _study(
-    store: Store, config: Config, date: str = "20261206", thickness: float = 5.0, uid: str | None = None
+def _add_series(
+    store: Store, config: Config, study_uid: str, thickness: float = 5.0, description: str = "Thorax 5mm"
 ) -> str:
-    """A COMPLETE study of one CT series (one instance in the spool)."""
+    """One CT instance of a new series, into the study's spool and rows (its current revision)."""
     now = utcnow()
-    study_uid, series_uid, sop = uid or generate_uid(), generate_uid(), generate_uid()
+    series_uid, sop = generate_uid(), generate_uid()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.Modality, ds.StudyDescription, ds.SeriesDescription = "CT", "CT THORAX", "Thorax 5mm"
+    ds.Modality, ds.StudyDescription, ds.SeriesDescription = "CT", "CT THORAX", description
     ds.SliceThickness = thickness
     relative = f"{study_uid}/{series_uid}/{sop}.dcm"
     (config.spool_dir / relative).parent.mkdir(parents=True, exist_ok=True)
     pydicom.dcmwrite(config.spool_dir / relative, ds, enforce_file_format=True)
     with store.session() as s:
-        study = Study(
-            study_uid=study_uid,
-            revision=1,
-            state=StudyState.COMPLETE,
-            first_received_at=now,
-            revision_started_at=now,
-            completed_at=now,
-            patient_id="P1",
-            study_date=date,
-        )
-        s.add(study)
-        s.flush()
+        study = s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
         series = Series(study_id=study.id, series_uid=series_uid, modality="CT", first_received_at=now)
         s.add(series)
         s.flush()
@@ -132,12 +123,35 @@ def _study(
                 sop_instance_uid=sop,
                 sop_class_uid=ds.SOPClassUID,
                 transfer_syntax=ExplicitVRLittleEndian,
-                study_revision=1,
+                study_revision=study.revision,
                 spool_path=relative,
                 size=1,
                 received_at=now,
             )
         )
+    return series_uid
+
+
+def _study(
+    store: Store, config: Config, date: str = "20261206", thickness: float = 5.0, uid: str | None = None
+) -> str:
+    """A COMPLETE study of one CT series (one instance in the spool)."""
+    now = utcnow()
+    study_uid = uid or generate_uid()
+    with store.session() as s:
+        s.add(
+            Study(
+                study_uid=study_uid,
+                revision=1,
+                state=StudyState.COMPLETE,
+                first_received_at=now,
+                revision_started_at=now,
+                completed_at=now,
+                patient_id="P1",
+                study_date=date,
+            )
+        )
+    _add_series(store, config, study_uid, thickness)
     return study_uid
 
 
@@ -341,3 +355,30 @@ def test_a_study_with_the_series_does_not_wait(config: Config, store: Store, tmp
     config = _config(config, {"series": {"match": {"SliceThickness": {"range": {"max": 1.5}}}}})
     [job_id] = _route(store, config, _study(store, config, thickness=1.0))
     assert _job(store, job_id).state == JobState.QUEUED
+
+
+def test_a_new_revision_supersedes_a_waiting_job_and_keeps_its_prior_in_flight(
+    config: Config, store: Store
+) -> None:
+    thin = {"SliceThickness": {"range": {"max": 1.5}}}
+    requires = {"series": {"match": thin, "wait_minutes": 0}, "prior": {"source": "pacs"}}
+    config = _config(config, requires, scope="study")
+    study_uid = _study(store, config)
+    [first] = _route(store, config, study_uid)
+    prior_uid = generate_uid()
+    archive = FakeArchive(found=[Found(prior_uid, _dt.date(2025, 3, 4))])
+    worker = RequirementsWorker(store, _rules(config), archive, config.spool_dir)
+    worker.step()  # the series first: the wait (0 min) ends, then the prior is looked for and pulled
+    assert archive.pulls == [("pacs", prior_uid, ())]
+    with store.session() as s:  # the thin series arrives late: revision 2
+        s.scalars(select(Study).where(Study.study_uid == study_uid)).one().revision = 2
+    thin_uid = _add_series(store, config, study_uid, thickness=1.0, description="Thorax 1mm")
+    [second] = _route(store, config, study_uid)
+    old, new = _job(store, first), _job(store, second)
+    assert old.state == JobState.CANCELLED and old.error == "superseded by revision 2 before it ran"
+    assert new.state == JobState.WAITING and new.series_uid == thin_uid and new.needs is not None
+    assert new.needs["prior"]["state"] == "fetching" and new.needs["prior"]["study_uid"] == prior_uid
+    assert "carried over from the superseded job: fetching" in _texts(new)[0]
+    _study(store, config, date="20250304", uid=prior_uid)  # the pull ends: the new job's prior
+    [prior_job] = _route(store, config, prior_uid)
+    assert _job(store, prior_job).rule == PRIOR_RULE and archive.pulls == [("pacs", prior_uid, ())]
