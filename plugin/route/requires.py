@@ -122,8 +122,8 @@ def start_waiting(
     """Make a just-queued job WAITING for what its rule requires and is not there yet (a series
     missing from ``series``, a prior); what it waits for in words, None when nothing is missing.
 
-    The prior's search goes on where a ``superseded`` WAITING job of the same rule left it (a prior
-    being pulled stays this job's), with its deadline.
+    A prior that a ``superseded`` WAITING job of the same rule found (or is pulling, or found none
+    of) is this job's, with its deadline.
     """
     needs: dict[str, Any] = {}
     waits: list[str] = []
@@ -136,7 +136,14 @@ def start_waiting(
         pulled = f", asking {required.pull_from} for it" if required.pull_from else ""
         waits.append(f"{wanted} (up to {required.wait_minutes:g} min{pulled})")
         until = max(until, deadline)
-    carried = next((dict(j.needs["prior"]) for j in superseded if j.needs and "prior" in j.needs), None)
+    carried = next(
+        (
+            dict(j.needs["prior"])
+            for j in superseded
+            if j.needs and j.needs.get("prior", {}).get("state", "find") != "find"
+        ),
+        None,
+    )
     if requires.prior is not None and carried is not None:
         needs["prior"] = carried
         waits.append(f"the prior study (carried over from the superseded job: {carried['state']})")

@@ -1,10 +1,11 @@
 """A prior found, pulled and used: a real Orthanc as the PACS holds two visits of LUNG1-001's patient.
 
-The node (one, in this process, with its executor) receives the later visit by C-STORE. Its rule
-requires the prior: the node finds the earlier visit by C-FIND, pulls it by C-MOVE, runs ct-lung
-on it (results kept locally), then on the current study, whose SR reports the change per lung and
-in total and references the prior's SR. The visits are 28 real slices each; the prior's are moved
-by 2 slices, so its lungs measure differently.
+The node (one, in this process, with its executor) receives the later visit's sharp-kernel
+reconstruction by C-STORE. Its rule requires the soft-kernel one (B19f) and the prior: the node
+pulls the missing series by C-MOVE (the new revision supersedes the waiting job), then finds the
+earlier visit by C-FIND, pulls it, runs ct-lung on it (results kept locally), then on the current
+study, whose SR reports the change per lung and in total and references the prior's SR. The
+visits are 28 real slices each; the prior's are moved by 2 slices, so its lungs measure differently.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from support.node import free_port, wait_for
-from support.study import OneSeriesStudy, ct_visit
+from support.study import OneSeriesStudy, ct_visit, reconstruction
 from support.testdata import needs_testdata
 
 from dicom_io.results.reading import sr_measurements
@@ -41,6 +42,7 @@ SLICES = 28  # ct-lung wants 20 slices and 80 mm: 27 x 3 mm
 class Outcome:
     node: Node
     current: OneSeriesStudy
+    sharp: OneSeriesStudy
     prior: OneSeriesStudy
     job: Job
     prior_job: Job
@@ -69,6 +71,7 @@ def outcome(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     root = tmp_path_factory.mktemp("priors")
     prior = ct_visit(testdata, root / "prior", SLICES, "20240105", "ACC-PRIOR", offset=2)
     current = ct_visit(testdata, root / "current", SLICES, "20261101", "ACC-NOW")
+    sharp = reconstruction(current, root / "sharp", "B70f")  # what the node is sent
     older = ct_visit(testdata, root / "older", 3, "20220301", "ACC-OLDER")  # not the most recent
     pacs = OrthancServer()
     try:
@@ -90,11 +93,14 @@ def outcome(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 "scope": "study",
                 "match": {"Modality": {"equals": "CT"}},
                 "pipeline": "ct-lung",
-                "requires": {"prior": {"source": "pacs", "wait_minutes": 5}},
+                "requires": {
+                    "series": {"match": {"SeriesDescription": {"regex": "B19f"}}, "pull_from": "pacs"},
+                    "prior": {"source": "pacs", "wait_minutes": 5},
+                },
             }
         ],
     )
-    pacs.upload([*prior.files, *current.files, *older.files])
+    pacs.upload([*prior.files, *current.files, *sharp.files, *older.files])
     pacs.add_modality("radgate", Modality("RADGATE", "127.0.0.1", port))
     node = Node(config)
     node.start()
@@ -102,18 +108,34 @@ def outcome(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     completion = threading.Thread(target=node.completion.run, args=(stop,), daemon=True)
     completion.start()
     try:
-        sent = storescu("127.0.0.1", port, "RADGATE", current.files)
+        sent = storescu("127.0.0.1", port, "RADGATE", sharp.files)
         assert sent.returncode == 0, sent.output
         job = wait_for(lambda: _done(node, current.study_uid), 300, "the current study's ct-lung job to end")
         [prior_job] = _jobs(node, prior.study_uid)
         [sr_path] = (config.results_dir / str(job.id)).glob("SR-*.dcm")
         [prior_sr] = (config.results_dir / str(prior_job.id)).glob("SR-*.dcm")
-        yield Outcome(node, current, prior, job, prior_job, sr_path, pydicom.dcmread(prior_sr))
+        yield Outcome(node, current, sharp, prior, job, prior_job, sr_path, pydicom.dcmread(prior_sr))
     finally:
         stop.set()
         completion.join(10)
         node.stop()
         pacs.stop()
+
+
+def test_the_missing_series_is_pulled_and_the_job_runs_on_it(outcome: Outcome) -> None:
+    waited, ran = _jobs(outcome.node, outcome.current.study_uid)
+    assert (waited.series_uid, waited.state) == (outcome.sharp.series_uid, JobState.CANCELLED)
+    assert waited.error == "superseded by revision 2 before it ran"
+    assert (ran.id, ran.series_uid, ran.study_revision) == (outcome.job.id, outcome.current.series_uid, 2)
+    with outcome.node.store.session() as s:
+        timeline = study_timeline(s, outcome.current.study_uid)
+    assert timeline is not None
+    texts = [e.text for e in timeline.events if e.kind == "requires" and e.job_id == waited.id]
+    assert texts[0] == (
+        f"job {waited.id}: waiting for a series with SeriesDescription regex 'B19f'"
+        " (up to 30 min, asking pacs for it) and the prior study from pacs (up to 5 min)"
+    )
+    assert texts[1].startswith(f"job {waited.id}: pulling 1 series from pacs (fetch ")
 
 
 def test_the_prior_is_found_pulled_and_run_without_delivery(outcome: Outcome) -> None:
@@ -125,7 +147,7 @@ def test_the_prior_is_found_pulled_and_run_without_delivery(outcome: Outcome) ->
     with outcome.node.store.session() as s:
         timeline = study_timeline(s, outcome.current.study_uid)
     assert timeline is not None
-    texts = [e.text for e in timeline.events if e.kind == "requires"]
+    texts = [e.text for e in timeline.events if e.kind == "requires" and e.job_id == outcome.job.id]
     assert texts[0] == f"job {outcome.job.id}: waiting for the prior study from pacs (up to 5 min)"
     assert any(
         f"prior: study {outcome.prior.study_uid} (accession ACC-PRIOR), of 2024-01-05" in t for t in texts

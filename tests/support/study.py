@@ -227,3 +227,18 @@ def ct_visit(
         visit.save_as(path, enforce_file_format=True)
         files.append(path)
     return OneSeriesStudy(study_uid, series_uid, tuple(files))
+
+
+def reconstruction(visit: OneSeriesStudy, out: Path, kernel: str) -> OneSeriesStudy:
+    """Another reconstruction of a visit's series, in the same study: a new series whose slices
+    say they were made with `kernel` (the pixels are the same)."""
+    series_uid = generate_uid()
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for path in visit.files:
+        ds = _new_series(pydicom.dcmread(path), series_uid, 3, f"Thorax 3.0 {kernel}")
+        ds.ConvolutionKernel = kernel
+        copy_path = out / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(copy_path, enforce_file_format=True)
+        files.append(copy_path)
+    return OneSeriesStudy(visit.study_uid, series_uid, tuple(files))
