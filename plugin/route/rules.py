@@ -344,6 +344,26 @@ def describe_required(required: RequiredSeries) -> str:
     return "a series with " + ", ".join(describe_tests(required.match))
 
 
+def describe_requirements(requires: Requirements | None) -> list[str]:
+    """What a rule requires before its job runs, in words, one line per requirement."""
+    if requires is None:
+        return []
+    lines = []
+    if (series := requires.series) is not None:
+        pulled = f", pulled from {series.pull_from}" if series.pull_from else ""
+        after = "runs on the series there are" if series.after_wait == "run" else "skipped"
+        lines.append(
+            f"{describe_required(series)}{pulled}: waits up to {series.wait_minutes:g} min, then {after}"
+        )
+    if (prior := requires.prior) is not None:
+        results = "delivered" if prior.deliver else "kept locally"
+        lines.append(
+            f"the prior study from {prior.source} (same {', '.join(prior.same)}, within {prior.max_age_days}"
+            f" days; its results {results}): waits up to {prior.wait_minutes:g} min, then runs without"
+        )
+    return lines
+
+
 def _why_not(rule: Rule, header: Header, paused: Collection[str]) -> tuple[str, ...]:
     """Every reason the rule does not match the header; empty when it matches.
 
@@ -478,7 +498,14 @@ def study_report(study_uid: str, series: Sequence[SeriesInfo], rules: RuleSet) -
             }
             for selection in plan.selections
         ],
-        "jobs": [{**asdict(job.action), "series_uid": job.series_uid} for job in plan.jobs],
+        "jobs": [
+            {
+                **asdict(job.action),
+                "series_uid": job.series_uid,
+                "requires": describe_requirements(rules.requirements(job.action.rule)),
+            }
+            for job in plan.jobs
+        ],
     }
 
 
@@ -537,8 +564,12 @@ def format_report(report: Mapping[str, Any]) -> str:
                 for r in selection["ranking"]
             ]
         lines += [
-            f"  job: {job['pipeline']} on series {job['series_uid']}"
-            f" (rule {job['rule']}, {job['scope']} scope), {_where(job['destinations'])}"
+            line
             for job in study["jobs"]
+            for line in (
+                f"  job: {job['pipeline']} on series {job['series_uid']}"
+                f" (rule {job['rule']}, {job['scope']} scope), {_where(job['destinations'])}",
+                *(f"    requires {r}" for r in job["requires"]),
+            )
         ] or ["  no jobs"]
     return "\n".join(lines)

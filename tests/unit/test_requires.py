@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from plugin.config import Config, ConfigError, PriorRequirement, _validate
-from plugin.jobs.queue import queue_routed_jobs
+from plugin.jobs.queue import queue_routed_jobs, read_study_series
 from plugin.route.requires import (
     PRIOR_RULE,
     ArchiveUnavailable,
@@ -24,7 +24,7 @@ from plugin.route.requires import (
     choose_prior,
     prior_result,
 )
-from plugin.route.rules import RuleSet, validate_rules
+from plugin.route.rules import RuleSet, describe_requirements, format_report, study_report, validate_rules
 from plugin.store.engine import Store
 from plugin.store.models import Instance, Job, JobState, Series, Study, StudyState, utcnow
 from plugin.store.reports import study_status
@@ -382,3 +382,27 @@ def test_a_new_revision_supersedes_a_waiting_job_and_keeps_its_prior_in_flight(
     _study(store, config, date="20250304", uid=prior_uid)  # the pull ends: the new job's prior
     [prior_job] = _route(store, config, prior_uid)
     assert _job(store, prior_job).rule == PRIOR_RULE and archive.pulls == [("pacs", prior_uid, ())]
+
+
+def test_the_rules_say_what_a_job_waits_for(config: Config, store: Store) -> None:
+    requires = {
+        "series": {
+            "match": {"SliceThickness": {"range": {"max": 1.5}}},
+            "pull_from": "pacs",
+            "after_wait": "skip",
+        },
+        "prior": {"source": "pacs", "max_age_days": 730},
+    }
+    config = _config(config, requires)
+    assert describe_requirements(config.rules[0].requires if config.rules else None) == [
+        "a series with SliceThickness range [-inf, 1.5], pulled from pacs: waits up to 30 min, then skipped",
+        "the prior study from pacs (same modality, within 730 days; its results kept locally):"
+        " waits up to 60 min, then runs without",
+    ]
+    study_uid = _study(store, config)
+    with store.session() as s:
+        study = s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
+        series, _ = read_study_series(s, study, config.spool_dir)
+    text = format_report({"rules": ["chest"], "default_rule": None, "notes": [], "skipped_files": 0,
+                          "studies": [study_report(study_uid, series, _rules(config))]})  # fmt: skip
+    assert "    requires a series with SliceThickness range [-inf, 1.5], pulled from pacs" in text
