@@ -406,3 +406,36 @@ def test_the_rules_say_what_a_job_waits_for(config: Config, store: Store) -> Non
     text = format_report({"rules": ["chest"], "default_rule": None, "notes": [], "skipped_files": 0,
                           "studies": [study_report(study_uid, series, _rules(config))]})  # fmt: skip
     assert "    requires a series with SliceThickness range [-inf, 1.5], pulled from pacs" in text
+
+
+def test_a_failed_pull_or_prior_run_leaves_the_job_without_comparison(config: Config, store: Store) -> None:
+    config = _config(config, {"prior": {"source": "pacs"}})
+    [pulled] = _route(store, config, _study(store, config))
+    [ran] = _route(store, config, _study(store, config))
+    failed_uid, ran_uid = generate_uid(), generate_uid()
+    archive = FakeArchive(found=[Found(failed_uid, _dt.date(2025, 3, 4))])
+    worker = RequirementsWorker(store, _rules(config), archive, config.spool_dir)
+    worker.step()  # both jobs pull the same prior
+    archive.failed = "no study at pacs matches study " + failed_uid
+    worker.step()
+    for job_id in (pulled, ran):
+        job = _job(store, job_id)
+        assert job.state == JobState.QUEUED and job.needs is not None
+        assert job.needs["prior"]["why"] == f"pulling the prior from pacs failed: {archive.failed}"
+    [third] = _route(store, config, _study(store, config))
+    archive.found, archive.failed = [Found(ran_uid, _dt.date(2025, 5, 6))], None
+    worker.step()
+    _study(store, config, date="20250506", uid=ran_uid)
+    [prior_job] = _route(store, config, ran_uid)
+    with store.session() as s:
+        prior = s.get_one(Job, prior_job)
+        prior.state, prior.error = JobState.FAILED, "no lung found in this series"
+    worker.step()
+    job = _job(store, third)
+    assert job.state == JobState.QUEUED and job.needs is not None
+    assert (
+        job.needs["prior"]["why"]
+        == f"the prior's ct-lung job {prior_job} failed: no lung found in this series"
+    )
+    _, note = prior_result(job.needs, config.results_dir)
+    assert note == f"No comparison with a prior study: {job.needs['prior']['why']}."
