@@ -11,6 +11,7 @@ Derivation per NUM, and the change takes it.
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,12 +52,27 @@ class Prior:
     sr_series_uid: str
     values: tuple[PriorValue, ...]
 
-    def describe(self) -> str:
-        """The prior in words for the report and the logs: date, accession and UID (no patient data)."""
+    @property
+    def when(self) -> str:
+        """The prior's study date as YYYY-MM-DD, or "an unknown date"."""
         d = self.study_date
-        when = f"{d[:4]}-{d[4:6]}-{d[6:]}" if len(d) == 8 else "an unknown date"
+        return f"{d[:4]}-{d[4:6]}-{d[6:]}" if len(d) == 8 else "an unknown date"
+
+    def earlier_than(self, study_date: str) -> str:
+        """The prior in words without an identifier or a date, for the report itself (a
+        de-identified export keeps its text): how many days before ``study_date`` (DA) it was."""
+        try:
+            days = (
+                _dt.datetime.strptime(study_date, "%Y%m%d") - _dt.datetime.strptime(self.study_date, "%Y%m%d")
+            ).days
+        except ValueError:
+            return "the patient's prior study (of a date not known)"
+        return f"the patient's prior study of {days} days earlier"
+
+    def describe(self) -> str:
+        """The prior in words for the logs and the timeline: date, accession and UID (no patient data)."""
         accession = f", accession {self.accession}" if self.accession else ""
-        return f"prior study of {when}{accession} (Study Instance UID {self.study_uid})"
+        return f"prior study of {self.when}{accession} (Study Instance UID {self.study_uid})"
 
     def evidence(self, patient: Dataset) -> Dataset:
         """The prior SR as an evidence item (its study, series and instance, the patient's identity

@@ -13,9 +13,10 @@ so. (OHIF 3.13 shows a measured value of 0 as blank.)
 
 With a prior study's result (`ResultOptions.prior`), each volumetric group also carries the change
 of its measurements since the prior (absolute and relative NUMs whose Derivation says so,
-`dicom_io.results.prior`), the root's qualitative evaluations name the prior study, and the
-prior's SR is listed in the Pertinent Other Evidence Sequence (it is another study's instance).
-Without one, `ResultOptions.comparison_note` says there why nothing was compared.
+`dicom_io.results.prior`), the root's qualitative evaluations say how many days earlier the prior
+was (no identifier or date: a de-identified export keeps the text), and the prior's SR is listed
+in the Pertinent Other Evidence Sequence (it is another study's instance). Without one,
+`ResultOptions.comparison_note` says there why nothing was compared.
 """
 
 from __future__ import annotations
@@ -248,9 +249,14 @@ def _qualitative_container(ctx: Context) -> hd.sr.ContainerContentItem | None:
         texts.append((codes.DCM.Finding, "Nothing found"))
     texts += [(codes.DCM.Comment, note) for note in ctx.findings.notes]
     prior = ctx.options.prior
-    if prior is not None:
+    if prior is not None:  # no identifier or date: the text stays in a de-identified export
+        study_date = str(ctx.first_source.get("StudyDate", "") or "")
         texts.append(
-            (codes.DCM.Comment, f"Compared with the {prior.describe()}, report {prior.sr_sop_instance_uid}")
+            (
+                codes.DCM.Comment,
+                f"Compared with {prior.earlier_than(study_date)};"
+                " its report is listed as Pertinent Other Evidence",
+            )
         )
     elif ctx.options.comparison_note:
         texts.append((codes.DCM.Comment, ctx.options.comparison_note))

@@ -16,7 +16,7 @@ study's timeline and a log line (UIDs and accession numbers only):
   pipeline runs on it (a job of rule `PRIOR_RULE`, whose results stay local unless ``deliver``),
   in place of the rules (`queue_prior_jobs`). No prior, a source that does not answer, a pull or
   a run that fails, or ``wait_minutes`` gone by: the job runs without a comparison and its SR says
-  why (``needs["prior"]["why"]``).
+  why (``needs["prior"]["why"]``; in the SR ``said``, which names no UID).
 
 The job is QUEUED once every requirement is settled; the runner gives the pipeline the prior's
 result (`prior_result`). The archive is reached through `Archive` (`plugin.fetch` on the node).
@@ -416,8 +416,10 @@ class RequirementsWorker:
     ) -> None:
         state = needs["prior"]
 
-        def none(why: str) -> None:
-            state.update(state="none", why=why)
+        def none(why: str, said: str | None = None) -> None:
+            """No comparison: ``why`` on the timeline, ``said`` (no UIDs: the SR's text leaves in
+            de-identified exports) in the report, when ``why`` may name one."""
+            state.update(state="none", why=why, said=said or why)
             _note(needs, f"no comparison: {why}", now)
 
         if state["state"] == "find":
@@ -429,9 +431,12 @@ class RequirementsWorker:
                 state.update(state="found", job=outcome)
                 _note(needs, f"the prior's {job.pipeline} result is ready (job {outcome})", now)
             elif outcome is not None:
-                none(outcome)
+                none(outcome, f"the prior's {job.pipeline} run failed")
             elif failed is not None:
-                none(f"pulling the prior from {requirement.source} failed: {failed}")
+                none(
+                    f"pulling the prior from {requirement.source} failed: {failed}",
+                    f"the prior could not be pulled from {requirement.source}",
+                )
         if state["state"] in ("find", "fetching") and now >= _dt.datetime.fromisoformat(state["until"]):
             none(f"the prior was not ready within {requirement.wait_minutes:g} min")
 
@@ -537,12 +542,10 @@ def prior_result(needs: dict[str, Any] | None, results_dir: Path) -> tuple[Prior
     if prior is None:
         return None, None
     if prior.get("state") != "found":
-        return None, f"No comparison with a prior study: {prior.get('why', 'none was found')}."
+        return None, f"No comparison with a prior study: {prior.get('said') or prior.get('why')}."
     try:
         [sr] = sorted((results_dir / str(prior["job"])).glob("SR-*.dcm"))  # dicom_io.results' names
         return read_prior(pydicom.dcmread(sr)), None
-    except (OSError, ValueError, IndexError, AttributeError) as err:
-        return (
-            None,
-            f"No comparison with a prior study: its result (job {prior['job']}) could not be read ({err}).",
-        )
+    except (OSError, ValueError, IndexError, AttributeError) as err:  # gone, or not an SR we wrote
+        log.warning("the prior's result (job %s) could not be read: %s", prior["job"], err)
+        return None, "No comparison with a prior study: its result could not be read."

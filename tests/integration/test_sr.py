@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from support.results import (
 from support.testdata import TESTDATA, needs_testdata
 
 from dicom_io.results import ResultOptions, ResultSet, build_results
+from dicom_io.results.common import format_value, make_context
 from dicom_io.results.prior import Prior
 from dicom_io.results.reading import read_prior, sr_measurements
+from dicom_io.results.sc import card_rows
 from dicom_io.testing import validate
 from dicom_io.testing.structure import describe_seg, describe_sr
 from dicom_io.types import Findings, Measurement
@@ -229,8 +232,11 @@ def test_sr_reports_the_change_since_the_prior_and_references_it(
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == prior.sr_sop_instance_uid
     assert PRIOR_STUDY not in {s.StudyInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence}
     comment = str(sr.ContentSequence[-1].ContentSequence[-1].TextValue)
-    assert comment.startswith("Compared with the prior study of 2019-01-02, accession")
-    assert f"(Study Instance UID {PRIOR_STUDY}), report {prior.sr_sop_instance_uid}" in comment
+    days = (datetime.date(2026, 1, 1) - datetime.date(2019, 1, 2)).days  # support.results' StudyDate
+    assert comment == (
+        f"Compared with the patient's prior study of {days} days earlier;"
+        " its report is listed as Pertinent Other Evidence"
+    )  # no UID, accession or date: the text stays in a de-identified export
     assert '(CHANGE_PRIOR,99RADGATE,"Change since prior study")' in require(validate.dsrdump(path)).output
     again = read_prior(sr)  # read as the next study's prior: its values, not its changes
     assert len(again.values) == len(prior.values)
@@ -244,3 +250,16 @@ def test_sr_says_why_nothing_was_compared(written: tuple[Series, Findings, Resul
     assert "PertinentOtherEvidenceSequence" not in sr
     assert not [row for row in sr_measurements(sr) if "change" in row[1]]
     assert note in str(sr.ContentSequence[-1].ContentSequence[-1].TextValue)
+
+
+def test_the_report_card_shows_the_change_in_brackets(
+    written: tuple[Series, Findings, ResultSet, Path, Path], compared: tuple[Prior, Findings, Path]
+) -> None:
+    series, (prior, current, _) = written[0], compared
+    rows = card_rows(make_context(current, series.volume, series.datasets, replace(OPTIONS, prior=prior)))
+    texts = [(row.text, row.value) for row in rows]
+    assert texts[0] == ("In brackets: the change since the prior study of 2019-01-02", "")
+    right_ml = next(m.value for m in current.measurements if m.segment == 1 and m.concept == VOLUME)
+    delta = format_value(right_ml - right_ml / 1.1, ML)
+    assert ("Volume", f"{format_value(right_ml, ML)} (+{delta}, +10.0 %)") in texts
+    assert not any(PRIOR_STUDY in f"{text} {value}" for text, value in texts)

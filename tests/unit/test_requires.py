@@ -422,6 +422,9 @@ def test_a_failed_pull_or_prior_run_leaves_the_job_without_comparison(config: Co
         job = _job(store, job_id)
         assert job.state == JobState.QUEUED and job.needs is not None
         assert job.needs["prior"]["why"] == f"pulling the prior from pacs failed: {archive.failed}"
+        assert prior_result(job.needs, config.results_dir)[1] == (
+            "No comparison with a prior study: the prior could not be pulled from pacs."
+        )
     [third] = _route(store, config, _study(store, config))
     archive.found, archive.failed = [Found(ran_uid, _dt.date(2025, 5, 6))], None
     worker.step()
@@ -438,4 +441,4 @@ def test_a_failed_pull_or_prior_run_leaves_the_job_without_comparison(config: Co
         == f"the prior's ct-lung job {prior_job} failed: no lung found in this series"
     )
     _, note = prior_result(job.needs, config.results_dir)
-    assert note == f"No comparison with a prior study: {job.needs['prior']['why']}."
+    assert note == "No comparison with a prior study: the prior's ct-lung run failed."  # no UID in the SR
