@@ -37,6 +37,60 @@ def client_ssl_context(tls: ClientTLS) -> ssl.SSLContext:
     return context
 
 
+def _association_failure(
+    assoc: Any, host: str, port: int, tls: ssl.SSLContext | None, timeout_s: float, where: str
+) -> str:
+    """Why ``assoc`` (to a destination or a source) was not established, in words: rejected, or
+    the connection's own error (refused, timed out, TLS), found by connecting once more."""
+    if assoc.is_rejected:
+        return f"association rejected by {where} (A-ASSOCIATE-RJ; check the AE titles)"
+    try:  # pynetdicom only logs why the connection failed (and calls it an abort): try once more
+        with socket.create_connection((host, port), timeout_s) as sock:
+            if tls is not None:
+                tls.wrap_socket(sock, server_hostname=host).close()
+    except OSError as err:  # ssl.SSLError is an OSError
+        return describe_network_error(err, where)
+    if assoc.is_aborted:
+        return f"association aborted by {where}"
+    return f"no association with {where} (no A-ASSOCIATE response)"
+
+
+def associate(
+    host: str,
+    port: int,
+    called_ae_title: str,
+    calling_ae_title: str,
+    contexts: list[PresentationContext],
+    timeout_s: float,
+    tls: ClientTLS | None,
+    roles: list[Any] | None = None,
+    handlers: list[Any] | None = None,
+) -> tuple[Any, str | None]:
+    """An association with a DICOM peer (a destination, a source) proposing ``contexts`` (and SCP/SCU
+    ``roles``, with event ``handlers``), ``timeout_s`` for every wait: (association, None), or
+    (None, why there is none in words). Never raises for a network or peer failure."""
+    where = f"{called_ae_title}@{host}:{port}"
+    ae = AE(ae_title=calling_ae_title)
+    ae.requested_contexts = contexts
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    context = client_ssl_context(tls) if tls is not None else None
+    try:
+        assoc = ae.associate(
+            host,
+            port,
+            ae_title=called_ae_title,
+            ext_neg=roles,
+            evt_handlers=handlers,
+            tls_args=(context, host) if context is not None else None,
+        )
+    except (OSError, ssl.SSLError) as err:
+        return None, describe_network_error(err, where)
+    if not assoc.is_established:
+        return None, _association_failure(assoc, host, port, context, timeout_s, where)
+    return assoc, None
+
+
 def _status_reason(status: Any) -> str | None:
     """None for Success and Warning (0xB000.. : stored, perhaps coerced), else the status in words."""
     if "Status" not in status:
@@ -82,41 +136,10 @@ class DicomSender:
         contexts = [build_context(sop_class, list(syntaxes)) for sop_class, syntaxes in wanted]
         return contexts, failed
 
-    def _association_failure(self, assoc: Any, tls: ssl.SSLContext | None) -> str:
-        if assoc.is_rejected:
-            return f"association rejected by {self.where} (A-ASSOCIATE-RJ; check the AE titles)"
-        host, port = self.destination.host, self.destination.port
-        try:  # pynetdicom only logs why the connection failed (and calls it an abort): try once more
-            with socket.create_connection((host, port), self.timeout_s) as sock:
-                if tls is not None:
-                    tls.wrap_socket(sock, server_hostname=host).close()
-        except OSError as err:  # ssl.SSLError is an OSError
-            return describe_network_error(err, self.where)
-        if assoc.is_aborted:
-            return f"association aborted by {self.where}"
-        return f"no association with {self.where} (no A-ASSOCIATE response)"
-
     def _associate(self, contexts: list[PresentationContext]) -> tuple[Any, str | None]:
         """An association proposing ``contexts``; (association, None) or (None, why there is none)."""
-        ae = AE(ae_title=self.calling_ae_title)
-        ae.requested_contexts = contexts
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        ae.connection_timeout = self.timeout_s
-        tls = self.destination.tls
-        context = client_ssl_context(tls) if tls is not None else None
-        tls_args = (context, self.destination.host) if context is not None else None
-        try:
-            assoc = ae.associate(
-                self.destination.host,
-                self.destination.port,
-                ae_title=self.destination.ae_title,
-                tls_args=tls_args,
-            )
-        except (OSError, ssl.SSLError) as err:
-            return None, describe_network_error(err, self.where)
-        if not assoc.is_established:
-            return None, self._association_failure(assoc, context)
-        return assoc, None
+        d = self.destination
+        return associate(d.host, d.port, d.ae_title, self.calling_ae_title, contexts, self.timeout_s, d.tls)
 
     def check(self) -> str | None:
         """C-ECHO over a new association: None when the peer answers Success, else why not."""

@@ -34,6 +34,15 @@ def http_session(auth: BasicAuth | BearerAuth | None) -> requests.Session:
     return session
 
 
+def auth_secrets(auth: BasicAuth | BearerAuth | None) -> list[str]:
+    """The password or token of configured credentials, for ``redact``."""
+    if isinstance(auth, BasicAuth):
+        return [auth.password.get_secret_value()]
+    if isinstance(auth, BearerAuth):
+        return [auth.token.get_secret_value()]
+    return []
+
+
 def _stow_answer(response: requests.Response) -> tuple[set[str], dict[str, str]]:
     """(stored, refused) SOP Instance UIDs of a STOW-RS answer: ReferencedSOPSequence (0008,1199)
     and FailedSOPSequence (0008,1198) with each FailureReason; empty when the body says nothing."""

@@ -10,15 +10,13 @@ through ``redact`` with the destination's secrets.
 from __future__ import annotations
 
 from plugin.config import (
-    BasicAuth,
-    BearerAuth,
     DicomDestination,
     DicomWebDestination,
     OrthancDestination,
 )
 from plugin.dispatch.base import Sender, http_where, redact, url_secrets
 from plugin.dispatch.dicom import DicomSender
-from plugin.dispatch.dicomweb import StowSender
+from plugin.dispatch.dicomweb import StowSender, auth_secrets
 from plugin.dispatch.orthanc_rest import OrthancSender
 
 
@@ -27,12 +25,7 @@ def destination_secrets(
 ) -> list[str]:
     """Every credential a destination carries, for ``redact``."""
     if isinstance(destination, DicomWebDestination):
-        secrets = url_secrets(destination.url)
-        if isinstance(destination.auth, BasicAuth):
-            secrets.append(destination.auth.password.get_secret_value())
-        elif isinstance(destination.auth, BearerAuth):
-            secrets.append(destination.auth.token.get_secret_value())
-        return secrets
+        return url_secrets(destination.url) + auth_secrets(destination.auth)
     if isinstance(destination, OrthancDestination):
         secrets = url_secrets(destination.url)
         if destination.password is not None:

@@ -9,8 +9,6 @@ an empty answer is not an error (an empty list). No patient data goes into a mes
 from __future__ import annotations
 
 import datetime
-import socket
-import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from typing import Any
 import requests
 from dicomweb_client import DICOMwebClient
 from pydicom import Dataset
-from pynetdicom import AE, build_context, evt
+from pynetdicom import build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -28,9 +26,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from plugin.config import DEFAULT_AE_TITLE, DicomSource, DicomWebSource, SourceConfig
-from plugin.dispatch.base import describe_network_error, http_status, http_where, redact
-from plugin.dispatch.dicom import client_ssl_context
-from plugin.dispatch.dicomweb import http_session
+from plugin.dispatch.base import describe_network_error, http_status, http_where, redact, url_secrets
+from plugin.dispatch.dicom import associate
+from plugin.dispatch.dicomweb import auth_secrets, http_session
 
 PENDING = (0xFF00, 0xFF01)
 
@@ -86,8 +84,10 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 def _date(ds: Dataset, keyword: str) -> datetime.date | None:
     text = _text(ds, keyword)
+    if text is None or len(text) != 8 or not text.isdigit():
+        return None
     try:
-        return None if text is None else datetime.datetime.strptime(text[:8], "%Y%m%d").date()
+        return datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
     except ValueError:
         return None
 
@@ -194,45 +194,24 @@ def dicom_association(
 ) -> Iterator[Association]:
     """An established association with the source proposing ``contexts`` (and SCP/SCU ``roles``,
     event ``handlers``), released on leaving; FetchError when there is none."""
-    where = dicom_where(source)
-    ae = AE(ae_title=source.calling_ae_title or DEFAULT_AE_TITLE)
-    ae.requested_contexts = contexts
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = source.timeout_s
-    ae.connection_timeout = source.timeout_s
-    tls = client_ssl_context(source.tls) if source.tls is not None else None
-    try:
-        assoc = ae.associate(
-            source.host,
-            source.port,
-            ae_title=source.ae_title,
-            ext_neg=roles,
-            evt_handlers=list(handlers or ()),
-            tls_args=(tls, source.host) if tls is not None else None,
-        )
-    except (OSError, ssl.SSLError) as err:
-        raise FetchError(describe_network_error(err, where)) from None
-    if not assoc.is_established:
-        raise FetchError(_no_association(assoc, source, tls))
+    assoc, failure = associate(
+        source.host,
+        source.port,
+        source.ae_title,
+        source.calling_ae_title or DEFAULT_AE_TITLE,
+        contexts,
+        source.timeout_s,
+        source.tls,
+        roles,
+        list(handlers or ()),
+    )
+    if assoc is None:
+        raise FetchError(failure or f"no association with {dicom_where(source)}")
     try:
         yield assoc
     finally:
         if assoc.is_established:
             assoc.release()
-
-
-def _no_association(assoc: Association, source: DicomSource, tls: ssl.SSLContext | None) -> str:
-    where = dicom_where(source)
-    if assoc.is_rejected:
-        return f"association rejected by {where} (A-ASSOCIATE-RJ; check the AE titles)"
-    try:  # pynetdicom only logs why the connection failed: try once more for the reason
-        with socket.create_connection((source.host, source.port), source.timeout_s) as sock:
-            if tls is not None:
-                tls.wrap_socket(sock, server_hostname=source.host).close()
-    except OSError as err:
-        return describe_network_error(err, where)
-    if assoc.is_aborted:
-        return f"association aborted by {where}"
-    return f"no association with {where} (no A-ASSOCIATE response)"
 
 
 def status_words(status: Dataset, service: str, where: str) -> str:
@@ -269,16 +248,17 @@ def c_find(source: DicomSource, level: str, keys: dict[str, str], returned: tupl
 # --- DICOMweb: QIDO-RS -----------------------------------------------------------------------------
 
 
-def dicomweb_client(source: DicomWebSource) -> DICOMwebClient:
-    """A DICOMweb client for the source, its credentials in its session, its timeout on every request."""
-    return DICOMwebClient(source.url, session=http_session(source.auth), timeout=source.timeout_s)
+@contextmanager
+def dicomweb_client(source: DicomWebSource) -> Iterator[DICOMwebClient]:
+    """A DICOMweb client for the source, its credentials in its session, its timeout on every
+    request; the session is closed on leaving."""
+    with http_session(source.auth) as session:
+        yield DICOMwebClient(source.url, session=session, timeout=source.timeout_s)
 
 
 def dicomweb_secrets(source: DicomWebSource) -> list[str]:
-    auth = source.auth
-    if auth is None:
-        return []
-    return [auth.password.get_secret_value() if auth.type == "basic" else auth.token.get_secret_value()]
+    """Every credential a DICOMweb source carries, for ``redact``."""
+    return url_secrets(source.url) + auth_secrets(source.auth)
 
 
 def dicomweb_error(source: DicomWebSource, err: Exception, what: str) -> FetchError:
@@ -297,10 +277,10 @@ def _qido(
     source: DicomWebSource, what: str, search: Callable[[DICOMwebClient], list[dict[str, Any]]]
 ) -> list[Dataset]:
     try:
-        answers = search(dicomweb_client(source))
-    except (requests.RequestException, OSError, ValueError) as err:
+        with dicomweb_client(source) as client:
+            return [Dataset.from_json(answer) for answer in search(client)]
+    except (requests.RequestException, OSError, ValueError, TypeError, KeyError) as err:
         raise dicomweb_error(source, err, what) from None
-    return [Dataset.from_json(answer) for answer in answers]
 
 
 # --- the API ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -44,6 +45,8 @@ from plugin.store.engine import Store
 from plugin.store.models import FetchRequest, FetchState, Study, StudyState, utcnow
 
 log = logging.getLogger(__name__)
+
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 STOP_WAIT_S = 10.0
 """How long `FetchWorker.stop` waits for a retrieve in hand (then its claim runs out; retried)."""
@@ -107,6 +110,18 @@ def _what(study_uid: str | None, accession: str | None) -> str:
 # --- recording and reading -------------------------------------------------------------------------
 
 
+def _check_ids(study_uid: str | None, accession: str | None, series_uids: tuple[str, ...] = ()) -> None:
+    """ValueError unless a study UID or an accession is given and every UID and accession is well
+    formed (an accession without the wildcards and backslash a C-FIND would read as several)."""
+    if not study_uid and not accession:
+        raise ValueError("a fetch needs a Study Instance UID or an accession number")
+    for uid in (study_uid, *series_uids) if study_uid else series_uids:
+        if len(uid) > 64 or not _UID.fullmatch(uid):
+            raise ValueError(f"not a DICOM UID: {uid[:70]!r}")
+    if accession is not None and (len(accession) > 16 or any(c in accession for c in "*?\\")):
+        raise ValueError("an accession number has at most 16 characters, without * ? or \\")
+
+
 def request_fetch(
     store: Store,
     source_name: str,
@@ -119,10 +134,10 @@ def request_fetch(
 ) -> int:
     """Record a QUEUED request to pull a study (``series_uids``: only those series) from source
     ``source_name`` and, once it is complete, run the rules (or only ``pipeline``) on it; the node
-    works it. Returns the request's id. Raises ValueError unless a study UID or an accession is given.
+    works it. Returns the request's id. Raises ValueError unless a study UID or an accession is
+    given, for a malformed UID or an accession longer than 16 characters.
     """
-    if not study_uid and not accession:
-        raise ValueError("a fetch needs a Study Instance UID or an accession number")
+    _check_ids(study_uid, accession, series_uids)
     now = utcnow()
     with store.session() as s:
         row = FetchRequest(
@@ -208,8 +223,9 @@ def submit_fetch(
     and the node retries (the note says so).
     """
     source = source_named(config, source_name)
-    if bool(study_uid) == bool(accession):
-        raise ValueError("give a Study Instance UID or an accession number (one of them)")
+    if study_uid and accession:
+        raise ValueError("give a Study Instance UID or an accession number, not both")
+    _check_ids(study_uid, accession)
     if pipeline is not None and pipeline not in pipelines:
         raise ValueError(
             f"unknown pipeline {pipeline[:64]!r}; installed: {', '.join(sorted(pipelines)) or 'none'}"
@@ -287,28 +303,45 @@ def _run_requests(session: Session, study: Study, rows: Sequence[FetchRequest], 
             )
 
 
+def _settle(session: Session, study: Study, routing: Routing) -> bool:
+    """Run the fetch requests that retrieved a complete study (`_run_requests`) once none is still
+    retrieving it or waiting to try again; False when no request is about it (the caller routes it
+    as usual). A request not tried yet does not hold up a study that is sent meanwhile."""
+    rows = session.scalars(
+        select(FetchRequest)
+        .where(
+            FetchRequest.study_uid == study.study_uid,
+            FetchRequest.state.in_((FetchState.RUNNING, FetchState.QUEUED)),
+        )
+        .order_by(FetchRequest.id)
+    ).all()
+    ready = [row for row in rows if row.state == FetchState.RUNNING and row.retrieved_at is not None]
+    waiting = [
+        row.id
+        for row in rows
+        if (row.state == FetchState.RUNNING and row.retrieved_at is None)
+        or (row.state == FetchState.QUEUED and row.attempts > 0)
+    ]
+    if waiting:
+        log.info(
+            "study %s revision %d: complete; its jobs wait for fetch request(s) %s to end their retrieve",
+            *(study.study_uid, study.revision, waiting),
+        )
+        return True
+    if not ready:
+        return False
+    _run_requests(session, study, ready, routing)
+    return True
+
+
 def completion_hook(routing: Routing) -> CompletionHook:
     """The `CompletionMonitor.on_complete` hook of a node that fetches: a complete study is routed
     as usual, unless fetch requests are waiting for it (`_run_requests`), or one is still retrieving
     it (then nothing is queued yet: the end of that retrieve runs it)."""
 
     def hook(session: Session, study: Study) -> None:
-        rows = session.scalars(
-            select(FetchRequest)
-            .where(FetchRequest.study_uid == study.study_uid, FetchRequest.state == FetchState.RUNNING)
-            .order_by(FetchRequest.id)
-        ).all()
-        if not rows:
+        if not _settle(session, study, routing):
             queue_routed_jobs(session, study, routing.rules, routing.spool_dir)
-            return
-        retrieving = [row.id for row in rows if row.retrieved_at is None]
-        if retrieving:
-            log.info(
-                "study %s revision %d: complete; its jobs wait for fetch request(s) %s to end their retrieve",
-                *(study.study_uid, study.revision, retrieving),
-            )
-            return
-        _run_requests(session, study, rows, routing)
 
     return hook
 
@@ -411,16 +444,18 @@ class FetchWorker:
                 )
         return None
 
+    def _mine(self, request_id: int) -> ColumnElement[bool]:
+        return and_(
+            FetchRequest.id == request_id,
+            FetchRequest.state == FetchState.RUNNING,
+            FetchRequest.lease_owner == self.owner,
+        )
+
     def _update_mine(self, request_id: int, **values: object) -> bool:
+        """Change the request while this node holds its claim; False when it lost it."""
         with self.store.session() as s:
             result = s.execute(
-                update(FetchRequest)
-                .where(
-                    FetchRequest.id == request_id,
-                    FetchRequest.state == FetchState.RUNNING,
-                    FetchRequest.lease_owner == self.owner,
-                )
-                .values(updated_at=utcnow(), **values)
+                update(FetchRequest).where(self._mine(request_id)).values(updated_at=utcnow(), **values)
             )
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
@@ -438,16 +473,27 @@ class FetchWorker:
 
     # ------------------------------------------------------------------ one request
 
-    def work_one(self) -> bool:
-        """Claim and work one due request; False when there was none."""
-        claimed = self.claim()
+    def work_one(self, now: datetime | None = None) -> bool:
+        """Claim (`claim`) and work one due request; False when there was none."""
+        claimed = self.claim(now)
         if claimed is None:
             return False
-        what = _what(claimed.study_uid, claimed.accession)
         source = self.config.sources.get(claimed.source)
         if source is None:
             self._fail(claimed, f"source {claimed.source!r} is not configured on this node")
-            return True
+        elif claimed.attempts > self.config.fetch.max_attempts:  # taken over from a node that died
+            self._fail(claimed, f"node lost (lease expired) and all {claimed.attempts - 1} attempts used")
+        else:
+            try:
+                self._work(claimed, source)
+            except Exception as err:  # a bug or a peer pynetdicom cannot handle: this request only
+                log.exception("fetch request %d: unexpected error", claimed.id)
+                self._retry_or_fail(claimed, f"unexpected error: {type(err).__name__}: {err}")
+        return True
+
+    def _work(self, claimed: _Claimed, source: SourceConfig) -> None:
+        """Look the study up if need be, retrieve it, and record how that went."""
+        what = _what(claimed.study_uid, claimed.accession)
         try:
             study_uid = claimed.study_uid or _one_study(source, claimed.source, None, claimed.accession)
             if claimed.study_uid is None:
@@ -475,18 +521,36 @@ class FetchWorker:
             self._retry_or_fail(claimed, f"cannot store what {claimed.source} sent: {err}")
         else:
             self._retrieved(claimed, study_uid, retrieved)
-        return True
 
     def _fail(self, claimed: _Claimed, reason: str) -> None:
+        """FAILED with the reason, while this node holds the claim; other requests that waited for
+        this one to retrieve the same complete study run now."""
         now = utcnow()
-        if self._update_mine(
-            claimed.id,
-            state=FetchState.FAILED,
-            error=reason,
-            finished_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-        ):
+        with self.store.session() as s:
+            study_uid = s.scalar(select(FetchRequest.study_uid).where(FetchRequest.id == claimed.id))
+            study = (
+                None
+                if study_uid is None
+                else s.scalars(
+                    select(Study).where(Study.study_uid == study_uid).with_for_update()
+                ).one_or_none()
+            )
+            result = s.execute(
+                update(FetchRequest)
+                .where(self._mine(claimed.id))
+                .values(
+                    state=FetchState.FAILED,
+                    error=reason,
+                    finished_at=now,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            failed = bool(result.rowcount == 1)  # type: ignore[attr-defined]
+            if failed and study is not None and study.state == StudyState.COMPLETE:
+                _settle(s, study, self.routing)
+        if failed:
             log.error("fetch request %d failed: %s", claimed.id, reason)
 
     def _retry_or_fail(self, claimed: _Claimed, reason: str) -> None:
@@ -512,13 +576,13 @@ class FetchWorker:
     def _retrieved(self, claimed: _Claimed, study_uid: str, retrieved: Retrieved) -> None:
         """The retrieve ended: run the request now if its study is complete already (nothing new
         came), else leave it to the completion hook; FAILED when nothing of the study is here."""
-        with self.store.session() as s:
-            row = s.get(FetchRequest, claimed.id, with_for_update=True)
-            if row is None or row.state != FetchState.RUNNING or row.lease_owner != self.owner:
-                return  # taken over meanwhile (our lease ran out): the other node finishes it
+        with self.store.session() as s:  # the study's row first, as completion locks it
             study = s.scalars(
                 select(Study).where(Study.study_uid == study_uid).with_for_update()
             ).one_or_none()
+            row = s.get(FetchRequest, claimed.id, with_for_update=True)
+            if row is None or row.state != FetchState.RUNNING or row.lease_owner != self.owner:
+                return  # taken over meanwhile (our lease ran out): the other node finishes it
             now = utcnow()
             row.retrieved_at = row.updated_at = now
             row.instances = retrieved.instances
@@ -535,4 +599,5 @@ class FetchWorker:
                 )
                 log.error("fetch request %d failed: %s", claimed.id, row.error)
             elif study.state == StudyState.COMPLETE:
-                _run_requests(s, study, [row], self.routing)
+                s.flush()  # this request as retrieved, for `_settle`'s query
+                _settle(s, study, self.routing)

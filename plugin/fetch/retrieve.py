@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 
 import requests
 from pydicom import Dataset, dcmwrite
+from pydicom.errors import InvalidDicomError
 from pynetdicom import StoragePresentationContexts, build_context, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
@@ -43,7 +45,9 @@ from plugin.fetch.query import (
     dicomweb_error,
     status_words,
 )
-from plugin.ingest.receive import STATUS_SUCCESS, Receiver
+from plugin.ingest.receive import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver
+
+log = logging.getLogger(__name__)
 
 FETCH_PREFIX = ".fetch-"
 """Temporary files of C-GET and WADO-RS in the incoming folder (removed by spool recovery)."""
@@ -83,6 +87,18 @@ def _identifiers(study_uid: str, series_uids: tuple[str, ...]) -> Iterator[Datas
         yield ds
 
 
+def _last(responses: Iterator[tuple[Dataset, Dataset | None]], progress: Callable[[], None]) -> Dataset:
+    """The final response status of a C-MOVE / C-GET (an empty one if none came), after the
+    pending ones (``progress`` at each)."""
+    final = Dataset()
+    for status, _ in responses:
+        progress()
+        final = status
+        if "Status" not in status or int(status.Status) not in PENDING:
+            break
+    return final
+
+
 def _final(status: Dataset, service: str, source: DicomSource) -> Retrieved:
     """The outcome of a C-MOVE / C-GET from its final response: counts, or FetchError."""
     where = dicom_where(source)
@@ -92,7 +108,7 @@ def _final(status: Dataset, service: str, source: DicomSource) -> Retrieved:
     if code == 0x0000 or (code is not None and code & 0xF000 == 0xB000):  # success, some failed
         return Retrieved(completed, failed)
     reason = status_words(status, service, where)
-    if service == "C-MOVE" and completed == 0:  # Orthanc answers 0xC000 where DICOM says 0xA801
+    if service == "C-MOVE" and code is not None and completed == 0:  # Orthanc: 0xC000, DICOM: 0xA801
         known = "does not know" if code == MOVE_DESTINATION_UNKNOWN else "may not know"
         reason += (
             f"; {where} {known} the move destination {source.move_destination}: declare it there "
@@ -108,16 +124,8 @@ def _move(
     total = Retrieved(0, 0)
     with dicom_association(source, [build_context(StudyRootQueryRetrieveInformationModelMove)]) as assoc:
         for identifier in _identifiers(study_uid, series_uids):
-            final = Dataset()
-            for status, _ in assoc.send_c_move(
-                identifier, destination, StudyRootQueryRetrieveInformationModelMove
-            ):
-                progress()
-                final = status
-                if "Status" in status and int(status.Status) in PENDING:
-                    continue
-                break
-            got = _final(final, "C-MOVE", source)
+            responses = assoc.send_c_move(identifier, destination, StudyRootQueryRetrieveInformationModelMove)
+            got = _final(_last(responses, progress), "C-MOVE", source)
             total = Retrieved(total.instances + got.instances, total.failed + got.failed)
     return total
 
@@ -132,6 +140,7 @@ class _Taker:
         self.progress = progress
         self.stored = 0
         self.refused = 0
+        self.not_stored = 0  # this node could not take them (disk, database): the retrieve is retried
 
     def take(self, write: Callable[[Path], None], what: str) -> int:
         """Write one instance with ``write`` to a temporary file and store it: the DICOM status."""
@@ -139,15 +148,31 @@ class _Taker:
         path = self.incoming / f"{FETCH_PREFIX}{uuid.uuid4().hex}.dcm"
         try:
             write(path)
-            status = self.receiver.handle_file(path, self.peer, what)
+        except (ValueError, AttributeError, TypeError) as err:  # a dataset pydicom cannot write back
+            path.unlink(missing_ok=True)
+            log.warning("%s not taken: cannot be written as a file (%s)", what, err)
+            self.refused += 1
+            return STATUS_CANNOT_UNDERSTAND
         except OSError:
             path.unlink(missing_ok=True)
             raise
+        status = self.receiver.handle_file(path, self.peer, what)
         if status == STATUS_SUCCESS:
             self.stored += 1
             return STATUS_SUCCESS
+        if status == STATUS_OUT_OF_RESOURCES:
+            self.not_stored += 1
+            return status
         self.refused += 1
         return STATUS_CANNOT_UNDERSTAND if status is None else status
+
+    def check(self, study_uid: str) -> None:
+        """FetchError when this node could not store some of what came (the log says why)."""
+        if self.not_stored:
+            raise FetchError(
+                f"this node could not store {self.not_stored} instances of study {study_uid} "
+                "(disk or database; see the log)"
+            )
 
     def release(self, completed: bool) -> None:
         """The retrieve ended: released (its studies may complete soon) or cut off (they wait)."""
@@ -182,14 +207,8 @@ def _get(source: DicomSource, study_uid: str, series_uids: tuple[str, ...], take
     total = Retrieved(0, 0)
     with dicom_association(source, contexts, roles, [(evt.EVT_C_STORE, on_store)]) as assoc:
         for identifier in _identifiers(study_uid, series_uids):
-            final = Dataset()
-            for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
-                taker.progress()
-                final = status
-                if "Status" in status and int(status.Status) in PENDING:
-                    continue
-                break
-            got = _final(final, "C-GET", source)
+            responses = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+            got = _final(_last(responses, taker.progress), "C-GET", source)
             total = Retrieved(total.instances + got.instances, total.failed + got.failed)
     return Retrieved(taker.stored, total.failed + taker.refused)
 
@@ -202,18 +221,18 @@ def _writer(ds: Dataset) -> Callable[[Path], None]:
 
 
 def _wado(source: DicomWebSource, study_uid: str, series_uids: tuple[str, ...], taker: _Taker) -> Retrieved:
-    client = dicomweb_client(source)
     where = http_where(source.url)
     try:
-        for series_uid in series_uids or (None,):
-            instances = (
-                client.iter_study(study_uid)
-                if series_uid is None
-                else client.iter_series(study_uid, series_uid)
-            )
-            for ds in instances:
-                taker.take(_writer(ds), f"SOP {ds.get('SOPInstanceUID', '?')} from {where}")
-    except (requests.RequestException, ValueError) as err:
+        with dicomweb_client(source) as client:
+            for series_uid in series_uids or (None,):
+                instances = (
+                    client.iter_study(study_uid)
+                    if series_uid is None
+                    else client.iter_series(study_uid, series_uid)
+                )
+                for ds in instances:
+                    taker.take(_writer(ds), f"SOP {ds.get('SOPInstanceUID', '?')} from {where}")
+    except (requests.RequestException, ValueError, InvalidDicomError) as err:  # a part that is no DICOM
         raise dicomweb_error(source, err, "WADO-RS retrieve") from None
     return Retrieved(taker.stored, taker.refused)
 
@@ -254,6 +273,7 @@ def retrieve_study(
             retrieved = _get(source, study_uid, series_uids, taker)
         else:
             retrieved = _wado(source, study_uid, series_uids, taker)
+        taker.check(study_uid)
         completed = True
         return retrieved
     finally:

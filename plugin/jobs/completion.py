@@ -9,8 +9,9 @@ The last instance of a revision is read from its instances rows, the last duplic
 RECEIVING when the node starts gets its quiet period counted from ``started_at`` (its sender may be
 retrying; the node sets it once its listener is up, see `plugin.node`), unless all its associations
 had already been released. Completing a study and queuing its jobs happen in one transaction,
-through one hook (``on_complete``); the node routes there (`plugin.jobs.queue.routing_hook`), the default
-queues one job without a pipeline.
+through one hook (``on_complete``); the node routes there (`plugin.fetch.completion_hook`: the rules,
+`plugin.jobs.queue.routing_hook`, or what a fetch request asked for), the default queues one job
+without a pipeline.
 """
 
 from __future__ import annotations

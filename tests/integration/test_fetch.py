@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import yaml
 from pydicom.uid import generate_uid
@@ -120,8 +121,16 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         pytest.skip(str(err))
     studies = {
         name: _study(root / name, f"ACC-{name.upper()}", slices)
-        for name, slices in (("move", 3), ("get", 3), ("wado", 3), ("named", 20), ("api", 3))
+        for name, slices in (("move", 3), ("get", 3), ("wado", 3), ("named", 20), ("api", 3), ("series", 3))
     }
+    two = studies["series"]  # a second series in the study: 2 slices
+    second = _study(root / "series-2", two.accession, 2)
+    for path in second.files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = two.study_uid
+        ds.SeriesNumber = 2
+        ds.save_as(path)
+    studies["series-2"] = PacsStudy(two.study_uid, two.accession, second.series_uid, second.files)
     for study in studies.values():
         pacs.upload(study.files)
     port, closed = free_port(), free_port()
@@ -232,6 +241,26 @@ def test_only_the_named_pipeline_runs_and_a_second_pull_runs_it_again(site: Site
     )
     failed = site.ended(other)
     assert failed.state == "FAILED" and "ct-lung can use no series" in (failed.error or "")
+
+
+def test_one_series_is_pulled_then_the_other_and_the_study_grows(site: Site) -> None:
+    first, second = site.studies["series"], site.studies["series-2"]
+    assert [m.instance_count for m in find_series(site.config.sources["pacs"], first.study_uid)] == [3, 2]
+    one = request_fetch(
+        site.node.store, "pacs", study_uid=first.study_uid, series_uids=(second.series_uid,), reason="t"
+    )
+    assert site.ended(one).instances == 2  # C-MOVE at series level
+    [job] = site.jobs(first.study_uid)
+    assert job.series_uid == second.series_uid
+    other = request_fetch(
+        site.node.store, "pacs-web", study_uid=first.study_uid, series_uids=(first.series_uid,), reason="t"
+    )
+    done = site.ended(other)
+    assert (done.state, done.instances) == ("DONE", 3)  # WADO-RS of one series
+    jobs = site.jobs(first.study_uid)
+    assert [(j.series_uid, j.study_revision) for j in jobs] == [(second.series_uid, 1), (first.series_uid, 2)]
+    with pytest.raises(ValueError, match="not a DICOM UID"):
+        request_fetch(site.node.store, "pacs", study_uid=first.study_uid, series_uids=("1.2.x",), reason="t")
 
 
 def test_a_query_that_matches_nothing_is_refused_with_its_exit_status(site: Site) -> None:
