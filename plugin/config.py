@@ -689,6 +689,11 @@ class Rule(RuleAction):
             raise ValueError(f"rule {self.name!r} has no matcher; use default_rule for a catch-all")
         if self.requires is not None and self.requires.series is not None:
             _check_keywords(self.name, self.requires.series.match)
+            if self.scope != "study":
+                raise ValueError(
+                    f"rule {self.name!r}: requires.series needs scope: study"
+                    " (the job runs once, on the required series when it is there)"
+                )
         return self
 
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -327,16 +328,14 @@ class RequirementsWorker:
         skipped: str | None = None
         if "series" in needs and requires is not None and requires.series is not None:
             skipped = self._series_step(job, needs, requires, now)
-        series_settled = "series" not in needs or needs["series"]["state"] in ("met", "given up")
+        series_settled = "series" not in needs or needs["series"]["state"] == "given up"
         if "prior" in needs and requires is not None and requires.prior is not None:
             if series_settled:  # the series first: its arrival supersedes this job (start_waiting)
                 self._prior_step(job, needs, requires.prior, now)
         elif "prior" in needs and needs["prior"]["state"] not in ("found", "none"):
             needs["prior"].update(state="none", why="the rule no longer asks for a prior")
         settled = all(
-            needs[k]["state"] in ("met", "given up", "found", "none")
-            for k in ("series", "prior")
-            if k in needs
+            needs[k]["state"] in ("given up", "found", "none") for k in ("series", "prior") if k in needs
         )
         values: dict[str, Any] = {"needs": needs, "updated_at": now}
         if skipped is not None:
@@ -506,9 +505,11 @@ class RequirementsWorker:
                 .where(Series.series_uid == job.series_uid)
                 .limit(1)
             )
-        if path is None:
+        try:
+            return pydicom.dcmread(self.spool_dir / path, stop_before_pixels=True) if path else Dataset()
+        except (OSError, InvalidDicomError) as err:  # a spool file gone bad: look without it
+            log.warning("job %d: series %s: header not read: %s", job.id, job.series_uid, err)
             return Dataset()
-        return pydicom.dcmread(self.spool_dir / path, stop_before_pixels=True)
 
     def _prior_result(self, study_uid: str, pipeline: str) -> int | str | None:
         """The job id of ``pipeline``'s latest result on the study when it SUCCEEDED; why not when

@@ -76,7 +76,7 @@ class FakeArchive:
         return self.failed
 
 
-def _config(config: Config, requires: dict[str, Any], scope: str = "series") -> Config:
+def _config(config: Config, requires: dict[str, Any], scope: str = "study") -> Config:
     data = config.model_dump(mode="python")
     data["sources"] = SOURCE
     data["rules"] = [
@@ -209,6 +209,12 @@ def test_requires_config_errors_name_the_problem(
 ) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _config(config, requires)
+
+
+def test_a_required_series_needs_a_study_scope_rule(config: Config) -> None:
+    with pytest.raises(ConfigError, match=r"requires\.series needs scope: study"):
+        _config(config, {"series": {"match": {"Modality": {"equals": "CT"}}}}, scope="series")
+    assert _config(config, {"prior": {"source": "pacs"}}, scope="series").rules  # a prior: any scope
 
 
 # --- choosing the prior ----------------------------------------------------------------------------
@@ -362,7 +368,7 @@ def test_a_new_revision_supersedes_a_waiting_job_and_keeps_its_prior_in_flight(
 ) -> None:
     thin = {"SliceThickness": {"range": {"max": 1.5}}}
     requires = {"series": {"match": thin, "wait_minutes": 0}, "prior": {"source": "pacs"}}
-    config = _config(config, requires, scope="study")
+    config = _config(config, requires)
     study_uid = _study(store, config)
     [first] = _route(store, config, study_uid)
     prior_uid = generate_uid()
