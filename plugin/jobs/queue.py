@@ -500,6 +500,7 @@ def list_jobs(store: Store, results_dir: Path) -> list[dict[str, Any]]:
             "state": job.state,
             "attempts": job.attempts,
             "error": job.error,
+            "notes": (job.needs or {}).get("notes", []),  # what its rule required, step by step
             "timings": job.timings or {},
             "deliveries": counts.get(job.id, {}),
             "results_dir": str(results_dir / str(job.id)) if job.state == JobState.SUCCEEDED else None,

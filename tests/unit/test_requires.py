@@ -15,8 +15,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
+from plugin.cli.jobs import print_jobs
 from plugin.config import Config, ConfigError, PriorRequirement, _validate
-from plugin.jobs.queue import queue_routed_jobs, read_study_series
+from plugin.jobs.queue import list_jobs, queue_routed_jobs, read_study_series
 from plugin.route.requires import (
     PRIOR_RULE,
     ArchiveUnavailable,
@@ -448,3 +449,16 @@ def test_a_failed_pull_or_prior_run_leaves_the_job_without_comparison(config: Co
     )
     _, note = prior_result(job.needs, config.results_dir)
     assert note == "No comparison with a prior study: the prior's ct-lung run failed."  # no UID in the SR
+
+
+def test_radgate_jobs_says_what_a_waiting_job_waits_for(
+    config: Config, store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(config, {"prior": {"source": "pacs"}})
+    [job_id] = _route(store, config, _study(store, config))
+    RequirementsWorker(store, _rules(config), FakeArchive(down=True), config.spool_dir).step()
+    [listed] = list_jobs(store, config.results_dir)
+    assert [n["text"] for n in listed["notes"]] == _texts(_job(store, job_id))
+    assert print_jobs(config, as_json=False) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert " WAITING " in row and row.endswith("pacs did not answer (connection refused); asking again")
