@@ -410,8 +410,8 @@ def test_the_rules_say_what_a_job_waits_for(config: Config, store: Store) -> Non
     with store.session() as s:
         study = s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
         series, _ = read_study_series(s, study, config.spool_dir)
-    text = format_report({"rules": ["chest"], "default_rule": None, "notes": [], "skipped_files": 0,
-                          "studies": [study_report(study_uid, series, _rules(config))]})  # fmt: skip
+    report = {"rules": ["chest"], "default_rule": None, "notes": [], "skipped_files": 0}
+    text = format_report({**report, "studies": [study_report(study_uid, series, _rules(config))]})
     assert "    requires a series with SliceThickness range [-inf, 1.5], pulled from pacs" in text
 
 
@@ -462,3 +462,19 @@ def test_radgate_jobs_says_what_a_waiting_job_waits_for(
     assert print_jobs(config, as_json=False) == 0
     row = capsys.readouterr().out.splitlines()[1]
     assert " WAITING " in row and row.endswith("pacs did not answer (connection refused); asking again")
+
+
+def test_a_prior_is_delivered_only_when_the_rule_says_so(config: Config, store: Store) -> None:
+    data = _config(config, {"prior": {"source": "pacs", "deliver": True}}).model_dump(mode="python")
+    data["destinations"] = {
+        "archive": {"kind": "dicom", "host": "127.0.0.1", "port": 104, "ae_title": "ARCH"}
+    }
+    config = _validate(data, "test")
+    [job_id] = _route(store, config, _study(store, config))
+    prior_uid = generate_uid()
+    archive = FakeArchive(found=[Found(prior_uid, _dt.date(2025, 1, 1))])
+    RequirementsWorker(store, _rules(config), archive, config.spool_dir).step()
+    _study(store, config, date="20250101", uid=prior_uid)
+    [prior_job] = _route(store, config, prior_uid)
+    assert _job(store, job_id).destinations == ["archive"]
+    assert (_job(store, prior_job).rule, _job(store, prior_job).destinations) == (PRIOR_RULE, ["archive"])
