@@ -846,8 +846,18 @@ class Config(_Strict):
         return self.database_url or f"sqlite:///{(self.data_dir / 'radgate.db').resolve()}"
 
     def with_overrides(self, **changes: Any) -> Config:
-        """A copy with dotted keys replaced, e.g. {"dicom.port": 104}; validated like the file."""
+        """A copy with dotted keys replaced, e.g. {"dicom.port": 104}; validated like the file.
+
+        A DICOM source's calling AE title and move destination that were ours follow a new
+        ``dicom.ae_title``.
+        """
         data = self.model_dump(mode="python")
+        ours = self.dicom.ae_title
+        if changes.get("dicom.ae_title") not in (None, ours):
+            for source in data["sources"].values():
+                for key in ("calling_ae_title", "move_destination"):
+                    if source.get(key) == ours:
+                        source[key] = None
         for dotted, value in changes.items():
             if value is None:
                 continue

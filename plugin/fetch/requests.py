@@ -11,9 +11,10 @@ matches nothing fails at once.
 
 After the retrieve the study completes like any received study (`plugin.jobs.completion`); the
 completion hook (`completion_hook`) then runs what the request asked for, once: the rules, or only
-the named pipeline. While a retrieve is still running its study's completion queues nothing, so a
-slow source never gets a partial study routed. A study that was complete already (every instance a
-duplicate) is run at the end of the retrieve. The request is DONE with its jobs.
+the named pipeline. While a retrieve is still running, or one that failed part-way waits to try
+again, its study's completion queues nothing, so a partial study is never routed. A study that was
+complete already (every instance a duplicate) is run at the end of the retrieve. The request is
+DONE with its jobs.
 
 `submit_fetch` is what `radgate fetch`, ``POST /api/fetch`` and the console's form call.
 """
@@ -273,10 +274,11 @@ def _run_requests(session: Session, study: Study, rows: Sequence[FetchRequest], 
     transaction: the rules once if any asks for them, each named pipeline once; then DONE (or
     FAILED when the named pipeline can use no series)."""
     now = utcnow()
-    jobs: list[int] = []
+    routed: list[int] = []
+    named: dict[str, int] = {}
     failed: dict[str, str] = {}
     if any(row.pipeline is None for row in rows):
-        jobs += [job.id for job in queue_routed_jobs(session, study, routing.rules, routing.spool_dir)]
+        routed = [job.id for job in queue_routed_jobs(session, study, routing.rules, routing.spool_dir)]
     for pipeline in sorted({row.pipeline for row in rows if row.pipeline is not None}):
         try:
             job = queue_named_job(
@@ -285,9 +287,13 @@ def _run_requests(session: Session, study: Study, rows: Sequence[FetchRequest], 
         except NoUsableSeries as err:
             failed[pipeline] = str(err)
         else:
-            jobs.append(job.id)
+            named[pipeline] = job.id
     for row in rows:
-        error = failed.get(row.pipeline or "")
+        if row.pipeline is None:
+            error, jobs = None, routed
+        else:
+            error = failed.get(row.pipeline)
+            jobs = [named[row.pipeline]] if row.pipeline in named else []
         row.state = FetchState.FAILED if error else FetchState.DONE
         row.error = error
         row.jobs = jobs

@@ -325,6 +325,7 @@ def test_the_api_action_and_the_console_form_fetch(site: Site, tmp_path: Path) -
             assert site.ended(request_id).state == "DONE"
             page.wait_for_selector(f"#fetch-{request_id} .state.done")  # the table refreshes itself
             assert study.study_uid in page.inner_text(f"#fetch-{request_id}")
+            page.screenshot(path=str(tmp_path / "fetch.png"), full_page=True)  # for a person to look at
         listed = client.get("/api/fetch").json()
         assert [r["state"] for r in listed if r["id"] == request_id] == ["DONE"]
         with site.node.store.session() as s:

@@ -25,7 +25,7 @@ def test_a_browser_logs_in_sees_the_console_and_logs_out(tmp_path: Path) -> None
         assert page.locator("#user-name").inner_text() == "operator"
         assert page.locator("#user-role").inner_text() == "operator"
         nav = page.locator("header nav a").all_inner_texts()
-        assert nav == ["Overview", "Studies", "Rules"]  # no Audit for an operator
+        assert nav == ["Overview", "Studies", "Rules", "Fetch"]  # no Audit for an operator
         assert page.evaluate("typeof htmx") == "object"  # the vendored htmx loaded from the node
         cookies = page.context.cookies()
         assert [c["httpOnly"] for c in cookies] == [True] and cookies[0]["sameSite"] == "Strict"

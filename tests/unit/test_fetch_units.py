@@ -59,6 +59,11 @@ def test_a_dicom_source_calls_and_moves_to_our_own_ae_title_by_default(tmp_path:
     assert (other.calling_ae_title, other.move_destination, other.retrieve) == ("ME", "ELSEWHERE", "get")
     assert isinstance(vna, DicomWebSource) and vna.url == "https://vna/dicom-web"
     assert config.fetch.max_attempts == 5 and Config().sources == {}
+    moved = config.with_overrides(**{"dicom.ae_title": "NODE8"}).sources  # `serve --ae-title NODE8`
+    ae_titles = {
+        n: (s.calling_ae_title, s.move_destination) for n, s in moved.items() if isinstance(s, DicomSource)
+    }
+    assert ae_titles == {"pacs": ("NODE8", "NODE8"), "other": ("ME", "ELSEWHERE")}
 
 
 @pytest.mark.parametrize(
@@ -75,6 +80,11 @@ def test_a_wrong_source_is_refused_with_its_key(
 ) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         _load(tmp_path, {"sources": {"pacs": source}})
+
+
+def test_the_example_file_shows_the_fetch_defaults() -> None:
+    example = load_config(Path(__file__).resolve().parents[2] / "radgate.example.yaml")
+    assert example.fetch == Config().fetch and example.sources == {}
 
 
 def test_fetch_delays_must_be_in_order(tmp_path: Path) -> None:
