@@ -609,6 +609,49 @@ def _check_keywords(rule: str, group: MatchGroup) -> MatchGroup:
     return group
 
 
+class RequiredSeries(_Strict):
+    """A series a rule needs before it runs (e.g. the thin-slice reconstruction), named by the same
+    tests as a rule's `match`; waited for, and pulled from a source when `pull_from` names one."""
+
+    match: MatchGroup = Field(min_length=1, description="the tests the needed series passes")
+    wait_minutes: float = Field(default=30.0, ge=0, description="how long the job waits for it")
+    pull_from: str | None = Field(default=None, description="a source (`sources`) to pull it from")
+    after_wait: Literal["run", "skip"] = Field(
+        default="run", description="run: on the series there are; skip: no run, with the reason"
+    )
+
+
+PriorSame = Literal["modality", "study_description"]
+
+
+class PriorRequirement(_Strict):
+    """The patient's most recent earlier study of the same kind, found on `source` by C-FIND (or
+    QIDO-RS), pulled, and run through the same pipeline unless radgate has its result already."""
+
+    source: str = Field(description="a source (`sources`) to look for and pull the prior from")
+    same: tuple[PriorSame, ...] = Field(
+        default=("modality",), description="what the prior shares with this study"
+    )
+    max_age_days: int = Field(default=3650, ge=1, description="older studies are not priors")
+    wait_minutes: float = Field(
+        default=60.0, ge=0, description="how long finding, pulling and processing the prior may take"
+    )
+    deliver: bool = Field(default=False, description="true: the prior's own results go out too")
+
+
+class Requirements(_Strict):
+    """What a rule needs before its job runs (`plugin.route.requires`); the job WAITS until then."""
+
+    series: RequiredSeries | None = None
+    prior: PriorRequirement | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Requirements:
+        if self.series is None and self.prior is None:
+            raise ValueError("requires needs series, prior or both")
+        return self
+
+
 class RuleAction(_Strict):
     """What a rule does: the pipeline to run and where its results go."""
 
@@ -632,6 +675,7 @@ class Rule(RuleAction):
     )
     match: MatchGroup = Field(default_factory=dict)
     any_of: list[MatchGroup] = Field(default_factory=list, description="OR of groups, ANDed with match")
+    requires: Requirements | None = Field(default=None, description="a series or a prior it waits for")
 
     @field_validator("match")
     @classmethod
@@ -649,6 +693,13 @@ class Rule(RuleAction):
     def _not_empty(self) -> Rule:
         if not self.match and not self.any_of:
             raise ValueError(f"rule {self.name!r} has no matcher; use default_rule for a catch-all")
+        if self.requires is not None and self.requires.series is not None:
+            _check_keywords(self.name, self.requires.series.match)
+            if self.scope != "study":
+                raise ValueError(
+                    f"rule {self.name!r}: requires.series needs scope: study"
+                    " (the job runs once, on the required series when it is there)"
+                )
         return self
 
 
@@ -657,6 +708,17 @@ def _check_destination_names(owner: str, names: list[str] | None, known: dict[st
         if name not in known:
             listed = ", ".join(known) or "none are configured"
             raise ValueError(f"{owner} destinations: unknown destination {name!r} (known: {listed})")
+
+
+def _check_requires_sources(rule: str, requires: Requirements, known: dict[str, Source]) -> None:
+    named = [
+        requires.series.pull_from if requires.series else None,
+        requires.prior.source if requires.prior else None,
+    ]
+    for name in filter(None, named):
+        if name not in known:
+            listed = ", ".join(known) or "none are configured"
+            raise ValueError(f"rule {rule!r} requires: unknown source {name!r} (known: {listed})")
 
 
 class Config(_Strict):
@@ -736,6 +798,8 @@ class Config(_Strict):
             seen.add(rule.name)
             if "destinations" in info.data:
                 _check_destination_names(f"rule {rule.name!r}", rule.destinations, info.data["destinations"])
+            if rule.requires is not None and "sources" in info.data:
+                _check_requires_sources(rule.name, rule.requires, info.data["sources"])
         return v
 
     @field_validator("default_rule")

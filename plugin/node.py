@@ -49,7 +49,9 @@ from plugin.jobs.completion import CompletionMonitor
 from plugin.jobs.execute import JobRunner
 from plugin.jobs.executor import LocalExecutor
 from plugin.logs import setup_logging
+from plugin.route.archive import FetchArchive
 from plugin.route.pipelines import series_lookup
+from plugin.route.requires import RequirementsWorker
 from plugin.route.rules import validate_rules
 from plugin.store.engine import Store
 from plugin.store.models import utcnow
@@ -79,6 +81,13 @@ class Node:
         )
         # pulls studies from the configured sources; a C-MOVE sends them to this node's listener
         self.fetcher = FetchWorker(self.store, config, self.receiver, routing) if listen else None
+        # moves the jobs on whose rule requires a series or a prior (plugin.route.requires); on a
+        # worker too (beside the Orthanc plugin), so they never wait past their time
+        self.requirements = (
+            RequirementsWorker(self.store, self.rules, FetchArchive(config, self.store), config.spool_dir)
+            if any(rule.requires for rule in self.rules.rules)
+            else None
+        )
         self.jobs = (
             JobRunner(self.store, config, LocalExecutor(config.executor.workers, config.logging))
             if execute
@@ -137,6 +146,8 @@ class Node:
             self.completion.started_at = utcnow()
         if self.fetcher is not None:
             self.fetcher.start()
+        if self.requirements is not None:
+            self.requirements.start()
         if self.jobs is not None:
             self.jobs.start()
         self.dispatcher.start()
@@ -147,6 +158,8 @@ class Node:
         self.dispatcher.stop()
         if self.jobs is not None:
             self.jobs.stop()
+        if self.requirements is not None:
+            self.requirements.stop()
         if self.fetcher is not None:
             self.fetcher.stop()
         if self.scp is not None:

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_io.results.header import Header, ResultError, read_header, valid_uid
+from dicom_io.results.prior import Prior
 from dicom_io.selection import RESULT_MANUFACTURER, RESULT_MODEL_NAME
 from dicom_io.types import Code, Findings, Segment, Volume
 
@@ -50,6 +51,9 @@ class ResultOptions:
     uid_seed: UIDs are derived from it (plus the pipeline, version and source instances), so
         encoding the same input twice gives the same UIDs and no duplicates in the archive.
         None derives them from the sources alone.
+    prior: a prior study's result: the SR reports each measurement's change since then and lists
+        the prior's SR as evidence (`dicom_io.results.prior`).
+    comparison_note: why there is no comparison, when one was asked for (the SR says it).
     """
 
     algorithm_name: str | None = None
@@ -68,6 +72,8 @@ class ResultOptions:
     max_key_images: int = 3
     uid_seed: str | None = None
     uid_prefix: str | None = None
+    prior: Prior | None = None
+    comparison_note: str | None = None
 
     def __post_init__(self) -> None:
         if self.segmentation_type not in ("BINARY", "LABELMAP"):

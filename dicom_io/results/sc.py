@@ -3,7 +3,9 @@
 Key images are the source slice, windowed, resampled to square pixels (so anatomy is never
 stretched when a PACS ignores PixelSpacing), with each segment burned in as a translucent fill plus
 an outline, a colour legend, orientation letters and a "not for diagnostic use" footer. The report
-card lists the measurements as text. Every picture is RGB, DERIVED\\SECONDARY, BurnedInAnnotation YES.
+card lists the measurements as text, with their change since a prior study in brackets when the
+results are compared with one (its date only: the card names no accession or UID). Every
+picture is RGB, DERIVED\\SECONDARY, BurnedInAnnotation YES.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from dicom_io.results.common import Context, format_value
+from dicom_io.results.prior import changes
 from dicom_io.types import Measurement, Segment
 
 DISCLAIMER = "Produced by an algorithm — not for diagnostic use"
@@ -135,7 +138,7 @@ def render_key_image(
 
 
 @dataclass(frozen=True)
-class _Row:
+class CardRow:
     """One line of the report card: a heading (with its segment colour) or a name/value pair."""
 
     text: str
@@ -144,29 +147,44 @@ class _Row:
     heading: bool = False
 
 
-def _card_rows(ctx: Context) -> list[_Row]:
-    def measured(items: Sequence[Measurement]) -> list[_Row]:
-        return [
-            _Row(
-                f"{m.concept.meaning}{f' ({m.modifier.meaning.lower()})' if m.modifier else ''}",
-                format_value(m.value, m.unit),
-            )
-            for m in items
-        ]
+def _signed(m: Measurement) -> str:
+    return ("+" if m.value > 0 else "") + format_value(m.value, m.unit)
 
-    rows: list[_Row] = []
+
+def card_rows(ctx: Context) -> list[CardRow]:
+    """The report card's table: per segment its measurements (with the change since the prior in
+    brackets when there is one), then the unsegmented ones, then the notes."""
+    prior = ctx.options.prior
+
+    def measured(items: Sequence[Measurement], label: str) -> list[CardRow]:
+        rows = []
+        for m in items:
+            value = format_value(m.value, m.unit)
+            if prior is not None and (delta := changes([m], label[:64], prior)):
+                value += f" ({', '.join(_signed(d) for d in delta)})"
+            rows.append(
+                CardRow(
+                    f"{m.concept.meaning}{f' ({m.modifier.meaning.lower()})' if m.modifier else ''}", value
+                )
+            )
+        return rows
+
+    rows: list[CardRow] = []
+    if prior is not None:  # the date only: the card carries no accession or UID
+        rows.append(CardRow(f"In brackets: the change since the prior study of {prior.when}"))
     for segment in sorted(ctx.findings.segments, key=lambda s: s.number):
         status = "not found" if segment.is_empty else ""
-        rows.append(_Row(segment.label, status, segment.color_rgb, heading=True))
+        rows.append(CardRow(segment.label, status, segment.color_rgb, heading=True))
         if not segment.is_empty:
-            rows += measured(ctx.findings.measurements_for(segment.number))
+            rows += measured(ctx.findings.measurements_for(segment.number), segment.label)
     if ctx.findings.measurements_for(None):
-        rows.append(_Row(ctx.findings.summary_label, heading=True))
-        rows += measured(ctx.findings.measurements_for(None))
-    if ctx.findings.notes:
-        rows.append(_Row("Notes", heading=True))
-        rows += [_Row(line) for note in ctx.findings.notes for line in textwrap.wrap(note, 70)]
-    return rows or [_Row("Nothing found", heading=True)]
+        rows.append(CardRow(ctx.findings.summary_label, heading=True))
+        rows += measured(ctx.findings.measurements_for(None), ctx.findings.summary_label)
+    notes = [*ctx.findings.notes, *([ctx.options.comparison_note] if ctx.options.comparison_note else [])]
+    if notes:
+        rows.append(CardRow("Notes", heading=True))
+        rows += [CardRow(line) for note in notes for line in textwrap.wrap(note, 70)]
+    return rows or [CardRow("Nothing found", heading=True)]
 
 
 def render_report_card(ctx: Context) -> npt.NDArray[np.uint8]:
@@ -186,7 +204,7 @@ def render_report_card(ctx: Context) -> npt.NDArray[np.uint8]:
     )
     draw.line((40, 118, width - 40, 118), fill=grey, width=1)
     y, bottom = 134, height - 104
-    rows = _card_rows(ctx)
+    rows = card_rows(ctx)
     # shrink the table (down to 60 %) rather than cut it when a pipeline reports many values
     needed = sum(50 if row.heading else 34 for row in rows)
     scale = max(0.6, min(1.0, (bottom - y) / needed))

@@ -10,6 +10,13 @@ planar group (TID 1410) per measurement, an image-region POINT on the CT, which 
 Segments the pipeline looked for but did not find, and the pipeline's notes, go into the root
 "Qualitative Evaluations" container as text, so an empty result is still a valid report that says
 so. (OHIF 3.13 shows a measured value of 0 as blank.)
+
+With a prior study's result (`ResultOptions.prior`), each volumetric group also carries the change
+of its measurements since the prior (absolute and relative NUMs whose Derivation says so,
+`dicom_io.results.prior`), the root's qualitative evaluations say how many days earlier the prior
+was (no identifier or date: a de-identified export keeps the text), and the prior's SR is listed
+in the Pertinent Other Evidence Sequence (it is another study's instance). Without one,
+`ResultOptions.comparison_note` says there why nothing was compared.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_io.results.common import Context
+from dicom_io.results.prior import changes
 from dicom_io.results.seg import SegInfo, coded, segment_reference
 from dicom_io.types import Measurement, Segment
 
@@ -83,6 +91,12 @@ def _measurements(items: Sequence[Measurement]) -> list[hd.sr.Measurement]:
     ]
 
 
+def _changes(ctx: Context, measurements: Sequence[Measurement], label: str) -> list[Measurement]:
+    """The change of each measurement since the prior (none without a prior), for the group `label`."""
+    prior = ctx.options.prior
+    return [] if prior is None else changes(measurements, label[:64], prior)
+
+
 def _locate(ctx: Context, group: Sequence[Dataset], point_zyx: npt.NDArray[np.float64]) -> None:
     """Give every NUM of the group an INFERRED FROM SCOORD3D POINT (TID 300 row 8) at point_zyx."""
     _infer_from(
@@ -135,7 +149,7 @@ def _segment_groups(
         finding_category=coded(segment.category),
         finding_sites=_finding_sites(segment),
         algorithm_id=_algorithm(ctx),
-        measurements=_measurements(measurements),
+        measurements=_measurements([*measurements, *_changes(ctx, measurements, segment.label)]),
     )
     point = inside_point(segment.mask, ctx.slice_counts(segment))
     _locate(ctx, group, point)
@@ -208,6 +222,7 @@ def _unsegmented_groups(
         point = inside_point(labels > 0, np.array([np.count_nonzero(plane) for plane in labels]))
     else:
         point = (np.array(ctx.volume.shape, dtype=np.float64) - 1) / 2
+    unsegmented = ctx.findings.measurements_for(None)
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=ctx.uid("whole-volume"), identifier=ctx.findings.summary_label
@@ -219,12 +234,12 @@ def _unsegmented_groups(
             source_series=hd.sr.SourceSeriesForSegmentation(str(ctx.first_source.SeriesInstanceUID)),
         ),
         algorithm_id=_algorithm(ctx),
-        measurements=_measurements(ctx.findings.measurements_for(None)),
+        measurements=_measurements([*unsegmented, *_changes(ctx, unsegmented, ctx.findings.summary_label)]),
     )
     _locate(ctx, group, point)
     point = np.round(point)  # the planar groups need a voxel; the volume centre may fall between
     label = ctx.findings.summary_label
-    return [group, *_planar_groups(ctx, label, point, ctx.findings.measurements_for(None), None)]
+    return [group, *_planar_groups(ctx, label, point, unsegmented, None)]
 
 
 def _qualitative_container(ctx: Context) -> hd.sr.ContainerContentItem | None:
@@ -233,6 +248,18 @@ def _qualitative_container(ctx: Context) -> hd.sr.ContainerContentItem | None:
     if not ctx.findings.segments and not ctx.findings.measurements:
         texts.append((codes.DCM.Finding, "Nothing found"))
     texts += [(codes.DCM.Comment, note) for note in ctx.findings.notes]
+    prior = ctx.options.prior
+    if prior is not None:  # no identifier or date: the text stays in a de-identified export
+        study_date = str(ctx.first_source.get("StudyDate", "") or "")
+        texts.append(
+            (
+                codes.DCM.Comment,
+                f"Compared with {prior.earlier_than(study_date)};"
+                " its report is listed as Pertinent Other Evidence",
+            )
+        )
+    elif ctx.options.comparison_note:
+        texts.append((codes.DCM.Comment, ctx.options.comparison_note))
     if not texts:
         return None
     container = hd.sr.ContainerContentItem(
@@ -283,6 +310,8 @@ def build_sr(ctx: Context, seg: SegInfo | None) -> hd.sr.Comprehensive3DSR:
     if qualitative is not None:
         root.ContentSequence.append(qualitative)
     evidence = ([seg.dataset] if seg is not None else []) + ctx.source_instances
+    if ctx.options.prior is not None:  # another study's: highdicom lists it as Pertinent Other Evidence
+        evidence.append(ctx.options.prior.evidence(ctx.first_source))
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=root,

@@ -37,6 +37,11 @@ def print_jobs(config: Config, as_json: bool) -> int:
             f"{j['id']:>5} {j['state']:<9} {j['pipeline'] or '-':<10} {j['revision']:>3} {j['attempts']:>3}  "
             f"{j['study_uid']}  [{_seconds(j['timings'])}]  [{_deliveries(j['deliveries'])}]"
             + (f"  {escape_controls(j['error'])}" if j["error"] else "")  # one row, whatever the text
+            + (
+                f"  {escape_controls(j['notes'][-1]['text'])}"
+                if j["state"] == "WAITING" and j["notes"]
+                else ""
+            )
         )
     return 0
 

@@ -35,6 +35,7 @@ from plugin.jobs.queue import (
     release_job,
     renew_lease,
 )
+from plugin.route.requires import prior_result
 from plugin.store.engine import Store
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,9 @@ class JobRunner:
             self._fail(job, owner, f"series {job.series_uid} has no instances in the store", {}, retry=False)
             return job.id
         base, options = self._pipeline_options(job.pipeline)
+        prior, comparison_note = prior_result(job.needs, self._results_dir)
+        if prior is not None:
+            log.info("job %d: compared with the %s", job.id, prior.describe())
         task = Task(
             job_id=job.id,
             pipeline=job.pipeline,
@@ -159,6 +163,8 @@ class JobRunner:
             supersedes=job.supersedes,
             base=base,
             options=options,
+            prior=prior,
+            comparison_note=comparison_note,
         )
         lease = _Lease(self._store, job, owner, cfg.lease_s, self._stop)
         try:

@@ -35,6 +35,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from plugin.dispatch.outbox import retry_deliveries
+from plugin.route.requires import queue_prior_jobs, start_waiting
 from plugin.route.rules import RuleSet, SeriesInfo, StudyPlan, plan_study
 from plugin.route.selection import chosen, rank_series
 from plugin.store.engine import Store
@@ -145,7 +146,14 @@ def rules_in_force(session: Session, rules: RuleSet) -> RuleSet:
 
 
 def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir: Path) -> list[Job]:
-    """Route a study revision that just completed and queue its jobs, in the caller's transaction."""
+    """Route a study revision that just completed and queue its jobs, in the caller's transaction.
+
+    A study pulled as the prior of waiting jobs gets their pipelines instead (`queue_prior_jobs`);
+    a job whose rule requires what is not there yet is WAITING (`plugin.route.requires`).
+    """
+    prior_jobs = queue_prior_jobs(session, study, rules, spool_dir)
+    if prior_jobs is not None:
+        return prior_jobs
     infos, changed = read_study_series(session, study, spool_dir)
     plan = plan_study(infos, rules_in_force(session, rules))
     for selection in plan.selections:  # a rule whose pipeline can use none: in the no-job line below
@@ -166,6 +174,7 @@ def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir:
         return []
     now = utcnow()
     queued = []
+    waits: dict[int, str | None] = {}
     for planned in plan.jobs:
         action = planned.action
         earlier = _earlier_job(session, study, planned.series_uid, action.pipeline)
@@ -180,13 +189,21 @@ def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir:
             if action.scope == "study"
             else Job.series_uid == planned.series_uid
         )
+        waiting = session.scalars(
+            select(Job).where(
+                Job.study_id == study.id,
+                same_input,
+                Job.pipeline == action.pipeline,
+                Job.state == JobState.WAITING,
+            )
+        ).all()
         session.execute(
             update(Job)
             .where(
                 Job.study_id == study.id,
                 same_input,
                 Job.pipeline == action.pipeline,
-                Job.state == JobState.QUEUED,
+                Job.state.in_((JobState.QUEUED, JobState.WAITING)),
             )
             .values(
                 state=JobState.CANCELLED,
@@ -198,13 +215,15 @@ def queue_routed_jobs(session: Session, study: Study, rules: RuleSet, spool_dir:
         job = add_queued_job(
             session, study, action.pipeline, planned.series_uid, action.rule, action.destinations, now=now
         )
+        requires = rules.requirements(action.rule)
+        waits[id(job)] = None if requires is None else start_waiting(job, requires, infos, now, waiting)
         queued.append(job)
     session.flush()
     for job in queued:
         log.info(
-            "study %s revision %d: job %d queued: %s on series %s (rule %s) -> %s",
-            *(study.study_uid, study.revision, job.id, job.pipeline, job.series_uid, job.rule),
-            ", ".join(job.destinations or ()) or "kept locally",
+            "study %s revision %d: job %d %s: %s on series %s (rule %s) -> %s",
+            *(study.study_uid, study.revision, job.id, waits[id(job)] or "queued", job.pipeline),
+            *(job.series_uid, job.rule, ", ".join(job.destinations or ()) or "kept locally"),
         )
     return queued
 
@@ -224,9 +243,10 @@ def queue_named_job(
     rules: RuleSet,
     spool_dir: Path,
     destinations: Sequence[str],
+    rule: str = ON_DEMAND_RULE,
 ) -> Job:
     """Queue ``pipeline`` on the series of the study it prefers, whatever the rules say (on demand:
-    the Orthanc plugin's run route, the console's re-run), in the caller's transaction.
+    the Orthanc plugin's run route, the console's re-run; a prior's run), in the caller's transaction.
 
     Raises `NoUsableSeries` when the pipeline rejects every series of the study.
     """
@@ -238,11 +258,11 @@ def queue_named_job(
             f"{pipeline} can use no series of study {study.study_uid}: "
             + (" | ".join(f"series {r.series_uid}: {', '.join(r.reasons)}" for r in ranking) or "none")
         )
-    job = add_queued_job(session, study, pipeline, series_uid, ON_DEMAND_RULE, destinations)
+    job = add_queued_job(session, study, pipeline, series_uid, rule, destinations)
     session.flush()
     log.info(
-        "study %s revision %d: job %d queued on demand: %s on series %s",
-        *(study.study_uid, study.revision, job.id, pipeline, series_uid),
+        "study %s revision %d: job %d queued (%s): %s on series %s",
+        *(study.study_uid, study.revision, job.id, rule, pipeline, series_uid),
     )
     return job
 
@@ -273,6 +293,7 @@ class ClaimedJob:
     files: tuple[Path, ...]  # the series' spool files as of the job's revision
     sop_uids: tuple[str, ...]  # the SOP Instance UIDs of ``files``, in the same order
     supersedes: int | None  # the latest earlier revision with results on this series and pipeline
+    needs: dict[str, Any] | None = None  # what its rule required and what was found (a prior)
 
 
 def _runnable(now: datetime, max_attempts: int) -> Any:
@@ -367,6 +388,7 @@ def _claimed(s: Session, job_id: int, spool_dir: Path) -> ClaimedJob:
         files=tuple(spool_dir / row.spool_path for row in rows),
         sop_uids=tuple(row.sop_instance_uid for row in rows),
         supersedes=supersedes,
+        needs=job.needs,
     )
 
 
@@ -478,6 +500,7 @@ def list_jobs(store: Store, results_dir: Path) -> list[dict[str, Any]]:
             "state": job.state,
             "attempts": job.attempts,
             "error": job.error,
+            "notes": (job.needs or {}).get("notes", []),  # what its rule required, step by step
             "timings": job.timings or {},
             "deliveries": counts.get(job.id, {}),
             "results_dir": str(results_dir / str(job.id)) if job.state == JobState.SUCCEEDED else None,

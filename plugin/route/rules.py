@@ -20,6 +20,10 @@ Paused: an operator may pause a rule in the web console (the store's ``paused`` 
 time a study is routed); it is then skipped with the reason "paused", as a disabled rule is,
 until it is resumed.
 
+Requires: a rule's `requires` names a series it needs (study scope: the job runs on the one the
+pipeline prefers among those that have it, when any does) or the patient's prior study; its job
+then waits (`plugin.route.requires`).
+
 Destinations: a rule without `destinations` sends to every configured destination; `[]`, or no
 destinations configured at all, keeps results locally (in data_dir) only. The sending source is
 not a destination: where a study came from is not part of the configuration.
@@ -37,7 +41,17 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from dicom_io.selection import ANY_SERIES, SeriesWanted
-from plugin.config import DEFAULT_RULE_NAME, Config, ConfigError, Matcher, MatchGroup, Rule, RuleAction
+from plugin.config import (
+    DEFAULT_RULE_NAME,
+    Config,
+    ConfigError,
+    Matcher,
+    MatchGroup,
+    RequiredSeries,
+    Requirements,
+    Rule,
+    RuleAction,
+)
 from plugin.route.selection import Header, Ranked, SeriesInfo, chosen, number, rank_series, values
 
 SeriesLookup = Callable[[str], SeriesWanted]
@@ -102,6 +116,10 @@ class RuleSet:
         if self.override is not None:
             return self.override
         return tuple(action.destinations) if action.destinations is not None else self.all_destinations
+
+    def requirements(self, rule: str | None) -> Requirements | None:
+        """What the rule named ``rule`` requires before its job runs; None for none (or no such rule)."""
+        return next((r.requires for r in self.rules if r.name == rule), None)
 
     def default_action(self) -> Action | None:
         """What happens to a series no rule matches; None: it gets no job."""
@@ -314,6 +332,38 @@ def _group_misses(group: MatchGroup, header: Header) -> list[str]:
     return [reason for keyword, m in group.items() if (reason := _miss(keyword, m, header)) is not None]
 
 
+def meets(header: Header, required: RequiredSeries, only: Collection[str] | None = None) -> bool:
+    """Whether a series (its header) is the one a rule requires; ``only``: test these keywords only
+    (what a C-FIND answer carries), the others pass."""
+    group = {k: m for k, m in required.match.items() if only is None or k in only}
+    return not _group_misses(group, header)
+
+
+def describe_required(required: RequiredSeries) -> str:
+    """The required series in words, e.g. ``a series with SliceThickness range [-inf, 1.5]``."""
+    return "a series with " + ", ".join(describe_tests(required.match))
+
+
+def describe_requirements(requires: Requirements | None) -> list[str]:
+    """What a rule requires before its job runs, in words, one line per requirement."""
+    if requires is None:
+        return []
+    lines = []
+    if (series := requires.series) is not None:
+        pulled = f", pulled from {series.pull_from}" if series.pull_from else ""
+        after = "runs on the series there are" if series.after_wait == "run" else "skipped"
+        lines.append(
+            f"{describe_required(series)}{pulled}: waits up to {series.wait_minutes:g} min, then {after}"
+        )
+    if (prior := requires.prior) is not None:
+        results = "delivered" if prior.deliver else "kept locally"
+        lines.append(
+            f"the prior study from {prior.source} (same {', '.join(prior.same)}, within {prior.max_age_days}"
+            f" days; its results {results}): waits up to {prior.wait_minutes:g} min, then runs without"
+        )
+    return lines
+
+
 def _why_not(rule: Rule, header: Header, paused: Collection[str]) -> tuple[str, ...]:
     """Every reason the rule does not match the header; empty when it matches.
 
@@ -360,6 +410,9 @@ def plan_study(series: Sequence[SeriesInfo], rules: RuleSet) -> StudyPlan:
             won.setdefault(action.rule, (action, []))[1].append(s)
     selections = []
     for rule, (action, members) in won.items():
+        requires = rules.requirements(rule)
+        if requires is not None and requires.series is not None:  # the required series when there
+            members = [s for s in members if meets(s.header, requires.series)] or members
         ranking = rank_series(members, rules.series_wanted(action.pipeline))
         selection = Selection(rule, action.pipeline, ranking)
         selections.append(selection)
@@ -445,7 +498,14 @@ def study_report(study_uid: str, series: Sequence[SeriesInfo], rules: RuleSet) -
             }
             for selection in plan.selections
         ],
-        "jobs": [{**asdict(job.action), "series_uid": job.series_uid} for job in plan.jobs],
+        "jobs": [
+            {
+                **asdict(job.action),
+                "series_uid": job.series_uid,
+                "requires": describe_requirements(rules.requirements(job.action.rule)),
+            }
+            for job in plan.jobs
+        ],
     }
 
 
@@ -504,8 +564,12 @@ def format_report(report: Mapping[str, Any]) -> str:
                 for r in selection["ranking"]
             ]
         lines += [
-            f"  job: {job['pipeline']} on series {job['series_uid']}"
-            f" (rule {job['rule']}, {job['scope']} scope), {_where(job['destinations'])}"
+            line
             for job in study["jobs"]
+            for line in (
+                f"  job: {job['pipeline']} on series {job['series_uid']}"
+                f" (rule {job['rule']}, {job['scope']} scope), {_where(job['destinations'])}",
+                *(f"    requires {r}" for r in job["requires"]),
+            )
         ] or ["  no jobs"]
     return "\n".join(lines)

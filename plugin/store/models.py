@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -53,6 +54,7 @@ class StudyState(enum.StrEnum):
 
 
 class JobState(enum.StrEnum):
+    WAITING = "WAITING"  # for what its rule requires (plugin/route/requires.py), then QUEUED or CANCELLED
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
@@ -179,6 +181,10 @@ class Job(Base):
     rule: Mapped[str | None] = mapped_column(String(64))
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    # migration 0013 (plugin/route/requires.py): what a WAITING job waits for and what was found
+    # (a series, a prior study), with a note per step for the timeline; when the wait ends
+    needs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    wait_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 def add_queued_job(

@@ -191,6 +191,7 @@ class StudyFilterState(enum.StrEnum):
 
     RECEIVING = StudyState.RECEIVING
     COMPLETE = StudyState.COMPLETE
+    WAITING = JobState.WAITING
     QUEUED = JobState.QUEUED
     RUNNING = JobState.RUNNING
     SUCCEEDED = JobState.SUCCEEDED
@@ -265,13 +266,15 @@ def _has_state(state: StudyFilterState) -> ColumnElement[bool]:
 
 
 def study_status(state: str, jobs: Mapping[str, int], deliveries: Mapping[str, int]) -> str:
-    """Where the study is, in a word: the first of receiving, running, queued, dead (a delivery),
-    failed (a job), sending, delivered, done (results kept locally), no job."""
+    """Where the study is, in a word: the first of receiving, running, queued, waiting (for what its
+    rule requires), dead (a delivery), failed (a job), sending, delivered, done (results kept
+    locally), no job."""
     if state == StudyState.RECEIVING:
         return "receiving"
     for word, held in (
         ("running", jobs.get(JobState.RUNNING)),
         ("queued", jobs.get(JobState.QUEUED)),
+        ("waiting", jobs.get(JobState.WAITING)),
         ("dead", deliveries.get(DeliveryState.DEAD)),
         ("failed", jobs.get(JobState.FAILED)),
         ("sending", deliveries.get(DeliveryState.PENDING, 0) + deliveries.get(DeliveryState.SENDING, 0)),
@@ -434,6 +437,7 @@ class JobItem:
     current_step: str | None
     elapsed_s: float | None
     deliveries: list[DeliveryItem]
+    notes: list[tuple[datetime, str]] = field(default_factory=list)  # what its rule required, step by step
 
 
 @dataclass(frozen=True)
@@ -547,6 +551,10 @@ def _job_item(job: Job, deliveries: list[Delivery], now: datetime) -> JobItem:
             )
             for d in deliveries
         ],
+        notes=[
+            (datetime.fromisoformat(note["at"]), str(note["text"]))
+            for note in (job.needs or {}).get("notes", [])
+        ],
     )
 
 
@@ -591,6 +599,7 @@ def _events(
         routed = f"job {job.id}: {job.pipeline or '-'} on series {job.series_uid or '-'}"
         routed += f" (rule {job.rule or '-'}) -> {where}"
         events.append(Event(job.created_at, "queued", routed, job.id))
+        events += [Event(at, "requires", f"job {job.id}: {text}", job.id) for at, text in job.notes]
         if job.started_at is not None:
             events.append(
                 Event(job.started_at, "started", f"job {job.id}: attempt {job.attempts} started", job.id)

@@ -41,7 +41,14 @@ from plugin.jobs.executor.devices import CpuInfo, cpu_info, executor_slots
 from plugin.jobs.executor.work import MANIFEST, read_manifest
 from plugin.jobs.queue import NoUsableSeries, queue_named_job, read_study_series, retry_job, rules_in_force
 from plugin.route.pipelines import known_pipelines, series_lookup
-from plugin.route.rules import RuleSet, describe_tests, study_report, usable_pipelines, validate_rules
+from plugin.route.rules import (
+    RuleSet,
+    describe_requirements,
+    describe_tests,
+    study_report,
+    usable_pipelines,
+    validate_rules,
+)
 from plugin.store.engine import Store
 from plugin.store.models import Delivery, Study, StudyState
 from plugin.store.pauses import PauseKind, paused_names, set_paused
@@ -290,6 +297,7 @@ class SelectionReport(BaseModel):
 
 class PlannedJob(RouteAction):
     series_uid: str
+    requires: list[str] = Field(default_factory=list, description="what the job would wait for, in words")
 
 
 class RoutingReport(BaseModel):
@@ -669,6 +677,7 @@ class RuleInfo(BaseModel):
     )
     match: list[str] = Field(description="every test must hold")
     any_of: list[list[str]] = Field(description="one of these groups must hold, when there are any")
+    requires: list[str] = Field(default_factory=list, description="what its job waits for, in words")
 
 
 class DestinationInfo(BaseModel):
@@ -710,6 +719,7 @@ def rules_answer(store: Store, config: Config, rules: RuleSet) -> RulesAnswer:
                 destinations=list(rules.destinations_for(rule)),
                 match=describe_tests(rule.match),
                 any_of=[describe_tests(group) for group in rule.any_of],
+                requires=describe_requirements(rule.requires),
             )
             for rule in rules.rules
         ],

@@ -146,7 +146,7 @@ class NodeCollector(Collector):
         """The gauges (work in flight: the states with an index and few rows), and the counters and
         histograms brought up to date."""
         now = self._clock()
-        live_jobs = (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)
+        live_jobs = (JobState.WAITING, JobState.QUEUED, JobState.RUNNING, JobState.FAILED)
         live_deliveries = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.DEAD)
         with self._store.session() as s:
             receiving = s.scalar(select(func.count()).where(Study.state == StudyState.RECEIVING))
@@ -169,7 +169,9 @@ class NodeCollector(Collector):
             )
         ]
         family = GaugeMetricFamily(
-            "radgate_jobs", "Jobs QUEUED, RUNNING or FAILED, by pipeline", labels=["pipeline", "state"]
+            "radgate_jobs",
+            "Jobs WAITING, QUEUED, RUNNING or FAILED, by pipeline",
+            labels=["pipeline", "state"],
         )
         for pipeline, state, n in sorted(jobs, key=lambda row: (row[0] or "", row[1])):
             family.add_metric([pipeline or "", state], n)

@@ -27,6 +27,7 @@ from support.results import (
 from support.testdata import TESTDATA, needs_testdata
 
 from dicom_io.results import ResultError, ResultOptions, build_results, write_results
+from dicom_io.results.reading import read_prior, sr_measurements
 from dicom_io.testing import validate
 from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.types import Findings, Measurement, Segment, Volume
@@ -95,6 +96,24 @@ def test_ohif_loads_seg_and_sr(orientation: str, tmp_path: Path, viewercheck_dir
     paths = _by_kind(
         write_results(lung_findings(series.volume), series.volume, series.datasets, tmp_path / "out")
     )
+    sources = _save_sources(series.datasets, tmp_path / "src")
+    result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
+    assert result.ok, result.output
+    assert not _unexpected(result.warnings), result.warnings
+
+
+def test_ohif_loads_an_sr_compared_with_a_prior(tmp_path: Path, viewercheck_dir: Path) -> None:
+    """The change NUMs and the prior in the evidence keep the report loadable in OHIF."""
+    series = make_series()
+    findings = lung_findings(series.volume)
+    earlier = build_results(findings, series.volume, series.datasets, ResultOptions(write_sc=False))
+    prior = replace(read_prior(earlier.sr), study_uid="1.2.826.0.1.3680043.10.1234.78", study_date="20250101")
+    grown = replace(
+        findings, measurements=tuple(replace(m, value=m.value * 1.05) for m in findings.measurements)
+    )
+    options = ResultOptions(write_sc=False, prior=prior)
+    paths = _by_kind(write_results(grown, series.volume, series.datasets, tmp_path / "out", options))
+    assert any("change" in row[1] for row in sr_measurements(pydicom.dcmread(paths["SR"][0])))
     sources = _save_sources(series.datasets, tmp_path / "src")
     result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
     assert result.ok, result.output

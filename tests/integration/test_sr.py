@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from support.results import (
+    LAA,
     LEFT,
     ML,
     RIGHT,
@@ -23,12 +25,17 @@ from support.results import (
 from support.testdata import TESTDATA, needs_testdata
 
 from dicom_io.results import ResultOptions, ResultSet, build_results
+from dicom_io.results.common import format_value, make_context
+from dicom_io.results.prior import Prior
+from dicom_io.results.reading import read_prior, sr_measurements
+from dicom_io.results.sc import card_rows
 from dicom_io.testing import validate
 from dicom_io.testing.structure import describe_seg, describe_sr
 from dicom_io.types import Findings, Measurement
 
 DCMQI = TESTDATA / "dcmqi"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+PRIOR_STUDY = "1.2.826.0.1.3680043.10.1234.77"
 OPTIONS = ResultOptions(write_sc=False, device_uid="1.2.826.0.1.3680043.10.1234.1", serial_number="node-7")
 
 
@@ -171,3 +178,88 @@ def test_structure_compared_with_dcmqi(written: tuple[Series, Findings, ResultSe
     assert not any(g.viewer_locatable for g in dcmqi_sr.groups)
     assert ours_sr.observer_types == ("Device",) and dcmqi_sr.observer_types == ("Person",)
     assert dcmqi_sr.image_library and not ours_sr.image_library
+
+
+# --- compared with a prior study ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compared(
+    written: tuple[Series, Findings, ResultSet, Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Prior, Findings, Path]:
+    """The SR of `written` read as another study's result (the prior), and a current run whose
+    right lung grew by 10 % and whose %LAA-950 rose by 2.5 points, compared with it."""
+    series, findings = written[0], written[1]
+    prior = replace(read_prior(pydicom.dcmread(written[4])), study_uid=PRIOR_STUDY, study_date="20190102")
+    grown = tuple(
+        replace(m, value=m.value * 1.1 if m.concept == VOLUME else m.value + 2.5)
+        if m.segment == 1 and m.concept in (VOLUME, LAA)
+        else m
+        for m in findings.measurements
+    )
+    current = replace(findings, measurements=grown)
+    options = replace(OPTIONS, prior=prior, uid_seed="current")
+    path = tmp_path_factory.mktemp("compared") / "sr.dcm"
+    build_results(current, series.volume, series.datasets, options).sr.save_as(path, enforce_file_format=True)
+    return prior, current, path
+
+
+@pytest.mark.slow  # pixelmed: a JVM
+def test_sr_with_a_prior_passes_the_validators(compared: tuple[Prior, Findings, Path]) -> None:
+    path = compared[2]
+    for check in (validate.pixelmed_sr, validate.dciodvfy, validate.dsrdump):
+        result = require(check(path))
+        assert result.ok, str(result)
+
+
+def test_sr_reports_the_change_since_the_prior_and_references_it(
+    compared: tuple[Prior, Findings, Path],
+) -> None:
+    prior, current, path = compared
+    sr = pydicom.dcmread(path)
+    rows = {(g, label): v for g, label, v, _ in sr_measurements(sr)}
+    right_ml = next(m.value for m in current.measurements if m.segment == 1 and m.concept == VOLUME)
+    assert rows[("Right lung", "volume change")] == pytest.approx(right_ml - right_ml / 1.1, abs=1e-3)
+    assert rows[("Right lung", "volume change, relative")] == pytest.approx(10.0, abs=1e-3)
+    assert rows[("Right lung", "Low attenuation area below -950 HU change")] == pytest.approx(2.5)
+    assert rows[("Left lung", "volume change")] == pytest.approx(0.0, abs=1e-6)
+    assert rows[("Both lungs", "volume change")] == pytest.approx(0.0, abs=1e-6)  # the total, unchanged
+    assert ("Right lung", "mean density change") not in rows  # a mean: its Derivation is taken
+    [other] = sr.PertinentOtherEvidenceSequence
+    assert other.StudyInstanceUID == PRIOR_STUDY
+    [series] = other.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == prior.sr_series_uid
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == prior.sr_sop_instance_uid
+    assert PRIOR_STUDY not in {s.StudyInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence}
+    comment = str(sr.ContentSequence[-1].ContentSequence[-1].TextValue)
+    days = (datetime.date(2026, 1, 1) - datetime.date(2019, 1, 2)).days  # support.results' StudyDate
+    assert comment == (
+        f"Compared with the patient's prior study of {days} days earlier;"
+        " its report is listed as Pertinent Other Evidence"
+    )  # no UID, accession or date: the text stays in a de-identified export
+    assert '(CHANGE_PRIOR,99RADGATE,"Change since prior study")' in require(validate.dsrdump(path)).output
+    again = read_prior(sr)  # read as the next study's prior: its values, not its changes
+    assert len(again.values) == len(prior.values)
+
+
+def test_sr_says_why_nothing_was_compared(written: tuple[Series, Findings, ResultSet, Path, Path]) -> None:
+    series, findings = written[0], written[1]
+    note = "No prior study of the same kind on pacs"
+    options = replace(OPTIONS, comparison_note=note)
+    sr = build_results(findings, series.volume, series.datasets, options).sr
+    assert "PertinentOtherEvidenceSequence" not in sr
+    assert not [row for row in sr_measurements(sr) if "change" in row[1]]
+    assert note in str(sr.ContentSequence[-1].ContentSequence[-1].TextValue)
+
+
+def test_the_report_card_shows_the_change_in_brackets(
+    written: tuple[Series, Findings, ResultSet, Path, Path], compared: tuple[Prior, Findings, Path]
+) -> None:
+    series, (prior, current, _) = written[0], compared
+    rows = card_rows(make_context(current, series.volume, series.datasets, replace(OPTIONS, prior=prior)))
+    texts = [(row.text, row.value) for row in rows]
+    assert texts[0] == ("In brackets: the change since the prior study of 2019-01-02", "")
+    right_ml = next(m.value for m in current.measurements if m.segment == 1 and m.concept == VOLUME)
+    delta = format_value(right_ml - right_ml / 1.1, ML)
+    assert ("Volume", f"{format_value(right_ml, ML)} (+{delta}, +10.0 %)") in texts
+    assert not any(PRIOR_STUDY in f"{text} {value}" for text, value in texts)

@@ -197,3 +197,48 @@ def chest_study(testdata: Path, out: Path, slices: int | None = None) -> ChestSt
         results=tuple(sorted(result_series)),
         files=tuple(written),
     )
+
+
+@dataclass(frozen=True)
+class OneSeriesStudy:
+    """A study of one CT series: its UIDs and files."""
+
+    study_uid: str
+    series_uid: str
+    files: tuple[Path, ...]
+
+
+def ct_visit(
+    testdata: Path, out: Path, slices: int, study_date: str, accession: str, offset: int = 0
+) -> OneSeriesStudy:
+    """The real LUNG1-001 CT's central `slices` (moved by `offset` slices) as a study of its own:
+    new Study, Series and SOP Instance UIDs, the same patient, dated `study_date` (another visit)."""
+    sources = sorted((pydicom.dcmread(f) for f in (testdata / LUNG1 / "ct").glob("*.dcm")), key=_z)
+    start = (len(sources) - slices) // 2 + offset
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for ds in sources[start : start + slices]:
+        visit = _new_series(ds, series_uid, 2, "Thorax 3.0 B19f")
+        visit.StudyInstanceUID = study_uid
+        visit.StudyDate = visit.SeriesDate = visit.ContentDate = study_date
+        visit.AccessionNumber = accession
+        path = out / f"{visit.SOPInstanceUID}.dcm"
+        visit.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return OneSeriesStudy(study_uid, series_uid, tuple(files))
+
+
+def reconstruction(visit: OneSeriesStudy, out: Path, kernel: str) -> OneSeriesStudy:
+    """Another reconstruction of a visit's series, in the same study: a new series whose slices
+    say they were made with `kernel` (the pixels are the same)."""
+    series_uid = generate_uid()
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for path in visit.files:
+        ds = _new_series(pydicom.dcmread(path), series_uid, 3, f"Thorax 3.0 {kernel}")
+        ds.ConvolutionKernel = kernel
+        copy_path = out / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(copy_path, enforce_file_format=True)
+        files.append(copy_path)
+    return OneSeriesStudy(visit.study_uid, series_uid, tuple(files))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dicom_io.results.prior import Prior
+
 
 @dataclass(frozen=True)
 class Task:
@@ -32,6 +34,8 @@ class Task:
     supersedes: int | None = None
     base: str | None = None  # None: ``pipeline`` is itself a registered pipeline
     options: dict[str, Any] = field(default_factory=dict)
+    prior: Prior | None = None  # a prior study's result to compare with (`plugin.route.requires`)
+    comparison_note: str | None = None  # why there is no comparison when the rule asked for one
 
 
 @dataclass(frozen=True)

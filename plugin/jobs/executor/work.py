@@ -59,6 +59,8 @@ def result_options(task: Task, headers: Sequence[pydicom.Dataset]) -> ResultOpti
         series_number_base=base,
         series_description_prefix=prefix,
         uid_seed=f"radgate/{task.study_uid}/{task.revision}/{task.series_uid}/{task.pipeline}",
+        prior=task.prior,
+        comparison_note=task.comparison_note,
     )
 
 
