@@ -33,7 +33,7 @@ from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from ai_models.nnunet_folder import LABELS_FILE as NNUNET_LABELS
 from ai_models.nnunet_folder import ModelFolderError, check_label_table, read_model_folder
-from dicom_io.labels import BUNDLE_LABELS, load_label_table
+from dicom_io.labels import BUNDLE_LABELS, LabelSpec, load_label_table
 from plugin.ingest.datadir import FileModes, file_modes
 
 
@@ -410,6 +410,23 @@ LabelTable = Path | dict[int, dict[str, Any]]
 """A label table as the config gives it: a JSON file, or the JSON form inline (dicom_io.labels)."""
 
 
+def _absolute(path: LabelTable | None) -> LabelTable | None:
+    """A path made absolute (workers may run in another current directory); anything else as is."""
+    return path.resolve() if isinstance(path, Path) else path
+
+
+def _where(source: LabelTable) -> str:
+    return "inline table" if isinstance(source, dict) else str(source)
+
+
+def _label_table(source: LabelTable) -> dict[int, LabelSpec]:
+    """The parsed label table; ValueError "labels (<file or inline table>): <what is wrong>"."""
+    try:
+        return load_label_table(source)
+    except (OSError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"labels ({_where(source)}): {err}") from None
+
+
 class MonaiBundlePipelineConfig(_Strict):
     """A MONAI bundle (ai_models.monai_bundle) run under the name it has in `pipelines`.
 
@@ -438,16 +455,11 @@ class MonaiBundlePipelineConfig(_Strict):
     @field_validator("labels")
     @classmethod
     def _labels_path(cls, v: LabelTable | None) -> LabelTable | None:
-        return v.resolve() if isinstance(v, Path) else v
+        return _absolute(v)
 
     @model_validator(mode="after")
     def _labels_parse(self) -> MonaiBundlePipelineConfig:
-        source = self.bundle_dir / BUNDLE_LABELS if self.labels is None else self.labels
-        try:
-            load_label_table(source)
-        except (OSError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-            where = "inline table" if isinstance(source, dict) else str(source)
-            raise ValueError(f"labels ({where}): {err}") from None
+        _label_table(self.bundle_dir / BUNDLE_LABELS if self.labels is None else self.labels)
         return self
 
     def options(self) -> dict[str, Any]:
@@ -500,9 +512,7 @@ class NnunetPipelineConfig(_Strict):
     @field_validator("model_dir", "labels")
     @classmethod
     def _absolute(cls, v: LabelTable | None) -> LabelTable | None:
-        return (
-            v.resolve() if isinstance(v, Path) else v
-        )  # workers may run elsewhere than the current directory
+        return _absolute(v)
 
     @model_validator(mode="after")
     def _model_and_labels(self) -> NnunetPipelineConfig:
@@ -511,11 +521,11 @@ class NnunetPipelineConfig(_Strict):
         except ModelFolderError as err:
             raise ValueError(f"model_dir: {err}") from None
         source = folder.path / NNUNET_LABELS if self.labels is None else self.labels
+        table = _label_table(source)
         try:
-            check_label_table(load_label_table(source), folder)
-        except (OSError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-            where = "inline table" if isinstance(source, dict) else str(source)
-            raise ValueError(f"labels ({where}): {err}") from None
+            check_label_table(table, folder)
+        except ValueError as err:
+            raise ValueError(f"labels ({_where(source)}): {err}") from None
         return self
 
     def options(self) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from plugin.config import Config
 from plugin.jobs.executor import Task
 from plugin.jobs.executor.work import run_task
 
+pytestmark = pytest.mark.slow
+
 THRESHOLDS = (-400.0, 200.0, 800.0)
 VOXEL_ML = 0.008  # 2 mm isotropic: the plans' spacing, so nnU-Net resamples nothing and masks are exact
 
