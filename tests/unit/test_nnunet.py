@@ -227,3 +227,24 @@ def test_the_configuration_and_labels_default_from_the_folder(model: Path, tmp_p
     (without_table / "radgate_labels.json").unlink()
     with pytest.raises(ValueError, match=r"radgate_labels\.json"):
         _config(without_table)
+
+
+def test_region_trained_labels_are_those_of_regions_class_order(model: Path, tmp_path: Path) -> None:
+    """A region-based model outputs the values of regions_class_order; a table may name only those."""
+    copy = Path(shutil.copytree(model, tmp_path / "regions"))
+    dataset = json.loads((copy / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "whole tumour": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+    dataset["regions_class_order"] = [1, 2, 3]
+    (copy / "dataset.json").write_text(json.dumps(dataset))
+    folder = read_model_folder(copy)
+    assert folder.label_names == {1: "whole tumour", 2: "core", 3: "enhancing"}
+    dataset["regions_class_order"] = [1, 2]
+    (copy / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ModelFolderError, match="2 regions_class_order entries for 3 regions"):
+        read_model_folder(copy)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: device cuda is valid here")
+def test_device_cuda_without_a_gpu_is_refused_when_built(model: Path) -> None:
+    with pytest.raises(ValueError, match="device is 'cuda' but torch sees no CUDA device"):
+        NnunetPipeline(model, device="cuda")
