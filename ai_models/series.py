@@ -59,9 +59,21 @@ def monai_bundle(
     )
 
 
+def nnunet(
+    model_dir: str | Path, modalities: tuple[str, ...] | None = None, min_slices: int = 1, **_: Any
+) -> SeriesWanted:
+    """What a configured nnU-Net model wants: its modalities (configured, else its input channel's, e.g.
+    "CT"; a channel named after no modality, e.g. "T1", leaves any modality)."""
+    from ai_models.nnunet_folder import input_channel
+
+    named = MODALITY_NAMES.get(input_channel(model_dir).strip().upper())
+    return SeriesWanted(modalities=tuple(modalities or ((named,) if named else ())), min_slices=min_slices)
+
+
 BUILTIN_SERIES: dict[str, Callable[..., SeriesWanted]] = {
     "ct-lung": lambda **_: CT_LUNG,
     "mr-brain": lambda **_: MR_BRAIN,
     "monai-bundle": monai_bundle,
+    "nnunet": nnunet,
 }
 """Built-in pipeline name -> its declaration, given the pipeline's options."""

@@ -31,7 +31,9 @@ from pydantic import (
 )
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
-from dicom_io.labels import BUNDLE_LABELS, load_label_table
+from ai_models.nnunet_folder import LABELS_FILE as NNUNET_LABELS
+from ai_models.nnunet_folder import ModelFolderError, check_label_table, read_model_folder
+from dicom_io.labels import BUNDLE_LABELS, LabelSpec, load_label_table
 from plugin.ingest.datadir import FileModes, file_modes
 
 
@@ -483,6 +485,23 @@ LabelTable = Path | dict[int, dict[str, Any]]
 """A label table as the config gives it: a JSON file, or the JSON form inline (dicom_io.labels)."""
 
 
+def _absolute(path: LabelTable | None) -> LabelTable | None:
+    """A path made absolute (workers may run in another current directory); anything else as is."""
+    return path.resolve() if isinstance(path, Path) else path
+
+
+def _where(source: LabelTable) -> str:
+    return "inline table" if isinstance(source, dict) else str(source)
+
+
+def _label_table(source: LabelTable) -> dict[int, LabelSpec]:
+    """The parsed label table; ValueError "labels (<file or inline table>): <what is wrong>"."""
+    try:
+        return load_label_table(source)
+    except (OSError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"labels ({_where(source)}): {err}") from None
+
+
 class MonaiBundlePipelineConfig(_Strict):
     """A MONAI bundle (ai_models.monai_bundle) run under the name it has in `pipelines`.
 
@@ -511,16 +530,11 @@ class MonaiBundlePipelineConfig(_Strict):
     @field_validator("labels")
     @classmethod
     def _labels_path(cls, v: LabelTable | None) -> LabelTable | None:
-        return v.resolve() if isinstance(v, Path) else v
+        return _absolute(v)
 
     @model_validator(mode="after")
     def _labels_parse(self) -> MonaiBundlePipelineConfig:
-        source = self.bundle_dir / BUNDLE_LABELS if self.labels is None else self.labels
-        try:
-            load_label_table(source)
-        except (OSError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-            where = "inline table" if isinstance(source, dict) else str(source)
-            raise ValueError(f"labels ({where}): {err}") from None
+        _label_table(self.bundle_dir / BUNDLE_LABELS if self.labels is None else self.labels)
         return self
 
     def options(self) -> dict[str, Any]:
@@ -533,8 +547,71 @@ class MonaiBundlePipelineConfig(_Strict):
         }
 
 
-PipelineConfig = MonaiBundlePipelineConfig
-"""What `pipelines` may hold; a union discriminated by `kind` once there is a second kind."""
+class NnunetPipelineConfig(_Strict):
+    """An nnU-Net v2 trained model folder (ai_models.nnunet) run under the name it has in `pipelines`.
+
+    Checked at load, without torch: the folder's dataset.json, plans.json, configuration and
+    checkpoints (`ai_models.nnunet_folder`), and the label table against the model's labels.
+    """
+
+    kind: Literal["nnunet"]
+    model_dir: Path = Field(description="the trained model folder (dataset.json, plans.json, fold_N/)")
+    labels: LabelTable | None = Field(
+        default=None,
+        description="label value -> coded segment: a JSON file or an inline table; "
+        f"absent: {NNUNET_LABELS} in the model folder",
+    )
+    configuration: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the plans' configuration the weights were trained with (3d_fullres, 2d, ...); "
+        "absent: from the folder name <trainer>__<plans>__<configuration>, or the only one",
+    )
+    folds: list[Annotated[int, Field(ge=0)] | Literal["all"]] | None = Field(
+        default=None, min_length=1, description="folds to ensemble; absent: every fold_N with the checkpoint"
+    )
+    checkpoint: str = Field(default="checkpoint_final.pth", description="or checkpoint_best.pth")
+    tile_step_size: float = Field(default=0.5, gt=0.0, le=1.0, description="sliding-window step (patches)")
+    use_mirroring: bool = Field(default=True, description="test-time mirroring: better, up to 8x slower")
+    orientation: Literal["RAS", "LPS", "native"] = Field(
+        default="RAS", description="the orientation the model was trained in (ai_models.nnunet.ORIENTATIONS)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: the GPU when there is one; cpu: always the CPU"
+    )
+    modalities: list[str] | None = Field(
+        default=None, min_length=1, description="DICOM modalities it accepts; absent: its input channel's"
+    )
+    min_slices: int = Field(default=1, ge=1, description="fewer slices: the job fails with the reason")
+
+    @field_validator("model_dir", "labels")
+    @classmethod
+    def _absolute(cls, v: LabelTable | None) -> LabelTable | None:
+        return _absolute(v)
+
+    @model_validator(mode="after")
+    def _model_and_labels(self) -> NnunetPipelineConfig:
+        try:
+            folder = read_model_folder(self.model_dir, self.configuration, self.folds, self.checkpoint)
+        except ModelFolderError as err:
+            raise ValueError(f"model_dir: {err}") from None
+        source = folder.path / NNUNET_LABELS if self.labels is None else self.labels
+        table = _label_table(source)
+        try:
+            check_label_table(table, folder)
+        except ValueError as err:
+            raise ValueError(f"labels ({_where(source)}): {err}") from None
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of the pipeline's constructor."""
+        options = self.model_dump(exclude={"kind"})
+        options["modalities"] = None if self.modalities is None else tuple(self.modalities)
+        return options
+
+
+PipelineConfig = Annotated[MonaiBundlePipelineConfig | NnunetPipelineConfig, Field(discriminator="kind")]
+"""What `pipelines` may hold, by `kind`."""
 
 
 # --- rules: which pipeline runs on a series (evaluated in plugin/route/rules.py) --------------------
