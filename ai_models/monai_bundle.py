@@ -121,7 +121,6 @@ class MonaiBundlePipeline:
                     spec.property_type,
                     mask,
                     anatomic_region=spec.anatomic_region,
-                    laterality=spec.laterality,
                     color_rgb=spec.color_rgb,
                 )
             )
