@@ -14,13 +14,15 @@ run gets a private TOTALSEG_HOME_DIR whose config.json turns usage statistics of
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -38,10 +40,10 @@ from ai_models.totalseg_catalog import (
     weights_root,
 )
 from dicom_io.types import Findings, Measurement, Segment, Volume
+from dicom_io.volume import ras_image
 
 Device = Literal["auto", "cpu", "cuda"]
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _OFFLINE_CONFIG = {
     "totalseg_id": "radgate",
     "send_usage_stats": False,
@@ -84,7 +86,7 @@ class TotalSegmentatorPipeline:
             for value, spec in label_table().items()
             if self.roi_subset is None or spec.label in self.roi_subset
         }
-        check_weights(self.weights_dir, fast, self.roi_subset is not None)
+        self.models = check_weights(self.weights_dir, fast, self.roi_subset is not None)
         self.device = device
         self.min_slices = min_slices
         self.version = f"{package_version('TotalSegmentator')}-{download_task(fast)}"
@@ -108,7 +110,11 @@ class TotalSegmentatorPipeline:
     def run(self, volume: Volume, device: torch.device) -> Findings:
         image = to_nifti(volume)
         with offline_totalseg(self.weights_dir):
+            from totalsegmentator.nnunet import custom_trainers
             from totalsegmentator.python_api import totalsegmentator
+
+            for model in self.models:
+                custom_trainers.setdefault(model.trainer, trainer_class(model.trainer))
 
             output = totalsegmentator(
                 image,
@@ -123,7 +129,7 @@ class TotalSegmentatorPipeline:
                 nr_thr_resamp=1,
                 nr_thr_saving=1,
             )
-        labels = from_nifti(np.asanyarray(output.dataobj), output.affine, volume, self.name)
+        labels = from_nifti(output, volume, self.name)
 
         voxel_ml = volume.voxel_volume_ml
         segments, measurements = [], []
@@ -177,24 +183,39 @@ def offline_totalseg(weights_dir: Path) -> Iterator[Path]:
                     os.environ[name] = value
 
 
-def to_nifti(volume: Volume) -> object:
-    """The volume as a nibabel NIfTI image: voxels (x, y, z), RAS affine (no copy of the voxels)."""
+def trainer_class(name: str) -> type:
+    """nnU-Net's trainer class `name`, importing only the module that defines it.
+
+    nnU-Net finds a trainer by importing every trainer module in turn until one has it, and its
+    Primus trainers import timm, which needs torchvision (not installed with radgate's torch):
+    TotalSegmentator's own trainers sit after them. Raises LookupError when no module defines it.
+    """
+    import nnunetv2
+
+    package = Path(nnunetv2.__file__).parent
+    pattern = re.compile(rf"^class {re.escape(name)}\b", re.MULTILINE)
+    for path in sorted((package / "training" / "nnUNetTrainer").rglob("*.py")):
+        if pattern.search(path.read_text(encoding="utf-8")):
+            module = ".".join(("nnunetv2", *path.relative_to(package).with_suffix("").parts))
+            found: type = getattr(importlib.import_module(module), name)
+            return found
+    raise LookupError(f"nnU-Net has no trainer class {name!r}")
+
+
+def to_nifti(volume: Volume) -> Any:
+    """The volume as a nibabel NIfTI image (`dicom_io.volume.ras_image`: no copy of the voxels)."""
     import nibabel as nib
 
-    data = np.ascontiguousarray(volume.voxels).transpose(2, 1, 0)
-    return nib.Nifti1Image(data, _LPS_TO_RAS @ volume.affine)
+    return nib.Nifti1Image(*ras_image(volume))
 
 
-def from_nifti(
-    array: npt.NDArray[np.generic], affine: npt.NDArray[np.float64], volume: Volume, pipeline: str
-) -> npt.NDArray[np.int32]:
-    """A label map TotalSegmentator returned for `to_nifti(volume)` back on the volume's (z, y, x) grid.
+def from_nifti(image: Any, volume: Volume, pipeline: str) -> npt.NDArray[np.int32]:
+    """A label image TotalSegmentator returned for `to_nifti(volume)`, on the volume's (z, y, x) grid.
 
     Raises PipelineError when it is not on the input's grid (shape or affine differ).
     """
-    grid = tuple(reversed(volume.shape))
-    if tuple(array.shape) != grid or not np.allclose(affine, _LPS_TO_RAS @ volume.affine, atol=1e-3):
-        raise PipelineError(
-            pipeline, f"the label map {array.shape} is not on the input grid {grid} (x, y, z)"
-        )
+    array = np.asanyarray(image.dataobj)
+    voxels, affine = ras_image(volume)
+    if array.shape != voxels.shape or not np.allclose(image.affine, affine, atol=1e-3):
+        raise PipelineError(pipeline, f"its label map {array.shape} is not on the input grid {voxels.shape}")
     return np.ascontiguousarray(np.asarray(array, dtype=np.int32).transpose(2, 1, 0))
