@@ -30,10 +30,11 @@ import torch
 from monai.bundle import ConfigParser
 from monai.inferers import SimpleInferer
 
-from ai_models.base import UNIT_CM3, VOLUME, PipelineError, autocast, basic_reason
+from ai_models.base import PipelineError, autocast, basic_reason
+from ai_models.labelmap import label_findings
 from ai_models.series import bundle_metadata, monai_bundle
 from dicom_io.labels import BUNDLE_LABELS, load_label_table
-from dicom_io.types import Findings, Measurement, Segment, Volume
+from dicom_io.types import Findings, Volume
 
 DROPPED_TRANSFORMS = ("LoadImage", "SaveImage", "EnsureChannelFirst")
 
@@ -107,35 +108,7 @@ class MonaiBundlePipeline:
             data["pred"] = inferer(image[None], network)[0].float()
         if "postprocessing" in parser:
             data = parser.get_parsed_content("postprocessing")(data)
-        labels = _label_map(data["pred"], volume)
-
-        voxel_ml = volume.voxel_volume_ml
-        segments, measurements = [], []
-        for value, spec in sorted(self.labels.items()):
-            mask = labels == value
-            segments.append(
-                Segment(
-                    value,
-                    spec.label,
-                    spec.category,
-                    spec.property_type,
-                    mask,
-                    anatomic_region=spec.anatomic_region,
-                    color_rgb=spec.color_rgb,
-                )
-            )
-            measurements.append(Measurement(VOLUME, float(mask.sum()) * voxel_ml, UNIT_CM3, value))
-        unknown = sorted(set(np.unique(labels).tolist()) - set(self.labels) - {0})
-        area = (labels > 0).sum(axis=(1, 2))
-        return Findings(
-            pipeline=self.name,
-            version=self.version,
-            shape=volume.shape,
-            segments=tuple(segments),
-            measurements=tuple(measurements),
-            key_slices=(int(area.argmax()),) if area.any() else (),
-            notes=(f"label values without a table entry were left out: {unknown}",) if unknown else (),
-        )
+        return label_findings(self.name, self.version, volume, _label_map(data["pred"], volume), self.labels)
 
 
 def _label_map(pred: Any, volume: Volume) -> np.ndarray:

@@ -66,6 +66,17 @@ def monai_bundle(
     )
 
 
+def nnunet(
+    model_dir: str | Path, modalities: tuple[str, ...] | None = None, min_slices: int = 1, **_: Any
+) -> SeriesWanted:
+    """What a configured nnU-Net model wants: its modalities (configured, else its input channel's, e.g.
+    "CT"; a channel named after no modality, e.g. "T1", leaves any modality)."""
+    from ai_models.nnunet_folder import input_channel
+
+    named = MODALITY_NAMES.get(input_channel(model_dir).strip().upper())
+    return SeriesWanted(modalities=tuple(modalities or ((named,) if named else ())), min_slices=min_slices)
+
+
 def totalsegmentator(min_slices: int = TOTALSEGMENTATOR.min_slices, **_: Any) -> SeriesWanted:
     """What a configured TotalSegmentator wants: CT, at least `min_slices` planes."""
     return dataclasses.replace(TOTALSEGMENTATOR, min_slices=min_slices)
@@ -75,6 +86,7 @@ BUILTIN_SERIES: dict[str, Callable[..., SeriesWanted]] = {
     "ct-lung": lambda **_: CT_LUNG,
     "mr-brain": lambda **_: MR_BRAIN,
     "monai-bundle": monai_bundle,
+    "nnunet": nnunet,
     "totalsegmentator": totalsegmentator,
 }
 """Built-in pipeline name -> its declaration, given the pipeline's options."""

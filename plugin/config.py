@@ -32,6 +32,8 @@ from pydantic import (
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
 from ai_models import totalseg_catalog
+from ai_models.nnunet_folder import LABELS_FILE as NNUNET_LABELS
+from ai_models.nnunet_folder import ModelFolderError, check_label_table, read_model_folder
 from dicom_io.labels import BUNDLE_LABELS, load_label_table
 from plugin.ingest.datadir import FileModes, file_modes
 
@@ -459,6 +461,71 @@ class MonaiBundlePipelineConfig(_Strict):
         }
 
 
+class NnunetPipelineConfig(_Strict):
+    """An nnU-Net v2 trained model folder (ai_models.nnunet) run under the name it has in `pipelines`.
+
+    Checked at load, without torch: the folder's dataset.json, plans.json, configuration and
+    checkpoints (`ai_models.nnunet_folder`), and the label table against the model's labels.
+    """
+
+    kind: Literal["nnunet"]
+    model_dir: Path = Field(description="the trained model folder (dataset.json, plans.json, fold_N/)")
+    labels: LabelTable | None = Field(
+        default=None,
+        description="label value -> coded segment: a JSON file or an inline table; "
+        f"absent: {NNUNET_LABELS} in the model folder",
+    )
+    configuration: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the plans' configuration the weights were trained with (3d_fullres, 2d, ...); "
+        "absent: from the folder name <trainer>__<plans>__<configuration>, or the only one",
+    )
+    folds: list[Annotated[int, Field(ge=0)] | Literal["all"]] | None = Field(
+        default=None, min_length=1, description="folds to ensemble; absent: every fold_N with the checkpoint"
+    )
+    checkpoint: str = Field(default="checkpoint_final.pth", description="or checkpoint_best.pth")
+    tile_step_size: float = Field(default=0.5, gt=0.0, le=1.0, description="sliding-window step (patches)")
+    use_mirroring: bool = Field(default=True, description="test-time mirroring: better, up to 8x slower")
+    orientation: Literal["RAS", "LPS", "native"] = Field(
+        default="RAS", description="the orientation the model was trained in (ai_models.nnunet.ORIENTATIONS)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: the GPU when there is one; cpu: always the CPU"
+    )
+    modalities: list[str] | None = Field(
+        default=None, min_length=1, description="DICOM modalities it accepts; absent: its input channel's"
+    )
+    min_slices: int = Field(default=1, ge=1, description="fewer slices: the job fails with the reason")
+
+    @field_validator("model_dir", "labels")
+    @classmethod
+    def _absolute(cls, v: LabelTable | None) -> LabelTable | None:
+        return (
+            v.resolve() if isinstance(v, Path) else v
+        )  # workers may run elsewhere than the current directory
+
+    @model_validator(mode="after")
+    def _model_and_labels(self) -> NnunetPipelineConfig:
+        try:
+            folder = read_model_folder(self.model_dir, self.configuration, self.folds, self.checkpoint)
+        except ModelFolderError as err:
+            raise ValueError(f"model_dir: {err}") from None
+        source = folder.path / NNUNET_LABELS if self.labels is None else self.labels
+        try:
+            check_label_table(load_label_table(source), folder)
+        except (OSError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+            where = "inline table" if isinstance(source, dict) else str(source)
+            raise ValueError(f"labels ({where}): {err}") from None
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of the pipeline's constructor."""
+        options = self.model_dump(exclude={"kind"})
+        options["modalities"] = None if self.modalities is None else tuple(self.modalities)
+        return options
+
+
 class TotalSegmentatorPipelineConfig(_Strict):
     """TotalSegmentator's task `total` (ai_models.totalsegmentator) with weights the site placed.
 
@@ -511,7 +578,8 @@ class TotalSegmentatorPipelineConfig(_Strict):
 
 
 PipelineConfig = Annotated[
-    MonaiBundlePipelineConfig | TotalSegmentatorPipelineConfig, Field(discriminator="kind")
+    MonaiBundlePipelineConfig | NnunetPipelineConfig | TotalSegmentatorPipelineConfig,
+    Field(discriminator="kind"),
 ]
 """What `pipelines` may hold, by `kind`."""
 

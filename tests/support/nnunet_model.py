@@ -75,6 +75,26 @@ def expected_labels(voxels: npt.NDArray[Any], thresholds: Sequence[float]) -> np
     return np.searchsorted(np.asarray(thresholds, dtype=np.float64), clipped, side="right").astype(np.int64)
 
 
+def band_phantom(
+    shape: tuple[int, int, int], thresholds: Sequence[float] = (-400.0, 200.0, 800.0)
+) -> npt.NDArray[np.int16]:
+    """Voxels (z, y, x) in HU with one block per band, none symmetric under any flip or axis swap.
+
+    Air (band 0) around a box of band 1 in one corner, a bar of band 2 along the columns off every
+    centre line, and a small cube of the highest band near the opposite corner; each value sits
+    midway between thresholds.
+    """
+    edges = [-1000.0, *thresholds, 2000.0]
+    value = [round((edges[k] + edges[k + 1]) / 2) for k in range(len(edges) - 1)]
+    z, y, x = shape
+    voxels = np.full(shape, value[0], dtype=np.int16)
+    voxels[: z // 2, : y // 2, : (2 * x) // 3] = value[1]
+    if len(value) > 2:
+        voxels[z // 4 : (3 * z) // 4, (2 * y) // 3 : (2 * y) // 3 + max(2, y // 6), x // 5 :] = value[2]
+    voxels[-max(2, z // 4) :, -3:, -2:] = value[-1]
+    return voxels
+
+
 def dataset_json(labels: int, channel: str = "CT") -> dict[str, Any]:
     names = {"background": 0} | {f"band_{k}": k for k in range(1, labels + 1)}
     return {

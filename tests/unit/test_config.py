@@ -129,16 +129,16 @@ def test_a_configured_pipeline_gives_its_kind_and_options(
     [
         (
             {"bundle_dir": "/no/such/bundle"},
-            "pipelines.bones.bundle_dir: Value error, /no/such/bundle is not",
+            "pipelines.bones.monai-bundle.bundle_dir: Value error, /no/such/bundle is not",
         ),
-        ({"labels": "missing.json"}, "pipelines.bones: Value error, labels ("),
+        ({"labels": "missing.json"}, "pipelines.bones.monai-bundle: Value error, labels ("),
         ({"labels": {1: {"label": "Bone"}}}, "labels (inline table): label 'Bone' needs a 'category'"),
-        ({"labels": {1: "Bone"}}, "pipelines.bones.labels"),
+        ({"labels": {1: "Bone"}}, "pipelines.bones.monai-bundle.labels"),
         ({"labels": {0: BONE_LABEL}}, "label values >= 1"),
         ({"labels": {1: {**BONE_LABEL, "color": [300, 0, 0]}}}, "color must be three integers"),
-        ({"kind": "monai-bundel"}, "pipelines.bones.kind"),
-        ({"weights": "x.pt"}, "pipelines.bones.weights: unknown key"),
-        ({"min_slices": 0}, "pipelines.bones.min_slices"),
+        ({"kind": "monai-bundel"}, "pipelines.bones: Input tag 'monai-bundel' found using 'kind'"),
+        ({"weights": "x.pt"}, "pipelines.bones.monai-bundle.weights: unknown key"),
+        ({"min_slices": 0}, "pipelines.bones.monai-bundle.min_slices"),
     ],
 )
 def test_a_wrong_pipeline_setting_names_its_key(tmp_path: Path, bones: dict[str, object], named: str) -> None:
@@ -150,7 +150,7 @@ def test_a_wrong_pipeline_setting_names_its_key(tmp_path: Path, bones: dict[str,
 def test_a_broken_label_file_in_the_bundle_stops_the_load(tmp_path: Path) -> None:
     path = _pipelines_config(tmp_path)
     (tmp_path / "bundle" / "configs" / "radgate_labels.json").write_text("{not json")
-    with pytest.raises(ConfigError, match=r"pipelines\.bones: .*radgate_labels\.json\): Expecting"):
+    with pytest.raises(ConfigError, match=r"bones\.monai-bundle: .*radgate_labels\.json\): Expecting"):
         load_config(path)
 
 
