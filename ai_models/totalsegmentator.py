@@ -28,7 +28,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ai_models.base import UNIT_CM3, VOLUME, PipelineError, basic_reason
+from ai_models.base import PipelineError, basic_reason
+from ai_models.labelmap import label_findings
 from ai_models.series import TOTALSEGMENTATOR
 from ai_models.series import totalsegmentator as wanted_series
 from ai_models.totalseg_catalog import (
@@ -39,7 +40,7 @@ from ai_models.totalseg_catalog import (
     label_table,
     weights_root,
 )
-from dicom_io.types import Findings, Measurement, Segment, Volume
+from dicom_io.types import Findings, Volume
 from dicom_io.volume import ras_image
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -129,34 +130,8 @@ class TotalSegmentatorPipeline:
                 nr_thr_resamp=1,
                 nr_thr_saving=1,
             )
-        labels = from_nifti(output, volume, self.name)
-
-        voxel_ml = volume.voxel_volume_ml
-        segments, measurements = [], []
-        for value, spec in self.labels.items():
-            mask = labels == value
-            segments.append(
-                Segment(
-                    value,
-                    spec.label,
-                    spec.category,
-                    spec.property_type,
-                    mask,
-                    anatomic_region=spec.anatomic_region,
-                    laterality=spec.laterality,
-                    color_rgb=spec.color_rgb,
-                )
-            )
-            if mask.any():
-                measurements.append(Measurement(VOLUME, float(mask.sum()) * voxel_ml, UNIT_CM3, value))
-        area = np.isin(labels, list(self.labels)).sum(axis=(1, 2))
-        return Findings(
-            pipeline=self.name,
-            version=self.version,
-            shape=volume.shape,
-            segments=tuple(segments),
-            measurements=tuple(measurements),
-            key_slices=(int(area.argmax()),) if area.any() else (),
+        return label_findings(
+            self.name, self.version, volume, from_nifti(output, volume, self.name), self.labels
         )
 
 

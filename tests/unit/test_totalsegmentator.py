@@ -1,6 +1,6 @@
 """totalsegmentator without running a model: its code table, the weight check, its config, offline.
 
-The model run itself (fake weights, SEG and SR) is tests/integration/test_totalsegmentator.py.
+The model run itself (fake weights, SEG and SR) is tests/integration/test_totalsegmentator_results.py.
 """
 
 from __future__ import annotations
