@@ -4,7 +4,7 @@ It runs the package's own python API (`totalsegmentator.python_api.totalsegmenta
 volume as an in-memory NIfTI, so resampling (1.5 mm, or 3 mm with `fast`), the five-model merge,
 the roi_subset crop and the way back onto the input grid are TotalSegmentator's own; we only turn
 the Volume into that NIfTI and the label map it returns back into the Volume's (z, y, x) grid.
-Why this way and not our nnU-Net predictor: docs/design.md, "nnU-Net and TotalSegmentator".
+Why this way and not the nnunet kind's predictor: docs/design.md, "totalsegmentator".
 
 Nothing is fetched and nothing is sent: the weights must already be under `weights_dir` (checked
 when the pipeline is built, `WeightsMissingError` with the command that fetches them), and each
