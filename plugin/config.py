@@ -560,6 +560,7 @@ class TotalSegmentatorPipelineConfig(_Strict):
     @model_validator(mode="after")
     def _installed_and_placed(self) -> TotalSegmentatorPipelineConfig:
         try:
+            totalseg_catalog.require_package()
             totalseg_catalog.check_roi_subset(self.roi_subset or ())
             totalseg_catalog.check_weights(self.weights_dir, self.fast, self.roi_subset is not None)
         except (ModuleNotFoundError, FileNotFoundError) as err:

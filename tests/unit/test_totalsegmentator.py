@@ -22,7 +22,7 @@ import yaml
 from support.results import make_series
 from support.totalseg_weights import place_weights
 
-from ai_models import PipelineError, get_pipeline
+from ai_models import PipelineError, get_pipeline, totalseg_catalog
 from ai_models.totalseg_catalog import (
     SNOMED_TABLE,
     WeightsMissingError,
@@ -207,6 +207,14 @@ def test_a_wrong_totalsegmentator_setting_names_its_key(
     with pytest.raises(ConfigError) as err:
         load_config(_config(tmp_path, **{"weights_dir": str(weights), "fast": True, **organs}))
     assert named in str(err.value)
+
+
+def test_without_the_package_the_config_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(totalseg_catalog, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"needs TotalSegmentator \(pip install 'radgate\[nnunet\]'\)"):
+        load_config(_config(tmp_path, weights_dir=str(tmp_path)))
 
 
 @pytest.fixture()
