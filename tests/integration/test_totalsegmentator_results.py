@@ -27,6 +27,7 @@ from support.totalseg_weights import BANDS, band, place_weights
 
 from ai_models.base import VOLUME
 from ai_models.totalseg_catalog import label_table
+from ai_models.totalsegmentator import trainer_class
 from dicom_io.testing import validate
 from dicom_io.types import Findings, Volume
 from dicom_io.volume import load_series
@@ -155,6 +156,15 @@ def test_the_sr_is_valid_and_reports_the_volumes(run: dict[str, Any]) -> None:
     expected = {round(m.value, 3) for m in run["findings"].measurements if m.value > 0}
     assert len(expected) == 3 and {round(v, 3) for v in volumes} == expected
     assert "No kidney_right found" in texts and "No spleen found" not in texts
+
+
+def test_trainers_are_imported_from_their_own_module(run: dict[str, Any]) -> None:
+    """After the run (which needed both of the fast mode's): the 1.5 mm models' trainer too."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    for name in ("nnUNetTrainer_4000epochs_NoMirroring", "nnUNetTrainerNoMirroring"):
+        found = trainer_class(name)
+        assert found.__name__ == name and issubclass(found, nnUNetTrainer)
 
 
 CONFIG_WITHOUT_TORCH = """
