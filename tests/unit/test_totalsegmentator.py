@@ -38,6 +38,7 @@ from ai_models.totalsegmentator import (
     to_nifti,
     trainer_class,
 )
+from dicom_io.labels import load_label_table
 from dicom_io.results.seg import coded
 from plugin.config import ConfigError, load_config
 
@@ -91,6 +92,19 @@ def test_the_117_structures_carry_the_codes_totalsegmentator_publishes() -> None
 
 def astuple(code: Any) -> tuple[str, str, str]:
     return (code.value, code.scheme, code.meaning)
+
+
+def test_a_label_table_in_json_carries_a_laterality_too() -> None:
+    """The JSON form (monai-bundle and nnunet tables) takes the same laterality as this table."""
+    spec = label_table()[3]  # kidney_left
+    entry = {
+        "label": spec.label,
+        "category": astuple(spec.category),
+        "type": astuple(spec.property_type),
+        "laterality": ["7771000", "SCT", "Left"],
+        "color": list(spec.color_rgb),
+    }
+    assert load_label_table({"3": entry}) == {3: spec}
 
 
 def test_every_code_is_a_valid_highdicom_segment_description() -> None:
