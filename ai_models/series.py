@@ -7,6 +7,7 @@ load: it reads them from `BUILTIN_SERIES` without importing the pipelines.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +32,12 @@ MR_BRAIN = SeriesWanted(  # a whole-head 3-D T1 (MPRAGE and its vendor twins) is
     min_coverage_mm=MIN_HEAD_EXTENT_MM,
     acquisition="3D",
     descriptions=(r"T1|MPRAGE|MP-?RAGE|SPGR|BRAVO|TFE|FLASH|tfl3d",),
+)
+
+TOTALSEGMENTATOR = SeriesWanted(  # any plane; soft-tissue kernels first, as it was trained on
+    modalities=("CT",),
+    min_slices=10,
+    kernels=(CT_SOFT_KERNELS, CT_SHARP_KERNELS),
 )
 
 MODALITY_NAMES = {"MRI": "MR", "MR": "MR", "CT": "CT", "PET": "PT", "PT": "PT", "US": "US"}
@@ -70,10 +77,16 @@ def nnunet(
     return SeriesWanted(modalities=tuple(modalities or ((named,) if named else ())), min_slices=min_slices)
 
 
+def totalsegmentator(min_slices: int = TOTALSEGMENTATOR.min_slices, **_: Any) -> SeriesWanted:
+    """What a configured TotalSegmentator wants: CT, at least `min_slices` planes."""
+    return dataclasses.replace(TOTALSEGMENTATOR, min_slices=min_slices)
+
+
 BUILTIN_SERIES: dict[str, Callable[..., SeriesWanted]] = {
     "ct-lung": lambda **_: CT_LUNG,
     "mr-brain": lambda **_: MR_BRAIN,
     "monai-bundle": monai_bundle,
     "nnunet": nnunet,
+    "totalsegmentator": totalsegmentator,
 }
 """Built-in pipeline name -> its declaration, given the pipeline's options."""

@@ -5,7 +5,8 @@ with the same parser the monai-bundle pipeline uses when it runs, so a broken ta
 node at start instead of failing every job. The JSON form, by label value:
 
     {"1": {"label": "Liver", "category": ["123037004", "SCT", "Anatomical Structure"],
-           "type": ["10200004", "SCT", "Liver"], "color": [221, 130, 101], "region": [...]}}
+           "type": ["10200004", "SCT", "Liver"], "color": [221, 130, 101], "region": [...],
+           "laterality": ["7771000", "SCT", "Left"]}}
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class LabelSpec:
     property_type: Code
     color_rgb: tuple[int, int, int] = (255, 0, 0)
     anatomic_region: Code | None = None
+    laterality: Code | None = None
 
     @classmethod
     def from_json(cls, value: Any) -> LabelSpec:
@@ -54,6 +56,7 @@ class LabelSpec:
             property_type=property_type,
             color_rgb=(color[0], color[1], color[2]),
             anatomic_region=code("region"),
+            laterality=code("laterality"),
         )
 
 

@@ -158,21 +158,29 @@ def load_stack(
     return Volume(voxels, layout.affine, tuple(_ref(slot.frame) for slot in layout.slots), attributes)
 
 
-def to_metatensor(volume: Volume) -> MetaTensor:
-    """The volume as a MONAI MetaTensor: channel-first (1, x, y, z) with a RAS affine.
+def ras_image(volume: Volume) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
+    """The volume as NIfTI and MONAI readers give an image: voxels (x, y, z) and a RAS affine.
 
-    MONAI's readers put the column index first and use RAS world coordinates, so the voxels are
-    transposed (z, y, x) → (x, y, z) (a view, no copy) and the affine becomes diag(-1, -1, 1, 1) @
-    affine with its columns unchanged (they already map x, y, z). To bring a (1, x, y, z) model output
-    back to the Volume grid: `array[0].transpose(2, 1, 0)`. meta["space"] is "RAS", which MONAI's
-    Orientation/Spacing read when given labels=None.
+    The voxels are transposed (z, y, x) → (x, y, z) (a view of a contiguous array, no copy) and the
+    affine becomes diag(-1, -1, 1, 1) @ affine with its columns unchanged (they already map x, y, z).
+    A label map on that grid goes back to the Volume grid with `.transpose(2, 1, 0)`.
+    """
+    # a flipped view has negative strides, which torch.from_numpy refuses; contiguous arrays are not copied
+    return np.ascontiguousarray(volume.voxels).transpose(2, 1, 0), _LPS_TO_RAS @ volume.affine
+
+
+def to_metatensor(volume: Volume) -> MetaTensor:
+    """The volume as a MONAI MetaTensor: channel-first (1, x, y, z) with a RAS affine (`ras_image`).
+
+    To bring a (1, x, y, z) model output back to the Volume grid: `array[0].transpose(2, 1, 0)`.
+    meta["space"] is "RAS", which MONAI's Orientation/Spacing read when given labels=None.
     """
     import torch
     from monai.data import MetaTensor
 
-    affine = torch.as_tensor(_LPS_TO_RAS @ volume.affine, dtype=torch.float64)
-    # a flipped view has negative strides, which torch.from_numpy refuses; contiguous arrays are not copied
-    data = torch.from_numpy(np.ascontiguousarray(volume.voxels).transpose(2, 1, 0)[None])
+    voxels, ras = ras_image(volume)
+    affine = torch.as_tensor(ras, dtype=torch.float64)
+    data = torch.from_numpy(voxels[None])
     meta = {
         "original_affine": affine.clone(),
         "spatial_shape": np.asarray(data.shape[1:]),

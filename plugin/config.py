@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
+from ai_models import totalseg_catalog
 from ai_models.nnunet_folder import LABELS_FILE as NNUNET_LABELS
 from ai_models.nnunet_folder import ModelFolderError, check_label_table, read_model_folder
 from dicom_io.labels import BUNDLE_LABELS, LabelSpec, load_label_table
@@ -610,7 +611,62 @@ class NnunetPipelineConfig(_Strict):
         return options
 
 
-PipelineConfig = Annotated[MonaiBundlePipelineConfig | NnunetPipelineConfig, Field(discriminator="kind")]
+class TotalSegmentatorPipelineConfig(_Strict):
+    """TotalSegmentator's task `total` (ai_models.totalsegmentator) with weights the site placed.
+
+    Checked at load: the package is installed, every weight folder the mode needs is in
+    `weights_dir` (else the error names the command that fetches them) and roi_subset names
+    structures of the task. Nothing is downloaded, at load or at run time.
+    """
+
+    kind: Literal["totalsegmentator"]
+    weights_dir: Path = Field(
+        description="TOTALSEG_HOME_DIR layout: the models under nnunet/results/, as "
+        "`TOTALSEG_HOME_DIR=<weights_dir> totalseg_download_weights -t total` (or total_fast) leaves them"
+    )
+    fast: bool = Field(default=False, description="the single 3 mm model instead of the five 1.5 mm ones")
+    roi_subset: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="only these structures (TotalSegmentator's names); absent: all 117",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: the GPU of the worker's slot when it has one, else the CPU"
+    )
+    min_slices: int = Field(default=10, ge=1, description="fewer slices: the job fails with the reason")
+
+    @field_validator("weights_dir")
+    @classmethod
+    def _weights_folder(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(f"{v} is not a folder")
+        return v.resolve()  # workers may run elsewhere than the current directory
+
+    @model_validator(mode="after")
+    def _installed_and_placed(self) -> TotalSegmentatorPipelineConfig:
+        try:
+            totalseg_catalog.require_package()
+            totalseg_catalog.check_roi_subset(self.roi_subset or ())
+            totalseg_catalog.check_weights(self.weights_dir, self.fast, self.roi_subset is not None)
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of the pipeline's constructor."""
+        return {
+            "weights_dir": self.weights_dir,
+            "fast": self.fast,
+            "roi_subset": None if self.roi_subset is None else tuple(self.roi_subset),
+            "device": self.device,
+            "min_slices": self.min_slices,
+        }
+
+
+PipelineConfig = Annotated[
+    MonaiBundlePipelineConfig | NnunetPipelineConfig | TotalSegmentatorPipelineConfig,
+    Field(discriminator="kind"),
+]
 """What `pipelines` may hold, by `kind`."""
 
 

@@ -76,6 +76,23 @@ def _drop_background_item(seg: Dataset) -> None:
     seg.SegmentSequence = [item for item in seg.SegmentSequence if item.SegmentNumber != 0]
 
 
+def _add_laterality(description: hd.seg.SegmentDescription, segment: Segment) -> None:
+    """The segment's laterality as a modifier: of its anatomic region when it has one, else of its type.
+
+    highdicom has no argument for either. Region-coded structures (a cyst in the left kidney) carry
+    it on the region, the others (the left adrenal gland) on the type, as TotalSegmentator's table
+    and DCMQI code them; `dicom_io.reference` reads both places back.
+    """
+    if segment.laterality is None:
+        return
+    if segment.anatomic_region is not None:
+        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [coded(segment.laterality)]
+    else:
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            coded(segment.laterality)
+        ]
+
+
 def _content_label(name: str) -> str:
     """ContentLabel is a CS: upper-case letters, digits, space and underscore, 16 characters."""
     return (re.sub(r"[^A-Z0-9_ ]", "_", name.upper()) or "RADGATE")[:16]
@@ -110,6 +127,8 @@ def build_seg(ctx: Context) -> SegInfo | None:
         )
         for index, s in enumerate(segments, start=1)
     ]
+    for description, segment in zip(descriptions, segments, strict=True):
+        _add_laterality(description, segment)
     labelmap = ctx.options.segmentation_type == "LABELMAP"
     array = _stacked_array(segments) if overlap else labels
     seg = hd.seg.Segmentation(
