@@ -37,6 +37,7 @@ from ai_models.nnunet_folder import (
     check_label_table,
     read_model_folder,
 )
+from ai_models.nnunet_trainers import predictor_finds_trainers
 from ai_models.series import nnunet as nnunet_series
 from dicom_io.labels import load_label_table
 from dicom_io.types import Findings, Volume
@@ -125,9 +126,10 @@ class NnunetModel:
                 verbose_preprocessing=False,
                 allow_tqdm=False,
             )
-            predictor.initialize_from_trained_model_folder(
-                str(self.folder.path), list(self.folder.folds), self.folder.checkpoint
-            )
+            with predictor_finds_trainers():
+                predictor.initialize_from_trained_model_folder(
+                    str(self.folder.path), list(self.folder.folds), self.folder.checkpoint
+                )
         wanted = predictor.plans_manager.get_configuration(self.folder.configuration).configuration
         if predictor.configuration_manager.configuration != wanted:
             raise ValueError(

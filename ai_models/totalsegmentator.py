@@ -14,10 +14,8 @@ run gets a private TOTALSEG_HOME_DIR whose config.json turns usage statistics of
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from importlib.metadata import version as package_version
@@ -30,6 +28,7 @@ import torch
 
 from ai_models.base import PipelineError, basic_reason
 from ai_models.labelmap import label_findings
+from ai_models.nnunet_trainers import trainer_class
 from ai_models.series import TOTALSEGMENTATOR
 from ai_models.series import totalsegmentator as wanted_series
 from ai_models.totalseg_catalog import (
@@ -156,25 +155,6 @@ def offline_totalseg(weights_dir: Path) -> Iterator[Path]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
-
-
-def trainer_class(name: str) -> type:
-    """nnU-Net's trainer class `name`, importing only the module that defines it.
-
-    nnU-Net finds a trainer by importing every trainer module in turn until one has it, and its
-    Primus trainers import timm, which needs torchvision (not installed with radgate's torch):
-    TotalSegmentator's own trainers sit after them. Raises LookupError when no module defines it.
-    """
-    import nnunetv2
-
-    package = Path(nnunetv2.__file__).parent
-    pattern = re.compile(rf"^class {re.escape(name)}\b", re.MULTILINE)
-    for path in sorted((package / "training" / "nnUNetTrainer").rglob("*.py")):
-        if pattern.search(path.read_text(encoding="utf-8")):
-            module = ".".join(("nnunetv2", *path.relative_to(package).with_suffix("").parts))
-            found: type = getattr(importlib.import_module(module), name)
-            return found
-    raise LookupError(f"nnU-Net has no trainer class {name!r}")
 
 
 def to_nifti(volume: Volume) -> Any:

@@ -220,11 +220,13 @@ def write_band_model(
     folds: Sequence[int] = (0,),
     checkpoint: str = "checkpoint_final.pth",
     labels_file: bool = True,
+    trainer: str = "nnUNetTrainer",
 ) -> Path:
     """Write the model folder (see the module docstring); `labels_file` adds radgate_labels.json.
 
-    thresholds: ascending HU values, one per foreground label. spacing (mm, isotropic) and patch
-    (voxels per axis) are the configuration's; a volume at that spacing is not resampled.
+    thresholds: ascending HU values, one per foreground label; trainer: the class the checkpoint
+    names; spacing (mm, isotropic) and patch (voxels per axis) are the configuration's; a volume at
+    that spacing is not resampled.
     """
     import torch
 
@@ -243,7 +245,7 @@ def write_band_model(
         torch.save(
             {
                 "network_weights": weights,
-                "trainer_name": "nnUNetTrainer",
+                "trainer_name": trainer,
                 "init_args": {
                     "plans": plans,
                     "configuration": configuration,

@@ -117,9 +117,16 @@ def test_resampled_to_the_plans_spacing_and_back(pipeline: NnunetPipeline) -> No
         assert dice > 0.75, (segment.label, dice)  # 2 mm blocks of a few voxels: their edges move
 
 
-def test_2d_configuration_fold_ensemble_and_best_checkpoint(tmp_path: Path) -> None:
+def test_2d_configuration_fold_ensemble_best_checkpoint_and_a_variant_trainer(tmp_path: Path) -> None:
+    """nnUNetTrainerNoMirroring: nnU-Net's own finder would import the Primus trainers (timm, which
+    needs torchvision) before reaching it."""
     folder = write_band_model(
-        tmp_path / "m", THRESHOLDS[:2], configuration="2d", folds=(0, 3), checkpoint="checkpoint_best.pth"
+        tmp_path / "m",
+        THRESHOLDS[:2],
+        configuration="2d",
+        folds=(0, 3),
+        checkpoint="checkpoint_best.pth",
+        trainer="nnUNetTrainerNoMirroring",
     )
     pipeline = NnunetPipeline(
         folder, checkpoint="checkpoint_best.pth", orientation="LPS", use_mirroring=False
