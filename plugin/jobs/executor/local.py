@@ -12,6 +12,7 @@ import contextlib
 import logging
 import multiprocessing
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from plugin.config import LoggingConfig
-from plugin.jobs.executor.base import Stopped, Task, TaskResult, TaskTimeout, Watch, WorkerLost
+from plugin.jobs.executor.base import Placement, Stopped, Task, TaskResult, TaskTimeout, Watch, WorkerLost
 from plugin.jobs.executor.devices import executor_slots
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,13 @@ def _worker_main(conn: Connection, slot: int, logging_config: LoggingConfig) -> 
 class _Worker:
     process: BaseProcess
     conn: Connection
+    device: str = "?"
+
+    def placement(self) -> Placement:
+        gpu = self.device.partition(":")[2] if self.device.startswith("cuda") else ""
+        return Placement(
+            "local", socket.gethostname(), f"pid {self.process.pid}", self.device, gpu=gpu or None
+        )
 
 
 class LocalExecutor:
@@ -99,6 +107,7 @@ class LocalExecutor:
             code = self._kill(slot)
             raise WorkerLost(f"worker process {slot} died while starting (exit code {code})", {}) from None
         log.info("worker %d started (pid %s) on %s", slot, process.pid, device)
+        worker.device = device
         return worker
 
     def _kill(self, slot: int) -> int | None:
@@ -122,6 +131,7 @@ class LocalExecutor:
         timings: dict[str, float] = {}
         step = "load"
         deadline = time.monotonic() + timeout_s
+        watch.placed(worker.placement())
         try:
             worker.conn.send(task)
             while True:
