@@ -30,14 +30,14 @@ def print_jobs(config: Config, as_json: bool) -> int:
     if not jobs:
         print("no jobs")
         return 0
-    print(
-        f"{'ID':>5} {'STATE':<9} {'PIPELINE':<10} {'REV':>3} {'TRY':>3}  STUDY / STEPS / WHERE / DELIVERIES / ERROR"
-    )
+    columns = "STUDY / STEPS / WHERE / DELIVERIES / ERROR"
+    print(f"{'ID':>5} {'STATE':<9} {'PIPELINE':<10} {'REV':>3} {'TRY':>3}  {columns}")
     for j in jobs:
+        where = escape_controls(placement_text(j["placement"]))
         print(
             f"{j['id']:>5} {j['state']:<9} {j['pipeline'] or '-':<10} {j['revision']:>3} {j['attempts']:>3}  "
-            f"{j['study_uid']}  [{_seconds(j['timings'])}]  [{escape_controls(placement_text(j['placement']))}]"
-            f"  [{_deliveries(j['deliveries'])}]"
+            f"{j['study_uid']}  [{_seconds(j['timings'])}]  [{where}]  "
+            f"[{_deliveries(j['deliveries'])}]"
             + (f"  {escape_controls(j['error'])}" if j["error"] else "")  # one row, whatever the text
         )
     return 0

@@ -14,10 +14,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from pydicom.uid import generate_uid
 from sqlalchemy import select
-
-import numpy as np
 
 from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 from plugin.config import Config

@@ -21,7 +21,6 @@ from multiprocessing.process import BaseProcess
 
 from plugin.config import LoggingConfig
 from plugin.jobs.executor.base import Placement, Stopped, Task, TaskResult, TaskTimeout, Watch, WorkerLost
-from plugin.jobs.executor.devices import executor_slots
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,8 @@ class LocalExecutor:
     """`Executor` on worker processes of this machine; with CUDA, at most one slot per GPU."""
 
     def __init__(self, workers: int, logging_config: LoggingConfig, tick_s: float = 0.5) -> None:
+        from plugin.jobs.executor.devices import executor_slots  # torch: only for this executor
+
         self._slots = executor_slots(workers)
         self._logging = logging_config
         self._tick_s = tick_s
