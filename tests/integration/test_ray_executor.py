@@ -248,6 +248,9 @@ class _Down:
 
     slots = 1
 
+    def start(self) -> None:
+        pass
+
     def run(self, slot: int, task: Task, timeout_s: float, watch: Watch) -> TaskResult:
         watch.placed(Placement("ray", "nowhere", "-", "cpu"))
         raise ExecutorUnavailable("Ray at ray://head:10001 unreachable: ray client connection timeout")

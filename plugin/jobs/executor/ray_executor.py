@@ -23,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,20 @@ def _write_files(folder: Path, files: Sequence[tuple[str, bytes]]) -> list[Path]
     return paths
 
 
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Put SIGTERM's and SIGINT's handlers back after the block: a Ray driver started in the main
+    thread installs its own (exit at once), and the node decides how it stops."""
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in kept.items():
+                if handler is not None:  # None: set outside Python, nothing to put back
+                    signal.signal(signum, handler)
+
+
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
@@ -133,18 +148,36 @@ class RayExecutor:
 
     # --- the cluster -----------------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        """Join the configured cluster (or start the node's own Ray) once; ExecutorUnavailable if not now."""
+    def start(self) -> None:
+        """Join the configured cluster, or start the node's own Ray, in this thread: Ray ends the
+        processes it starts when the thread that started them ends, so this must be the thread that
+        lives as long as the executor (the node's main thread). A cluster that cannot be reached is
+        logged; jobs wait, and with an address each job's turn tries again."""
+        try:
+            self._connect(own_ray=True)
+        except ExecutorUnavailable as err:
+            log.warning("executor: %s; jobs wait in the queue", err)
+
+    def _connect(self, own_ray: bool = False) -> None:
+        """Join the cluster once; ExecutorUnavailable if not now. Only with ``own_ray`` may the node's
+        own Ray be started (see `start`)."""
         with self._lock:
             if self._connected:
                 return
             if time.monotonic() < self._down_until:
                 raise ExecutorUnavailable(self._down_reason)
+            if not own_ray and self._ray.address is None and not ray.is_initialized():
+                raise ExecutorUnavailable(self._down_reason or "the node's own Ray was not started")
             try:
                 self._init_ray()
             except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
                 self._down_until = time.monotonic() + RECONNECT_S
-                self._down_reason = f"Ray at {self._ray.address or 'local'} unreachable: {_first_line(err)}"
+                where = (
+                    f"Ray at {self._ray.address} unreachable"
+                    if self._ray.address
+                    else "own Ray did not start"
+                )
+                self._down_reason = f"{where}: {_first_line(err)}"
                 raise ExecutorUnavailable(self._down_reason) from None
             self._connected = True
         self._reaper = threading.Thread(target=self._reap, name="radgate-ray-reaper", daemon=True)
@@ -154,6 +187,11 @@ class RayExecutor:
     def _init_ray(self) -> None:
         if ray.is_initialized():  # this process already joined a cluster (an embedding program, tests)
             return
+        with _signal_handlers_kept():
+            self._init_driver()
+        self._owns_ray = True
+
+    def _init_driver(self) -> None:
         common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False, "configure_logging": False}
         if self._ray.address is not None:
             ray.init(address=self._ray.address, **common)
@@ -167,7 +205,6 @@ class RayExecutor:
                 include_dashboard=False,
                 **common,
             )
-        self._owns_ray = True
 
     # --- actors ----------------------------------------------------------------------------------
 
