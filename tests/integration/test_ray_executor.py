@@ -243,6 +243,22 @@ def test_an_idle_actor_is_released_after_the_timeout(
         idle.close()
 
 
+def test_a_job_whose_resources_are_taken_waits_in_the_queue(
+    cluster: None, store: Store, config: Config, tmp_path: Path
+) -> None:
+    greedy = RayExecutor(_config(tmp_path, resources={"test-tiny": {"cpus": 8}}), 0.05)  # Ray has 2
+    try:
+        job_id = _study_job(store, config, tmp_path, 9)
+        short = config.model_copy(
+            update={"executor": config.executor.model_copy(update={"job_timeout_s": 1.0})}
+        )
+        assert JobRunner(store, short, greedy).run_one() == job_id
+    finally:
+        greedy.close()
+    job = job_row(store, job_id)
+    assert (job.state, job.attempts, job.lease_owner, job.placement) == (JobState.QUEUED, 0, None, None)
+
+
 class _Down:
     """An executor whose cluster cannot be reached (its `run` raises before anything ran)."""
 

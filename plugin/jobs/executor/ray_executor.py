@@ -3,9 +3,10 @@
 The job store stays the truth (leases, attempts, reasons: `plugin.jobs.execute`); a Ray call is
 only the execution, and every way it can end maps onto the `Executor` contract: an actor that died
 (killed, out of memory, its machine gone) or a call Ray lost is `WorkerLost` (the job is retried
-within ``max_attempts``), a cluster that cannot be reached before anything ran is
-`ExecutorUnavailable` (the job waits in the queue, no attempt used), a run past its time limit
-kills its actor (`TaskTimeout`).
+within ``max_attempts``), a cluster that cannot be reached before anything ran, or an actor
+Ray could not place within the time limit (the resources are taken), is `ExecutorUnavailable`
+(the job waits in the queue, no attempt used), a run past its time limit kills its actor
+(`TaskTimeout`).
 
 Actors: per pipeline and device kind (GPU or CPU) up to ``executor.ray.actors_per_pipeline`` of
 them (default: one per GPU of the cluster, one on CPU), created on demand with the pipeline's
@@ -73,14 +74,23 @@ def pipeline_resources(config: Config, name: str) -> Resources:
 
 @dataclass(frozen=True)
 class _Deadline:
-    """When the task's time is up, and its time limit for the message."""
+    """When waiting is over: for a run (then it timed out) or for an actor (then the job waits)."""
 
     at: float
     limit_s: float
+    placing: bool  # waiting for Ray to place (or free) an actor, not for the run
+
+    @classmethod
+    def after(cls, seconds: float, *, placing: bool = False) -> _Deadline:
+        return cls(time.monotonic() + seconds, seconds, placing)
 
     def check(self, watch: Watch, step: str) -> None:
-        """Raise TaskTimeout past the deadline, Stopped when the watch says stop (renewing the lease)."""
+        """Past the deadline raise TaskTimeout, or ExecutorUnavailable while placing (the resources are
+        taken: the job goes back to the queue unharmed); Stopped when the watch (renewing the lease)
+        says stop."""
         if time.monotonic() > self.at:
+            if self.placing:
+                raise ExecutorUnavailable(f"{step} for {self.limit_s:g} s: the resources it needs are taken")
             raise TaskTimeout(self.limit_s, step, {})
         if not watch.keep_going():
             raise Stopped()
@@ -236,7 +246,7 @@ class RayExecutor:
         self, pipeline: str, resources: Resources, on_gpu: bool, watch: Watch, deadline: _Deadline
     ) -> _Actor:
         """A free actor of the pipeline on that device kind (started when there are fewer than the
-        limit), marked busy; waits for one otherwise. Raises TaskTimeout, Stopped, WorkerLost."""
+        limit), marked busy; waits for one otherwise. Raises ExecutorUnavailable, Stopped, WorkerLost."""
         key = (pipeline, on_gpu)
         while True:
             with self._lock:
@@ -282,7 +292,7 @@ class RayExecutor:
             while not ray.wait([where], timeout=self._tick_s)[0]:
                 deadline.check(watch, "waiting for Ray to place the actor")
             info = ray.get(where)
-        except (TaskTimeout, Stopped):
+        except (ExecutorUnavailable, Stopped):
             ray.kill(handle, no_restart=True)
             raise
         except ray.exceptions.RayError as err:
@@ -323,7 +333,6 @@ class RayExecutor:
     # --- running ---------------------------------------------------------------------------------
 
     def run(self, slot: int, task: Task, timeout_s: float, watch: Watch) -> TaskResult:
-        deadline = _Deadline(time.monotonic() + timeout_s, timeout_s)
         self._connect()
         out_dir = Path(task.out_dir)
         if not self._ray.shared_paths and (out_dir / MANIFEST).is_file():
@@ -337,11 +346,11 @@ class RayExecutor:
             inputs = None if self._ray.shared_paths else [Path(f).read_bytes() for f in task.files]
         except OSError as err:
             return TaskResult(error=f"series not readable: {err}", retry=True)
-        result = self._run_on(task, inputs, resources, plan, watch, deadline, None)
+        result = self._run_on(task, inputs, resources, plan, watch, timeout_s, None)
         if result.cuda_oom and plan and resources.cpu_fallback and self._ray.oom_on_cpu:
             log.warning("job %d: %s; repeating it on the CPU", task.job_id, result.error)
             note = f"{result.error}; ran on the CPU"
-            result = self._run_on(task, inputs, resources, False, watch, deadline, note)
+            result = self._run_on(task, inputs, resources, False, watch, timeout_s, note)
         return result
 
     def _run_on(
@@ -351,11 +360,16 @@ class RayExecutor:
         resources: Resources,
         on_gpu: bool,
         watch: Watch,
-        deadline: _Deadline,
+        timeout_s: float,
         note: str | None,
     ) -> TaskResult:
-        actor = self._acquire(task.pipeline, resources, on_gpu, watch, deadline)
+        """Run on an actor of that device kind: waiting up to ``timeout_s`` for one, then as long again
+        for the run."""
+        actor = self._acquire(
+            task.pipeline, resources, on_gpu, watch, _Deadline.after(timeout_s, placing=True)
+        )
         watch.placed(replace(actor.placement, note=note))
+        deadline = _Deadline.after(timeout_s)
         try:
             call: Any = actor.handle.run.remote(task, inputs)
             while not ray.wait([call], timeout=self._tick_s)[0]:
