@@ -129,8 +129,16 @@ def _signal_handlers_kept() -> Iterator[None]:
                     signal.signal(signum, handler)
 
 
+def _kill(handle: Any) -> None:
+    """Kill an actor, whatever state it or the cluster is in."""
+    with contextlib.suppress(ray.exceptions.RayError, ValueError, ConnectionError):  # gone already
+        ray.kill(handle, no_restart=True)
+
+
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """The error in one line: its first, or a gRPC error's ``details = ...`` (Ray Client's)."""
+    lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+    return next((line for line in lines if line.startswith("details = ")), lines[0])
 
 
 class RayExecutor:
@@ -190,8 +198,9 @@ class RayExecutor:
                 self._down_reason = f"{where}: {_first_line(err)}"
                 raise ExecutorUnavailable(self._down_reason) from None
             self._connected = True
-        self._reaper = threading.Thread(target=self._reap, name="radgate-ray-reaper", daemon=True)
-        self._reaper.start()
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="radgate-ray-reaper", daemon=True)
+                self._reaper.start()
         log.info("executor: Ray cluster with %s", ray.cluster_resources())
 
     def _init_ray(self) -> None:
@@ -293,10 +302,11 @@ class RayExecutor:
                 deadline.check(watch, "waiting for Ray to place the actor")
             info = ray.get(where)
         except (ExecutorUnavailable, Stopped):
-            ray.kill(handle, no_restart=True)
+            _kill(handle)
             raise
-        except ray.exceptions.RayError as err:
-            ray.kill(handle, no_restart=True)
+        except (ray.exceptions.RayError, ConnectionError) as err:
+            _kill(handle)
+            self._check_cluster()
             raise WorkerLost(f"Ray actor {name} did not start: {_first_line(err)}", {}) from None
         placement = Placement(executor="ray", actor=name, **{k: v for k, v in info.items() if v is not None})
         log.info("executor: actor %s started on %s", name, placement.as_record())
@@ -315,9 +325,27 @@ class RayExecutor:
                 if actor in pool:
                     pool.remove(actor)
             self._lock.notify_all()
-        with contextlib.suppress(ray.exceptions.RayError, ValueError, ConnectionError):  # gone already
-            ray.kill(actor.handle, no_restart=True)
+        _kill(actor.handle)
         log.info("executor: actor %s released (%s)", actor.name, why)
+
+    def _check_cluster(self) -> None:
+        """After a lost call: when the cluster itself is gone (its head down), forget it and its
+        actors and raise ExecutorUnavailable, so that this job and the next wait in the queue
+        instead of spending their attempts; the next turn after `RECONNECT_S` joins it again."""
+        try:
+            ray.cluster_resources()
+            return
+        except Exception as err:  # ConnectionError, RaySystemError, ...: whatever Ray says, it is gone
+            reason = f"Ray at {self._ray.address or 'this node'} lost: {_first_line(err)}"
+        with self._lock:
+            self._pools.clear()
+            self._connected = False
+            self._down_until = time.monotonic() + RECONNECT_S
+            self._down_reason = reason
+        if self._ray.address is not None:  # a remote cluster: join it afresh next time
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        raise ExecutorUnavailable(reason)
 
     def _reap(self) -> None:
         """Release actors idle for ``idle_timeout_s`` (their memory, GPU share and weights go back)."""
@@ -380,6 +408,7 @@ class RayExecutor:
             raise
         except (ray.exceptions.RayError, ConnectionError) as err:
             self._discard(actor, "lost")
+            self._check_cluster()
             raise WorkerLost(f"Ray actor {actor.name} lost: {_first_line(err)}", {}) from None
         self._release(actor)
         for step, seconds in answer.result.timings.items():
