@@ -130,9 +130,11 @@ def _signal_handlers_kept() -> Iterator[None]:
 
 
 def _kill(handle: Any) -> None:
-    """Kill an actor, whatever state it or the cluster is in."""
-    with contextlib.suppress(ray.exceptions.RayError, ValueError, ConnectionError):  # gone already
-        ray.kill(handle, no_restart=True)
+    """Kill an actor, whatever state it or the cluster is in (never calling Ray once disconnected:
+    most of its functions would then start a local Ray of their own)."""
+    if ray.is_initialized():
+        with contextlib.suppress(ray.exceptions.RayError, ValueError, ConnectionError):  # gone already
+            ray.kill(handle, no_restart=True)
 
 
 def _first_line(err: BaseException) -> str:
@@ -333,6 +335,8 @@ class RayExecutor:
         actors and raise ExecutorUnavailable, so that this job and the next wait in the queue
         instead of spending their attempts; the next turn after `RECONNECT_S` joins it again."""
         try:
+            if not ray.is_initialized():  # Ray Client gave up on the connection
+                raise ConnectionError("disconnected")
             ray.cluster_resources()
             return
         except Exception as err:  # ConnectionError, RaySystemError, ...: whatever Ray says, it is gone
@@ -431,4 +435,5 @@ class RayExecutor:
         for actor in actors:
             self._discard(actor, "executor closed")
         if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
+            with contextlib.suppress(Exception):  # a cluster gone meanwhile: nothing to leave
+                ray.shutdown()
