@@ -4,15 +4,15 @@ study received by DCMTK on a warm actor, says where in `radgate jobs`, and leave
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
 from support.execute import register_test_pipelines
-from support.node import RADGATE, NodeProcess, wait_for
+from support.node import NodeProcess, wait_for
 
 from dicom_io.testing.synthetic import ct_chest_phantom
+from plugin.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -53,13 +53,17 @@ RAY = {"num_cpus": 1, "num_gpus": 0, "object_store_mb": 80, "resources": {"test-
 
 
 def test_a_node_on_its_own_ray_runs_studies_on_a_warm_actor_and_stops_its_ray(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     plugins = register_test_pipelines(tmp_path / "plugins")  # the node and its Ray workers find test-tiny
     path = [str(plugins), str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
     rules = [{"name": "any-ct", "match": {"Modality": {"equals": "CT"}}, "pipeline": "test-tiny"}]
-    settings = {"rules": rules, "executor": {"kind": "ray", "poll_s": 0.2, "ray": RAY}}
+    settings = {
+        "rules": rules,
+        "executor": {"kind": "ray", "poll_s": 0.2, "ray": RAY},
+        "web": {"enabled": False},
+    }
     node = NodeProcess(tmp_path, settings).start()
     try:
         studies = [ct_chest_phantom(rows=16, columns=16, slices=4, seed=seed) for seed in (11, 12)]
@@ -86,8 +90,6 @@ def test_a_node_on_its_own_ray_runs_studies_on_a_warm_actor_and_stops_its_ray(
             for p in Path(str(job["results_dir"])).glob("*.dcm")
         }
         assert kinds == {"SEG", "SR", "OT"}
-    table = subprocess.run(
-        [str(RADGATE), "jobs", "--config", str(node.config_path)], capture_output=True, text=True, check=True
-    )
-    assert f"ray {first['ip']} node {first['node_id'][:8]}, {first['worker']}, cpu" in table.stdout
+    assert main(["jobs", "--config", str(node.config_path)]) == 0
+    assert f"ray {first['ip']} node {first['node_id'][:8]}, {first['worker']}, cpu" in capsys.readouterr().out
     wait_for(lambda: not _running(ray_processes), 30, "the node's Ray to stop with it")
