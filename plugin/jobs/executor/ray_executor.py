@@ -35,7 +35,7 @@ from typing import Any
 
 import ray
 
-from ai_models.resources import BUILTIN_RESOURCES, DEFAULT_RESOURCES, Resources
+from ai_models.resources import Resources
 from plugin.config import Config
 from plugin.jobs.executor.actor import ActorAnswer, PipelineActor
 from plugin.jobs.executor.base import (
@@ -60,16 +60,6 @@ RECONNECT_S = 10.0
 """After the cluster could not be reached, jobs wait this long before the next try."""
 
 _RemoteActor = ray.remote(PipelineActor)
-
-
-def pipeline_resources(config: Config, name: str) -> Resources:
-    """What pipeline ``name`` needs: the config's ``executor.ray.resources``, else the declaration of
-    the built-in pipeline it is (or is configured on), else `DEFAULT_RESOURCES`."""
-    declared = config.executor.ray.resources.get(name)
-    if declared is not None:
-        return Resources(declared.cpus, declared.gpus, declared.gpu_memory_mb, declared.cpu_fallback)
-    kind, _ = config.pipeline_options(name)
-    return BUILTIN_RESOURCES.get(kind, DEFAULT_RESOURCES)
 
 
 @dataclass(frozen=True)
@@ -370,7 +360,7 @@ class RayExecutor:
         if not self._ray.shared_paths and (out_dir / MANIFEST).is_file():
             log.info("job %d: results of an earlier attempt found complete in %s", task.job_id, out_dir)
             return TaskResult(results=read_manifest(out_dir), reused=True)
-        resources = pipeline_resources(self._config, task.pipeline)
+        resources = self._config.pipeline_resources(task.pipeline)
         plan = self._plan(resources)
         if isinstance(plan, str):
             return TaskResult(error=plan, retry=True)
