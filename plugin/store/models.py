@@ -185,6 +185,8 @@ class Job(Base):
     # (a series, a prior study), with a note per step for the timeline; when the wait ends
     needs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     wait_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # migration 0011 (plugin/jobs/execute.py): where the last attempt ran (`Placement.as_record`)
+    placement: Mapped[dict[str, str] | None] = mapped_column(JSON)
 
 
 def add_queued_job(

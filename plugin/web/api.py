@@ -38,7 +38,7 @@ from plugin.fetch import (
     submit_fetch,
 )
 from plugin.jobs.executor.devices import CpuInfo, cpu_info, executor_slots
-from plugin.jobs.executor.work import MANIFEST, read_manifest
+from plugin.jobs.executor.output import MANIFEST, read_manifest
 from plugin.jobs.queue import NoUsableSeries, queue_named_job, read_study_series, retry_job, rules_in_force
 from plugin.route.pipelines import known_pipelines, series_lookup
 from plugin.route.rules import (
@@ -154,7 +154,9 @@ class Disk(BaseModel):
 
 class Workers(BaseModel):
     configured: int = Field(description="executor.workers of this node")
-    slots: int = Field(description="jobs this machine runs at once (with CUDA, at most one per GPU)")
+    slots: int = Field(
+        description="jobs this node runs at once (local: with CUDA, at most one per GPU; ray: workers)"
+    )
     busy: int = Field(description="jobs running now, on any node sharing the store")
 
 
@@ -190,7 +192,9 @@ def overview_answer(store: Store, config: Config) -> OverviewAnswer:
         disk_error=disk_error,
         workers=Workers(
             configured=config.executor.workers,
-            slots=executor_slots(config.executor.workers),
+            slots=config.executor.workers
+            if config.executor.kind == "ray"
+            else executor_slots(config.executor.workers),
             busy=len(figures.running),
         ),
         gpus=found,

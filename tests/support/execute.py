@@ -7,16 +7,18 @@ spawned with the parent's ``sys.path``, so they find them through the real regis
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicom_io.types import Findings, Volume
+from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 from plugin.config import Config
 from plugin.ingest.spool import Spool
 from plugin.jobs.queue import claim_job
@@ -26,7 +28,10 @@ from plugin.store.models import Job, JobState, Study, StudyState, add_queued_job
 if TYPE_CHECKING:  # not imported at run time: claiming processes start faster without torch
     import torch
 
-ENTRY_POINTS = {"test-hang": "support.execute:HangPipeline"}
+ENTRY_POINTS = {"test-hang": "support.execute:HangPipeline", "test-tiny": "support.execute:TinyPipeline"}
+
+CONTROL_ENV = "RADGATE_TEST_CONTROL"
+"""A folder whose files steer `TinyPipeline` in whatever process it runs (Ray workers inherit it)."""
 
 
 class HangPipeline:
@@ -41,6 +46,43 @@ class HangPipeline:
     def run(self, volume: Volume, device: torch.device) -> Findings:
         time.sleep(3600)
         raise AssertionError("unreachable")
+
+
+STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+BONE = Code("272673000", "SCT", "Bone structure")
+VOLUME = Code("118565006", "SCT", "Volume")
+CM3 = Code("cm3", "UCUM", "cubic centimeter")
+
+
+class TinyPipeline:
+    """Marks the voxels above the series' median: a real result set in milliseconds, for scheduling.
+
+    Steered by files in the folder ``$RADGATE_TEST_CONTROL`` names: while ``gate`` exists a run
+    writes ``started`` and waits; while ``oom`` exists a run on a worker given a GPU (Ray sets
+    ``CUDA_VISIBLE_DEVICES``) raises CUDA's out-of-memory error, as a series too big for it would.
+    """
+
+    name = "test-tiny"
+    version = "1"
+
+    def accepts(self, volume: Volume) -> str | None:
+        return None
+
+    def run(self, volume: Volume, device: torch.device) -> Findings:
+        import torch
+
+        control = Path(os.environ.get(CONTROL_ENV, "/nonexistent"))
+        if (control / "gate").exists():
+            (control / "started").touch()
+            while (control / "gate").exists():
+                time.sleep(0.05)
+        if (control / "oom").exists() and os.environ.get("CUDA_VISIBLE_DEVICES"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        mask = volume.voxels > np.median(volume.voxels)
+        segment = Segment(1, "Dense", STRUCTURE, BONE, mask)
+        volume_ml = float(mask.sum()) * volume.voxel_volume_ml
+        measurement = Measurement(VOLUME, volume_ml, CM3, segment=1)
+        return Findings(self.name, self.version, volume.shape, (segment,), (measurement,), key_slices=(0,))
 
 
 def register_test_pipelines(folder: Path) -> Path:

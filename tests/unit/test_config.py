@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ai_models.resources import BUILTIN_RESOURCES, Resources
 from plugin.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +42,12 @@ def test_example_file_loads() -> None:
         ("dicom:\n  tls:\n    enabled: true\n", "dicom.tls"),
         ("- just\n- a list\n", "must be a mapping"),
         ("dicom: [unclosed\n", "not valid YAML"),
+        ("executor:\n  kind: slurm\n", "executor.kind"),
+        ("executor:\n  ray:\n    address: head\n", "executor.ray.address"),
+        (
+            "executor:\n  ray:\n    resources:\n      x: {gpus: 0, cpu_fallback: false}\n",
+            "executor.ray.resources.x",
+        ),
     ],
 )
 def test_wrong_key_or_value_names_it(tmp_path: Path, text: str, named: str) -> None:
@@ -49,6 +56,23 @@ def test_wrong_key_or_value_names_it(tmp_path: Path, text: str, named: str) -> N
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert named in str(err.value)
+
+
+def test_the_executor_is_local_unless_ray_is_asked_for_with_its_address() -> None:
+    assert Config().executor.kind == "local"
+    for address in (None, "auto", "ray://head.hospital.local:10001", "10.0.0.5:6379"):
+        ray = Config.model_validate({"executor": {"kind": "ray", "ray": {"address": address}}}).executor.ray
+        assert ray.address == address and ray.resources == {} and not ray.shared_paths
+
+
+def test_a_pipelines_needs_come_from_the_config_else_its_builtin_else_the_default(tmp_path: Path) -> None:
+    declared = {"ct-lung": {"cpus": 2, "gpus": 0.5, "gpu_memory_mb": 9000}}
+    configured = load_config(_pipelines_config(tmp_path)).model_dump(mode="json")
+    config = Config.model_validate({**configured, "executor": {"ray": {"resources": declared}}})
+    assert config.pipeline_resources("ct-lung") == Resources(2.0, 0.5, 9000, True)
+    assert config.pipeline_resources("bones") == BUILTIN_RESOURCES["monai-bundle"]  # what it is built on
+    assert config.pipeline_resources("mr-brain") == BUILTIN_RESOURCES["mr-brain"]
+    assert config.pipeline_resources("third-party") == Resources(cpus=1.0, gpus=0.0)
 
 
 def test_command_line_overrides_are_validated() -> None:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import multiprocessing
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -19,8 +20,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from plugin.config import LoggingConfig
-from plugin.jobs.executor.base import Stopped, Task, TaskResult, TaskTimeout, Watch, WorkerLost
-from plugin.jobs.executor.devices import executor_slots
+from plugin.jobs.executor.base import Placement, Stopped, Task, TaskResult, TaskTimeout, Watch, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,21 @@ def _worker_main(conn: Connection, slot: int, logging_config: LoggingConfig) -> 
 class _Worker:
     process: BaseProcess
     conn: Connection
+    device: str = "?"
+
+    def placement(self) -> Placement:
+        gpu = self.device.partition(":")[2] if self.device.startswith("cuda") else ""
+        return Placement(
+            "local", socket.gethostname(), f"pid {self.process.pid}", self.device, gpu=gpu or None
+        )
 
 
 class LocalExecutor:
     """`Executor` on worker processes of this machine; with CUDA, at most one slot per GPU."""
 
     def __init__(self, workers: int, logging_config: LoggingConfig, tick_s: float = 0.5) -> None:
+        from plugin.jobs.executor.devices import executor_slots  # torch: only for this executor
+
         self._slots = executor_slots(workers)
         self._logging = logging_config
         self._tick_s = tick_s
@@ -74,6 +83,9 @@ class LocalExecutor:
     @property
     def slots(self) -> int:
         return self._slots
+
+    def start(self) -> None:
+        """Nothing to do: a slot's worker starts with its first task."""
 
     def _start(self, slot: int, watch: Watch) -> _Worker:
         ours, theirs = self._context.Pipe()
@@ -99,6 +111,7 @@ class LocalExecutor:
             code = self._kill(slot)
             raise WorkerLost(f"worker process {slot} died while starting (exit code {code})", {}) from None
         log.info("worker %d started (pid %s) on %s", slot, process.pid, device)
+        worker.device = device
         return worker
 
     def _kill(self, slot: int) -> int | None:
@@ -122,6 +135,7 @@ class LocalExecutor:
         timings: dict[str, float] = {}
         step = "load"
         deadline = time.monotonic() + timeout_s
+        watch.placed(worker.placement())
         try:
             worker.conn.send(task)
             while True:
