@@ -380,6 +380,6 @@ def test_recovery_identifies_a_file_by_the_walk_and_takes_missing_sop_uids_from_
     assert (rec.sop_class_uid, rec.sop_instance_uid) == (sop_class, sop_instance)
     assert rec.transfer_syntax == str(ds.file_meta.TransferSyntaxUID)
     assert rec.spool_path == f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{sop_instance}.dcm"
-    assert rec.modality == ds.Modality
+    assert rec.tags.modality == ds.Modality
     recorded = ["AccessionNumber", "Modality", "SeriesNumber", "PatientID", "PatientName", "StudyDate"]
     assert asked == [recorded]
