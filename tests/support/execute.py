@@ -7,6 +7,7 @@ spawned with the parent's ``sys.path``, so they find them through the real regis
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicom_io.types import Findings, Volume
+from dicom_io.types import Code, Findings, Segment, Volume
 from plugin.config import Config
 from plugin.ingest.spool import Spool
 from plugin.jobs.queue import claim_job
@@ -26,7 +27,8 @@ from plugin.store.models import Job, JobState, Study, StudyState, add_queued_job
 if TYPE_CHECKING:  # not imported at run time: claiming processes start faster without torch
     import torch
 
-ENTRY_POINTS = {"test-hang": "support.execute:HangPipeline"}
+ENTRY_POINTS = {"test-hang": "support.execute:HangPipeline", "test-gate": "support.execute:GatePipeline"}
+GATE_ENV = "RADGATE_TEST_GATE"
 
 
 class HangPipeline:
@@ -41,6 +43,27 @@ class HangPipeline:
     def run(self, volume: Volume, device: torch.device) -> Findings:
         time.sleep(3600)
         raise AssertionError("unreachable")
+
+
+class GatePipeline:
+    """Segments the voxels above the volume's mean ("Dense"), once the file named by the environment
+    variable ``RADGATE_TEST_GATE`` exists (at once where it is unset): a job that stays RUNNING for
+    as long as a test wants, then ends with real results (SEG, SR, SC)."""
+
+    name = "test-gate"
+    version = "1"
+
+    def accepts(self, volume: Volume) -> str | None:
+        return None
+
+    def run(self, volume: Volume, device: torch.device) -> Findings:
+        gate = os.environ.get(GATE_ENV)
+        while gate and not Path(gate).exists():
+            time.sleep(0.05)
+        dense = Code("272673000", "SCT", "Bone structure")
+        mask = volume.voxels > volume.voxels.mean()
+        segment = Segment(1, "Dense", Code("123037004", "SCT", "Anatomical Structure"), dense, mask)
+        return Findings(self.name, self.version, volume.shape, segments=(segment,), key_slices=(0,))
 
 
 def register_test_pipelines(folder: Path) -> Path:

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,7 +77,7 @@ def _write_whole(out_dir: Path, write: Callable[[Path], list[Path]]) -> tuple[tu
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for left in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # from attempts killed while encoding
         shutil.rmtree(left, ignore_errors=True)
-    temp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    temp = out_dir.with_name(f".{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # a shared dir
     paths = write(temp)
     entries = [(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p.name) for p in paths]
     (temp / MANIFEST).write_text(json.dumps(entries))
