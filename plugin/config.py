@@ -164,10 +164,72 @@ class CompletionConfig(_Strict):
     )
 
 
+class PipelineResources(_Strict):
+    """What one run of a pipeline needs (`ai_models.resources.Resources`), declared in the config."""
+
+    cpus: float = Field(default=1.0, gt=0, le=256, description="CPU cores")
+    gpus: float = Field(default=0.0, ge=0, le=1, description="a share of one GPU; 0: CPU only")
+    gpu_memory_mb: int = Field(default=0, ge=0, description="GPU memory; placed by it where declared")
+    cpu_fallback: bool = Field(default=True, description="may run on the CPU when no GPU is free")
+
+    @model_validator(mode="after")
+    def _cpu_allowed(self) -> PipelineResources:
+        if self.gpus == 0 and not self.cpu_fallback:
+            raise ValueError("a pipeline that needs no GPU (gpus: 0) must have cpu_fallback: true")
+        return self
+
+
+def _check_ray_address(value: str | None) -> str | None:
+    if value is None or value == "auto":
+        return value
+    rest = value.removeprefix("ray://")
+    _check_host_port(rest)
+    return value
+
+
+class RayConfig(_Strict):
+    """The Ray cluster jobs run on with ``executor.kind: ray`` (plugin/jobs/executor/ray_executor.py)."""
+
+    address: str | None = Field(
+        default=None,
+        description="'auto' (the Ray of this machine), 'ray://HOST:10001' (Ray Client), 'HOST:6379' "
+        "(the head's GCS); absent: the node starts a local Ray of its own",
+    )
+    num_cpus: int | None = Field(default=None, ge=1, description="local Ray only: CPUs; absent: all")
+    num_gpus: int | None = Field(default=None, ge=0, description="local Ray only: GPUs; absent: all seen")
+    object_store_mb: int = Field(default=256, ge=80, description="local Ray only: its object store")
+    actors_per_pipeline: int | None = Field(
+        default=None, ge=1, le=64, description="warm actors per pipeline; absent: one per GPU (one on CPU)"
+    )
+    idle_timeout_s: float = Field(default=600.0, gt=0, description="an actor idle this long is released")
+    shared_paths: bool = Field(
+        default=False,
+        description="actors read the spool and write results_dir themselves (a shared file system); "
+        "false: the node sends the series' bytes and writes the results it gets back",
+    )
+    oom_on_cpu: bool = Field(
+        default=True, description="a CUDA out-of-memory run is repeated on the CPU where the pipeline allows"
+    )
+    resources: dict[str, PipelineResources] = Field(
+        default_factory=dict, description="pipeline name -> its needs; absent: the pipeline's own declaration"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        return _check_ray_address(v)
+
+
 class ExecutorConfig(_Strict):
     """How jobs run: worker processes, the time limit and retries, and where results are written."""
 
-    workers: int = Field(default=1, ge=1, le=64, description="worker processes; with CUDA, one per GPU")
+    kind: Literal["local", "ray"] = Field(
+        default="local", description="local: worker processes of this node; ray: actors on a Ray cluster"
+    )
+    ray: RayConfig = RayConfig()
+    workers: int = Field(
+        default=1, ge=1, le=64, description="jobs run at once: worker processes (with CUDA, one per GPU)"
+    )
     job_timeout_s: float = Field(default=600.0, gt=0, description="a run longer than this is killed")
     lease_s: float = Field(
         default=60.0, gt=0, description="a job whose worker stops renewing for this long is taken over"

@@ -43,7 +43,7 @@ from plugin.ingest.datadir import SERVE, DataDirLock, apply_file_modes, named_no
 from plugin.ingest.receive import PeerFilter, Receiver, dataset_limits, make_spool
 from plugin.jobs.completion import CompletionMonitor
 from plugin.jobs.execute import JobRunner
-from plugin.jobs.executor import LocalExecutor
+from plugin.jobs.executor import make_executor
 from plugin.jobs.queue import routing_hook
 from plugin.logs import setup_logging
 from plugin.route.pipelines import series_lookup
@@ -78,11 +78,7 @@ class Node:
         self.completion = CompletionMonitor(
             self.store, config.completion, on_complete=routing_hook(self.rules, config.spool_dir)
         )
-        self.jobs = (
-            JobRunner(self.store, config, LocalExecutor(config.executor.workers, config.logging))
-            if execute
-            else None
-        )
+        self.jobs = JobRunner(self.store, config, make_executor(config)) if execute else None
         self.dispatcher = Dispatcher(self.store, config)
         self.web: WebServer | None = None
         if listen and config.web.enabled:

@@ -6,7 +6,7 @@ import json
 import sys
 
 from plugin.config import Config
-from plugin.jobs.queue import STEPS, list_jobs, retry_job
+from plugin.jobs.queue import STEPS, list_jobs, placement_text, retry_job
 from plugin.logs import escape_controls
 from plugin.store.engine import migrated_store
 
@@ -20,7 +20,8 @@ def _deliveries(counts: dict[str, int]) -> str:
 
 
 def print_jobs(config: Config, as_json: bool) -> int:
-    """`radgate jobs`: a table (or JSON) of every job; UIDs and accession numbers only."""
+    """`radgate jobs`: a table (or JSON) of every job, with where its last attempt ran; UIDs and
+    accession numbers only."""
     with migrated_store(config.db_url) as store:
         jobs = list_jobs(store, config.results_dir)
     if as_json:
@@ -29,13 +30,14 @@ def print_jobs(config: Config, as_json: bool) -> int:
     if not jobs:
         print("no jobs")
         return 0
-    print(
-        f"{'ID':>5} {'STATE':<9} {'PIPELINE':<10} {'REV':>3} {'TRY':>3}  STUDY / STEPS / DELIVERIES / ERROR"
-    )
+    columns = "STUDY / STEPS / WHERE / DELIVERIES / ERROR"
+    print(f"{'ID':>5} {'STATE':<9} {'PIPELINE':<10} {'REV':>3} {'TRY':>3}  {columns}")
     for j in jobs:
+        where = escape_controls(placement_text(j["placement"]))
         print(
             f"{j['id']:>5} {j['state']:<9} {j['pipeline'] or '-':<10} {j['revision']:>3} {j['attempts']:>3}  "
-            f"{j['study_uid']}  [{_seconds(j['timings'])}]  [{_deliveries(j['deliveries'])}]"
+            f"{j['study_uid']}  [{_seconds(j['timings'])}]  [{where}]  "
+            f"[{_deliveries(j['deliveries'])}]"
             + (f"  {escape_controls(j['error'])}" if j["error"] else "")  # one row, whatever the text
         )
     return 0

@@ -6,7 +6,9 @@ SUCCEEDED with its deliveries queued (`plugin.dispatch.outbox.enqueue_deliveries
 reason the operator can act on (the PipelineError/SeriesError message; the traceback is in the
 log). Input errors fail at once; a timeout, a dead worker or an unexpected error is re-queued
 until ``max_attempts``. If this node dies, its leases expire and any node takes the jobs over.
-On stop, running tasks are killed and their jobs go back to the queue without using an attempt.
+On stop, running tasks are killed and their jobs go back to the queue without using an attempt;
+so is a job the executor could not take (its Ray cluster is unreachable), and the slot waits.
+Where each attempt runs is recorded on the job as the executor reports it (`Placement`).
 """
 
 from __future__ import annotations
@@ -24,13 +26,23 @@ from sqlalchemy.orm import Session
 
 from plugin.config import Config
 from plugin.dispatch.outbox import enqueue_deliveries
-from plugin.jobs.executor.base import Executor, Stopped, Task, TaskTimeout, WorkerLost
+from plugin.jobs.executor.base import (
+    Executor,
+    ExecutorUnavailable,
+    Placement,
+    Stopped,
+    Task,
+    TaskTimeout,
+    WorkerLost,
+)
 from plugin.jobs.queue import (
     ClaimedJob,
     Enqueue,
     claim_job,
     fail_job,
     finish_job,
+    placement_text,
+    record_placement,
     record_steps,
     release_job,
     renew_lease,
@@ -75,6 +87,13 @@ class _Lease:
             record_steps(self._store, self._job.id, self._owner, self._steps)
         except SQLAlchemyError as err:  # progress only: the outcome records every step again
             log.warning("job %d: step %s not recorded: %s", self._job.id, step, err)
+
+    def placed(self, placement: Placement) -> None:
+        log.info("job %d: runs on %s", self._job.id, placement_text(placement.as_record()))
+        try:
+            record_placement(self._store, self._job.id, self._owner, placement.as_record())
+        except SQLAlchemyError as err:  # shown to operators only; the run goes on
+            log.warning("job %d: placement not recorded: %s", self._job.id, err)
 
 
 class JobRunner:
@@ -172,6 +191,11 @@ class JobRunner:
             result = self._executor.run(slot, task, cfg.job_timeout_s, lease)
         except (TaskTimeout, WorkerLost) as err:
             self._fail(job, owner, str(err), err.timings, retry=True)
+            return job.id
+        except ExecutorUnavailable as err:
+            if release_job(self._store, job, owner):
+                log.warning("job %d: back in the queue, the executor cannot take it now: %s", job.id, err)
+            self._stop.wait(cfg.poll_s)
             return job.id
         except Stopped:
             if lease.lost:

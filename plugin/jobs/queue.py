@@ -329,6 +329,7 @@ def claim_job(
                     started_at=now,
                     updated_at=now,
                     timings=None,  # this attempt's steps are recorded as they finish (record_steps)
+                    placement=None,  # and where it runs, once the executor says (record_placement)
                 )
             )
             if won.rowcount != 1:  # type: ignore[attr-defined]
@@ -394,6 +395,24 @@ def record_steps(store: Store, job_id: int, owner: str, timings: dict[str, float
     False when the job is no longer ours."""
     with store.session() as s:
         return _update_mine(s, job_id, owner, timings=dict(timings))
+
+
+def record_placement(store: Store, job_id: int, owner: str, placement: dict[str, str]) -> bool:
+    """Record where a running job runs (`Placement.as_record`); False when the job is no longer ours."""
+    with store.session() as s:
+        return _update_mine(s, job_id, owner, placement=dict(placement))
+
+
+def placement_text(placement: dict[str, str] | None) -> str:
+    """Where a job ran, in a few words: executor, host (Ray: IP and node), worker, GPU or device."""
+    if not placement:
+        return "-"
+    p = placement
+    host = p.get("ip") or p.get("hostname", "?")
+    node = f" node {p['node_id'][:8]}" if "node_id" in p else ""
+    device = f"GPU {p['gpu']}" if "gpu" in p else p.get("device", "?")
+    note = f" ({p['note']})" if "note" in p else ""
+    return f"{p.get('executor', '?')} {host}{node}, {p.get('worker', '?')}, {device}{note}"
 
 
 Enqueue = Callable[[Session, int, Sequence[tuple[str, Path]], Sequence[str]], int]
@@ -479,6 +498,7 @@ def list_jobs(store: Store, results_dir: Path) -> list[dict[str, Any]]:
             "attempts": job.attempts,
             "error": job.error,
             "timings": job.timings or {},
+            "placement": job.placement,
             "deliveries": counts.get(job.id, {}),
             "results_dir": str(results_dir / str(job.id)) if job.state == JobState.SUCCEEDED else None,
             "created_at": job.created_at.isoformat(),

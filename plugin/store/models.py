@@ -171,6 +171,8 @@ class Job(Base):
     rule: Mapped[str | None] = mapped_column(String(64))
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    # migration 0011 (plugin/jobs/execute.py): where the last attempt ran (`Placement.as_record`)
+    placement: Mapped[dict[str, str] | None] = mapped_column(JSON)
 
 
 def add_queued_job(

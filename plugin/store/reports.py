@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
-from plugin.jobs.queue import STEPS
+from plugin.jobs.queue import STEPS, placement_text
 from plugin.store.models import (
     Delivery,
     DeliveryState,
@@ -434,6 +434,8 @@ class JobItem:
     current_step: str | None
     elapsed_s: float | None
     deliveries: list[DeliveryItem]
+    placement: dict[str, str] | None = None  # where the last attempt ran (`Placement.as_record`)
+    ran_on: str | None = None  # the same in words
 
 
 @dataclass(frozen=True)
@@ -532,6 +534,8 @@ def _job_item(job: Job, deliveries: list[Delivery], now: datetime) -> JobItem:
         steps=[StepItem(step.removesuffix("_s"), float(timings[step])) for step in STEPS if step in timings],
         current_step=_current_step(timings) if running else None,
         elapsed_s=round((now - job.started_at).total_seconds(), 1) if running and job.started_at else None,
+        placement=job.placement,
+        ran_on=placement_text(job.placement) if job.placement else None,
         deliveries=[
             DeliveryItem(
                 d.id,
@@ -592,8 +596,9 @@ def _events(
         routed += f" (rule {job.rule or '-'}) -> {where}"
         events.append(Event(job.created_at, "queued", routed, job.id))
         if job.started_at is not None:
+            on = f" on {job.ran_on}" if job.ran_on else ""
             events.append(
-                Event(job.started_at, "started", f"job {job.id}: attempt {job.attempts} started", job.id)
+                Event(job.started_at, "started", f"job {job.id}: attempt {job.attempts} started{on}", job.id)
             )
         if job.finished_at is not None:
             steps = ", ".join(f"{st.name} {st.seconds:.1f} s" for st in job.steps) or "no step"

@@ -3,8 +3,8 @@ to one DCMTK storescp that keeps every file it receives (unique names, so a dupl
 
 A study sent half to each node completes once, runs once and its results arrive once; a node
 SIGKILLed while it runs a job: the other takes the job over once its lease ran out, and the results
-still arrive once. The nodes run the test pipeline ``test-gate`` (support.execute), which holds a
-job RUNNING until the test opens its gate.
+still arrive once. The nodes run the test pipeline ``test-tiny`` (support.execute), which holds a
+job RUNNING while the test keeps its gate file.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any
 import pydicom
 import pytest
 from sqlalchemy import select
-from support.execute import GATE_ENV, register_test_pipelines
+from support.execute import CONTROL_ENV, register_test_pipelines
 from support.node import DCMTK_ENV, NodeProcess, free_port, wait_for
 from support.postgres import PostgresServer
 
 from dicom_io.testing.synthetic import ct_chest_phantom
-from plugin.jobs.executor.work import read_manifest
+from plugin.jobs.executor.output import read_manifest
 from plugin.store.engine import Store
 from plugin.store.models import Job, JobState, Study
 
@@ -149,7 +149,7 @@ def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
             {
                 "name": "ct",
                 "match": {"Modality": {"equals": "CT"}},
-                "pipeline": "test-gate",
+                "pipeline": "test-tiny",
                 "destinations": ["pacs"],
             }
         ],
@@ -161,17 +161,18 @@ def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
         )
         for name in ("a", "b")
     }
-    gate = tmp / "gate"
+    control = tmp / "control"
+    control.mkdir()
     store = Store(url)
     with pytest.MonkeyPatch.context() as mp:  # what the nodes and their workers inherit
         mp.setenv("PYTHONPATH", os.pathsep.join([str(plugins), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-        mp.setenv(GATE_ENV, str(gate))
+        mp.setenv(CONTROL_ENV, str(control))
         try:
             for node in nodes.values():
                 node.start()
             for node in nodes.values():  # the port accepts before the receiving processes serve it
                 wait_for(lambda n=node: "radgate serving" in n.log(), 120, "the node to serve")  # type: ignore[misc]
-            yield Cluster(nodes, store, pacs, gate, tmp)
+            yield Cluster(nodes, store, pacs, control / "gate", tmp)
         finally:
             for node in nodes.values():
                 if node.process is not None:
@@ -181,7 +182,7 @@ def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def test_a_study_sent_half_to_each_node_completes_runs_and_is_delivered_once(cluster: Cluster) -> None:
-    cluster.gate.touch()
+    cluster.gate.unlink(missing_ok=True)
     study_uid = cluster.send_half_to_each(seed=1)
     job = cluster.finished(study_uid, "the job to end")
     deliveries = wait_for(lambda: cluster.delivered(job.id), 60, "every delivery SENT")
@@ -200,7 +201,7 @@ def test_a_study_sent_half_to_each_node_completes_runs_and_is_delivered_once(clu
 
 
 def test_a_node_killed_mid_job_hands_it_to_the_other_and_results_arrive_once(cluster: Cluster) -> None:
-    cluster.gate.unlink(missing_ok=True)  # the job stays RUNNING where it started
+    cluster.gate.touch()  # the job stays RUNNING where it started
     study_uid = cluster.send_half_to_each(seed=2)
     running = wait_for(
         lambda: (j := cluster.job(study_uid)) is not None and j.state == JobState.RUNNING and j,
@@ -218,7 +219,7 @@ def test_a_node_killed_mid_job_hands_it_to_the_other_and_results_arrive_once(clu
     [worker] = re.findall(r"worker 0 started \(pid (\d+)\)", cluster.nodes[victim].log())
     cluster.nodes[victim].kill()  # SIGKILL, mid-job
     wait_for(lambda: _gone(int(worker)), 30, "the dead node's worker to end")  # it would write results
-    cluster.gate.touch()
+    cluster.gate.unlink()
 
     job = cluster.finished(study_uid, "the other node to take the job over and end it")
     assert job.attempts >= 2  # the dead node's attempt counted; the survivor's ran it

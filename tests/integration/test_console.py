@@ -183,6 +183,11 @@ def test_study_api_tells_the_timeline_routing_results_and_viewer_link(site: Site
         assert (job["state"], job["rule"], job["pipeline"]) == ("SUCCEEDED", "chest-ct", "ct-lung")
         assert [s["name"] for s in job["steps"]] == ["load", "infer", "encode"]
         assert all(s["seconds"] > 0 for s in job["steps"])
+        where = job["placement"]  # the local executor's worker process on this machine's CPU
+        assert (where["executor"], where["device"]) == ("local", "cpu") and where["worker"].startswith("pid ")
+        assert job["ran_on"] == f"local {where['hostname']}, {where['worker']}, cpu"
+        fragment = client.get(f"/studies/{site.chest}/timeline").text
+        assert f'Ran on <span class="uid">{job["ran_on"]}</span>' in fragment
         by_destination = {d["destination"]: d for d in job["deliveries"]}
         assert by_destination["archive"]["state"] == "SENT"
         assert by_destination["dead"]["state"] == "DEAD" and "refused" in by_destination["dead"]["last_error"]

@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicom_io.types import Code, Findings, Segment, Volume
+from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 from plugin.config import Config
 from plugin.ingest.spool import Spool
 from plugin.jobs.queue import claim_job
@@ -27,8 +28,10 @@ from plugin.store.models import Job, JobState, Study, StudyState, add_queued_job
 if TYPE_CHECKING:  # not imported at run time: claiming processes start faster without torch
     import torch
 
-ENTRY_POINTS = {"test-hang": "support.execute:HangPipeline", "test-gate": "support.execute:GatePipeline"}
-GATE_ENV = "RADGATE_TEST_GATE"
+ENTRY_POINTS = {"test-hang": "support.execute:HangPipeline", "test-tiny": "support.execute:TinyPipeline"}
+
+CONTROL_ENV = "RADGATE_TEST_CONTROL"
+"""A folder whose files steer `TinyPipeline` in whatever process it runs (Ray workers inherit it)."""
 
 
 class HangPipeline:
@@ -45,25 +48,41 @@ class HangPipeline:
         raise AssertionError("unreachable")
 
 
-class GatePipeline:
-    """Segments the voxels above the volume's mean ("Dense"), once the file named by the environment
-    variable ``RADGATE_TEST_GATE`` exists (at once where it is unset): a job that stays RUNNING for
-    as long as a test wants, then ends with real results (SEG, SR, SC)."""
+STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+BONE = Code("272673000", "SCT", "Bone structure")
+VOLUME = Code("118565006", "SCT", "Volume")
+CM3 = Code("cm3", "UCUM", "cubic centimeter")
 
-    name = "test-gate"
+
+class TinyPipeline:
+    """Marks the voxels above the series' median: a real result set in milliseconds, for scheduling.
+
+    Steered by files in the folder ``$RADGATE_TEST_CONTROL`` names: while ``gate`` exists a run
+    writes ``started`` and waits; while ``oom`` exists a run on a worker given a GPU (Ray sets
+    ``CUDA_VISIBLE_DEVICES``) raises CUDA's out-of-memory error, as a series too big for it would.
+    """
+
+    name = "test-tiny"
     version = "1"
 
     def accepts(self, volume: Volume) -> str | None:
         return None
 
     def run(self, volume: Volume, device: torch.device) -> Findings:
-        gate = os.environ.get(GATE_ENV)
-        while gate and not Path(gate).exists():
-            time.sleep(0.05)
-        dense = Code("272673000", "SCT", "Bone structure")
-        mask = volume.voxels > volume.voxels.mean()
-        segment = Segment(1, "Dense", Code("123037004", "SCT", "Anatomical Structure"), dense, mask)
-        return Findings(self.name, self.version, volume.shape, segments=(segment,), key_slices=(0,))
+        import torch
+
+        control = Path(os.environ.get(CONTROL_ENV, "/nonexistent"))
+        if (control / "gate").exists():
+            (control / "started").touch()
+            while (control / "gate").exists():
+                time.sleep(0.05)
+        if (control / "oom").exists() and os.environ.get("CUDA_VISIBLE_DEVICES"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        mask = volume.voxels > np.median(volume.voxels)
+        segment = Segment(1, "Dense", STRUCTURE, BONE, mask)
+        volume_ml = float(mask.sum()) * volume.voxel_volume_ml
+        measurement = Measurement(VOLUME, volume_ml, CM3, segment=1)
+        return Findings(self.name, self.version, volume.shape, (segment,), (measurement,), key_slices=(0,))
 
 
 def register_test_pipelines(folder: Path) -> Path:

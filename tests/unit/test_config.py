@@ -41,6 +41,12 @@ def test_example_file_loads() -> None:
         ("dicom:\n  tls:\n    enabled: true\n", "dicom.tls"),
         ("- just\n- a list\n", "must be a mapping"),
         ("dicom: [unclosed\n", "not valid YAML"),
+        ("executor:\n  kind: slurm\n", "executor.kind"),
+        ("executor:\n  ray:\n    address: head\n", "executor.ray.address"),
+        (
+            "executor:\n  ray:\n    resources:\n      x: {gpus: 0, cpu_fallback: false}\n",
+            "executor.ray.resources.x",
+        ),
     ],
 )
 def test_wrong_key_or_value_names_it(tmp_path: Path, text: str, named: str) -> None:
@@ -49,6 +55,13 @@ def test_wrong_key_or_value_names_it(tmp_path: Path, text: str, named: str) -> N
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert named in str(err.value)
+
+
+def test_the_executor_is_local_unless_ray_is_asked_for_with_its_address() -> None:
+    assert Config().executor.kind == "local"
+    for address in (None, "auto", "ray://head.hospital.local:10001", "10.0.0.5:6379"):
+        ray = Config.model_validate({"executor": {"kind": "ray", "ray": {"address": address}}}).executor.ray
+        assert ray.address == address and ray.resources == {} and not ray.shared_paths
 
 
 def test_command_line_overrides_are_validated() -> None:

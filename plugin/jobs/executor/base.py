@@ -1,13 +1,14 @@
 """The executor seam: the node hands a `Task` to an `Executor` and gets a `TaskResult` back.
 
 The node keeps all job-store bookkeeping (leases, retries, recording); an executor only runs
-tasks somewhere — local worker processes now, Ray later — and must be able to stop one. So the
-interface is one blocking call per slot that watches the clock and the caller's `Watch`.
+tasks somewhere (local worker processes, or actors on a Ray cluster) and must be able to stop
+one. So the interface is one blocking call per slot that watches the clock and the caller's `Watch`,
+which also hears where the task runs (`Placement`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 
@@ -43,6 +44,30 @@ class TaskResult:
     error: str | None = None
     retry: bool = False  # True: not the input's fault (a bug, a full disk); another attempt may work
     reused: bool = False  # the files of an earlier attempt were found complete and used
+    cuda_oom: bool = False  # the error is CUDA running out of memory (freed again; the worker is fine)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a task runs: the executor, the machine, the worker, the device; Ray's node and GPU.
+
+    ``note`` says why it runs there when that is not the first choice (after a CUDA out-of-memory
+    error, on the CPU). Stored on the job as a JSON object (`as_record`).
+    """
+
+    executor: str  # "local" or "ray"
+    hostname: str
+    worker: str  # the worker process, "pid 4242"
+    device: str  # "cpu" or "cuda:0", as the worker's torch sees it
+    node_id: str | None = None  # Ray's node id
+    ip: str | None = None
+    gpu: str | None = None  # the GPU index the worker was given, None: none
+    actor: str | None = None  # the Ray actor's name
+    note: str | None = None
+
+    def as_record(self) -> dict[str, str]:
+        """The non-empty fields, as the job store keeps them."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class TaskTimeout(Exception):
@@ -61,6 +86,10 @@ class WorkerLost(Exception):
         self.timings = timings
 
 
+class ExecutorUnavailable(Exception):
+    """The executor cannot take tasks now (its cluster is unreachable); nothing ran, the job may wait."""
+
+
 class Stopped(Exception):
     """The caller's watch asked to stop (the node is stopping or the lease was lost); the task was killed."""
 
@@ -76,6 +105,10 @@ class Watch(Protocol):
         """A step (``load_s``, ``infer_s``, ``encode_s``) finished after ``seconds``."""
         ...
 
+    def placed(self, placement: Placement) -> None:
+        """The task (again, when it moved) runs at ``placement``."""
+        ...
+
 
 class Executor(Protocol):
     """Runs tasks on ``slots`` parallel workers; each slot runs one task at a time."""
@@ -86,7 +119,8 @@ class Executor(Protocol):
     def run(self, slot: int, task: Task, timeout_s: float, watch: Watch) -> TaskResult:
         """Run ``task`` on worker ``slot`` and wait for it.
 
-        Raises TaskTimeout, WorkerLost or Stopped; the task's worker is gone in each case.
+        Raises TaskTimeout, WorkerLost or Stopped (the task's worker is gone in each case), or
+        ExecutorUnavailable before anything ran.
         """
         ...
 

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -20,8 +21,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from plugin.config import LoggingConfig
-from plugin.jobs.executor.base import Stopped, Task, TaskResult, TaskTimeout, Watch, WorkerLost
-from plugin.jobs.executor.devices import executor_slots
+from plugin.jobs.executor.base import Placement, Stopped, Task, TaskResult, TaskTimeout, Watch, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,21 @@ def _worker_main(conn: Connection, slot: int, logging_config: LoggingConfig, nod
 class _Worker:
     process: BaseProcess
     conn: Connection
+    device: str = "?"
+
+    def placement(self) -> Placement:
+        gpu = self.device.partition(":")[2] if self.device.startswith("cuda") else ""
+        return Placement(
+            "local", socket.gethostname(), f"pid {self.process.pid}", self.device, gpu=gpu or None
+        )
 
 
 class LocalExecutor:
     """`Executor` on worker processes of this machine; with CUDA, at most one slot per GPU."""
 
     def __init__(self, workers: int, logging_config: LoggingConfig, tick_s: float = 0.5) -> None:
+        from plugin.jobs.executor.devices import executor_slots  # torch: only for this executor
+
         self._slots = executor_slots(workers)
         self._logging = logging_config
         self._tick_s = tick_s
@@ -114,6 +123,7 @@ class LocalExecutor:
             code = self._kill(slot)
             raise WorkerLost(f"worker process {slot} died while starting (exit code {code})", {}) from None
         log.info("worker %d started (pid %s) on %s", slot, process.pid, device)
+        worker.device = device
         return worker
 
     def _kill(self, slot: int) -> int | None:
@@ -137,6 +147,7 @@ class LocalExecutor:
         timings: dict[str, float] = {}
         step = "load"
         deadline = time.monotonic() + timeout_s
+        watch.placed(worker.placement())
         try:
             worker.conn.send(task)
             while True:

@@ -18,11 +18,8 @@ description that names the revision it supersedes, so the PACS shows both and wh
 
 from __future__ import annotations
 
-import json
+import gc
 import logging
-import os
-import shutil
-import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,16 +29,15 @@ import torch
 
 from ai_models.base import Pipeline, PipelineError, run_pipeline
 from ai_models.registry import UnknownPipelineError, get_pipeline
-from dicom_io.durable import fsync_dir
 from dicom_io.results import ResultError, ResultOptions, write_results
 from dicom_io.series import SeriesError
 from dicom_io.types import GeometryError
 from dicom_io.volume import load_series
 from plugin.jobs.executor.base import Task, TaskResult
+from plugin.jobs.executor.output import MANIFEST, read_manifest, write_whole
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "results.json"
 SERIES_NUMBER_OFFSET = 1000
 """Results of revision 1 get the largest source series number + this; each later revision +10."""
 
@@ -63,38 +59,6 @@ def result_options(task: Task, headers: Sequence[pydicom.Dataset]) -> ResultOpti
     )
 
 
-def read_manifest(out_dir: Path) -> tuple[tuple[str, str], ...]:
-    """(SOP Instance UID, file path) of each result in ``out_dir``, in sending order.
-
-    Raises OSError or ValueError when the manifest is missing or unreadable.
-    """
-    entries = json.loads((out_dir / MANIFEST).read_text())
-    return tuple((uid, str(out_dir / name)) for uid, name in entries)
-
-
-def _write_whole(out_dir: Path, write: Callable[[Path], list[Path]]) -> tuple[tuple[str, str], ...]:
-    """Write into a temporary sibling folder, make it durable, rename it to ``out_dir``."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for left in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # from attempts killed while encoding
-        shutil.rmtree(left, ignore_errors=True)
-    temp = out_dir.with_name(f".{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # a shared dir
-    paths = write(temp)
-    entries = [(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p.name) for p in paths]
-    (temp / MANIFEST).write_text(json.dumps(entries))
-    for path in [*paths, temp / MANIFEST]:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(temp)
-    try:
-        os.rename(temp, out_dir)
-    except OSError:  # another attempt renamed its complete folder first: use that one
-        shutil.rmtree(temp, ignore_errors=True)
-        if not (out_dir / MANIFEST).is_file():
-            raise
-    fsync_dir(out_dir.parent)
-    return read_manifest(out_dir)
-
-
 def run_task(task: Task, device: torch.device, pipelines: dict[str, Pipeline], report: Report) -> TaskResult:
     """Run one task; never raises for a failure of the input or the code (it is in the result)."""
     out_dir = Path(task.out_dir)
@@ -107,6 +71,7 @@ def run_task(task: Task, device: torch.device, pipelines: dict[str, Pipeline], r
         timings[name] = round(time.monotonic() - started, 3)
         report(name, timings[name])
 
+    oom: str | None = None
     try:
         started = time.monotonic()
         volume = load_series([Path(f) for f in task.files])
@@ -119,7 +84,7 @@ def run_task(task: Task, device: torch.device, pipelines: dict[str, Pipeline], r
         step("infer_s", started)
         started = time.monotonic()
         options = result_options(task, headers)
-        results = _write_whole(out_dir, lambda d: write_results(findings, volume, headers, d, options))
+        results = write_whole(out_dir, lambda d: write_results(findings, volume, headers, d, options))
         step("encode_s", started)
     except _INPUT_ERRORS as err:
         log.warning(
@@ -129,14 +94,32 @@ def run_task(task: Task, device: torch.device, pipelines: dict[str, Pipeline], r
         )
         prefix = "results: " if isinstance(err, ResultError) else ""
         return TaskResult(timings=timings, error=f"{prefix}{err}")
+    except torch.cuda.OutOfMemoryError as err:  # freed below, once the traceback lets go of the tensors
+        oom = (str(err).splitlines() or ["no detail"])[0]
     except Exception as err:  # a bug or the machine: logged in full, the job gets one line and a retry
         log.exception("job %d: %s crashed on series %s", task.job_id, task.pipeline, task.series_uid)
         return TaskResult(timings=timings, error=f"{type(err).__name__}: {err}", retry=True)
+    if oom is not None:  # the worker lives on: the memory is given back and the weights stay loaded
+        free_cuda_memory(device)
+        log.warning("job %d: %s ran out of CUDA memory on %s: %s", task.job_id, task.pipeline, device, oom)
+        error = f"CUDA out of memory on {device}: {oom}"
+        return TaskResult(timings=timings, error=error, retry=True, cuda_oom=True)
     log.info(
         "job %d: %s on series %s: %d result objects in %s",
         *(task.job_id, task.pipeline, task.series_uid, len(results), out_dir),
     )
     return TaskResult(results=results, timings=timings)
+
+
+def free_cuda_memory(device: torch.device) -> None:
+    """Give back what a failed run left on ``device``: its tensors (garbage) and torch's cached blocks.
+
+    The pipelines' weights stay loaded, so the worker serves the next job as before.
+    """
+    gc.collect()  # the failed run's frames hold tensors until collected
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def worker_device(slot: int) -> torch.device:
