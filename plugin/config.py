@@ -757,6 +757,12 @@ class Config(_Strict):
         return shared / "incoming" / self.cluster.node_name
 
     @property
+    def secrets_dir(self) -> Path:
+        """Where the pseudonym secret lies (`plugin.dispatch.pseudonyms`): shared by a cluster's
+        nodes (``cluster.shared_dir``), so that every node maps a value the same way; else data_dir."""
+        return self.cluster.shared_dir or self.data_dir
+
+    @property
     def quarantine_dir(self) -> Path:
         """Spool files found at start that are not usable instances."""
         return self.data_dir / "quarantine"

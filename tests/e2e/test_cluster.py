@@ -9,11 +9,16 @@ job RUNNING while the test keeps its gate file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import signal
 import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 from support.execute import CONTROL_ENV, register_test_pipelines
-from support.node import DCMTK_ENV, NodeProcess, free_port, wait_for
+from support.node import DCMTK_ENV, RADGATE, NodeProcess, free_port, wait_for
 from support.postgres import PostgresServer
 
 from dicom_io.testing.synthetic import ct_chest_phantom
@@ -33,6 +38,7 @@ from plugin.store.models import Job, JobState, Study
 pytestmark = pytest.mark.slow  # two nodes, each with a worker process that imports torch
 
 TESTS = Path(__file__).resolve().parents[1]
+RAY = RADGATE.with_name("ray")
 LEASE_S = 4.0
 QUIET_S = 4.0
 SLICES = 8
@@ -77,8 +83,13 @@ class Cluster:
     nodes: dict[str, NodeProcess]
     store: Store
     pacs: StoreSCP
-    gate: Path
+    control: Path  # the test pipeline's folder: while ``gate`` is there a run waits
+    executor: str
     tmp: Path
+
+    @property
+    def gate(self) -> Path:
+        return self.control / "gate"
 
     def job(self, study_uid: str) -> Job | None:
         with self.store.session() as s:
@@ -129,56 +140,97 @@ class Cluster:
         return rows if rows and all(d["state"] == "SENT" for d in rows) else []
 
 
-@pytest.fixture(scope="module")
-def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@contextmanager
+def ray_head(folder: Path) -> Iterator[str]:
+    """``ray start --head --block`` on loopback, 2 CPUs and 2 declared GPUs (a GPU cluster's stand-in),
+    every port its own; its address. Stopped through its own process group (never ``ray stop``,
+    which would stop every Ray on the machine)."""
+    temp = Path(tempfile.mkdtemp(prefix="rg-ray-", dir="/tmp"))  # Ray's socket paths must stay short
+    gcs = free_port()
+    ports = [
+        "--ray-client-server-port",
+        "--node-manager-port",
+        "--object-manager-port",
+        "--metrics-export-port",
+    ]
+    ports += ["--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--runtime-env-agent-port"]
+    command = [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}"]
+    command += ["--num-cpus=2", "--num-gpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    command += [f"--temp-dir={temp}", *(f"{option}={free_port()}" for option in ports)]
+    log = folder / "ray.log"
+    with log.open("wb") as out:
+        head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: head.poll() is None and "Ray runtime started" in log.read_text(), 120, "Ray's head")
+        yield f"127.0.0.1:{gcs}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["local", "ray"])
+def cluster(
+    request: pytest.FixtureRequest, postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """Two nodes on one PostgreSQL and one shared dir, running their jobs in worker processes of
+    their own (local) or on one Ray cluster (ray)."""
     tmp = tmp_path_factory.mktemp("cluster")
     plugins = register_test_pipelines(tmp / "plugins")
-    pacs = StoreSCP(tmp / "pacs")
-    url = postgres.new_database()
-    settings = {
-        "database_url": url,
-        "executor": {"lease_s": LEASE_S, "poll_s": 0.2, "max_attempts": 3},
-        "dispatch": {"poll_interval_s": 0.2},
-        # no shortcut after a release: the two halves come over two associations that a loaded
-        # machine may start seconds apart (docs/cluster.md, "Completion")
-        "completion": {"quiet_period_s": QUIET_S, "after_release_s": QUIET_S},
-        "destinations": {
-            "pacs": {"kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
-        },
-        "rules": [
-            {
-                "name": "ct",
-                "match": {"Modality": {"equals": "CT"}},
-                "pipeline": "test-tiny",
-                "destinations": ["pacs"],
-            }
-        ],
-        "web": {"enabled": False},
-    }
-    nodes = {
-        name: NodeProcess(
-            tmp / name, {**settings, "cluster": {"shared_dir": str(tmp / "shared"), "node_name": name}}
-        )
-        for name in ("a", "b")
-    }
     control = tmp / "control"
     control.mkdir()
-    store = Store(url)
-    with pytest.MonkeyPatch.context() as mp:  # what the nodes and their workers inherit
+    url = postgres.new_database()
+    with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as mp:
+        # what the nodes, their workers and Ray's workers inherit
         mp.setenv("PYTHONPATH", os.pathsep.join([str(plugins), str(TESTS), os.environ.get("PYTHONPATH", "")]))
         mp.setenv(CONTROL_ENV, str(control))
-        try:
-            for node in nodes.values():
-                node.start()
-            for node in nodes.values():  # the port accepts before the receiving processes serve it
-                wait_for(lambda n=node: "radgate serving" in n.log(), 120, "the node to serve")  # type: ignore[misc]
-            yield Cluster(nodes, store, pacs, control / "gate", tmp)
-        finally:
-            for node in nodes.values():
-                if node.process is not None:
-                    node.stop()
-            store.dispose()
-            pacs.stop()
+        executor: dict[str, Any] = {"lease_s": LEASE_S, "poll_s": 0.2, "max_attempts": 3}
+        if request.param == "ray":  # no token: other Rays on this machine share ~/.ray's token file
+            mp.setenv("RAY_AUTH_MODE", "disabled")
+            address = stack.enter_context(ray_head(tmp))
+            gpu_share = {"test-tiny": {"cpus": 0.5, "gpus": 0.5}}  # placed on the declared GPUs
+            executor |= {"kind": "ray", "ray": {"address": address, "resources": gpu_share}}
+        pacs = StoreSCP(tmp / "pacs")
+        stack.callback(pacs.stop)
+        store = Store(url)
+        stack.callback(store.dispose)
+        settings = {
+            "database_url": url,
+            "executor": executor,
+            "dispatch": {"poll_interval_s": 0.2},
+            # no shortcut after a release: the two halves come over two associations that a loaded
+            # machine may start seconds apart (docs/cluster.md, "Completion")
+            "completion": {"quiet_period_s": QUIET_S, "after_release_s": QUIET_S},
+            "destinations": {
+                "pacs": {"kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
+            },
+            "rules": [
+                {
+                    "name": "ct",
+                    "match": {"Modality": {"equals": "CT"}},
+                    "pipeline": "test-tiny",
+                    "destinations": ["pacs"],
+                }
+            ],
+            "web": {"enabled": False},
+        }
+        nodes = {
+            name: NodeProcess(
+                tmp / name, {**settings, "cluster": {"shared_dir": str(tmp / "shared"), "node_name": name}}
+            )
+            for name in ("a", "b")
+        }
+        for node in nodes.values():
+            stack.callback(lambda n=node: n.process is not None and n.stop())  # type: ignore[misc]
+            node.start()
+        for node in nodes.values():  # the port accepts before the receiving processes serve it
+            wait_for(lambda n=node: "radgate serving" in n.log(), 120, "the node to serve")  # type: ignore[misc]
+        yield Cluster(nodes, store, pacs, control, request.param, tmp)
 
 
 def test_a_study_sent_half_to_each_node_completes_runs_and_is_delivered_once(cluster: Cluster) -> None:
@@ -190,6 +242,10 @@ def test_a_study_sent_half_to_each_node_completes_runs_and_is_delivered_once(clu
     [study] = [s for s in cluster.nodes["a"].studies(cli=False) if s["study_uid"] == study_uid]
     assert (study["state"], study["revision"], study["instance_count"]) == ("COMPLETE", 1, SLICES)
     assert job.attempts == 1
+    placement = job.placement or {}
+    assert placement["executor"] == cluster.executor  # where it ran is on the job
+    if cluster.executor == "ray":  # on one of the head's two declared GPUs
+        assert placement["gpu"] in {"0", "1"} and placement["actor"].startswith("test-tiny/gpu"), placement
     completed = [
         n for n, node in cluster.nodes.items() if f"study {study_uid} revision 1 complete" in node.log()
     ]
@@ -211,14 +267,12 @@ def test_a_node_killed_mid_job_hands_it_to_the_other_and_results_arrive_once(clu
     pids = {node.process.pid: name for name, node in cluster.nodes.items() if node.process is not None}
     victim = pids[int(str(running.lease_owner).split(":")[1])]  # owner: host:pid:slot
     survivor = "b" if victim == "a" else "a"
-    wait_for(  # loaded, now in the pipeline, which waits for the gate
-        lambda: f"job {running.id}: load_s" in cluster.nodes[victim].log(),
-        120,
-        "the job to be in its pipeline",
-    )
-    [worker] = re.findall(r"worker 0 started \(pid (\d+)\)", cluster.nodes[victim].log())
+    wait_for((cluster.control / "started").exists, 120, "the job to be in its pipeline")
+    if cluster.executor == "local":
+        [worker] = re.findall(r"worker 0 started \(pid (\d+)\)", cluster.nodes[victim].log())
     cluster.nodes[victim].kill()  # SIGKILL, mid-job
-    wait_for(lambda: _gone(int(worker)), 30, "the dead node's worker to end")  # it would write results
+    if cluster.executor == "local":  # a worker left running would write results beside the survivor's
+        wait_for(lambda: _gone(int(worker)), 30, "the dead node's worker to end")
     cluster.gate.unlink()
 
     job = cluster.finished(study_uid, "the other node to take the job over and end it")
