@@ -391,6 +391,20 @@ def test_a_series_the_pipeline_cannot_use_fails_with_its_reason(
     assert job.error == "ct-lung: only 2 slices, this pipeline needs at least 5"
 
 
+def test_a_series_missing_from_this_nodes_spool_fails_with_the_setting_to_fix_it(
+    store: Store, config: Config, tmp_path: Path, executor: LocalExecutor
+) -> None:
+    """Instances another node received into a spool this node does not share: no run on half a
+    series, a retry (the node that has them may claim it) and a reason that names the setting."""
+    [job_id] = _study_with_jobs(store, config, tmp_path, 1)
+    next(config.spool_dir.rglob("*.dcm")).unlink()
+    JobRunner(store, config, executor, enqueue=_no_deliveries).run_one()
+    job = job_row(store, job_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
+    assert job.error is not None and job.error.startswith("1 of 2 instances of series ")
+    assert "need cluster.shared_dir" in job.error
+
+
 # --- idempotency and superseding (in this process: run_task is what a worker runs) ----------------
 
 
