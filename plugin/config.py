@@ -32,6 +32,7 @@ from pydantic import (
 )
 from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
 
+from ai_models.resources import BUILTIN_RESOURCES, DEFAULT_RESOURCES, Resources
 from dicom_io.labels import BUNDLE_LABELS, load_label_table
 from plugin.ingest.datadir import FileModes, file_modes
 
@@ -740,6 +741,15 @@ class Config(_Strict):
         """
         configured = self.pipelines.get(name)
         return (name, {}) if configured is None else (configured.kind, configured.options())
+
+    def pipeline_resources(self, name: str) -> Resources:
+        """What one run of pipeline ``name`` needs: ``executor.ray.resources`` when it names it, else
+        the declaration of the built-in it is (or is configured on), else `DEFAULT_RESOURCES`."""
+        declared = self.executor.ray.resources.get(name)
+        if declared is not None:
+            return Resources(declared.cpus, declared.gpus, declared.gpu_memory_mb, declared.cpu_fallback)
+        kind, _ = self.pipeline_options(name)
+        return BUILTIN_RESOURCES.get(kind, DEFAULT_RESOURCES)
 
     @property
     def spool_dir(self) -> Path:

@@ -120,6 +120,7 @@ class JobRunner:
 
     def start(self) -> None:
         self._results_dir.mkdir(parents=True, exist_ok=True)
+        self._executor.start()
         for slot in range(self._executor.slots):
             thread = threading.Thread(target=self._loop, args=(slot,), name=f"radgate-slot-{slot}")
             thread.start()

@@ -138,7 +138,9 @@ class Disk(BaseModel):
 
 class Workers(BaseModel):
     configured: int = Field(description="executor.workers of this node")
-    slots: int = Field(description="jobs this machine runs at once (with CUDA, at most one per GPU)")
+    slots: int = Field(
+        description="jobs this node runs at once (local: with CUDA, at most one per GPU; ray: workers)"
+    )
     busy: int = Field(description="jobs running now, on any node sharing the store")
 
 
@@ -174,7 +176,9 @@ def overview_answer(store: Store, config: Config) -> OverviewAnswer:
         disk_error=disk_error,
         workers=Workers(
             configured=config.executor.workers,
-            slots=executor_slots(config.executor.workers),
+            slots=config.executor.workers
+            if config.executor.kind == "ray"
+            else executor_slots(config.executor.workers),
             busy=len(figures.running),
         ),
         gpus=found,

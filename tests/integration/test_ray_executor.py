@@ -220,13 +220,15 @@ def test_cuda_out_of_memory_is_recorded_run_on_the_cpu_and_the_gpu_actor_serves_
     assert _loads(gpu_actor["actor"]) == {"test-tiny": 1}
 
 
-def test_an_idle_actor_is_released_after_the_timeout(
+def test_an_actor_on_shared_paths_writes_the_results_and_is_released_when_idle(
     cluster: None, store: Store, config: Config, tmp_path: Path
 ) -> None:
-    idle = RayExecutor(_config(tmp_path, idle_timeout_s=0.5, resources={"test-tiny": {"cpus": 0.5}}), 0.05)
+    settings = {"idle_timeout_s": 0.5, "shared_paths": True, "resources": {"test-tiny": {"cpus": 0.5}}}
+    idle = RayExecutor(_config(tmp_path, **settings), 0.05)
     try:
         job_id = _study_job(store, config, tmp_path, 7)
         assert JobRunner(store, config, idle).run_one() == job_id
+        _succeeded(store, config, job_id)  # the actor read the spool and wrote results_dir itself
         placed = _placement(store, job_id)
         assert "gpu" not in placed  # declared CPU only
         _loads(placed["actor"])  # alive after the job
@@ -243,10 +245,29 @@ def test_an_idle_actor_is_released_after_the_timeout(
         idle.close()
 
 
+def test_a_job_whose_resources_are_taken_waits_in_the_queue(
+    cluster: None, store: Store, config: Config, tmp_path: Path
+) -> None:
+    greedy = RayExecutor(_config(tmp_path, resources={"test-tiny": {"cpus": 8}}), 0.05)  # Ray has 2
+    try:
+        job_id = _study_job(store, config, tmp_path, 9)
+        short = config.model_copy(
+            update={"executor": config.executor.model_copy(update={"job_timeout_s": 1.0})}
+        )
+        assert JobRunner(store, short, greedy).run_one() == job_id
+    finally:
+        greedy.close()
+    job = job_row(store, job_id)
+    assert (job.state, job.attempts, job.lease_owner, job.placement) == (JobState.QUEUED, 0, None, None)
+
+
 class _Down:
     """An executor whose cluster cannot be reached (its `run` raises before anything ran)."""
 
     slots = 1
+
+    def start(self) -> None:
+        pass
 
     def run(self, slot: int, task: Task, timeout_s: float, watch: Watch) -> TaskResult:
         watch.placed(Placement("ray", "nowhere", "-", "cpu"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ai_models.resources import BUILTIN_RESOURCES, Resources
 from plugin.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,6 +64,16 @@ def test_the_executor_is_local_unless_ray_is_asked_for_with_its_address() -> Non
     for address in (None, "auto", "ray://head.hospital.local:10001", "10.0.0.5:6379"):
         ray = Config.model_validate({"executor": {"kind": "ray", "ray": {"address": address}}}).executor.ray
         assert ray.address == address and ray.resources == {} and not ray.shared_paths
+
+
+def test_a_pipelines_needs_come_from_the_config_else_its_builtin_else_the_default(tmp_path: Path) -> None:
+    declared = {"ct-lung": {"cpus": 2, "gpus": 0.5, "gpu_memory_mb": 9000}}
+    configured = load_config(_pipelines_config(tmp_path)).model_dump(mode="json")
+    config = Config.model_validate({**configured, "executor": {"ray": {"resources": declared}}})
+    assert config.pipeline_resources("ct-lung") == Resources(2.0, 0.5, 9000, True)
+    assert config.pipeline_resources("bones") == BUILTIN_RESOURCES["monai-bundle"]  # what it is built on
+    assert config.pipeline_resources("mr-brain") == BUILTIN_RESOURCES["mr-brain"]
+    assert config.pipeline_resources("third-party") == Resources(cpus=1.0, gpus=0.0)
 
 
 def test_command_line_overrides_are_validated() -> None:

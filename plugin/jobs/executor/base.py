@@ -116,6 +116,13 @@ class Executor(Protocol):
     @property
     def slots(self) -> int: ...
 
+    def start(self) -> None:
+        """Get ready, in the thread that will later call `close` (the node's main thread).
+
+        Never raises for a cluster that cannot be reached: its tasks then raise ExecutorUnavailable.
+        """
+        ...
+
     def run(self, slot: int, task: Task, timeout_s: float, watch: Watch) -> TaskResult:
         """Run ``task`` on worker ``slot`` and wait for it.
 

@@ -97,6 +97,9 @@ class LocalExecutor:
     def slots(self) -> int:
         return self._slots
 
+    def start(self) -> None:
+        """Nothing to do: a slot's worker starts with its first task."""
+
     def _start(self, slot: int, watch: Watch) -> _Worker:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(

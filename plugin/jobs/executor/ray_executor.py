@@ -3,9 +3,10 @@
 The job store stays the truth (leases, attempts, reasons: `plugin.jobs.execute`); a Ray call is
 only the execution, and every way it can end maps onto the `Executor` contract: an actor that died
 (killed, out of memory, its machine gone) or a call Ray lost is `WorkerLost` (the job is retried
-within ``max_attempts``), a cluster that cannot be reached before anything ran is
-`ExecutorUnavailable` (the job waits in the queue, no attempt used), a run past its time limit
-kills its actor (`TaskTimeout`).
+within ``max_attempts``), a cluster that cannot be reached before anything ran, or an actor
+Ray could not place within the time limit (the resources are taken), is `ExecutorUnavailable`
+(the job waits in the queue, no attempt used), a run past its time limit kills its actor
+(`TaskTimeout`).
 
 Actors: per pipeline and device kind (GPU or CPU) up to ``executor.ray.actors_per_pipeline`` of
 them (default: one per GPU of the cluster, one on CPU), created on demand with the pipeline's
@@ -23,17 +24,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from ai_models.resources import BUILTIN_RESOURCES, DEFAULT_RESOURCES, Resources
+from ai_models.resources import Resources
 from plugin.config import Config
 from plugin.jobs.executor.actor import ActorAnswer, PipelineActor
 from plugin.jobs.executor.base import (
@@ -60,26 +62,25 @@ RECONNECT_S = 10.0
 _RemoteActor = ray.remote(PipelineActor)
 
 
-def pipeline_resources(config: Config, name: str) -> Resources:
-    """What pipeline ``name`` needs: the config's ``executor.ray.resources``, else the declaration of
-    the built-in pipeline it is (or is configured on), else `DEFAULT_RESOURCES`."""
-    declared = config.executor.ray.resources.get(name)
-    if declared is not None:
-        return Resources(declared.cpus, declared.gpus, declared.gpu_memory_mb, declared.cpu_fallback)
-    kind, _ = config.pipeline_options(name)
-    return BUILTIN_RESOURCES.get(kind, DEFAULT_RESOURCES)
-
-
 @dataclass(frozen=True)
 class _Deadline:
-    """When the task's time is up, and its time limit for the message."""
+    """When waiting is over: for a run (then it timed out) or for an actor (then the job waits)."""
 
     at: float
     limit_s: float
+    placing: bool  # waiting for Ray to place (or free) an actor, not for the run
+
+    @classmethod
+    def after(cls, seconds: float, *, placing: bool = False) -> _Deadline:
+        return cls(time.monotonic() + seconds, seconds, placing)
 
     def check(self, watch: Watch, step: str) -> None:
-        """Raise TaskTimeout past the deadline, Stopped when the watch says stop (renewing the lease)."""
+        """Past the deadline raise TaskTimeout, or ExecutorUnavailable while placing (the resources are
+        taken: the job goes back to the queue unharmed); Stopped when the watch (renewing the lease)
+        says stop."""
         if time.monotonic() > self.at:
+            if self.placing:
+                raise ExecutorUnavailable(f"{step} for {self.limit_s:g} s: the resources it needs are taken")
             raise TaskTimeout(self.limit_s, step, {})
         if not watch.keep_going():
             raise Stopped()
@@ -104,8 +105,32 @@ def _write_files(folder: Path, files: Sequence[tuple[str, bytes]]) -> list[Path]
     return paths
 
 
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Put SIGTERM's and SIGINT's handlers back after the block: a Ray driver started in the main
+    thread installs its own (exit at once), and the node decides how it stops."""
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in kept.items():
+                if handler is not None:  # None: set outside Python, nothing to put back
+                    signal.signal(signum, handler)
+
+
+def _kill(handle: Any) -> None:
+    """Kill an actor, whatever state it or the cluster is in (never calling Ray once disconnected:
+    most of its functions would then start a local Ray of their own)."""
+    if ray.is_initialized():
+        with contextlib.suppress(ray.exceptions.RayError, ValueError, ConnectionError):  # gone already
+            ray.kill(handle, no_restart=True)
+
+
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """The error in one line: its first, or a gRPC error's ``details = ...`` (Ray Client's)."""
+    lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+    return next((line for line in lines if line.startswith("details = ")), lines[0])
 
 
 class RayExecutor:
@@ -133,27 +158,51 @@ class RayExecutor:
 
     # --- the cluster -----------------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        """Join the configured cluster (or start the node's own Ray) once; ExecutorUnavailable if not now."""
+    def start(self) -> None:
+        """Join the configured cluster, or start the node's own Ray, in this thread: Ray ends the
+        processes it starts when the thread that started them ends, so this must be the thread that
+        lives as long as the executor (the node's main thread). A cluster that cannot be reached is
+        logged; jobs wait, and with an address each job's turn tries again."""
+        try:
+            self._connect(own_ray=True)
+        except ExecutorUnavailable as err:
+            log.warning("executor: %s; jobs wait in the queue", err)
+
+    def _connect(self, own_ray: bool = False) -> None:
+        """Join the cluster once; ExecutorUnavailable if not now. Only with ``own_ray`` may the node's
+        own Ray be started (see `start`)."""
         with self._lock:
             if self._connected:
                 return
             if time.monotonic() < self._down_until:
                 raise ExecutorUnavailable(self._down_reason)
+            if not own_ray and self._ray.address is None and not ray.is_initialized():
+                raise ExecutorUnavailable(self._down_reason or "the node's own Ray was not started")
             try:
                 self._init_ray()
             except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
                 self._down_until = time.monotonic() + RECONNECT_S
-                self._down_reason = f"Ray at {self._ray.address or 'local'} unreachable: {_first_line(err)}"
+                where = (
+                    f"Ray at {self._ray.address} unreachable"
+                    if self._ray.address
+                    else "own Ray did not start"
+                )
+                self._down_reason = f"{where}: {_first_line(err)}"
                 raise ExecutorUnavailable(self._down_reason) from None
             self._connected = True
-        self._reaper = threading.Thread(target=self._reap, name="radgate-ray-reaper", daemon=True)
-        self._reaper.start()
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="radgate-ray-reaper", daemon=True)
+                self._reaper.start()
         log.info("executor: Ray cluster with %s", ray.cluster_resources())
 
     def _init_ray(self) -> None:
         if ray.is_initialized():  # this process already joined a cluster (an embedding program, tests)
             return
+        with _signal_handlers_kept():
+            self._init_driver()
+        self._owns_ray = True
+
+    def _init_driver(self) -> None:
         common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False, "configure_logging": False}
         if self._ray.address is not None:
             ray.init(address=self._ray.address, **common)
@@ -167,7 +216,6 @@ class RayExecutor:
                 include_dashboard=False,
                 **common,
             )
-        self._owns_ray = True
 
     # --- actors ----------------------------------------------------------------------------------
 
@@ -199,7 +247,7 @@ class RayExecutor:
         self, pipeline: str, resources: Resources, on_gpu: bool, watch: Watch, deadline: _Deadline
     ) -> _Actor:
         """A free actor of the pipeline on that device kind (started when there are fewer than the
-        limit), marked busy; waits for one otherwise. Raises TaskTimeout, Stopped, WorkerLost."""
+        limit), marked busy; waits for one otherwise. Raises ExecutorUnavailable, Stopped, WorkerLost."""
         key = (pipeline, on_gpu)
         while True:
             with self._lock:
@@ -245,11 +293,12 @@ class RayExecutor:
             while not ray.wait([where], timeout=self._tick_s)[0]:
                 deadline.check(watch, "waiting for Ray to place the actor")
             info = ray.get(where)
-        except (TaskTimeout, Stopped):
-            ray.kill(handle, no_restart=True)
+        except (ExecutorUnavailable, Stopped):
+            _kill(handle)
             raise
-        except ray.exceptions.RayError as err:
-            ray.kill(handle, no_restart=True)
+        except (ray.exceptions.RayError, ConnectionError) as err:
+            _kill(handle)
+            self._check_cluster()
             raise WorkerLost(f"Ray actor {name} did not start: {_first_line(err)}", {}) from None
         placement = Placement(executor="ray", actor=name, **{k: v for k, v in info.items() if v is not None})
         log.info("executor: actor %s started on %s", name, placement.as_record())
@@ -268,9 +317,29 @@ class RayExecutor:
                 if actor in pool:
                     pool.remove(actor)
             self._lock.notify_all()
-        with contextlib.suppress(ray.exceptions.RayError, ValueError, ConnectionError):  # gone already
-            ray.kill(actor.handle, no_restart=True)
+        _kill(actor.handle)
         log.info("executor: actor %s released (%s)", actor.name, why)
+
+    def _check_cluster(self) -> None:
+        """After a lost call: when the cluster itself is gone (its head down), forget it and its
+        actors and raise ExecutorUnavailable, so that this job and the next wait in the queue
+        instead of spending their attempts; the next turn after `RECONNECT_S` joins it again."""
+        try:
+            if not ray.is_initialized():  # Ray Client gave up on the connection
+                raise ConnectionError("disconnected")
+            ray.cluster_resources()
+            return
+        except Exception as err:  # ConnectionError, RaySystemError, ...: whatever Ray says, it is gone
+            reason = f"Ray at {self._ray.address or 'this node'} lost: {_first_line(err)}"
+        with self._lock:
+            self._pools.clear()
+            self._connected = False
+            self._down_until = time.monotonic() + RECONNECT_S
+            self._down_reason = reason
+        if self._ray.address is not None:  # a remote cluster: join it afresh next time
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        raise ExecutorUnavailable(reason)
 
     def _reap(self) -> None:
         """Release actors idle for ``idle_timeout_s`` (their memory, GPU share and weights go back)."""
@@ -286,13 +355,12 @@ class RayExecutor:
     # --- running ---------------------------------------------------------------------------------
 
     def run(self, slot: int, task: Task, timeout_s: float, watch: Watch) -> TaskResult:
-        deadline = _Deadline(time.monotonic() + timeout_s, timeout_s)
         self._connect()
         out_dir = Path(task.out_dir)
         if not self._ray.shared_paths and (out_dir / MANIFEST).is_file():
             log.info("job %d: results of an earlier attempt found complete in %s", task.job_id, out_dir)
             return TaskResult(results=read_manifest(out_dir), reused=True)
-        resources = pipeline_resources(self._config, task.pipeline)
+        resources = self._config.pipeline_resources(task.pipeline)
         plan = self._plan(resources)
         if isinstance(plan, str):
             return TaskResult(error=plan, retry=True)
@@ -300,11 +368,11 @@ class RayExecutor:
             inputs = None if self._ray.shared_paths else [Path(f).read_bytes() for f in task.files]
         except OSError as err:
             return TaskResult(error=f"series not readable: {err}", retry=True)
-        result = self._run_on(task, inputs, resources, plan, watch, deadline, None)
+        result = self._run_on(task, inputs, resources, plan, watch, timeout_s, None)
         if result.cuda_oom and plan and resources.cpu_fallback and self._ray.oom_on_cpu:
             log.warning("job %d: %s; repeating it on the CPU", task.job_id, result.error)
             note = f"{result.error}; ran on the CPU"
-            result = self._run_on(task, inputs, resources, False, watch, deadline, note)
+            result = self._run_on(task, inputs, resources, False, watch, timeout_s, note)
         return result
 
     def _run_on(
@@ -314,11 +382,16 @@ class RayExecutor:
         resources: Resources,
         on_gpu: bool,
         watch: Watch,
-        deadline: _Deadline,
+        timeout_s: float,
         note: str | None,
     ) -> TaskResult:
-        actor = self._acquire(task.pipeline, resources, on_gpu, watch, deadline)
+        """Run on an actor of that device kind: waiting up to ``timeout_s`` for one, then as long again
+        for the run."""
+        actor = self._acquire(
+            task.pipeline, resources, on_gpu, watch, _Deadline.after(timeout_s, placing=True)
+        )
         watch.placed(replace(actor.placement, note=note))
+        deadline = _Deadline.after(timeout_s)
         try:
             call: Any = actor.handle.run.remote(task, inputs)
             while not ray.wait([call], timeout=self._tick_s)[0]:
@@ -329,6 +402,7 @@ class RayExecutor:
             raise
         except (ray.exceptions.RayError, ConnectionError) as err:
             self._discard(actor, "lost")
+            self._check_cluster()
             raise WorkerLost(f"Ray actor {actor.name} lost: {_first_line(err)}", {}) from None
         self._release(actor)
         for step, seconds in answer.result.timings.items():
@@ -351,4 +425,5 @@ class RayExecutor:
         for actor in actors:
             self._discard(actor, "executor closed")
         if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
+            with contextlib.suppress(Exception):  # a cluster gone meanwhile: nothing to leave
+                ray.shutdown()

@@ -1,0 +1,149 @@
+"""The Ray executor on a separate cluster (`ray start --head`, reached by Ray Client as ray://):
+a study runs without a shared file system, and a head killed mid-job leaves the job queued with
+its attempt given back, later jobs waiting, nothing lost."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from support.execute import CONTROL_ENV, job_row, make_config, register_test_pipelines, spool_files
+from support.node import free_port, wait_for
+
+from dicom_io.testing.synthetic import ct_chest_phantom
+from plugin.config import Config
+from plugin.jobs.execute import JobRunner
+from plugin.jobs.executor.output import read_manifest
+from plugin.jobs.executor.ray_executor import RayExecutor
+from plugin.store.engine import Store, migrated_store
+from plugin.store.models import JobState, Study, add_queued_job
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parents[1]
+RAY_BIN = Path(sys.executable).with_name("ray")
+
+
+class Head:
+    """A Ray head of its own (own temp dir, free ports), killed by the pids of its processes."""
+
+    def __init__(self, temp_dir: Path, env: dict[str, str]) -> None:
+        self.temp_dir = temp_dir
+        self.client_port = free_port()
+        command = [
+            *(str(RAY_BIN), "start", "--head", f"--port={free_port()}", f"--temp-dir={temp_dir}"),
+            *(f"--ray-client-server-port={self.client_port}", "--num-cpus=1", "--num-gpus=0"),
+            *("--include-dashboard=false", "--object-store-memory=80000000", "--disable-usage-stats"),
+        ]
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
+        wait_for(self._listening, 120, "the Ray Client server")
+
+    def _listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.client_port)) == 0
+
+    def pids(self) -> list[int]:
+        """Its processes: those whose command line names its temp dir or its client port."""
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().decode(errors="replace").split("\0")
+            except OSError:  # ended meanwhile
+                continue
+            if any(str(self.temp_dir) in a or a.endswith(f"={self.client_port}") for a in args):
+                found.append(int(cmdline.parent.name))
+        return found
+
+    def kill(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("control")
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory, control: Path) -> Iterator[Head]:
+    plugins = register_test_pipelines(tmp_path_factory.mktemp("plugins"))
+    path = [str(plugins), str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
+    temp_dir = Path(tempfile.mkdtemp(prefix="rg-ray-", dir="/tmp"))  # Ray's socket paths must stay short
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")  # Ray Client sends no token (docs/design.md)
+        mp.setenv("RAY_CLIENT_RECONNECT_GRACE_PERIOD", "5")  # default 30: a dead head is seen sooner
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), CONTROL_ENV: str(control)}
+        head = Head(temp_dir, env)
+        try:
+            yield head
+        finally:
+            head.kill()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture()
+def config(tmp_path: Path, head: Head) -> Config:
+    ray = {"address": f"ray://127.0.0.1:{head.client_port}", "resources": {"test-tiny": {"cpus": 0.5}}}
+    return make_config(tmp_path / "data", kind="ray", max_attempts=2, job_timeout_s=120, lease_s=60, ray=ray)
+
+
+@pytest.fixture()
+def store(config: Config) -> Iterator[Store]:
+    with migrated_store(config.db_url) as s:
+        yield s
+
+
+def _study_job(store: Store, config: Config, tmp_path: Path, seed: int) -> int:
+    phantom = ct_chest_phantom(rows=16, columns=16, slices=4, seed=seed)
+    spool_files(store, config, phantom.write(tmp_path / f"study{seed}"))
+    with store.session() as s:
+        study = s.scalars(select(Study).where(Study.study_uid == phantom.study_uid)).one()
+        job = add_queued_job(s, study, "test-tiny", phantom.series_uid, "test", [])
+        s.flush()
+        return job.id
+
+
+def test_a_remote_cluster_runs_a_study_and_a_dead_head_leaves_jobs_waiting(
+    head: Head, store: Store, config: Config, tmp_path: Path, control: Path
+) -> None:
+    executor = RayExecutor(config, tick_s=0.05)
+    executor.start()
+    runner = JobRunner(store, config, executor)
+    try:
+        done = _study_job(store, config, tmp_path, 1)
+
+        def ran() -> bool:  # a head still coming up refuses clients: the job waits for a later turn
+            runner.run_one()
+            return job_row(store, done).state == JobState.SUCCEEDED  # bytes over Ray Client, both ways
+
+        wait_for(ran, 180, "the study to run on the cluster", interval=0.5)
+        assert len(read_manifest(config.results_dir / str(done))) == 4
+
+        cut = _study_job(store, config, tmp_path, 2)
+        (control / "gate").touch()
+        thread = threading.Thread(target=runner.run_one)
+        thread.start()
+        wait_for((control / "started").exists, 60, "the job to be running on the cluster")
+        head.kill()
+        thread.join(180)
+        assert not thread.is_alive()
+        assert job_row(store, cut).state == JobState.QUEUED
+        assert runner.run_one() == cut  # the cluster is gone: the job's next turn gives it back at once
+    finally:
+        (control / "gate").unlink(missing_ok=True)
+        executor.close()
+    job = job_row(store, cut)
+    assert (job.state, job.attempts, job.lease_owner) == (JobState.QUEUED, 0, None), job.error
+    assert not (config.results_dir / str(cut)).exists()
