@@ -16,7 +16,6 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 from support.node import instance_record
-from support.postgres import database_url
 
 from plugin.config import CompletionConfig, Config
 from plugin.jobs.completion import CompletionMonitor, queue_unrouted_job
@@ -66,10 +65,15 @@ def test_two_monitors_complete_a_study_once_and_queue_one_job(store: Store) -> N
         assert [(j.study_revision, j.state) for j in s.scalars(select(Job))] == [(1, "QUEUED")]
 
 
-def test_two_starts_migrate_a_new_database_once(store: Store, request: pytest.FixtureRequest) -> None:
+def test_two_starts_migrate_a_new_database_once(
+    store: Store, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     """Two nodes starting at once on an empty database: one migrates, the other waits and finds
     the schema up to date (PostgreSQL: an advisory lock; SQLite: its write lock)."""
-    url = database_url(request, Path(store.url.removeprefix("sqlite:///")).parent / "second")
+    if request.node.callspec.params["store"] == "postgresql":
+        url = request.getfixturevalue("postgres").new_database()
+    else:
+        url = f"sqlite:///{tmp_path / 'second.db'}"
     stores = [Store(url), Store(url)]
     try:
         with ThreadPoolExecutor(2) as pool:
