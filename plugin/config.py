@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -243,6 +244,28 @@ class ExecutorConfig(_Strict):
     max_attempts: int = Field(default=3, ge=1, description="runs of a job before it is FAILED for good")
     poll_s: float = Field(default=1.0, gt=0, description="how often an idle worker looks for queued jobs")
     results_dir: Path | None = Field(default=None, description="default: <data_dir>/results")
+
+
+class ClusterConfig(_Strict):
+    """Several nodes on one store (PostgreSQL): the folder they all mount and this node's name in it."""
+
+    shared_dir: Path | None = Field(
+        default=None,
+        description="a folder every node mounts at the same path: the spool, each node's incoming "
+        "folder and the results live there, so any node can run any job and send any result; "
+        "default: none, everything in data_dir (one node)",
+    )
+    node_name: str = Field(
+        default_factory=socket.gethostname,
+        description="this node's name, unique in the cluster: its incoming folder in shared_dir",
+    )
+
+    @field_validator("node_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(_NAME_PATTERN, v) or len(v) > 64:
+            raise ValueError(f"node name {v!r}: up to 64 letters, digits, '_', '.', '-'")
+        return v
 
 
 class LoggingConfig(_Strict):
@@ -930,6 +953,7 @@ class Config(_Strict):
     dicom: DicomConfig = DicomConfig()
     completion: CompletionConfig = CompletionConfig()
     executor: ExecutorConfig = ExecutorConfig()
+    cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
     destinations: dict[str, Destination] = Field(
         default_factory=dict, description="name -> destination; empty: results stay in data_dir only"
@@ -1025,12 +1049,24 @@ class Config(_Strict):
 
     @property
     def spool_dir(self) -> Path:
-        return self.data_dir / "spool"
+        """The received instances: ``<cluster.shared_dir>/spool`` in a cluster, else ``<data_dir>/spool``."""
+        shared = self.cluster.shared_dir
+        return shared / "spool" if shared is not None else self.data_dir / "spool"
 
     @property
     def incoming_dir(self) -> Path:
-        """Temporary files being received; on the spool's file system so they can be linked in."""
-        return self.data_dir / "incoming"
+        """Temporary files being received; on the spool's file system so they can be linked in, and
+        this node's own (its start empties it): ``<cluster.shared_dir>/incoming/<node_name>`` in a cluster."""
+        shared = self.cluster.shared_dir
+        if shared is None:
+            return self.data_dir / "incoming"
+        return shared / "incoming" / self.cluster.node_name
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Where the pseudonym secret lies (`plugin.dispatch.pseudonyms`): shared by a cluster's
+        nodes (``cluster.shared_dir``), so that every node maps a value the same way; else data_dir."""
+        return self.cluster.shared_dir or self.data_dir
 
     @property
     def quarantine_dir(self) -> Path:
@@ -1044,8 +1080,10 @@ class Config(_Strict):
 
     @property
     def results_dir(self) -> Path:
-        """Where each job writes its result files, in ``<results_dir>/<job id>/``."""
-        return self.executor.results_dir or self.data_dir / "results"
+        """Where each job writes its result files, in ``<results_dir>/<job id>/``: ``executor.results_dir``,
+        else ``<cluster.shared_dir>/results`` in a cluster, else ``<data_dir>/results``."""
+        shared = self.cluster.shared_dir
+        return self.executor.results_dir or (shared if shared is not None else self.data_dir) / "results"
 
     @property
     def file_modes(self) -> FileModes:

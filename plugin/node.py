@@ -43,7 +43,7 @@ from plugin.config import Config, ConfigError
 from plugin.dispatch.outbox import Dispatcher
 from plugin.fetch import FetchWorker, Routing, completion_hook
 from plugin.ingest import counters
-from plugin.ingest.datadir import SERVE, DataDirLock, apply_file_modes
+from plugin.ingest.datadir import SERVE, DataDirLock, apply_file_modes, named_node
 from plugin.ingest.receive import PeerFilter, Receiver, dataset_limits, make_spool
 from plugin.jobs.completion import CompletionMonitor
 from plugin.jobs.execute import JobRunner
@@ -53,7 +53,7 @@ from plugin.route.archive import FetchArchive
 from plugin.route.pipelines import series_lookup
 from plugin.route.requires import RequirementsWorker
 from plugin.route.rules import validate_rules
-from plugin.store.engine import Store
+from plugin.store.engine import SchemaTooNew, Store
 from plugin.store.models import utcnow
 from plugin.web.audit import config_loaded
 
@@ -69,6 +69,11 @@ class Node:
     def __init__(self, config: Config, listen: bool = True, execute: bool = True) -> None:
         self.config = config
         self.lock = DataDirLock(config.data_dir, config.file_modes, SERVE) if listen else None
+        self.incoming_lock = (
+            DataDirLock(config.incoming_dir.parent, config.file_modes, named_node(config.cluster.node_name))
+            if listen and config.cluster.shared_dir is not None
+            else None
+        )
         # ConfigError: unknown pipeline
         self.rules = validate_rules(config, available_pipelines(), series_lookup=series_lookup(config))
         for note in self.rules.notes:
@@ -128,8 +133,9 @@ class Node:
 
     def start(self) -> None:
         """Bring the node up; DataDirBusy (nothing touched) if another node holds the data dir."""
-        if self.lock is not None:
-            self.lock.acquire()
+        for lock in (self.lock, self.incoming_lock):
+            if lock is not None:
+                lock.acquire()
         self.store.migrate()
         config_loaded(self.store, self.config, "serve" if self.scp is not None else "worker")
         if self.web is not None:
@@ -162,8 +168,9 @@ class Node:
             self.scp.stop()
         self.receiver.close()
         self.store.dispose()
-        if self.lock is not None:
-            self.lock.release()
+        for lock in (self.incoming_lock, self.lock):
+            if lock is not None:
+                lock.release()
 
 
 def serve(config: Config, listen: bool = True, execute: bool = True) -> int:
@@ -189,7 +196,7 @@ def serve(config: Config, listen: bool = True, execute: bool = True) -> int:
         return 1
     try:
         node.start()
-    except (OSError, SQLAlchemyError) as err:  # DataDirBusy included
+    except (OSError, SQLAlchemyError, SchemaTooNew) as err:  # DataDirBusy included
         log.error("cannot start the node: %s", err)
         node.stop()
         return 1

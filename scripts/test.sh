@@ -13,6 +13,8 @@ trap 'rm -f "$mypy_log"' EXIT
 .venv/bin/mypy >"$mypy_log" 2>&1 &
 mypy_pid=$!
 status=0
+# set-up installed PostgreSQL: every store test runs on it as well as on SQLite, or fails (never skips)
+export RADGATE_REQUIRE_POSTGRES=1
 .venv/bin/pytest -q -p no:cacheprovider -n "${RADGATE_TEST_WORKERS:-4}" --dist loadscope --no-loadscope-reorder \
   "$@" || status=$?
 if ! wait "$mypy_pid"; then

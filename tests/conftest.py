@@ -8,6 +8,7 @@ counted in one line at the very end of the run.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -118,11 +119,23 @@ def orthanc(orthanc_session: OrthancServer) -> OrthancServer:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    """One PostgreSQL cluster for the session; each test takes a new database from it."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed")
+    """One PostgreSQL cluster for the session; each test takes a new database from it.
+
+    Skips where PostgreSQL or psycopg is missing, unless ``RADGATE_REQUIRE_POSTGRES`` is set (the test
+    command sets it: there, a store test that did not run on PostgreSQL is a failure)."""
+    missing = None
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing = "psycopg is not installed"
     initdb = find_initdb()
     if initdb is None:
-        pytest.skip("PostgreSQL's initdb is not installed")
+        missing = missing or "PostgreSQL's initdb is not installed"
+    if missing is not None:
+        if os.environ.get("RADGATE_REQUIRE_POSTGRES"):
+            pytest.fail(f"{missing}, and RADGATE_REQUIRE_POSTGRES is set")
+        pytest.skip(missing)
+    assert initdb is not None
     root = Path(tempfile.mkdtemp(prefix="radgate-postgres-"))  # not under pytest's root-only folder
     server = PostgresServer(root, initdb)
     try:

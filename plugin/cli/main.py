@@ -10,6 +10,7 @@ from pathlib import Path
 
 from plugin.config import Config, ConfigError, load_config
 from plugin.logs import setup_command_logging
+from plugin.store.engine import SchemaTooNew
 
 Command = Callable[[argparse.Namespace, Config], int]
 
@@ -444,7 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"radgate: {err}", file=sys.stderr)
         return 2
     func: Command = args.func
-    return func(args, config)
+    try:
+        return func(args, config)
+    except SchemaTooNew as err:  # a command that opens the store (serve logs it itself)
+        print(f"radgate: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

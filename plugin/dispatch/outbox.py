@@ -140,6 +140,7 @@ class Dispatcher:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._rng = random.Random(seed)
         self._data_dir = config.data_dir
+        self._secrets_dir = config.secrets_dir
         self._results_dir = config.results_dir
         self._key: bytes | None = None
         self._key_lock = threading.Lock()
@@ -309,7 +310,7 @@ class Dispatcher:
         """
         with self._key_lock:
             if self._key is None:
-                self._key = load_key(self._data_dir)
+                self._key = load_key(self._secrets_dir)
         domain = settings.pseudonym_domain or destination
         outgoing = self._data_dir / "outgoing"
         outgoing.mkdir(mode=0o700, exist_ok=True)

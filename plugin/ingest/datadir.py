@@ -43,6 +43,13 @@ SERVE = Role("radgate.lock", "radgate serve")
 ORTHANC_PLUGIN = Role("radgate-orthanc.lock", "the radgate plugin of an Orthanc")
 
 
+def named_node(node_name: str) -> Role:
+    """The role of the serve named ``node_name`` in a cluster's shared incoming folder
+    (`plugin.config.ClusterConfig`): its start empties ``incoming/<node_name>``, so two nodes of one
+    name would destroy each other's transfers. The lock file lies beside that folder, not in it."""
+    return Role(f"{node_name}.lock", f"radgate serve named {node_name!r}")
+
+
 @dataclass(frozen=True)
 class FileModes:
     """The modes of what the node creates: ``umask`` for the process, ``file`` and ``dir`` explicit."""

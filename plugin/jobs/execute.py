@@ -168,6 +168,13 @@ class JobRunner:
         if not job.files:
             self._fail(job, owner, f"series {job.series_uid} has no instances in the store", {}, retry=False)
             return job.id
+        if missing := sum(1 for f in job.files if not f.is_file()):
+            reason = (
+                f"{missing} of {len(job.files)} instances of series {job.series_uid} are not in the spool "
+                f"{self._spool_dir} (received by another node? nodes sharing a store need cluster.shared_dir)"
+            )
+            self._fail(job, owner, reason, {}, retry=True)
+            return job.id
         base, options = self._pipeline_options(job.pipeline)
         prior, comparison_note = prior_result(job.needs, self._results_dir)
         if prior is not None:

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, update
+from sqlalchemy import Engine, create_engine, event, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from plugin.store.models import Reception
@@ -29,6 +29,7 @@ from plugin.store.recording import InstanceRecorder
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+MIGRATION_LOCK = 0x72616467  # "radg": the PostgreSQL advisory lock key of `Store.migrate`
 
 
 def make_engine(url: str, synchronous: str = "FULL") -> Engine:
@@ -76,6 +77,10 @@ def begin_immediate(connection: sqlite3.Connection, timeout: float = SQLITE_BUSY
         delay = min(2 * delay, 1e-3)
 
 
+class SchemaTooNew(RuntimeError):
+    """The database's schema is at a revision this code does not know: a newer radgate migrated it."""
+
+
 def alembic_config(connection: Any) -> Any:
     from alembic.config import Config as AlembicConfig
 
@@ -101,11 +106,34 @@ class Store:
         )
 
     def migrate(self, revision: str = "head") -> None:
-        """Bring the schema to ``revision`` (Alembic); safe to run at every start."""
+        """Bring the schema to ``revision`` (Alembic); safe to run at every start, and by several nodes
+        at once: on PostgreSQL the first takes a transaction-level advisory lock (`MIGRATION_LOCK`) and
+        the others wait for it, then find the schema up to date; SQLite's write lock does the same.
+
+        Raises SchemaTooNew, having changed nothing, when the database is at a revision this code
+        does not know (a newer radgate migrated it); the message names both revisions.
+        """
         from alembic import command
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+        from alembic.util.exc import CommandError
 
         with self.engine.begin() as connection:
-            command.upgrade(alembic_config(connection), revision)
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+            cfg = alembic_config(connection)
+            script = ScriptDirectory.from_config(cfg)
+            current = MigrationContext.configure(connection).get_current_heads()
+            for known in current:
+                try:
+                    script.get_revision(known)
+                except CommandError:
+                    raise SchemaTooNew(
+                        f"the database schema is at revision {known}, newer than this radgate's newest "
+                        f"({script.get_current_head()}): a newer radgate migrated it; run that version "
+                        "(or newer) on this database; nothing was changed"
+                    ) from None
+            command.upgrade(cfg, revision)
 
     def schema_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext

@@ -10,19 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.postgres import BACKENDS, database_url
 
-from plugin.store.engine import Store
+from plugin.store.engine import Store, migrated_store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """A migrated store on the embedded default (SQLite) and on PostgreSQL where it is installed
     (the ``postgres`` fixture skips otherwise): the same code must hold on both."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'radgate.db'}"
-    else:
-        url = request.getfixturevalue("postgres").new_database()
-    s = Store(url)
-    s.migrate()
-    yield s
-    s.dispose()
+    with migrated_store(database_url(request, tmp_path)) as s:
+        yield s

@@ -24,6 +24,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select, update
 from support.execute import make_job
 from support.node import self_signed_cert, write_series
+from support.postgres import both_databases, database_url
 
 from dicom_io.testing import orthanc_server
 from dicom_io.testing.orthanc_server import OrthancServer, wait_until
@@ -33,7 +34,7 @@ from plugin.config import Config, DispatchConfig, load_config
 from plugin.dispatch.base import Outgoing
 from plugin.dispatch.outbox import Dispatcher, backoff_delay, enqueue_deliveries
 from plugin.dispatch.senders import make_sender
-from plugin.store.engine import Store
+from plugin.store.engine import Store, migrated_store
 from plugin.store.models import Delivery, DeliveryState, utcnow
 
 SECRET = "s3cret-Pa55word"
@@ -56,11 +57,11 @@ def load(path: Path) -> Config:
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'data' / 'radgate.db'}")
-    s.migrate()
-    yield s
-    s.dispose()
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """SQLite in the config's data dir; the tests of the outbox's rows and claims also run on
+    PostgreSQL (`both_databases`), those of the senders need not."""
+    with migrated_store(database_url(request, tmp_path / "data")) as s:
+        yield s
 
 
 def queue_results(
@@ -148,6 +149,7 @@ class CountingSCP:
 # --- the seam with the executor ----------------------------------------------------------------
 
 
+@both_databases
 def test_one_row_per_result_and_destination_and_idempotent(store: Store, tmp_path: Path) -> None:
     job_id = make_job(store)
     results = [("1.2.3.1", tmp_path / "a.dcm"), ("1.2.3.2", tmp_path / "b.dcm")]
@@ -170,6 +172,7 @@ def test_no_destinations_queues_nothing(store: Store, tmp_path: Path) -> None:
     assert rows(store) == []
 
 
+@both_databases
 def test_rolled_back_with_the_callers_transaction(store: Store, tmp_path: Path) -> None:
     job_id = make_job(store)
     with pytest.raises(RuntimeError), store.session() as s:
@@ -196,6 +199,7 @@ def test_backoff_doubles_is_capped_and_jitter_only_shortens() -> None:
     assert all(20 <= d <= 40 for d in delays) and len(set(delays)) > 100
 
 
+@both_databases
 def test_claims_are_exclusive_and_stale_claims_return(store: Store, tmp_path: Path) -> None:
     config = load(make_config(tmp_path, {}, batch_size=3, max_attempts=2))
     queue_results(store, tmp_path, ["nowhere"], count=5)
@@ -310,6 +314,7 @@ def test_dead_after_max_attempts_listed_and_retried_by_the_cli(
     assert "SENT" in table and "pacs" in table
 
 
+@both_databases
 def test_restart_resends_only_the_claim_left_by_a_dead_node(
     orthanc: OrthancServer, store: Store, tmp_path: Path
 ) -> None:
@@ -434,8 +439,9 @@ def test_cstore_over_tls_verifies_the_peer(store: Store, tmp_path: Path) -> None
     assert scp.received == {files[0].stem: 1}
 
 
+@both_databases
 def test_two_nodes_on_one_store_send_each_instance_once(store: Store, tmp_path: Path) -> None:
-    """Two dispatchers (as two node processes would), two threads each, on one SQLite store."""
+    """Two dispatchers (as two node processes would), two threads each, on one store."""
     _, files = queue_results(store, tmp_path, ["pacs"], count=12)
     scp = CountingSCP({})
     nodes = []

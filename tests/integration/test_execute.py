@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from support.execute import add_job, claim_all, job_row, make_config, register_test_pipelines, spool_files
 from support.node import wait_for, write_series
 from support.pipeline import write_threshold_bundle
+from support.postgres import BACKENDS, database_url
 
 from ai_models.base import Pipeline
 from ai_models.registry import available_pipelines
@@ -45,8 +46,14 @@ def phantom_files(phantom: SyntheticSeries, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture()
-def config(tmp_path: Path) -> Config:
-    return make_config(tmp_path / "data", job_timeout_s=120, max_attempts=2, lease_s=30)
+def config(request: pytest.FixtureRequest, tmp_path: Path) -> Config:
+    """The store in the data dir (SQLite); the leasing tests also run on PostgreSQL (`both_databases`)."""
+    config = make_config(tmp_path / "data", job_timeout_s=120, max_attempts=2, lease_s=30)
+    url = database_url(request, tmp_path / "data")
+    return config if url.startswith("sqlite") else config.with_overrides(database_url=url)
+
+
+both_databases = pytest.mark.parametrize("config", BACKENDS, indirect=True)
 
 
 @pytest.fixture()
@@ -65,6 +72,7 @@ def _study_with_jobs(store: Store, config: Config, tmp_path: Path, count: int) -
 # --- leasing -------------------------------------------------------------------------------------
 
 
+@both_databases
 def test_two_claiming_processes_never_get_the_same_job(store: Store, config: Config, tmp_path: Path) -> None:
     ids = _study_with_jobs(store, config, tmp_path, 12)
     spawn = multiprocessing.get_context("spawn")
@@ -75,6 +83,7 @@ def test_two_claiming_processes_never_get_the_same_job(store: Store, config: Con
     assert sorted(first + second) == ids
 
 
+@both_databases
 def test_a_job_is_claimed_once_and_an_expired_lease_is_taken_over(
     store: Store, config: Config, tmp_path: Path
 ) -> None:
@@ -92,6 +101,7 @@ def test_a_job_is_claimed_once_and_an_expired_lease_is_taken_over(
     assert job_row(store, job_id).lease_owner == "b"
 
 
+@both_databases
 def test_a_job_abandoned_on_its_last_attempt_fails_with_the_reason(
     store: Store, config: Config, tmp_path: Path
 ) -> None:
@@ -106,6 +116,7 @@ def test_a_job_abandoned_on_its_last_attempt_fails_with_the_reason(
     assert job.error is not None and "worker lost" in job.error and job.lease_owner is None
 
 
+@both_databases
 def test_a_retryable_failure_is_requeued_until_max_attempts(
     store: Store, config: Config, tmp_path: Path
 ) -> None:
@@ -378,6 +389,20 @@ def test_a_series_the_pipeline_cannot_use_fails_with_its_reason(
     job = job_row(store, job_id)
     assert (job.state, job.attempts) == (JobState.FAILED, 1)
     assert job.error == "ct-lung: only 2 slices, this pipeline needs at least 5"
+
+
+def test_a_series_missing_from_this_nodes_spool_fails_with_the_setting_to_fix_it(
+    store: Store, config: Config, tmp_path: Path, executor: LocalExecutor
+) -> None:
+    """Instances another node received into a spool this node does not share: no run on half a
+    series, a retry (the node that has them may claim it) and a reason that names the setting."""
+    [job_id] = _study_with_jobs(store, config, tmp_path, 1)
+    next(config.spool_dir.rglob("*.dcm")).unlink()
+    JobRunner(store, config, executor, enqueue=_no_deliveries).run_one()
+    job = job_row(store, job_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
+    assert job.error is not None and job.error.startswith("1 of 2 instances of series ")
+    assert "need cluster.shared_dir" in job.error
 
 
 # --- idempotency and superseding (in this process: run_task is what a worker runs) ----------------

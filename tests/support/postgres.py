@@ -15,6 +15,23 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import pytest
+
+BACKENDS = ("sqlite", "postgresql")
+both_databases = pytest.mark.parametrize("store", BACKENDS, indirect=True)
+"""Run a test on SQLite and on PostgreSQL: for a module whose ``store`` fixture takes its backend
+from `database_url` (SQLite unless parametrized)."""
+
+
+def database_url(request: pytest.FixtureRequest, directory: Path) -> str:
+    """A new, empty store's URL on the backend the fixture's parameter names (SQLite when it has
+    none): ``sqlite`` is ``directory/radgate.db``, ``postgresql`` a new database on the session's
+    server (the ``postgres`` fixture, which skips where PostgreSQL is not installed)."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        url: str = request.getfixturevalue("postgres").new_database()
+        return url
+    return f"sqlite:///{directory / 'radgate.db'}"
+
 
 def find_initdb() -> Path | None:
     """Debian keeps the server binaries under /usr/lib/postgresql/<version>/bin."""

@@ -48,6 +48,7 @@ def test_example_file_loads() -> None:
             "executor:\n  ray:\n    resources:\n      x: {gpus: 0, cpu_fallback: false}\n",
             "executor.ray.resources.x",
         ),
+        ("cluster:\n  node_name: ../b\n", "cluster.node_name"),
     ],
 )
 def test_wrong_key_or_value_names_it(tmp_path: Path, text: str, named: str) -> None:
@@ -230,3 +231,16 @@ def test_a_wrong_deidentify_setting_names_its_key(
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert named in str(err.value)
+
+
+def test_a_cluster_puts_spool_incoming_results_and_secret_in_the_shared_dir(tmp_path: Path) -> None:
+    alone = Config.model_validate({"data_dir": str(tmp_path / "data")})
+    assert (alone.spool_dir, alone.incoming_dir) == (tmp_path / "data/spool", tmp_path / "data/incoming")
+    assert (alone.results_dir, alone.secrets_dir) == (tmp_path / "data/results", tmp_path / "data")
+    shared = tmp_path / "shared"
+    node = Config.model_validate(
+        {"data_dir": str(tmp_path / "data"), "cluster": {"shared_dir": str(shared), "node_name": "ct-1"}}
+    )
+    assert (node.spool_dir, node.incoming_dir) == (shared / "spool", shared / "incoming/ct-1")
+    assert (node.results_dir, node.secrets_dir) == (shared / "results", shared)
+    assert node.quarantine_dir == tmp_path / "data/quarantine"  # the node's own

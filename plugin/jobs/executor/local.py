@@ -3,7 +3,7 @@
 A worker lives on between tasks (torch and a model's weights load once) and is replaced after it
 was killed or died; why processes, and why ``spawn``: docs/design.md, "Jobs and pipelines". A
 worker ignores SIGINT (the node decides what stops) and exits when the node's end of its pipe
-closes, so a killed node leaves no worker behind.
+closes or, mid-task, when the node is gone, so a killed node leaves no worker behind.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -25,13 +26,25 @@ from plugin.jobs.executor.base import Placement, Stopped, Task, TaskResult, Task
 log = logging.getLogger(__name__)
 
 STEP_AFTER = {"load_s": "infer", "infer_s": "encode", "encode_s": "encode"}
+NODE_WATCH_S = 0.5
+"""How often a worker checks that its node is still alive (`_exit_with_node`)."""
 START_TIMEOUT_S = 300.0
 """How long a new worker may take to import torch and the pipelines before it counts as broken."""
 
 
-def _worker_main(conn: Connection, slot: int, logging_config: LoggingConfig) -> None:
+def _exit_with_node(node_pid: int) -> None:
+    """End this worker once the node that started it is gone (it was SIGKILLed): a worker left
+    computing would hold its GPU and write results while another node runs the job again. The
+    closed pipe alone ends a worker only between tasks."""
+    while os.getppid() == node_pid:
+        time.sleep(NODE_WATCH_S)
+    os._exit(1)
+
+
+def _worker_main(conn: Connection, slot: int, logging_config: LoggingConfig, node_pid: int) -> None:
     """A worker process: say ready, then run each task it is sent, reporting every finished step."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_node, args=(node_pid,), name="node-watch", daemon=True).start()
     from ai_models.base import Pipeline
     from plugin.jobs.executor.work import run_task, worker_device
     from plugin.logs import setup_logging
@@ -90,7 +103,9 @@ class LocalExecutor:
     def _start(self, slot: int, watch: Watch) -> _Worker:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
-            target=_worker_main, args=(theirs, slot, self._logging), name=f"radgate-worker-{slot}"
+            target=_worker_main,
+            args=(theirs, slot, self._logging, os.getpid()),
+            name=f"radgate-worker-{slot}",
         )
         process.start()
         theirs.close()

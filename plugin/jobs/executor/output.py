@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def write_whole(out_dir: Path, write: Callable[[Path], list[Path]]) -> tuple[tup
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for left in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # from attempts killed while encoding
         shutil.rmtree(left, ignore_errors=True)
-    temp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    temp = out_dir.with_name(f".{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # a shared dir
     paths = write(temp)
     entries = [(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p.name) for p in paths]
     (temp / MANIFEST).write_text(json.dumps(entries))
