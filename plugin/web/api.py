@@ -29,7 +29,7 @@ from plugin.config import Config, DicomDestination
 from plugin.dispatch.outbox import retry_deliveries
 from plugin.dispatch.senders import check_destination, destination_where
 from plugin.jobs.executor.devices import CpuInfo, cpu_info, executor_slots
-from plugin.jobs.executor.work import MANIFEST, read_manifest
+from plugin.jobs.executor.manifest import MANIFEST, read_manifest
 from plugin.jobs.queue import NoUsableSeries, queue_named_job, read_study_series, retry_job, rules_in_force
 from plugin.route.pipelines import known_pipelines, series_lookup
 from plugin.route.rules import RuleSet, describe_tests, study_report, usable_pipelines, validate_rules

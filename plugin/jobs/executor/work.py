@@ -37,10 +37,10 @@ from dicom_io.series import SeriesError
 from dicom_io.types import GeometryError
 from dicom_io.volume import load_series
 from plugin.jobs.executor.base import Task, TaskResult
+from plugin.jobs.executor.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "results.json"
 SERIES_NUMBER_OFFSET = 1000
 """Results of revision 1 get the largest source series number + this; each later revision +10."""
 
@@ -60,15 +60,6 @@ def result_options(task: Task, headers: Sequence[pydicom.Dataset]) -> ResultOpti
         series_description_prefix=prefix,
         uid_seed=f"radgate/{task.study_uid}/{task.revision}/{task.series_uid}/{task.pipeline}",
     )
-
-
-def read_manifest(out_dir: Path) -> tuple[tuple[str, str], ...]:
-    """(SOP Instance UID, file path) of each result in ``out_dir``, in sending order.
-
-    Raises OSError or ValueError when the manifest is missing or unreadable.
-    """
-    entries = json.loads((out_dir / MANIFEST).read_text())
-    return tuple((uid, str(out_dir / name)) for uid, name in entries)
 
 
 def _write_whole(out_dir: Path, write: Callable[[Path], list[Path]]) -> tuple[tuple[str, str], ...]:
