@@ -11,6 +11,7 @@ row locks (``FOR UPDATE``, ``FOR SHARE``), not on SQLite's global lock.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -85,6 +86,15 @@ def alembic_config(connection: Any) -> Any:
     return cfg
 
 
+@functools.cache
+def _heads() -> frozenset[str]:
+    """The head revision of the migrations, as a set: empty when there are several (a branch to merge)."""
+    from alembic.script import ScriptDirectory
+
+    heads = ScriptDirectory.from_config(alembic_config(None)).get_heads()
+    return frozenset(heads) if len(heads) == 1 else frozenset()
+
+
 class Store:
     """The job store on one database: short sessions, migrations, and the instance recorder.
 
@@ -101,9 +111,12 @@ class Store:
         )
 
     def migrate(self, revision: str = "head") -> None:
-        """Bring the schema to ``revision`` (Alembic); safe to run at every start."""
+        """Bring the schema to ``revision`` (Alembic); safe to run at every start. A store already at
+        the one head is left as it is without running Alembic's upgrade (which loads every migration)."""
         from alembic import command
 
+        if revision == "head" and self.schema_revision() in _heads():
+            return
         with self.engine.begin() as connection:
             command.upgrade(alembic_config(connection), revision)
 
