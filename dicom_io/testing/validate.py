@@ -7,18 +7,31 @@ A missing tool gives `ran=False` with the reason, never a silent pass.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
+import select
 import shutil
 import subprocess
+import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Debian's JDK 17 stops pixelmed's XPath-heavy template checks at the default JAXP limits. One
-# validation is a short-lived JVM: the client compiler alone and the serial collector halve its CPU time.
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+"""Debian's pixelmed (package libpixelmed-java, which pixelmed-apps' DicomSRValidator runs)."""
+_PIXELMED_RUNNER = Path(__file__).with_name("PixelmedSrValidator.java")
+# Debian's JDK 17 stops pixelmed's XPath-heavy template checks at the default JAXP limits. The
+# client compiler alone and the serial collector halve the CPU time of a validation.
 _PIXELMED_JAVA_OPTIONS = (
-    "-Djdk.xml.xpathExprOpLimit=0 -Djdk.xml.xpathExprGrpLimit=0 -Djdk.xml.xpathTotalOpLimit=0"
-    " -XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+    "-Djdk.xml.xpathExprOpLimit=0",
+    "-Djdk.xml.xpathExprGrpLimit=0",
+    "-Djdk.xml.xpathTotalOpLimit=0",
+    "-XX:TieredStopAtLevel=1",
+    "-XX:+UseSerialGC",
 )
 _TIMEOUT_S = 300
 
@@ -86,13 +99,115 @@ def dcentvfy(paths: Sequence[Path]) -> Validation:
     return _dicom3tools("dcentvfy", [str(p) for p in paths])
 
 
+class _PixelmedJvm:
+    """One JVM per process running PixelmedSrValidator.java (compiled on first use, cached in the
+    temporary folder): a validation costs the validator's work alone, not a JVM and its set-up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._end = f"radgate-pixelmed-end-{uuid.uuid4().hex}".encode()
+        atexit.register(self.stop)
+
+    def validate(self, path: Path) -> str | Validation:
+        """What DicomSRValidator prints for `path`; a Validation that says why it did not run."""
+        for tool in ("java", "javac"):
+            if shutil.which(tool) is None:
+                return Validation("DicomSRValidator", ran=False, ok=False, errors=(f"{tool} not installed",))
+        if not PIXELMED_JAR.is_file():
+            return Validation(
+                "DicomSRValidator", ran=False, ok=False, errors=(f"{PIXELMED_JAR} not installed",)
+            )
+        with self._lock:
+            try:
+                process = self._start()
+                assert process.stdin is not None
+                process.stdin.write(f"{path.resolve()}\n".encode())
+                process.stdin.flush()
+                return self._read_output(process)
+            except (OSError, TimeoutError, subprocess.CalledProcessError) as err:
+                self.stop()
+                return Validation("DicomSRValidator", ran=False, ok=False, errors=(str(err),))
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        if self._process is not None and self._process.poll() is None:
+            return self._process
+        classpath = f"{PIXELMED_JAR}{os.pathsep}{_compiled_runner()}"
+        self._process = subprocess.Popen(
+            ["java", *_PIXELMED_JAVA_OPTIONS, "-cp", classpath, _PIXELMED_RUNNER.stem, self._end.decode()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        return self._process
+
+    def _read_output(self, process: subprocess.Popen[bytes]) -> str:
+        """What the JVM printed up to the end line; OSError when it died, TimeoutError after _TIMEOUT_S."""
+        assert process.stdout is not None
+        fd = process.stdout.fileno()
+        end = b"\n" + self._end + b"\n"
+        deadline = time.monotonic() + _TIMEOUT_S
+        output = bytearray()
+        while end not in output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"timed out after {_TIMEOUT_S} s")
+            if select.select([fd], [], [], remaining)[0]:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    tail = " | ".join(output.decode(errors="replace").splitlines()[-5:])
+                    raise OSError(f"the JVM exited: {tail or 'no output'}")
+                output += chunk
+        return output[: output.index(end)].decode(errors="replace")
+
+    def stop(self) -> None:
+        """End the JVM (it exits at the end of its input); a later validation starts another."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _compiled_runner() -> Path:
+    """The folder holding PixelmedSrValidator.class, compiled once per source and pixelmed version
+    into the temporary folder (shared by processes: written aside, then renamed into place)."""
+    key = hashlib.sha256(_PIXELMED_RUNNER.read_bytes() + str(PIXELMED_JAR.resolve()).encode()).hexdigest()
+    target = Path(tempfile.gettempdir()) / f"radgate-pixelmed-{key[:16]}"
+    if (target / f"{_PIXELMED_RUNNER.stem}.class").is_file():
+        return target
+    build = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
+    subprocess.run(
+        ["javac", "-cp", str(PIXELMED_JAR), "-d", str(build), str(_PIXELMED_RUNNER)],
+        check=True,
+        capture_output=True,
+        timeout=_TIMEOUT_S,
+    )
+    try:
+        build.rename(target)
+    except OSError:  # another process was first
+        shutil.rmtree(build, ignore_errors=True)
+    return target
+
+
+_PIXELMED = _PixelmedJvm()
+
+
 def pixelmed_sr(path: Path) -> Validation:
-    """pixelmed's DicomSRValidator (IOD + TID 1500 templates); no `IOD validation complete` = not run."""
-    options = " ".join(filter(None, [os.environ.get("JAVA_TOOL_OPTIONS", ""), _PIXELMED_JAVA_OPTIONS]))
-    result = _run("DicomSRValidator", ["DicomSRValidator", str(path)], env={"JAVA_TOOL_OPTIONS": options})
-    if isinstance(result, Validation):
-        return result
-    _, output = result
+    """pixelmed's DicomSRValidator (IOD + TID 1500 templates); no `IOD validation complete` = not run.
+
+    Runs in one JVM per process, kept for later validations (PixelmedSrValidator.java); needs a JDK.
+    """
+    output = _PIXELMED.validate(path)
+    if isinstance(output, Validation):
+        return output
     lines = output.splitlines()
     if not any("IOD validation complete" in line for line in lines):
         tail = tuple(lines[-5:]) or ("no output",)

@@ -11,6 +11,7 @@ row locks (``FOR UPDATE``, ``FOR SHARE``), not on SQLite's global lock.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -90,6 +91,15 @@ def alembic_config(connection: Any) -> Any:
     return cfg
 
 
+@functools.cache
+def _heads() -> frozenset[str]:
+    """The head revision of the migrations, as a set: empty when there are several (a branch to merge)."""
+    from alembic.script import ScriptDirectory
+
+    heads = ScriptDirectory.from_config(alembic_config(None)).get_heads()
+    return frozenset(heads) if len(heads) == 1 else frozenset()
+
+
 class Store:
     """The job store on one database: short sessions, migrations, and the instance recorder.
 
@@ -109,6 +119,8 @@ class Store:
         """Bring the schema to ``revision`` (Alembic); safe to run at every start, and by several nodes
         at once: on PostgreSQL the first takes a transaction-level advisory lock (`MIGRATION_LOCK`) and
         the others wait for it, then find the schema up to date; SQLite's write lock does the same.
+        A store already at the one head is left as it is without running Alembic's upgrade (which
+        loads every migration).
 
         Raises SchemaTooNew, having changed nothing, when the database is at a revision this code
         does not know (a newer radgate migrated it); the message names both revisions.
@@ -118,6 +130,8 @@ class Store:
         from alembic.script import ScriptDirectory
         from alembic.util.exc import CommandError
 
+        if revision == "head" and self.schema_revision() in _heads():
+            return
         with self.engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})

@@ -20,22 +20,39 @@ from pynetdicom import _config as pynetdicom_config
 from support.node import DCMTK_ENV, RADGATE, STORESCU, NodeProcess, held_incoming, wait_for, write_series
 from support.testdata import TESTDATA, needs_testdata
 
-pytestmark = pytest.mark.slow  # a node started per test: the module is long, so it starts early
+pytestmark = pytest.mark.slow  # many nodes started: the module is long, so it starts early
 TESTFILES = TESTDATA / "pydicom-testfiles"
 
 
-@pytest.fixture()
-def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    n = NodeProcess(tmp_path).start()
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One node on the defaults for the module's tests that need nothing else: each sends its own
+    study (new UIDs), so they do not see each other's."""
+    n = NodeProcess(tmp_path_factory.mktemp("node")).start()
     yield n
     assert n.stop() == 0, n.log()
 
 
-def _complete(node: NodeProcess, count: int, revision: int = 1) -> dict:
+@pytest.fixture()
+def node(shared_node: NodeProcess) -> NodeProcess:
+    """The shared node, still serving after the tests before."""
+    assert shared_node.process is not None and shared_node.process.poll() is None, shared_node.log()
+    return shared_node
+
+
+def _study_uid(files: list[Path]) -> str:
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _complete(node: NodeProcess, study_uid: str, count: int, revision: int = 1) -> dict:
     def done() -> dict | None:
-        studies = node.studies(cli=False)
-        if studies and studies[0]["state"] == "COMPLETE" and studies[0]["revision"] == revision:
-            return studies[0]
+        for study in node.studies(cli=False):
+            if (
+                study["study_uid"] == study_uid
+                and study["state"] == "COMPLETE"
+                and study["revision"] == revision
+            ):
+                return study
         return None
 
     study = wait_for(done, 30, "the study to complete", interval=0.2)
@@ -57,7 +74,7 @@ def test_a_sent_study_is_stored_and_listed_complete(node: NodeProcess, tmp_path:
     files = write_series(tmp_path / "src", 12)
     sent = node.storescu(*files)
     assert sent.returncode == 0, sent.stderr
-    study = _complete(node, 12)
+    study = _complete(node, _study_uid(files), 12)
     assert (study["series_count"], study["revision"], study["accession_number"]) == (1, 1, "ACC1")
     assert all(_same_dataset(f, _spooled(node, f)) for f in files)
     listing = subprocess.run(
@@ -75,7 +92,7 @@ def test_the_same_instance_twice_is_stored_once(node: NodeProcess, tmp_path: Pat
     stored = _spooled(node, first).read_bytes()
     resent = node.storescu(first)
     assert resent.returncode == 0 and "Success" in resent.stderr, resent.stderr
-    _complete(node, 2)
+    _complete(node, _study_uid([first]), 2)
     assert _spooled(node, first).read_bytes() == stored
 
 
@@ -83,13 +100,16 @@ def test_a_late_instance_opens_a_new_revision_that_completes_again(node: NodePro
     """Which jobs each revision queues is routing's business (tests/test_node_completion.py: one each)."""
     files = write_series(tmp_path / "src", 3)
     assert node.storescu(*files[:2]).returncode == 0
-    first = _complete(node, 2)
+    study_uid = _study_uid(files)
+    first = _complete(node, study_uid, 2)
     assert node.storescu(files[2]).returncode == 0
-    second = _complete(node, 3, revision=2)
+    second = _complete(node, study_uid, 3, revision=2)
     assert second["completed_at"] > first["completed_at"]
     with sqlite3.connect(node.data_dir / "radgate.db") as db:
         revisions = db.execute(
-            "SELECT study_revision, count(*) FROM instances GROUP BY 1 ORDER BY 1"
+            "SELECT study_revision, count(*) FROM instances JOIN studies ON studies.id = instances.study_id"
+            " WHERE studies.study_uid = ? GROUP BY 1 ORDER BY 1",
+            (study_uid,),
         ).fetchall()
     assert revisions == [(1, 2), (2, 1)]
 
@@ -118,7 +138,7 @@ def test_a_broken_instance_is_refused_and_the_node_keeps_serving(
     assert status >= 0xA000, hex(status)
     files = write_series(tmp_path / "src", 2)
     assert node.storescu(*files).returncode == 0
-    _complete(node, 2)
+    _complete(node, _study_uid(files), 2)
     assert held_incoming(node.data_dir / "incoming") == []
 
 
@@ -149,7 +169,7 @@ def test_a_client_that_does_not_speak_dicom_does_no_harm(node: NodeProcess, tmp_
     assert node.echoscu().returncode == 0
     files = write_series(tmp_path / "src", 1)
     assert node.storescu(*files).returncode == 0
-    _complete(node, 1)
+    _complete(node, _study_uid(files), 1)
 
 
 def test_a_wrong_config_key_stops_the_start_with_a_message_naming_it(tmp_path: Path) -> None:
@@ -167,14 +187,15 @@ def test_a_spool_write_failure_answers_out_of_resources(node: NodeProcess, tmp_p
     study_dir = _spooled(node, blocked).parent.parent
     study_dir.parent.mkdir(parents=True, exist_ok=True)
     study_dir.write_bytes(b"a file where the study directory should be")  # mkdir fails: ENOTDIR
+    logged = len(node.log())  # the shared node's log so far
     sent = node.storescu(*files)  # storescu stops at the first refused instance
     assert "Refused: OutOfResources" in sent.stderr and "Success" not in sent.stderr, sent.stderr
     # the receiving process forwards its log lines to the node's log: the line may come after the answer
-    wait_for(lambda: "0xA700" in node.log(), 10, "the refusal in the node's log")
+    wait_for(lambda: "0xA700" in node.log()[logged:], 10, "the refusal in the node's log")
     assert held_incoming(node.data_dir / "incoming") == []
     study_dir.unlink()
     assert node.storescu(*files).returncode == 0  # the node kept serving; the resend is stored
-    _complete(node, 2)
+    _complete(node, _study_uid(files), 2)
 
 
 def test_a_file_size_limit_on_the_node_answers_out_of_resources(tmp_path: Path) -> None:
@@ -191,7 +212,7 @@ def test_a_file_size_limit_on_the_node_answers_out_of_resources(tmp_path: Path) 
         assert held_incoming(node.data_dir / "incoming") == []  # the partial file is gone
         small = write_series(tmp_path / "small", 2)
         assert node.storescu(*small).returncode == 0
-        _complete(node, 2)
+        _complete(node, _study_uid(small), 2)
     finally:
         assert node.stop() == 0
 
@@ -208,7 +229,7 @@ def test_concurrent_associations_into_two_receiving_processes_fill_one_study(tmp
             for files in series
         ]
         assert [p.wait(120) for p in senders] == [0, 0]
-        study = _complete(node, 50)
+        study = _complete(node, study_uid, 50)
         assert (study["study_uid"], study["series_count"]) == (study_uid, 2)
     finally:
         assert node.stop() == 0, node.log()

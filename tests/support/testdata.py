@@ -6,7 +6,7 @@ RADGATE_SHARED_TOOLS overrides the tools folder alone. A test that needs them ta
 `testdata` fixture (tests/conftest.py) or, where a path is needed at import time, uses `TESTDATA`
 with the `needs_testdata` mark. Missing data skips the test with a reason that starts with
 `SKIP_PREFIX`; the two pytest hooks below (imported by conftest) count those skips in one loud
-line at the very end of the run, printed only when there are some.
+line at the very end of the run, printed only when there are some (scripts/test.sh prints it after mypy).
 """
 
 from __future__ import annotations
@@ -69,9 +69,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """End the run's output with one loud line when real-data tests were skipped."""
+    """End the run's output with one loud line when real-data tests were skipped; with
+    RADGATE_SKIP_LINE_FILE set, write the line to that file instead (scripts/test.sh prints it
+    last, after mypy's output)."""
     reasons = config.stash.get(_REAL_DATA_SKIPS, None)
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reasons and reporter is not None:
-        why = "; ".join(reason if len(reasons) == 1 else f"{n}: {reason}" for reason, n in reasons.items())
-        reporter.write_line(f"REAL-DATA TESTS SKIPPED: {reasons.total()} ({why})", red=True, bold=True)
+    if not reasons or reporter is None:
+        return
+    why = "; ".join(reason if len(reasons) == 1 else f"{n}: {reason}" for reason, n in reasons.items())
+    line = f"REAL-DATA TESTS SKIPPED: {reasons.total()} ({why})"
+    if target := os.environ.get("RADGATE_SKIP_LINE_FILE"):
+        Path(target).write_text(line + "\n")
+    else:
+        reporter.write_line(line, red=True, bold=True)

@@ -6,10 +6,14 @@ rasterised onto the CT grid (`lungs-reference.nii.gz`: 1 left, 2 right, RAS affi
 runs the way `radgate run --pipeline ct-lung` runs it; the SEG it wrote and both references are
 read onto the CT grid by `radgate validate`'s reader (`dicom_io.reference`) and scored by its
 scoring (`dicom_io.scoring`).
+`radgate validate` itself runs on the case here too, its report checked against this run's
+findings: the pipeline's run on the case is the module's cost, so it is made once.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +24,10 @@ import pytest
 import torch
 
 from dicom_io.reference import Reference, read_reference
-from dicom_io.scoring import Score, score
+from dicom_io.scoring import Score, dice, hd95, match_structures, score
+from dicom_io.types import Findings, Volume
 from dicom_io.volume import load_series
+from plugin.cli import main
 from plugin.offline.run import DICOM_DIR, run_offline
 
 CASE = "ct-chest-nsclc-lung1-001"
@@ -47,17 +53,36 @@ def _mask(reference: Reference, name: str) -> Mask:
     return reference.mask(structure)
 
 
+@dataclass(frozen=True)
+class Run:
+    out: Path  # what `radgate run` wrote (the SEG in out / DICOM_DIR)
+    findings: Findings
+    volume: Volume  # the case's CT
+
+
 @pytest.fixture(scope="module")
-def scored(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> Scored:
+def run(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """ct-lung on the case, once for the module (most of its CPU time)."""
     case = testdata / CASE
     out = tmp_path_factory.mktemp("lung1")
-    run_offline("ct-lung", case / "ct", out, device=torch.device("cpu"), progress=False)
-    volume = load_series(sorted((case / "ct").iterdir()))
+    findings = run_offline("ct-lung", case / "ct", out, device=torch.device("cpu"), progress=False)
+    return Run(out, findings, load_series(sorted((case / "ct").iterdir())))
+
+
+def _seg_path(run: Run) -> Path:
     [seg_path] = [
         p
-        for p in (out / DICOM_DIR).iterdir()
+        for p in (run.out / DICOM_DIR).iterdir()
         if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"
     ]
+    return seg_path
+
+
+@pytest.fixture(scope="module")
+def scored(testdata: Path, run: Run) -> Scored:
+    case = testdata / CASE
+    volume = run.volume
+    seg_path = _seg_path(run)
     seg = read_reference(seg_path, volume)
     segments = {s.name: seg.mask(s) for s in seg.structures}
     scores = {}
@@ -93,3 +118,43 @@ def test_each_lung_matches_the_clinical_contour(scored: Scored, reference: str, 
         f"{lung}: {s.pipeline_ml:.0f} mL, contour {s.reference_ml:.0f} mL"
     )
     assert s.hd95_mm is not None and s.hd95_mm <= MAX_HD95_MM, f"{lung}: HD95 {s.hd95_mm} mm"
+
+
+@pytest.mark.slow
+def test_validate_command_on_the_case(testdata: Path, run: Run, tmp_path: Path) -> None:
+    """`radgate validate` end to end with the real ct-lung: the report's structure and figures, not the
+    pipeline's quality (tests/unit/test_validate.py tests the command on phantoms)."""
+    case, volume, findings = testdata / CASE, run.volume, run.findings
+    reference = read_reference(case / "rtstruct.dcm", volume)
+    out = tmp_path / "report"
+    argv = ["validate", "--pipeline", "ct-lung", "--device", "cpu", "--out", str(out)]
+    assert main([*argv, "--reference", str(case / "rtstruct.dcm"), str(case)]) == 0
+    document = json.loads((out / "validation.json").read_text())
+    [result] = document["cases"]
+    assert result["reference_kind"] == "RTSTRUCT" and result["error"] is None
+    rows = {row["segment"]: row for row in result["structures"]}
+    assert {rows["Left lung"]["reference"], rows["Right lung"]["reference"]} == {"Lung L", "Lung R"}
+    for label, name in (("Left lung", "Lung L"), ("Right lung", "Lung R")):
+        truth = reference.mask(next(s for s in reference.structures if s.name == name))
+        [segment] = [s for s in findings.segments if s.label == label]
+        row = rows[label]
+        assert 0.0 <= row["dice"] <= 1.0
+        assert row["dice"] == pytest.approx(dice(segment.mask, truth), abs=1e-12)
+        assert row["hd95_mm"] == pytest.approx(hd95(segment.mask, truth, volume.spacing), abs=1e-9)
+        assert row["reference_ml"] == pytest.approx(truth.sum() * volume.voxel_volume_ml)
+        assert row["pipeline_ml"] == pytest.approx(segment.mask.sum() * volume.voxel_volume_ml)
+        assert row["difference_ml"] == pytest.approx(row["pipeline_ml"] - row["reference_ml"])
+    with (out / "validation.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert {(r["segment"], float(r["dice"])) for r in table} == {(k, v["dice"]) for k, v in rows.items()}
+    summary = {s["segment"]: s for s in document["summary"]}
+    assert (
+        summary["Left lung"]["dice_worst"] == rows["Left lung"]["dice"] == summary["Left lung"]["dice_mean"]
+    )
+
+    # the pipeline's own SEG as a reference: read back onto the grid and matched, it scores exactly 1
+    own = read_reference(_seg_path(run), volume)
+    assert own.kind == "SEG"
+    for m in match_structures(own.structures, findings.segments):
+        assert m.structure.name == m.segment.label
+        np.testing.assert_array_equal(own.mask(m.structure), m.segment.mask, err_msg=m.segment.label)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -16,12 +17,22 @@ import torch
 from support.pipeline import BONE, flip_mask, flipped, phantom_volume, write_threshold_bundle
 
 from ai_models import PipelineError, get_pipeline, run_pipeline
-from ai_models.monai_bundle import MonaiBundlePipeline
 from dicom_io.labels import LabelSpec, load_label_table
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
 from dicom_io.types import Code
 
+if TYPE_CHECKING:
+    from ai_models.monai_bundle import MonaiBundlePipeline
+
 CPU = torch.device("cpu")
+
+
+def _bundle_pipeline(bundle_dir: Path, **options: Any) -> MonaiBundlePipeline:
+    """A MonaiBundlePipeline, its module imported here: importing MONAI costs seconds of CPU, which
+    every test process would pay when it collects this module."""
+    from ai_models.monai_bundle import MonaiBundlePipeline
+
+    return MonaiBundlePipeline(bundle_dir, **options)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +58,7 @@ def test_bundle_with_resampling_is_inverted_back_to_the_grid(
     phantom: SyntheticSeries, tmp_path: Path, axis: int
 ) -> None:
     """Orientationd + Spacingd on the way in, Invertd on the way out: the mask lands where the bone is."""
-    pipeline = MonaiBundlePipeline(write_threshold_bundle(tmp_path / "b", resample=True))
+    pipeline = _bundle_pipeline(write_threshold_bundle(tmp_path / "b", resample=True))
     volume = flipped(phantom_volume(phantom), axis)
     truth = flip_mask(phantom.truth["bone"], axis)
     [bone] = run_pipeline(pipeline, volume, CPU).segments
@@ -58,11 +69,11 @@ def test_bundle_with_resampling_is_inverted_back_to_the_grid(
 def test_label_table_from_argument_and_errors(tmp_path: Path, phantom: SyntheticSeries) -> None:
     bundle = write_threshold_bundle(tmp_path / "b", resample=False, labels=False)
     with pytest.raises(FileNotFoundError):
-        MonaiBundlePipeline(bundle)
+        _bundle_pipeline(bundle)
     custom = {
         1: LabelSpec("Dense", Code("123037004", "SCT", "Anatomical Structure"), Code("1", "99X", "Dense"))
     }
-    pipeline = MonaiBundlePipeline(bundle, labels=custom)
+    pipeline = _bundle_pipeline(bundle, labels=custom)
     assert pipeline.labels[1].label == "Dense"
     table = tmp_path / "labels.json"
     table.write_text(json.dumps(BONE))
@@ -70,7 +81,7 @@ def test_label_table_from_argument_and_errors(tmp_path: Path, phantom: Synthetic
     with pytest.raises(ValueError, match=">= 1"):
         load_label_table({0: BONE["1"]})
     with pytest.raises(FileNotFoundError, match="not a MONAI bundle"):
-        MonaiBundlePipeline(tmp_path)
+        _bundle_pipeline(tmp_path)
     mr = phantom_volume(phantom, Modality="MR")
     with pytest.raises(PipelineError, match="needs CT"):
         run_pipeline(pipeline, mr, CPU)

@@ -53,6 +53,18 @@ def test_missing_data_skips_and_the_run_ends_with_one_line(
     assert sum("REAL-DATA" in line for line in result.outlines) == 1
 
 
+def test_the_line_goes_to_a_file_for_the_test_command(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scripts/test.sh sets RADGATE_SKIP_LINE_FILE and prints the line after mypy's output."""
+    missing = pytester.path / "nowhere"
+    target = pytester.path / "skipped.txt"
+    monkeypatch.setenv("RADGATE_SKIP_LINE_FILE", str(target))
+    result = _run(pytester, monkeypatch, missing)
+    assert "REAL-DATA" not in result.stdout.str()
+    assert target.read_text() == f"REAL-DATA TESTS SKIPPED: 2 ({missing} not found, set RADGATE_TESTDATA)\n"
+
+
 def test_present_data_runs_and_no_line(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     data = pytester.mkdir("testdata")
     result = _run(pytester, monkeypatch, data)

@@ -1,6 +1,8 @@
 """The devices jobs run on: how many CUDA devices torch sees, the slots they give, and the CPU.
 
-GPU memory is read elsewhere, without creating a CUDA context (`plugin.web.system.gpus`).
+torch is imported only where a GPU driver is loaded: the node's own process (which runs no model)
+stays free of it on a machine without a GPU. GPU memory is read elsewhere, without creating a CUDA
+context (`plugin.web.system.gpus`).
 """
 
 from __future__ import annotations
@@ -8,8 +10,10 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
+GPU_DRIVERS = (Path("/proc/driver/nvidia"), Path("/dev/kfd"))
+"""Present when NVIDIA's (CUDA) or AMD's (ROCm, which torch also calls cuda) kernel driver is loaded."""
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,11 @@ class CpuInfo:
 
 
 def gpu_count() -> int:
-    """How many CUDA devices torch sees (0 without CUDA)."""
+    """How many CUDA devices torch sees (0 without CUDA, and without a GPU driver, asking no torch)."""
+    if not any(driver.exists() for driver in GPU_DRIVERS):
+        return 0
+    import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
