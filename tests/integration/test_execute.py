@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from plugin.config import CompletionConfig, Config
 from plugin.jobs.completion import CompletionMonitor
 from plugin.jobs.execute import JobRunner
 from plugin.jobs.executor import LocalExecutor, Task, TaskResult
+from plugin.jobs.executor.local import cpu_threads
 from plugin.jobs.executor.work import run_task
 from plugin.jobs.queue import claim_job, fail_job, finish_job, renew_lease, routing_hook
 from plugin.route.rules import validate_rules
@@ -214,6 +216,11 @@ def test_a_new_revision_reruns_only_the_series_that_grew(
 # --- running: worker processes, time limit, results ----------------------------------------------
 
 
+def test_workers_share_the_cores_among_their_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [cpu_threads(slots) for slots in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+
+
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalExecutor]:
     """One worker process shared by the tests of this module (starting one imports torch)."""
@@ -247,6 +254,7 @@ def test_a_job_runs_in_a_worker_and_succeeds_with_results_on_disk(
     job = job_row(store, job_id)
     assert (job.state, job.attempts, job.error) == (JobState.SUCCEEDED, 1, None)
     assert job.timings is not None and set(job.timings) == {"load_s", "infer_s", "encode_s"}
+    assert job.placement is not None and job.placement["threads"] == str(cpu_threads(executor.slots))
     [(called_id, results, destinations)] = deliveries.calls
     assert called_id == job_id and destinations == []
     out = config.results_dir / str(job_id)

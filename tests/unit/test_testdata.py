@@ -34,6 +34,12 @@ def test_without_data():
 """
 
 
+@pytest.fixture(autouse=True)
+def _own_skip_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inner runs must not write into the file of the test command running this module."""
+    monkeypatch.delenv("RADGATE_SKIP_LINE_FILE", raising=False)
+
+
 def _run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, testdata: Path) -> pytest.RunResult:
     monkeypatch.setenv("RADGATE_TESTDATA", str(testdata))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))

@@ -67,6 +67,7 @@ class Placement:
     ip: str | None = None
     gpu: str | None = None  # the GPU index the worker was given, None: none
     actor: str | None = None  # the Ray actor's name
+    threads: str | None = None  # torch's CPU threads in the worker (local executor)
     note: str | None = None
 
     def as_record(self) -> dict[str, str]:

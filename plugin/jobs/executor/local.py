@@ -41,13 +41,25 @@ def _exit_with_node(node_pid: int) -> None:
     os._exit(1)
 
 
-def _worker_main(conn: Connection, slot: int, logging_config: LoggingConfig, node_pid: int) -> None:
+def cpu_threads(slots: int) -> int:
+    """torch's CPU threads per worker when ``slots`` workers share this process's cores: each its
+    share, so that busy workers do not oversubscribe the cores (docs/design.md, "Jobs and pipelines")."""
+    return max(1, len(os.sched_getaffinity(0)) // slots)
+
+
+def _worker_main(
+    conn: Connection, slot: int, threads: int, logging_config: LoggingConfig, node_pid: int
+) -> None:
     """A worker process: say ready, then run each task it is sent, reporting every finished step."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_node, args=(node_pid,), name="node-watch", daemon=True).start()
+    import torch
+
     from ai_models.base import Pipeline
     from plugin.jobs.executor.work import run_task, worker_device
     from plugin.logs import setup_logging
+
+    torch.set_num_threads(threads)
 
     setup_logging(logging_config)
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))  # per object
@@ -59,7 +71,7 @@ def _worker_main(conn: Connection, slot: int, logging_config: LoggingConfig, nod
             conn.send(("step", step, seconds))
 
     try:
-        conn.send(("ready", str(device)))
+        conn.send(("ready", str(device), torch.get_num_threads()))
         while True:
             task = conn.recv()
             conn.send(("result", run_task(task, device, pipelines, report)))
@@ -72,11 +84,17 @@ class _Worker:
     process: BaseProcess
     conn: Connection
     device: str = "?"
+    threads: int = 0
 
     def placement(self) -> Placement:
         gpu = self.device.partition(":")[2] if self.device.startswith("cuda") else ""
         return Placement(
-            "local", socket.gethostname(), f"pid {self.process.pid}", self.device, gpu=gpu or None
+            "local",
+            socket.gethostname(),
+            f"pid {self.process.pid}",
+            self.device,
+            gpu=gpu or None,
+            threads=str(self.threads),
         )
 
 
@@ -104,7 +122,7 @@ class LocalExecutor:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
             target=_worker_main,
-            args=(theirs, slot, self._logging, os.getpid()),
+            args=(theirs, slot, cpu_threads(self._slots), self._logging, os.getpid()),
             name=f"radgate-worker-{slot}",
         )
         process.start()
@@ -121,12 +139,12 @@ class LocalExecutor:
                 self._kill(slot)
                 raise Stopped()
         try:
-            _, device = ours.recv()
+            _, device, threads = ours.recv()
         except (EOFError, OSError):
             code = self._kill(slot)
             raise WorkerLost(f"worker process {slot} died while starting (exit code {code})", {}) from None
-        log.info("worker %d started (pid %s) on %s", slot, process.pid, device)
-        worker.device = device
+        log.info("worker %d started (pid %s) on %s, %d torch threads", slot, process.pid, device, threads)
+        worker.device, worker.threads = device, threads
         return worker
 
     def _kill(self, slot: int) -> int | None:
