@@ -19,10 +19,9 @@ import pydicom
 import pytest
 import ray
 from sqlalchemy import func, select
-from support.execute import CONTROL_ENV, job_row, make_config, register_test_pipelines, spool_files
+from support.execute import CONTROL_ENV, job_row, make_config, register_test_pipelines, tiny_study_job
 from support.node import wait_for
 
-from dicom_io.testing.synthetic import ct_chest_phantom
 from plugin.cli import main
 from plugin.config import Config
 from plugin.jobs.execute import JobRunner
@@ -30,7 +29,7 @@ from plugin.jobs.executor import ExecutorUnavailable, Placement, Task, TaskResul
 from plugin.jobs.executor.output import read_manifest
 from plugin.jobs.executor.ray_executor import NAMESPACE, RayExecutor
 from plugin.store.engine import Store, migrated_store
-from plugin.store.models import Delivery, JobState, Study, add_queued_job
+from plugin.store.models import Delivery, JobState
 
 pytestmark = pytest.mark.slow
 
@@ -103,17 +102,6 @@ def store(config: Config) -> Iterator[Store]:
         yield s
 
 
-def _study_job(store: Store, config: Config, tmp_path: Path, seed: int) -> int:
-    """A new 4-slice CT study in the spool and a QUEUED test-tiny job on it, to destination pacs."""
-    phantom = ct_chest_phantom(rows=16, columns=16, slices=4, seed=seed)
-    spool_files(store, config, phantom.write(tmp_path / f"study{seed}"))
-    with store.session() as s:
-        study = s.scalars(select(Study).where(Study.study_uid == phantom.study_uid)).one()
-        job = add_queued_job(s, study, "test-tiny", phantom.series_uid, "test", ["pacs"])
-        s.flush()
-        return job.id
-
-
 def _placement(store: Store, job_id: int) -> dict[str, str]:
     placement = job_row(store, job_id).placement
     assert placement is not None
@@ -146,7 +134,7 @@ def test_studies_run_on_a_warm_actor_placed_on_the_gpu_and_radgate_jobs_says_whe
     store: Store, config: Config, tmp_path: Path, executor: RayExecutor, capsys: pytest.CaptureFixture[str]
 ) -> None:
     runner = JobRunner(store, config, executor)
-    first, second = (_study_job(store, config, tmp_path, seed) for seed in (1, 2))
+    first, second = (tiny_study_job(store, config, tmp_path, seed, ["pacs"]) for seed in (1, 2))
     assert runner.run_one() == first and runner.run_one() == second
     for job_id in (first, second):
         _succeeded(store, config, job_id)
@@ -169,7 +157,7 @@ def test_studies_run_on_a_warm_actor_placed_on_the_gpu_and_radgate_jobs_says_whe
 def test_an_actor_killed_mid_job_is_replaced_and_the_job_delivered_once(
     store: Store, config: Config, tmp_path: Path, executor: RayExecutor, control: Path
 ) -> None:
-    job_id = _study_job(store, config, tmp_path, 3)
+    job_id = tiny_study_job(store, config, tmp_path, 3, ["pacs"])
     (control / "gate").touch()
     runner = JobRunner(store, config, executor)
     thread = threading.Thread(target=runner.run_one)
@@ -197,7 +185,7 @@ def test_cuda_out_of_memory_is_recorded_run_on_the_cpu_and_the_gpu_actor_serves_
     store: Store, config: Config, tmp_path: Path, executor: RayExecutor, control: Path
 ) -> None:
     runner = JobRunner(store, config, executor)
-    before, during, after = (_study_job(store, config, tmp_path, seed) for seed in (4, 5, 6))
+    before, during, after = (tiny_study_job(store, config, tmp_path, seed, ["pacs"]) for seed in (4, 5, 6))
     assert runner.run_one() == before
     gpu_actor = _placement(store, before)
     (control / "oom").touch()
@@ -226,7 +214,7 @@ def test_an_actor_on_shared_paths_writes_the_results_and_is_released_when_idle(
     settings = {"idle_timeout_s": 0.5, "shared_paths": True, "resources": {"test-tiny": {"cpus": 0.5}}}
     idle = RayExecutor(_config(tmp_path, **settings), 0.05)
     try:
-        job_id = _study_job(store, config, tmp_path, 7)
+        job_id = tiny_study_job(store, config, tmp_path, 7, ["pacs"])
         assert JobRunner(store, config, idle).run_one() == job_id
         _succeeded(store, config, job_id)  # the actor read the spool and wrote results_dir itself
         placed = _placement(store, job_id)
@@ -250,7 +238,7 @@ def test_a_job_whose_resources_are_taken_waits_in_the_queue(
 ) -> None:
     greedy = RayExecutor(_config(tmp_path, resources={"test-tiny": {"cpus": 8}}), 0.05)  # Ray has 2
     try:
-        job_id = _study_job(store, config, tmp_path, 9)
+        job_id = tiny_study_job(store, config, tmp_path, 9, ["pacs"])
         short = config.model_copy(
             update={"executor": config.executor.model_copy(update={"job_timeout_s": 1.0})}
         )
@@ -280,7 +268,7 @@ class _Down:
 def test_a_job_waits_in_the_queue_while_the_cluster_is_unreachable(
     store: Store, config: Config, tmp_path: Path
 ) -> None:
-    job_id = _study_job(store, config, tmp_path, 8)
+    job_id = tiny_study_job(store, config, tmp_path, 8, ["pacs"])
     assert JobRunner(store, config, _Down()).run_one() == job_id
     job = job_row(store, job_id)
     assert (job.state, job.attempts, job.lease_owner) == (JobState.QUEUED, 0, None)

@@ -17,17 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
-from support.execute import CONTROL_ENV, job_row, make_config, register_test_pipelines, spool_files
+from support.execute import CONTROL_ENV, job_row, make_config, register_test_pipelines, tiny_study_job
 from support.node import free_port, wait_for
 
-from dicom_io.testing.synthetic import ct_chest_phantom
 from plugin.config import Config
 from plugin.jobs.execute import JobRunner
 from plugin.jobs.executor.output import read_manifest
 from plugin.jobs.executor.ray_executor import RayExecutor
 from plugin.store.engine import Store, migrated_store
-from plugin.store.models import JobState, Study, add_queued_job
+from plugin.store.models import JobState
 
 pytestmark = pytest.mark.slow
 
@@ -105,16 +103,6 @@ def store(config: Config) -> Iterator[Store]:
         yield s
 
 
-def _study_job(store: Store, config: Config, tmp_path: Path, seed: int) -> int:
-    phantom = ct_chest_phantom(rows=16, columns=16, slices=4, seed=seed)
-    spool_files(store, config, phantom.write(tmp_path / f"study{seed}"))
-    with store.session() as s:
-        study = s.scalars(select(Study).where(Study.study_uid == phantom.study_uid)).one()
-        job = add_queued_job(s, study, "test-tiny", phantom.series_uid, "test", [])
-        s.flush()
-        return job.id
-
-
 def test_a_remote_cluster_runs_a_study_and_a_dead_head_leaves_jobs_waiting(
     head: Head, store: Store, config: Config, tmp_path: Path, control: Path
 ) -> None:
@@ -122,7 +110,7 @@ def test_a_remote_cluster_runs_a_study_and_a_dead_head_leaves_jobs_waiting(
     executor.start()
     runner = JobRunner(store, config, executor)
     try:
-        done = _study_job(store, config, tmp_path, 1)
+        done = tiny_study_job(store, config, tmp_path, 1)
 
         def ran() -> bool:  # a head still coming up refuses clients: the job waits for a later turn
             runner.run_one()
@@ -131,7 +119,7 @@ def test_a_remote_cluster_runs_a_study_and_a_dead_head_leaves_jobs_waiting(
         wait_for(ran, 180, "the study to run on the cluster", interval=0.5)
         assert len(read_manifest(config.results_dir / str(done))) == 4
 
-        cut = _study_job(store, config, tmp_path, 2)
+        cut = tiny_study_job(store, config, tmp_path, 2)
         (control / "gate").touch()
         thread = threading.Thread(target=runner.run_one)
         thread.start()

@@ -111,13 +111,32 @@ def spool_files(store: Store, config: Config, files: Sequence[Path]) -> None:
         store.recorder.record_instance(rec)
 
 
-def add_job(store: Store, study_uid: str, series_uid: str, pipeline: str, revision: int = 1) -> int:
-    """Queue a job directly (what routing would queue), results kept locally."""
+def add_job(
+    store: Store,
+    study_uid: str,
+    series_uid: str,
+    pipeline: str,
+    revision: int = 1,
+    destinations: Sequence[str] = (),
+) -> int:
+    """Queue a job directly (what routing would queue), its results sent to ``destinations``."""
     with store.session() as s:
         study = s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
-        job = add_queued_job(s, study, pipeline, series_uid, "test", [], revision=revision)
+        job = add_queued_job(s, study, pipeline, series_uid, "test", list(destinations), revision=revision)
         s.flush()
         return job.id
+
+
+def tiny_study_job(
+    store: Store, config: Config, folder: Path, seed: int, destinations: Sequence[str] = ()
+) -> int:
+    """A new 4-slice CT study (16 x 16 pixels) written under ``folder`` into the spool, and a QUEUED
+    test-tiny job on it."""
+    from dicom_io.testing.synthetic import ct_chest_phantom
+
+    phantom = ct_chest_phantom(rows=16, columns=16, slices=4, seed=seed)
+    spool_files(store, config, phantom.write(folder / f"study{seed}"))
+    return add_job(store, phantom.study_uid, phantom.series_uid, "test-tiny", destinations=destinations)
 
 
 def make_job(store: Store, study_uid: str | None = None, pipeline: str = "test") -> int:
