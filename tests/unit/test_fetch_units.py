@@ -3,7 +3,9 @@ and the requests' backoff and claims in a SQLite store."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,13 +127,18 @@ def test_answers_become_matches_and_odd_values_are_none() -> None:
     assert found is not None and (found.number, found.instance_count, found.modality) == (3, None, None)
 
 
-def test_a_request_is_claimed_once_and_retried_with_backoff_then_failed(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _two_nodes(
+    tmp_path: Path, fetch: dict[str, int]
+) -> Iterator[tuple[Config, Store, FetchWorker, FetchWorker]]:
+    """The configuration (source ``pacs``, these ``fetch`` keys), a migrated store, and the fetch
+    workers of two nodes on it."""
     config = _load(
         tmp_path,
         {
             "data_dir": str(tmp_path / "data"),
             "sources": {"pacs": {"kind": "dicom", "host": "127.0.0.1", "port": 9, "ae_title": "P"}},
-            "fetch": {"retry_base_s": 10, "retry_max_s": 15, "max_attempts": 3},
+            "fetch": fetch,
         },
     )
     store = Store(config.db_url)
@@ -140,6 +147,14 @@ def test_a_request_is_claimed_once_and_retried_with_backoff_then_failed(tmp_path
         routing = Routing(validate_rules(config, ["ct-lung"]), config.spool_dir, ())
         one, two = (FetchWorker(store, config, Receiver(config), routing) for _ in range(2))
         two.owner = "another-node"
+        yield config, store, one, two
+    finally:
+        store.dispose()
+
+
+def test_a_request_is_claimed_once_and_retried_with_backoff_then_failed(tmp_path: Path) -> None:
+    fetch = {"retry_base_s": 10, "retry_max_s": 15, "max_attempts": 3}
+    with _two_nodes(tmp_path, fetch) as (config, store, one, two):
         request_id = request_fetch(store, "pacs", accession="A1", reason="test")
         with pytest.raises(ValueError, match="Study Instance UID or an accession"):
             request_fetch(store, "pacs", reason="test")
@@ -164,25 +179,10 @@ def test_a_request_is_claimed_once_and_retried_with_backoff_then_failed(tmp_path
         status = get_fetch(store, request_id)
         assert status is not None and status.state == "FAILED"
         assert status.error == "connection refused (after 3 attempts)"
-    finally:
-        store.dispose()
 
 
 def test_a_request_taken_over_after_its_last_attempt_fails_and_wildcards_are_refused(tmp_path: Path) -> None:
-    config = _load(
-        tmp_path,
-        {
-            "data_dir": str(tmp_path / "data"),
-            "sources": {"pacs": {"kind": "dicom", "host": "127.0.0.1", "port": 9, "ae_title": "P"}},
-            "fetch": {"max_attempts": 1},
-        },
-    )
-    store = Store(config.db_url)
-    store.migrate()
-    try:
-        routing = Routing(validate_rules(config, ["ct-lung"]), config.spool_dir, ())
-        one, two = (FetchWorker(store, config, Receiver(config), routing) for _ in range(2))
-        two.owner = "another-node"
+    with _two_nodes(tmp_path, {"max_attempts": 1}) as (config, store, one, two):
         request_id = request_fetch(store, "pacs", study_uid="1.2.3", reason="test")
         assert one.claim() is not None  # ... and this node dies
         assert two.work_one(now=utcnow() + datetime.timedelta(seconds=config.fetch.lease_s + 1))
@@ -192,8 +192,6 @@ def test_a_request_taken_over_after_its_last_attempt_fails_and_wildcards_are_ref
         for accession in ("ACC*", "AC?", "A\\B", "A" * 17):
             with pytest.raises(ValueError, match="at most 16 characters"):
                 request_fetch(store, "pacs", accession=accession, reason="test")
-    finally:
-        store.dispose()
 
 
 def test_completion_waits_for_a_request_that_retrieves_or_will_try_again(
