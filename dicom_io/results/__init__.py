@@ -28,10 +28,6 @@ from pydicom.dataset import Dataset
 
 from dicom_io.results.common import ResultOptions, make_context
 from dicom_io.results.header import ResultError
-from dicom_io.results.kos import build_kos
-from dicom_io.results.sc import build_sc
-from dicom_io.results.seg import build_seg
-from dicom_io.results.sr import build_sr
 from dicom_io.types import Findings, Volume
 
 __all__ = ["ResultError", "ResultOptions", "ResultSet", "build_results", "write_results"]
@@ -60,6 +56,13 @@ def build_results(
     now: _dt.datetime | None = None,
 ) -> ResultSet:
     """Build SEG, SR, SC (and KOS) datasets; raises ResultError when findings do not fit the sources."""
+    # imported here, not above: highdicom and scipy cost a second, and a process that only reads
+    # results (`dicom_io.results.reading`, `radgate serve`'s dispatcher) never builds any
+    from dicom_io.results.kos import build_kos
+    from dicom_io.results.sc import build_sc
+    from dicom_io.results.seg import build_seg
+    from dicom_io.results.sr import build_sr
+
     ctx = make_context(findings, volume, source_datasets, options or ResultOptions(), now)
     with warnings.catch_warnings():
         # highdicom warns about one-component person names with the name in the message: no patient data

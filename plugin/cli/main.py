@@ -7,12 +7,17 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from plugin.config import Config, ConfigError, load_config
-from plugin.logs import setup_command_logging
-from plugin.store.engine import SchemaTooNew
+if TYPE_CHECKING:
+    from plugin.config import Config
 
-Command = Callable[[argparse.Namespace, Config], int]
+# Nothing of the node is imported at module level, only in `main` and each command's function: a
+# process that `radgate serve` spawns (a receiving process, a worker) re-imports the console
+# script's module, and so this one, before it runs its own target; it must not pay for what it
+# does not run (docs/design.md, "Start-up cost").
+
+Command = Callable[[argparse.Namespace, "Config"], int]
 
 
 def _add_config_options(p: argparse.ArgumentParser, default: object = None) -> None:
@@ -25,6 +30,8 @@ def _add_config_options(p: argparse.ArgumentParser, default: object = None) -> N
 
 
 def _config_from(args: argparse.Namespace) -> Config:
+    from plugin.config import load_config
+
     config = load_config(getattr(args, "config", None))  # demo has no --config
     return config.with_overrides(
         data_dir=getattr(args, "data_dir", None),
@@ -436,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from plugin.config import ConfigError
+    from plugin.logs import setup_command_logging
+    from plugin.store.engine import SchemaTooNew
+
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_command_logging()

@@ -36,7 +36,6 @@ from sqlalchemy.orm import Session
 
 from plugin.config import Config, Deidentify, DispatchConfig
 from plugin.dispatch.base import Outcomes, Outgoing, Sender, redact
-from plugin.dispatch.deidentify import prepare
 from plugin.dispatch.pseudonyms import StorePseudonyms, load_key
 from plugin.dispatch.senders import destination_secrets, make_sender
 from plugin.store.engine import Store
@@ -308,6 +307,10 @@ class Dispatcher:
         The copies live in a private temporary folder under the data dir for the send only; every
         pseudonym they use is committed before they are sent.
         """
+        # imported here, not above: de-identifying (dicomanonymizer's tables, pydicom's) is a delivery's
+        # cost, not every start's
+        from plugin.dispatch.deidentify import prepare
+
         with self._key_lock:
             if self._key is None:
                 self._key = load_key(self._secrets_dir)
