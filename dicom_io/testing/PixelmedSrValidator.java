@@ -80,7 +80,7 @@ public final class PixelmedSrValidator extends DicomSRValidator {
         String name = node.getNodeName();
         out.append('<').append(name);
         NamedNodeMap attributes = node.getAttributes();
-        for (int i = 0; i < attributes.getLength(); i++) {  // DOM keeps them sorted by name
+        for (int i = 0; i < attributes.getLength(); i++) {
             Node attribute = attributes.item(i);
             String value = attribute.getNodeValue();
             out.append(' ').append(attribute.getNodeName()).append('=').append(value.length()).append(':').append(value);
