@@ -26,7 +26,8 @@ from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_hea
 from dicom_io.testing.tools import ToolNotFoundError
 
 # Modules whose tests are independent and each costly: pytest-xdist hands them out one by one.
-SPREAD_MODULES = frozenset({"tests/integration/test_result_headers.py"})
+# (None today: test_result_headers shares its real series and its pixelmed run within one worker.)
+SPREAD_MODULES: frozenset[str] = frozenset()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -101,7 +101,9 @@ def dcentvfy(paths: Sequence[Path]) -> Validation:
 
 class _PixelmedJvm:
     """One JVM per process running PixelmedSrValidator.java (compiled on first use, cached in the
-    temporary folder): a validation costs the validator's work alone, not a JVM and its set-up."""
+    temporary folder): a validation costs the validator's work alone, not a JVM and its set-up, and
+    the template pass runs once per distinct content tree (the runner's docstring says why that is
+    the same verdict)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

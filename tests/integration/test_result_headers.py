@@ -311,7 +311,9 @@ class Mutation:
     logged: tuple[str, ...] = ()  # in each object's log line; () means no line at all
     secret: str | None = None  # a patient value that must never reach the log
     check: Callable[[list[Dataset]], None] | None = None  # more assertions on the objects
-    pixelmed: bool = False  # DicomSRValidator on the SR too (about 20 s a run: one per kind of defect)
+    # DicomSRValidator on the SR too, one per kind of defect: pixelmed reads each SR; its template pass
+    # (about 6 s) runs once per distinct content tree, here once (see PixelmedSrValidator.java)
+    pixelmed: bool = False
     as_read: bool = False  # raw bytes set on the dataset as read (see _sources)
 
 
