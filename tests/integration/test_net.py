@@ -46,7 +46,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
     Verification,
 )
-from support.node import held_incoming, self_signed_cert
 from support.testdata import TESTDATA, needs_testdata
 
 from dicom_io.net import (
@@ -73,6 +72,20 @@ CT_J2K = TESTDATA / "ct-abdomen-totalseg"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 pytestmark = needs_testdata
+
+
+# Receiving processes import this module to run its handlers: support.node (it imports the store)
+# is imported where it is used, not here, so that each of them starts faster.
+def held_incoming(incoming: Path) -> list[Path]:
+    from support.node import held_incoming as held
+
+    return held(incoming)
+
+
+def self_signed_cert(key: Path, cert: Path, subject: str, *extensions: str) -> None:
+    from support.node import self_signed_cert as make
+
+    make(key, cert, subject, *extensions)
 
 
 @dataclass
@@ -516,9 +529,10 @@ def test_garbage_on_the_port_does_no_harm(start_scp: Callable[..., StorageSCP]) 
 # --- TLS ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def self_signed(tmp_path: Path) -> TlsFiles:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
     self_signed_cert(key, cert, "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")
     return TlsFiles(cert=cert, key=key)
 
