@@ -370,6 +370,10 @@ def test_a_series_missing_from_this_nodes_spool_fails_with_the_setting_to_fix_it
     assert "need cluster.shared_dir" in job.error
 
 
+# The two tests below kill the module's worker process (the next task starts another, importing
+# torch again): they come after the other tests that run jobs in it.
+
+
 def _hanging_job(
     store: Store,
     tmp_path: Path,
