@@ -120,6 +120,8 @@ class _Connection:
                 sock.settimeout(cfg.pdu_timeout)  # the whole handshake (CPython's deadline)
                 sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 self.sock = sock  # before the handshake, so that `drop` can end it
+                if self.dropped:  # `drop` came while wrap_socket had detached the plain socket
+                    return
                 sock.do_handshake()
             assoc = _pynetdicom._Association(self.receiver.ae, self)
             self.assoc = assoc

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from dicom_io.testing.tools import free_port, tool_path
 
@@ -111,6 +113,9 @@ class OrthancServer:
         self.workdir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._session = requests.Session()
+        # Orthanc closes a keep-alive connection idle for a second: a request sent on it just then
+        # finds it closed, so idempotent requests (GET, PUT, DELETE) go once more on a new one.
+        self._session.mount("http://", HTTPAdapter(max_retries=Retry(total=2, status=0, redirect=0)))
         if credentials:
             self._session.auth = credentials
 
@@ -219,10 +224,13 @@ class OrthancServer:
             return ""
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM, then SIGKILL after timeout; removes the work folder unless one was given."""
+        """SIGTERM, then SIGKILL after timeout; removes the work folder unless one was given.
+
+        Without a work folder of the caller's, nothing it holds outlives the stop: SIGKILL at once
+        (Orthanc takes about 3 s to shut down cleanly)."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGTERM if self._workdir_arg is not None else signal.SIGKILL)
             try:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

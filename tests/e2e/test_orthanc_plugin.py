@@ -15,7 +15,7 @@ import pydicom
 import pytest
 import requests
 from support.node import write_series
-from support.orthanc_plugin import PluginSite
+from support.orthanc_plugin import POLL_S, PluginSite
 
 from dicom_io.testing.orthanc_server import wait_until
 from dicom_io.testing.synthetic import ct_chest_phantom, mr_head_phantom
@@ -116,21 +116,21 @@ def test_a_study_stable_while_the_plugin_was_down_is_replayed_once(site: PluginS
     files = write_series(tmp_path / "ct", 6)
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     site.storescu(files)
-    orthanc_id = wait_until(lambda: orthanc.study_id(study_uid), 30, "the study in Orthanc")
-    wait_until(lambda: site.stable_changes(orthanc_id) or None, 30, "the study to be stable")
+    orthanc_id = wait_until(lambda: orthanc.study_id(study_uid), 30, "the study in Orthanc", POLL_S)
+    wait_until(lambda: site.stable_changes(orthanc_id) or None, 30, "the study to be stable", POLL_S)
     site.stop_orthanc()
 
     site.data_dir.mkdir(parents=True)
     site.cursor.save(0)  # the plugin had handled nothing of it (its queue was not drained)
     orthanc = site.start_orthanc()
-    wait_until(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the replay")
+    wait_until(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the replay", POLL_S)
     [job] = site.jobs(study_uid)
     assert (job["state"], job["pipeline"], job["revision"]) == ("QUEUED", "ct-lung", 1)
 
     site.stop_orthanc()
     site.cursor.save(0)  # the same stable event once more
     orthanc = site.start_orthanc()
-    wait_until(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the second replay")
+    wait_until(lambda: site.handled(site.stable_changes(orthanc_id)[0]), 60, "the second replay", POLL_S)
     assert [j["id"] for j in site.jobs(study_uid)] == [job["id"]]
 
     # on demand: no body runs the rules again; a wrong body, pipeline or study is refused

@@ -91,6 +91,7 @@ def site(
     web_port = free_port()
     settings: dict[str, Any] = {
         "web": {"port": web_port, "viewer_url_template": VIEWER, "disk_warning_gb": 0.001},
+        "dicom": {"receivers": 1},  # received in the node's process: no receiving processes to start
         "destinations": {
             "archive": {"kind": "orthanc", "url": orthanc_session.url},
             "dead": {"kind": "dicom", "host": "127.0.0.1", "port": free_port(), "ae_title": "NOBODY"},

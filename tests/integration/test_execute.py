@@ -74,13 +74,20 @@ def _study_with_jobs(store: Store, config: Config, tmp_path: Path, count: int) -
 # --- leasing -------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def claimers() -> Iterator[ProcessPoolExecutor]:
+    """Two claiming processes, started once for both databases (each start imports the store)."""
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
 @both_databases
-def test_two_claiming_processes_never_get_the_same_job(store: Store, config: Config, tmp_path: Path) -> None:
+def test_two_claiming_processes_never_get_the_same_job(
+    store: Store, config: Config, tmp_path: Path, claimers: ProcessPoolExecutor
+) -> None:
     ids = _study_with_jobs(store, config, tmp_path, 12)
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(2, mp_context=spawn) as pool:
-        futures = [pool.submit(claim_all, config.db_url, str(config.spool_dir), f"w{k}") for k in (1, 2)]
-        first, second = (f.result(timeout=120) for f in futures)
+    futures = [claimers.submit(claim_all, config.db_url, str(config.spool_dir), f"w{k}") for k in (1, 2)]
+    first, second = (f.result(timeout=120) for f in futures)
     assert not set(first) & set(second)
     assert sorted(first + second) == ids
 
@@ -339,6 +346,34 @@ def test_a_configured_monai_bundle_routed_by_a_rule_runs_in_a_worker(
     )
 
 
+def test_a_series_the_pipeline_cannot_use_fails_with_its_reason(
+    store: Store, config: Config, tmp_path: Path, executor: LocalExecutor
+) -> None:
+    [job_id] = _study_with_jobs(store, config, tmp_path, 1)  # 2 slices of 16 x 16
+    JobRunner(store, config, executor, enqueue=_no_deliveries).run_one()
+    job = job_row(store, job_id)
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
+    assert job.error == "ct-lung: only 2 slices, this pipeline needs at least 5"
+
+
+def test_a_series_missing_from_this_nodes_spool_fails_with_the_setting_to_fix_it(
+    store: Store, config: Config, tmp_path: Path, executor: LocalExecutor
+) -> None:
+    """Instances another node received into a spool this node does not share: no run on half a
+    series, a retry (the node that has them may claim it) and a reason that names the setting."""
+    [job_id] = _study_with_jobs(store, config, tmp_path, 1)
+    next(config.spool_dir.rglob("*.dcm")).unlink()
+    JobRunner(store, config, executor, enqueue=_no_deliveries).run_one()
+    job = job_row(store, job_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
+    assert job.error is not None and job.error.startswith("1 of 2 instances of series ")
+    assert "need cluster.shared_dir" in job.error
+
+
+# The two tests below kill the module's worker process (the next task starts another, importing
+# torch again): they come after the other tests that run jobs in it.
+
+
 def _hanging_job(
     store: Store,
     tmp_path: Path,
@@ -387,30 +422,6 @@ def test_a_running_job_keeps_its_lease_and_is_given_back_when_the_runner_stops(
         runner.stop()
     job = job_row(store, job_id)
     assert (job.state, job.attempts, job.lease_owner) == (JobState.QUEUED, 0, None)
-
-
-def test_a_series_the_pipeline_cannot_use_fails_with_its_reason(
-    store: Store, config: Config, tmp_path: Path, executor: LocalExecutor
-) -> None:
-    [job_id] = _study_with_jobs(store, config, tmp_path, 1)  # 2 slices of 16 x 16
-    JobRunner(store, config, executor, enqueue=_no_deliveries).run_one()
-    job = job_row(store, job_id)
-    assert (job.state, job.attempts) == (JobState.FAILED, 1)
-    assert job.error == "ct-lung: only 2 slices, this pipeline needs at least 5"
-
-
-def test_a_series_missing_from_this_nodes_spool_fails_with_the_setting_to_fix_it(
-    store: Store, config: Config, tmp_path: Path, executor: LocalExecutor
-) -> None:
-    """Instances another node received into a spool this node does not share: no run on half a
-    series, a retry (the node that has them may claim it) and a reason that names the setting."""
-    [job_id] = _study_with_jobs(store, config, tmp_path, 1)
-    next(config.spool_dir.rglob("*.dcm")).unlink()
-    JobRunner(store, config, executor, enqueue=_no_deliveries).run_one()
-    job = job_row(store, job_id)
-    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
-    assert job.error is not None and job.error.startswith("1 of 2 instances of series ")
-    assert "need cluster.shared_dir" in job.error
 
 
 # --- idempotency and superseding (in this process: run_task is what a worker runs) ----------------

@@ -23,17 +23,22 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from support.node import ct_instance, self_signed_cert, wait_for
 
 from dicom_io.net import Peer, ReceivedInstance, StorageSCP, TlsFiles, wire
-from plugin.config import Config
-from plugin.node import Node as RadgateNode
 
 MAX_PDU = 16384
 PDU_TIMEOUT = 1.0
 IDLE_TIMEOUT = 2.0
 ANSWER_WITHIN = 10.0  # a deadline on every wait for the SCP: far above the timeouts it must keep
 ABORT, REJECT, CLOSED = "A-ABORT", "A-ASSOCIATE-RJ", "closed"
+
+
+# The receiving processes import this module to run `KeepFiles`: what only the tests use
+# (support.node imports the store, plugin.node the whole node) is imported where it is used.
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    from support.node import wait_for as wait
+
+    wait(condition, timeout, what)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ def echo_and_store(node: Node, tls: ssl.SSLContext | None = None) -> None:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ANSWER_WITHIN
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    from support.node import ct_instance
+
     ds = ct_instance(generate_uid(), generate_uid(), 1)
     tls_args = (tls, "localhost") if tls is not None else None
     assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="RADGATE", tls_args=tls_args)
@@ -429,19 +436,24 @@ def test_a_declared_length_of_4_gib_takes_no_memory(node: Node, associate_first:
     echo_and_store(node)
 
 
-def tls_files(tmp_path: Path) -> TlsFiles:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """One self-signed certificate for the module's TLS nodes."""
+    from support.node import self_signed_cert
+
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
     self_signed_cert(key, cert, "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")
     return TlsFiles(cert=cert, key=key)
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["half A-ASSOCIATE-RQ", "no TLS handshake"])
 def test_stalls_beyond_the_pending_cap_leave_the_node_serving(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls: bool
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls_files: TlsFiles, tls: bool
 ) -> None:
     pending = 4
     limits = {"max_pending": pending, "max_associations": 8, "max_associations_per_peer": 8}
-    files = tls_files(tmp_path) if tls else None
+    files = tls_files if tls else None
     node = start(tmp_path, pdu_timeout=60.0, tls=files, **limits)  # no stall times out in the test
     stalled: list[socket.socket] = []
     try:
@@ -487,9 +499,9 @@ def test_associations_per_peer_are_capped(tmp_path: Path, caplog: pytest.LogCapt
 
 @pytest.mark.parametrize("trickled", [False, True], ids=["silent", "a record trickled"])
 def test_a_tls_peer_that_never_handshakes_is_dropped(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, trickled: bool
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls_files: TlsFiles, trickled: bool
 ) -> None:
-    files = tls_files(tmp_path)
+    files = tls_files
     node = start(tmp_path, tls=files)
     try:
         with connect(node) as sock:
@@ -506,6 +518,9 @@ def test_a_tls_peer_that_never_handshakes_is_dropped(
 
 
 def test_the_node_takes_its_limits_from_the_configuration(tmp_path: Path) -> None:
+    from plugin.config import Config
+    from plugin.node import Node as RadgateNode
+
     dicom = {"max_pdu": 8192, "max_associations_per_peer": 3, "max_pending": 5}
     timeouts = {"pdu_timeout_s": 7.0, "idle_timeout_s": 9.0}
     config = Config.model_validate({"data_dir": str(tmp_path), "dicom": {**dicom, **timeouts}})

@@ -46,7 +46,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
     Verification,
 )
-from support.node import held_incoming, self_signed_cert
 from support.testdata import TESTDATA, needs_testdata
 
 from dicom_io.net import (
@@ -73,6 +72,20 @@ CT_J2K = TESTDATA / "ct-abdomen-totalseg"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 pytestmark = needs_testdata
+
+
+# Receiving processes import this module to run its handlers: support.node (it imports the store)
+# is imported where it is used, not here, so that each of them starts faster.
+def held_incoming(incoming: Path) -> list[Path]:
+    from support.node import held_incoming as held
+
+    return held(incoming)
+
+
+def self_signed_cert(key: Path, cert: Path, subject: str, *extensions: str) -> None:
+    from support.node import self_signed_cert as make
+
+    make(key, cert, subject, *extensions)
 
 
 @dataclass
@@ -516,9 +529,10 @@ def test_garbage_on_the_port_does_no_harm(start_scp: Callable[..., StorageSCP]) 
 # --- TLS ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def self_signed(tmp_path: Path) -> TlsFiles:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
     self_signed_cert(key, cert, "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")
     return TlsFiles(cert=cert, key=key)
 
@@ -547,9 +561,64 @@ def test_tls_association(
 # --- worker processes ---------------------------------------------------------------------------
 
 
-def test_worker_processes_run_the_handlers_where_they_receive(
+@dataclass(frozen=True)
+class ValidationModeProbe:
+    """A `prepare` that notes, per receiving process, how pydicom validates the values it reads."""
+
+    keep: Path
+
+    def __call__(self) -> None:
+        mode = pydicom.config.settings.reading_validation_mode
+        (self.keep / f"mode-{os.getpid()}").write_text(str(mode))
+
+    def modes(self) -> dict[int, int]:
+        return {int(p.name.split("-")[1]): int(p.read_text()) for p in self.keep.glob("mode-*")}
+
+
+@dataclass(frozen=True)
+class PrepareSteps:
+    """A `prepare` that runs several, in order."""
+
+    steps: tuple[Callable[[], None], ...]
+
+    def __call__(self) -> None:
+        for step in self.steps:
+            step()
+
+
+def _stored_by(recorder: FileRecorder, files: list[Path]) -> list[dict[str, object]]:
+    """What the recorder noted for these files (by their SOP Instance UIDs)."""
+    uids = [dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    return [json.loads((recorder.keep / f"{uid}.json").read_text()) for uid in uids]
+
+
+def test_receiving_processes_run_the_handlers_and_one_that_dies_is_replaced(
     start_scp: Callable[..., StorageSCP], file_recorder: FileRecorder, tmp_path: Path
 ) -> None:
+    """One SCP with two receiving processes (each start is a process importing the receiving path):
+
+    - pydicom's regex check of every UID pynetdicom builds (it only warns) cost each association
+      with a full proposal a third of its decoding: receiving processes switch it off and still
+      refuse what the transport checks (see the broken-dataset tests);
+    - the handlers run where the instances are received, with no hop back to this process;
+    - a receiving process that dies is replaced: the replacement serves like the others, and, like
+      them, has run `prepare` before its first association (a receiving process is only counted
+      once it is ready)."""
+    modes = tmp_path / "modes"
+    modes.mkdir()
+    probe = ValidationModeProbe(modes)
+    scp = start_scp(
+        workers=2,
+        handler=file_recorder,
+        on_release=file_recorder.on_release,
+        prepare=PrepareSteps((file_recorder.prepare, probe)),
+    )
+    assert file_recorder.prepared() == set(scp.receiving_processes)  # start() returned: all ready
+    # the UID checks are left to the transport
+    assert probe.modes() == {pid: pydicom.config.IGNORE for pid in scp.receiving_processes}
+    assert pydicom.config.settings.reading_validation_mode != pydicom.config.IGNORE  # not this process
+
+    # the handlers run where they receive
     dirs = []
     for part in range(2):
         d = tmp_path / f"part{part}"
@@ -557,7 +626,6 @@ def test_worker_processes_run_the_handlers_where_they_receive(
         for f in sorted(CT_J2K.iterdir())[part * 3 : part * 3 + 3]:
             with_uids(f, d)
         dirs.append(d)
-    scp = start_scp(workers=2, handler=file_recorder, on_release=file_recorder.on_release)
     procs = [
         subprocess.Popen(
             ["/usr/bin/storescu", "-xv", "+sd", "127.0.0.1", str(scp.port), str(d)],
@@ -577,56 +645,23 @@ def test_worker_processes_run_the_handlers_where_they_receive(
     assert len({s["association"] for s in stored}) == 2
     assert dcmtk("echoscu", "127.0.0.1", str(scp.port)).returncode == 0
 
-
-def test_a_receiving_process_that_dies_is_replaced(
-    start_scp: Callable[..., StorageSCP], file_recorder: FileRecorder, tmp_path: Path
-) -> None:
-    """The replacement serves like the others, and, like them, has run `prepare` before its first
-    association (a receiving process is only counted once it is ready)."""
-    scp = start_scp(
-        workers=2, handler=file_recorder, on_release=file_recorder.on_release, prepare=file_recorder.prepare
-    )
-    assert file_recorder.prepared() == set(scp.receiving_processes)  # start() returned: all ready
+    # a receiving process that dies is replaced
     victim = scp.receiving_processes[0]
     os.kill(victim, signal.SIGKILL)
     wait_until(
         lambda: len(scp.receiving_processes) == 2 and victim not in scp.receiving_processes, timeout=60
     )
     assert file_recorder.prepared() >= set(scp.receiving_processes)
-    files = [with_uids(f, tmp_path) for f in sorted(CT_J2K.iterdir())[:4]]
+    later = tmp_path / "later"
+    later.mkdir()
+    files = [with_uids(f, later) for f in sorted(CT_J2K.iterdir())[6:10]]  # not sent above
     senders = [
         subprocess.Popen(["/usr/bin/storescu", "-xv", "127.0.0.1", str(scp.port), str(f)], env=DCMTK_ENV)
         for f in files
     ]
     assert [p.wait(60) for p in senders] == [0, 0, 0, 0]  # every association served, on either process
-    wait_until(lambda: len(file_recorder.stored()) == 4 and scp.active_associations == 0, timeout=30)
-    assert {s["pid"] for s in file_recorder.stored()} <= set(scp.receiving_processes)
-
-
-@dataclass(frozen=True)
-class ValidationModeProbe:
-    """A `prepare` that notes, per receiving process, how pydicom validates the values it reads."""
-
-    keep: Path
-
-    def __call__(self) -> None:
-        mode = pydicom.config.settings.reading_validation_mode
-        (self.keep / f"mode-{os.getpid()}").write_text(str(mode))
-
-    def modes(self) -> dict[int, int]:
-        return {int(p.name.split("-")[1]): int(p.read_text()) for p in self.keep.glob("mode-*")}
-
-
-def test_receiving_processes_leave_uid_checks_to_the_transport(
-    start_scp: Callable[..., StorageSCP], file_recorder: FileRecorder, tmp_path: Path
-) -> None:
-    """pydicom's regex check of every UID pynetdicom builds (it only warns) cost each association
-    with a full proposal a third of its decoding: receiving processes switch it off and still
-    refuse what the transport checks (see the broken-dataset tests)."""
-    probe = ValidationModeProbe(tmp_path)
-    scp = start_scp(workers=2, handler=file_recorder, on_release=file_recorder.on_release, prepare=probe)
-    assert probe.modes() == {pid: pydicom.config.IGNORE for pid in scp.receiving_processes}
-    assert pydicom.config.settings.reading_validation_mode != pydicom.config.IGNORE  # not this process
+    wait_until(lambda: len(file_recorder.stored()) == 10 and scp.active_associations == 0, timeout=30)
+    assert {s["pid"] for s in _stored_by(file_recorder, files)} <= set(scp.receiving_processes)
 
 
 def _failing_prepare() -> None:

@@ -12,17 +12,34 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from pydicom.uid import generate_uid
 from sqlalchemy import event, func, select, text
-from support.node import compiled_statements, instance_record
 
 from plugin.store.engine import MIGRATIONS_DIR, Store, alembic_config, begin_immediate
 from plugin.store.models import Base, Instance, Job, Reception, Series, Study, StudyState, utcnow
 from plugin.store.recording import HeaderTags, InstanceRecord, InstanceRecorder
+
+# The recording processes of test_concurrent_processes_record_into_one_study import this module: what
+# only the tests in this process use (pydicom, alembic's tools, support.node) is imported where used.
+
+
+def generate_uid() -> str:
+    from pydicom.uid import generate_uid as new_uid
+
+    return new_uid()
+
+
+def instance_record(
+    study_uid: str, series_uid: str | None = None, sop: str | None = None, key: str | None = "a1", **more: Any
+) -> InstanceRecord:
+    from support.node import instance_record as record
+
+    return record(study_uid, series_uid, sop, key, **more)
+
+
+def compiled_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from support.node import compiled_statements as compiled
+
+    return compiled(monkeypatch)
 
 
 def _record(
@@ -33,10 +50,15 @@ def _record(
 
 def _head() -> str | None:
     """The newest migration: other rooms add migrations, so the test does not pin a number."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
 
 
 def test_migrated_schema_matches_the_models(store: Store) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
     with store.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     assert store.schema_revision() == _head()
@@ -130,6 +152,8 @@ def test_the_counters_become_derived_and_a_receiving_study_keeps_its_quiet_perio
     """Migration 0006 drops the counters on a database with rows (SQLite's own DROP COLUMN, under
     the foreign keys that point at studies and series): counts then come from the instances, and a
     study still RECEIVING keeps its last-received time (a duplicate's included) as ``resent_at``."""
+    from alembic import command
+
     url = f"sqlite:///{tmp_path / 'old.db'}"
     old = Store(url)
     old.migrate("0005")
@@ -365,18 +389,18 @@ def test_the_remembered_associations_stay_bounded(store: Store, monkeypatch: pyt
     assert store.studies()[0].instance_count == 11
 
 
-def _write_many(url: str, study_uid: str, series_uid: str, count: int) -> None:
+def _write_many(url: str, records: list[InstanceRecord]) -> None:
     s = Store(url)
-    key = f"proc-{multiprocessing.current_process().pid}"
-    for _ in range(count):
-        assert s.recorder.record_instance(_record(study_uid, series_uid, key=key))
+    for record in records:
+        assert s.recorder.record_instance(record)
     s.dispose()
 
 
 def test_concurrent_processes_record_into_one_study(store: Store) -> None:
     study_uid, series_uid = generate_uid(), generate_uid()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_write_many, args=(store.url, study_uid, series_uid, 40)) for _ in range(3)]
+    batches = [[_record(study_uid, series_uid, key=f"proc-{k}") for _ in range(40)] for k in range(3)]
+    procs = [ctx.Process(target=_write_many, args=(store.url, batch)) for batch in batches]
     for p in procs:
         p.start()
     for p in procs:

@@ -20,6 +20,9 @@ from support.node import DCMTK_ENV, RADGATE, STORESCU, free_port
 REPO = Path(__file__).resolve().parents[2]
 LOADER = REPO / "orthanc_config" / "radgate_plugin.py"
 RULES = [{"name": "chest", "match": {"Modality": {"equals": "CT"}}, "pipeline": "ct-lung"}]
+POLL_S = 0.25
+"""How often the waits ask Orthanc: each question is a REST call, some into the plugin's Python, and
+Orthanc's stable age (2 s) is what they wait for."""
 
 
 class PluginSite:
@@ -125,12 +128,14 @@ class PluginSite:
         """Wait until Orthanc called the study stable ``times`` times and the plugin handled it; its id."""
         assert self.orthanc is not None
         server = self.orthanc
-        orthanc_id = wait_until(lambda: server.study_id(study_uid), timeout, f"study {study_uid} in Orthanc")
+        orthanc_id = wait_until(
+            lambda: server.study_id(study_uid), timeout, f"study {study_uid} in Orthanc", POLL_S
+        )
 
         def stable() -> list[int] | None:
             found = self.stable_changes(orthanc_id)
             return found if len(found) >= times else None
 
-        seqs = wait_until(stable, timeout, f"study {study_uid} stable {times} time(s)")
-        wait_until(lambda: self.handled(seqs[-1]), timeout, "the plugin to handle the stable study")
+        seqs = wait_until(stable, timeout, f"study {study_uid} stable {times} time(s)", POLL_S)
+        wait_until(lambda: self.handled(seqs[-1]), timeout, "the plugin to handle the stable study", POLL_S)
         return orthanc_id
