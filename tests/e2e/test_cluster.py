@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from support.postgres import PostgresServer
 from dicom_io.testing.synthetic import ct_chest_phantom
 from plugin.jobs.executor.output import read_manifest
 from plugin.store.engine import Store
-from plugin.store.models import Job, JobState, Study
+from plugin.store.models import Delivery, Job, JobState, Study
 
 pytestmark = pytest.mark.slow  # two nodes, each with a worker process that imports torch
 
@@ -135,9 +136,19 @@ class Cluster:
         return {uid for uid, _ in read_manifest(self.tmp / "shared" / "results" / str(job_id))}
 
     def delivered(self, job_id: int) -> list[dict[str, Any]]:
-        """The job's deliveries once every one is SENT; empty until then."""
+        """The job's deliveries (as ``radgate deliveries`` lists them) once every one is SENT.
+
+        Waited for in the store (a query per poll, not a command line's start each time)."""
+
+        def all_sent() -> bool:
+            with self.store.session() as s:
+                states = s.scalars(select(Delivery.state).where(Delivery.job_id == job_id)).all()
+            return bool(states) and all(state == "SENT" for state in states)
+
+        wait_for(all_sent, 60, "every delivery SENT", interval=0.2)
         rows = [d for d in self.nodes["b"].deliveries(cli=False) if d["job_id"] == job_id]
-        return rows if rows and all(d["state"] == "SENT" for d in rows) else []
+        assert rows and all(d["state"] == "SENT" for d in rows), rows
+        return rows
 
 
 @contextmanager
@@ -156,6 +167,9 @@ def ray_head(folder: Path) -> Iterator[str]:
     ports += ["--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--runtime-env-agent-port"]
     command = [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}"]
     command += ["--num-cpus=2", "--num-gpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    # what a test cluster can do without: the autoscaler's monitor, the log monitor (the nodes'
+    # drivers take no worker logs)
+    command += ["--no-monitor", "--include-log-monitor=false"]
     command += [f"--temp-dir={temp}", *(f"{option}={free_port()}" for option in ports)]
     log = folder / "ray.log"
     with log.open("wb") as out:
@@ -203,6 +217,7 @@ def cluster(
             "database_url": url,
             "executor": executor,
             "dispatch": {"poll_interval_s": 0.2},
+            "dicom": {"receivers": 1},  # one association at a time per node
             # no shortcut after a release: the two halves come over two associations that a loaded
             # machine may start seconds apart (docs/cluster.md, "Completion")
             "completion": {"quiet_period_s": QUIET_S, "after_release_s": QUIET_S},
@@ -227,7 +242,8 @@ def cluster(
         }
         for node in nodes.values():
             stack.callback(lambda n=node: n.process is not None and n.stop())  # type: ignore[misc]
-            node.start()
+        with ThreadPoolExecutor(len(nodes)) as pool:  # at once, as a cluster's nodes may start
+            list(pool.map(NodeProcess.start, nodes.values()))
         for node in nodes.values():  # the port accepts before the receiving processes serve it
             wait_for(lambda n=node: "radgate serving" in n.log(), 120, "the node to serve")  # type: ignore[misc]
         yield Cluster(nodes, store, pacs, control, request.param, tmp)
@@ -237,7 +253,7 @@ def test_a_study_sent_half_to_each_node_completes_runs_and_is_delivered_once(clu
     cluster.gate.unlink(missing_ok=True)
     study_uid = cluster.send_half_to_each(seed=1)
     job = cluster.finished(study_uid, "the job to end")
-    deliveries = wait_for(lambda: cluster.delivered(job.id), 60, "every delivery SENT")
+    deliveries = cluster.delivered(job.id)
 
     [study] = [s for s in cluster.nodes["a"].studies(cli=False) if s["study_uid"] == study_uid]
     assert (study["state"], study["revision"], study["instance_count"]) == ("COMPLETE", 1, SLICES)
@@ -280,7 +296,7 @@ def test_a_node_killed_mid_job_hands_it_to_the_other_and_results_arrive_once(clu
     wait_for(
         lambda: f"job {job.id}: SUCCEEDED" in cluster.nodes[survivor].log(), 30, "the survivor's log line"
     )
-    deliveries = wait_for(lambda: cluster.delivered(job.id), 60, "every delivery SENT")
+    deliveries = cluster.delivered(job.id)
     received = cluster.pacs.received()
     sent = {d["sop_instance_uid"] for d in deliveries}
     assert sent == cluster.results(job.id) and len(sent) >= 3

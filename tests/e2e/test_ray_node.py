@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import func, select
 from support.execute import register_test_pipelines
 from support.node import NodeProcess, wait_for
 
 from dicom_io.testing.synthetic import ct_chest_phantom
 from plugin.cli import main
+from plugin.store.engine import Store
+from plugin.store.models import Job, JobState
 
 pytestmark = pytest.mark.slow
 
@@ -62,23 +65,29 @@ def test_a_node_on_its_own_ray_runs_studies_on_a_warm_actor_and_stops_its_ray(
     settings = {
         "rules": rules,
         "executor": {"kind": "ray", "poll_s": 0.2, "ray": RAY},
+        "dicom": {"receivers": 1},  # one association at a time: one receiving process is enough
         "web": {"enabled": False},
     }
     node = NodeProcess(tmp_path, settings).start()
+    store = Store(f"sqlite:///{node.data_dir / 'radgate.db'}")  # polled directly: no CLI per poll
     try:
         studies = [ct_chest_phantom(rows=16, columns=16, slices=4, seed=seed) for seed in (11, 12)]
         for study in studies:
             assert node.storescu(*study.write(tmp_path / study.study_uid)).returncode == 0
 
-        def done() -> list[dict[str, object]]:
-            jobs = node.jobs(cli=False)
-            return jobs if len(jobs) == 2 and all(j["state"] == "SUCCEEDED" for j in jobs) else []
+        def succeeded() -> bool:
+            with store.session() as s:
+                count = s.scalar(select(func.count(Job.id)).where(Job.state == JobState.SUCCEEDED))
+            return count == 2
 
-        jobs = wait_for(done, 180, "both studies' jobs to succeed", interval=0.5)
+        wait_for(succeeded, 180, "both studies' jobs to succeed", interval=0.5)
+        jobs = node.jobs(cli=False)
+        assert len(jobs) == 2 and all(j["state"] == "SUCCEEDED" for j in jobs), jobs
         assert node.process is not None
         ray_processes = _descendants(node.process.pid)
         assert any("raylet" in cmd for cmd in ray_processes.values()), ray_processes
     finally:
+        store.dispose()
         assert node.stop() == 0, node.log()
     assert {j["study_uid"] for j in jobs} == {s.study_uid for s in studies}
     first, second = (j["placement"] for j in jobs)

@@ -39,10 +39,12 @@ class Head:
     def __init__(self, temp_dir: Path, env: dict[str, str]) -> None:
         self.temp_dir = temp_dir
         self.client_port = free_port()
+        self.gcs_port = free_port()
         command = [
-            *(str(RAY_BIN), "start", "--head", f"--port={free_port()}", f"--temp-dir={temp_dir}"),
+            *(str(RAY_BIN), "start", "--head", f"--port={self.gcs_port}", f"--temp-dir={temp_dir}"),
             *(f"--ray-client-server-port={self.client_port}", "--num-cpus=1", "--num-gpus=0"),
             *("--include-dashboard=false", "--object-store-memory=80000000", "--disable-usage-stats"),
+            *("--no-monitor", "--include-log-monitor=false"),  # no autoscaler; no driver takes worker logs
         ]
         subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
         wait_for(self._listening, 120, "the Ray Client server")
@@ -52,16 +54,23 @@ class Head:
             return s.connect_ex(("127.0.0.1", self.client_port)) == 0
 
     def pids(self) -> list[int]:
-        """Its processes: those whose command line names its temp dir or its client port."""
-        found = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        """Its processes: those whose command line names its temp dir, its client port or its GCS
+        (the Ray Client server's per-client server), and their descendants (the raylet's agents,
+        whose command lines name nothing): none of them may linger after `kill`."""
+        found: set[int] = set()
+        parents: dict[int, int] = {}
+        ends = (f"={self.client_port}", f":{self.gcs_port}")
+        for proc in Path("/proc").glob("[0-9]*"):
             try:
-                args = cmdline.read_bytes().decode(errors="replace").split("\0")
-            except OSError:  # ended meanwhile
+                args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):  # ended meanwhile
                 continue
-            if any(str(self.temp_dir) in a or a.endswith(f"={self.client_port}") for a in args):
-                found.append(int(cmdline.parent.name))
-        return found
+            if any(str(self.temp_dir) in a or a.endswith(ends) for a in args):
+                found.add(int(proc.name))
+        while more := {pid for pid, parent in parents.items() if parent in found} - found:
+            found |= more
+        return sorted(found)
 
     def kill(self) -> None:
         for pid in self.pids():
