@@ -77,6 +77,22 @@ def remembering(function: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def remember_runs(patch: Any, pipeline_class: type, *options: str) -> None:
+    """Patch `pipeline_class.run` (with `patch`, a pytest.MonkeyPatch) so that a run on a volume equal
+    to an earlier run's, by a pipeline whose `options` attributes are equal too, gets that run's
+    findings back: the same pure computation, made once."""
+    run = pipeline_class.run
+    runs: dict[Any, Any] = {}
+
+    def remembered(pipeline: Any, volume: Volume, device: Any) -> Any:
+        key = (tuple(getattr(pipeline, o) for o in options), _digest(volume), str(device))
+        if key not in runs:
+            runs[key] = run(pipeline, volume, device)
+        return runs[key]
+
+    patch.setattr(pipeline_class, "run", remembered)
+
+
 def flipped(volume: Volume, axis: int) -> Volume:
     """The same patient with voxel axis `axis` (0 slice, 1 row, 2 column) stored backwards.
 

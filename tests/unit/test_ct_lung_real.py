@@ -24,7 +24,7 @@ import numpy.typing as npt
 import pydicom
 import pytest
 import torch
-from support.pipeline import heap_kept, remembering
+from support.pipeline import heap_kept, remember_runs, remembering
 
 from dicom_io import scoring
 from dicom_io.reference import Reference, read_reference
@@ -64,11 +64,9 @@ def computed_once() -> Iterator[None]:
     and the scores the module already computed; large blocks kept on the heap (`heap_kept`)."""
     from ai_models.ct_lung import CtLungPipeline
 
-    run, hd95 = CtLungPipeline.run, scoring.hd95
-    runs = remembering(lambda keep_body, volume, device: run(CtLungPipeline(keep_body), volume, device))
     with pytest.MonkeyPatch.context() as patch, heap_kept():
-        patch.setattr(CtLungPipeline, "run", lambda pipeline, v, device: runs(pipeline.keep_body, v, device))
-        patch.setattr(scoring, "hd95", remembering(hd95))
+        remember_runs(patch, CtLungPipeline, "keep_body")
+        patch.setattr(scoring, "hd95", remembering(scoring.hd95))
         yield
 
 
