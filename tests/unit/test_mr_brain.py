@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.pipeline import flipped, overlay_png, phantom_volume
+from support.pipeline import flipped, heap_kept, overlay_png, phantom_volume
 
 from ai_models import PipelineError, mr_brain, run_pipeline
 from ai_models.mr_brain import BRAIN, MrBrainPipeline, hd_bet_weights
@@ -61,16 +61,22 @@ class _Remembering(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def pipeline() -> Iterator[MrBrainPipeline]:
-    """The module's one mr-brain pipeline, on a network that remembers its outputs."""
+    """The module's one mr-brain pipeline, on a network that remembers its outputs; its runs on one
+    torch thread (the test command runs several pytest workers per core, where more threads only add
+    synchronisation) and with large blocks kept on the heap (`heap_kept`)."""
     load = mr_brain._network
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mr_brain, "_network", lambda device: _Remembering(load(device)))
-        yield MrBrainPipeline()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch, heap_kept():
+            patch.setattr(mr_brain, "_network", lambda device: _Remembering(load(device)))
+            yield MrBrainPipeline()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def brain(pipeline: MrBrainPipeline, mprage: Volume) -> Findings:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return run_pipeline(pipeline, mprage, CPU)
 
 
