@@ -7,6 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Python caches compiled modules unless PYTHONDONTWRITEBYTECODE is set (some machines set it): without the
+# cache each of the hundreds of processes the tests start (nodes, receivers, workers) compiles radgate again.
+unset PYTHONDONTWRITEBYTECODE
+.venv/bin/python -m compileall -q plugin ai_models dicom_io tests >/dev/null
 .venv/bin/ruff check .
 mypy_log=$(mktemp)
 # pytest writes its line counting the skipped real-data tests here (tests/support/testdata.py): it ends the output

@@ -25,9 +25,9 @@ from dicom_io.testing.orthanc_server import OrthancError, OrthancServer, find_pl
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from dicom_io.testing.tools import ToolNotFoundError
 
-# Modules whose tests are independent and each costly: pytest-xdist hands them out one by one.
-# (None today: test_result_headers shares its real series and its pixelmed run within one worker.)
-SPREAD_MODULES: frozenset[str] = frozenset()
+# Modules whose module-scoped fixture is parametrized and costly to build: pytest-xdist hands out
+# each variant (the test id's brackets) as a scope of its own, so the variants run side by side.
+VARIANT_MODULES = frozenset({"tests/e2e/test_cluster.py"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """With `--dist loadscope`: whole modules to a worker (their fixtures are built once), in the
-    collection order above so that the long modules start early, except the SPREAD_MODULES' tests."""
+    collection order above so that the long modules start early; each VARIANT_MODULES' variant apart."""
     if config.getoption("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
@@ -46,7 +46,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return nodeid if module in SPREAD_MODULES else module
+            if module in VARIANT_MODULES and nodeid.endswith("]"):
+                return f"{module}[{nodeid.rsplit('[', 1)[1]}"
+            return module
 
     return ModuleScheduling(config, log)
 
