@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,48 @@ def send(node: NodeProcess, files: list[Path]) -> None:
     ), sent.stdout + sent.stderr
 
 
-def all_sent(node: NodeProcess) -> list[dict[str, Any]]:
-    """Every delivery once all of them are SENT; empty until then (DEAD fails at once)."""
+def all_sent(node: NodeProcess, study_uid: str | None = None) -> list[dict[str, Any]]:
+    """Every delivery (of ``study_uid``'s jobs, if given) once all of them are SENT; empty until then
+    (DEAD fails at once)."""
     found = node.deliveries(cli=False)
+    if study_uid is not None:
+        jobs = {j["id"] for j in study_jobs(node, study_uid)}
+        found = [d for d in found if d["job_id"] in jobs]
     assert not [d for d in found if d["state"] == "DEAD"], found
     return found if found and all(d["state"] == "SENT" for d in found) else []
+
+
+def study_jobs(node: NodeProcess, study_uid: str) -> list[dict[str, Any]]:
+    """The node's jobs on one study (the shared node holds other tests' studies too)."""
+    return [j for j in node.jobs(cli=False) if j["study_uid"] == study_uid]
+
+
+@pytest.fixture(scope="module")
+def shared_node(
+    tmp_path_factory: pytest.TempPathFactory, orthanc_session: OrthancServer
+) -> Iterator[NodeProcess]:
+    """One node sending to the shared Orthanc for the tests that need nothing else of it; each sends
+    its own study. A dead node's lease and any send it had claimed are taken over after a few seconds
+    (the kill test kills and restarts it)."""
+    node = start_node(
+        tmp_path_factory.mktemp("e2e") / "node",
+        orthanc_session.dicom_port,
+        executor={"lease_s": 3.0},
+        dispatch={"claim_timeout_s": 3.0},
+    )
+    yield node
+    assert node.process is not None
+    if node.process.poll() is None:
+        assert node.stop() == 0, node.log()
+
+
+@pytest.fixture()
+def node(shared_node: NodeProcess) -> NodeProcess:
+    """The shared node, running (started again if a test before stopped it)."""
+    assert shared_node.process is not None
+    if shared_node.process.poll() is not None:
+        shared_node.start()
+    return shared_node
 
 
 def results_in_orthanc(orthanc: OrthancServer, study_uid: str) -> dict[str, list[str]]:
@@ -79,19 +117,15 @@ def _modality(series: dict[str, Any]) -> str:
 
 
 def test_a_pushed_ct_comes_back_as_valid_seg_sr_sc_in_its_study_and_an_unmatched_series_is_left_alone(
-    tmp_path: Path, orthanc: OrthancServer, phantom: tuple[SyntheticSeries, list[Path]]
+    tmp_path: Path, orthanc: OrthancServer, phantom: tuple[SyntheticSeries, list[Path]], node: NodeProcess
 ) -> None:
     series, files = phantom
     # the same study, same association: a series with no chest anatomy in its header (no rule matches)
     unmatched = write_series(tmp_path / "unmatched", 5, study_uid=series.study_uid)
     unmatched_series = pydicom.dcmread(unmatched[0], stop_before_pixels=True).SeriesInstanceUID
-    node = start_node(tmp_path / "node", orthanc.dicom_port)
-    try:
-        send(node, files + unmatched)
-        delivered = wait_for(lambda: all_sent(node), 240, "every delivery SENT", interval=0.5)
-        jobs = node.jobs()
-    finally:
-        assert node.stop() == 0, node.log()
+    send(node, files + unmatched)
+    delivered = wait_for(lambda: all_sent(node, series.study_uid), 240, "every delivery SENT", interval=0.5)
+    jobs = study_jobs(node, series.study_uid)
 
     assert [(j["series_uid"], j["state"], j["rule"]) for j in jobs] == [
         (series.series_uid, "SUCCEEDED", "chest-ct")
@@ -152,33 +186,35 @@ def test_results_wait_for_a_destination_that_is_down_and_arrive_once_it_is_back(
     assert sum(map(len, by_modality.values())) == len(delivered)
 
 
-def _running(node: NodeProcess) -> list[dict[str, Any]]:
-    """The node's RUNNING jobs, read in-process: a small job runs for less than a CLI round trip."""
+def _running(node: NodeProcess, study_uid: str) -> list[dict[str, Any]]:
+    """The node's RUNNING jobs on the study, read in-process: a small job runs for less than a CLI
+    round trip."""
     store = Store(Config.model_validate({"data_dir": str(node.data_dir)}).db_url)
     try:
-        return [j for j in list_jobs(store, node.data_dir / "results") if j["state"] == "RUNNING"]
+        jobs = list_jobs(store, node.data_dir / "results")
+        return [j for j in jobs if j["state"] == "RUNNING" and j["study_uid"] == study_uid]
     finally:
         store.dispose()
 
 
 def test_a_node_killed_while_a_job_runs_delivers_its_results_exactly_once_after_restart(
-    tmp_path: Path, orthanc: OrthancServer, phantom: tuple[SyntheticSeries, list[Path]]
+    tmp_path: Path, orthanc: OrthancServer, phantom: tuple[SyntheticSeries, list[Path]], node: NodeProcess
 ) -> None:
     series, files = phantom
-    # the dead node's lease and any send it had claimed are taken over after a few seconds
-    node = start_node(
-        tmp_path / "node", orthanc.dicom_port, executor={"lease_s": 3.0}, dispatch={"claim_timeout_s": 3.0}
-    )
+    # the shared node: the dead node's lease and any send it had claimed are taken over after a few seconds
     try:
         send(node, files)
-        wait_for(lambda: _running(node), 240, "the job to be RUNNING", interval=0.02)
+        wait_for(lambda: _running(node, series.study_uid), 240, "the job to be RUNNING", interval=0.02)
         node.kill()  # SIGKILL: no clean stop, the job stays RUNNING in the store with its lease
-        assert [j["state"] for j in node.jobs()] == ["RUNNING"]
+        assert [j["state"] for j in study_jobs(node, series.study_uid)] == ["RUNNING"]
         node.start()
         delivered = wait_for(
-            lambda: all_sent(node), 240, "every delivery SENT after the restart", interval=0.5
+            lambda: all_sent(node, series.study_uid),
+            240,
+            "every delivery SENT after the restart",
+            interval=0.5,
         )
-        [job] = node.jobs()
+        [job] = study_jobs(node, series.study_uid)
     finally:
         assert node.stop() == 0, node.log()
 

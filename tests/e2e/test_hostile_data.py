@@ -363,23 +363,33 @@ def test_a_command_split_over_fragments_is_refused_alike(tmp_path: Path) -> None
         assert held_incoming(incoming) == []
 
 
-def test_storescu_is_told_a_deep_nest_cannot_be_understood(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """`radgate serve` with the small limits, for the tests below: the deep nests over DCMTK first,
+    then the start over corrupt leftovers, which stops it, plants them and starts it again."""
+    node = NodeProcess(
+        tmp_path_factory.mktemp("served") / "node", {"dicom": LIMITS, "executor": {"workers": 1}}
+    )
+    node.start()
+    yield node
+    if node.process is not None and node.process.poll() is None:
+        assert node.stop() == 0, node.log()
+
+
+def test_storescu_is_told_a_deep_nest_cannot_be_understood(served: NodeProcess, tmp_path: Path) -> None:
     """DCMTK reads and sends the nests (its parser is not recursive in Python); `radgate serve`."""
-    node = NodeProcess(tmp_path / "node", {"dicom": LIMITS, "executor": {"workers": 1}}).start()
-    try:
-        deep = [part10(tmp_path, lambda h, d=depth: h + nested(d)) for depth in (220, 300)]
-        for path in deep:  # one association each: storescu stops at the first failure
-            sent = node.storescu(path)
-            assert "Received Store Response (Error: CannotUnderstand)" in sent.stderr, sent.stderr
-        assert node.echoscu().returncode == 0
-        good = write_series(tmp_path / "good", 1)
-        assert node.storescu(*good).returncode == 0
-        assert list(node.data_dir.glob(f"spool/*/*/{good[0].name}"))
-        # the good one's durable incoming name goes once its association's release is handled
-        wait_for(lambda: held_incoming(node.data_dir / "incoming") == [], 10, "an empty incoming/")
-        assert not [p for path in deep for p in node.data_dir.glob(f"spool/*/*/{path.name}")]
-    finally:
-        assert node.stop() == 0
+    node = served
+    deep = [part10(tmp_path, lambda h, d=depth: h + nested(d)) for depth in (220, 300)]
+    for path in deep:  # one association each: storescu stops at the first failure
+        sent = node.storescu(path)
+        assert "Received Store Response (Error: CannotUnderstand)" in sent.stderr, sent.stderr
+    assert node.echoscu().returncode == 0
+    good = write_series(tmp_path / "good", 1)
+    assert node.storescu(*good).returncode == 0
+    assert list(node.data_dir.glob(f"spool/*/*/{good[0].name}"))
+    # the good one's durable incoming name goes once its association's release is handled
+    wait_for(lambda: held_incoming(node.data_dir / "incoming") == [], 10, "an empty incoming/")
+    assert not [p for path in deep for p in node.data_dir.glob(f"spool/*/*/{path.name}")]
 
 
 # --- a start with corrupt leftovers ----------------------------------------------------------------
@@ -393,10 +403,9 @@ def _plant(directory: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def test_a_node_comes_up_over_corrupt_leftovers(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "node", {"dicom": LIMITS, "executor": {"workers": 1}})
-    node.start()
-    assert node.stop() == 0  # the data dir exists, with its store
+def test_a_node_comes_up_over_corrupt_leftovers(served: NodeProcess, tmp_path: Path) -> None:
+    node = served  # started before (the data dir exists, with its store): stopped to plant leftovers
+    assert node.stop() == 0
     data = node.data_dir
     crafted = tmp_path / "crafted"
     crafted.mkdir()

@@ -87,9 +87,13 @@ def store_with_newline_in_sop_uid(port: int, monkeypatch: pytest.MonkeyPatch) ->
     return sop_uid
 
 
-@pytest.fixture()
-def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    n = NodeProcess(tmp_path, {"dicom": {"require_called_ae_title": True}}).start()
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One node for the module's tests: the called AE title checked, one receiving process, and caps
+    above the dozen associations one test holds at once (the tests here do not see each other's)."""
+    caps = {"max_associations": 16, "max_associations_per_peer": 16, "max_pending": 16}  # 12 connect at once
+    settings = {"dicom": {"require_called_ae_title": True, "receivers": 1, **caps}}
+    n = NodeProcess(tmp_path_factory.mktemp("hostile-logs"), settings).start()
     yield n
     assert n.stop() == 0, n.log()
 
@@ -115,37 +119,36 @@ def test_peer_values_forge_no_line_in_the_node_log(
 
 
 def test_a_wrong_called_ae_title_is_refused_with_one_log_line(node: NodeProcess) -> None:
+    logged = len(node.log())  # the module's node: its log so far is other tests'
     answer = raw_associate(node.port, b"PEER", b"SOMEONE")
     assert answer[:1] == b"\x03" and answer[7:10] == b"\x01\x01\x07", answer  # called AE not recognised
 
     def refusals() -> list[str]:
-        return [line for line in node.log().splitlines() if "rejecting association" in line]
+        return [line for line in node.log()[logged:].splitlines() if "rejecting association" in line]
 
     [line] = wait_for(refusals, 30, "the refusal's log line")
     assert "from PEER (127.0.0.1)" in line and "called AE title 'SOMEONE', this node is 'RADGATE'" in line
     assert raw_associate(node.port, b"PEER", b"RADGATE")[:1] == b"\x02"  # the right one is accepted
 
 
-def test_a_dozen_concurrent_associations_into_one_receiving_process(tmp_path: Path) -> None:
+def test_a_dozen_concurrent_associations_into_one_receiving_process(node: NodeProcess) -> None:
     """The node's cap (`max_associations`, with its log line) is the one: pynetdicom's own (10 by
-    default, counted its own way) refused some of these without a word."""
-    caps = {"max_associations": 16, "max_associations_per_peer": 16, "max_pending": 16}  # 12 connect at once
-    node = NodeProcess(tmp_path, {"dicom": {"receivers": 1, **caps}}).start()
+    default, counted its own way) refused some of these without a word. The module's node has one
+    receiving process and caps of 16."""
+    held = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(12)]
     try:
-        held = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(12)]
-        try:
-            answers = []
-            for s in held:
-                s.sendall(associate_rq(b"PEER", b"RADGATE"))
-                answers.append(s.recv(1))
-            assert answers == [b"\x02"] * 12
-        finally:
-            for s in held:
-                s.close()
-        echo = subprocess.run([ECHOSCU, "127.0.0.1", str(node.port)], capture_output=True, timeout=60)
-        assert echo.returncode == 0
+        answers = []
+        for s in held:
+            s.sendall(associate_rq(b"PEER", b"RADGATE"))
+            answers.append(s.recv(1))
+        assert answers == [b"\x02"] * 12
     finally:
-        assert node.stop() == 0, node.log()
+        for s in held:
+            s.close()
+    echo = subprocess.run(  # the node checks the called AE title: echoscu names it
+        [ECHOSCU, "-aec", "RADGATE", "127.0.0.1", str(node.port)], capture_output=True, timeout=60
+    )
+    assert echo.returncode == 0
 
 
 def _explode(instance: ReceivedInstance) -> int:

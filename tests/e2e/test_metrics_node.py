@@ -3,14 +3,14 @@ was stored, received again and refused, by reason, as the node answered them; no
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support.node import NodeProcess, free_port, wait_for, write_series
+from support.node import NodeProcess, wait_for, write_series
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -25,16 +25,15 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
             "max_dataset_bytes": MAX_DATASET,
             "allowed_peers": [{"ae_title": "STORESCU"}],
         },
-        "web": {"port": free_port()},
-    }
+    }  # the console (and /metrics) on a port of its own choosing: its URL is in the log
     n = NodeProcess(tmp_path_factory.mktemp("metrics") / "node", settings).start()
     yield n
     assert n.stop() == 0, n.log()
 
 
 def metrics_url(node: NodeProcess) -> str:
-    port = yaml.safe_load(node.config_path.read_text())["web"]["port"]
-    return f"http://127.0.0.1:{port}/metrics"
+    [url] = re.findall(r"web console: (http://127\.0\.0\.1:\d+)/", node.log())
+    return f"{url}/metrics"
 
 
 def scrape(node: NodeProcess) -> Samples:

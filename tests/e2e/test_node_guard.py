@@ -87,7 +87,10 @@ def test_a_second_node_refuses_the_data_dir_names_the_holder_and_touches_nothing
         unrecorded.parent.mkdir(parents=True)
         unrecorded.write_bytes(b"not yet recorded")
         wait_for(
-            lambda: [s for s in first.studies(cli=False) if s["state"] == "COMPLETE"], 30, "the first study"
+            lambda: [s for s in first.studies(cli=False) if s["state"] == "COMPLETE"],
+            30,
+            "the first study",
+            interval=0.2,
         )
         before = _snapshot(first.data_dir)
 
@@ -120,6 +123,7 @@ def test_a_second_node_refuses_the_data_dir_names_the_holder_and_touches_nothing
             ],
             30,
             "the 100 instances recorded",
+            interval=0.2,
         )
     finally:
         assert first.stop() == 0, first.log()
@@ -257,7 +261,7 @@ def test_a_study_resent_slowly_after_a_crash_completes_once_on_every_instance(
         assert _store(assoc, files, pause_s=2 * quiet_s / 20) == [0] * 40
         assoc.release()
         [job] = wait_for(lambda: _ended_jobs(node), 120, "the job to end", interval=0.2)
-        [study] = node.studies()
+        [study] = node.studies(cli=False)
     finally:
         assert node.stop() == 0, node.log()
     assert (study["revision"], study["state"], study["instance_count"]) == (1, "COMPLETE", 40)

@@ -24,13 +24,33 @@ pytestmark = pytest.mark.slow  # many nodes started: the module is long, so it s
 TESTFILES = TESTDATA / "pydicom-testfiles"
 
 
+# the peers the module's tests send as (storescu, echoscu, pynetdicom): any other calling AE is refused
+PEERS = [
+    {"ae_title": "PACS", "address": "127.0.0.1"},
+    *({"ae_title": ae} for ae in ("STORESCU", "ECHOSCU", "PYSCU")),
+]
+
+
 @pytest.fixture(scope="module")
-def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    """One node on the defaults for the module's tests that need nothing else: each sends its own
-    study (new UIDs), so they do not see each other's."""
-    n = NodeProcess(tmp_path_factory.mktemp("node")).start()
+def port_taken() -> list[int]:
+    """The port the shared node chose first, taken by another listener before the node bound it."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory: pytest.TempPathFactory, port_taken: list[int]) -> Iterator[NodeProcess]:
+    """One node (two receiving processes, the default) for the module's tests that need nothing else:
+    each sends its own study (new UIDs), so they do not see each other's. Only the peers in PEERS may
+    associate. Its first port is taken (as another test's node or Orthanc might take a port that
+    free_port() found) before it starts: NodeProcess.start tries again on another port."""
+    n = NodeProcess(tmp_path_factory.mktemp("node"), {"dicom": {"allowed_peers": PEERS}})
+    with socket.create_server(("127.0.0.1", n.port)):
+        port_taken.append(n.port)
+        n.start(preexec_fn=os.setpgrp)  # its own process group: the SIGTERM test below signals it last
     yield n
-    assert n.stop() == 0, n.log()
+    assert n.process is not None
+    if n.process.poll() is None:
+        assert n.stop() == 0, n.log()
 
 
 @pytest.fixture()
@@ -44,13 +64,15 @@ def _study_uid(files: list[Path]) -> str:
     return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
 
 
-def _complete(node: NodeProcess, study_uid: str, count: int, revision: int = 1) -> dict:
+def _complete(node: NodeProcess, study_uid: str, count: int, revision: int | None = 1) -> dict:
+    """The study once it is COMPLETE with ``count`` instances at ``revision`` (None: at any revision)."""
+
     def done() -> dict | None:
         for study in node.studies(cli=False):
             if (
                 study["study_uid"] == study_uid
                 and study["state"] == "COMPLETE"
-                and study["revision"] == revision
+                and (study["revision"] == revision or (revision is None and study["instance_count"] == count))
             ):
                 return study
         return None
@@ -142,19 +164,26 @@ def test_a_broken_instance_is_refused_and_the_node_keeps_serving(
     assert held_incoming(node.data_dir / "incoming") == []
 
 
-def test_a_disallowed_peer_is_rejected_at_association(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path, {"dicom": {"allowed_peers": [{"ae_title": "PACS", "address": "127.0.0.1"}]}})
-    node.start()
-    try:
-        refused = node.echoscu(calling_ae="INTRUDER")
-        assert refused.returncode != 0
-        assert "Association Rejected" in refused.stderr + refused.stdout
-        files = write_series(tmp_path / "src", 1)
-        assert "Association Rejected" in node.storescu(*files, calling_ae="INTRUDER").stderr
-        assert node.echoscu(calling_ae="PACS").returncode == 0
-        assert node.studies() == []
-    finally:
-        assert node.stop() == 0
+def test_a_start_whose_port_was_taken_meanwhile_is_tried_again_on_another(
+    node: NodeProcess, port_taken: list[int]
+) -> None:
+    """NodeProcess.start waits for its own node's "radgate serving" line: a bind that failed because
+    another process took the port is tried again on a new port, never taken for the node serving."""
+    assert port_taken and node.port != port_taken[0]
+    refused = f"Address already in use (while attempting to bind on address ('127.0.0.1', {port_taken[0]}))"
+    assert node.log().count(refused) == 1
+    assert f"radgate serving: AE RADGATE on 127.0.0.1:{node.port}, " in node.log()
+
+
+def test_a_disallowed_peer_is_rejected_at_association(node: NodeProcess, tmp_path: Path) -> None:
+    """The shared node allows PACS from 127.0.0.1 and the module's own senders (PEERS), no one else."""
+    refused = node.echoscu(calling_ae="INTRUDER")
+    assert refused.returncode != 0
+    assert "Association Rejected" in refused.stderr + refused.stdout
+    files = write_series(tmp_path / "src", 1)
+    assert "Association Rejected" in node.storescu(*files, calling_ae="INTRUDER").stderr
+    assert node.echoscu(calling_ae="PACS").returncode == 0
+    assert [s for s in node.studies(cli=False) if s["study_uid"] == _study_uid(files)] == []
 
 
 def test_a_client_that_does_not_speak_dicom_does_no_harm(node: NodeProcess, tmp_path: Path) -> None:
@@ -217,29 +246,37 @@ def test_a_file_size_limit_on_the_node_answers_out_of_resources(tmp_path: Path) 
         assert node.stop() == 0
 
 
-def test_concurrent_associations_into_two_receiving_processes_fill_one_study(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path, {"dicom": {"receivers": 2}}).start()
-    try:
-        study_uid = generate_uid()
-        series = [write_series(tmp_path / name, 25, study_uid=study_uid) for name in ("a", "b")]
-        senders = [
-            subprocess.Popen(
-                [STORESCU, "-aec", "RADGATE", "127.0.0.1", str(node.port), *map(str, files)], env=DCMTK_ENV
-            )
-            for files in series
-        ]
-        assert [p.wait(120) for p in senders] == [0, 0]
-        study = _complete(node, study_uid, 50)
-        assert (study["study_uid"], study["series_count"]) == (study_uid, 2)
-    finally:
-        assert node.stop() == 0, node.log()
+def test_concurrent_associations_into_two_receiving_processes_fill_one_study(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    """The shared node has two receiving processes (the default). One series may complete before
+    the other arrives (a new revision then): what counts is the study COMPLETE with both series."""
+    study_uid = generate_uid()
+    series = [write_series(tmp_path / name, 25, study_uid=study_uid) for name in ("a", "b")]
+    senders = [
+        subprocess.Popen(
+            [STORESCU, "-aec", "RADGATE", "127.0.0.1", str(node.port), *map(str, files)], env=DCMTK_ENV
+        )
+        for files in series
+    ]
+    assert [p.wait(120) for p in senders] == [0, 0]
+    study = _complete(node, study_uid, 50, revision=None)
+    assert (study["study_uid"], study["series_count"]) == (study_uid, 2)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_the_whole_process_group_stops_the_node_cleanly(tmp_path: Path, signum: int) -> None:
+def test_a_signal_to_the_whole_process_group_stops_the_node_cleanly(
+    tmp_path: Path, signum: int, shared_node: NodeProcess
+) -> None:
     """Ctrl-C in a terminal (or a service manager) signals the node and its receiving processes at
-    once: the node stops with 0, its receiving processes are not taken for crashed and restarted."""
-    node = NodeProcess(tmp_path, {"dicom": {"receivers": 2}}).start(preexec_fn=os.setpgrp)
+    once: the node stops with 0, its receiving processes are not taken for crashed and restarted.
+    SIGINT goes to a node of its own; SIGTERM to the module's node (two receiving processes, its own
+    process group), which no test after this one uses."""
+    if signum == signal.SIGINT:
+        node = NodeProcess(tmp_path, {"dicom": {"receivers": 2}}).start(preexec_fn=os.setpgrp)
+    else:
+        node = shared_node
+        assert node.process is not None and node.process.poll() is None, node.log()
     assert node.process is not None
     wait_for(lambda: "radgate serving" in node.log(), 30, "the node to be up")  # not during its start
     os.killpg(node.process.pid, signum)

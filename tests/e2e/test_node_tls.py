@@ -22,7 +22,8 @@ def test_tls_peers_store_and_plain_peers_do_not(tmp_path: Path) -> None:
             lambda: [s for s in node.studies(cli=False) if s["state"] == "COMPLETE"],
             30,
             "the study to complete",
+            interval=0.2,
         )
-        assert node.studies()[0]["instance_count"] == 3
+        assert node.studies(cli=False)[0]["instance_count"] == 3
     finally:
         assert node.stop() == 0, node.log()

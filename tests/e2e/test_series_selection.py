@@ -272,7 +272,7 @@ def test_a_node_runs_one_job_on_a_whole_chest_ct_study_and_writes_one_result_set
         sent = node.storescu(*study.files, options=("--required",))  # SEG and dose SR contexts too
         assert sent.returncode == 0, sent.stderr
         [job] = wait_for(lambda: _ended(node), 300, "the study's job to end", interval=0.5)
-        [record] = node.studies()
+        [record] = node.studies(cli=False)
     finally:
         assert node.stop() == 0, node.log()
     assert (record["study_uid"], record["instance_count"]) == (study.study_uid, len(study.files))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -169,46 +170,75 @@ class NodeProcess:
     def __init__(self, workdir: Path, settings: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
         self.data_dir = workdir / "data"
         self.config_path = workdir / "radgate.yaml"
         config: dict[str, Any] = {
             "data_dir": str(self.data_dir),
-            "dicom": {"port": self.port, "host": "127.0.0.1"},
+            "dicom": {"port": free_port(), "host": "127.0.0.1"},
             "completion": {"quiet_period_s": 2.0, "after_release_s": 0.5},
             "web": {"port": 0},  # the console on a free port: nodes run side by side
         }
+        self._own_port = True  # a port this class chose: another is chosen if it is taken meanwhile
         for key, value in (settings or {}).items():
             if isinstance(value, dict):
+                if key == "dicom" and "port" in value:
+                    self._own_port = False
                 config.setdefault(key, {}).update(value)
             else:
                 config[key] = value
+        self._config = config
+        self.port = int(config["dicom"]["port"])
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "node.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, preexec_fn: Callable[[], None] | None = None) -> NodeProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [str(RADGATE), "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=preexec_fn,
-        )
-        log.close()
-        try:
-            wait_for(self._listening, 60, "radgate serve to listen")
-        except BaseException:
-            self.kill()  # a node that did not come up must not outlive its test
-            raise
-        return self
+        """Start ``radgate serve`` and wait for its own "radgate serving" line (logged once it has
+        bound its port: a connect alone might reach another process that took the port meanwhile).
+        free_port() releases the port it found, so another node may bind it first: then the start
+        is tried again on a new port."""
+        for _attempt in range(5):
+            self.log_path.touch()
+            logged = self.log_path.stat().st_size  # a restart appends to the same log
+            log = self.log_path.open("ab")
+            self.process = subprocess.Popen(
+                [str(RADGATE), "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=preexec_fn,
+            )
+            log.close()
+            try:
+                if (
+                    wait_for(functools.partial(self._serving, logged), 180, "radgate serve to serve")
+                    == "serving"
+                ):
+                    return self
+            except BaseException:
+                self.kill()  # a node that did not come up must not outlive its test
+                raise
+            self.port = free_port()  # the port was taken before the node bound it
+            self._config["dicom"]["port"] = self.port
+            self.config_path.write_text(yaml.safe_dump(self._config))
+        raise AssertionError(f"radgate serve found its port taken five times:\n{self.log()}")
 
-    def _listening(self) -> bool:
+    def _serving(self, logged: int) -> str | None:
+        """ "serving" once this start logged that it serves on self.port; "port taken" if it exited
+        because its DICOM port was in use (and the port is one this class chose); None until then."""
         assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"radgate serve exited with {self.process.returncode}:\n{self.log()}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+        with self.log_path.open("rb") as f:
+            f.seek(logged)
+            text = f.read().decode(errors="replace")
+        if "radgate serving: AE " in text and f":{self.port}, data dir " in text:
+            return "serving"
+        if "radgate worker: no DICOM listener" in text:
+            return "serving"
+        if self.process.poll() is None:
+            return None
+        bind = f"Address already in use (while attempting to bind on address ('127.0.0.1', {self.port}))"
+        if self._own_port and "cannot start the node" in text and bind in text:
+            return "port taken"
+        raise AssertionError(f"radgate serve exited with {self.process.returncode}:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
