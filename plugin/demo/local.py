@@ -209,10 +209,12 @@ class _Progress:
 def _state(node: LocalNode, study_uid: str) -> tuple[str, bool]:
     """A one-line account of the study's jobs and deliveries, and whether every delivery is SENT."""
     with node.store() as store:
+        # the study first: completion commits its state with its jobs, so a study read COMPLETE has its
+        # jobs by the next read (read the other way round, completion could fall between the two)
+        studies = [s for s in store.studies() if s.study_uid == study_uid]
         jobs = [j for j in list_jobs(store, node.config.results_dir) if j["study_uid"] == study_uid]
         ids = {j["id"] for j in jobs}
         deliveries = [d for d in list_deliveries(store) if d.job_id in ids]
-        studies = [s for s in store.studies() if s.study_uid == study_uid]
     if not studies:
         return "waiting for the node to record the study", False
     if not jobs:
