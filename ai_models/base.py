@@ -10,14 +10,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Collection
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from dicom_io.selection import ANY_SERIES, SeriesWanted
 from dicom_io.types import Code, Findings, GeometryError, Volume
+
+if TYPE_CHECKING:  # torch is imported where a device is chosen, so this module loads without it
+    import torch
 
 VOLUME = Code("118565006", "SCT", "Volume")
 UNIT_CM3 = Code("cm3", "UCUM", "cubic centimeter")
@@ -69,12 +71,16 @@ def declared_series(pipeline: Pipeline) -> SeriesWanted:
 
 def select_device() -> torch.device:
     """CUDA when PyTorch sees a GPU, else the CPU: the one place this choice is made."""
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """Mixed precision (float16) for network inference on CUDA; full precision on the CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.autocast(device_type="cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
-import torch
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
@@ -28,6 +27,9 @@ from ai_models import get_pipeline, run_pipeline, select_device
 from dicom_io.results import write_results
 from dicom_io.types import Code, Findings, Volume
 from dicom_io.volume import load_series
+
+if TYPE_CHECKING:
+    import torch
 
 FINDINGS_JSON = "findings.json"
 SEGMENTS_NPZ = "segments.npz"

@@ -11,8 +11,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.script import ScriptDirectory
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 from support.node import instance_record
@@ -23,7 +21,12 @@ from plugin.node import Node, serve
 from plugin.store.engine import MIGRATIONS_DIR, SchemaTooNew, Store, alembic_config
 from plugin.store.models import Job, Study, utcnow
 
-HEAD = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+
+def head() -> str | None:
+    """The newest migration (alembic is imported here, not at collection)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
 
 
 def test_two_monitors_complete_a_study_once_and_queue_one_job(store: Store) -> None:
@@ -79,18 +82,20 @@ def test_two_starts_migrate_a_new_database_once(
         with ThreadPoolExecutor(2) as pool:
             for done in [pool.submit(s.migrate) for s in stores]:
                 done.result(timeout=120)
-        assert {s.schema_revision() for s in stores} == {HEAD}
+        assert {s.schema_revision() for s in stores} == {head()}
     finally:
         for s in stores:
             s.dispose()
 
 
 def test_the_migrations_go_down_to_nothing_and_up_again(store: Store) -> None:
+    from alembic import command
+
     with store.engine.begin() as connection:
         command.downgrade(alembic_config(connection), "base")
     assert store.schema_revision() is None
     store.migrate()
-    assert store.schema_revision() == HEAD
+    assert store.schema_revision() == head()
 
 
 def _config(tmp_path: Path, url: str) -> Config:
@@ -100,12 +105,14 @@ def _config(tmp_path: Path, url: str) -> Config:
 
 
 def test_an_older_schema_is_upgraded_when_a_node_starts(store: Store, tmp_path: Path) -> None:
+    from alembic import command
+
     with store.engine.begin() as connection:
         command.downgrade(alembic_config(connection), "0005")
     node = Node(_config(tmp_path, store.url), listen=False, execute=False)
     try:
         node.start()
-        assert node.store.schema_revision() == HEAD
+        assert node.store.schema_revision() == head()
     finally:
         node.stop()
 
@@ -115,7 +122,7 @@ def test_a_newer_schema_stops_the_node_naming_both_revisions(
 ) -> None:
     with store.engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
-    with pytest.raises(SchemaTooNew, match=f"revision 9999, newer than this radgate's newest \\({HEAD}\\)"):
+    with pytest.raises(SchemaTooNew, match=f"revision 9999, newer than this radgate's newest \\({head()}\\)"):
         store.migrate()
     # serve in this process: it must leave pytest's logging, umask and signal handlers as they are
     monkeypatch.setattr("plugin.node.setup_logging", lambda _config: None)
@@ -127,5 +134,5 @@ def test_a_newer_schema_stops_the_node_naming_both_revisions(
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    assert f"revision 9999, newer than this radgate's newest ({HEAD})" in caplog.text
+    assert f"revision 9999, newer than this radgate's newest ({head()})" in caplog.text
     assert store.schema_revision() == "9999"  # nothing was changed

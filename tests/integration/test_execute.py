@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from support.execute import add_job, claim_all, job_row, make_config, register_test_pipelines, spool_files
@@ -431,6 +430,8 @@ def _run(
     phantom: SyntheticSeries, files: list[Path], out: Path, revision: int, supersedes: int | None
 ) -> TaskResult:
     """What a worker does with a task, here in the test process."""
+    import torch
+
     files_ = tuple(map(str, files))
     task = Task(1, "ct-lung", phantom.study_uid, phantom.series_uid, revision, files_, str(out), supersedes)
     return run_task(task, torch.device("cpu"), _PIPELINES, lambda *_: None)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import torch
 from support.nnunet_model import band_labels, band_phantom, expected_labels, write_band_model
 from support.results import Series, check_frames_on_sources, make_series, require
 
@@ -78,6 +76,8 @@ def results(
         1, "bands", str(source.StudyInstanceUID), str(source.SeriesInstanceUID), 1, tuple(files),
         str(tmp_path_factory.mktemp("out") / "1"), base=base, options=options,
     )  # fmt: skip
+    import torch
+
     outcome = run_task(task, torch.device("cpu"), {}, lambda *_: None)
     assert outcome.error is None, outcome.error
     by_modality = {
@@ -99,6 +99,8 @@ def test_seg_frames_hold_exactly_the_bands_of_their_source_images(
 ) -> None:
     series, files = results
     check_frames_on_sources(pydicom.dcmread(files["SEG"]), series.datasets)
+    import highdicom as hd
+
     seg = hd.seg.segread(files["SEG"])
     uids = [ref.sop_instance_uid for ref in series.volume.sources]
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=None)

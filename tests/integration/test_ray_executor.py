@@ -13,11 +13,10 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 import pytest
-import ray
 from sqlalchemy import func, select
 from support.execute import CONTROL_ENV, job_row, make_config, register_test_pipelines, tiny_study_job
 from support.node import wait_for
@@ -27,9 +26,11 @@ from plugin.config import Config
 from plugin.jobs.execute import JobRunner
 from plugin.jobs.executor import ExecutorUnavailable, Placement, Task, TaskResult, Watch
 from plugin.jobs.executor.output import read_manifest
-from plugin.jobs.executor.ray_executor import NAMESPACE, RayExecutor
 from plugin.store.engine import Store, migrated_store
 from plugin.store.models import Delivery, JobState
+
+if TYPE_CHECKING:
+    from plugin.jobs.executor.ray_executor import RayExecutor
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +48,10 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, control: Path) -> Iterator[None]:
     """A local Ray for the module; its workers see the test pipelines and the control folder."""
+    import ray
+
+    from plugin.jobs.executor.ray_executor import NAMESPACE
+
     plugins = register_test_pipelines(tmp_path_factory.mktemp("plugins"))
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(plugins))
@@ -81,6 +86,8 @@ def _config(data_dir: Path, **ray_settings: Any) -> Config:
 
 @pytest.fixture(scope="module")
 def executor(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayExecutor]:
+    from plugin.jobs.executor.ray_executor import RayExecutor
+
     ex = RayExecutor(_config(tmp_path_factory.mktemp("unused")), tick_s=0.05)
     yield ex
     ex.close()
@@ -126,6 +133,10 @@ def _succeeded(store: Store, config: Config, job_id: int) -> list[tuple[str, str
 
 
 def _loads(actor: str) -> dict[str, int]:
+    import ray
+
+    from plugin.jobs.executor.ray_executor import NAMESPACE
+
     loads: dict[str, int] = ray.get(ray.get_actor(actor, namespace=NAMESPACE).loads.remote())
     return loads
 
@@ -133,6 +144,8 @@ def _loads(actor: str) -> dict[str, int]:
 def test_studies_run_on_a_warm_actor_placed_on_the_gpu_and_radgate_jobs_says_where(
     store: Store, config: Config, tmp_path: Path, executor: RayExecutor, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import ray
+
     runner = JobRunner(store, config, executor)
     first, second = (tiny_study_job(store, config, tmp_path, seed, ["pacs"]) for seed in (1, 2))
     assert runner.run_one() == first and runner.run_one() == second
@@ -211,6 +224,10 @@ def test_cuda_out_of_memory_is_recorded_run_on_the_cpu_and_the_gpu_actor_serves_
 def test_an_actor_on_shared_paths_writes_the_results_and_is_released_when_idle(
     cluster: None, store: Store, config: Config, tmp_path: Path
 ) -> None:
+    import ray
+
+    from plugin.jobs.executor.ray_executor import NAMESPACE, RayExecutor
+
     settings = {"idle_timeout_s": 0.5, "shared_paths": True, "resources": {"test-tiny": {"cpus": 0.5}}}
     idle = RayExecutor(_config(tmp_path, **settings), 0.05)
     try:
@@ -236,6 +253,8 @@ def test_an_actor_on_shared_paths_writes_the_results_and_is_released_when_idle(
 def test_a_job_whose_resources_are_taken_waits_in_the_queue(
     cluster: None, store: Store, config: Config, tmp_path: Path
 ) -> None:
+    from plugin.jobs.executor.ray_executor import RayExecutor
+
     greedy = RayExecutor(_config(tmp_path, resources={"test-tiny": {"cpus": 8}}), 0.05)  # Ray has 2
     try:
         job_id = tiny_study_job(store, config, tmp_path, 9, ["pacs"])

@@ -23,7 +23,6 @@ from support.node import free_port, wait_for
 from plugin.config import Config
 from plugin.jobs.execute import JobRunner
 from plugin.jobs.executor.output import read_manifest
-from plugin.jobs.executor.ray_executor import RayExecutor
 from plugin.store.engine import Store, migrated_store
 from plugin.store.models import JobState
 
@@ -115,6 +114,8 @@ def store(config: Config) -> Iterator[Store]:
 def test_a_remote_cluster_runs_a_study_and_a_dead_head_leaves_jobs_waiting(
     head: Head, store: Store, config: Config, tmp_path: Path, control: Path
 ) -> None:
+    from plugin.jobs.executor.ray_executor import RayExecutor
+
     executor = RayExecutor(config, tick_s=0.05)
     executor.start()
     runner = JobRunner(store, config, executor)

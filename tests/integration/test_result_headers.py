@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -661,6 +660,8 @@ def test_unmutated_headers_round_trip(
     cases: dict[str, Case], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The real CT's patient and study values reach every object unchanged, and nothing is logged."""
+    import highdicom as hd
+
     case = cases["chest"]
     sources = _sources(case, lambda ds: None)
     with caplog.at_level(logging.WARNING, logger=LOGGER):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -135,6 +134,8 @@ def test_real_series(name: str, tmp_path: Path) -> None:
 @needs_testdata
 def test_multiframe_source(tmp_path: Path) -> None:
     """A Legacy Converted Enhanced CT (3 frames, 23 columns): each mask slice on the frame it came from."""
+    import highdicom as hd
+
     from dicom_io.volume import load_series
 
     source = pydicom.dcmread(TESTDATA / "dcmqi/segmentations/23x38x3/multiframe/mf.dcm")

@@ -6,7 +6,6 @@ import datetime
 from dataclasses import replace
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -28,7 +27,6 @@ from dicom_io.results import ResultOptions, ResultSet, build_results
 from dicom_io.results.common import format_value, make_context
 from dicom_io.results.prior import Prior
 from dicom_io.results.reading import read_prior, sr_measurements
-from dicom_io.results.sc import card_rows
 from dicom_io.testing import validate
 from dicom_io.testing.structure import describe_seg, describe_sr
 from dicom_io.types import Findings, Measurement
@@ -92,6 +90,8 @@ def test_sr_dsrdump_prints_it(written: tuple[Series, Findings, ResultSet, Path, 
 
 
 def test_sr_values_and_references_read_back(written: tuple[Series, Findings, ResultSet, Path, Path]) -> None:
+    import highdicom as hd
+
     series, findings, _, seg_path, sr_path = written
     sr = hd.sr.srread(sr_path)
     seg = pydicom.dcmread(seg_path)
@@ -255,6 +255,8 @@ def test_sr_says_why_nothing_was_compared(written: tuple[Series, Findings, Resul
 def test_the_report_card_shows_the_change_in_brackets(
     written: tuple[Series, Findings, ResultSet, Path, Path], compared: tuple[Prior, Findings, Path]
 ) -> None:
+    from dicom_io.results.sc import card_rows
+
     series, (prior, current, _) = written[0], compared
     rows = card_rows(make_context(current, series.volume, series.datasets, replace(OPTIONS, prior=prior)))
     texts = [(row.text, row.value) for row in rows]

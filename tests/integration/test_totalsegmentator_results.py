@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-import torch
 import yaml
 from support.nnunet_model import expected_labels
 from support.results import check_frames_on_sources, check_masks, make_series, require
@@ -27,7 +26,6 @@ from support.totalseg_weights import BANDS, band, place_weights
 
 from ai_models.base import VOLUME
 from ai_models.totalseg_catalog import label_table
-from ai_models.totalsegmentator import trainer_class
 from dicom_io.testing import validate
 from dicom_io.types import Findings, Volume
 from dicom_io.volume import load_series
@@ -68,6 +66,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         calls.append(repr(args[:2]))
         raise OSError("no network in this test")
+
+    import torch
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket, "getaddrinfo", refuse)
@@ -161,6 +161,8 @@ def test_the_sr_is_valid_and_reports_the_volumes(run: dict[str, Any]) -> None:
 def test_trainers_are_imported_from_their_own_module(run: dict[str, Any]) -> None:
     """After the run (which needed both of the fast mode's): the 1.5 mm models' trainer too."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from ai_models.totalsegmentator import trainer_class
 
     for name in ("nnUNetTrainer_4000epochs_NoMirroring", "nnUNetTrainerNoMirroring"):
         found = trainer_class(name)

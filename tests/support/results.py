@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pydicom
@@ -218,6 +217,8 @@ def check_masks(seg_path: Path, findings: Findings, volume: Volume) -> None:
 
     Segments are matched by label: the SEG numbers them 1..n and may reorder overlapping ones.
     """
+    import highdicom as hd
+
     seg = hd.seg.segread(seg_path)
     uids = [ref.sop_instance_uid for ref in volume.sources]
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=None)

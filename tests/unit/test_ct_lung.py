@@ -7,26 +7,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
-import torch
 from support.pipeline import flip_mask, flipped, overlay_png, phantom_volume
 
 from ai_models import PipelineError, get_pipeline, run_pipeline
-from ai_models.ct_lung import (
-    BODY,
-    EMPHYSEMA,
-    LAA950,
-    LEFT,
-    LUNG,
-    MEAN,
-    RIGHT,
-    SEG_BODY,
-    VOLUME,
-    CtLungPipeline,
-)
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
 from dicom_io.types import Findings, Volume
-
-CPU = torch.device("cpu")
 
 
 def _value(findings: Findings, concept_value: str, segment: int | None) -> float:
@@ -43,6 +28,8 @@ Truth = dict[str, npt.NDArray[np.bool_]]
 
 def _check_against_truth(findings: Findings, truth: Truth, voxel_ml: float) -> None:
     """Volumes within 2 %, %LAA-950 within 1 point, masks on the right side of the patient."""
+    from ai_models.ct_lung import LAA950
+
     right, left, emphysema = (findings.segment(i).mask for i in (1, 2, 3))
     for mask, name in ((right, "lung_right"), (left, "lung_left")):
         true_ml = float(truth[name].sum()) * voxel_ml
@@ -68,8 +55,12 @@ def axial() -> SyntheticSeries:
 
 
 def test_axial_phantom_volumes_laa_density_codes_and_key_slices(axial: SyntheticSeries) -> None:
+    import torch
+
+    from ai_models.ct_lung import EMPHYSEMA, LAA950, LEFT, LUNG, MEAN, RIGHT, VOLUME, CtLungPipeline
+
     volume = phantom_volume(axial)
-    findings = run_pipeline(CtLungPipeline(), volume, CPU)
+    findings = run_pipeline(CtLungPipeline(), volume, torch.device("cpu"))
     _check_against_truth(findings, axial.truth, volume.voxel_volume_ml)
     # mean lung density: parenchyma -850 HU, the emphysema sphere -980 HU, noise within 5 HU
     lungs = axial.truth["lung_right"] | axial.truth["lung_left"]
@@ -93,8 +84,12 @@ def test_axial_phantom_volumes_laa_density_codes_and_key_slices(axial: Synthetic
 @pytest.mark.parametrize("keep_body", [True, "yes"])
 def test_the_keep_body_option_adds_the_body_segment(axial: SyntheticSeries, keep_body: bool | str) -> None:
     """From a config (bool) or `--option keep_body=yes` (string); the lungs are the same."""
+    import torch
+
+    from ai_models.ct_lung import BODY, SEG_BODY, CtLungPipeline
+
     pipeline = get_pipeline("ct-lung", keep_body=keep_body)
-    findings = run_pipeline(pipeline, phantom_volume(axial), CPU)
+    findings = run_pipeline(pipeline, phantom_volume(axial), torch.device("cpu"))
     body = findings.segment(SEG_BODY)
     assert (body.label, body.property_type) == ("Body", BODY)
     assert _dice(body.mask, axial.truth["body"]) > 0.98
@@ -105,26 +100,42 @@ def test_the_keep_body_option_adds_the_body_segment(axial: SyntheticSeries, keep
 
 @pytest.mark.parametrize("orientation", ["sagittal", "coronal", "oblique"])
 def test_other_planes_give_the_same_lungs(orientation: str) -> None:
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     series = ct_chest_phantom(rows=128, columns=128, slices=60, orientation=orientation, seed=4)
     volume = phantom_volume(series)
-    _check_against_truth(run_pipeline(CtLungPipeline(), volume, CPU), series.truth, volume.voxel_volume_ml)
+    _check_against_truth(
+        run_pipeline(CtLungPipeline(), volume, torch.device("cpu")), series.truth, volume.voxel_volume_ml
+    )
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_sides_come_from_the_affine_not_the_array_order(axial: SyntheticSeries, axis: int) -> None:
     """Storing any axis backwards (with the affine saying so) must not swap left and right."""
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     volume = flipped(phantom_volume(axial), axis)
     truth = {name: flip_mask(mask, axis) for name, mask in axial.truth.items()}
-    _check_against_truth(run_pipeline(CtLungPipeline(), volume, CPU), truth, volume.voxel_volume_ml)
+    _check_against_truth(
+        run_pipeline(CtLungPipeline(), volume, torch.device("cpu")), truth, volume.voxel_volume_ml
+    )
 
 
 def test_reverse_instance_order_and_gantry_tilt() -> None:
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     for series in (
         ct_chest_phantom(rows=96, columns=96, slices=50, reverse_order=True, seed=5),
         ct_chest_phantom(rows=96, columns=96, slices=50, gantry_tilt_deg=15.0, seed=6),
     ):
         volume = phantom_volume(series)
-        findings = run_pipeline(CtLungPipeline(), volume, CPU)
+        findings = run_pipeline(CtLungPipeline(), volume, torch.device("cpu"))
         _check_against_truth(findings, series.truth, volume.voxel_volume_ml)
 
 
@@ -145,12 +156,16 @@ def _paint_bronchi(series: SyntheticSeries) -> npt.NDArray[np.int16]:
 
 
 def test_trachea_and_main_bronchi_are_not_lung() -> None:
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     series = ct_chest_phantom(rows=160, columns=160, slices=100, seed=7)
     voxels = _paint_bronchi(series)
     airway = (voxels <= -995) & ~(series.truth["lung_right"] | series.truth["lung_left"])
     assert airway.sum() > series.truth["trachea"].sum(), "the bronchi were painted"
     volume = Volume(voxels, series.affine, phantom_volume(series).sources, {"Modality": "CT"})
-    findings = run_pipeline(CtLungPipeline(), volume, CPU)
+    findings = run_pipeline(CtLungPipeline(), volume, torch.device("cpu"))
     _check_against_truth(findings, series.truth, volume.voxel_volume_ml)
     lungs = findings.segment(1).mask | findings.segment(2).mask
     # at most the last centimetre or so of each main bronchus, where it enters the hilum, may count
@@ -159,6 +174,10 @@ def test_trachea_and_main_bronchi_are_not_lung() -> None:
 
 def test_lungs_joined_across_the_midline_are_split_by_side() -> None:
     """A thick bridge of lung tissue in front of the mediastinum: one air region, still two lungs."""
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     series = ct_chest_phantom(rows=128, columns=128, slices=60, seed=8)
     voxels = series.voxels.copy()
     z, y, x = np.indices(voxels.shape)
@@ -168,7 +187,7 @@ def test_lungs_joined_across_the_midline_are_split_by_side() -> None:
     )
     voxels[bridge] = -850
     volume = Volume(voxels, series.affine, phantom_volume(series).sources, {"Modality": "CT"})
-    findings = run_pipeline(CtLungPipeline(), volume, CPU)
+    findings = run_pipeline(CtLungPipeline(), volume, torch.device("cpu"))
     right, left = findings.segment(1).mask, findings.segment(2).mask
     for mask, own, other in ((right, "lung_right", "lung_left"), (left, "lung_left", "lung_right")):
         assert float((mask & series.truth[own]).sum()) / float(series.truth[own].sum()) > 0.98
@@ -179,6 +198,10 @@ def test_lungs_joined_across_the_midline_are_split_by_side() -> None:
 
 def test_a_lung_cut_by_the_field_of_view_stays_a_lung() -> None:
     """A reconstruction too narrow for the patient: the right lung reaches the image border."""
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     series = ct_chest_phantom(rows=128, columns=128, slices=60, seed=12)
     x_mm = series.affine[0, 0] * np.arange(series.voxels.shape[2]) + series.affine[0, 3]  # axial: column -> x
     first = int(np.nonzero(x_mm >= -110.0)[0][0])  # the right lung spans x -130 .. -20 mm
@@ -188,12 +211,18 @@ def test_a_lung_cut_by_the_field_of_view_stays_a_lung() -> None:
     truth = {name: np.ascontiguousarray(mask[:, :, first:]) for name, mask in series.truth.items()}
     assert truth["lung_right"][:, :, 0].any(), "the right lung reaches the border"
     volume = Volume(cut, affine, phantom_volume(series).sources, {"Modality": "CT"})
-    _check_against_truth(run_pipeline(CtLungPipeline(), volume, CPU), truth, volume.voxel_volume_ml)
+    _check_against_truth(
+        run_pipeline(CtLungPipeline(), volume, torch.device("cpu")), truth, volume.voxel_volume_ml
+    )
 
 
 def test_air_in_the_oesophagus_beside_a_lung_is_not_lung() -> None:
     """A narrow column of air-filled oesophagus 4 mm from the right lung, at partial-volume HU
     (so not pure gas): near a lung, yet narrower than any piece of lung."""
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     series = ct_chest_phantom(rows=128, columns=128, slices=60, seed=13)
     voxels = series.voxels.copy()
     z, y, x = np.indices(voxels.shape)
@@ -202,13 +231,17 @@ def test_air_in_the_oesophagus_beside_a_lung_is_not_lung() -> None:
     assert not (oesophagus & (series.truth["lung_right"] | series.truth["lung_left"])).any()
     voxels[oesophagus] = -800
     volume = Volume(voxels, series.affine, phantom_volume(series).sources, {"Modality": "CT"})
-    findings = run_pipeline(CtLungPipeline(), volume, CPU)
+    findings = run_pipeline(CtLungPipeline(), volume, torch.device("cpu"))
     _check_against_truth(findings, series.truth, volume.voxel_volume_ml)
     assert not ((findings.segment(1).mask | findings.segment(2).mask) & oesophagus).any()
 
 
 def test_stomach_gas_is_not_lung() -> None:
     """A 65 mL bubble of pure gas below the lungs (as in the stomach) is not taken for a lung."""
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     series = ct_chest_phantom(rows=128, columns=128, slices=60, seed=9)
     voxels = series.voxels.copy()
     z, y, x = np.indices(voxels.shape)
@@ -217,7 +250,7 @@ def test_stomach_gas_is_not_lung() -> None:
     assert float(gas.sum()) * series.voxel_volume_ml > 50.0
     voxels[gas] = -1000
     volume = Volume(voxels, series.affine, phantom_volume(series).sources, {"Modality": "CT"})
-    findings = run_pipeline(CtLungPipeline(), volume, CPU)
+    findings = run_pipeline(CtLungPipeline(), volume, torch.device("cpu"))
     _check_against_truth(findings, series.truth, volume.voxel_volume_ml)
     assert not ((findings.segment(1).mask | findings.segment(2).mask) & gas).any()
 
@@ -228,27 +261,38 @@ def test_real_upper_abdomen_ct_has_no_lungs_and_says_so(testdata: Path) -> None:
     Its top slice holds only a sliver of right lung base (well under 1 mL); the stomach gas must not
     be taken for lung.
     """
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
     from dicom_io.volume import load_series
 
     volume = load_series([testdata / "ct-abdomen-totalseg"])
     pipeline = CtLungPipeline()
     assert pipeline.accepts(volume) is None
     with pytest.raises(PipelineError, match="no lung found"):
-        run_pipeline(pipeline, volume, CPU)
+        run_pipeline(pipeline, volume, torch.device("cpu"))
 
 
 def test_a_trunk_without_lungs_is_no_chest_ct() -> None:
     """The phantom with its lungs turned to soft tissue (an abdomen, say) ends with the reason."""
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     series = ct_chest_phantom(rows=96, columns=96, slices=50, seed=10)
     voxels = series.voxels.copy()
     voxels[series.truth["lung_right"] | series.truth["lung_left"]] = 40
     volume = Volume(voxels, series.affine, phantom_volume(series).sources, {"Modality": "CT"})
     with pytest.raises(PipelineError, match=r"no lung found in this series: .* lung-like air: none"):
-        run_pipeline(CtLungPipeline(), volume, CPU)
+        run_pipeline(CtLungPipeline(), volume, torch.device("cpu"))
 
 
 def test_a_sliver_of_lung_base_is_no_chest_ct() -> None:
     """Slices that show only the lowest 35 mm of the lungs (the top of an abdominal CT)."""
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     series = ct_chest_phantom(rows=96, columns=96, slices=100, seed=11)
     z_mm = series.affine[2, 2] * np.arange(series.voxels.shape[0]) + series.affine[2, 3]  # axial: slice -> z
     lungs = series.truth["lung_right"] | series.truth["lung_left"]
@@ -261,7 +305,7 @@ def test_a_sliver_of_lung_base_is_no_chest_ct() -> None:
     volume = Volume(series.voxels[kept[0] : kept[-1] + 1], affine, sources, {"Modality": "CT"})
     assert CtLungPipeline().accepts(volume) is None
     with pytest.raises(PipelineError, match=r"no lung found in this series: .* mL over \d+ mm head to foot"):
-        run_pipeline(CtLungPipeline(), volume, CPU)
+        run_pipeline(CtLungPipeline(), volume, torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -272,12 +316,18 @@ def test_a_sliver_of_lung_base_is_no_chest_ct() -> None:
     ],
 )
 def test_wrong_modality_is_refused(axial: SyntheticSeries, change: dict[str, str], reason: str) -> None:
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     volume = phantom_volume(axial, **change)
     with pytest.raises(PipelineError, match=reason):
-        run_pipeline(CtLungPipeline(), volume, CPU)
+        run_pipeline(CtLungPipeline(), volume, torch.device("cpu"))
 
 
 def test_too_few_slices_and_bad_voxels_are_refused(axial: SyntheticSeries) -> None:
+    from ai_models.ct_lung import CtLungPipeline
+
     full = phantom_volume(axial)
     thin = Volume(full.voxels[:3], full.affine, full.sources[:3], dict(full.attributes))
     assert "only 3 slices" in str(CtLungPipeline().accepts(thin))
@@ -290,6 +340,10 @@ def test_too_few_slices_and_bad_voxels_are_refused(axial: SyntheticSeries) -> No
 
 
 def test_air_only_volume_is_refused() -> None:
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     air = np.full((20, 32, 32), -1000, dtype=np.int16)
     volume = Volume(
         air,
@@ -298,12 +352,16 @@ def test_air_only_volume_is_refused() -> None:
         {"Modality": "CT"},
     )
     with pytest.raises(PipelineError, match="no body found"):
-        run_pipeline(CtLungPipeline(), volume, CPU)
+        run_pipeline(CtLungPipeline(), volume, torch.device("cpu"))
 
 
 def test_overlay_picture(axial: SyntheticSeries, tmp_path: Path) -> None:
     """A picture of the key slice, to look at when the method changes (asserts only that it is written)."""
-    findings = run_pipeline(CtLungPipeline(), phantom_volume(axial), CPU)
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
+    findings = run_pipeline(CtLungPipeline(), phantom_volume(axial), torch.device("cpu"))
     k = findings.key_slices[1]
     path = tmp_path / "ct_lung.png"
     overlay_png(axial.voxels[k], [findings.segment(i).mask[k] for i in (1, 2, 3)], path, (-1000, 400))

@@ -23,7 +23,6 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
-import torch
 from support.pipeline import heap_kept, remember_runs, remembering
 
 from dicom_io import scoring
@@ -80,6 +79,8 @@ class Run:
 @pytest.fixture(scope="module")
 def run(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     """ct-lung on the case, once for the module (most of its CPU time)."""
+    import torch
+
     case = testdata / CASE
     out = tmp_path_factory.mktemp("lung1")
     findings = run_offline("ct-lung", case / "ct", out, device=torch.device("cpu"), progress=False)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-import torch
 from support.pipeline import BONE, flip_mask, flipped, phantom_volume, write_threshold_bundle
 
 from ai_models import PipelineError, get_pipeline, run_pipeline
@@ -23,8 +22,6 @@ from dicom_io.types import Code
 
 if TYPE_CHECKING:
     from ai_models.monai_bundle import MonaiBundlePipeline
-
-CPU = torch.device("cpu")
 
 
 def _bundle_pipeline(bundle_dir: Path, **options: Any) -> MonaiBundlePipeline:
@@ -44,7 +41,9 @@ def test_bundle_output_is_the_bone_truth_on_the_volume_grid(phantom: SyntheticSe
     pipeline = get_pipeline("monai-bundle", bundle_dir=write_threshold_bundle(tmp_path / "b", resample=False))
     assert (pipeline.name, pipeline.version) == ("monai-bundle:bone_threshold", "0.1.0")
     volume = phantom_volume(phantom)
-    findings = run_pipeline(pipeline, volume, CPU)
+    import torch
+
+    findings = run_pipeline(pipeline, volume, torch.device("cpu"))
     [bone] = findings.segments
     assert (bone.number, bone.label, bone.property_type.value) == (1, "Bone", "272673000")
     assert np.array_equal(bone.mask, phantom.truth["bone"])
@@ -61,7 +60,9 @@ def test_bundle_with_resampling_is_inverted_back_to_the_grid(
     pipeline = _bundle_pipeline(write_threshold_bundle(tmp_path / "b", resample=True))
     volume = flipped(phantom_volume(phantom), axis)
     truth = flip_mask(phantom.truth["bone"], axis)
-    [bone] = run_pipeline(pipeline, volume, CPU).segments
+    import torch
+
+    [bone] = run_pipeline(pipeline, volume, torch.device("cpu")).segments
     dice = 2.0 * float((bone.mask & truth).sum()) / float(bone.mask.sum() + truth.sum())
     assert dice > 0.85  # resampled twice at about half the voxel size: edges move, places do not
 
@@ -82,6 +83,8 @@ def test_label_table_from_argument_and_errors(tmp_path: Path, phantom: Synthetic
         load_label_table({0: BONE["1"]})
     with pytest.raises(FileNotFoundError, match="not a MONAI bundle"):
         _bundle_pipeline(tmp_path)
+    import torch
+
     mr = phantom_volume(phantom, Modality="MR")
     with pytest.raises(PipelineError, match="needs CT"):
-        run_pipeline(pipeline, mr, CPU)
+        run_pipeline(pipeline, mr, torch.device("cpu"))

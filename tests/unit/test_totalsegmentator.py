@@ -13,11 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import highdicom as hd
-import nibabel as nib
 import numpy as np
 import pytest
-import torch
 import yaml
 from support.results import make_series
 from support.totalseg_weights import place_weights
@@ -31,15 +28,7 @@ from ai_models.totalseg_catalog import (
     models,
     structures,
 )
-from ai_models.totalsegmentator import (
-    TotalSegmentatorPipeline,
-    from_nifti,
-    offline_totalseg,
-    to_nifti,
-    trainer_class,
-)
 from dicom_io.labels import load_label_table
-from dicom_io.results.seg import coded
 from plugin.config import ConfigError, load_config
 
 PUBLISHED = Path(__import__("totalsegmentator").__file__).parent / SNOMED_TABLE
@@ -108,6 +97,10 @@ def test_a_label_table_in_json_carries_a_laterality_too() -> None:
 
 
 def test_every_code_is_a_valid_highdicom_segment_description() -> None:
+    import highdicom as hd
+
+    from dicom_io.results.seg import coded
+
     algorithm = hd.AlgorithmIdentificationSequence(
         name="TotalSegmentator", family=hd.sr.CodedConcept("123109", "DCM", "Manual Processing"), version="2"
     )
@@ -130,6 +123,8 @@ def test_every_code_is_a_valid_highdicom_segment_description() -> None:
 def test_missing_weights_stop_the_pipeline_with_the_command_that_fetches_them(
     tmp_path: Path, fast: bool
 ) -> None:
+    from ai_models.totalsegmentator import TotalSegmentatorPipeline
+
     command = f"TOTALSEG_HOME_DIR={tmp_path} totalseg_download_weights -t {'total_fast' if fast else 'total'}"
     assert download_command(tmp_path, fast) == command
     with pytest.raises(WeightsMissingError) as err:
@@ -155,6 +150,8 @@ def test_the_command_fetches_every_model_the_mode_runs() -> None:
 
 
 def test_an_roi_subset_needs_the_crop_model_as_well(tmp_path: Path) -> None:
+    from ai_models.totalsegmentator import TotalSegmentatorPipeline
+
     place_weights(tmp_path, fast=True, real=False)
     TotalSegmentatorPipeline(tmp_path, fast=True)  # the 3 mm model is there
     with pytest.raises(WeightsMissingError, match="Dataset298_TotalSegmentator_total_6mm"):
@@ -256,6 +253,8 @@ def test_a_run_sends_no_statistics_and_leaves_the_environment_as_it_was(
     )
     from totalsegmentator.libs import download_pretrained_weights
 
+    from ai_models.totalsegmentator import offline_totalseg
+
     params = {"task": "total", "fast": True, "preview": False, "multilabel": True, "roi_subset": None}
     params |= {"statistics": False, "radiomics": False}
     # the probe works: TotalSegmentator's defaults in a home of its own do send statistics
@@ -283,11 +282,17 @@ def test_a_run_sends_no_statistics_and_leaves_the_environment_as_it_was(
 
 def test_a_trainer_no_module_defines_is_refused_by_name() -> None:
     """Found ones: tests/integration/test_totalsegmentator_results.py (importing them takes seconds)."""
+    from ai_models.totalsegmentator import trainer_class
+
     with pytest.raises(LookupError, match="no trainer class 'nnUNetTrainerNope'"):
         trainer_class("nnUNetTrainerNope")
 
 
 def test_the_label_map_must_come_back_on_the_input_grid() -> None:
+    import nibabel as nib
+
+    from ai_models.totalsegmentator import from_nifti, to_nifti
+
     volume = make_series("oblique", shape=(4, 6, 8)).volume
     image = to_nifti(volume)
     assert image.shape == (8, 6, 4)
@@ -305,6 +310,10 @@ def test_the_label_map_must_come_back_on_the_input_grid() -> None:
 
 
 def test_the_device_totalsegmentator_is_given(tmp_path: Path) -> None:
+    import torch
+
+    from ai_models.totalsegmentator import TotalSegmentatorPipeline
+
     weights = place_weights(tmp_path, fast=True, real=False)
     auto = TotalSegmentatorPipeline(weights, fast=True)
     assert auto._device(torch.device("cpu")) == "cpu"

@@ -19,12 +19,10 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
-import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ai_models.ct_lung import LEFT, LUNG, RIGHT
 from dicom_io.reference import (
     RTSTRUCT_SOP_CLASS,
     GridMismatchError,
@@ -281,6 +279,7 @@ def test_dice_and_hd95_on_shapes_known_by_hand() -> None:
 
 
 def test_hd95_agrees_with_monai() -> None:
+    import torch
     from monai.metrics import compute_hausdorff_distance
     from scipy import ndimage
 
@@ -299,6 +298,8 @@ def test_hd95_agrees_with_monai() -> None:
 
 
 def _lung_segments() -> list[Segment]:
+    from ai_models.ct_lung import LEFT, LUNG, RIGHT
+
     mask = np.zeros((2, 2, 2), dtype=bool)
     tissue = Code("123037004", "SCT", "Anatomical Structure")
     return [
@@ -318,6 +319,8 @@ def test_left_lung_names_match_by_label(name: str) -> None:
 
 
 def test_match_by_code_then_mapping_and_errors() -> None:
+    from ai_models.ct_lung import LEFT, LUNG, RIGHT
+
     segments = _lung_segments()
     coded = [Structure("Seg 1", LUNG, RIGHT), Structure("Seg 2", LUNG, LEFT)]
     assert [(m.segment.label, m.by) for m in match_structures(coded, segments)] == [

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -384,6 +383,8 @@ def test_legacy_converted_enhanced_ct_equals_its_single_frames() -> None:
 
 def enhanced(series: SyntheticSeries, order: list[int]) -> Dataset:
     """A Legacy Converted Enhanced CT (highdicom) of the phantom's slices given in `order`."""
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
     return LegacyConvertedEnhancedCTImage(
         [series.datasets[k] for k in order], generate_uid(), 9, generate_uid(), 1
     )

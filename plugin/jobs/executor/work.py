@@ -23,9 +23,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
-import torch
 
 from ai_models.base import Pipeline, PipelineError, run_pipeline
 from ai_models.registry import UnknownPipelineError, get_pipeline
@@ -35,6 +35,9 @@ from dicom_io.types import GeometryError
 from dicom_io.volume import load_series
 from plugin.jobs.executor.base import Task, TaskResult
 from plugin.jobs.executor.output import MANIFEST, read_manifest, write_whole
+
+if TYPE_CHECKING:  # torch: imported by the functions that use it, not when this module loads
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ def result_options(task: Task, headers: Sequence[pydicom.Dataset]) -> ResultOpti
 
 def run_task(task: Task, device: torch.device, pipelines: dict[str, Pipeline], report: Report) -> TaskResult:
     """Run one task; never raises for a failure of the input or the code (it is in the result)."""
+    import torch
+
     out_dir = Path(task.out_dir)
     if (out_dir / MANIFEST).is_file():
         log.info("job %d: results of an earlier attempt found complete in %s", task.job_id, out_dir)
@@ -120,12 +125,16 @@ def free_cuda_memory(device: torch.device) -> None:
     """
     gc.collect()  # the failed run's frames hold tensors until collected
     if device.type == "cuda":
+        import torch
+
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def worker_device(slot: int) -> torch.device:
     """The device of worker ``slot``: its own GPU when CUDA is present (one job per GPU), else the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", slot % torch.cuda.device_count())
     return torch.device("cpu")
