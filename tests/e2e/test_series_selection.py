@@ -24,8 +24,6 @@ from support.execute import make_config, spool_files
 from support.node import NodeProcess, wait_for
 from support.study import ChestStudy, chest_study
 
-from ai_models.ct_lung import CtLungPipeline
-from ai_models.mr_brain import MrBrainPipeline
 from dicom_io.selection import CT_SHARP_KERNELS, CT_SOFT_KERNELS, SeriesWanted
 from plugin.cli.rules import rules_check
 from plugin.config import CompletionConfig, Config, load_config
@@ -37,7 +35,14 @@ from plugin.route.selection import SeriesInfo, always_refused, measure, rank_ser
 from plugin.store.engine import Store, migrated_store
 from plugin.store.models import Job, JobState, utcnow
 
-CT_LUNG = CtLungPipeline.series
+
+def _ct_lung() -> SeriesWanted:
+    """What ct-lung wants (its module imports torch: loaded by the tests that use it, not at collection)."""
+    from ai_models.ct_lung import CtLungPipeline
+
+    return CtLungPipeline.series
+
+
 SLICES = 40  # the central 120 mm of the chest: above ct-lung's minimum (80 mm, 20 slices), and quick
 
 
@@ -69,7 +74,7 @@ def _places(ranking: tuple[Any, ...]) -> dict[str, int | None]:
 def test_ct_lung_takes_the_soft_kernel_series_and_refuses_the_rest_with_a_reason(
     study: ChestStudy, series: dict[str, SeriesInfo]
 ) -> None:
-    ranking = rank_series(list(series.values()), CT_LUNG)
+    ranking = rank_series(list(series.values()), _ct_lung())
     assert [r.series_uid for r in ranking if r.place is not None] == [study.soft, study.sharp]
     reasons = {r.series_uid: " ".join(r.reasons) for r in ranking}
     assert reasons[study.soft] == ""
@@ -91,7 +96,7 @@ def test_the_preference_order_kernel_then_thinnest_then_coverage_then_instances_
     thin_soft = _variant(soft, "9.2", 80, SliceThickness=1.5, ConvolutionKernel="B30f")
     unknown = _variant(soft, "9.3", 80, SliceThickness=1.0, ConvolutionKernel="XYZ")
     short_soft = _variant(soft, "9.4", 20, SliceThickness=3.0)  # 60 mm: under ct-lung's 80
-    ranking = rank_series([thin_sharp, soft, short_soft, thin_soft, unknown], CT_LUNG)
+    ranking = rank_series([thin_sharp, soft, short_soft, thin_soft, unknown], _ct_lung())
     # soft/standard before sharp before a kernel ct-lung does not name; among soft ones the thinnest
     assert _places(ranking) == {"9.2": 1, study.soft: 2, "9.1": 3, "9.3": 4, "9.4": None}
     by_uid = {r.series_uid: r for r in ranking}
@@ -100,11 +105,11 @@ def test_the_preference_order_kernel_then_thinnest_then_coverage_then_instances_
 
     same = _variant(soft, "9.5", SLICES)  # the same series under another UID: coverage, then UID
     longer = _variant(soft, "9.6", SLICES + 10)
-    assert [r.series_uid for r in rank_series([same, longer, soft], CT_LUNG)] == ["9.6", study.soft, "9.5"]
-    twin = rank_series([same, soft], CT_LUNG)
+    assert [r.series_uid for r in rank_series([same, longer, soft], _ct_lung())] == ["9.6", study.soft, "9.5"]
+    twin = rank_series([same, soft], _ct_lung())
     assert twin[1].reasons == ("equal on every criterion; the lower SeriesInstanceUID wins",)
     spaced = _variant(soft, "9.7", 30, SpacingBetweenSlices=2.0)  # 60 mm by its spacing, not thickness
-    assert rank_series([spaced], CT_LUNG)[0].reasons == ("covers 60 mm, needs at least 80 mm",)
+    assert rank_series([spaced], _ct_lung())[0].reasons == ("covers 60 mm, needs at least 80 mm",)
 
 
 def test_requirements_reject_with_every_reason(series: dict[str, SeriesInfo], study: ChestStudy) -> None:
@@ -115,7 +120,9 @@ def test_requirements_reject_with_every_reason(series: dict[str, SeriesInfo], st
     mip = _variant(soft, "8.4", 40, ImageType=["DERIVED", "SECONDARY", "MIP"])
     ours = _variant(soft, "8.5", 40, Manufacturer="radgate", ManufacturerModelName="radgate")
     screen = _variant(soft, "8.6", 1, SeriesDescription="Dose Report", ImageType=["ORIGINAL", "PRIMARY"])
-    reasons = {r.series_uid: r.reasons for r in rank_series([coronal, thick, mr, mip, ours, screen], CT_LUNG)}
+    reasons = {
+        r.series_uid: r.reasons for r in rank_series([coronal, thick, mr, mip, ours, screen], _ct_lung())
+    }
     assert reasons == {
         "8.1": ("coronal slices, needs axial",),
         "8.2": ("slices 12 mm thick, needs 0.5 to 10 mm",),
@@ -126,7 +133,7 @@ def test_requirements_reject_with_every_reason(series: dict[str, SeriesInfo], st
     }
     # what a header does not say is not held against a series (the pipeline's own check judges)
     bare = SeriesInfo("8.7", {"Modality": "CT"}, 25)
-    assert rank_series([bare], CT_LUNG)[0].place == 1
+    assert rank_series([bare], _ct_lung())[0].place == 1
     assert always_refused({"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]}) is None
 
 
@@ -135,6 +142,8 @@ def test_mr_brain_prefers_a_3d_t1(testdata: Path) -> None:
     flair = _variant(mprage, "7.1", 176, SeriesDescription="t2_flair_sag_3d", SequenceName="*spc3d1",
                      ProtocolName="t2_flair_sag")  # fmt: skip
     axial_2d = _variant(mprage, "7.2", 176, MRAcquisitionType="2D")
+    from ai_models.mr_brain import MrBrainPipeline
+
     ranking = rank_series([flair, axial_2d, mprage], MrBrainPipeline.series)
     assert _places(ranking) == {mprage.series_uid: 1, "7.1": 2, "7.2": None}
     assert ranking[2].reasons == ("MRAcquisitionType 2D, needs 3D",)
@@ -191,6 +200,9 @@ def test_the_orthanc_plugin_reads_declarations_without_importing_torch() -> None
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     answer = json.loads(done.stdout)
     assert answer["torch"] is False
+    from ai_models.ct_lung import CtLungPipeline
+    from ai_models.mr_brain import MrBrainPipeline
+
     for name, pipeline in (("ct-lung", CtLungPipeline), ("mr-brain", MrBrainPipeline)):
         assert answer[name] == json.loads(json.dumps(dataclasses.asdict(pipeline.series))), name
     assert "no pipeline named 'nope'" in answer["error"]
@@ -294,7 +306,7 @@ def test_headers_a_peer_got_wrong_never_break_the_ranking() -> None:
         SeriesInfo("6.3", {**ct, "SliceThickness": "-3", "ImageOrientationPatient": [0] * 6}, 25),
         SeriesInfo("6.4", {"Modality": "ct ", "ConvolutionKernel": ["", "B30f"], "SliceThickness": "i"}, 25),
     ]
-    ranking = rank_series(odd, CT_LUNG)
+    ranking = rank_series(odd, _ct_lung())
     assert _places(ranking) == {"6.4": 1, "6.1": 2, "6.3": 3, "6.2": None}
     with pytest.raises(ValueError, match="invalid pattern"):
         SeriesWanted(kernels=("B[",))
