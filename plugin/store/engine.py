@@ -45,8 +45,8 @@ def make_engine(url: str, synchronous: str = "FULL") -> Engine:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (below)
+        execute_when_free(dbapi_connection, "PRAGMA journal_mode=WAL")  # a new database: two may race
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=0")  # waits for the write lock in `begin_immediate`, below
@@ -59,23 +59,32 @@ def make_engine(url: str, synchronous: str = "FULL") -> Engine:
     return engine
 
 
-def begin_immediate(connection: sqlite3.Connection, timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> None:
-    """``BEGIN IMMEDIATE``: take SQLite's write lock, retrying while another connection holds it.
+def execute_when_free(
+    connection: sqlite3.Connection, statement: str, timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000
+) -> None:
+    """Execute ``statement`` (one that takes a lock: ``BEGIN IMMEDIATE``, setting the journal mode),
+    retrying while another connection holds the lock.
 
     Raises sqlite3.OperationalError if it is still held after ``timeout`` seconds (or on any other
     error). The retries start at 50 µs and double up to 1 ms: SQLite's own busy handler sleeps 1, 2,
-    5, 10 ms... (far longer than a transaction of the recording path holds the lock).
+    5, 10 ms... (far longer than a transaction of the recording path holds the lock), and it is not
+    called at all where waiting could deadlock (two connections turning a new database to WAL at once).
     """
     delay, deadline = 50e-6, time.monotonic() + timeout
     while True:
         try:
-            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(statement)
             return
         except sqlite3.OperationalError as err:
             if err.sqlite_errorcode not in _BUSY or time.monotonic() > deadline:
                 raise
         time.sleep(delay)
         delay = min(2 * delay, 1e-3)
+
+
+def begin_immediate(connection: sqlite3.Connection, timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> None:
+    """``BEGIN IMMEDIATE``: take SQLite's write lock, waiting up to ``timeout`` s (`execute_when_free`)."""
+    execute_when_free(connection, "BEGIN IMMEDIATE", timeout)
 
 
 class SchemaTooNew(RuntimeError):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, func, select, text
 
-from plugin.store.engine import MIGRATIONS_DIR, Store, alembic_config, begin_immediate
+from plugin.store.engine import MIGRATIONS_DIR, Store, alembic_config, begin_immediate, make_engine
 from plugin.store.models import Base, Instance, Job, Reception, Series, Study, StudyState, utcnow
 from plugin.store.recording import HeaderTags, InstanceRecord, InstanceRecorder
 
@@ -104,6 +104,28 @@ def test_begin_immediate_waits_for_the_write_lock_until_its_timeout(tmp_path: Pa
     assert got.wait(10)
     taker.join()
     waiter.execute("COMMIT")
+
+
+def test_a_new_database_is_turned_to_wal_once_a_writer_that_holds_it_commits(tmp_path: Path) -> None:
+    """Turning a new database to WAL while another connection writes to it gets SQLITE_BUSY at once,
+    without SQLite's busy handler (it could deadlock): two nodes or commands starting together on a
+    new data dir met it. The connection waits for the writer instead of failing."""
+    database = tmp_path / "new.db"
+    holder = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN")
+    holder.execute("INSERT INTO t VALUES (1)")  # a RESERVED lock on a database still in rollback mode
+    commit = threading.Timer(0.3, holder.execute, ("COMMIT",))
+    commit.start()
+    engine = make_engine(f"sqlite:///{database}")
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("SELECT x FROM t").scalar() == 1  # after the commit
+    finally:
+        commit.join()
+        engine.dispose()
+        holder.close()
 
 
 def test_an_old_database_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
