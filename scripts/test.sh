@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set-up, then lint, type-check and the whole test suite (real Orthanc, DCMTK, validators)
-# on several pytest-xdist workers: the tests mostly wait on subprocesses and sockets, so more workers than
-# cores pay. Each worker takes whole modules (their fixtures are built once; tests/conftest.py), those with
+# on 3 pytest-xdist workers: the tests wait on subprocesses and sockets, so one more worker than cores
+# pays; a fourth costs more in contention and collection than it wins (bench/README.md, "tests"). Each worker takes whole modules (their fixtures are built once; tests/conftest.py), those with
 # slow tests first. mypy runs beside the tests. RADGATE_TEST_WORKERS sets the count (0: one
 # process); arguments go to pytest (e.g. tests/unit).
 set -euo pipefail
@@ -21,7 +21,7 @@ mypy_pid=$!
 status=0
 # set-up installed PostgreSQL: every store test runs on it as well as on SQLite, or fails (never skips)
 export RADGATE_REQUIRE_POSTGRES=1
-RADGATE_SKIP_LINE_FILE=$skip_line .venv/bin/pytest -q -p no:cacheprovider -n "${RADGATE_TEST_WORKERS:-4}" \
+RADGATE_SKIP_LINE_FILE=$skip_line .venv/bin/pytest -q -p no:cacheprovider -n "${RADGATE_TEST_WORKERS:-3}" \
   --dist loadscope --no-loadscope-reorder "$@" || status=$?
 mypy_status=0
 wait "$mypy_pid" || mypy_status=$?
