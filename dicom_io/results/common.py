@@ -28,6 +28,9 @@ from dicom_io.types import Code, Findings, Segment, Volume
 # 123109 is "Manual Processing", not AI.
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 
+REPORT_CARD = "Report card"
+"""The report card's ImageComments: the one SC whose pixels show a date (the day it was made)."""
+
 # Positions may be rounded to DS precision by the loader or the modality: allow this much (mm).
 _POSITION_TOLERANCE_MM = 0.05
 _DIRECTION_TOLERANCE = 1e-3

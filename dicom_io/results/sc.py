@@ -22,13 +22,11 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dicom_io.results.common import Context, format_value
+from dicom_io.results.common import REPORT_CARD, Context, format_value
 from dicom_io.results.prior import changes
 from dicom_io.types import Measurement, Segment
 
 DISCLAIMER = "Produced by an algorithm — not for diagnostic use"
-REPORT_CARD = "Report card"
-"""The report card's ImageComments: the one SC whose pixels show a date (the day it was made)."""
 _FONT_FILES = ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 _MIN_SIDE = 512  # key images are scaled up to at least this, so text stays legible beside anatomy
 _MAX_SIDE = 1024

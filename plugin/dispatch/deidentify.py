@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_io.deidentify import Options, Pseudonymizer, deidentify
+from dicom_io.results.common import REPORT_CARD
 from plugin.config import Deidentify
 from plugin.dispatch.base import Outcomes, Outgoing, missing_file
 
@@ -51,8 +52,6 @@ def refusal(ds: Dataset, ours: bool, settings: Deidentify) -> str | None:
         return None
     if not ours:
         return "BurnedInAnnotation YES: not exported de-identified (deidentify.allow_burned_in is false)"
-    from dicom_io.results.sc import REPORT_CARD  # highdicom and scipy: only for a burned-in image of ours
-
     if ds.get("ImageComments") == REPORT_CARD and not settings.retain_longitudinal_temporal:
         return (
             "the report card shows the date it was made in its pixels: not exported de-identified "

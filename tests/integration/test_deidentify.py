@@ -85,7 +85,7 @@ def _run(case: Case, settings: Deidentify, paths: list[Path], domain: str, into:
 @pytest.fixture(scope="module")
 def basic(case: Case) -> tuple[dict[Path, Dataset], dict[Path, Dataset]]:
     """Sources and results (but the report card) through the Basic Profile alone: {original: output}."""
-    from dicom_io.results.sc import REPORT_CARD
+    from dicom_io.results.common import REPORT_CARD
 
     card = [p for p in case.results if pydicom.dcmread(p).get("ImageComments") == REPORT_CARD]
     paths = case.sources + [p for p in case.results if p not in card]
@@ -260,7 +260,7 @@ def test_clean_descriptors_cuts_patient_identifiers(case: Case) -> None:
 
 
 def test_burned_in_annotation_is_refused_unless_allowed(case: Case) -> None:
-    from dicom_io.results.sc import REPORT_CARD
+    from dicom_io.results.common import REPORT_CARD
 
     source = pydicom.dcmread(case.sources[0])
     source.BurnedInAnnotation = "YES"
