@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test command: set-up, then lint, type-check and the whole test suite (real Orthanc, DCMTK, validators)
 # on 3 pytest-xdist workers: the tests wait on subprocesses and sockets, so one more worker than cores
-# pays; a fourth costs more in contention and collection than it wins (bench/README.md, "tests"). Each worker takes whole modules (their fixtures are built once; tests/conftest.py), those with
-# slow tests first. mypy runs beside the tests. RADGATE_TEST_WORKERS sets the count (0: one
-# process); arguments go to pytest (e.g. tests/unit).
+# pays; a fourth costs more in contention and collection than it wins (bench/README.md, "tests"). Each
+# worker takes whole modules (their fixtures are built once; tests/conftest.py), those with slow tests
+# first. mypy runs beside the tests. RADGATE_TEST_WORKERS sets the count (0: one process); arguments go
+# to pytest (e.g. tests/unit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
