@@ -65,9 +65,11 @@ class PluginSite:
         self.orthanc = self.server(plugin, env).start()
         return self.orthanc
 
-    def stop_orthanc(self) -> None:
+    def stop_orthanc(self, kill: bool = False) -> None:
+        """Stop Orthanc cleanly (its plugin sees Orthanc stopping), or kill it: a crash, or a test
+        done with it (a clean stop takes Orthanc about 3 s)."""
         if self.orthanc is not None:
-            self.orthanc.stop()
+            self.orthanc.stop(kill=kill)
 
     def start_worker(self) -> None:
         log = (self.workdir / "worker.log").open("ab")
@@ -93,8 +95,9 @@ class PluginSite:
         return self.worker.returncode
 
     def stop(self) -> None:
+        """The end of a test: the worker stopped, Orthanc killed (a test checks a clean stop itself)."""
         self.stop_worker()
-        self.stop_orthanc()
+        self.stop_orthanc(kill=True)
 
     # ------------------------------------------------------------------ talking to it
 
