@@ -184,15 +184,11 @@ def test_results_wait_for_a_destination_that_is_down_and_arrive_once_it_is_back(
     assert sum(map(len, by_modality.values())) == len(delivered)
 
 
-def _running(node: NodeProcess, study_uid: str) -> list[dict[str, Any]]:
-    """The node's RUNNING jobs on the study, read in-process: a small job runs for less than a CLI
-    round trip."""
-    store = Store(Config.model_validate({"data_dir": str(node.data_dir)}).db_url)
-    try:
-        jobs = list_jobs(store, node.data_dir / "results")
-        return [j for j in jobs if j["state"] == "RUNNING" and j["study_uid"] == study_uid]
-    finally:
-        store.dispose()
+def _running(store: Store, node: NodeProcess, study_uid: str) -> list[dict[str, Any]]:
+    """The node's RUNNING jobs on the study, read in-process from ``store`` (the node's): a small job
+    runs for less than a CLI round trip."""
+    jobs = list_jobs(store, node.data_dir / "results")
+    return [j for j in jobs if j["state"] == "RUNNING" and j["study_uid"] == study_uid]
 
 
 def test_a_node_killed_while_a_job_runs_delivers_its_results_exactly_once_after_restart(
@@ -202,7 +198,13 @@ def test_a_node_killed_while_a_job_runs_delivers_its_results_exactly_once_after_
     # the shared node: the dead node's lease and any send it had claimed are taken over after a few seconds
     try:
         send(node, files)
-        wait_for(lambda: _running(node, series.study_uid), 240, "the job to be RUNNING", interval=0.02)
+        store = Store(Config.model_validate({"data_dir": str(node.data_dir)}).db_url)  # one for every poll
+        try:
+            wait_for(
+                lambda: _running(store, node, series.study_uid), 240, "the job to be RUNNING", interval=0.02
+            )
+        finally:
+            store.dispose()
         node.kill()  # SIGKILL: no clean stop, the job stays RUNNING in the store with its lease
         assert [j["state"] for j in study_jobs(node, series.study_uid)] == ["RUNNING"]
         node.start()

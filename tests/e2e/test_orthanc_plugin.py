@@ -1,7 +1,7 @@
 """radgate inside a real Orthanc: Debian's Orthanc 1.10 runs the plugin from orthanc_config/, a
 `radgate worker` process runs the jobs, and the results come back into the same Orthanc study.
 
-Studies go into Orthanc with DCMTK's storescu; Orthanc calls them stable after 2 s.
+Studies go into Orthanc with DCMTK's storescu; Orthanc calls them stable after 2 s (1 s in the replay test).
 """
 
 from __future__ import annotations
@@ -118,7 +118,9 @@ def test_a_study_stable_while_the_plugin_was_down_is_replayed_once(site: PluginS
 
     The plugin is down at first because its virtual environment is missing: Orthanc runs on
     without it. Orthanc is killed between the starts (how it went down is not what is tested here).
+    Its stable age is 1 s: the study is imported at the replay, whole, however often it was stable.
     """
+    site.stable_age = 1
     orthanc = site.start_orthanc(env={"RADGATE_VENV": str(site.workdir / "no-venv")})
     assert "radgate: plugin not loaded: ModuleNotFoundError" in orthanc.log_tail(20_000)
     assert requests.get(f"{orthanc.url}/radgate/status", timeout=10).status_code == 404
