@@ -168,10 +168,15 @@ class OrthancServer:
         config.update(self.extra_config)
         return config
 
-    def start(self, attempts: int = 3) -> OrthancServer:
-        """Start on fresh free ports and wait for REST /system; retries if a port was taken meanwhile."""
+    def start(self, attempts: int = 3, ports: tuple[int, int] | None = None) -> OrthancServer:
+        """Start on fresh free ports and wait for REST /system; retries if a port was taken meanwhile.
+
+        ports (HTTP, DICOM): on these from now on, e.g. those it had before a stop, where clients
+        expect it to come back."""
         if self.running:
             return self
+        if ports is not None:
+            self._ports = ports
         binary = tool_path("Orthanc")
         if self._workdir_arg is not None:
             self._workdir_arg.mkdir(parents=True, exist_ok=True)
@@ -223,14 +228,18 @@ class OrthancServer:
         except (OSError, OrthancError):
             return ""
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0, kill: bool | None = None) -> None:
         """SIGTERM, then SIGKILL after timeout; removes the work folder unless one was given.
 
         Without a work folder of the caller's, nothing it holds outlives the stop: SIGKILL at once
-        (Orthanc takes about 3 s to shut down cleanly)."""
+        (Orthanc takes about 3 s to shut down cleanly). ``kill`` overrides that choice: True kills
+        at once (a crash, or a caller done with a server whose clean stop it does not check), False
+        asks for the clean stop."""
         process, self._process = self._process, None
+        if kill is None:
+            kill = self._workdir_arg is None
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM if self._workdir_arg is not None else signal.SIGKILL)
+            process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             try:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

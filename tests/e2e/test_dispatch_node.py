@@ -22,7 +22,12 @@ def node(tmp_path: Path, orthanc: OrthancServer) -> Iterator[NodeProcess]:
     archive = {"kind": "dicom", "host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": orthanc.aet}
     research = {"kind": "orthanc", "url": orthanc.url, "deidentify": {"include_source": True}}
     destinations = {"archive": archive, "research": research}
-    settings = {"destinations": destinations, "dispatch": {"poll_interval_s": 0.2}}
+    settings = {
+        "destinations": destinations,
+        "dicom": {"receivers": 1},  # received in the node's process: no receiving processes to start
+        "executor": {"poll_s": 0.2},
+        "dispatch": {"poll_interval_s": 0.2},
+    }
     n = NodeProcess(tmp_path / "node", settings).start()
     yield n
     assert n.stop() == 0, n.log()

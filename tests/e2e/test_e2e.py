@@ -23,7 +23,6 @@ from support.node import RADGATE, NodeProcess, wait_for, write_series
 
 from dicom_io.testing.orthanc_server import OrthancServer
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
-from dicom_io.testing.tools import free_port
 from dicom_io.testing.validate import dciodvfy
 from plugin.config import Config
 from plugin.jobs.queue import list_jobs
@@ -82,14 +81,16 @@ def study_jobs(node: NodeProcess, study_uid: str) -> list[dict[str, Any]]:
 def shared_node(
     tmp_path_factory: pytest.TempPathFactory, orthanc_session: OrthancServer
 ) -> Iterator[NodeProcess]:
-    """One node sending to the shared Orthanc for the tests that need nothing else of it; each sends
-    its own study. A dead node's lease and any send it had claimed are taken over after a few seconds
-    (the kill test kills and restarts it)."""
+    """One node sending to the shared Orthanc, for every test but the demo's; each sends its own
+    study. A dead node's lease and any send it had claimed are taken over after a few seconds (the
+    kill test kills and restarts it); a failed send is tried again within a second, never given up
+    (the destination-down test stops the Orthanc)."""
+    retry = {"retry_base_s": 0.5, "retry_max_s": 1.0, "retry_jitter": 0.0, "max_attempts": 1000}
     node = start_node(
         tmp_path_factory.mktemp("e2e") / "node",
         orthanc_session.dicom_port,
         executor={"lease_s": 3.0},
-        dispatch={"claim_timeout_s": 3.0},
+        dispatch={"claim_timeout_s": 3.0, **retry},
     )
     yield node
     assert node.process is not None
@@ -157,44 +158,37 @@ def _referenced_series(ds: pydicom.Dataset) -> set[str]:
 
 
 def test_results_wait_for_a_destination_that_is_down_and_arrive_once_it_is_back(
-    tmp_path: Path, phantom: tuple[SyntheticSeries, list[Path]]
+    orthanc: OrthancServer, phantom: tuple[SyntheticSeries, list[Path]], node: NodeProcess
 ) -> None:
     series, files = phantom
-    http_port, dicom_port = free_port(), free_port()  # where Orthanc will be, once it is started
-    retry = {"retry_base_s": 0.5, "retry_max_s": 1.0, "retry_jitter": 0.0, "max_attempts": 1000}
-    node = start_node(tmp_path / "node", dicom_port, dispatch=retry)
-    orthanc = OrthancServer(ports=(http_port, dicom_port))
+    ports = (orthanc.http_port, orthanc.dicom_port)  # where the node sends; Orthanc comes back there
+    orthanc.stop(kill=True)
     try:
         send(node, files)
-        failing = wait_for(
-            lambda: [d for d in node.deliveries(cli=False) if d["attempts"] >= 2 and d["last_error"]],
-            240,
-            "deliveries failing against the stopped destination",
-            interval=0.5,
-        )
-        assert all(d["state"] in ("PENDING", "SENDING") for d in failing), failing  # retried, not DEAD
-        orthanc.start()
-        delivered = wait_for(
-            lambda: all_sent(node), 120, "every delivery SENT once Orthanc is up", interval=0.5
-        )
-        by_modality = results_in_orthanc(orthanc, series.study_uid)
+
+        def failing() -> list[dict[str, Any]]:
+            jobs = {j["id"] for j in study_jobs(node, series.study_uid)}
+            found = [d for d in node.deliveries(cli=False) if d["job_id"] in jobs]
+            return [d for d in found if d["attempts"] >= 2 and d["last_error"]]
+
+        tried = wait_for(failing, 240, "deliveries failing against the stopped destination", interval=0.5)
+        assert all(d["state"] in ("PENDING", "SENDING") for d in tried), tried  # retried, not DEAD
     finally:
-        orthanc.stop()
-        assert node.stop() == 0, node.log()
+        orthanc.start(ports=ports)
+    delivered = wait_for(
+        lambda: all_sent(node, series.study_uid), 120, "every delivery SENT once Orthanc is up", interval=0.5
+    )
+    by_modality = results_in_orthanc(orthanc, series.study_uid)
 
     assert sorted(by_modality) == RESULT_MODALITIES
     assert sum(map(len, by_modality.values())) == len(delivered)
 
 
-def _running(node: NodeProcess, study_uid: str) -> list[dict[str, Any]]:
-    """The node's RUNNING jobs on the study, read in-process: a small job runs for less than a CLI
-    round trip."""
-    store = Store(Config.model_validate({"data_dir": str(node.data_dir)}).db_url)
-    try:
-        jobs = list_jobs(store, node.data_dir / "results")
-        return [j for j in jobs if j["state"] == "RUNNING" and j["study_uid"] == study_uid]
-    finally:
-        store.dispose()
+def _running(store: Store, node: NodeProcess, study_uid: str) -> list[dict[str, Any]]:
+    """The node's RUNNING jobs on the study, read in-process from ``store`` (the node's): a small job
+    runs for less than a CLI round trip."""
+    jobs = list_jobs(store, node.data_dir / "results")
+    return [j for j in jobs if j["state"] == "RUNNING" and j["study_uid"] == study_uid]
 
 
 def test_a_node_killed_while_a_job_runs_delivers_its_results_exactly_once_after_restart(
@@ -204,7 +198,13 @@ def test_a_node_killed_while_a_job_runs_delivers_its_results_exactly_once_after_
     # the shared node: the dead node's lease and any send it had claimed are taken over after a few seconds
     try:
         send(node, files)
-        wait_for(lambda: _running(node, series.study_uid), 240, "the job to be RUNNING", interval=0.02)
+        store = Store(Config.model_validate({"data_dir": str(node.data_dir)}).db_url)  # one for every poll
+        try:
+            wait_for(
+                lambda: _running(store, node, series.study_uid), 240, "the job to be RUNNING", interval=0.02
+            )
+        finally:
+            store.dispose()
         node.kill()  # SIGKILL: no clean stop, the job stays RUNNING in the store with its lease
         assert [j["state"] for j in study_jobs(node, series.study_uid)] == ["RUNNING"]
         node.start()

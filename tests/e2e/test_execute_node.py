@@ -29,7 +29,8 @@ def _seg(results_dir: Path) -> pydicom.Dataset:
 
 @pytest.mark.slow  # ct-lung runs three times in a worker process
 def test_a_study_is_routed_run_listed_and_rerun_when_it_grows_and_a_bad_one_fails(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path, {"rules": RULES, "executor": {"poll_s": 0.2}}).start()
+    settings = {"rules": RULES, "dicom": {"receivers": 1}, "executor": {"poll_s": 0.2}}
+    node = NodeProcess(tmp_path, settings).start()  # receiving in the node's process: no processes to start
     try:
         bad = write_series(tmp_path / "bad", 3)  # CT, matches the rule, too few slices for ct-lung
         assert node.storescu(*bad).returncode == 0
@@ -41,7 +42,8 @@ def test_a_study_is_routed_run_listed_and_rerun_when_it_grows_and_a_bad_one_fail
         [failed] = [j for j in first if j["study_uid"] != phantom.study_uid]
         [succeeded] = [j for j in first if j["study_uid"] == phantom.study_uid]
         assert node.storescu(*slices[36:]).returncode == 0  # the study grows after its results were made
-        [rerun] = [j for j in wait_for(lambda: _finished(node, 3), 240, "the rerun") if j["revision"] == 2]
+        finished = wait_for(lambda: _finished(node, 3), 240, "the rerun", interval=0.5)
+        [rerun] = [j for j in finished if j["revision"] == 2]
     finally:
         assert node.stop() == 0, node.log()
 

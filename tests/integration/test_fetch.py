@@ -93,6 +93,7 @@ class Site:
             lambda: (s := self.status(request_id)).state in ("DONE", "FAILED") and s,
             timeout,
             f"fetch request {request_id} to end",
+            interval=0.1,  # the node polls every 0.1 s too, in this process
         )
 
     def jobs(self, study_uid: str) -> list[Job]:

@@ -110,7 +110,9 @@ def outcome(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     try:
         sent = storescu("127.0.0.1", port, "RADGATE", sharp.files)
         assert sent.returncode == 0, sent.output
-        job = wait_for(lambda: _done(node, current.study_uid), 300, "the current study's ct-lung job to end")
+        job = wait_for(
+            lambda: _done(node, current.study_uid), 300, "the current study's job to end", interval=0.25
+        )
         [prior_job] = _jobs(node, prior.study_uid)
         [sr_path] = (config.results_dir / str(job.id)).glob("SR-*.dcm")
         [prior_sr] = (config.results_dir / str(prior_job.id)).glob("SR-*.dcm")

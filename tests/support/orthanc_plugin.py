@@ -22,7 +22,7 @@ LOADER = REPO / "orthanc_config" / "radgate_plugin.py"
 RULES = [{"name": "chest", "match": {"Modality": {"equals": "CT"}}, "pipeline": "ct-lung"}]
 POLL_S = 0.25
 """How often the waits ask Orthanc: each question is a REST call, some into the plugin's Python, and
-Orthanc's stable age (2 s) is what they wait for."""
+Orthanc's stable age (2 s unless a test sets another) is what they wait for."""
 
 
 class PluginSite:
@@ -47,6 +47,8 @@ class PluginSite:
         }
         self.config_path.write_text(yaml.safe_dump(config))
         self.cursor = ChangeCursor(self.data_dir / "orthanc-changes.json")
+        self.stable_age = 2
+        """Orthanc's StableAge (s) for the starts to come."""
         self.orthanc: OrthancServer | None = None
         self.worker: subprocess.Popen[bytes] | None = None
 
@@ -54,7 +56,7 @@ class PluginSite:
         """An Orthanc on this site's ports and storage (not started), with or without the plugin."""
         return OrthancServer(
             python_script=LOADER if plugin else None,
-            stable_age=2,
+            stable_age=self.stable_age,
             workdir=self.workdir / "orthanc",
             ports=self.ports,
             extra_config={"Radgate": {"ConfigFile": str(self.config_path)}},
@@ -65,9 +67,11 @@ class PluginSite:
         self.orthanc = self.server(plugin, env).start()
         return self.orthanc
 
-    def stop_orthanc(self) -> None:
+    def stop_orthanc(self, kill: bool = False) -> None:
+        """Stop Orthanc cleanly (its plugin sees Orthanc stopping), or kill it: a crash, or a test
+        done with it (a clean stop takes Orthanc about 3 s)."""
         if self.orthanc is not None:
-            self.orthanc.stop()
+            self.orthanc.stop(kill=kill)
 
     def start_worker(self) -> None:
         log = (self.workdir / "worker.log").open("ab")
@@ -93,8 +97,9 @@ class PluginSite:
         return self.worker.returncode
 
     def stop(self) -> None:
+        """The end of a test: the worker stopped, Orthanc killed (a test checks a clean stop itself)."""
         self.stop_worker()
-        self.stop_orthanc()
+        self.stop_orthanc(kill=True)
 
     # ------------------------------------------------------------------ talking to it
 
