@@ -49,12 +49,27 @@ def heap_kept() -> Iterator[None]:
         libc.malloc_trim(0)
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Within the block, torch computes on one thread; its setting is restored afterwards. (The test
+    command runs more pytest workers than there are cores, where more threads only wait for one.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _digest(value: Any) -> Any:
-    """A key for an argument: arrays by dtype, shape and a hash of their bytes, the rest as they are."""
+    """A key for an argument: arrays by dtype, shape and a hash of their bytes (a bool array's packed
+    to bits), the rest as they are."""
     if isinstance(value, np.ndarray):
-        data = np.ascontiguousarray(value)
-        digest = hashlib.blake2b(data.tobytes(), digest_size=16).digest()
-        return ("array", str(data.dtype), data.shape, digest)
+        data = np.packbits(value) if value.dtype == np.bool_ else np.ascontiguousarray(value)
+        digest = hashlib.sha1(memoryview(data).cast("B"), usedforsecurity=False).digest()
+        return ("array", str(value.dtype), value.shape, digest)
     if isinstance(value, Volume):
         return ("volume", _digest(value.voxels), _digest(value.affine))
     if isinstance(value, (tuple, list)):

@@ -8,7 +8,8 @@ read onto the CT grid by `radgate validate`'s reader (`dicom_io.reference`) and 
 scoring (`dicom_io.scoring`).
 `radgate validate` itself runs on the case here too, its report checked against this run's
 findings: the pipeline's run on the case is the module's cost, so it is made once (the validate
-command gets the module's run back, and each HD95 is computed once: `computed_once`).
+command gets the module's run back, and each HD95 is computed once: `computed_once`); so is each
+read of the case's series and of its references.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
-from support.pipeline import heap_kept, remember_runs, remembering
+from support.pipeline import heap_kept, one_torch_thread, remember_runs, remembering
 
 from dicom_io import scoring
 from dicom_io.reference import Reference, read_reference
 from dicom_io.scoring import Score, dice, match_structures, score
 from dicom_io.types import Findings, Volume
-from dicom_io.volume import load_series
 from plugin.cli import main
+from plugin.offline import run as offline
 from plugin.offline.run import DICOM_DIR, run_offline
 
 CASE = "ct-chest-nsclc-lung1-001"
@@ -47,7 +48,9 @@ Mask = npt.NDArray[np.bool_]
 
 @dataclass(frozen=True)
 class Scored:
+    seg: Reference  # the SEG the run wrote, read back onto the CT grid
     segments: dict[str, Mask]  # SEG segment label -> mask on the CT grid (z, y, x)
+    truths: dict[tuple[str, str], Mask]  # (reference file, lung) -> the reference's mask
     scores: dict[tuple[str, str], Score]  # (reference file, lung) -> its score
 
 
@@ -58,14 +61,16 @@ def _mask(reference: Reference, name: str) -> Mask:
 
 @pytest.fixture(scope="module", autouse=True)
 def computed_once() -> Iterator[None]:
-    """ct-lung's run and HD95 remembered for the module (both pure functions: an input equal to an
-    earlier one gets that result back), so `radgate validate` on the case reuses the module's run
-    and the scores the module already computed; large blocks kept on the heap (`heap_kept`)."""
+    """ct-lung's run, HD95 and `radgate run`'s series loading remembered for the module (pure
+    functions: an input equal to an earlier one gets that result back), so `radgate validate` on the
+    case reuses the module's run and the scores the module already computed, and the module's CT is
+    the one `radgate run` loaded; large blocks kept on the heap (`heap_kept`), torch on one thread."""
     from ai_models.ct_lung import CtLungPipeline
 
-    with pytest.MonkeyPatch.context() as patch, heap_kept():
+    with pytest.MonkeyPatch.context() as patch, heap_kept(), one_torch_thread():
         remember_runs(patch, CtLungPipeline, "keep_body")
         patch.setattr(scoring, "hd95", remembering(scoring.hd95))
+        patch.setattr(offline, "load_series", remembering(offline.load_series))
         yield
 
 
@@ -84,7 +89,7 @@ def run(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     case = testdata / CASE
     out = tmp_path_factory.mktemp("lung1")
     findings = run_offline("ct-lung", case / "ct", out, device=torch.device("cpu"), progress=False)
-    return Run(out, findings, load_series(sorted((case / "ct").iterdir())))
+    return Run(out, findings, offline.load_series(offline.input_files(case / "ct")))
 
 
 def _seg_path(run: Run) -> Path:
@@ -103,20 +108,21 @@ def scored(testdata: Path, run: Run) -> Scored:
     seg_path = _seg_path(run)
     seg = read_reference(seg_path, volume)
     segments = {s.name: seg.mask(s) for s in seg.structures}
-    scores = {}
+    truths, scores = {}, {}
     for file, names in REFERENCES.items():
         reference = read_reference(case / file, volume)
         for lung, name in names.items():
+            truths[file, lung] = _mask(reference, name)
             scores[file, lung] = score(
                 lung,
                 name,
                 "map",
                 segments[lung],
-                _mask(reference, name),
+                truths[file, lung],
                 volume.spacing,
                 volume.voxel_volume_ml,
             )
-    return Scored(segments, scores)
+    return Scored(seg, segments, truths, scores)
 
 
 @pytest.mark.slow  # ct-lung on the real chest CT (the module fixture)
@@ -139,11 +145,10 @@ def test_each_lung_matches_the_clinical_contour(scored: Scored, reference: str, 
 
 
 @pytest.mark.slow
-def test_validate_command_on_the_case(testdata: Path, run: Run, tmp_path: Path) -> None:
+def test_validate_command_on_the_case(testdata: Path, run: Run, scored: Scored, tmp_path: Path) -> None:
     """`radgate validate` end to end with the real ct-lung: the report's structure and figures, not the
     pipeline's quality (tests/unit/test_validate.py tests the command on phantoms)."""
     case, volume, findings = testdata / CASE, run.volume, run.findings
-    reference = read_reference(case / "rtstruct.dcm", volume)
     out = tmp_path / "report"
     argv = ["validate", "--pipeline", "ct-lung", "--device", "cpu", "--out", str(out)]
     assert main([*argv, "--reference", str(case / "rtstruct.dcm"), str(case)]) == 0
@@ -152,8 +157,8 @@ def test_validate_command_on_the_case(testdata: Path, run: Run, tmp_path: Path) 
     assert result["reference_kind"] == "RTSTRUCT" and result["error"] is None
     rows = {row["segment"]: row for row in result["structures"]}
     assert {rows["Left lung"]["reference"], rows["Right lung"]["reference"]} == {"Lung L", "Lung R"}
-    for label, name in (("Left lung", "Lung L"), ("Right lung", "Lung R")):
-        truth = reference.mask(next(s for s in reference.structures if s.name == name))
+    for label in ("Left lung", "Right lung"):
+        truth = scored.truths["rtstruct.dcm", label]  # Lung L, Lung R
         [segment] = [s for s in findings.segments if s.label == label]
         row = rows[label]
         assert 0.0 <= row["dice"] <= 1.0
@@ -170,8 +175,9 @@ def test_validate_command_on_the_case(testdata: Path, run: Run, tmp_path: Path) 
         summary["Left lung"]["dice_worst"] == rows["Left lung"]["dice"] == summary["Left lung"]["dice_mean"]
     )
 
-    # the pipeline's own SEG as a reference: read back onto the grid and matched, it scores exactly 1
-    own = read_reference(_seg_path(run), volume)
+    # the pipeline's own SEG as a reference: read back onto the grid (`scored`) and matched, it
+    # scores exactly 1
+    own = scored.seg
     assert own.kind == "SEG"
     for m in match_structures(own.structures, findings.segments):
         assert m.structure.name == m.segment.label

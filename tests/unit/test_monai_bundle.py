@@ -8,12 +8,20 @@ or transpose between the bundle's (x, y, z) RAS world and the Volume's (z, y, x)
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-from support.pipeline import BONE, flip_mask, flipped, phantom_volume, write_threshold_bundle
+from support.pipeline import (
+    BONE,
+    flip_mask,
+    flipped,
+    one_torch_thread,
+    phantom_volume,
+    write_threshold_bundle,
+)
 
 from ai_models import PipelineError, get_pipeline, run_pipeline
 from dicom_io.labels import LabelSpec, load_label_table
@@ -22,6 +30,13 @@ from dicom_io.types import Code
 
 if TYPE_CHECKING:
     from ai_models.monai_bundle import MonaiBundlePipeline
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_on_one_thread() -> Iterator[None]:
+    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
+    with one_torch_thread():
+        yield
 
 
 def _bundle_pipeline(bundle_dir: Path, **options: Any) -> MonaiBundlePipeline:

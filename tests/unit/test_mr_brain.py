@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import pytest
-from support.pipeline import flipped, heap_kept, overlay_png, phantom_volume
+from support.pipeline import flipped, heap_kept, one_torch_thread, overlay_png, phantom_volume
 
 from ai_models import PipelineError, run_pipeline
 from dicom_io.testing.synthetic import ct_chest_phantom, mr_head_phantom
@@ -30,6 +31,17 @@ def _rows_and_columns_swapped(volume: Volume) -> Volume:
     affine[:, [0, 1]] = affine[:, [1, 0]]
     voxels = np.ascontiguousarray(volume.voxels.transpose(0, 2, 1))
     return Volume(voxels, affine, volume.sources, dict(volume.attributes))
+
+
+def _centroid_z_mm(mask: npt.NDArray[np.bool_], volume: Volume) -> float:
+    """The patient z (LPS, mm) of the mask's centroid, less the affine's offset: z is linear in the
+    voxel indices, so its mean is the affine's z row applied to the mean (column, row, slice) index."""
+    n = float(mask.sum())
+    mean_index = [
+        float(mask.sum(axis=tuple(a for a in range(3) if a != axis)) @ np.arange(mask.shape[axis])) / n
+        for axis in (2, 1, 0)
+    ]
+    return float(volume.affine[2, :3] @ np.array(mean_index))
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +82,9 @@ def pipeline() -> Iterator[MrBrainPipeline]:
             return output
 
     load = mr_brain._network
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as patch, heap_kept():
-            patch.setattr(mr_brain, "_network", lambda device: _Remembering(load(device)))
-            yield MrBrainPipeline()
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as patch, heap_kept(), one_torch_thread():
+        patch.setattr(mr_brain, "_network", lambda device: _Remembering(load(device)))
+        yield MrBrainPipeline()
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +113,7 @@ def test_real_mprage_brain_volume_is_adult_and_inside_the_head(
     assert float((mask & head).sum()) / float(mask.sum()) > 0.97, "the brain is tissue inside the head"
     # the brain lies in the upper part of the head (the series includes face and neck): its centroid
     # is above the head's along patient S (LPS z)
-    z_mm = mprage.affine[2, :3] @ np.stack([np.indices(mask.shape)[i].ravel() for i in (2, 1, 0)])
-    assert z_mm[mask.ravel()].mean() > z_mm[head.ravel()].mean() + 10.0
+    assert _centroid_z_mm(mask, mprage) > _centroid_z_mm(head, mprage) + 10.0
     # a picture in each plane, to look at (written beside the test's tmp files)
     for axis in range(3):
         k = int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis))))

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 from support.nnunet_model import band_labels, band_phantom, expected_labels, write_band_model
-from support.pipeline import flipped
+from support.pipeline import flipped, one_torch_thread
 from support.results import ORIENTATIONS
 
 from ai_models import get_pipeline, run_pipeline
@@ -30,6 +31,13 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 THRESHOLDS = (-400.0, 200.0, 800.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_on_one_thread() -> Iterator[None]:
+    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
+    with one_torch_thread():
+        yield
 
 
 def _volume(

@@ -11,7 +11,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-from support.pipeline import flipped, phantom_volume
+from support.pipeline import flipped, one_torch_thread, phantom_volume
 
 from ai_models import (
     Pipeline,
@@ -25,6 +25,14 @@ from ai_models import (
 from ai_models.base import autocast, patient_axes
 from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.types import Findings, GeometryError, Volume
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_on_one_thread() -> Iterator[None]:
+    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
+    with one_torch_thread():
+        yield
+
 
 PLUGIN_SOURCE = '''
 """A third-party pipeline, installed as its own distribution."""

@@ -10,7 +10,7 @@ known by hand and against MONAI's implementation.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from support.pipeline import one_torch_thread
 
 from dicom_io.reference import (
     RTSTRUCT_SOP_CLASS,
@@ -41,6 +42,14 @@ from plugin.cli import main
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 CASE = "ct-chest-nsclc-lung1-001"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_on_one_thread() -> Iterator[None]:
+    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
+    with one_torch_thread():
+        yield
+
 
 # --- small grids --------------------------------------------------------------------------------
 
@@ -482,8 +491,9 @@ def test_real_rtstruct_lungs(real: tuple[Path, Volume]) -> None:
     contours = read_reference(case / "rtstruct.dcm", volume)
     nifti = read_reference(case / "lungs-reference.nii.gz", volume)
     rtstruct = pydicom.dcmread(case / "rtstruct.dcm")
+    masks = {}
     for name, value, nifti_ml in (("Lung L", "1", 2281), ("Lung R", "2", 3019)):
-        ours = contours.mask(next(s for s in contours.structures if s.name == name))
+        ours = masks[name] = contours.mask(next(s for s in contours.structures if s.name == name))
         theirs = nifti.mask(next(s for s in nifti.structures if s.name == value))
         ours_ml = float(ours.sum()) * volume.voxel_volume_ml
         # pixel centres inside the contours: the contours' own enclosed volume
@@ -494,7 +504,7 @@ def test_real_rtstruct_lungs(real: tuple[Path, Volume]) -> None:
         assert dice(ours, theirs) > 0.98, name
         assert (ours & ~theirs).sum() < 0.005 * ours.sum(), name
     # slices without a contour of Lung L (below -609.5 mm, above -354.5 mm) stay empty, the others not
-    left = contours.mask(next(s for s in contours.structures if s.name == "Lung L"))
+    left = masks["Lung L"]
     z_mm = volume.affine[2, 3] + volume.affine[2, 2] * np.arange(volume.shape[0])
     np.testing.assert_array_equal(left.any(axis=(1, 2)), (z_mm >= -609.6) & (z_mm <= -354.4))
 
