@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import select
 import shutil
@@ -234,22 +235,18 @@ def dsrdump(path: Path) -> Validation:
     return Validation("dsrdump", ran=True, ok=not errors, errors=errors, warnings=warnings, output=output)
 
 
-def viewercheck(tool_dir: Path, seg: Path | None, sr: Path | None, source_dir: Path) -> Validation:
-    """OHIF 3.13's own SEG and SR loaders, headless (`check.js`, after `npm ci` in tool_dir)."""
-    script = tool_dir / "check.js"
-    if not (tool_dir / "node_modules").is_dir():
-        return Validation(
-            "viewercheck", ran=False, ok=False, errors=(f"no node_modules in {tool_dir} (npm ci)",)
-        )
-    argv = ["node", str(script), "--source", str(source_dir)]
+def _viewercheck_argv(seg: Path | None, sr: Path | None, source_dir: Path) -> list[str]:
+    """check.js's arguments for one SEG and/or SR over the source images in source_dir."""
+    argv = ["--source", str(source_dir)]
     if seg is not None:
         argv += ["--seg", str(seg)]
     if sr is not None:
         argv += ["--sr", str(sr)]
-    result = _run("viewercheck", argv, cwd=tool_dir)
-    if isinstance(result, Validation):
-        return result
-    code, output = result
+    return argv
+
+
+def _viewercheck_result(code: int, output: str) -> Validation:
+    """A Validation from check.js's exit status and output: FAIL lines fail, WARN lines are reported."""
     lines = output.splitlines()
     if not any(line.startswith("viewercheck:") for line in lines):
         return Validation(
@@ -260,6 +257,115 @@ def viewercheck(tool_dir: Path, seg: Path | None, sr: Path | None, source_dir: P
     return Validation(
         "viewercheck", ran=True, ok=code == 0 and not errors, errors=errors, warnings=warnings, output=output
     )
+
+
+def viewercheck(tool_dir: Path, seg: Path | None, sr: Path | None, source_dir: Path) -> Validation:
+    """OHIF 3.13's own SEG and SR loaders, headless (`check.js`, after `npm ci` in tool_dir)."""
+    script = tool_dir / "check.js"
+    if not (tool_dir / "node_modules").is_dir():
+        return Validation(
+            "viewercheck", ran=False, ok=False, errors=(f"no node_modules in {tool_dir} (npm ci)",)
+        )
+    result = _run("viewercheck", ["node", str(script), *_viewercheck_argv(seg, sr, source_dir)], cwd=tool_dir)
+    if isinstance(result, Validation):
+        return result
+    return _viewercheck_result(*result)
+
+
+# check.js run once per job in one Node process: argv[1] is check.js, argv[2] the end marker, the jobs
+# (check.js argument lists) a JSON array on stdin. check.js is evaluated afresh for each job, so each
+# job runs check.js's own main() and builds its own OHIF runtime; what a job shares with the earlier
+# ones is Node's module cache (OHIF's and Cornerstone3D's code, loaded once: most of a run's cost).
+# A job ends with check.js's summary line (or its usage error); the runner then prints the end marker
+# and check.js's exit status.
+_VIEWERCHECK_BATCH = r"""
+'use strict';
+const check = process.argv[1], end = process.argv[2];
+const jobs = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+let finished = null;
+function watch(stream, done) {
+  const write = stream.write.bind(stream);
+  stream.write = (chunk, ...rest) => {
+    const written = write(chunk, ...rest);
+    if (finished && done(String(chunk))) {
+      const resolve = finished;
+      finished = null;
+      setImmediate(resolve);  // after check.js has set process.exitCode
+    }
+    return written;
+  };
+  return write;
+}
+const out = watch(process.stdout, text => /^viewercheck: \d+ passed, \d+ failed$/m.test(text));
+watch(process.stderr, text => text.includes('usage: node check.js'));
+(async () => {
+  for (const args of jobs) {
+    process.argv = [process.argv[0], check, ...args];
+    process.exitCode = undefined;
+    await new Promise(resolve => {
+      finished = resolve;
+      delete require.cache[check];
+      require(check);
+    });
+    out(`${end} ${process.exitCode === undefined ? 0 : process.exitCode}\n`);
+  }
+  process.exitCode = 0;
+})();
+"""
+
+
+def viewercheck_many(
+    tool_dir: Path, jobs: Sequence[tuple[Path | None, Path | None, Path]]
+) -> list[Validation]:
+    """`viewercheck` on each (seg, sr, source_dir) of jobs, in one Node process; one Validation each.
+
+    Each job runs check.js afresh (its arguments, its main, its own OHIF runtime), so its lines and
+    exit status are those of a `viewercheck` run of its own; a job the process did not finish, and
+    every later one, did not run.
+    """
+    script = tool_dir / "check.js"
+    if not (tool_dir / "node_modules").is_dir():
+        missing = Validation(
+            "viewercheck", ran=False, ok=False, errors=(f"no node_modules in {tool_dir} (npm ci)",)
+        )
+        return [missing] * len(jobs)
+    if not jobs:
+        return []
+    if shutil.which("node") is None:
+        return [Validation("viewercheck", ran=False, ok=False, errors=("node not installed",))] * len(jobs)
+    end = f"radgate-viewercheck-end-{uuid.uuid4().hex}"
+    argvs = [_viewercheck_argv(seg, sr, source) for seg, sr, source in jobs]
+    timeout = _TIMEOUT_S * len(jobs)
+    try:
+        done = subprocess.run(
+            ["node", "-e", _VIEWERCHECK_BATCH, str(script.resolve()), end],
+            input=json.dumps(argvs),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # in order: check.js writes both synchronously
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            cwd=tool_dir,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return [
+            Validation("viewercheck", ran=False, ok=False, errors=(f"timed out after {timeout} s",))
+        ] * len(jobs)
+    results: list[Validation] = []
+    rest = done.stdout
+    for _ in jobs:
+        marker = rest.find(f"{end} ")
+        if marker < 0 or (marker > 0 and rest[marker - 1] != "\n"):
+            tail = tuple(rest.splitlines()[-5:]) or (f"node exited with status {done.returncode}",)
+            results.append(Validation("viewercheck", ran=False, ok=False, errors=tail, output=rest))
+            rest = ""
+            continue
+        line_end = rest.find("\n", marker)
+        code = int(rest[marker + len(end) + 1 : line_end if line_end >= 0 else None])
+        results.append(_viewercheck_result(code, rest[:marker]))
+        rest = rest[line_end + 1 :] if line_end >= 0 else ""
+    return results
 
 
 def prepare_viewercheck(source: Path, cache: Path) -> Path:

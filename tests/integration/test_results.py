@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -59,6 +62,77 @@ def _unexpected(warnings: tuple[str, ...]) -> list[str]:
     return [w for w in warnings if not (w.startswith("WARN sr.hydration:") and "(Probe)" in w)]
 
 
+@dataclass
+class Built:
+    """A viewer case: its result files by kind, its source folder, what else its test checks, and
+    viewercheck's verdict."""
+
+    paths: dict[str, list[Path]]
+    sources: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+    viewer: validate.Validation | None = None
+
+
+Builder = Callable[[str, Path], Built]
+VIEWER_CASES: dict[str, Callable[[Path], Built]] = {}
+"""Test node name -> how its files are built (in the given folder): viewercheck runs on all at once."""
+
+
+def viewer_case(test: str, params: Sequence[str] = ()) -> Callable[[Builder], Builder]:
+    """Registers a builder, called with each of the test's parameters (or "" for none) and a folder."""
+
+    def register(build: Builder) -> Builder:
+        for param in params or ("",):
+            VIEWER_CASES[f"{test}[{param}]" if param else test] = functools.partial(build, param)
+        return build
+
+    return register
+
+
+@pytest.fixture(scope="module")
+def viewed(
+    request: pytest.FixtureRequest, viewercheck_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Built | Exception]:
+    """The viewer cases of this module's selected tests, built, and checked by viewercheck in one Node.
+
+    One Node process loads OHIF's code once for every case (validate.viewercheck_many); each case still
+    gets check.js's own run and verdict. A case that could not be built holds the exception, which its
+    test raises.
+    """
+    names = sorted(
+        {
+            item.name
+            for item in request.session.items
+            if item.module is request.module and "viewed" in item.fixturenames
+        }
+    )
+    built: dict[str, Built | Exception] = {}
+    for name in names:
+        try:
+            built[name] = VIEWER_CASES[name](tmp_path_factory.mktemp("viewer"))
+        except Exception as exc:  # raised again by the case's own test
+            built[name] = exc
+    ready = {name: case for name, case in built.items() if isinstance(case, Built)}
+    jobs = [
+        (case.paths["SEG"][0], case.paths["SR"][0] if case.extra.get("with_sr", True) else None, case.sources)
+        for case in ready.values()
+    ]
+    for case, result in zip(ready.values(), validate.viewercheck_many(viewercheck_dir, jobs), strict=True):
+        case.viewer = result
+    return built
+
+
+def _viewed(
+    viewed: dict[str, Built | Exception], request: pytest.FixtureRequest
+) -> tuple[Built, validate.Validation]:
+    """This test's case and viewercheck's verdict on it; skips where viewercheck is not installed."""
+    case = viewed[request.node.name]
+    if isinstance(case, Exception):
+        raise case
+    assert case.viewer is not None
+    return case, require(case.viewer)
+
+
 def test_write_results_writes_valid_files(tmp_path: Path) -> None:
     series = make_series("sagittal")
     paths = write_results(
@@ -90,20 +164,27 @@ def test_write_results_writes_valid_files(tmp_path: Path) -> None:
     assert listed == {pydicom.dcmread(p).SOPInstanceUID for p in kinds["SC"]}
 
 
-@pytest.mark.parametrize("orientation", ["axial", "sagittal", "oblique"])
-def test_ohif_loads_seg_and_sr(orientation: str, tmp_path: Path, viewercheck_dir: Path) -> None:
+ORIENTATIONS = ("axial", "sagittal", "oblique")
+
+
+@viewer_case("test_ohif_loads_seg_and_sr", ORIENTATIONS)
+def _seg_and_sr(orientation: str, tmp: Path) -> Built:
     series = make_series(orientation)
-    paths = _by_kind(
-        write_results(lung_findings(series.volume), series.volume, series.datasets, tmp_path / "out")
-    )
-    sources = _save_sources(series.datasets, tmp_path / "src")
-    result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
+    paths = _by_kind(write_results(lung_findings(series.volume), series.volume, series.datasets, tmp / "out"))
+    return Built(paths, _save_sources(series.datasets, tmp / "src"))
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_ohif_loads_seg_and_sr(
+    orientation: str, viewed: dict[str, Built | Exception], request: pytest.FixtureRequest
+) -> None:
+    _, result = _viewed(viewed, request)
     assert result.ok, result.output
     assert not _unexpected(result.warnings), result.warnings
 
 
-def test_ohif_loads_an_sr_compared_with_a_prior(tmp_path: Path, viewercheck_dir: Path) -> None:
-    """The change NUMs and the prior in the evidence keep the report loadable in OHIF."""
+@viewer_case("test_ohif_loads_an_sr_compared_with_a_prior")
+def _compared_with_a_prior(_: str, tmp: Path) -> Built:
     series = make_series()
     findings = lung_findings(series.volume)
     earlier = build_results(findings, series.volume, series.datasets, ResultOptions(write_sc=False))
@@ -112,24 +193,37 @@ def test_ohif_loads_an_sr_compared_with_a_prior(tmp_path: Path, viewercheck_dir:
         findings, measurements=tuple(replace(m, value=m.value * 1.05) for m in findings.measurements)
     )
     options = ResultOptions(write_sc=False, prior=prior)
-    paths = _by_kind(write_results(grown, series.volume, series.datasets, tmp_path / "out", options))
-    assert any("change" in row[1] for row in sr_measurements(pydicom.dcmread(paths["SR"][0])))
-    sources = _save_sources(series.datasets, tmp_path / "src")
-    result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
+    paths = _by_kind(write_results(grown, series.volume, series.datasets, tmp / "out", options))
+    return Built(paths, _save_sources(series.datasets, tmp / "src"))
+
+
+def test_ohif_loads_an_sr_compared_with_a_prior(
+    viewed: dict[str, Built | Exception], request: pytest.FixtureRequest
+) -> None:
+    """The change NUMs and the prior in the evidence keep the report loadable in OHIF."""
+    case, result = _viewed(viewed, request)
+    assert any("change" in row[1] for row in sr_measurements(pydicom.dcmread(case.paths["SR"][0])))
     assert result.ok, result.output
     assert not _unexpected(result.warnings), result.warnings
 
 
-@needs_testdata
-@pytest.mark.parametrize("name", ["ct-abdomen-totalseg", "mr-brain-t1-mprage"])
-def test_ohif_loads_results_on_real_series(name: str, tmp_path: Path, viewercheck_dir: Path) -> None:
+REAL_SERIES = ("ct-abdomen-totalseg", "mr-brain-t1-mprage")
+
+
+@viewer_case("test_ohif_loads_results_on_real_series", REAL_SERIES)
+def _real_series(name: str, tmp: Path) -> Built:
     datasets, volume = load_real(TESTDATA / name)
     findings = lung_findings(volume)
-    paths = _by_kind(
-        write_results(findings, volume, datasets, tmp_path / "out", ResultOptions(write_sc=False))
-    )
-    sources = _save_sources(datasets, tmp_path / "src")
-    result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
+    paths = _by_kind(write_results(findings, volume, datasets, tmp / "out", ResultOptions(write_sc=False)))
+    return Built(paths, _save_sources(datasets, tmp / "src"))
+
+
+@needs_testdata
+@pytest.mark.parametrize("name", REAL_SERIES)
+def test_ohif_loads_results_on_real_series(
+    name: str, viewed: dict[str, Built | Exception], request: pytest.FixtureRequest
+) -> None:
+    _, result = _viewed(viewed, request)
     assert result.ok, result.output
 
 
@@ -263,23 +357,32 @@ def _phantom_findings(truth: dict[str, np.ndarray], volume: Volume) -> Findings:
     return Findings("ct-lung", "1.2.0", volume.shape, tuple(segments), tuple(measurements))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(PHANTOM_CASES))
-def test_phantom_series(case: str, tmp_path: Path, viewercheck_dir: Path) -> None:
-    """Any orientation, slice order and gantry tilt: SEG frames on the planes, masks back, OHIF loads it."""
+@viewer_case("test_phantom_series", sorted(PHANTOM_CASES))
+def _phantom(case: str, tmp: Path) -> Built:
     phantom = ct_chest_phantom(48, 48, 24, **PHANTOM_CASES[case])  # type: ignore[arg-type]
     volume = load_series(phantom.datasets)
+    findings = _phantom_findings(phantom.truth, volume)
+    paths = _by_kind(write_results(findings, volume, phantom.datasets, tmp / "out"))
+    extra = {"phantom": phantom, "volume": volume, "findings": findings}
+    return Built(paths, _save_sources(phantom.datasets, tmp / "src"), extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(PHANTOM_CASES))
+def test_phantom_series(
+    case: str, viewed: dict[str, Built | Exception], request: pytest.FixtureRequest
+) -> None:
+    """Any orientation, slice order and gantry tilt: SEG frames on the planes, masks back, OHIF loads it."""
+    built, viewer = _viewed(viewed, request)
+    phantom, volume, findings = (built.extra[k] for k in ("phantom", "volume", "findings"))
     # the truth is indexed like the phantom's voxels: the loader must have found the same grid
     np.testing.assert_allclose(volume.affine, phantom.affine, atol=1e-4)
-    findings = _phantom_findings(phantom.truth, volume)
-    paths = _by_kind(write_results(findings, volume, phantom.datasets, tmp_path / "out"))
+    paths = built.paths
     check_frames_on_sources(pydicom.dcmread(paths["SEG"][0]), phantom.datasets)
     check_masks(paths["SEG"][0], findings, volume)
     for path in (*paths["SEG"], *paths["SR"], *paths["SC"]):
         result = require(validate.dciodvfy(path))
         assert result.ok, f"{path.name}: {result}"
-    sources = _save_sources(phantom.datasets, tmp_path / "src")
-    viewer = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
     assert viewer.ok, viewer.output
 
 
@@ -302,12 +405,8 @@ def test_headers_without_pixels_are_enough(tmp_path: Path) -> None:
     assert sorted(_by_kind(paths)) == ["SC", "SEG", "SR"]
 
 
-def test_ohif_keeps_every_voxel_of_overlapping_segments(tmp_path: Path, viewercheck_dir: Path) -> None:
-    """A body around two organs at different heights: OHIF's layer packing must not drop slices.
-
-    In the pipeline's order (organ lower down second) OHIF 3.13 loses the second organ's top slices;
-    dicom_io.results orders overlapping segments so that it cannot (see seg._ohif_overlap_order).
-    """
+@viewer_case("test_ohif_keeps_every_voxel_of_overlapping_segments")
+def _overlapping(_: str, tmp: Path) -> Built:
     series = make_series("axial", shape=(12, 40, 48))
     shape = series.volume.shape
     body = np.ones(shape, bool)
@@ -319,23 +418,38 @@ def test_ohif_keeps_every_voxel_of_overlapping_segments(tmp_path: Path, viewerch
         for number, (label, mask) in enumerate((("Body", body), ("Upper", upper), ("Lower", lower)), start=1)
     )
     findings = Findings("test", "1", shape, segments)
-    paths = _by_kind(write_results(findings, series.volume, series.datasets, tmp_path / "out"))
-    sources = _save_sources(series.datasets, tmp_path / "src")
-    result = require(
-        validate.viewercheck(viewercheck_dir, paths["SEG"][0], None, sources)
-    )  # SR: no measurements
+    paths = _by_kind(write_results(findings, series.volume, series.datasets, tmp / "out"))
+    extra = {"findings": findings, "volume": series.volume, "with_sr": False}  # SR: no measurements
+    return Built(paths, _save_sources(series.datasets, tmp / "src"), extra)
+
+
+def test_ohif_keeps_every_voxel_of_overlapping_segments(
+    viewed: dict[str, Built | Exception], request: pytest.FixtureRequest
+) -> None:
+    """A body around two organs at different heights: OHIF's layer packing must not drop slices.
+
+    In the pipeline's order (organ lower down second) OHIF 3.13 loses the second organ's top slices;
+    dicom_io.results orders overlapping segments so that it cannot (see seg._ohif_overlap_order).
+    """
+    case, result = _viewed(viewed, request)
     assert result.ok, result.output
-    check_masks(paths["SEG"][0], findings, series.volume)
+    check_masks(case.paths["SEG"][0], case.extra["findings"], case.extra["volume"])
 
 
-def test_ohif_shows_labelmap_segments_in_their_colours(tmp_path: Path, viewercheck_dir: Path) -> None:
+@viewer_case("test_ohif_shows_labelmap_segments_in_their_colours")
+def _labelmap(_: str, tmp: Path) -> Built:
     series = make_series("oblique")
     options = ResultOptions(segmentation_type="LABELMAP", write_sc=False)
     paths = _by_kind(
-        write_results(lung_findings(series.volume), series.volume, series.datasets, tmp_path / "out", options)
+        write_results(lung_findings(series.volume), series.volume, series.datasets, tmp / "out", options)
     )
-    seg = pydicom.dcmread(paths["SEG"][0], stop_before_pixels=True)
+    return Built(paths, _save_sources(series.datasets, tmp / "src"))
+
+
+def test_ohif_shows_labelmap_segments_in_their_colours(
+    viewed: dict[str, Built | Exception], request: pytest.FixtureRequest
+) -> None:
+    case, result = _viewed(viewed, request)
+    seg = pydicom.dcmread(case.paths["SEG"][0], stop_before_pixels=True)
     assert [int(item.SegmentNumber) for item in seg.SegmentSequence] == [1, 2] and seg.PixelPaddingValue == 0
-    sources = _save_sources(series.datasets, tmp_path / "src")
-    result = require(validate.viewercheck(viewercheck_dir, paths["SEG"][0], paths["SR"][0], sources))
     assert result.ok and not _unexpected(result.warnings), result.output

@@ -46,16 +46,22 @@ def test_dciodvfy_reports_error_lines(tmp_path: Path) -> None:
 
 @needs_testdata
 def test_viewercheck_reports_dcmqi_sr_without_coordinates() -> None:
-    """dcmqi's SR has no coordinates: OHIF's loader throws, and the wrapper says so with FAIL lines."""
+    """dcmqi's SR has no coordinates: OHIF's loader throws, and the wrapper says so with FAIL lines.
+
+    viewercheck_many, in one Node process, gives each job what its own run gives: the same lines for
+    the failing pair, then a pass for the SEG alone.
+    """
     tool = viewercheck_tool()
-    result = require(
-        validate.viewercheck(
-            tool,
-            DCMQI / "segmentations/liver.dcm",
-            DCMQI / "sr-example/sr.dcm",
-            DCMQI / "segmentations/ct-3slice",
-        )
+    seg, sr, source = (
+        DCMQI / "segmentations/liver.dcm",
+        DCMQI / "sr-example/sr.dcm",
+        DCMQI / "segmentations/ct-3slice",
     )
+    result = require(validate.viewercheck(tool, seg, sr, source))
     assert not result.ok
     assert any(line.startswith("FAIL sr.geometry") for line in result.errors)
     assert not any(line.startswith("FAIL seg.") for line in result.errors)
+    failing, passing = validate.viewercheck_many(tool, [(seg, sr, source), (seg, None, source)])
+    assert require(failing).output == result.output and not failing.ok
+    assert require(passing).ok, passing.output
+    assert not any(line.startswith("FAIL") for line in passing.output.splitlines())

@@ -1,9 +1,10 @@
 """A real headless Chromium (Debian's ``/usr/bin/chromium``) driven by Playwright, for pages people see.
 
-`chromium_page()` yields a fresh Playwright page in a fresh browser context; the browser is
-started with the flags a closed network needs (no background networking, no component updates)
-and SwiftShader for WebGL (the OHIF viewer). Tests that need it skip with a clear reason where
-Chromium or Playwright is missing, and are counted by the real-data summary like the others.
+`chromium_page()` yields a fresh Playwright page in a fresh browser context, of its own browser or of
+one from `chromium_browser()` that several pages share in turn. The browser is started with the flags
+a closed network needs (no background networking, no component updates) and SwiftShader for WebGL
+(the OHIF viewer). Tests that need it skip with a clear reason where Chromium or Playwright is
+missing, and are counted by the real-data summary like the others.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    from playwright.sync_api import Browser, Page
 
 CHROMIUM_FLAGS = (
     "--no-sandbox",
@@ -42,8 +43,8 @@ def chromium_path() -> Path:
 
 
 @contextmanager
-def chromium_page(width: int = 1280, height: int = 900) -> Iterator[Page]:
-    """A page of a new headless Chromium; the browser is closed on exit."""
+def chromium_browser() -> Iterator[Browser]:
+    """A new headless Chromium (and its Playwright driver), closed on exit."""
     sync_api = pytest.importorskip("playwright.sync_api")
     executable = chromium_path()
     with sync_api.sync_playwright() as pw:
@@ -51,7 +52,23 @@ def chromium_page(width: int = 1280, height: int = 900) -> Iterator[Page]:
             executable_path=str(executable), headless=True, args=list(CHROMIUM_FLAGS)
         )
         try:
-            context = browser.new_context(viewport={"width": width, "height": height})
-            yield context.new_page()
+            yield browser
         finally:
             browser.close()
+
+
+@contextmanager
+def chromium_page(width: int = 1280, height: int = 900, browser: Browser | None = None) -> Iterator[Page]:
+    """A page in a new browser context (no cookies, storage or cache from another page).
+
+    Of `browser`, where given (the context is closed on exit), else of a new Chromium closed on exit.
+    """
+    if browser is None:
+        with chromium_browser() as own, chromium_page(width, height, own) as page:
+            yield page
+        return
+    context = browser.new_context(viewport={"width": width, "height": height})
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
