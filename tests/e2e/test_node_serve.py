@@ -39,11 +39,12 @@ def port_taken() -> list[int]:
 
 @pytest.fixture(scope="module")
 def shared_node(tmp_path_factory: pytest.TempPathFactory, port_taken: list[int]) -> Iterator[NodeProcess]:
-    """One node (two receiving processes, the default) for the module's tests that need nothing else:
-    each sends its own study (new UIDs), so they do not see each other's. Only the peers in PEERS may
-    associate. Its first port is taken (as another test's node or Orthanc might take a port that
-    free_port() found) before it starts: NodeProcess.start tries again on another port."""
-    n = NodeProcess(tmp_path_factory.mktemp("node"), {"dicom": {"allowed_peers": PEERS}})
+    """One node (two receiving processes, as the product's default) for the module's tests that need
+    nothing else: each sends its own study (new UIDs), so they do not see each other's. Only the
+    peers in PEERS may associate. Its first port is taken (as another test's node or Orthanc might
+    take a port that free_port() found) before it starts: NodeProcess.start tries again on another
+    port."""
+    n = NodeProcess(tmp_path_factory.mktemp("node"), {"dicom": {"allowed_peers": PEERS, "receivers": 2}})
     with socket.create_server(("127.0.0.1", n.port)):
         port_taken.append(n.port)
         n.start(preexec_fn=os.setpgrp)  # its own process group: the SIGTERM test below signals it last
@@ -249,7 +250,7 @@ def test_a_file_size_limit_on_the_node_answers_out_of_resources(tmp_path: Path) 
 def test_concurrent_associations_into_two_receiving_processes_fill_one_study(
     node: NodeProcess, tmp_path: Path
 ) -> None:
-    """The shared node has two receiving processes (the default). One series may complete before
+    """The shared node has two receiving processes. One series may complete before
     the other arrives (a new revision then): what counts is the study COMPLETE with both series."""
     study_uid = generate_uid()
     series = [write_series(tmp_path / name, 25, study_uid=study_uid) for name in ("a", "b")]
