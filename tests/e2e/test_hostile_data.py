@@ -368,7 +368,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """`radgate serve` with the small limits, for the tests below: the deep nests over DCMTK first,
     then the start over corrupt leftovers, which stops it, plants them and starts it again."""
     node = NodeProcess(
-        tmp_path_factory.mktemp("served") / "node", {"dicom": LIMITS, "executor": {"workers": 1}}
+        tmp_path_factory.mktemp("served") / "node",
+        {"dicom": {**LIMITS, "receivers": 2}, "executor": {"workers": 1}},
     )
     node.start()
     yield node

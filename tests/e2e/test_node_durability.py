@@ -44,7 +44,8 @@ def _dataset(path: Path) -> Dataset:
 def test_instances_acknowledged_before_sigkill_survive_whole_and_the_study_completes(tmp_path: Path) -> None:
     files = write_series(tmp_path / "src", COUNT, size=64)
     source = {p.stem: p for p in files}
-    node = NodeProcess(tmp_path / "node").start()
+    # the study completes a short quiet period after the restart: no sender comes back
+    node = NodeProcess(tmp_path / "node", {"completion": {"quiet_period_s": 0.5}}).start()
     acked: dict[str, int] = {}
     done = threading.Event()
     sender = threading.Thread(target=_send_all, args=(node.port, files, acked, done))

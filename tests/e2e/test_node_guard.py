@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from support.node import RADGATE, NodeProcess, wait_for, write_series
-from support.pipeline import write_threshold_bundle
 
 from dicom_io.testing.synthetic import ct_chest_phantom
 from plugin.ingest.datadir import SERVE
@@ -72,61 +70,63 @@ def _spooled(node: NodeProcess) -> set[str]:
     return {path.stem for path in (node.data_dir / "spool").rglob("*.dcm")}
 
 
-def test_a_second_node_refuses_the_data_dir_names_the_holder_and_touches_nothing(tmp_path: Path) -> None:
-    first = NodeProcess(tmp_path / "first").start()
-    try:
-        assert first.process is not None
-        early = write_series(tmp_path / "early", 5)
-        assoc = _associate(first)
-        assert _store(assoc, early) == [0] * 5
-        assoc.release()
-        # what spool recovery would remove (an incoming file) and quarantine (an unrecorded spool file)
-        incoming = first.data_dir / "incoming" / ".rx-live.dcm"
-        incoming.write_bytes(b"a dataset still arriving")
-        unrecorded = first.data_dir / "spool" / "1.2.3" / "1.2.4" / "1.2.5.dcm"
-        unrecorded.parent.mkdir(parents=True)
-        unrecorded.write_bytes(b"not yet recorded")
-        wait_for(
-            lambda: [s for s in first.studies(cli=False) if s["state"] == "COMPLETE"],
-            30,
-            "the first study",
-            interval=0.2,
-        )
-        before = _snapshot(first.data_dir)
+def _refused_while_held(holder: NodeProcess, workdir: Path) -> None:
+    """Another `radgate serve` on the serving ``holder``'s data dir exits 1 naming the holder and
+    touches nothing there, while the holder (its receiving processes never holding the lock) goes
+    on receiving."""
+    assert holder.process is not None
+    early = write_series(workdir / "early", 5)
+    assoc = _associate(holder)
+    assert _store(assoc, early) == [0] * 5
+    assoc.release()
+    # what spool recovery would remove (an incoming file) and quarantine (an unrecorded spool file)
+    incoming = holder.data_dir / "incoming" / ".rx-live.dcm"
+    incoming.write_bytes(b"a dataset still arriving")
+    unrecorded = holder.data_dir / "spool" / "1.2.3" / "1.2.4" / "1.2.5.dcm"
+    unrecorded.parent.mkdir(parents=True)
+    unrecorded.write_bytes(b"not yet recorded")
+    early_uid = pydicom.dcmread(early[0], stop_before_pixels=True).StudyInstanceUID
+    wait_for(
+        lambda: [
+            s for s in holder.studies(cli=False) if s["study_uid"] == early_uid and s["state"] == "COMPLETE"
+        ],
+        30,
+        "the first study",
+        interval=0.2,
+    )
+    before = _snapshot(holder.data_dir)
 
-        second = NodeProcess(tmp_path / "second", {"data_dir": str(first.data_dir)})
-        refused = subprocess.run(
-            [str(RADGATE), "serve", "--config", str(second.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert refused.returncode == 1, refused.stderr
-        holder = f"in use by radgate serve, pid {first.process.pid} on {socket.gethostname()} since "
-        assert holder in refused.stderr, refused.stderr
-        assert "spool recovery" not in refused.stderr and "radgate serving" not in refused.stderr
-        assert _snapshot(first.data_dir) == before  # no recovery, no schema or row written, no file
-        # the receiving and executor processes (spawned) never share the lock: none can drop or keep it
-        assert _openers((first.data_dir / SERVE.lock_name).resolve()) == {first.process.pid}
+    other = NodeProcess(workdir / "node", {"data_dir": str(holder.data_dir)})
+    refused = subprocess.run(
+        [str(RADGATE), "serve", "--config", str(other.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1, refused.stderr
+    named = f"in use by radgate serve, pid {holder.process.pid} on {socket.gethostname()} since "
+    assert named in refused.stderr, refused.stderr
+    assert "spool recovery" not in refused.stderr and "radgate serving" not in refused.stderr
+    assert _snapshot(holder.data_dir) == before  # no recovery, no schema or row written, no file
+    # the receiving and executor processes (spawned) never share the lock: none can drop or keep it
+    assert _openers((holder.data_dir / SERVE.lock_name).resolve()) == {holder.process.pid}
 
-        files = write_series(tmp_path / "later", 100)
-        assoc = _associate(first)
-        statuses = _store(assoc, files)
-        assoc.release()
-        assert statuses == [0x0000] * 100
-        assert {p.stem for p in files} <= _spooled(first)
-        assert incoming.exists() and unrecorded.exists()
-        uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-        wait_for(
-            lambda: [
-                s for s in first.studies(cli=False) if s["study_uid"] == uid and s["instance_count"] == 100
-            ],
-            30,
-            "the 100 instances recorded",
-            interval=0.2,
-        )
-    finally:
-        assert first.stop() == 0, first.log()
+    files = write_series(workdir / "later", 100)
+    assoc = _associate(holder)
+    statuses = _store(assoc, files)
+    assoc.release()
+    assert statuses == [0x0000] * 100
+    assert {p.stem for p in files} <= _spooled(holder)
+    assert incoming.exists() and unrecorded.exists()
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    wait_for(
+        lambda: [
+            s for s in holder.studies(cli=False) if s["study_uid"] == uid and s["instance_count"] == 100
+        ],
+        30,
+        "the 100 instances recorded",
+        interval=0.2,
+    )
 
 
 def _children(pid: int) -> set[int]:
@@ -149,53 +149,44 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_when_the_holder_is_killed_the_next_node_takes_the_data_dir(tmp_path: Path) -> None:
-    first = NodeProcess(tmp_path / "first").start()
+def test_when_the_holder_is_killed_the_next_node_takes_the_data_dir_and_refuses_a_third(
+    tmp_path: Path,
+) -> None:
+    """A killed holder (its receiving processes end with it) leaves the data dir to the next node,
+    which then holds it against a third as any holder does (`_refused_while_held`)."""
+    first = NodeProcess(tmp_path / "first", {"dicom": {"receivers": 2}}).start()
     try:
         assert first.process is not None
         pid = first.process.pid
-        # both receiving processes (`dicom.receivers` defaults to 2), spawned as the node starts
+        # both receiving processes, spawned as the node starts
         children = wait_for(lambda: c if len(c := _children(pid)) >= 2 else None, 30, "the receivers")
         assoc = _associate(first)  # an association open when the node dies keeps no receiver alive
     finally:
         first.kill()  # SIGKILL: the kernel drops its lock
     wait_for(lambda: not any(_alive(pid) for pid in children), 3, "the killed node's processes to end")
     assoc.abort()
-    second = NodeProcess(tmp_path / "second", {"data_dir": str(first.data_dir)}).start()
+    # two receiving processes: none of them may hold the lock (`_refused_while_held`)
+    second = NodeProcess(tmp_path / "second", {"data_dir": str(first.data_dir), "dicom": {"receivers": 2}})
+    second.start()
     try:
         assert second.echoscu().returncode == 0
         assert second.process is not None
         lock = (first.data_dir / SERVE.lock_name).read_text()
         assert lock.startswith(f"pid={second.process.pid} host={socket.gethostname()} since=")
+        _refused_while_held(second, tmp_path / "third")
     finally:
         assert second.stop() == 0, second.log()
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_threshold_bundle(tmp_path_factory.mktemp("bundle") / "bone", resample=False)
+def _lung_node(workdir: Path, **settings: Any) -> NodeProcess:
+    """A node on the shipped rules (ct-lung on a chest CT), with two receiving processes: what they
+    create is the node's too."""
+    return NodeProcess(workdir, {"dicom": {"receivers": 2}, "executor": {"poll_s": 0.2}, **settings})
 
 
-def _bone_node(workdir: Path, bundle: Path, **settings: Any) -> NodeProcess:
-    """A node whose one rule runs a tiny MONAI bundle (a 1x1x1 convolution) on every CT series."""
-    pipeline = {"kind": "monai-bundle", "bundle_dir": str(bundle), "modalities": ["CT"], "min_slices": 5}
-    return NodeProcess(
-        workdir,
-        {
-            "pipelines": {"bone": pipeline},
-            "rules": [{"name": "ct", "match": {"Modality": {"equals": "CT"}}, "pipeline": "bone"}],
-            "executor": {"poll_s": 0.2},
-            **settings,
-        },
-    )
-
-
-def _phantom(directory: Path, slices: int) -> list[Path]:
-    """A small chest CT the bundle takes (its spacing within the pipeline's limits), one file a slice."""
-    phantom = ct_chest_phantom(
-        rows=32, columns=32, slices=slices, pixel_spacing=(1.0, 1.0), slice_spacing=2.0
-    )
-    return phantom.write(directory)
+def _phantom(directory: Path) -> list[Path]:
+    """A small chest CT of 40 slices that the shipped chest rule sends to ct-lung, one file a slice."""
+    return ct_chest_phantom(rows=64, columns=64, slices=40, seed=7).write(directory)
 
 
 def _ended_jobs(node: NodeProcess) -> list[dict[str, Any]]:
@@ -215,20 +206,18 @@ def _walk(root: Path) -> Iterator[tuple[Path, int]]:
                 continue
 
 
-@pytest.mark.parametrize("group_readable", [False, True], ids=["private", "group-readable"])
-def test_files_and_folders_the_node_creates_are_not_readable_by_other_users(
-    tmp_path: Path, bundle: Path, group_readable: bool
+def _assert_modes(
+    tmp_path: Path,
+    node: NodeProcess,
+    files: list[Path],
+    job: dict[str, Any],
+    running: dict[Path, int],
+    stopped: dict[Path, int],
+    group_readable: bool,
 ) -> None:
-    node = _bone_node(tmp_path, bundle, group_readable=group_readable).start()
-    try:
-        files = _phantom(tmp_path / "src", 8)
-        assert node.storescu(*files).returncode == 0
-        [job] = wait_for(lambda: _ended_jobs(node), 120, "the job to end", interval=0.2)
-        assert job["state"] == "SUCCEEDED", job
-        running = dict(_walk(node.data_dir))
-    finally:
-        assert node.stop() == 0, node.log()
-    stopped = dict(_walk(node.data_dir))
+    """What ``node`` created (walked while it ran and after it stopped: its store, the spooled
+    ``files``, the ``job``'s results) is no other user's to read; with ``group_readable`` its group
+    may read it."""
     names = {path.name for path in running}
     assert {SERVE.lock_name, "radgate.db", "radgate.db-wal"} <= names
     spooled = {path.name for path in running if path.is_relative_to(node.data_dir / "spool")}
@@ -243,12 +232,28 @@ def test_files_and_folders_the_node_creates_are_not_readable_by_other_users(
             assert not mode & 0o077, shown
 
 
-def test_a_study_resent_slowly_after_a_crash_completes_once_on_every_instance(
-    tmp_path: Path, bundle: Path
+def test_files_and_folders_a_group_readable_node_creates_are_not_readable_by_other_users(
+    tmp_path: Path,
 ) -> None:
+    """With ``group_readable`` the node's group may read what it creates, no one else; the default
+    (private) modes are checked by the crash test below."""
+    node = _lung_node(tmp_path, group_readable=True).start()
+    try:
+        files = _phantom(tmp_path / "src")
+        assert node.storescu(*files).returncode == 0
+        [job] = wait_for(lambda: _ended_jobs(node), 120, "the job to end", interval=0.2)
+        assert job["state"] == "SUCCEEDED", job
+        running = dict(_walk(node.data_dir))
+    finally:
+        assert node.stop() == 0, node.log()
+    _assert_modes(tmp_path, node, files, job, running, dict(_walk(node.data_dir)), group_readable=True)
+
+
+def test_a_study_resent_slowly_after_a_crash_completes_once_on_every_instance(tmp_path: Path) -> None:
+    """Everything the node created (default file modes), the crash's leftovers included, is private."""
     quiet_s = 1.0
-    node = _bone_node(tmp_path, bundle, completion={"quiet_period_s": quiet_s, "after_release_s": 0.5})
-    files = _phantom(tmp_path / "src", 40)
+    node = _lung_node(tmp_path, completion={"quiet_period_s": quiet_s, "after_release_s": 0.5})
+    files = _phantom(tmp_path / "src")
     node.start()
     assoc = _associate(node)
     assert _store(assoc, files[:20]) == [0] * 20
@@ -258,10 +263,12 @@ def test_a_study_resent_slowly_after_a_crash_completes_once_on_every_instance(
     try:
         # the sender sends the whole study again: its 20 duplicates alone span twice the quiet period
         assoc = _associate(node)
-        assert _store(assoc, files, pause_s=2 * quiet_s / 20) == [0] * 40
+        statuses = _store(assoc, files[:20], pause_s=2 * quiet_s / 20) + _store(assoc, files[20:])
+        assert statuses == [0] * 40
         assoc.release()
         [job] = wait_for(lambda: _ended_jobs(node), 120, "the job to end", interval=0.2)
         [study] = node.studies(cli=False)
+        running = dict(_walk(node.data_dir))
     finally:
         assert node.stop() == 0, node.log()
     assert (study["revision"], study["state"], study["instance_count"]) == (1, "COMPLETE", 40)
@@ -270,5 +277,7 @@ def test_a_study_resent_slowly_after_a_crash_completes_once_on_every_instance(
     assert len(completions) == 1 and completions[0].endswith("revision 1 complete: 40 instances")
     [sr] = Path(job["results_dir"]).glob("SR-*.dcm")  # its evidence: the images the pipeline ran on
     [evidence] = pydicom.dcmread(sr).CurrentRequestedProcedureEvidenceSequence
-    [series] = evidence.ReferencedSeriesSequence
+    sent = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    [series] = [s for s in evidence.ReferencedSeriesSequence if s.SeriesInstanceUID == sent]
     assert len(series.ReferencedSOPSequence) == 40
+    _assert_modes(tmp_path, node, files, job, running, dict(_walk(node.data_dir)), group_readable=False)

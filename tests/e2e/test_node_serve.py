@@ -39,11 +39,12 @@ def port_taken() -> list[int]:
 
 @pytest.fixture(scope="module")
 def shared_node(tmp_path_factory: pytest.TempPathFactory, port_taken: list[int]) -> Iterator[NodeProcess]:
-    """One node (two receiving processes, the default) for the module's tests that need nothing else:
-    each sends its own study (new UIDs), so they do not see each other's. Only the peers in PEERS may
-    associate. Its first port is taken (as another test's node or Orthanc might take a port that
-    free_port() found) before it starts: NodeProcess.start tries again on another port."""
-    n = NodeProcess(tmp_path_factory.mktemp("node"), {"dicom": {"allowed_peers": PEERS}})
+    """One node (two receiving processes, as the product's default) for the module's tests that need
+    nothing else: each sends its own study (new UIDs), so they do not see each other's. Only the
+    peers in PEERS may associate. Its first port is taken (as another test's node or Orthanc might
+    take a port that free_port() found) before it starts: NodeProcess.start tries again on another
+    port."""
+    n = NodeProcess(tmp_path_factory.mktemp("node"), {"dicom": {"allowed_peers": PEERS, "receivers": 2}})
     with socket.create_server(("127.0.0.1", n.port)):
         port_taken.append(n.port)
         n.start(preexec_fn=os.setpgrp)  # its own process group: the SIGTERM test below signals it last
@@ -227,29 +228,45 @@ def test_a_spool_write_failure_answers_out_of_resources(node: NodeProcess, tmp_p
     _complete(node, _study_uid(files), 2)
 
 
-def test_a_file_size_limit_on_the_node_answers_out_of_resources(tmp_path: Path) -> None:
-    def limit_file_size() -> None:
-        # room for the job store and its WAL (the schema's 0.2 MB and the test's writes), not the big file
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+def _own_group_and_file_size_limit() -> None:
+    """In the node's process before it runs: a process group of its own, and no file written past
+    1 MiB (room for the job store and its WAL: the schema's 0.2 MB and the tests' writes)."""
+    os.setpgrp()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
-    node = NodeProcess(tmp_path).start(preexec_fn=limit_file_size)
-    try:
-        big = write_series(tmp_path / "big", 1, size=1024)  # 2 MiB of pixels
-        sent = node.storescu(*big)
-        assert "Refused: OutOfResources" in sent.stderr and "Success" not in sent.stderr, sent.stderr
-        wait_for(lambda: "0xA700" in node.log(), 10, "the refusal in the node's log")
-        assert held_incoming(node.data_dir / "incoming") == []  # the partial file is gone
-        small = write_series(tmp_path / "small", 2)
-        assert node.storescu(*small).returncode == 0
-        _complete(node, _study_uid(small), 2)
-    finally:
-        assert node.stop() == 0
+
+@pytest.fixture(scope="module")
+def own_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """A second node, for the file size limit test and then the SIGINT test: two receiving
+    processes (which inherit the limit), in a process group of its own, files limited to 1 MiB
+    (`_own_group_and_file_size_limit`)."""
+    n = NodeProcess(tmp_path_factory.mktemp("own"), {"dicom": {"receivers": 2}})
+    n.start(preexec_fn=_own_group_and_file_size_limit)
+    yield n
+    assert n.process is not None
+    if n.process.poll() is None:
+        assert n.stop() == 0, n.log()
+
+
+def test_a_file_size_limit_on_the_node_answers_out_of_resources(
+    own_node: NodeProcess, tmp_path: Path
+) -> None:
+    node = own_node
+    assert node.process is not None and node.process.poll() is None, node.log()
+    big = write_series(tmp_path / "big", 1, size=1024)  # 2 MiB of pixels
+    sent = node.storescu(*big)
+    assert "Refused: OutOfResources" in sent.stderr and "Success" not in sent.stderr, sent.stderr
+    wait_for(lambda: "0xA700" in node.log(), 10, "the refusal in the node's log")
+    assert held_incoming(node.data_dir / "incoming") == []  # the partial file is gone
+    small = write_series(tmp_path / "small", 2)
+    assert node.storescu(*small).returncode == 0
+    _complete(node, _study_uid(small), 2)
 
 
 def test_concurrent_associations_into_two_receiving_processes_fill_one_study(
     node: NodeProcess, tmp_path: Path
 ) -> None:
-    """The shared node has two receiving processes (the default). One series may complete before
+    """The shared node has two receiving processes. One series may complete before
     the other arrives (a new revision then): what counts is the study COMPLETE with both series."""
     study_uid = generate_uid()
     series = [write_series(tmp_path / name, 25, study_uid=study_uid) for name in ("a", "b")]
@@ -266,18 +283,14 @@ def test_concurrent_associations_into_two_receiving_processes_fill_one_study(
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_the_whole_process_group_stops_the_node_cleanly(
-    tmp_path: Path, signum: int, shared_node: NodeProcess
+    signum: int, request: pytest.FixtureRequest
 ) -> None:
     """Ctrl-C in a terminal (or a service manager) signals the node and its receiving processes at
     once: the node stops with 0, its receiving processes are not taken for crashed and restarted.
-    SIGINT goes to a node of its own; SIGTERM to the module's node (two receiving processes, its own
-    process group), which no test after this one uses."""
-    if signum == signal.SIGINT:
-        node = NodeProcess(tmp_path, {"dicom": {"receivers": 2}}).start(preexec_fn=os.setpgrp)
-    else:
-        node = shared_node
-        assert node.process is not None and node.process.poll() is None, node.log()
-    assert node.process is not None
+    SIGINT goes to the module's second node, SIGTERM to its shared node (each with two receiving
+    processes in a process group of its own), which no test after this one uses."""
+    node: NodeProcess = request.getfixturevalue("own_node" if signum == signal.SIGINT else "shared_node")
+    assert node.process is not None and node.process.poll() is None, node.log()
     wait_for(lambda: "radgate serving" in node.log(), 30, "the node to be up")  # not during its start
     os.killpg(node.process.pid, signum)
     assert node.process.wait(20) == 0, node.log()

@@ -165,7 +165,12 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 class NodeProcess:
-    """``radgate serve`` as a real subprocess on a free port, with its own data dir and log file."""
+    """``radgate serve`` as a real subprocess on a free port, with its own data dir and log file.
+
+    The node receives in its own process (``dicom.receivers: 1``) unless ``settings`` give
+    ``dicom.receivers``: the product's default (2) spawns that many receiving processes at every
+    start, which only the tests about receiving processes need, and which those tests ask for.
+    """
 
     def __init__(self, workdir: Path, settings: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
@@ -174,7 +179,7 @@ class NodeProcess:
         self.config_path = workdir / "radgate.yaml"
         config: dict[str, Any] = {
             "data_dir": str(self.data_dir),
-            "dicom": {"port": free_port(), "host": "127.0.0.1"},
+            "dicom": {"port": free_port(), "host": "127.0.0.1", "receivers": 1},
             "completion": {"quiet_period_s": 2.0, "after_release_s": 0.5},
             "web": {"port": 0},  # the console on a free port: nodes run side by side
         }
@@ -187,6 +192,7 @@ class NodeProcess:
             else:
                 config[key] = value
         self._config = config
+        self.data_dir = Path(config["data_dir"])  # the settings' data dir, if they give one
         self.port = int(config["dicom"]["port"])
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "node.log"
