@@ -151,11 +151,34 @@ class Cluster:
         return rows
 
 
+def _session(sid: int) -> list[int]:
+    """The processes of session ``sid`` that have not ended (zombies excluded)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except OSError:  # ended meanwhile
+            continue
+        if int(session) == sid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _killed(sid: int) -> bool:
+    """SIGKILL what is left of session ``sid``; whether nothing was."""
+    left = _session(sid)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.kill(pid, signal.SIGKILL)
+    return not left
+
+
 @contextmanager
 def ray_head(folder: Path) -> Iterator[str]:
     """``ray start --head --block`` on loopback, 2 CPUs and 2 declared GPUs (a GPU cluster's stand-in),
-    every port its own; its address. Stopped through its own process group (never ``ray stop``,
-    which would stop every Ray on the machine)."""
+    every port its own; its address. Killed at the end with every process of its own session (the
+    raylet's agents and workers, which have process groups of their own), never with ``ray stop``,
+    which would stop every Ray on the machine."""
     temp = Path(tempfile.mkdtemp(prefix="rg-ray-", dir="/tmp"))  # Ray's socket paths must stay short
     gcs = free_port()
     ports = [
@@ -177,14 +200,9 @@ def ray_head(folder: Path) -> Iterator[str]:
     try:
         wait_for(lambda: head.poll() is None and "Ray runtime started" in log.read_text(), 120, "Ray's head")
         yield f"127.0.0.1:{gcs}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(10)
+    finally:  # a throwaway head: nothing of it to stop gracefully
+        wait_for(lambda: _killed(head.pid), 30, "the Ray head's processes to end")
+        head.wait(10)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ runs in milliseconds, so the time goes into scheduling, which is the point here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -58,6 +59,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, control: Path) -> Iterator
         path = [str(plugins), str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
         mp.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
         mp.setenv(CONTROL_ENV, str(control))
+        # as the other Ray tests: no token in ~/.ray to create (two Rays starting at once on a new
+        # machine could each write one) and no RAY_AUTH_MODE=token left behind by ray.init
+        mp.setenv("RAY_AUTH_MODE", "disabled")
         ray.init(
             num_cpus=2,
             num_gpus=1,
@@ -289,5 +293,28 @@ def test_a_job_waits_in_the_queue_while_the_cluster_is_unreachable(
 ) -> None:
     job_id = tiny_study_job(store, config, tmp_path, 8, ["pacs"])
     assert JobRunner(store, config, _Down()).run_one() == job_id
+    job = job_row(store, job_id)
+    assert (job.state, job.attempts, job.lease_owner) == (JobState.QUEUED, 0, None)
+
+
+def test_a_ray_that_does_not_start_is_logged_and_jobs_wait_in_the_queue(
+    store: Store,
+    config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from plugin.jobs.executor.ray_executor import RayExecutor
+
+    def timed_out(self: RayExecutor) -> None:  # what ray.init raises when the raylet never registers
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(RayExecutor, "_init_ray", timed_out)
+    own = RayExecutor(_config(tmp_path / "own"), 0.05)
+    with caplog.at_level(logging.WARNING, logger="plugin.jobs.executor.ray_executor"):
+        own.start()  # the node starts all the same
+    assert "own Ray did not start: The current node timed out during startup." in caplog.text
+    job_id = tiny_study_job(store, config, tmp_path, 10, ["pacs"])
+    assert JobRunner(store, config, own).run_one() == job_id
     job = job_row(store, job_id)
     assert (job.state, job.attempts, job.lease_owner) == (JobState.QUEUED, 0, None)

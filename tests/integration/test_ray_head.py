@@ -55,16 +55,19 @@ class Head:
     def pids(self) -> list[int]:
         """Its processes: those whose command line names its temp dir, its client port or its GCS
         (the Ray Client server's per-client server), and their descendants (the raylet's agents,
-        whose command lines name nothing): none of them may linger after `kill`."""
+        whose command lines name nothing), zombies left out: none of them may linger after `kill`."""
         found: set[int] = set()
         parents: dict[int, int] = {}
         ends = (f"={self.client_port}", f":{self.gcs_port}")
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):  # ended meanwhile
+                state, parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            except (OSError, IndexError, ValueError):  # ended meanwhile
                 continue
+            if state == "Z":
+                continue
+            parents[int(proc.name)] = int(parent)
             if any(str(self.temp_dir) in a or a.endswith(ends) for a in args):
                 found.add(int(proc.name))
         while more := {pid for pid, parent in parents.items() if parent in found} - found:
@@ -72,9 +75,16 @@ class Head:
         return sorted(found)
 
     def kill(self) -> None:
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-                os.kill(pid, signal.SIGKILL)
+        """SIGKILL its processes, and those they started meanwhile, until none is left."""
+
+        def killed() -> bool:
+            left = self.pids()
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                    os.kill(pid, signal.SIGKILL)
+            return not left
+
+        wait_for(killed, 30, "the Ray head's processes to end")
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +99,15 @@ def head(tmp_path_factory: pytest.TempPathFactory, control: Path) -> Iterator[He
     temp_dir = Path(tempfile.mkdtemp(prefix="rg-ray-", dir="/tmp"))  # Ray's socket paths must stay short
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")  # Ray Client sends no token (docs/design.md)
-        mp.setenv("RAY_CLIENT_RECONNECT_GRACE_PERIOD", "5")  # default 30: a dead head is seen sooner
+        import ray.util.client.worker
+
+        # a dead head is seen sooner: reconnecting for 2 s (default 30), each try given 1 s (default 5)
+        mp.setenv("RAY_CLIENT_RECONNECT_GRACE_PERIOD", "2")
+        mp.setattr(ray.util.client.worker, "INITIAL_TIMEOUT_SEC", 1)  # read at import, so not by env
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), CONTROL_ENV: str(control)}
+        # else gRPC's fork handlers in the head's Ray Client server crash about every other per-client
+        # server it forks (SIGSEGV before exec), and that client is refused after 30-40 s
+        env["GRPC_ENABLE_FORK_SUPPORT"] = "0"
         head = Head(temp_dir, env)
         try:
             yield head

@@ -180,7 +180,7 @@ class RayExecutor:
                 raise ExecutorUnavailable(self._down_reason or "the node's own Ray was not started")
             try:
                 self._init_ray()
-            except (ConnectionError, RuntimeError, TimeoutError, ValueError) as err:
+            except Exception as err:  # a bare Exception too: a raylet not registered within 30 s
                 self._down_until = time.monotonic() + RECONNECT_S
                 where = (
                     f"Ray at {self._ray.address} unreachable"
