@@ -47,17 +47,30 @@ def surface(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     return np.logical_and(mask, ~inner)
 
 
+def bounding_box(mask: npt.NDArray[np.bool_], margin: int) -> tuple[slice, ...]:
+    """The slices of the smallest box holding every True voxel of a non-empty mask, widened by
+    `margin` voxels on each side and clipped to the array."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(i for i in range(mask.ndim) if i != axis)
+        [idx] = np.nonzero(mask.any(axis=others))
+        box.append(slice(max(int(idx[0]) - margin, 0), int(idx[-1]) + 1 + margin))
+    return tuple(box)
+
+
 def surface_distances(
     a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_], spacing: Spacing
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Distances (mm) from each surface voxel of `a` to `b`'s surface, and from `b`'s to `a`'s.
 
-    Both masks must be non-empty. Computed on the bounding box of the two (plus one voxel), which
-    holds every surface voxel, so the result equals the full-array one.
+    Both masks must be non-empty. Computed on the bounding box of the two plus one voxel (clipped
+    to the array), surfaces included, and equal to the full-array result: a voxel of either mask
+    has all its 6-neighbours inside the box unless it lies on the array's border, where the
+    surface is the same in the box (its border) as in the array; the distance transform then
+    sees exactly the surface voxels it would see on the whole array.
     """
-    both = np.logical_or(a, b)
-    box = tuple(slice(max(int(idx.min()) - 1, 0), int(idx.max()) + 2) for idx in np.nonzero(both))
-    sa, sb = surface(a)[box], surface(b)[box]
+    box = bounding_box(np.logical_or(a, b), margin=1)
+    sa, sb = surface(a[box]), surface(b[box])
     to_b = ndimage.distance_transform_edt(~sb, sampling=spacing)
     to_a = ndimage.distance_transform_edt(~sa, sampling=spacing)
     return np.asarray(to_b[sa], dtype=np.float64), np.asarray(to_a[sb], dtype=np.float64)

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 from support.node import instance_record
+from support.postgres import BACKENDS
 
 from plugin.config import CompletionConfig, Config
 from plugin.jobs.completion import CompletionMonitor, queue_unrouted_job
@@ -68,12 +69,13 @@ def test_two_monitors_complete_a_study_once_and_queue_one_job(store: Store) -> N
         assert [(j.study_revision, j.state) for j in s.scalars(select(Job))] == [(1, "QUEUED")]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_two_starts_migrate_a_new_database_once(
-    store: Store, request: pytest.FixtureRequest, tmp_path: Path
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Two nodes starting at once on an empty database: one migrates, the other waits and finds
     the schema up to date (PostgreSQL: an advisory lock; SQLite: its write lock)."""
-    if request.node.callspec.params["store"] == "postgresql":
+    if backend == "postgresql":
         url = request.getfixturevalue("postgres").new_database()
     else:
         url = f"sqlite:///{tmp_path / 'second.db'}"

@@ -131,9 +131,7 @@ def site(
                 else None
             )
 
-        tiny_job, chest_job = wait_for(
-            settled, 300, "the tiny job FAILED, the chest one delivered", interval=0.5
-        )
+        tiny_job, chest_job = wait_for(settled, 300, "the tiny job FAILED, the chest one delivered")
         yield Site(node, f"http://127.0.0.1:{web_port}", store, chest, tiny, tiny_job.id, chest_job.id)
     finally:
         store.dispose()

@@ -385,23 +385,59 @@ CASES: dict[str, Case] = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_a_malformed_pdu_is_answered_and_the_node_serves_on(
-    node: Node, caplog: pytest.LogCaptureFixture, name: str
-) -> None:
-    case = CASES[name]
-    with caplog.at_level(logging.INFO), associated(node) if case.associate_first else connect(node) as sock:
+def send_and_answer(node: Node, case: Case) -> tuple[str, float]:
+    """Send the case on a new connection (an association first, if it says so): the SCP's answer and
+    how long after the sending began it came."""
+    with associated(node) if case.associate_first else connect(node) as sock:
         began = time.monotonic()
         if callable(case.send):
             case.send(sock)
         elif case.send:
             with contextlib.suppress(OSError):  # the SCP may abort first: its answer is still read
                 sock.sendall(case.send)
-        assert answer(sock) == case.expected
-        took = time.monotonic() - began
-        assert case.slow * 0.9 <= took < case.slow + ANSWER_WITHIN
+        return answer(sock), time.monotonic() - began
+
+
+def logged_times(caplog: pytest.LogCaptureFixture, count: int, *words: str) -> Callable[[], bool]:
+    return lambda: sum(all(w in r.getMessage() for w in words) for r in caplog.records) >= count
+
+
+PROMPT = [name for name, case in CASES.items() if not case.slow]
+STALLED = [name for name, case in CASES.items() if case.slow]
+
+
+@pytest.mark.parametrize("name", PROMPT)
+def test_a_malformed_pdu_is_answered_and_the_node_serves_on(
+    node: Node, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    case = CASES[name]
+    with caplog.at_level(logging.INFO):
+        got, took = send_and_answer(node, case)
+        assert got == case.expected
+        assert took < ANSWER_WITHIN
         if case.log:  # none for a peer's own A-ABORT
             wait_for(logged(caplog, *case.log), ANSWER_WITHIN, f"a log line with {case.log}")
+    echo_and_store(node)
+    assert node.scp.receiving_processes == node.pids
+
+
+def test_stalled_peers_are_timed_out_each_on_its_own_and_the_node_serves_on(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cases the SCP answers only when a timeout runs out, all at once (each on its own
+    connection, the timeouts counted for each): every one is answered as alone, not before its
+    timeout, and logged; the SCP then serves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with caplog.at_level(logging.INFO), ThreadPoolExecutor(len(STALLED)) as pool:
+        answers = pool.map(lambda name: send_and_answer(node, CASES[name]), STALLED)
+        for name, (got, took) in zip(STALLED, answers, strict=True):
+            case = CASES[name]
+            assert got == case.expected, name
+            assert case.slow * 0.9 <= took < case.slow + ANSWER_WITHIN, (name, took)
+        for words in {CASES[name].log for name in STALLED}:  # as many lines as cases that log them
+            count = sum(CASES[name].log == words for name in STALLED)
+            wait_for(logged_times(caplog, count, *words), ANSWER_WITHIN, f"{count} log lines with {words}")
     echo_and_store(node)
     assert node.scp.receiving_processes == node.pids
 
@@ -497,21 +533,30 @@ def test_associations_per_peer_are_capped(tmp_path: Path, caplog: pytest.LogCapt
         node.scp.stop()
 
 
-@pytest.mark.parametrize("trickled", [False, True], ids=["silent", "a record trickled"])
-def test_a_tls_peer_that_never_handshakes_is_dropped(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls_files: TlsFiles, trickled: bool
+def test_tls_peers_that_never_handshake_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls_files: TlsFiles
 ) -> None:
+    """Two peers at once, each on its own connection: one silent, one that sends a handshake record's
+    header, then its body a byte at a time (the timeout bounds the whole handshake, not each read)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     files = tls_files
     node = start(tmp_path, tls=files)
-    try:
+
+    def dropped(trickled: bool) -> tuple[str, float]:
         with connect(node) as sock:
             began = time.monotonic()
-            if trickled:  # a handshake record's header, then its body a byte at a time: the
-                # timeout bounds the whole handshake, not each read
+            if trickled:
                 trickle(bytes.fromhex("1603010200") + bytes(512), PDU_TIMEOUT / 4)(sock)
-            assert answer(sock) == CLOSED
-            assert PDU_TIMEOUT * 0.9 <= time.monotonic() - began < ANSWER_WITHIN
-        wait_for(logged(caplog, "no TLS handshake within 1 s", "127.0.0.1"), ANSWER_WITHIN, "a log line")
+            return answer(sock), time.monotonic() - began
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for got, took in pool.map(dropped, [False, True]):
+                assert got == CLOSED
+                assert PDU_TIMEOUT * 0.9 <= took < ANSWER_WITHIN
+        words = ("no TLS handshake within 1 s", "127.0.0.1")
+        wait_for(logged_times(caplog, 2, *words), ANSWER_WITHIN, "a log line for each")
         echo_and_store(node, ssl.create_default_context(cafile=str(files.cert)))
     finally:
         node.scp.stop()

@@ -420,7 +420,9 @@ def _write_many(url: str, records: list[InstanceRecord]) -> None:
 
 def test_concurrent_processes_record_into_one_study(store: Store) -> None:
     study_uid, series_uid = generate_uid(), generate_uid()
-    ctx = multiprocessing.get_context("spawn")
+    # fresh processes, forked from a server that imported the store once: not each importing it again
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, "plugin.store.engine", "plugin.store.recording"])
     batches = [[_record(study_uid, series_uid, key=f"proc-{k}") for _ in range(40)] for k in range(3)]
     procs = [ctx.Process(target=_write_many, args=(store.url, batch)) for batch in batches]
     for p in procs:

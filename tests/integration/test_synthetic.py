@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +48,25 @@ def _centroid_mm(series: SyntheticSeries, name: str) -> npt.NDArray[np.float64]:
     return (series.affine @ ijk)[:3].mean(axis=1)
 
 
-def _cube(orientation: str | tuple[float, ...], gantry_tilt_deg: float = 0.0) -> SyntheticSeries:
-    """A 3 mm isotropic 384 mm cube, so every orientation sees the same whole lungs."""
-    return ct_chest_phantom(
-        128, 128, 128, (3.0, 3.0), 3.0, orientation=orientation, gantry_tilt_deg=gantry_tilt_deg
-    )
+Cube = Callable[..., SyntheticSeries]
+
+
+@pytest.fixture(scope="module")
+def cube() -> Iterator[Cube]:
+    """``cube(orientation, gantry_tilt_deg=0.0)``: a 3 mm isotropic 384 mm cube, so every orientation
+    sees the same whole lungs. Each phantom is made once for the module (the tests only read them)."""
+    made: dict[tuple[str | tuple[float, ...], float], SyntheticSeries] = {}
+
+    def make(orientation: str | tuple[float, ...], gantry_tilt_deg: float = 0.0) -> SyntheticSeries:
+        key = (orientation, gantry_tilt_deg)
+        if key not in made:
+            made[key] = ct_chest_phantom(
+                128, 128, 128, (3.0, 3.0), 3.0, orientation=orientation, gantry_tilt_deg=gantry_tilt_deg
+            )
+        return made[key]
+
+    yield make
+    made.clear()
 
 
 def test_affine_matches_every_written_header() -> None:
@@ -85,10 +99,10 @@ def test_truth_volumes_match_the_analytic_shapes() -> None:
         assert mr.truth_ml(name) == pytest.approx(mr.analytic_ml[name], rel=0.01), name
 
 
-def test_every_orientation_shows_the_same_anatomy() -> None:
-    axial = _cube("axial")
+def test_every_orientation_shows_the_same_anatomy(cube: Cube) -> None:
+    axial = cube("axial")
     for orientation in ORIENTATIONS[1:]:
-        other = _cube(orientation)
+        other = cube(orientation)
         for name in ("lung_left", "lung_right", "emphysema"):  # closed shapes, wholly inside both grids
             assert other.truth_ml(name) == pytest.approx(axial.truth_ml(name), rel=0.03), (orientation, name)
             offset = _centroid_mm(other, name) - _centroid_mm(axial, name)
@@ -98,8 +112,8 @@ def test_every_orientation_shows_the_same_anatomy() -> None:
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
-def test_left_lung_is_on_the_patient_left(orientation: str | tuple[float, ...]) -> None:
-    series = _cube(orientation)
+def test_left_lung_is_on_the_patient_left(cube: Cube, orientation: str | tuple[float, ...]) -> None:
+    series = cube(orientation)
     body_x = _centroid_mm(series, "body")[0]
     assert _centroid_mm(series, "lung_left")[0] > body_x + 40  # LPS: +x is patient left
     assert _centroid_mm(series, "lung_right")[0] < body_x - 40
@@ -167,9 +181,9 @@ def test_reverse_order_reverses_instance_numbers_not_positions() -> None:
     assert np.array_equal(plain.voxels, series.voxels)
 
 
-def test_gantry_tilt_shears_the_grid_but_keeps_the_anatomy() -> None:
+def test_gantry_tilt_shears_the_grid_but_keeps_the_anatomy(cube: Cube) -> None:
     tilt = 20.0
-    series = _cube("axial", gantry_tilt_deg=tilt)
+    series = cube("axial", gantry_tilt_deg=tilt)
     a = series.affine
     step, col = a[:3, 2], a[:3, 1] / np.linalg.norm(a[:3, 1])
     assert np.allclose(step, [0, 0, 3.0])  # the table moves along z
@@ -178,7 +192,7 @@ def test_gantry_tilt_shears_the_grid_but_keeps_the_anatomy() -> None:
     assert float(ds.GantryDetectorTilt) == tilt
     shift = np.subtract(series.datasets[1].ImagePositionPatient, series.datasets[0].ImagePositionPatient)
     assert np.allclose(shift, step, atol=1e-4)
-    axial = _cube("axial")
+    axial = cube("axial")
     for name in ("lung_left", "emphysema"):
         # the sheared voxels are smaller by cos(tilt): compare volumes through the affine
         assert series.truth_ml(name) == pytest.approx(axial.truth_ml(name), rel=0.03)

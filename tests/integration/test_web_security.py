@@ -12,7 +12,7 @@ import httpx
 import pytest
 from fastapi import Depends
 from sqlalchemy import select, update
-from support.web import Console, login, routes, web_node
+from support.web import CHEAP_HASHER, Console, login, routes, web_node
 
 from plugin.store.accounts import AuditEvent, WebSession
 from plugin.store.models import utcnow
@@ -78,7 +78,7 @@ def test_a_wrong_password_is_401_and_audited_with_the_name_never_the_password(co
 
 
 def test_repeated_failures_lock_the_name_and_the_right_password_waits(console: Console) -> None:
-    add_user(console.store, "lockme", "pw-lockme-secret", Role.VIEWER)
+    add_user(console.store, "lockme", "pw-lockme-secret", Role.VIEWER, CHEAP_HASHER)
     with console.client() as client:
         for _ in range(console.config.web.login_failures):
             assert client.post("/login", data={"username": "lockme", "password": "wrong"}).status_code == 401
