@@ -29,6 +29,18 @@ from dicom_io.testing.tools import ToolNotFoundError
 # each variant (the test id's brackets) as a scope of its own, so the variants run side by side.
 VARIANT_MODULES = frozenset({"tests/e2e/test_cluster.py"})
 
+# The tests that start a Ray (a head, or a driver's own): one xdist worker runs them one after another.
+# Each Ray start costs seconds of CPU at once, and Rays side by side on one machine meet on the fixed
+# default ports of their helper processes ("Address already in use" in a monitor's log). The test ids
+# below name a module or one variant.
+RAY_SCOPE = "ray"
+RAY_TESTS = (
+    "tests/integration/test_ray_executor.py",
+    "tests/integration/test_ray_head.py",
+    "tests/e2e/test_ray_node.py",
+    "tests/e2e/test_cluster.py[ray",
+)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with a test marked slow first, each module's tests together and in their order."""
@@ -38,7 +50,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """With `--dist loadscope`: whole modules to a worker (their fixtures are built once), in the
-    collection order above so that the long modules start early; each VARIANT_MODULES' variant apart."""
+    collection order above so that the long modules start early; each VARIANT_MODULES' variant apart;
+    RAY_TESTS together, on one worker."""
     if config.getoption("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
@@ -47,8 +60,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
             if module in VARIANT_MODULES and nodeid.endswith("]"):
-                return f"{module}[{nodeid.rsplit('[', 1)[1]}"
-            return module
+                module = f"{module}[{nodeid.rsplit('[', 1)[1]}"
+            return RAY_SCOPE if module.startswith(RAY_TESTS) else module
 
     return ModuleScheduling(config, log)
 
