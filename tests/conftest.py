@@ -66,6 +66,17 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return ModuleScheduling(config, log)
 
 
+@pytest.fixture(scope="module")
+def torch_on_one_thread() -> Iterator[None]:
+    """For a module's whole run (`pytest.mark.usefixtures` in its ``pytestmark``), torch computes on
+    one thread (`support.pipeline.one_torch_thread`): the test command runs more processes than there
+    are cores, where a second thread only waits for one (bench/README.md, "tests")."""
+    from support.pipeline import one_torch_thread
+
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     """The shared test data: shared/testdata beside the repository clone; RADGATE_TESTDATA overrides."""

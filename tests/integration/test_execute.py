@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from support.execute import add_job, claim_all, job_row, make_config, register_test_pipelines, spool_files
 from support.node import wait_for, write_series
-from support.pipeline import one_torch_thread, write_threshold_bundle
+from support.pipeline import write_threshold_bundle
 from support.postgres import BACKENDS, database_url
 
 from ai_models.base import Pipeline
@@ -35,12 +35,7 @@ from plugin.store.models import Job, JobState, Study, add_queued_job, utcnow
 
 PIPELINES = {"ct-lung", "test-hang"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_on_one_thread() -> Iterator[None]:
-    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
-from support.pipeline import flip_mask, flipped, one_torch_thread, overlay_png, phantom_volume
+from support.pipeline import flip_mask, flipped, overlay_png, phantom_volume
 
 from ai_models import PipelineError, get_pipeline, run_pipeline
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
 from dicom_io.types import Findings, Volume
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_on_one_thread() -> Iterator[None]:
-    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")  # tests/conftest.py
 
 
 def _value(findings: Findings, concept_value: str, segment: int | None) -> float:

@@ -8,7 +8,6 @@ or transpose between the bundle's (x, y, z) RAS world and the Volume's (z, y, x)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,6 @@ from support.pipeline import (
     BONE,
     flip_mask,
     flipped,
-    one_torch_thread,
     phantom_volume,
     write_threshold_bundle,
 )
@@ -31,12 +29,7 @@ from dicom_io.types import Code
 if TYPE_CHECKING:
     from ai_models.monai_bundle import MonaiBundlePipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_on_one_thread() -> Iterator[None]:
-    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")  # tests/conftest.py
 
 
 def _bundle_pipeline(bundle_dir: Path, **options: Any) -> MonaiBundlePipeline:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 from support.nnunet_model import band_labels, band_phantom, expected_labels, write_band_model
-from support.pipeline import flipped, one_torch_thread
+from support.pipeline import flipped
 from support.results import ORIENTATIONS
 
 from ai_models import get_pipeline, run_pipeline
@@ -28,16 +27,9 @@ from plugin.config import Config, ConfigError, load_config
 if TYPE_CHECKING:
     from ai_models.nnunet import NnunetPipeline
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_on_one_thread")]  # tests/conftest.py
 
 THRESHOLDS = (-400.0, 200.0, 800.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_on_one_thread() -> Iterator[None]:
-    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
-    with one_torch_thread():
-        yield
 
 
 def _volume(

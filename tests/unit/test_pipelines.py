@@ -11,7 +11,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-from support.pipeline import flipped, one_torch_thread, phantom_volume
+from support.pipeline import flipped, phantom_volume
 
 from ai_models import (
     Pipeline,
@@ -26,12 +26,7 @@ from ai_models.base import autocast, patient_axes
 from dicom_io.testing.synthetic import ct_chest_phantom
 from dicom_io.types import Findings, GeometryError, Volume
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_on_one_thread() -> Iterator[None]:
-    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")  # tests/conftest.py
 
 
 PLUGIN_SOURCE = '''

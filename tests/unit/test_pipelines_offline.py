@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import yaml
-from support.pipeline import BONE, one_torch_thread, write_threshold_bundle
+from support.pipeline import BONE, write_threshold_bundle
 
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from plugin.cli import main
 from plugin.offline.run import parse_options
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_on_one_thread() -> Iterator[None]:
-    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ known by hand and against MONAI's implementation.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from support.pipeline import one_torch_thread
 
 from dicom_io.reference import (
     RTSTRUCT_SOP_CLASS,
@@ -43,12 +42,7 @@ from plugin.cli import main
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 CASE = "ct-chest-nsclc-lung1-001"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_on_one_thread() -> Iterator[None]:
-    """The module's pipelines run on one torch thread (`one_torch_thread`)."""
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_on_one_thread")  # tests/conftest.py
 
 
 # --- small grids --------------------------------------------------------------------------------
