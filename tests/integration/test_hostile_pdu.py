@@ -207,8 +207,9 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def logged(caplog: pytest.LogCaptureFixture, *words: str) -> Callable[[], bool]:
-    return lambda: any(all(w in r.getMessage() for w in words) for r in caplog.records)
+def logged(caplog: pytest.LogCaptureFixture, *words: str, times: int = 1) -> Callable[[], bool]:
+    """Whether at least ``times`` log records hold all of ``words``."""
+    return lambda: sum(all(w in r.getMessage() for w in words) for r in caplog.records) >= times
 
 
 # --- the malformed PDU cases ------------------------------------------------------------------------
@@ -398,10 +399,6 @@ def send_and_answer(node: Node, case: Case) -> tuple[str, float]:
         return answer(sock), time.monotonic() - began
 
 
-def logged_times(caplog: pytest.LogCaptureFixture, count: int, *words: str) -> Callable[[], bool]:
-    return lambda: sum(all(w in r.getMessage() for w in words) for r in caplog.records) >= count
-
-
 PROMPT = [name for name, case in CASES.items() if not case.slow]
 STALLED = [name for name, case in CASES.items() if case.slow]
 
@@ -437,7 +434,7 @@ def test_stalled_peers_are_timed_out_each_on_its_own_and_the_node_serves_on(
             assert case.slow * 0.9 <= took < case.slow + ANSWER_WITHIN, (name, took)
         for words in {CASES[name].log for name in STALLED}:  # as many lines as cases that log them
             count = sum(CASES[name].log == words for name in STALLED)
-            wait_for(logged_times(caplog, count, *words), ANSWER_WITHIN, f"{count} log lines with {words}")
+            wait_for(logged(caplog, *words, times=count), ANSWER_WITHIN, f"{count} log lines with {words}")
     echo_and_store(node)
     assert node.scp.receiving_processes == node.pids
 
@@ -556,7 +553,7 @@ def test_tls_peers_that_never_handshake_are_dropped(
                 assert got == CLOSED
                 assert PDU_TIMEOUT * 0.9 <= took < ANSWER_WITHIN
         words = ("no TLS handshake within 1 s", "127.0.0.1")
-        wait_for(logged_times(caplog, 2, *words), ANSWER_WITHIN, "a log line for each")
+        wait_for(logged(caplog, *words, times=2), ANSWER_WITHIN, "a log line for each")
         echo_and_store(node, ssl.create_default_context(cafile=str(files.cert)))
     finally:
         node.scp.stop()
