@@ -13,7 +13,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections import Counter
@@ -28,7 +27,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 from support.execute import CONTROL_ENV, register_test_pipelines
-from support.node import DCMTK_ENV, RADGATE, NodeProcess, free_port, wait_for
+from support.node import DCMTK_ENV, RADGATE, NodeProcess, free_port, kill_until_gone, wait_for
 from support.postgres import PostgresServer
 
 from dicom_io.testing.synthetic import ct_chest_phantom
@@ -164,15 +163,6 @@ def _session(sid: int) -> list[int]:
     return found
 
 
-def _killed(sid: int) -> bool:
-    """SIGKILL what is left of session ``sid``; whether nothing was."""
-    left = _session(sid)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-            os.kill(pid, signal.SIGKILL)
-    return not left
-
-
 @contextmanager
 def ray_head(folder: Path) -> Iterator[str]:
     """``ray start --head --block`` on loopback, 2 CPUs and 2 declared GPUs (a GPU cluster's stand-in),
@@ -201,7 +191,7 @@ def ray_head(folder: Path) -> Iterator[str]:
         wait_for(lambda: head.poll() is None and "Ray runtime started" in log.read_text(), 120, "Ray's head")
         yield f"127.0.0.1:{gcs}"
     finally:  # a throwaway head: nothing of it to stop gracefully
-        wait_for(lambda: _killed(head.pid), 30, "the Ray head's processes to end")
+        kill_until_gone(lambda: _session(head.pid), 30, "the Ray head's processes to end")
         head.wait(10)
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -93,9 +93,7 @@ def shared_node(
         dispatch={"claim_timeout_s": 3.0, **retry},
     )
     yield node
-    assert node.process is not None
-    if node.process.poll() is None:
-        assert node.stop() == 0, node.log()
+    node.stop_if_running()
 
 
 @pytest.fixture()

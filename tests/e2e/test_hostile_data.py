@@ -373,8 +373,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     )
     node.start()
     yield node
-    if node.process is not None and node.process.poll() is None:
-        assert node.stop() == 0, node.log()
+    node.stop_if_running()
 
 
 def test_storescu_is_told_a_deep_nest_cannot_be_understood(served: NodeProcess, tmp_path: Path) -> None:

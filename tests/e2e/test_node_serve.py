@@ -49,9 +49,7 @@ def shared_node(tmp_path_factory: pytest.TempPathFactory, port_taken: list[int])
         port_taken.append(n.port)
         n.start(preexec_fn=os.setpgrp)  # its own process group: the SIGTERM test below signals it last
     yield n
-    assert n.process is not None
-    if n.process.poll() is None:
-        assert n.stop() == 0, n.log()
+    n.stop_if_running()
 
 
 @pytest.fixture()
@@ -243,9 +241,7 @@ def own_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     n = NodeProcess(tmp_path_factory.mktemp("own"), {"dicom": {"receivers": 2}})
     n.start(preexec_fn=_own_group_and_file_size_limit)
     yield n
-    assert n.process is not None
-    if n.process.poll() is None:
-        assert n.stop() == 0, n.log()
+    n.stop_if_running()
 
 
 def test_a_file_size_limit_on_the_node_answers_out_of_resources(

@@ -4,10 +4,8 @@ its attempt given back, later jobs waiting, nothing lost."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.execute import CONTROL_ENV, job_row, make_config, register_test_pipelines, tiny_study_job
-from support.node import free_port, wait_for
+from support.node import free_port, kill_until_gone, wait_for
 
 from plugin.config import Config
 from plugin.jobs.execute import JobRunner
@@ -76,15 +74,7 @@ class Head:
 
     def kill(self) -> None:
         """SIGKILL its processes, and those they started meanwhile, until none is left."""
-
-        def killed() -> bool:
-            left = self.pids()
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-                    os.kill(pid, signal.SIGKILL)
-            return not left
-
-        wait_for(killed, 30, "the Ray head's processes to end")
+        kill_until_gone(self.pids, 30, "the Ray head's processes to end")
 
 
 @pytest.fixture(scope="module")

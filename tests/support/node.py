@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -150,6 +150,20 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
+def kill_until_gone(find: Callable[[], Iterable[int]], timeout: float, what: str) -> None:
+    """SIGKILL the processes ``find()`` names, again and again until it names none (so those they
+    started meanwhile go too); AssertionError (`wait_for`) if some are left after ``timeout`` s."""
+
+    def none_left() -> bool:
+        left = list(find())
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(pid, signal.SIGKILL)
+        return not left
+
+    wait_for(none_left, timeout, what)
+
+
 def self_signed_cert(key: Path, cert: Path, subject: str, *extensions: str) -> None:
     """Write a throwaway self-signed RSA key and certificate (one day) with openssl; ``-addext`` each."""
     request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", subject]
@@ -260,6 +274,12 @@ class NodeProcess:
                 self.process.kill()
                 self.process.wait(10)
         return self.process.returncode
+
+    def stop_if_running(self) -> None:
+        """At a fixture's end: a node still running is stopped and must exit 0 (its log in the
+        failure); one that a test stopped or killed is left as it is."""
+        if self.process is not None and self.process.poll() is None:
+            assert self.stop() == 0, self.log()
 
     def kill(self) -> None:
         assert self.process is not None
