@@ -259,13 +259,18 @@ def _viewercheck_result(code: int, output: str) -> Validation:
     )
 
 
+def _viewercheck_unprepared(tool_dir: Path) -> Validation | None:
+    """A Validation saying viewercheck cannot run, where tool_dir has no node_modules (no `npm ci`)."""
+    if (tool_dir / "node_modules").is_dir():
+        return None
+    return Validation("viewercheck", ran=False, ok=False, errors=(f"no node_modules in {tool_dir} (npm ci)",))
+
+
 def viewercheck(tool_dir: Path, seg: Path | None, sr: Path | None, source_dir: Path) -> Validation:
     """OHIF 3.13's own SEG and SR loaders, headless (`check.js`, after `npm ci` in tool_dir)."""
     script = tool_dir / "check.js"
-    if not (tool_dir / "node_modules").is_dir():
-        return Validation(
-            "viewercheck", ran=False, ok=False, errors=(f"no node_modules in {tool_dir} (npm ci)",)
-        )
+    if (unprepared := _viewercheck_unprepared(tool_dir)) is not None:
+        return unprepared
     result = _run("viewercheck", ["node", str(script), *_viewercheck_argv(seg, sr, source_dir)], cwd=tool_dir)
     if isinstance(result, Validation):
         return result
@@ -324,11 +329,8 @@ def viewercheck_many(
     every later one, did not run.
     """
     script = tool_dir / "check.js"
-    if not (tool_dir / "node_modules").is_dir():
-        missing = Validation(
-            "viewercheck", ran=False, ok=False, errors=(f"no node_modules in {tool_dir} (npm ci)",)
-        )
-        return [missing] * len(jobs)
+    if (unprepared := _viewercheck_unprepared(tool_dir)) is not None:
+        return [unprepared] * len(jobs)
     if not jobs:
         return []
     if shutil.which("node") is None:
