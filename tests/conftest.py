@@ -1,4 +1,5 @@
-"""Shared fixtures: the test data folder, small written phantoms, a real Orthanc, a real PostgreSQL.
+"""Shared fixtures: the test data folder, small written phantoms, a real Orthanc, a real PostgreSQL,
+a real Chromium.
 
 Session-scoped phantom folders are shared by every test: read them, never modify them.
 Modules with a test marked slow are collected first (see pytest_collection_modifyitems).
@@ -13,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from support.postgres import PostgresServer, find_initdb
@@ -25,21 +26,40 @@ from dicom_io.testing.orthanc_server import OrthancError, OrthancServer, find_pl
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom, mr_head_phantom
 from dicom_io.testing.tools import ToolNotFoundError
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
 # Modules whose module-scoped fixture is parametrized and costly to build: pytest-xdist hands out
 # each variant (the test id's brackets) as a scope of its own, so the variants run side by side.
 VARIANT_MODULES = frozenset({"tests/e2e/test_cluster.py"})
 
-# The tests that start a Ray (a head, or a driver's own): one xdist worker runs them one after another.
-# Each Ray start costs seconds of CPU at once, and Rays side by side on one machine meet on the fixed
-# default ports of their helper processes ("Address already in use" in a monitor's log). The test ids
-# below name a module or one variant.
-RAY_SCOPE = "ray"
-RAY_TESTS = (
-    "tests/integration/test_ray_executor.py",
-    "tests/integration/test_ray_head.py",
-    "tests/e2e/test_ray_node.py",
-    "tests/e2e/test_cluster.py[ray",
-)
+# Modules that one xdist worker runs one after another, each group as one scope (a test id below names a
+# module or one variant):
+# - "ray": the tests that start a Ray (a head, or a driver's own). Each Ray start costs seconds of CPU at
+#   once, and Rays side by side on one machine meet on the fixed default ports of their helper processes
+#   ("Address already in use" in a monitor's log).
+# - "pixelmed": the tests that run DicomSRValidator. Its JVM, and the template pass it runs once per
+#   distinct content tree, are per process (dicom_io/testing/validate.py): one worker pays them once.
+# - "chromium": the tests that drive a browser, which share the worker's one Chromium (`chromium`).
+SHARED_SCOPES = {
+    "ray": (
+        "tests/integration/test_ray_executor.py",
+        "tests/integration/test_ray_head.py",
+        "tests/e2e/test_ray_node.py",
+        "tests/e2e/test_cluster.py[ray",
+    ),
+    "pixelmed": (
+        "tests/integration/test_sr.py",
+        "tests/integration/test_result_headers.py",
+        "tests/integration/test_results_validate.py",
+    ),
+    "chromium": (
+        "tests/integration/test_console.py",
+        "tests/integration/test_fetch.py",
+        "tests/integration/test_web_browser.py",
+        "tests/e2e/test_demo_viewer.py",
+    ),
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -51,7 +71,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """With `--dist loadscope`: whole modules to a worker (their fixtures are built once), in the
     collection order above so that the long modules start early; each VARIANT_MODULES' variant apart;
-    RAY_TESTS together, on one worker."""
+    each SHARED_SCOPES group together, on one worker."""
     if config.getoption("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
@@ -61,7 +81,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             module = nodeid.split("::", 1)[0]
             if module in VARIANT_MODULES and nodeid.endswith("]"):
                 module = f"{module}[{nodeid.rsplit('[', 1)[1]}"
-            return RAY_SCOPE if module.startswith(RAY_TESTS) else module
+            return next((name for name, ids in SHARED_SCOPES.items() if module.startswith(ids)), module)
 
     return ModuleScheduling(config, log)
 
@@ -75,6 +95,16 @@ def torch_on_one_thread() -> Iterator[None]:
 
     with one_torch_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Browser]:
+    """One headless Chromium for the worker's browser tests (`support.browser`); each page takes a
+    browser context of its own (`chromium_page`), so pages share no cookies or storage."""
+    from support.browser import chromium_browser
+
+    with chromium_browser() as browser:
+        yield browser
 
 
 @pytest.fixture(scope="session")

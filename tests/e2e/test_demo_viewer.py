@@ -27,7 +27,7 @@ import pydicom
 import pytest
 from PIL import Image
 from scipy import ndimage
-from support.browser import chromium_browser, chromium_page
+from support.browser import chromium_page
 
 from plugin.config import load_config
 from plugin.demo.viewer import ViewerError, ohif_dist
@@ -118,13 +118,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
                 os.killpg(process.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Browser]:
-    """One Chromium for the module's pages, each in its own browser context."""
-    with chromium_browser() as started:
-        yield started
-
-
 def stable_screenshot(target: Locator, path: Path, timeout: float = 20.0) -> npt.NDArray[np.int16]:
     """RGB pixels of ``target`` once two screenshots in a row are equal (rendering settled); saved to path."""
     deadline = time.monotonic() + timeout
@@ -167,7 +160,7 @@ def test_the_consoles_open_in_viewer_link_is_the_study_in_the_demos_ohif(demo: t
 def test_the_demo_study_opens_in_ohif_with_the_lungs_overlaid_where_the_lungs_are(
     demo: tuple[str, Path], chromium: Browser, tmp_path: Path
 ) -> None:
-    with chromium_page(browser=chromium) as page:
+    with chromium_page(chromium) as page:
         page.add_init_script(QUIET_OHIF)
         page.goto(demo[0])
         page.wait_for_function(VIEWPORT_READY, timeout=60_000)
@@ -243,7 +236,7 @@ def test_the_srs_measurements_are_listed_in_ohif_with_their_labels_and_values(
     for lung in ("Right lung", "Left lung", "Both lungs"):
         for name in ("Volume (cm3)", "Attenuation Coefficient ([hnsf'U])"):
             assert f"{lung}: {name}" in expected, expected
-    with chromium_page(browser=chromium) as page:
+    with chromium_page(chromium) as page:
         page.add_init_script(QUIET_OHIF)
         page.goto(url)
         page.wait_for_function(VIEWPORT_READY, timeout=60_000)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pydicom
@@ -30,6 +30,9 @@ from plugin.store.engine import Store
 from plugin.store.models import Delivery, Job, JobState, Study
 from plugin.web.security import Role
 from plugin.web.users import add_user
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 VIEWER = "http://viewer.example:3000/viewer?StudyInstanceUIDs={study_uid}"
 RULES = [
@@ -316,9 +319,9 @@ def test_the_openapi_document_describes_the_console(site: Site) -> None:
     assert {p["name"] for p in study} >= {"accession", "patient_id", "date_from", "date_to", "state"}
 
 
-def test_a_browser_walks_the_console_and_acts(site: Site, tmp_path: Path) -> None:
+def test_a_browser_walks_the_console_and_acts(site: Site, chromium: Browser, tmp_path: Path) -> None:
     """Overview -> studies -> the study (pictures, findings, timeline), then retry and re-run."""
-    with chromium_page() as page:
+    with chromium_page(chromium) as page:
         page.goto(f"{site.url}/login?next=/")
         page.fill("input[name=username]", "operator")
         page.fill("input[name=password]", password("operator"))

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 import pytest
@@ -43,6 +43,9 @@ from plugin.node import Node
 from plugin.store.accounts import AuditEvent
 from plugin.store.models import Job, Study
 from plugin.web.security import CSRF_HEADER
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 pytestmark = pytest.mark.slow  # a node, an Orthanc and a browser; retrieves wait for completion
 
@@ -300,7 +303,7 @@ def test_a_c_move_to_a_destination_the_pacs_does_not_know_fails_clearly(site: Si
     assert "know the move destination NOBODY: declare it there" in (failed.error or "")
 
 
-def test_the_api_action_and_the_console_form_fetch(site: Site, tmp_path: Path) -> None:
+def test_the_api_action_and_the_console_form_fetch(site: Site, chromium: Browser, tmp_path: Path) -> None:
     study = site.studies["api"]
     body = {"source": "pacs", "accession": study.accession}
     with web_node(tmp_path, site.config) as console, console.client() as client:
@@ -315,7 +318,7 @@ def test_the_api_action_and_the_console_form_fetch(site: Site, tmp_path: Path) -
         assert missing.status_code == 404 and "no study at pacs matches" in missing.json()["detail"]
         bad = client.post("/api/fetch", json={"source": "pacs", "study_uid": "1.2.x"})
         assert bad.status_code == 422
-        with chromium_page() as page:
+        with chromium_page(chromium) as page:
             login_page(page, console, "operator", "/fetch")
             page.fill("#fetch-accession", study.accession)
             page.click("#fetch-button")

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from support.browser import chromium_page
 from support.web import login_page, password, web_node
 
 from plugin.web import audit
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
-def test_a_browser_logs_in_sees_the_console_and_logs_out(tmp_path: Path) -> None:
-    with web_node(tmp_path) as console, chromium_page() as page:
+
+def test_a_browser_logs_in_sees_the_console_and_logs_out(chromium: Browser, tmp_path: Path) -> None:
+    with web_node(tmp_path) as console, chromium_page(chromium) as page:
         page.goto(f"{console.url}/account")  # not logged in: sent to the login form, and back after it
         assert page.url == f"{console.url}/login?next=%2Faccount"
         page.fill("input[name=username]", "operator")

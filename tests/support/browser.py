@@ -1,10 +1,10 @@
 """A real headless Chromium (Debian's ``/usr/bin/chromium``) driven by Playwright, for pages people see.
 
-`chromium_page()` yields a fresh Playwright page in a fresh browser context, of its own browser or of
-one from `chromium_browser()` that several pages share in turn. The browser is started with the flags
-a closed network needs (no background networking, no component updates) and SwiftShader for WebGL
-(the OHIF viewer). Tests that need it skip with a clear reason where Chromium or Playwright is
-missing, and are counted by the real-data summary like the others.
+`chromium_browser()` starts one, which the tests share (the session fixture `chromium`);
+`chromium_page()` yields a fresh Playwright page of it in a fresh browser context. The browser is
+started with the flags a closed network needs (no background networking, no component updates) and
+SwiftShader for WebGL (the OHIF viewer). Tests that need it skip with a clear reason where Chromium
+or Playwright is missing, and are counted by the real-data summary like the others.
 """
 
 from __future__ import annotations
@@ -58,15 +58,9 @@ def chromium_browser() -> Iterator[Browser]:
 
 
 @contextmanager
-def chromium_page(width: int = 1280, height: int = 900, browser: Browser | None = None) -> Iterator[Page]:
-    """A page in a new browser context (no cookies, storage or cache from another page).
-
-    Of `browser`, where given (the context is closed on exit), else of a new Chromium closed on exit.
-    """
-    if browser is None:
-        with chromium_browser() as own, chromium_page(width, height, own) as page:
-            yield page
-        return
+def chromium_page(browser: Browser, width: int = 1280, height: int = 900) -> Iterator[Page]:
+    """A page of `browser` in a new browser context (no cookies, storage or cache from another page),
+    closed on exit."""
     context = browser.new_context(viewport={"width": width, "height": height})
     try:
         yield context.new_page()
