@@ -240,7 +240,6 @@ def cluster(
                     "destinations": ["pacs"],
                 }
             ],
-            "web": {"enabled": False},
         }
         nodes = {
             name: NodeProcess(

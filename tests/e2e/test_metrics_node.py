@@ -25,7 +25,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
             "max_dataset_bytes": MAX_DATASET,
             "allowed_peers": [{"ae_title": "STORESCU"}],
         },
-    }  # the console (and /metrics) on a port of its own choosing: its URL is in the log
+        "web": {},  # the console (and /metrics) on a port of its own choosing: its URL is in the log
+    }
     n = NodeProcess(tmp_path_factory.mktemp("metrics") / "node", settings).start()
     yield n
     assert n.stop() == 0, n.log()

@@ -18,7 +18,7 @@ URL = re.compile(r"web console: (http://127\.0\.0\.1:\d+)/")
 
 
 def test_serve_logs_the_console_url_and_records_its_configuration(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path).start()
+    node = NodeProcess(tmp_path, {"web": {}}).start()
     try:
         url = wait_for(lambda: URL.search(node.log()), 30, "the console URL in the log").group(1)
         assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
@@ -51,7 +51,7 @@ def test_serve_stops_with_a_clear_message_when_the_console_port_is_taken(tmp_pat
 
 
 def test_radgate_web_serves_the_console_alone_and_stops_on_sigterm(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path)  # its configuration; no `radgate serve` runs
+    node = NodeProcess(tmp_path, {"web": {}})  # its configuration; no `radgate serve` runs
     log = tmp_path / "web.log"
     with log.open("wb") as out:
         web = subprocess.Popen(

@@ -66,7 +66,6 @@ def test_a_node_on_its_own_ray_runs_studies_on_a_warm_actor_and_stops_its_ray(
         "rules": rules,
         "executor": {"kind": "ray", "poll_s": 0.2, "ray": RAY},
         "dicom": {"receivers": 1},  # one association at a time: one receiving process is enough
-        "web": {"enabled": False},
     }
     node = NodeProcess(tmp_path, settings).start()
     store = Store(f"sqlite:///{node.data_dir / 'radgate.db'}")  # polled directly: no CLI per poll

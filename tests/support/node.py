@@ -184,6 +184,8 @@ class NodeProcess:
     The node receives in its own process (``dicom.receivers: 1``) unless ``settings`` give
     ``dicom.receivers``: the product's default (2) spawns that many receiving processes at every
     start, which only the tests about receiving processes need, and which those tests ask for.
+    Likewise it serves no web console unless ``settings`` give ``web`` (then on a free port, unless
+    they give one): most tests never open it, and it costs every start its import.
     """
 
     def __init__(self, workdir: Path, settings: dict[str, Any] | None = None) -> None:
@@ -195,9 +197,11 @@ class NodeProcess:
             "data_dir": str(self.data_dir),
             "dicom": {"port": free_port(), "host": "127.0.0.1", "receivers": 1},
             "completion": {"quiet_period_s": 2.0, "after_release_s": 0.5},
-            "web": {"port": 0},  # the console on a free port: nodes run side by side
+            "web": {"enabled": False},
         }
         self._own_port = True  # a port this class chose: another is chosen if it is taken meanwhile
+        if settings and "web" in settings:
+            config["web"] = {"port": 0}  # the console on a free port: nodes run side by side
         for key, value in (settings or {}).items():
             if isinstance(value, dict):
                 if key == "dicom" and "port" in value:
