@@ -31,8 +31,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+# Debian's own Python 3.11 first, even where another one comes first on PATH (a pyenv shim): it is the
+# Python the orthanc-python plugin embeds, and it is built with PGO and LTO, so radgate's processes start
+# and run faster on it than on a default source build (bench/README.md, "tests"). PYTHON overrides it.
+PYTHON=${PYTHON:-$(command -v /usr/bin/python3.11 || command -v python3.11 || command -v python3)}
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] >= (3, 11), "radgate needs Python 3.11+"'
+interpreter=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.executable))')
+if [ -x .venv/bin/python ] &&
+  [ "$(.venv/bin/python -c 'import os, sys; print(os.path.realpath(sys._base_executable))')" != "$interpreter" ]; then
+  echo "setup: .venv was made with another Python; making it again with $interpreter"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

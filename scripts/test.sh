@@ -11,7 +11,7 @@ bash scripts/setup.sh
 # cache each of the hundreds of processes the tests start (nodes, receivers, workers) compiles radgate again.
 unset PYTHONDONTWRITEBYTECODE
 .venv/bin/python -m compileall -q plugin ai_models dicom_io tests >/dev/null
-# The test processes (3 pytest workers, nodes, their job workers) outnumber the cores: torch's OpenMP
+# The test processes (4 pytest workers, nodes, their job workers) outnumber the cores: torch's OpenMP
 # threads would spin at every barrier waiting for a core that another process holds, which tripled the
 # CPU of the pipeline tests (bench/README.md, "tests"). Passive waiting changes no result.
 export OMP_WAIT_POLICY=PASSIVE
