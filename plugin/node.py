@@ -81,8 +81,19 @@ class Node:
         self.store = Store(config.db_url)
         self.receiver = Receiver(config)
         routing = Routing(self.rules, config.spool_dir, tuple(config.destinations))
+        self.dispatcher = Dispatcher(self.store, config)
+        # a job's deliveries wake the dispatcher, a completed study the job slots: what this node
+        # queues it starts at once; the polls find what other nodes sharing the store queue
+        self.jobs = (
+            JobRunner(self.store, config, make_executor(config), delivered=self.dispatcher.wake)
+            if execute
+            else None
+        )
         self.completion = CompletionMonitor(
-            self.store, config.completion, on_complete=completion_hook(routing)
+            self.store,
+            config.completion,
+            on_complete=completion_hook(routing),
+            completed=self.jobs.wake if self.jobs is not None else lambda: None,
         )
         # pulls studies from the configured sources; a C-MOVE sends them to this node's listener
         self.fetcher = FetchWorker(self.store, config, self.receiver, routing) if listen else None
@@ -93,8 +104,6 @@ class Node:
             if any(rule.requires for rule in self.rules.rules)
             else None
         )
-        self.jobs = JobRunner(self.store, config, make_executor(config)) if execute else None
-        self.dispatcher = Dispatcher(self.store, config)
         self.web: WebServer | None = None
         if listen and config.web.enabled:
             from plugin.web.app import WebServer

@@ -144,6 +144,7 @@ class Dispatcher:
         self._key: bytes | None = None
         self._key_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ store transitions
@@ -330,7 +331,8 @@ class Dispatcher:
         return sum(self.send_batch(destination) for destination in self.due_destinations())
 
     def run(self, stop: threading.Event) -> None:
-        """Loop until ``stop``: a round right after a busy one, else wait poll_interval_s.
+        """Loop until ``stop``: a round right after a busy one, else wait poll_interval_s or until
+        `wake` (`Dispatcher.stop` sets ``stop`` and wakes the loop).
 
         A database error (e.g. the disk is full) is logged and retried on the next round; the rows
         stay in the store.
@@ -342,7 +344,12 @@ class Dispatcher:
                 log.error("dispatch round failed on the store: %s", err)
                 handled = 0
             if not handled:
-                stop.wait(self.config.poll_interval_s)
+                self._wake.wait(self.config.poll_interval_s)
+                self._wake.clear()
+
+    def wake(self) -> None:
+        """Deliveries may have been queued: idle sending threads look now, not at their next poll."""
+        self._wake.set()
 
     def start(self) -> None:
         """Run ``workers`` sending threads in the background until ``stop``.
@@ -372,6 +379,7 @@ class Dispatcher:
     def stop(self, timeout: float | None = None) -> None:
         """Stop the threads after their current batch (whose outcome is recorded)."""
         self._stop.set()
+        self._wake.set()
         for thread in self._threads:
             thread.join(timeout)
         self._threads = []

@@ -59,12 +59,16 @@ class CompletionMonitor:
         config: CompletionConfig,
         started_at: datetime | None = None,
         on_complete: CompletionHook = queue_unrouted_job,
+        completed: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_complete`` runs in the transaction that completes a study (it queues the jobs);
+        ``completed`` after a check committed one or more (the node wakes its job slots)."""
         self._store = store
         self._quiet = timedelta(seconds=config.quiet_period_s)
         self._after_release = timedelta(seconds=config.after_release_s)
         self.started_at = started_at or utcnow()
         self._on_complete = on_complete
+        self._completed = completed
         shortest = min(config.quiet_period_s, config.after_release_s or config.quiet_period_s)
         self.tick_s = min(1.0, max(0.05, shortest / 4))
 
@@ -114,7 +118,10 @@ class CompletionMonitor:
         now = now or utcnow()
         with self._store.session() as s:
             due = [r.study_id for r in self._receiving(s) if self.deadline(r) <= now]
-        return [done for study_id in due if (done := self._complete(study_id, now)) is not None]
+        completed = [done for study_id in due if (done := self._complete(study_id, now)) is not None]
+        if completed:
+            self._completed()
+        return completed
 
     def _complete(self, study_id: int, now: datetime) -> tuple[str, int] | None:
         """Lock the study row (receivers lock it too), then re-check: an instance may have come since."""

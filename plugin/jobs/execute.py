@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -101,8 +101,14 @@ class JobRunner:
     """Runs the store's jobs on ``executor``: ``start`` one thread per slot, ``stop`` to end them."""
 
     def __init__(
-        self, store: Store, config: Config, executor: Executor, enqueue: Enqueue = enqueue_deliveries
+        self,
+        store: Store,
+        config: Config,
+        executor: Executor,
+        enqueue: Enqueue = enqueue_deliveries,
+        delivered: Callable[[], None] = lambda: None,
     ) -> None:
+        """``delivered`` is called after a job's deliveries were queued (the node wakes its dispatcher)."""
         self._store = store
         self._config = config.executor
         self._pipeline_options = config.pipeline_options
@@ -110,6 +116,7 @@ class JobRunner:
         self._results_dir = config.results_dir
         self._executor = executor
         self._enqueue = enqueue
+        self._delivered = delivered
         self._source_destinations = {
             name
             for name, destination in config.destinations.items()
@@ -117,6 +124,7 @@ class JobRunner:
         }
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -128,9 +136,14 @@ class JobRunner:
             self._threads.append(thread)
         log.info("executor: %d slot(s), results in %s", self._executor.slots, self._results_dir.resolve())
 
+    def wake(self) -> None:
+        """A job may have been queued: idle slots look for it now, not at their next poll."""
+        self._wake.set()
+
     def stop(self) -> None:
         """Kill running tasks, give their jobs back to the queue, stop the workers."""
         self._stop.set()
+        self._wake.set()
         for thread in self._threads:
             thread.join()
         self._threads.clear()
@@ -144,7 +157,8 @@ class JobRunner:
                 log.exception("executor slot %d: unexpected error; trying again", slot)
                 ran = None
             if ran is None:
-                self._stop.wait(self._config.poll_s)
+                self._wake.wait(self._config.poll_s)
+                self._wake.clear()
 
     def run_one(self, slot: int = 0) -> int | None:
         """Claim one job and run it to its next recorded state; its id, or None if none was queued."""
@@ -225,6 +239,8 @@ class JobRunner:
                 *(job.id, len(result.results), " (re-used)" if result.reused else ""),
                 ", ".join(job.destinations) or "kept locally",
             )
+            if job.destinations:
+                self._delivered()
         else:
             log.warning("job %d: finished, but its lease was lost; the new owner records it", job.id)
         return job.id

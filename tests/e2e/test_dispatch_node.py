@@ -1,5 +1,6 @@
 """The whole way round: a study sent to `radgate serve` comes back into the archive (a real Orthanc)
-as results, through the executor and the outbox, and every delivery ends SENT; a research
+as results, through the executor and the outbox, started by the node's wake-ups rather than its
+polls, and every delivery ends SENT; a research
 destination on the same Orthanc gets the results and the source series de-identified (all but
 the report card, which shows a date and is refused)."""
 
@@ -25,8 +26,10 @@ def node(tmp_path: Path, orthanc: OrthancServer) -> Iterator[NodeProcess]:
     settings = {
         "destinations": destinations,
         "dicom": {"receivers": 1},  # received in the node's process: no receiving processes to start
-        "executor": {"poll_s": 0.2},
-        "dispatch": {"poll_interval_s": 0.2},
+        # polls that never come within the test: the node's own wake-ups start the job once the study
+        # completes and the sends once the job's deliveries are queued
+        "executor": {"poll_s": 600},
+        "dispatch": {"poll_interval_s": 600},
     }
     n = NodeProcess(tmp_path / "node", settings).start()
     yield n

@@ -34,13 +34,11 @@ RESULT_MODALITIES = ["OT", "SEG", "SR"]
 
 
 def start_node(workdir: Path, dicom_port: int, **sections: dict[str, Any]) -> NodeProcess:
-    """`radgate serve` on the default rules, sending to the archive at ``dicom_port``, polling fast."""
+    """`radgate serve` on the default rules, sending to the archive at ``dicom_port``."""
     settings: dict[str, Any] = {
         "destinations": {
             "archive": {"kind": "dicom", "host": "127.0.0.1", "port": dicom_port, "ae_title": "ORTHANC"}
         },
-        "executor": {"poll_s": 0.2},
-        "dispatch": {"poll_interval_s": 0.2},
     }
     for key, values in sections.items():
         settings.setdefault(key, {}).update(values)
@@ -83,7 +81,7 @@ def shared_node(
 ) -> Iterator[NodeProcess]:
     """One node sending to the shared Orthanc, for every test but the demo's; each sends its own
     study. A dead node's lease and any send it had claimed are taken over after a few seconds (the
-    kill test kills and restarts it); a failed send is tried again within a second, never given up
+    kill test kills and restarts it); a failed send is tried again within seconds, never given up
     (the destination-down test stops the Orthanc)."""
     retry = {"retry_base_s": 0.5, "retry_max_s": 1.0, "retry_jitter": 0.0, "max_attempts": 1000}
     node = start_node(

@@ -29,7 +29,7 @@ def _seg(results_dir: Path) -> pydicom.Dataset:
 
 @pytest.mark.slow  # ct-lung runs three times in a worker process
 def test_a_study_is_routed_run_listed_and_rerun_when_it_grows_and_a_bad_one_fails(tmp_path: Path) -> None:
-    settings = {"rules": RULES, "dicom": {"receivers": 1}, "executor": {"poll_s": 0.2}}
+    settings = {"rules": RULES, "dicom": {"receivers": 1}}
     node = NodeProcess(tmp_path, settings).start()  # receiving in the node's process: no processes to start
     try:
         bad = write_series(tmp_path / "bad", 3)  # CT, matches the rule, too few slices for ct-lung

@@ -181,7 +181,7 @@ def test_when_the_holder_is_killed_the_next_node_takes_the_data_dir_and_refuses_
 def _lung_node(workdir: Path, **settings: Any) -> NodeProcess:
     """A node on the shipped rules (ct-lung on a chest CT), with two receiving processes: what they
     create is the node's too."""
-    return NodeProcess(workdir, {"dicom": {"receivers": 2}, "executor": {"poll_s": 0.2}, **settings})
+    return NodeProcess(workdir, {"dicom": {"receivers": 2}, **settings})
 
 
 def _phantom(directory: Path) -> list[Path]:

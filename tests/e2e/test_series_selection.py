@@ -279,7 +279,7 @@ def _ended(node: NodeProcess) -> list[dict[str, Any]]:
 def test_a_node_runs_one_job_on_a_whole_chest_ct_study_and_writes_one_result_set(
     study: ChestStudy, tmp_path: Path
 ) -> None:
-    node = NodeProcess(tmp_path, {"executor": {"poll_s": 0.2}}).start()  # the shipped rules
+    node = NodeProcess(tmp_path).start()  # the shipped rules
     try:
         sent = node.storescu(*study.files, options=("--required",))  # SEG and dose SR contexts too
         assert sent.returncode == 0, sent.stderr

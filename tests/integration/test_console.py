@@ -105,8 +105,8 @@ def site(
                 "ae_title": "ORTHANC",
             },
         },
-        "dispatch": {"poll_interval_s": 0.2, "max_attempts": 1, "timeout_s": 10},
-        "executor": {"poll_s": 0.2, "max_attempts": 1},
+        "dispatch": {"max_attempts": 1, "timeout_s": 10},
+        "executor": {"max_attempts": 1},
         "rules": RULES,
     }
     node = NodeProcess(workdir / "node", settings).start()

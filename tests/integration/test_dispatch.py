@@ -461,6 +461,41 @@ def test_two_nodes_on_one_store_send_each_instance_once(store: Store, tmp_path: 
     assert {r.attempts for r in rows(store)} == {1}
 
 
+def test_woken_sending_threads_send_at_once_and_stop_without_waiting_for_their_poll(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads that poll every 600 s: only `wake` can get the deliveries sent within the deadline, and
+    `stop` returns at once."""
+    scp = CountingSCP({})
+    try:
+        counter = {"pacs": dicom_destination(scp.port, "COUNTER")}
+        config = load(make_config(tmp_path, counter, workers=2, poll_interval_s=600))
+        dispatcher = Dispatcher(store, config)
+        rounds: list[int] = []
+        run_once = dispatcher.run_once
+
+        def counted() -> int:
+            handled = run_once()
+            rounds.append(handled)
+            return handled
+
+        monkeypatch.setattr(dispatcher, "run_once", counted)
+        dispatcher.start()
+        try:
+            wait_until(lambda: rounds == [0, 0], 30, "each thread's first round, which finds nothing")
+            _, files = queue_results(store, tmp_path, ["pacs"], count=2)
+            dispatcher.wake()
+            wait_until(lambda: states(store) == {DeliveryState.SENT}, 30, "the woken threads to send")
+        finally:
+            stopping = threading.Thread(target=dispatcher.stop)
+            stopping.start()
+            stopping.join(60)
+        assert not stopping.is_alive(), "stop waited for the threads' poll"
+    finally:
+        scp.shutdown()
+    assert scp.received == {f.stem: 1 for f in files}
+
+
 def test_stow_batch_with_a_bad_part_stores_the_rest(
     orthanc: OrthancServer, store: Store, tmp_path: Path
 ) -> None:

@@ -5,16 +5,26 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from support.execute import add_job, claim_all, job_row, make_config, register_test_pipelines, spool_files
+from support.execute import (
+    add_job,
+    claim_all,
+    job_row,
+    make_config,
+    register_test_pipelines,
+    spool_files,
+    tiny_study_job,
+)
 from support.node import wait_for, write_series
 from support.pipeline import write_threshold_bundle
 from support.postgres import BACKENDS, database_url
@@ -23,12 +33,13 @@ from ai_models.base import Pipeline
 from ai_models.registry import available_pipelines
 from dicom_io.testing.synthetic import SyntheticSeries, ct_chest_phantom
 from plugin.config import CompletionConfig, Config
+from plugin.jobs import execute
 from plugin.jobs.completion import CompletionMonitor
 from plugin.jobs.execute import JobRunner
 from plugin.jobs.executor import LocalExecutor, Task, TaskResult
 from plugin.jobs.executor.local import cpu_threads
 from plugin.jobs.executor.work import run_task
-from plugin.jobs.queue import claim_job, fail_job, finish_job, renew_lease, routing_hook
+from plugin.jobs.queue import ClaimedJob, claim_job, fail_job, finish_job, renew_lease, routing_hook
 from plugin.route.rules import validate_rules
 from plugin.store.engine import Store, migrated_store
 from plugin.store.models import Job, JobState, Study, add_queued_job, utcnow
@@ -162,7 +173,9 @@ def _no_deliveries(
 # --- routing at completion -----------------------------------------------------------------------
 
 
-def _complete(store: Store, config: Config) -> list[tuple[str, int]]:
+def _complete(
+    store: Store, config: Config, completed: Callable[[], None] = lambda: None
+) -> list[tuple[str, int]]:
     rules = validate_rules(
         config.model_copy(
             update={"rules": Config.model_validate(
@@ -173,7 +186,10 @@ def _complete(store: Store, config: Config) -> list[tuple[str, int]]:
         PIPELINES,
     )  # fmt: skip
     monitor = CompletionMonitor(
-        store, CompletionConfig(quiet_period_s=1), on_complete=routing_hook(rules, config.spool_dir)
+        store,
+        CompletionConfig(quiet_period_s=1),
+        on_complete=routing_hook(rules, config.spool_dir),
+        completed=completed,
     )
     return monitor.check(utcnow() + timedelta(seconds=5))
 
@@ -270,6 +286,49 @@ def test_a_job_runs_in_a_worker_and_succeeds_with_results_on_disk(
     kinds = {str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for _, p in results}
     assert kinds == {"SEG", "SR", "OT"}
     assert [p.name for p in out.parent.iterdir()] == [str(job_id)]  # no temporary folder left
+
+
+def test_a_woken_slot_runs_a_completed_studys_job_at_once_and_says_when_deliveries_are_queued(
+    store: Store,
+    tmp_path: Path,
+    phantom_files: list[Path],
+    executor: LocalExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slot polls every 600 s here: only the completion's wake-up (and a node's own, after a job's
+    deliveries were queued) can start a job within the test's deadlines. Stopping wakes the slot too."""
+    config = make_config(tmp_path / "data", poll_s=600)  # the `store` fixture's data dir
+    spool_files(store, config, phantom_files)
+    claims: list[int | None] = []
+
+    def claim(*args: Any, **kwargs: Any) -> ClaimedJob | None:
+        job = claim_job(*args, **kwargs)
+        claims.append(None if job is None else job.id)
+        return job
+
+    monkeypatch.setattr(execute, "claim_job", claim)
+    delivered = threading.Event()
+    runner = JobRunner(store, config, executor, enqueue=_Deliveries(), delivered=delivered.set)
+    runner.start()
+    try:
+        wait_for(lambda: claims == [None], 60, "the slot's first claim, which finds nothing")
+        woken: list[bool] = []
+        assert len(_complete(store, config, completed=lambda: woken.append(True))) == 1
+        assert woken == [True]  # once per check that completed studies
+        with store.session() as session:
+            [job_id] = session.scalars(select(Job.id)).all()
+        runner.wake()
+        wait_for(lambda: job_row(store, job_id).state == JobState.SUCCEEDED, 120, "the woken slot's job")
+        assert not delivered.is_set()  # the rule names no destination
+        sent = tiny_study_job(store, config, tmp_path, seed=9, destinations=("archive",))
+        runner.wake()
+        wait_for(lambda: job_row(store, sent).state == JobState.SUCCEEDED, 120, "the job with a destination")
+        wait_for(delivered.is_set, 10, "word that its deliveries are queued")
+    finally:
+        stopping = threading.Thread(target=runner.stop)
+        stopping.start()
+        stopping.join(60)
+    assert not stopping.is_alive(), "stop waited for the slot's poll"
 
 
 def test_a_destination_with_include_source_also_gets_the_source_series(
