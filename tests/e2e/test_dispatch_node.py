@@ -1,8 +1,7 @@
 """The whole way round: a study sent to `radgate serve` comes back into the archive (a real Orthanc)
 as results, through the executor and the outbox, started by the node's wake-ups rather than its
-polls, and every delivery ends SENT; a research
-destination on the same Orthanc gets the results and the source series de-identified (all but
-the report card, which shows a date and is refused)."""
+polls, and every delivery ends SENT; a research destination on the same Orthanc gets the results
+and the source series de-identified (all but the report card, which shows a date and is refused)."""
 
 from __future__ import annotations
 
