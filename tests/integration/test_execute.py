@@ -288,49 +288,6 @@ def test_a_job_runs_in_a_worker_and_succeeds_with_results_on_disk(
     assert [p.name for p in out.parent.iterdir()] == [str(job_id)]  # no temporary folder left
 
 
-def test_a_woken_slot_runs_a_completed_studys_job_at_once_and_says_when_deliveries_are_queued(
-    store: Store,
-    tmp_path: Path,
-    phantom_files: list[Path],
-    executor: LocalExecutor,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A slot polls every 600 s here: only the completion's wake-up (and a node's own, after a job's
-    deliveries were queued) can start a job within the test's deadlines. Stopping wakes the slot too."""
-    config = make_config(tmp_path / "data", poll_s=600)  # the `store` fixture's data dir
-    spool_files(store, config, phantom_files)
-    claims: list[int | None] = []
-
-    def claim(*args: Any, **kwargs: Any) -> ClaimedJob | None:
-        job = claim_job(*args, **kwargs)
-        claims.append(None if job is None else job.id)
-        return job
-
-    monkeypatch.setattr(execute, "claim_job", claim)
-    delivered = threading.Event()
-    runner = JobRunner(store, config, executor, enqueue=_Deliveries(), delivered=delivered.set)
-    runner.start()
-    try:
-        wait_for(lambda: claims == [None], 60, "the slot's first claim, which finds nothing")
-        woken: list[bool] = []
-        assert len(_complete(store, config, completed=lambda: woken.append(True))) == 1
-        assert woken == [True]  # once per check that completed studies
-        with store.session() as session:
-            [job_id] = session.scalars(select(Job.id)).all()
-        runner.wake()
-        wait_for(lambda: job_row(store, job_id).state == JobState.SUCCEEDED, 120, "the woken slot's job")
-        assert not delivered.is_set()  # the rule names no destination
-        sent = tiny_study_job(store, config, tmp_path, seed=9, destinations=("archive",))
-        runner.wake()
-        wait_for(lambda: job_row(store, sent).state == JobState.SUCCEEDED, 120, "the job with a destination")
-        wait_for(delivered.is_set, 10, "word that its deliveries are queued")
-    finally:
-        stopping = threading.Thread(target=runner.stop)
-        stopping.start()
-        stopping.join(60)
-    assert not stopping.is_alive(), "stop waited for the slot's poll"
-
-
 def test_a_destination_with_include_source_also_gets_the_source_series(
     store: Store, config: Config, phantom: SyntheticSeries, phantom_files: list[Path], executor: LocalExecutor
 ) -> None:
@@ -430,8 +387,51 @@ def test_a_series_missing_from_this_nodes_spool_fails_with_the_setting_to_fix_it
     assert "need cluster.shared_dir" in job.error
 
 
-# The two tests below kill the module's worker process (the next task starts another, importing
+# The three tests below end the module's worker process (the next task starts another, importing
 # torch again): they come after the other tests that run jobs in it.
+
+
+def test_a_woken_slot_runs_a_completed_studys_job_at_once_and_says_when_deliveries_are_queued(
+    store: Store,
+    tmp_path: Path,
+    phantom_files: list[Path],
+    executor: LocalExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slot polls every 600 s here: only the completion's wake-up (and a node's own, after a job's
+    deliveries were queued) can start a job within the test's deadlines. Stopping wakes the slot too."""
+    config = make_config(tmp_path / "data", poll_s=600)  # the `store` fixture's data dir
+    spool_files(store, config, phantom_files)
+    claims: list[int | None] = []
+
+    def claim(*args: Any, **kwargs: Any) -> ClaimedJob | None:
+        job = claim_job(*args, **kwargs)
+        claims.append(None if job is None else job.id)
+        return job
+
+    monkeypatch.setattr(execute, "claim_job", claim)
+    delivered = threading.Event()
+    runner = JobRunner(store, config, executor, enqueue=_Deliveries(), delivered=delivered.set)
+    runner.start()
+    try:
+        wait_for(lambda: claims == [None], 60, "the slot's first claim, which finds nothing")
+        woken: list[bool] = []
+        assert len(_complete(store, config, completed=lambda: woken.append(True))) == 1
+        assert woken == [True]  # once per check that completed studies
+        with store.session() as session:
+            [job_id] = session.scalars(select(Job.id)).all()
+        runner.wake()
+        wait_for(lambda: job_row(store, job_id).state == JobState.SUCCEEDED, 120, "the woken slot's job")
+        assert not delivered.is_set()  # the rule names no destination
+        sent = tiny_study_job(store, config, tmp_path, seed=9, destinations=("archive",))
+        runner.wake()
+        wait_for(lambda: job_row(store, sent).state == JobState.SUCCEEDED, 120, "the job with a destination")
+        wait_for(delivered.is_set, 10, "word that its deliveries are queued")
+    finally:
+        stopping = threading.Thread(target=runner.stop)
+        stopping.start()
+        stopping.join(60)
+    assert not stopping.is_alive(), "stop waited for the slot's poll"
 
 
 def _hanging_job(
