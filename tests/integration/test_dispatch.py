@@ -471,18 +471,23 @@ def test_woken_sending_threads_send_at_once_and_stop_without_waiting_for_their_p
         counter = {"pacs": dicom_destination(scp.port, "COUNTER")}
         config = load(make_config(tmp_path, counter, workers=2, poll_interval_s=600))
         dispatcher = Dispatcher(store, config)
-        rounds: list[int] = []
+        rounds: list[int] = []  # one entry per finished round, even one that raised
         run_once = dispatcher.run_once
 
         def counted() -> int:
-            handled = run_once()
-            rounds.append(handled)
-            return handled
+            handled = -1
+            try:
+                handled = run_once()
+                return handled
+            finally:
+                rounds.append(handled)
 
         monkeypatch.setattr(dispatcher, "run_once", counted)
         dispatcher.start()
         try:
-            wait_until(lambda: rounds == [0, 0], 30, "each thread's first round, which finds nothing")
+            # each thread's first round is over (nothing was queued): both now wait out their poll
+            wait_until(lambda: len(rounds) == 2, 30, "each thread's first round")
+            assert set(rounds) <= {0, -1}
             _, files = queue_results(store, tmp_path, ["pacs"], count=2)
             dispatcher.wake()
             wait_until(lambda: states(store) == {DeliveryState.SENT}, 30, "the woken threads to send")

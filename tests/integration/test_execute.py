@@ -402,12 +402,15 @@ def test_a_woken_slot_runs_a_completed_studys_job_at_once_and_says_when_deliveri
     deliveries were queued) can start a job within the test's deadlines. Stopping wakes the slot too."""
     config = make_config(tmp_path / "data", poll_s=600)  # the `store` fixture's data dir
     spool_files(store, config, phantom_files)
-    claims: list[int | None] = []
+    claims: list[int | None] = []  # one entry per finished claim, even one that raised
 
     def claim(*args: Any, **kwargs: Any) -> ClaimedJob | None:
-        job = claim_job(*args, **kwargs)
-        claims.append(None if job is None else job.id)
-        return job
+        job = None
+        try:
+            job = claim_job(*args, **kwargs)
+            return job
+        finally:
+            claims.append(None if job is None else job.id)
 
     monkeypatch.setattr(execute, "claim_job", claim)
     delivered = threading.Event()
