@@ -197,11 +197,10 @@ class NodeProcess:
             "data_dir": str(self.data_dir),
             "dicom": {"port": free_port(), "host": "127.0.0.1", "receivers": 1},
             "completion": {"quiet_period_s": 2.0, "after_release_s": 0.5},
-            "web": {"enabled": False},
+            # where the settings name it, the console on a free port: nodes run side by side
+            "web": {"port": 0} if settings and "web" in settings else {"enabled": False},
         }
         self._own_port = True  # a port this class chose: another is chosen if it is taken meanwhile
-        if settings and "web" in settings:
-            config["web"] = {"port": 0}  # the console on a free port: nodes run side by side
         for key, value in (settings or {}).items():
             if isinstance(value, dict):
                 if key == "dicom" and "port" in value:
