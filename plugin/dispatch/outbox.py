@@ -41,6 +41,7 @@ from plugin.dispatch.senders import destination_secrets, make_sender
 from plugin.store.engine import Store
 from plugin.store.models import Delivery, DeliveryState, utcnow
 from plugin.store.pauses import Paused, PauseKind
+from plugin.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,7 @@ class Dispatcher:
         self._results_dir = config.results_dir
         self._key: bytes | None = None
         self._key_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wakeup = Wakeup()
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ store transitions
@@ -330,41 +330,37 @@ class Dispatcher:
         self.release_stale_claims()
         return sum(self.send_batch(destination) for destination in self.due_destinations())
 
-    def run(self, stop: threading.Event) -> None:
-        """Loop until ``stop``: a round right after a busy one, else wait poll_interval_s or until
-        `wake` (`Dispatcher.stop` sets ``stop`` and wakes the loop).
-
-        A database error (e.g. the disk is full) is logged and retried on the next round; the rows
-        stay in the store.
-        """
-        while not stop.is_set():
-            try:
-                handled = self.run_once()
-            except SQLAlchemyError as err:
-                log.error("dispatch round failed on the store: %s", err)
-                handled = 0
-            if not handled:
-                self._wake.wait(self.config.poll_interval_s)
-                self._wake.clear()
-
     def wake(self) -> None:
         """Deliveries may have been queued: idle sending threads look now, not at their next poll."""
-        self._wake.set()
+        self._wakeup.wake()
 
     def start(self) -> None:
-        """Run ``workers`` sending threads in the background until ``stop``.
+        """Run ``workers`` sending threads in the background until `stop`: each goes round again at
+        once after a busy round, else after poll_interval_s or the next `wake`.
 
         First removes de-identified copies a killed dispatcher left in ``<data_dir>/outgoing``
-        (folders older than the claim timeout: no live send still uses them).
+        (folders older than the claim timeout: no live send still uses them). A database error
+        (e.g. the disk is full) is logged and retried on the next round; the rows stay in the store.
         """
         self._remove_stale_copies()
-        self._stop.clear()
         self._threads = [
-            threading.Thread(target=self.run, args=(self._stop,), name=f"dispatch-{n}", daemon=True)
+            threading.Thread(
+                target=self._wakeup.loop,
+                args=(self.config.poll_interval_s, self._round),
+                name=f"dispatch-{n}",
+                daemon=True,
+            )
             for n in range(self.config.workers)
         ]
         for thread in self._threads:
             thread.start()
+
+    def _round(self) -> bool:
+        try:
+            return self.run_once() > 0
+        except SQLAlchemyError as err:
+            log.error("dispatch round failed on the store: %s", err)
+            return False
 
     def _remove_stale_copies(self) -> None:
         outgoing = self._data_dir / "outgoing"
@@ -378,8 +374,7 @@ class Dispatcher:
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the threads after their current batch (whose outcome is recorded)."""
-        self._stop.set()
-        self._wake.set()
+        self._wakeup.stop()
         for thread in self._threads:
             thread.join(timeout)
         self._threads = []

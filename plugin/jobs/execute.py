@@ -49,6 +49,7 @@ from plugin.jobs.queue import (
 )
 from plugin.route.requires import prior_result
 from plugin.store.engine import Store
+from plugin.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,7 @@ class JobRunner:
             if destination.deidentify is not None and destination.deidentify.include_source
         }
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
-        self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wakeup = Wakeup()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -138,27 +138,25 @@ class JobRunner:
 
     def wake(self) -> None:
         """A job may have been queued: idle slots look for it now, not at their next poll."""
-        self._wake.set()
+        self._wakeup.wake()
 
     def stop(self) -> None:
         """Kill running tasks, give their jobs back to the queue, stop the workers."""
-        self._stop.set()
-        self._wake.set()
+        self._wakeup.stop()
         for thread in self._threads:
             thread.join()
         self._threads.clear()
         self._executor.close()
 
     def _loop(self, slot: int) -> None:
-        while not self._stop.is_set():
+        def round_() -> bool:
             try:
-                ran = self.run_one(slot)
+                return self.run_one(slot) is not None
             except Exception:  # the store went away, or a bug: keep the slot alive
                 log.exception("executor slot %d: unexpected error; trying again", slot)
-                ran = None
-            if ran is None:
-                self._wake.wait(self._config.poll_s)
-                self._wake.clear()
+                return False
+
+        self._wakeup.loop(self._config.poll_s, round_)
 
     def run_one(self, slot: int = 0) -> int | None:
         """Claim one job and run it to its next recorded state; its id, or None if none was queued."""
@@ -207,7 +205,7 @@ class JobRunner:
             prior=prior,
             comparison_note=comparison_note,
         )
-        lease = _Lease(self._store, job, owner, cfg.lease_s, self._stop)
+        lease = _Lease(self._store, job, owner, cfg.lease_s, self._wakeup.stopping)
         try:
             result = self._executor.run(slot, task, cfg.job_timeout_s, lease)
         except (TaskTimeout, WorkerLost) as err:
@@ -216,7 +214,7 @@ class JobRunner:
         except ExecutorUnavailable as err:
             if release_job(self._store, job, owner):
                 log.warning("job %d: back in the queue, the executor cannot take it now: %s", job.id, err)
-            self._stop.wait(cfg.poll_s)
+            self._wakeup.stopping.wait(cfg.poll_s)
             return job.id
         except Stopped:
             if lease.lost:
