@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,7 @@ import torch
 
 from ai_models.base import PipelineError, basic_reason
 from ai_models.labelmap import label_findings
-from ai_models.nnunet_trainers import trainer_class
+from ai_models.nnunet_trainers import predictor_lists_cases_in_process, trainer_class
 from ai_models.series import TOTALSEGMENTATOR
 from ai_models.series import totalsegmentator as wanted_series
 from ai_models.totalseg_catalog import (
@@ -109,7 +110,7 @@ class TotalSegmentatorPipeline:
 
     def run(self, volume: Volume, device: torch.device) -> Findings:
         image = to_nifti(volume)
-        with offline_totalseg(self.weights_dir):
+        with offline_totalseg(self.weights_dir), no_fork(), predictor_lists_cases_in_process():
             from totalsegmentator.nnunet import custom_trainers
             from totalsegmentator.python_api import totalsegmentator
 
@@ -155,6 +156,22 @@ def offline_totalseg(weights_dir: Path) -> Iterator[Path]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+
+@contextlib.contextmanager
+def no_fork() -> Iterator[None]:
+    """Within: multiprocessing's default start method is forkserver; the earlier one is restored after.
+
+    nnU-Net starts its preprocessing's Manager with the default context, which forks this process on
+    Linux; a fork of a process that runs other threads (a Ray actor's gRPC threads) can hang the child.
+    A forkserver's children are forked from a server process of a single thread instead.
+    """
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
 
 
 def to_nifti(volume: Volume) -> Any:

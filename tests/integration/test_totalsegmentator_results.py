@@ -10,9 +10,12 @@ refused and recorded.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +70,32 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         calls.append(repr(args[:2]))
         raise OSError("no network in this test")
 
+    forks: list[str] = []  # where this process forked while the run went on
+    during_run = threading.Event()
+
+    def record_fork() -> None:
+        if during_run.is_set():
+            forks.append("".join(traceback.format_stack()))
+
+    os.register_at_fork(before=record_fork)
+
     import torch
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket, "getaddrinfo", refuse)
         patch.setattr(socket, "create_connection", refuse)
-        findings = run_offline(
-            kind, root / "in", root / "out", options=options, device=torch.device("cpu"), progress=False
-        )
+        during_run.set()
+        try:
+            findings = run_offline(
+                kind, root / "in", root / "out", options=options, device=torch.device("cpu"), progress=False
+            )
+        finally:
+            during_run.clear()
     volume = load_series(sorted((root / "in").iterdir()))
-    return {"root": root, "findings": findings, "volume": volume, "datasets": series.datasets, "calls": calls}
+    return {
+        **{"root": root, "findings": findings, "volume": volume, "datasets": series.datasets},
+        **{"calls": calls, "forks": forks},
+    }
 
 
 def test_labels_land_on_the_source_voxels_they_belong_to(run: dict[str, Any]) -> None:
@@ -96,6 +115,12 @@ def test_labels_land_on_the_source_voxels_they_belong_to(run: dict[str, Any]) ->
 
 def test_nothing_was_fetched_or_sent(run: dict[str, Any]) -> None:
     assert run["calls"] == []
+
+
+def test_the_run_forks_no_process(run: dict[str, Any]) -> None:
+    """A fork of a process that runs other threads (a Ray actor's gRPC threads) can hang the child,
+    and then nnU-Net's process pool waits for it forever: its processes are started otherwise."""
+    assert run["forks"] == [], run["forks"][0]
 
 
 def _files(run: dict[str, Any], kind: str) -> list[Path]:
