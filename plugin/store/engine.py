@@ -30,6 +30,7 @@ from plugin.store.recording import InstanceRecorder
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+"""Primary result codes: an extended code (``sqlite_errorcode``) carries its primary in the low byte."""
 MIGRATION_LOCK = 0x72616467  # "radg": the PostgreSQL advisory lock key of `Store.migrate`
 
 
@@ -63,7 +64,9 @@ def execute_when_free(
     connection: sqlite3.Connection, statement: str, timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000
 ) -> None:
     """Execute ``statement`` (one that takes a lock: ``BEGIN IMMEDIATE``, setting the journal mode),
-    retrying while another connection holds the lock.
+    retrying while another connection holds the lock: any busy code, extended ones included (a
+    connection that opens the database while another rebuilds its WAL index, on a new database or
+    at the first opening after a crash, gets SQLITE_BUSY_RECOVERY).
 
     Raises sqlite3.OperationalError if it is still held after ``timeout`` seconds (or on any other
     error). The retries start at 50 µs and double up to 1 ms: SQLite's own busy handler sleeps 1, 2,
@@ -76,7 +79,7 @@ def execute_when_free(
             connection.execute(statement)
             return
         except sqlite3.OperationalError as err:
-            if err.sqlite_errorcode not in _BUSY or time.monotonic() > deadline:
+            if (err.sqlite_errorcode or 0) & 0xFF not in _BUSY or time.monotonic() > deadline:
                 raise
         time.sleep(delay)
         delay = min(2 * delay, 1e-3)
