@@ -17,6 +17,14 @@ def start(wakeup: Wakeup, round_: Callable[[], bool]) -> threading.Thread:
     return thread
 
 
+def stop_all(wakeup: Wakeup, threads: list[threading.Thread]) -> None:
+    """`stop`, then every thread must end within the deadline (not wait out its poll)."""
+    wakeup.stop()
+    for thread in threads:
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive()
+
+
 class Rounds:
     """An idle round (returns False) that counts itself; the first one can be held mid-round."""
 
@@ -52,10 +60,7 @@ def test_a_wake_starts_a_round_in_every_idle_thread() -> None:
     wakeup.wake()
     first.wait_for(2)
     second.wait_for(2)
-    wakeup.stop()
-    for thread in threads:
-        thread.join(DEADLINE_S)
-        assert not thread.is_alive()
+    stop_all(wakeup, threads)
 
 
 def test_a_thread_mid_round_goes_round_again_after_a_wake_another_thread_saw_first() -> None:
@@ -68,10 +73,7 @@ def test_a_thread_mid_round_goes_round_again_after_a_wake_another_thread_saw_fir
     idle.wait_for(2)  # the idle thread took the wake-up first...
     held.release_first.set()
     held.wait_for(2)  # ...and the held thread still goes round again instead of waiting its poll
-    wakeup.stop()
-    for thread in threads:
-        thread.join(DEADLINE_S)
-        assert not thread.is_alive()
+    stop_all(wakeup, threads)
 
 
 def test_a_thread_mid_round_when_stop_comes_ends_after_that_round() -> None:
